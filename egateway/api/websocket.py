@@ -1,0 +1,182 @@
+"""
+The kernel channels WebSocket, C{/api/kernels/{id}/channels}.
+
+Both encodings are served: the legacy JSON protocol (what jupyter_server's
+gateway client speaks) and C{v1.kernel.websocket.jupyter.org}, chosen by
+C{Sec-WebSocket-Protocol}.  Each connection is one L{ChannelsProtocol},
+attached to its kernel; messages pass through as bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.interfaces import ITCPTransport
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from egateway.api.auth import CorsPolicy
+from egateway.errors import BadRequest, Forbidden
+from egateway.kernels.kernel import Attachment, Kernel
+from egateway.kernels.manager import KernelManager
+from egateway.kernels.state import KernelState
+from egateway.wire.protocol import Message, WireError
+from egateway.wire.ws_formats import (
+    V1_PROTOCOL,
+    legacy_decode,
+    legacy_encode,
+    v1_decode,
+    v1_encode,
+)
+
+_log = Logger()
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_INTERNAL_ERROR = 1011
+
+
+class ChannelsProtocol(WebSocketServerProtocol):
+    """
+    One client connection to one kernel.
+    """
+
+    kernel: Kernel
+    attachment: Attachment | None = None
+    session_id = ""
+    v1 = False
+
+    def onConnect(self, request: ConnectionRequest) -> str | None:
+        try:
+            kernel_id = request.path.rstrip("/").split("/")[-2]
+            self.kernel = self.factory.manager.get(kernel_id)
+        except Exception:
+            raise ConnectionDeny(404, "no such kernel")
+        self.session_id = (request.params.get("session_id") or [""])[0]
+        self.v1 = V1_PROTOCOL in request.protocols
+        return V1_PROTOCOL if self.v1 else None
+
+    def onOpen(self) -> None:
+        try:
+            if ITCPTransport.providedBy(self.transport):
+                self.transport.setTcpNoDelay(True)
+            if self.kernel.state in (KernelState.GONE, KernelState.SHUTTING_DOWN):
+                self.sendClose(CLOSE_GOING_AWAY, "the kernel has been shut down")
+                return
+            self.attachment = self.kernel.attach(self)
+            _log.info(
+                "kernel {kernel_id}: client connected (session {session}, {protocol})",
+                kernel_id=self.kernel.id,
+                session=self.session_id or "none",
+                protocol="v1" if self.v1 else "legacy",
+            )
+        except Exception:
+            _log.failure("opening a channels connection")
+            self.sendClose(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.attachment is None:
+            return
+        try:
+            if self.v1:
+                if not isBinary:
+                    raise WireError("the v1 protocol sends binary frames only")
+                channel, message = v1_decode(payload)
+            else:
+                channel, message = legacy_decode(payload, isBinary)
+        except WireError as e:
+            _log.warn(
+                "kernel {kernel_id}: dropped a malformed client message: {error}",
+                kernel_id=self.kernel.id,
+                error=str(e),
+            )
+            return
+        try:
+            self.attachment.send(channel, message)
+        except Exception:
+            _log.failure("forwarding a client message")
+            self.sendClose(CLOSE_INTERNAL_ERROR, "internal error")
+
+    def deliver(self, channel: str, message: Message) -> None:
+        """
+        Send a kernel message to this client.
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        try:
+            if self.v1:
+                self.sendMessage(v1_encode(message, channel), isBinary=True)
+            else:
+                payload, binary = legacy_encode(message, channel)
+                self.sendMessage(payload, isBinary=binary)
+        except WireError as e:
+            _log.warn(
+                "kernel {kernel_id}: could not relay a {channel} message: {error}",
+                kernel_id=self.kernel.id,
+                channel=channel,
+                error=str(e),
+            )
+
+    def kernel_gone(self, reason: str) -> None:
+        self.attachment = None
+        if self.state == self.STATE_OPEN:
+            self.sendClose(1000, reason[:100])
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.attachment is not None:
+            self.attachment.detach()
+            self.attachment = None
+            _log.info(
+                "kernel {kernel_id}: client disconnected (session {session})",
+                kernel_id=self.kernel.id,
+                session=self.session_id or "none",
+            )
+
+
+class ChannelsEndpoint:
+    """
+    Checks a channels request before it is upgraded, then hands it to
+    Autobahn.  Errors before the upgrade are ordinary JSON responses.
+    """
+
+    def __init__(
+        self,
+        manager: KernelManager,
+        cors: CorsPolicy,
+        max_message_size: int,
+        ping_interval: float,
+    ) -> None:
+        self._cors = cors
+        factory = WebSocketServerFactory(server=None)
+        factory.protocol = ChannelsProtocol
+        factory.manager = manager
+        options: dict[str, Any] = dict(
+            maxMessagePayloadSize=max_message_size,
+            maxFramePayloadSize=max_message_size,
+            webStatus=False,
+            utf8validateIncoming=True,
+            openHandshakeTimeout=30,
+            closeHandshakeTimeout=5,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+        if ping_interval > 0:
+            options.update(autoPingInterval=ping_interval, autoPingTimeout=max(3 * ping_interval, 30))
+        factory.setProtocolOptions(**options)
+        self._factory = factory
+        self._manager = manager
+
+    def resource_for(self, request: IRequest, kernel_id: str) -> WebSocketResource:
+        """
+        @raise NotFound: unknown kernel.
+        @raise BadRequest: not a WebSocket upgrade.
+        @raise Forbidden: a cross-origin page not allowed by C{allow_origin}.
+        """
+        self._manager.get(kernel_id)
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if upgrade != b"websocket":
+            raise BadRequest("this endpoint needs a WebSocket upgrade request")
+        if not self._cors.origin_allowed(request):
+            raise Forbidden("WebSocket from a foreign origin refused; see allow_origin")
+        return WebSocketResource(self._factory)

@@ -1,0 +1,4 @@
+"""
+Launchers: the contract every way of starting a kernel implements, and one
+module per cluster manager.  Knows nothing about HTTP.
+"""

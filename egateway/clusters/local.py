@@ -1,0 +1,346 @@
+"""
+Kernels as child processes of the gateway.
+
+The kernel runs in a session of its own (through C{setsid}), so a Ctrl-C in
+the gateway's terminal does not interrupt every kernel, and signals reach the
+kernel's whole process group.  Its argv comes from the kernelspec with
+placeholders substituted, never through a shell.  Its stdout and stderr go to
+the gateway log, tagged with the kernel id; the last lines of stderr are kept
+to explain an early exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal as signals
+import sys
+from collections import deque
+from typing import Any, Mapping
+
+from twisted.internet import error as twisted_errors
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from egateway.clusters.interface import (
+    ExitStatus,
+    IKernelProcess,
+    ILauncher,
+    LaunchError,
+    LaunchRequest,
+    LauncherContext,
+    Liveness,
+    Phase,
+    Placement,
+    substitute_argv,
+)
+from egateway.clusters.ports import PortAllocator, PortExhausted
+from egateway.wire.connection import ConnectionInfo
+
+_log = Logger()
+
+PYTHON_NAMES = {"python", "python3"} | {f"python3.{n}" for n in range(6, 20)}
+TAIL_LINES = 20
+
+
+def python_executable(argv0: str) -> str:
+    """
+    As jupyter_client does, run kernelspecs that say C{python} with the
+    gateway's own interpreter, so the default spec works in a virtualenv.
+    """
+    return sys.executable if argv0 in PYTHON_NAMES else argv0
+
+
+def _pid_alive(pid: int, marker: str) -> bool:
+    """
+    Is C{pid} alive and still the process we started (its command line
+    mentions C{marker})?  Guards against a recycled pid.
+    """
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    if marker and marker.encode() not in cmdline:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+class _KernelProcessProtocol(ProcessProtocol):
+    def __init__(self, kernel_id: str) -> None:
+        self.kernel_id = kernel_id
+        self.ended: Deferred[ExitStatus] = Deferred()
+        self.stderr_tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._partial = {1: b"", 2: b""}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        buffered = self._partial.get(fd, b"") + data
+        *lines, self._partial[fd] = buffered.split(b"\n")
+        for raw in lines:
+            self._line(fd, raw)
+
+    def _line(self, fd: int, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if not line:
+            return
+        if fd == 2:
+            self.stderr_tail.append(line)
+        _log.info(
+            "kernel {kernel_id} {stream}: {line}",
+            kernel_id=self.kernel_id,
+            stream="stderr" if fd == 2 else "stdout",
+            line=line,
+        )
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._partial.items():
+            if rest:
+                self._line(fd, rest)
+        value = reason.value
+        status = ExitStatus(
+            code=getattr(value, "exitCode", None),
+            signal=getattr(value, "signal", None),
+        )
+        if status.signal is not None:
+            status = ExitStatus(signal=status.signal)
+        tail = " | ".join(list(self.stderr_tail)[-5:])
+        if status.code not in (None, 0) and tail:
+            status = ExitStatus(
+                code=status.code,
+                reason=f"exited with code {status.code}: {tail}",
+                retryable="Address already in use" in tail,
+            )
+        self.ended.callback(status)
+
+
+@implementer(IKernelProcess)
+class LocalKernelProcess:
+    def __init__(
+        self,
+        kernel_id: str,
+        connection_info: ConnectionInfo,
+        connection_file: str,
+        pid: int,
+        ports: list[int],
+        allocator: PortAllocator,
+        reactor: Any,
+        protocol: _KernelProcessProtocol | None,
+        transport: Any = None,
+    ) -> None:
+        self.kernel_id = kernel_id
+        self.connection_info = connection_info
+        self.connection_file = connection_file
+        self.placement = Placement(host="localhost", ip=connection_info.ip, pid=pid, pgid=pid)
+        self._ports = ports
+        self._allocator = allocator
+        self._reactor = reactor
+        self._protocol = protocol
+        self._transport = transport
+        self._exit: ExitStatus | None = None
+        self._exit_waiters: list[Deferred[ExitStatus]] = []
+        self._watch: LoopingCall | None = None
+        if protocol is not None:
+            protocol.ended.addCallback(self._ended)
+        else:
+            # Restored: not our child, so we learn of its end by polling.
+            self._watch = LoopingCall(self._check_alive)
+            self._watch.clock = reactor
+            self._watch.start(1.0, now=False)
+
+    @property
+    def pid(self) -> int:
+        return self.placement.pid
+
+    def _check_alive(self) -> None:
+        if not _pid_alive(self.pid, self.connection_file):
+            self._ended(ExitStatus(reason="the kernel process is gone"))
+
+    def _ended(self, status: ExitStatus) -> ExitStatus:
+        if self._exit is None:
+            self._exit = status
+            if self._watch is not None and self._watch.running:
+                self._watch.stop()
+            self._allocator.release(self._ports)
+            waiters, self._exit_waiters = self._exit_waiters, []
+            for waiter in waiters:
+                waiter.callback(status)
+        return status
+
+    def when_exited(self) -> Deferred[ExitStatus]:
+        if self._exit is not None:
+            return succeed(self._exit)
+        waiter: Deferred[ExitStatus] = Deferred()
+        self._exit_waiters.append(waiter)
+        return waiter
+
+    def poll(self) -> Deferred[Liveness]:
+        if self._exit is not None:
+            return succeed(Liveness(False, self._exit.describe()))
+        if not _pid_alive(self.pid, "" if self._protocol else self.connection_file):
+            return succeed(Liveness(False, "the kernel process is gone"))
+        return succeed(Liveness(True))
+
+    def signal(self, signum: int) -> Deferred[None]:
+        if self._exit is None:
+            try:
+                os.killpg(self.pid, signum)
+            except ProcessLookupError:
+                pass
+            except PermissionError as e:
+                raise LaunchError(f"cannot signal kernel process {self.pid}: {e}")
+        return succeed(None)
+
+    def terminate(self, grace: float) -> Deferred[ExitStatus]:
+        if self._exit is not None:
+            return succeed(self._exit)
+        exited = self.when_exited()
+        self.signal(signals.SIGTERM)
+        kill = self._reactor.callLater(grace, self.signal, signals.SIGKILL)
+
+        def stop_kill(status: ExitStatus) -> ExitStatus:
+            if kill.active():
+                kill.cancel()
+            return status
+
+        return exited.addCallback(stop_kill)
+
+    def ready(self) -> None:
+        self._allocator.release(self._ports)
+
+    def cleanup(self) -> Deferred[None]:
+        self._allocator.release(self._ports)
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        try:
+            os.unlink(self.connection_file)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            _log.warn(
+                "kernel {kernel_id}: could not remove {path}: {error}",
+                kernel_id=self.kernel_id,
+                path=self.connection_file,
+                error=str(e),
+            )
+        return succeed(None)
+
+    def snapshot(self) -> dict:
+        return {
+            "pid": self.pid,
+            "connection_file": self.connection_file,
+            "connection_info": self.connection_info.to_dict(),
+        }
+
+
+@implementer(ILauncher)
+class LocalLauncher:
+    """
+    Starts kernels as processes on the gateway's machine.
+    """
+
+    name = "local"
+
+    def __init__(self, context: LauncherContext) -> None:
+        self._reactor = context.reactor
+        self._runtime_dir = context.runtime_dir
+        self._ports: PortAllocator = context.ports
+        self._setsid = shutil.which("setsid")
+
+    def launch(self, request: LaunchRequest) -> Deferred[IKernelProcess]:
+        try:
+            return succeed(self._start(request))
+        except LaunchError as e:
+            return Deferred.fromCoroutine(_raise(e))
+
+    def _start(self, request: LaunchRequest) -> LocalKernelProcess:
+        try:
+            ports = self._ports.reserve(5)
+        except PortExhausted as e:
+            raise LaunchError(f"no free ports for the kernel: {e}")
+        info = ConnectionInfo(
+            ip=self._ports.host,
+            shell_port=ports[0],
+            iopub_port=ports[1],
+            stdin_port=ports[2],
+            control_port=ports[3],
+            hb_port=ports[4],
+            key=secrets.token_hex(32).encode("ascii"),
+        )
+        connection_file = os.path.join(self._runtime_dir, f"kernel-{request.kernel_id}.json")
+        try:
+            fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(info.to_dict(), f)
+        except OSError as e:
+            self._ports.release(ports)
+            raise LaunchError(f"cannot write connection file {connection_file}: {e.strerror}")
+        spec = request.spec
+        argv = substitute_argv(
+            spec.argv,
+            {
+                "connection_file": connection_file,
+                "kernel_id": request.kernel_id,
+                "resource_dir": spec.resource_dir,
+                "prefix": sys.prefix,
+            },
+        )
+        argv[0] = python_executable(argv[0])
+        if self._setsid:
+            argv = [self._setsid, *argv]
+        protocol = _KernelProcessProtocol(request.kernel_id)
+        try:
+            transport = self._reactor.spawnProcess(
+                protocol,
+                argv[0],
+                argv,
+                env=dict(request.env),
+                path=request.cwd or None,
+            )
+        except (OSError, twisted_errors.ProcessExitedAlready) as e:
+            self._ports.release(ports)
+            os.unlink(connection_file)
+            raise LaunchError(f"cannot start {argv[0]}: {e}")
+        request.report(Phase.SUBMITTED, f"pid {transport.pid}")
+        request.report(Phase.PLACED, "localhost")
+        request.report(Phase.CONNECTION_INFO, f"{info.ip} ports {ports[0]}-{ports[-1]}")
+        return LocalKernelProcess(
+            request.kernel_id,
+            info,
+            connection_file,
+            transport.pid,
+            ports,
+            self._ports,
+            self._reactor,
+            protocol,
+            transport,
+        )
+
+    def restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> Deferred[IKernelProcess]:
+        try:
+            pid = int(snapshot["pid"])
+            connection_file = str(snapshot["connection_file"])
+            info = ConnectionInfo.from_dict(snapshot["connection_info"])
+        except (KeyError, TypeError, ValueError) as e:
+            return Deferred.fromCoroutine(_raise(LaunchError(f"bad local snapshot: {e}")))
+        if not _pid_alive(pid, connection_file):
+            return Deferred.fromCoroutine(
+                _raise(LaunchError(f"kernel process {pid} is no longer running"))
+            )
+        return succeed(
+            LocalKernelProcess(kernel_id, info, connection_file, pid, [], self._ports, self._reactor, None)
+        )
+
+
+async def _raise(error: Exception) -> Any:
+    raise error

@@ -1,0 +1,488 @@
+"""
+The gateway's configuration: one frozen object with a section per concern.
+
+Every leaf setting is declared once, as a dataclass field whose metadata names
+its environment variables (Enterprise Gateway's names first, where one
+exists) and its help text.  From that single declaration we derive the TOML
+schema, the environment mapping and one command-line flag per setting, so the
+three sources cannot drift apart.
+
+Precedence, lowest first: defaults, the TOML file, the environment, the
+command line.  An unknown key or a value that does not parse stops start-up
+with a L{ConfigError} that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Sequence
+
+
+class ConfigError(ValueError):
+    """
+    A configuration value is missing, unknown or malformed.  The message
+    names the offending key and says what would be accepted.
+    """
+
+
+def setting(default: Any, help: str, env: Sequence[str] = (), **extra: Any) -> Any:
+    """
+    Declare one leaf setting.
+
+    @param default: the value used when no source sets it.
+    @param help: one line for C{--help} and the README's reference.
+    @param env: environment variable names, first match wins.
+    """
+    metadata = {"help": help, "env": tuple(env), **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = setting(
+        "tcp:8888:interface=127.0.0.1",
+        "Endpoint string for the HTTP/WebSocket listener (tcp:, ssl:, unix:).",
+    )
+    ip: str = setting(
+        "",
+        "Listen address; with port, an alternative to --listen.",
+        env=("EG_IP", "KG_IP"),
+    )
+    port: int = setting(
+        0,
+        "Listen port; with ip, an alternative to --listen (0: use --listen).",
+        env=("EG_PORT", "KG_PORT"),
+        minimum=0,
+        maximum=65535,
+    )
+    base_url: str = setting(
+        "/", "Prefix for every route.", env=("EG_BASE_URL", "KG_BASE_URL")
+    )
+    data_dir: str = setting(
+        "",
+        "Directory for the gateway's runtime files (connection files); "
+        "default: a private directory under $XDG_RUNTIME_DIR or /tmp.",
+        env=("EG_DATA_DIR",),
+    )
+    ws_ping_interval: float = setting(
+        30.0,
+        "Seconds between WebSocket pings to clients (0 disables).",
+        env=("EG_WS_PING_INTERVAL_SECS",),
+        minimum=0,
+    )
+    max_request_body: int = setting(
+        1 << 20,
+        "Largest accepted REST request body in bytes.",
+        env=("EG_MAX_REQUEST_BODY",),
+        minimum=1024,
+    )
+    max_ws_message: int = setting(
+        64 << 20,
+        "Largest accepted WebSocket message from a client, in bytes.",
+        env=("EG_MAX_WS_MESSAGE",),
+        minimum=1024,
+    )
+    stop_timeout: float = setting(
+        30.0,
+        "Seconds a graceful stop may take before the gateway exits anyway.",
+        env=("EG_STOP_TIMEOUT",),
+        minimum=0,
+    )
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    auth_token: str = setting(
+        "",
+        "Shared token clients must present (empty: no token required).",
+        env=("EG_AUTH_TOKEN", "KG_AUTH_TOKEN"),
+        secret=True,
+    )
+    allow_origin: str = setting(
+        "",
+        "Access-Control-Allow-Origin value; also the Origin allowed on "
+        "WebSockets ('*' for any).",
+        env=("EG_ALLOW_ORIGIN", "KG_ALLOW_ORIGIN"),
+    )
+    allow_credentials: str = setting(
+        "",
+        "Access-Control-Allow-Credentials value.",
+        env=("EG_ALLOW_CREDENTIALS", "KG_ALLOW_CREDENTIALS"),
+    )
+    allow_headers: str = setting(
+        "",
+        "Access-Control-Allow-Headers value.",
+        env=("EG_ALLOW_HEADERS", "KG_ALLOW_HEADERS"),
+    )
+    allow_methods: str = setting(
+        "",
+        "Access-Control-Allow-Methods value.",
+        env=("EG_ALLOW_METHODS", "KG_ALLOW_METHODS"),
+    )
+    expose_headers: str = setting(
+        "",
+        "Access-Control-Expose-Headers value.",
+        env=("EG_EXPOSE_HEADERS", "KG_EXPOSE_HEADERS"),
+    )
+    max_age: str = setting(
+        "", "Access-Control-Max-Age value.", env=("EG_MAX_AGE", "KG_MAX_AGE")
+    )
+    list_kernels: bool = setting(
+        False,
+        "Allow GET /api/kernels and GET /api/sessions.",
+        env=("EG_LIST_KERNELS", "KG_LIST_KERNELS"),
+    )
+
+
+@dataclass(frozen=True)
+class KernelsConfig:
+    default_kernel_name: str = setting(
+        "",
+        "Kernelspec used when a request names none (empty: python3).",
+        env=("EG_DEFAULT_KERNEL_NAME", "KG_DEFAULT_KERNEL_NAME"),
+    )
+    max_kernels: int = setting(
+        0,
+        "Most kernels at once, launches in progress included (0: no limit).",
+        env=("EG_MAX_KERNELS", "KG_MAX_KERNELS"),
+        minimum=0,
+    )
+    launch_timeout: float = setting(
+        30.0,
+        "Seconds a launch may take until the kernel answers kernel_info.",
+        env=("EG_KERNEL_LAUNCH_TIMEOUT",),
+        minimum=1,
+    )
+    kernel_info_timeout: float = setting(
+        60.0,
+        "Seconds a new WebSocket waits for a starting or restarting kernel.",
+        env=("EG_KERNEL_INFO_TIMEOUT",),
+        minimum=1,
+    )
+    restart_limit: int = setting(
+        5,
+        "Automatic restarts of a dying kernel before it is declared dead.",
+        env=("EG_RESTART_LIMIT",),
+        minimum=0,
+    )
+    shutdown_wait: float = setting(
+        5.0,
+        "Seconds between shutdown_request and SIGTERM.",
+        env=("EG_SHUTDOWN_WAIT",),
+        minimum=0,
+    )
+    terminate_wait: float = setting(
+        5.0,
+        "Seconds between SIGTERM and SIGKILL.",
+        env=("EG_TERMINATE_WAIT",),
+        minimum=0,
+    )
+    poll_interval: float = setting(
+        3.0,
+        "Seconds between liveness polls of kernels whose launcher cannot "
+        "report exits by itself.",
+        env=("EG_POLL_INTERVAL",),
+        minimum=0.1,
+    )
+    kernelspec_path: list = setting(
+        [],
+        "Extra directories searched for kernelspecs, before Jupyter's own.",
+        env=("EG_KERNELSPEC_PATH",),
+    )
+    allowed_kernelspecs: list = setting(
+        [],
+        "Only these kernelspecs are offered (empty: all found).",
+        env=("EG_ALLOWED_KERNELS", "EG_KERNEL_WHITELIST"),
+    )
+    client_envs: list = setting(
+        [],
+        "Names besides KERNEL_* a client may set in a kernel's environment "
+        "('*' for any).",
+        env=("EG_CLIENT_ENVS", "EG_ENV_WHITELIST", "KG_ENV_WHITELIST"),
+    )
+    inherited_envs: list = setting(
+        ["PATH", "HOME", "LANG", "LC_ALL", "TZ"],
+        "Gateway environment variables copied into every kernel's environment.",
+        env=("EG_INHERITED_ENVS", "EG_ENV_PROCESS_WHITELIST", "KG_ENV_PROCESS_WHITELIST"),
+    )
+    port_range: str = setting(
+        "0..0",
+        "lo..hi range for kernel ports (0..0: any free port).",
+        env=("EG_PORT_RANGE",),
+    )
+
+
+@dataclass(frozen=True)
+class CullingConfig:
+    cull_idle_timeout: float = setting(
+        0.0,
+        "Seconds of inactivity after which a kernel is shut down (0: never).",
+        env=("EG_CULL_IDLE_TIMEOUT",),
+        minimum=0,
+    )
+    cull_interval: float = setting(
+        300.0,
+        "Seconds between idle checks.",
+        env=("EG_CULL_INTERVAL",),
+        minimum=1,
+    )
+    cull_connected: bool = setting(
+        False,
+        "Also cull kernels that have WebSocket clients.",
+        env=("EG_CULL_CONNECTED",),
+    )
+    cull_busy: bool = setting(
+        False, "Also cull busy kernels.", env=("EG_CULL_BUSY",)
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    culling: CullingConfig = field(default_factory=CullingConfig)
+
+    @property
+    def listen_endpoint(self) -> str:
+        """
+        The endpoint description to listen on: C{EG_IP}/C{EG_PORT} style
+        settings, when given, build a TCP endpoint; otherwise C{listen}.
+        """
+        server = self.server
+        if server.port or server.ip:
+            if server.listen != _default_of(ServerConfig, "listen"):
+                return server.listen
+            ip = server.ip or "127.0.0.1"
+            port = server.port or 8888
+            return f"tcp:{port}:interface={ip.replace(':', chr(92) + ':')}"
+        return server.listen
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """
+    Everything known about one leaf setting, for loaders and docs.
+    """
+
+    section: str
+    name: str
+    kind: type
+    default: Any
+    help: str
+    env: tuple[str, ...]
+    minimum: float | None
+    maximum: float | None
+    secret: bool
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.name}"
+
+    @property
+    def flag(self) -> str:
+        return self.name.replace("_", "-")
+
+
+_SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Config)
+}
+
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
+
+
+def _default_of(section: type, name: str) -> Any:
+    for f in dataclasses.fields(section):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            return f.default_factory()  # type: ignore[misc]
+    raise KeyError(name)
+
+
+def settings() -> Iterator[SettingInfo]:
+    """
+    Every leaf setting, in declaration order.
+    """
+    for section_name, section in _SECTIONS.items():
+        for f in dataclasses.fields(section):
+            kind = f.type if isinstance(f.type, type) else _KINDS[str(f.type)]
+            yield SettingInfo(
+                section=section_name,
+                name=f.name,
+                kind=kind,
+                default=_default_of(section, f.name),
+                help=f.metadata["help"],
+                env=f.metadata["env"],
+                minimum=f.metadata.get("minimum"),
+                maximum=f.metadata.get("maximum"),
+                secret=f.metadata.get("secret", False),
+            )
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _from_text(info: SettingInfo, text: str, source: str) -> Any:
+    """
+    Parse a string from the environment or the command line.
+    """
+    if info.kind is str:
+        return text
+    if info.kind is bool:
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(
+            f"{info.key} ({source}): {text!r} is not a boolean; "
+            "use true/false, yes/no, on/off or 1/0"
+        )
+    if info.kind is list:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    try:
+        return info.kind(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"{info.key} ({source}): {text!r} is not a valid {info.kind.__name__}"
+        ) from None
+
+
+def _checked(info: SettingInfo, value: Any, source: str) -> Any:
+    """
+    Validate a value of the right Python type against its declared bounds.
+    """
+    kind = info.kind
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{info.key} ({source}): expected a list of strings")
+    elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(
+            f"{info.key} ({source}): expected {kind.__name__}, "
+            f"got {type(value).__name__}"
+        )
+    if info.minimum is not None and value < info.minimum:
+        raise ConfigError(f"{info.key} ({source}): {value} is below {info.minimum}")
+    if info.maximum is not None and value > info.maximum:
+        raise ConfigError(f"{info.key} ({source}): {value} is above {info.maximum}")
+    return value
+
+
+def load_toml(path: str) -> dict[str, dict[str, Any]]:
+    """
+    Read a TOML config file into C{{section: {name: value}}}, rejecting
+    unknown sections and keys.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    known = {(s.section, s.name) for s in settings()}
+    result: dict[str, dict[str, Any]] = {}
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(
+                f"config file {path}: unknown section [{section}]; "
+                f"known sections: {', '.join(_SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path}: {section} must be a table")
+        for name, value in values.items():
+            if (section, name) not in known:
+                raise ConfigError(
+                    f"config file {path}: unknown key {section}.{name}"
+                )
+            result.setdefault(section, {})[name] = value
+    return result
+
+
+def build_config(
+    file_values: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+    flags: Mapping[str, str | None] | None = None,
+) -> Config:
+    """
+    Merge the sources in precedence order into a validated L{Config}.
+
+    @param file_values: parsed TOML, as from L{load_toml}.
+    @param environ: the process environment (defaults to C{os.environ}).
+    @param flags: command-line values keyed by flag name (C{max-kernels});
+        C{None} values are unset flags.
+    """
+    environ = os.environ if environ is None else environ
+    file_values = file_values or {}
+    flags = flags or {}
+    chosen: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for info in settings():
+        value: Any = dataclasses.MISSING
+        if info.name in file_values.get(info.section, {}):
+            value = _checked(info, file_values[info.section][info.name], "config file")
+        for name in info.env:
+            if name in environ:
+                value = _checked(info, _from_text(info, environ[name], name), name)
+                break
+        flag_value = flags.get(info.flag)
+        if flag_value is not None:
+            value = _checked(
+                info, _from_text(info, flag_value, f"--{info.flag}"), f"--{info.flag}"
+            )
+        if value is not dataclasses.MISSING:
+            chosen[info.section][info.name] = value
+    if "base_url" in chosen["server"]:
+        chosen["server"]["base_url"] = _normalise_base_url(chosen["server"]["base_url"])
+    config = Config(**{name: _SECTIONS[name](**values) for name, values in chosen.items()})
+    _validate_cross_field(config)
+    return config
+
+
+def _normalise_base_url(base_url: str) -> str:
+    """
+    C{fake/path/} and C{/fake/path} both mean C{/fake/path/}.
+    """
+    return "/" + base_url.strip("/") + "/" if base_url.strip("/") else "/"
+
+
+def _validate_cross_field(config: Config) -> None:
+    from egateway.clusters.ports import PortRange
+
+    try:
+        PortRange.parse(config.kernels.port_range)
+    except ValueError as e:
+        raise ConfigError(f"kernels.port_range: {e}") from None
+
+
+def describe(config: Config) -> dict[str, dict[str, Any]]:
+    """
+    The effective configuration as plain data, secrets masked, for logs.
+    """
+    result: dict[str, dict[str, Any]] = {}
+    for info in settings():
+        value = getattr(getattr(config, info.section), info.name)
+        if info.secret and value:
+            value = "********"
+        result.setdefault(info.section, {})[info.name] = value
+    return result
+
+
+def flag_table() -> list[tuple[str, None, None, str]]:
+    """
+    Rows for C{twisted.python.usage.Options.optParameters}: one per setting.
+    """
+    rows = []
+    for info in settings():
+        env = f" [env: {', '.join(info.env)}]" if info.env else ""
+        rows.append((info.flag, None, None, f"{info.help}{env}"))
+    return rows

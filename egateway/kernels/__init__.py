@@ -1,0 +1,4 @@
+"""
+Kernel lifecycle: the manager, the per-kernel state machine, kernelspecs,
+environments, sessions and culling.
+"""

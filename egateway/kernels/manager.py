@@ -1,0 +1,579 @@
+"""
+The kernel manager: the one owner of every kernel's lifecycle.
+
+Launches, restarts and shutdowns run as L{Operation}s owned here; requests
+observe them.  Each launch is independent: it awaits only its own launcher
+and its own kernel, so a slow or failing launch never delays another request.
+Admission (the C{max_kernels} limit) is decided synchronously when a launch is
+registered, so concurrent requests cannot overshoot it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import signal as signals
+import uuid
+from typing import Any, Callable, Mapping
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from egateway.clusters.interface import (
+    ExitStatus,
+    IKernelProcess,
+    LaunchError,
+    LaunchRequest,
+    Phase,
+)
+from egateway.clusters.registry import LauncherRegistry
+from egateway.config import KernelsConfig
+from egateway.errors import BadRequest, Conflict, GatewayError, LimitReached, NotFound
+from egateway.kernels.env import BadEnvironment, build_kernel_env, validate_client_env
+from egateway.kernels.kernel import Kernel
+from egateway.kernels.observe import Operation, first
+from egateway.kernels.specs import KernelSpecCatalog, NoSuchKernelSpec
+from egateway.kernels.state import KernelState
+from egateway.wire.connection import IChannelFactory
+from egateway.wire.link import KernelLink
+from egateway.wire.protocol import Message
+
+_log = Logger()
+
+READY_PROBE_INTERVAL = 1.0
+"""
+Seconds before an unanswered C{kernel_info_request} is sent again while a
+kernel starts.
+"""
+
+STABLE_AFTER = 30.0
+"""
+Seconds a restarted kernel must stay up before its failures are forgiven.
+"""
+
+RETRYABLE_ATTEMPTS = 3
+
+
+class LaunchFailed(GatewayError):
+    status = 500
+
+
+class LaunchTimedOut(LaunchFailed):
+    status = 504
+
+
+def _canonical_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
+class KernelManager(Service):
+    """
+    @ivar kernels: every kernel this gateway holds, by id, launching ones
+        included.
+    """
+
+    name = "kernels"
+
+    def __init__(
+        self,
+        *,
+        clock: Any,
+        specs: KernelSpecCatalog,
+        launchers: LauncherRegistry,
+        channels: Callable[[], IChannelFactory],
+        settings: KernelsConfig,
+        gateway_env: Mapping[str, str],
+        default_username: str | None = None,
+    ) -> None:
+        self._clock = clock
+        self.specs = specs
+        self.launchers = launchers
+        self._make_channels = channels
+        self._channels: IChannelFactory | None = None
+        self.settings = settings
+        self._gateway_env = dict(gateway_env)
+        self._default_username = default_username or getpass.getuser()
+        self.kernels: dict[str, Kernel] = {}
+        self._operations: dict[str, Operation[Any]] = {}
+        self._recent_failures: dict[str, list[float]] = {}
+        self.listeners: list[Callable[[str, Kernel], None]] = []
+
+    # -- service -------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._channels = self._make_channels()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Shut down every kernel, gracefully, in parallel.
+        """
+        super().stopService()
+        shutdowns = [
+            self.shutdown(kernel_id, reason="the gateway is stopping").addErrback(
+                lambda f, kid=kernel_id: _log.failure("stopping kernel {kid}", f, kid=kid)
+            )
+            for kernel_id in list(self.kernels)
+        ]
+
+        def close_channels(_: Any) -> None:
+            if self._channels is not None:
+                self._channels.close()
+
+        return DeferredList(shutdowns).addBoth(close_channels)
+
+    @property
+    def channels(self) -> IChannelFactory:
+        if self._channels is None:
+            self._channels = self._make_channels()
+        return self._channels
+
+    # -- queries -------------------------------------------------------
+
+    def get(self, kernel_id: str) -> Kernel:
+        """
+        @raise NotFound: if no kernel has that id.
+        """
+        kernel = self.kernels.get(kernel_id)
+        if kernel is None:
+            raise NotFound(f"Kernel does not exist: {kernel_id}")
+        return kernel
+
+    def _emit(self, event: str, kernel: Kernel) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, kernel)
+            except Exception:
+                _log.failure("kernel event listener failed on {event}", event=event)
+
+    # -- start ---------------------------------------------------------
+
+    def admit(
+        self,
+        spec_name: str | None,
+        env: Any,
+        username: str | None = None,
+    ) -> dict[str, Any]:
+        """
+        Validate a start request's inputs; raises L{BadRequest} for
+        malformed ones.
+        """
+        try:
+            client_env = validate_client_env(env)
+        except BadEnvironment as e:
+            raise BadRequest(str(e)) from None
+        if spec_name is not None and not isinstance(spec_name, str):
+            raise BadRequest("'name' must be a string")
+        kernel_id = client_env.get("KERNEL_ID")
+        if kernel_id is not None:
+            if not _canonical_uuid(kernel_id):
+                raise BadRequest("KERNEL_ID must be a lower-case UUID like 8a3f...-...")
+            if kernel_id in self.kernels:
+                raise Conflict(f"a kernel with id {kernel_id} already exists")
+        return {
+            "spec_name": spec_name or self.specs.default_name,
+            "client_env": client_env,
+            "username": username or client_env.get("KERNEL_USERNAME") or self._default_username,
+            "kernel_id": kernel_id or str(uuid.uuid4()),
+        }
+
+    async def start_kernel(
+        self,
+        spec_name: str | None = None,
+        env: Any = None,
+        username: str | None = None,
+    ) -> Kernel:
+        """
+        Launch a kernel and wait until it answers C{kernel_info}.
+
+        @raise BadRequest: malformed inputs.
+        @raise NotFound: unknown kernelspec.
+        @raise LimitReached: C{max_kernels} reached (launches in progress
+            count).
+        @raise LaunchFailed: the launch failed or timed out; the message
+            names the cause and the last phase reached.
+        """
+        request = self.admit(spec_name, env, username)
+        try:
+            spec = await self.specs.get(request["spec_name"])
+        except NoSuchKernelSpec:
+            raise NotFound(f"No such kernel spec: {request['spec_name']}") from None
+        kernel_id = request["kernel_id"]
+        if kernel_id in self.kernels:
+            raise Conflict(f"a kernel with id {kernel_id} already exists")
+        limit = self.settings.max_kernels
+        if limit and len(self.kernels) >= limit:
+            raise LimitReached(
+                f"A max kernels limit of {limit} is set and there are {len(self.kernels)} "
+                "running or starting kernels"
+            )
+        kernel_env = build_kernel_env(
+            gateway_env=self._gateway_env,
+            inherited_envs=self.settings.inherited_envs,
+            spec_env=spec.env,
+            client_env=request["client_env"],
+            client_envs=self.settings.client_envs,
+            kernel_id=kernel_id,
+            username=request["username"],
+            language=spec.language,
+        )
+        try:
+            launcher_name = spec.launcher_name
+            self.launchers.get(launcher_name)
+        except LaunchError as e:
+            raise LaunchFailed(f"kernelspec {spec.name}: {e}") from None
+        kernel = Kernel(
+            kernel_id, spec, request["username"], kernel_env, self._clock, launcher_name
+        )
+        kernel.report(Phase.QUEUED, f"launcher {launcher_name}")
+        self.kernels[kernel_id] = kernel
+        operation = self._run(kernel, "launch", self._launch_new)
+        await operation.observe()
+        return kernel
+
+    def _run(self, kernel: Kernel, name: str, step: Callable[..., Any], *args: Any) -> Operation[Any]:
+        """
+        Start operation C{name} on C{kernel}: C{step(kernel, *args)} runs once
+        the operation in progress (if any) has ended, so operations on one
+        kernel never overlap.
+        """
+        previous = self._operations.get(kernel.id)
+
+        async def body() -> Any:
+            if previous is not None and not previous.done:
+                try:
+                    await previous.observe()
+                except Exception:
+                    pass
+            return await step(kernel, *args)
+
+        operation: Operation[Any] = Operation(name, body())
+        if not operation.done:
+            self._operations[kernel.id] = operation
+
+        def forget(result: Any) -> Any:
+            if self._operations.get(kernel.id) is operation:
+                del self._operations[kernel.id]
+            return result
+
+        operation.running.addBoth(forget)
+        return operation
+
+    async def _launch_new(self, kernel: Kernel) -> Kernel:
+        try:
+            await self._launch(kernel)
+        except BaseException as e:
+            kernel.reason = str(e) if not isinstance(e, CancelledError) else "launch cancelled"
+            if kernel.state == KernelState.LAUNCHING:
+                kernel.transition(KernelState.FAILED, kernel.reason)
+                kernel.transition(KernelState.GONE)
+                self.kernels.pop(kernel.id, None)
+                self._emit("failed", kernel)
+            if isinstance(e, CancelledError):
+                raise LaunchFailed(f"kernel {kernel.id} was shut down while launching") from None
+            raise
+        kernel.transition(KernelState.RUNNING, "ready")
+        self._emit("started", kernel)
+        return kernel
+
+    async def _launch(self, kernel: Kernel) -> None:
+        """
+        Launch (or relaunch) C{kernel}'s process and wait until it is ready.
+        On any failure everything started is removed before raising.
+        """
+        launcher = self.launchers.get(kernel.launcher_name)
+        timeout = self.settings.launch_timeout
+        for attempt in range(1, RETRYABLE_ATTEMPTS + 1):
+            deadline = self._clock.seconds() + timeout
+            request = LaunchRequest(
+                kernel_id=kernel.id,
+                spec=kernel.spec,
+                env=kernel.env,
+                config=kernel.spec.launcher_config,
+                username=kernel.username,
+                report=kernel.report,
+                timeout=timeout,
+            )
+            launching = launcher.launch(request)
+            launching.addTimeout(timeout, self._clock)
+            try:
+                process: IKernelProcess = await launching
+            except TimeoutError:
+                raise LaunchTimedOut(self._timeout_message(kernel, timeout)) from None
+            except GatewayError as e:
+                raise LaunchFailed(
+                    f"{e}; last phase: {self._last_phase(kernel)}",
+                    status=e.status,
+                ) from None
+            try:
+                status = await self._connect(kernel, process, deadline)
+            except BaseException:
+                await self._discard(kernel, process)
+                raise
+            if status is None:
+                process.ready()
+                kernel.report(Phase.READY)
+                kernel.go_live()
+                self._watch(kernel, process)
+                return
+            await self._discard(kernel, process)
+            if status.retryable and attempt < RETRYABLE_ATTEMPTS:
+                _log.warn(
+                    "kernel {kernel_id}: {status}; launching again",
+                    kernel_id=kernel.id,
+                    status=status.describe(),
+                )
+                continue
+            raise LaunchFailed(
+                f"the kernel {status.describe()} before answering kernel_info; "
+                f"last phase: {self._last_phase(kernel)}"
+            )
+
+    def _last_phase(self, kernel: Kernel) -> str:
+        last = kernel.last_phase
+        return last.describe() if last else "none"
+
+    def _timeout_message(self, kernel: Kernel, timeout: float) -> str:
+        last = kernel.last_phase
+        waiting_for = {
+            Phase.QUEUED: "the launcher to start the kernel",
+            Phase.SUBMITTED: "the kernel to be placed",
+            Phase.PLACED: "connection info",
+            Phase.CONNECTION_INFO: "the kernel to answer kernel_info",
+            Phase.CONNECTED: "the kernel to answer kernel_info",
+        }.get(last.phase if last else Phase.QUEUED, "the kernel")
+        return (
+            f"timed out after {timeout:g} s waiting for {waiting_for}; "
+            f"last phase: {self._last_phase(kernel)}"
+        )
+
+    async def _connect(
+        self, kernel: Kernel, process: IKernelProcess, deadline: float
+    ) -> ExitStatus | None:
+        """
+        Link to the kernel and wait for it to be ready.
+
+        @return: C{None} when ready, or how the kernel ended if it exited
+            first.
+        @raise LaunchTimedOut: at the deadline.
+        """
+        kernel.process = process
+        link = KernelLink(
+            process.connection_info, self.channels, self._clock, kernel.on_iopub, kernel.id
+        )
+        kernel.set_link(link)
+        kernel.report(Phase.CONNECTED, process.connection_info.ip)
+        ready = Deferred.fromCoroutine(self._wait_ready(link, deadline))
+        exited = process.when_exited()
+        try:
+            index, result = await first([ready, exited])
+        except TimeoutError:
+            raise LaunchTimedOut(
+                self._timeout_message(kernel, self.settings.launch_timeout)
+            ) from None
+        return None if index == 0 else result
+
+    async def _wait_ready(self, link: KernelLink, deadline: float) -> None:
+        """
+        Send C{kernel_info_request} until a reply arrives and iopub has
+        delivered a message, so no output from the kernel can be lost to a
+        subscription that is not live yet.
+        """
+        while True:
+            remaining = deadline - self._clock.seconds()
+            if remaining <= 0:
+                raise TimeoutError()
+            try:
+                await link.request(
+                    "shell", "kernel_info_request", {}, min(READY_PROBE_INTERVAL, remaining)
+                )
+            except TimeoutError:
+                continue
+            if link.iopub_seen:
+                return
+            await deferLater(self._clock, min(0.05, max(remaining, 0)))
+
+    async def _discard(self, kernel: Kernel, process: IKernelProcess) -> None:
+        """
+        Remove a launched process that will not be used.
+        """
+        if kernel.link is not None:
+            kernel.set_link(None)
+        try:
+            await process.terminate(self.settings.terminate_wait)
+        except Exception:
+            _log.failure("kernel {kernel_id}: terminating failed", kernel_id=kernel.id)
+        try:
+            await process.cleanup()
+        except Exception:
+            _log.failure("kernel {kernel_id}: cleanup failed", kernel_id=kernel.id)
+
+    # -- deaths and automatic restarts ---------------------------------
+
+    def _watch(self, kernel: Kernel, process: IKernelProcess) -> None:
+        def exited(status: ExitStatus) -> None:
+            if kernel.process is not process or kernel.state != KernelState.RUNNING:
+                return
+            if kernel.id in self._operations:
+                return
+            self._run(kernel, "auto-restart", self._auto_restart, status)
+
+        process.when_exited().addCallback(exited)
+
+    async def _auto_restart(self, kernel: Kernel, status: ExitStatus) -> None:
+        why = status.describe()
+        now = self._clock.seconds()
+        failures = [t for t in self._recent_failures.get(kernel.id, []) if now - t < STABLE_AFTER]
+        failures.append(now)
+        self._recent_failures[kernel.id] = failures
+        limit = self.settings.restart_limit
+        _log.warn(
+            "kernel {kernel_id} died: {why} ({n} of {limit} restarts)",
+            kernel_id=kernel.id,
+            why=why,
+            n=len(failures),
+            limit=limit,
+        )
+        if len(failures) > limit:
+            await self._declare_dead(kernel, f"kernel {why}; restart limit ({limit}) reached")
+            return
+        kernel.reason = f"kernel {why}"
+        kernel.transition(KernelState.RESTARTING, why)
+        kernel.broadcast_status(
+            "restarting", f"kernel {why}; restarting ({len(failures)} of {limit})"
+        )
+        old = kernel.process
+        if old is not None:
+            await self._discard(kernel, old)
+        try:
+            await self._launch(kernel)
+        except Exception as e:
+            await self._declare_dead(kernel, f"kernel {why}; restart failed: {e}")
+            return
+        kernel.restart_count += 1
+        kernel.transition(KernelState.RUNNING, "restarted")
+        self._emit("restarted", kernel)
+
+    async def _declare_dead(self, kernel: Kernel, reason: str) -> None:
+        kernel.reason = reason
+        kernel.transition(KernelState.DEAD, reason)
+        kernel.broadcast_status("dead", reason)
+        if kernel.process is not None:
+            await self._discard(kernel, kernel.process)
+        self._emit("dead", kernel)
+
+    # -- operations on running kernels ---------------------------------
+
+    async def interrupt(self, kernel_id: str) -> None:
+        """
+        Interrupt per the kernelspec's C{interrupt_mode}.
+
+        @raise Conflict: if the kernel is not running.
+        """
+        kernel = self.get(kernel_id)
+        if kernel.state != KernelState.RUNNING or kernel.process is None:
+            raise Conflict(f"kernel {kernel_id} is {kernel.state.value}, not running")
+        if kernel.spec.interrupt_mode == "message" and kernel.link is not None:
+            kernel.link.send(
+                "control", Message.build("interrupt_request", {}, kernel.link.session)
+            )
+            return
+        signum = _interrupt_signal(kernel.spec.env)
+        await kernel.process.signal(signum)
+
+    def restart(self, kernel_id: str) -> Deferred[Kernel]:
+        """
+        Restart keeping the kernel id; connected clients stay connected and
+        see C{restarting}, then the new kernel's C{starting} and C{idle}.
+
+        A restart requested while one is in progress waits on that one.
+        """
+        kernel = self.get(kernel_id)
+        current = self._operations.get(kernel_id)
+        if current is not None and current.name in ("restart", "auto-restart"):
+            return current.observe().addCallback(lambda _: kernel)
+        if kernel.state in (KernelState.SHUTTING_DOWN, KernelState.GONE):
+            raise Conflict(f"kernel {kernel_id} is shutting down")
+        return self._run(kernel, "restart", self._restart).observe()
+
+    async def _restart(self, kernel: Kernel) -> Kernel:
+        if kernel.state == KernelState.LAUNCHING or kernel.id not in self.kernels:
+            raise Conflict(f"kernel {kernel.id} is not running")
+        kernel.transition(KernelState.RESTARTING, "restart requested")
+        kernel.broadcast_status("restarting", "restart requested")
+        if kernel.process is not None:
+            await self._stop_process(kernel, restart=True)
+        try:
+            await self._launch(kernel)
+        except Exception as e:
+            await self._declare_dead(kernel, f"restart failed: {e}")
+            raise
+        kernel.restart_count += 1
+        kernel.reason = ""
+        kernel.transition(KernelState.RUNNING, "restarted")
+        self._emit("restarted", kernel)
+        return kernel
+
+    def shutdown(self, kernel_id: str, reason: str = "shutdown requested") -> Deferred[None]:
+        """
+        Shut a kernel down: C{shutdown_request}, then SIGTERM, then SIGKILL,
+        each after its grace period; then remove it.  A launch in progress
+        is cancelled, and removes what it started.
+        """
+        kernel = self.get(kernel_id)
+        current = self._operations.get(kernel_id)
+        if current is not None and current.name == "shutdown":
+            return current.observe()
+        if current is not None and current.name == "launch":
+            current.cancel()
+        return self._run(kernel, "shutdown", self._shutdown, reason).observe()
+
+    async def _shutdown(self, kernel: Kernel, reason: str) -> None:
+        if kernel.id not in self.kernels:
+            return
+        kernel.transition(KernelState.SHUTTING_DOWN, reason)
+        kernel.reason = reason
+        kernel.close_clients(reason)
+        if kernel.process is not None:
+            await self._stop_process(kernel, restart=False)
+        kernel.transition(KernelState.GONE)
+        self.kernels.pop(kernel.id, None)
+        self._recent_failures.pop(kernel.id, None)
+        self._emit("removed", kernel)
+
+    async def _stop_process(self, kernel: Kernel, restart: bool) -> None:
+        """
+        Stop the kernel's process politely, then firmly, and clean up.
+        """
+        process = kernel.process
+        assert process is not None
+        exited = process.when_exited()
+        link = kernel.link
+        if link is not None:
+            link.send("control", Message.build("shutdown_request", {"restart": restart}, link.session))
+        exited.addTimeout(self.settings.shutdown_wait, self._clock)
+        try:
+            await exited
+        except (TimeoutError, CancelledError):
+            pass
+        await self._discard(kernel, process)
+
+    def snapshot_models(self) -> list[dict[str, Any]]:
+        return [kernel.model() for kernel in self.kernels.values()]
+
+
+def _interrupt_signal(spec_env: Mapping[str, str]) -> int:
+    """
+    SIGINT, or the signal a kernelspec names in C{EG_ALTERNATE_SIGINT}.
+    """
+    name = spec_env.get("EG_ALTERNATE_SIGINT", "")
+    if name:
+        try:
+            return int(getattr(signals, name if name.startswith("SIG") else f"SIG{name}"))
+        except AttributeError:
+            _log.warn("unknown EG_ALTERNATE_SIGINT {name}; using SIGINT", name=name)
+    return signals.SIGINT

@@ -1,0 +1,150 @@
+"""
+Sessions in jupyter_server 2.x's model: a named document (C{path}, C{name},
+C{type}) bound to a kernel.
+
+A session goes when its kernel goes, whoever removed the kernel.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from egateway.errors import BadRequest, NotFound
+from egateway.kernels.kernel import Kernel
+from egateway.kernels.manager import KernelManager
+
+
+@dataclass
+class Session:
+    id: str
+    path: str
+    name: str
+    type: str
+    kernel_id: str
+
+    def model(self, kernel: Kernel) -> dict[str, Any]:
+        model: dict[str, Any] = {
+            "id": self.id,
+            "path": self.path,
+            "name": self.name,
+            "type": self.type,
+            "kernel": kernel.model(),
+        }
+        if self.type == "notebook":
+            model["notebook"] = {"path": self.path, "name": self.name}
+        return model
+
+
+def _string(body: dict[str, Any], key: str, default: str | None = None) -> str | None:
+    value = body.get(key, default)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"'{key}' must be a string")
+    return value
+
+
+class SessionManager:
+    def __init__(self, kernels: KernelManager) -> None:
+        self._kernels = kernels
+        self.sessions: dict[str, Session] = {}
+        kernels.listeners.append(self._kernel_event)
+
+    def _kernel_event(self, event: str, kernel: Kernel) -> None:
+        if event in ("removed", "failed"):
+            for session in [s for s in self.sessions.values() if s.kernel_id == kernel.id]:
+                del self.sessions[session.id]
+
+    def model(self, session: Session) -> dict[str, Any]:
+        return session.model(self._kernels.get(session.kernel_id))
+
+    def get(self, session_id: str) -> Session:
+        session = self.sessions.get(session_id)
+        if session is None or session.kernel_id not in self._kernels.kernels:
+            raise NotFound(f"Session not found: {session_id}")
+        return session
+
+    def list(self) -> list[Session]:
+        return [s for s in self.sessions.values() if s.kernel_id in self._kernels.kernels]
+
+    @staticmethod
+    def parse(body: Any, partial: bool = False) -> dict[str, Any]:
+        """
+        Read a create (or, with C{partial}, an update) request body.
+        """
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        legacy = body.get("notebook")
+        path = _string(body, "path")
+        kind = _string(body, "type")
+        if legacy is not None:
+            if not isinstance(legacy, dict):
+                raise BadRequest("'notebook' must be an object")
+            path = path or _string(legacy, "path")
+            kind = kind or "notebook"
+        name = _string(body, "name")
+        kernel = body.get("kernel")
+        if kernel is not None:
+            if not isinstance(kernel, dict):
+                raise BadRequest("'kernel' must be an object with 'name' or 'id'")
+            _string(kernel, "name")
+            _string(kernel, "id")
+        if not partial:
+            if not path:
+                raise BadRequest("'path' is required")
+            if not kind:
+                raise BadRequest("'type' is required")
+        return {"path": path, "name": name, "type": kind, "kernel": kernel}
+
+    async def create(self, body: Any, username: str | None = None) -> tuple[Session, bool]:
+        """
+        Create a session, starting a kernel unless an existing one is named.
+
+        @return: the session and whether it is new (an existing session for
+            the same path is returned as it is).
+        """
+        request = self.parse(body)
+        for session in self.list():
+            if session.path == request["path"]:
+                return session, False
+        kernel_id = await self._kernel_for(request["kernel"] or {}, username)
+        session = Session(
+            id=str(uuid.uuid4()),
+            path=request["path"],
+            name=request["name"] or "",
+            type=request["type"],
+            kernel_id=kernel_id,
+        )
+        self.sessions[session.id] = session
+        return session, True
+
+    async def _kernel_for(self, kernel: dict[str, Any], username: str | None) -> str:
+        if kernel.get("id"):
+            return self._kernels.get(kernel["id"]).id
+        started = await self._kernels.start_kernel(
+            kernel.get("name"), kernel.get("env"), username=username
+        )
+        return started.id
+
+    async def update(self, session_id: str, body: Any, username: str | None = None) -> Session:
+        session = self.get(session_id)
+        request = self.parse(body, partial=True)
+        for key in ("path", "name", "type"):
+            if request[key] is not None:
+                setattr(session, key, request[key])
+        kernel = request["kernel"]
+        if kernel:
+            old = session.kernel_id
+            current = self._kernels.get(old)
+            if kernel.get("id") and kernel["id"] != old:
+                session.kernel_id = self._kernels.get(kernel["id"]).id
+            elif kernel.get("name") and kernel["name"] != current.spec.name:
+                session.kernel_id = await self._kernel_for(kernel, username)
+                await self._kernels.shutdown(old, reason="the session switched kernels")
+        return session
+
+    async def delete(self, session_id: str) -> None:
+        session = self.get(session_id)
+        del self.sessions[session_id]
+        if session.kernel_id in self._kernels.kernels:
+            await self._kernels.shutdown(session.kernel_id, reason="its session was deleted")

@@ -1,0 +1,193 @@
+"""
+Building the gateway service for C{twistd egateway} / C{twist egateway}.
+
+C{makeService} is synchronous and does no I/O: it parses and validates the
+configuration and constructs the services.  Each service does its own I/O
+when started.  The HTTP listener is added last, so on shutdown it stops first
+and no request reaches a manager that is stopping its kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from egateway import __version__
+from egateway.config import ConfigError, Config, build_config, describe, flag_table, load_toml
+
+_log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run egateway, the Jupyter kernel gateway. Settings come from defaults, "
+        "then --config (TOML), then EG_* environment variables, then these flags."
+    )
+    optParameters = [
+        ["config", "c", None, "TOML configuration file."],
+        *flag_table(),
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            file_values = load_toml(self["config"]) if self["config"] else {}
+            flags = {key: value for key, value in self.items() if key != "config"}
+            self.gateway_config = build_config(file_values, os.environ, flags)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def opt_version(self) -> None:
+        print(f"egateway {__version__}")
+        raise SystemExit(0)
+
+
+class RuntimeDirectory(Service):
+    """
+    A private directory (mode 0700) for connection files, made at start and
+    removed at stop.
+    """
+
+    name = "runtime-dir"
+
+    def __init__(self, configured: str, on_ready: Any) -> None:
+        self._configured = configured
+        self._on_ready = on_ready
+        self.path = ""
+        self._created = False
+
+    def startService(self) -> None:
+        super().startService()
+        if self._configured:
+            os.makedirs(self._configured, mode=0o700, exist_ok=True)
+            self.path = self._configured
+        else:
+            base = os.environ.get("XDG_RUNTIME_DIR") or None
+            self.path = tempfile.mkdtemp(prefix="egateway-", dir=base)
+            self._created = True
+        self._on_ready(self.path)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._created:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+class GatewayService(MultiService):
+    """
+    The whole gateway.  A graceful stop is bounded by C{stop_timeout}.
+    """
+
+    def __init__(self, config: Config, clock: Any) -> None:
+        super().__init__()
+        self.config = config
+        self._clock = clock
+
+    def startService(self) -> None:
+        _log.info(
+            "egateway {version} starting; listening on {listen}; config {config}",
+            version=__version__,
+            listen=self.config.listen_endpoint,
+            config=describe(self.config),
+        )
+        super().startService()
+
+    def stopService(self) -> Any:
+        _log.info("egateway stopping")
+        stopping = super().stopService()
+        if self.config.server.stop_timeout > 0:
+            stopping.addTimeout(self.config.server.stop_timeout, self._clock)
+            stopping.addErrback(
+                lambda f: _log.failure("graceful stop did not finish in time", f)
+            )
+        return stopping
+
+
+def build_service(config: Config, reactor: Any) -> GatewayService:
+    """
+    Construct every part of the gateway for C{config}.
+    """
+    from egateway.api.auth import Authenticator, CorsPolicy
+    from egateway.api.http import FrontResource, GatewaySite
+    from egateway.api.routes import GatewayAPI
+    from egateway.api.websocket import ChannelsEndpoint
+    from egateway.clusters.interface import LauncherContext
+    from egateway.clusters.ports import PortAllocator, PortRange
+    from egateway.clusters.registry import LauncherRegistry
+    from egateway.kernels.culling import Culler
+    from egateway.kernels.manager import KernelManager
+    from egateway.kernels.sessions import SessionManager
+    from egateway.kernels.specs import KernelSpecCatalog
+
+    top = GatewayService(config, reactor)
+    threadpool = reactor.getThreadPool()
+    context = LauncherContext(
+        reactor=reactor,
+        runtime_dir="",
+        ports=PortAllocator(PortRange.parse(config.kernels.port_range)),
+        settings={"config": config},
+    )
+    runtime = RuntimeDirectory(
+        config.server.data_dir, lambda path: setattr(context, "runtime_dir", path)
+    )
+    runtime.setServiceParent(top)
+    specs = KernelSpecCatalog(
+        reactor,
+        threadpool,
+        extra_dirs=config.kernels.kernelspec_path,
+        allowed=config.kernels.allowed_kernelspecs,
+        default_name=config.kernels.default_kernel_name,
+        reactor=reactor,
+    )
+
+    def channels() -> Any:
+        from egateway.wire.zmq import ZmqChannelFactory
+
+        return ZmqChannelFactory(reactor)
+
+    manager = KernelManager(
+        clock=reactor,
+        specs=specs,
+        launchers=LauncherRegistry(context),
+        channels=channels,
+        settings=config.kernels,
+        gateway_env=os.environ,
+    )
+    manager.setServiceParent(top)
+    Culler(manager, config.culling, reactor).setServiceParent(top)
+    cors = CorsPolicy(config.auth)
+    api = GatewayAPI(
+        kernels=manager,
+        sessions=SessionManager(manager),
+        channels=ChannelsEndpoint(
+            manager, cors, config.server.max_ws_message, config.server.ws_ping_interval
+        ),
+        base_url=config.server.base_url,
+        list_kernels=config.auth.list_kernels,
+        reactor=reactor,
+        threadpool=threadpool,
+    )
+    front = FrontResource(api.resource(), Authenticator(config.auth.auth_token), cors)
+    site = GatewaySite(front, max_body=config.server.max_request_body)
+    listener = strports.service(config.listen_endpoint, site, reactor=reactor)
+    listener.setName("http")
+    listener.setServiceParent(top)
+    top.api = api  # type: ignore[attr-defined]
+    top.manager = manager  # type: ignore[attr-defined]
+    top.site = site  # type: ignore[attr-defined]
+    return top
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return build_service(options.gateway_config, reactor)

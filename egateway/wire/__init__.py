@@ -1,0 +1,3 @@
+"""
+The Jupyter wire protocol (pure functions) and the ZMQ channel seam.
+"""

@@ -1,0 +1,137 @@
+"""
+A kernel's connection information and the seam between the gateway and its
+ZMQ transport.
+
+Code above this module talks to kernels through L{IChannelFactory} and
+L{IChannelSocket}; only L{egateway.wire.zmq} implements them with txzmq, so
+tests can substitute an in-memory transport where no kernel is involved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping, Sequence
+
+from zope.interface import Interface
+
+CHANNEL_NAMES = ("shell", "iopub", "stdin", "control", "hb")
+
+
+@dataclass(frozen=True)
+class ConnectionInfo:
+    """
+    Where a kernel's five sockets listen and how its messages are signed.
+    """
+
+    ip: str
+    shell_port: int
+    iopub_port: int
+    stdin_port: int
+    control_port: int
+    hb_port: int
+    key: bytes
+    signature_scheme: str = "hmac-sha256"
+    transport: str = "tcp"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ConnectionInfo":
+        """
+        Read a connection file's fields (extra fields are ignored).
+
+        @raise ValueError: if a field is missing or of the wrong type.
+        """
+        try:
+            key = data.get("key", b"")
+            if isinstance(key, str):
+                key = key.encode("utf-8")
+            transport = str(data.get("transport", "tcp"))
+            if transport not in ("tcp", "ipc"):
+                raise ValueError(f"unsupported transport {transport!r}")
+            ports = {
+                name: int(data[name])
+                for name in (
+                    "shell_port",
+                    "iopub_port",
+                    "stdin_port",
+                    "control_port",
+                    "hb_port",
+                )
+            }
+            if transport == "tcp" and not all(0 < p < 65536 for p in ports.values()):
+                raise ValueError("ports must be between 1 and 65535")
+            return cls(
+                ip=str(data["ip"]),
+                key=bytes(key),
+                signature_scheme=str(data.get("signature_scheme", "hmac-sha256")),
+                transport=transport,
+                **ports,
+            )
+        except KeyError as e:
+            raise ValueError(f"connection info lacks {e.args[0]}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"bad connection info: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ip": self.ip,
+            "transport": self.transport,
+            "shell_port": self.shell_port,
+            "iopub_port": self.iopub_port,
+            "stdin_port": self.stdin_port,
+            "control_port": self.control_port,
+            "hb_port": self.hb_port,
+            "key": self.key.decode("utf-8"),
+            "signature_scheme": self.signature_scheme,
+            "kernel_name": "",
+        }
+
+    def with_ip(self, ip: str) -> "ConnectionInfo":
+        return replace(self, ip=ip)
+
+    def url(self, channel: str) -> str:
+        port = getattr(self, f"{channel}_port")
+        if self.transport == "ipc":
+            return f"ipc://{self.ip}-{port}"
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"tcp://{host}:{port}"
+
+
+FramesHandler = Callable[[Sequence[bytes]], None]
+
+
+class IChannelSocket(Interface):
+    """
+    One socket connected to one kernel channel.
+    """
+
+    def send(frames: Sequence[bytes]) -> None:
+        """
+        Queue a multipart message; never blocks.
+        """
+
+    def close() -> None:
+        """
+        Disconnect and release the socket; idempotent.
+        """
+
+
+class IChannelFactory(Interface):
+    """
+    Makes sockets connected to kernel channels.
+    """
+
+    def dealer(url: str, identity: bytes, on_frames: FramesHandler) -> IChannelSocket:
+        """
+        A DEALER socket (for shell, control and stdin) with a routing
+        identity, delivering every received message to C{on_frames}.
+        """
+
+    def subscriber(url: str, on_frames: FramesHandler) -> IChannelSocket:
+        """
+        A SUB socket subscribed to everything (for iopub).
+        """
+
+    def close() -> None:
+        """
+        Close every socket and the context.
+        """

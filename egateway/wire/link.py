@@ -1,0 +1,201 @@
+"""
+The gateway's connections to one kernel.
+
+A L{KernelLink} holds the kernel's single iopub subscription (shared by every
+client, so activity tracking and fan-out see each message once) and the
+gateway's own shell and control sockets, used for C{kernel_info},
+C{interrupt_request} and C{shutdown_request}.
+
+Each WebSocket client gets a L{ClientLink}: its own shell, control and stdin
+DEALER sockets under one routing identity.  The kernel's ROUTER sockets then
+deliver every reply, and every C{input_request}, to the client that asked,
+without the gateway parsing anything to route them.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from egateway.wire.connection import ConnectionInfo, IChannelFactory, IChannelSocket
+from egateway.wire.protocol import Message, Signer, WireError, join_frames, split_frames
+
+_log = Logger()
+
+MessageHandler = Callable[[str, Message], None]
+
+
+class KernelLink:
+    """
+    @ivar info: the connection information in use.
+    @ivar session: the session id the gateway signs its own requests with.
+    """
+
+    def __init__(
+        self,
+        info: ConnectionInfo,
+        channels: IChannelFactory,
+        clock: IReactorTime,
+        on_iopub: Callable[[Message], None],
+        kernel_id: str = "",
+    ) -> None:
+        self.info = info
+        self.signer = Signer(info.key, info.signature_scheme)
+        self.session = uuid.uuid4().hex
+        self.kernel_id = kernel_id
+        self._channels = channels
+        self._clock = clock
+        self._on_iopub = on_iopub
+        self._pending: dict[str, Deferred[Message]] = {}
+        self._closed = False
+        self.iopub_seen = False
+        identity = self.session.encode("ascii")
+        self._iopub = channels.subscriber(info.url("iopub"), self._iopub_frames)
+        self._own = {
+            name: channels.dealer(
+                info.url(name), identity, lambda frames, name=name: self._reply_frames(name, frames)
+            )
+            for name in ("shell", "control")
+        }
+
+    def _iopub_frames(self, frames: Any) -> None:
+        try:
+            _, message = split_frames(frames, self.signer)
+        except WireError as e:
+            _log.warn(
+                "kernel {kernel_id}: dropped an iopub message: {error}",
+                kernel_id=self.kernel_id,
+                error=str(e),
+            )
+            return
+        self.iopub_seen = True
+        self._on_iopub(message)
+
+    def _reply_frames(self, channel: str, frames: Any) -> None:
+        try:
+            _, message = split_frames(frames, self.signer)
+            parent_id = message.parent_header().get("msg_id")
+        except WireError as e:
+            _log.warn(
+                "kernel {kernel_id}: dropped a {channel} reply: {error}",
+                kernel_id=self.kernel_id,
+                channel=channel,
+                error=str(e),
+            )
+            return
+        waiting = self._pending.pop(str(parent_id), None)
+        if waiting is not None:
+            waiting.callback(message)
+
+    def request(
+        self, channel: str, msg_type: str, content: dict[str, Any], timeout: float
+    ) -> Deferred[Message]:
+        """
+        Send a request of the gateway's own on C{shell} or C{control}.
+
+        @return: fires with the reply; fails with C{TimeoutError} after
+            C{timeout} seconds, or with C{ConnectionError} if the link is
+            closed first.
+        """
+        message = Message.build(msg_type, content, self.session)
+        msg_id = message.msg_id
+
+        def forget(result: Any) -> Any:
+            self._pending.pop(msg_id, None)
+            return result
+
+        waiting: Deferred[Message] = Deferred(lambda d: self._pending.pop(msg_id, None))
+        if self._closed:
+            waiting.errback(ConnectionError("kernel link is closed"))
+            return waiting
+        self._pending[msg_id] = waiting
+        self._own[channel].send(join_frames(message, self.signer))
+        waiting.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out(msg_type, timeout))
+        waiting.addBoth(forget)
+        return waiting
+
+    def send(self, channel: str, message: Message) -> None:
+        """
+        Send a message of the gateway's own without waiting for a reply.
+        """
+        if not self._closed:
+            self._own[channel].send(join_frames(message, self.signer))
+
+    def client(self, on_message: MessageHandler) -> "ClientLink":
+        """
+        Sockets for one WebSocket client.
+        """
+        return ClientLink(self, on_message)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._iopub.close()
+        for sock in self._own.values():
+            sock.close()
+        pending, self._pending = self._pending, {}
+        for waiting in pending.values():
+            waiting.errback(ConnectionError("kernel link closed"))
+
+    @property
+    def channels(self) -> IChannelFactory:
+        return self._channels
+
+
+def _timed_out(msg_type: str, timeout: float) -> Callable[[Any, float], Any]:
+    def raise_timeout(result: Any, seconds: float) -> Any:
+        raise TimeoutError(f"no reply to {msg_type} within {timeout:g} s")
+
+    return raise_timeout
+
+
+class ClientLink:
+    """
+    One client's shell, control and stdin sockets.
+    """
+
+    def __init__(self, link: KernelLink, on_message: MessageHandler) -> None:
+        self.link = link
+        self.identity = uuid.uuid4().hex.encode("ascii")
+        self._on_message = on_message
+        self._closed = False
+        self._sockets: dict[str, IChannelSocket] = {
+            name: link.channels.dealer(
+                link.info.url(name),
+                self.identity,
+                lambda frames, name=name: self._frames(name, frames),
+            )
+            for name in ("shell", "control", "stdin")
+        }
+
+    def _frames(self, channel: str, frames: Any) -> None:
+        try:
+            _, message = split_frames(frames, self.link.signer)
+        except WireError as e:
+            _log.warn(
+                "kernel {kernel_id}: dropped a {channel} message: {error}",
+                kernel_id=self.link.kernel_id,
+                channel=channel,
+                error=str(e),
+            )
+            return
+        self._on_message(channel, message)
+
+    def send(self, channel: str, message: Message) -> None:
+        """
+        Sign C{message} with the kernel's key and send it on C{channel}.
+        """
+        if not self._closed:
+            self._sockets[channel].send(join_frames(message, self.link.signer))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sock in self._sockets.values():
+            sock.close()

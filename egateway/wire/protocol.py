@@ -1,0 +1,223 @@
+"""
+The Jupyter wire protocol as pure functions: framing, HMAC signing and the
+few header fields the gateway must read.
+
+A message on a ZMQ socket is::
+
+    [identities..., b"<IDS|MSG>", signature, header, parent_header, metadata,
+     content, buffers...]
+
+The gateway forwards message bodies as the bytes it received; it parses only
+the header (for routing and activity) and, for iopub C{status} messages, the
+content.  See U{https://jupyter-client.readthedocs.io/en/latest/messaging.html}.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+DELIMITER = b"<IDS|MSG>"
+PROTOCOL_VERSION = "5.3"
+
+_DIGESTS = {
+    "hmac-sha256": hashlib.sha256,
+    "hmac-sha512": hashlib.sha512,
+    "hmac-sha1": hashlib.sha1,
+    "hmac-md5": hashlib.md5,
+}
+
+
+class WireError(ValueError):
+    """
+    A message is malformed or its signature does not verify.
+    """
+
+
+class Signer:
+    """
+    Computes and checks message signatures with a kernel's key.
+
+    An empty key means the kernel does not sign (C{signature} is empty).
+    """
+
+    def __init__(self, key: bytes, scheme: str = "hmac-sha256") -> None:
+        if scheme not in _DIGESTS:
+            raise WireError(f"unsupported signature scheme {scheme!r}")
+        self.key = key
+        self.scheme = scheme
+        self._template = hmac.new(key, digestmod=_DIGESTS[scheme]) if key else None
+
+    def sign(self, parts: Sequence[bytes]) -> bytes:
+        """
+        The hex signature of C{header, parent_header, metadata, content}.
+        """
+        if self._template is None:
+            return b""
+        h = self._template.copy()
+        for part in parts:
+            h.update(part)
+        return h.hexdigest().encode("ascii")
+
+    def verify(self, signature: bytes, parts: Sequence[bytes]) -> bool:
+        if self._template is None:
+            return True
+        return hmac.compare_digest(signature, self.sign(parts))
+
+
+class Message:
+    """
+    One Jupyter message held as the bytes of its parts.
+
+    C{header} is parsed on first use and cached; the other parts are parsed
+    only when asked for.
+    """
+
+    __slots__ = ("parts", "buffers", "_header")
+
+    def __init__(self, parts: Sequence[bytes], buffers: Sequence[bytes] = ()) -> None:
+        if len(parts) != 4:
+            raise WireError(f"a message has 4 parts, not {len(parts)}")
+        self.parts: list[bytes] = list(parts)
+        self.buffers: list[bytes] = list(buffers)
+        self._header: dict[str, Any] | None = None
+
+    @property
+    def header(self) -> dict[str, Any]:
+        if self._header is None:
+            self._header = loads_part(self.parts[0], "header")
+        return self._header
+
+    @property
+    def msg_type(self) -> str:
+        return str(self.header.get("msg_type", ""))
+
+    @property
+    def msg_id(self) -> str:
+        return str(self.header.get("msg_id", ""))
+
+    def parent_header(self) -> dict[str, Any]:
+        return loads_part(self.parts[1], "parent_header")
+
+    def content(self) -> dict[str, Any]:
+        return loads_part(self.parts[3], "content")
+
+    @classmethod
+    def build(
+        cls,
+        msg_type: str,
+        content: dict[str, Any],
+        session: str,
+        parent: dict[str, Any] | None = None,
+        username: str = "egateway",
+        metadata: dict[str, Any] | None = None,
+    ) -> "Message":
+        """
+        A new message originated by the gateway itself.
+        """
+        header = new_header(msg_type, session, username)
+        message = cls(
+            [
+                dumps(header),
+                dumps(parent or {}),
+                dumps(metadata or {}),
+                dumps(content),
+            ]
+        )
+        message._header = header
+        return message
+
+
+def loads_part(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise WireError(f"{what} is not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise WireError(f"{what} is not a JSON object")
+    return value
+
+
+def dumps(value: Any) -> bytes:
+    """
+    Serialise like jupyter_client: compact, UTF-8, dates as ISO-8601.
+    """
+    return json.dumps(
+        value, separators=(",", ":"), ensure_ascii=False, default=_json_default
+    ).encode("utf-8")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, datetime):
+        if obj.tzinfo is None:
+            obj = obj.replace(tzinfo=timezone.utc)
+        return obj.isoformat().replace("+00:00", "Z")
+    if isinstance(obj, bytes):
+        return obj.decode("utf-8", "replace")
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def utcnow_iso() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+_SESSION_PREFIX = uuid.uuid4().hex[:12]
+_counter = 0
+
+
+def new_msg_id() -> str:
+    global _counter
+    _counter += 1
+    return f"{_SESSION_PREFIX}_{os.getpid()}_{_counter}"
+
+
+def new_header(msg_type: str, session: str, username: str = "egateway") -> dict[str, Any]:
+    return {
+        "msg_id": new_msg_id(),
+        "msg_type": msg_type,
+        "username": username,
+        "session": session,
+        "date": utcnow_iso(),
+        "version": PROTOCOL_VERSION,
+    }
+
+
+def split_frames(
+    frames: Sequence[bytes], signer: Signer
+) -> tuple[list[bytes], Message]:
+    """
+    Split ZMQ frames into routing identities and a verified L{Message}.
+
+    @raise WireError: no delimiter, too few parts, or a bad signature.
+    """
+    try:
+        index = frames.index(DELIMITER)
+    except ValueError:
+        raise WireError("no <IDS|MSG> delimiter") from None
+    if len(frames) < index + 6:
+        raise WireError("message has fewer than 4 parts")
+    signature = frames[index + 1]
+    parts = frames[index + 2 : index + 6]
+    if not signer.verify(signature, parts):
+        raise WireError("invalid signature")
+    return list(frames[:index]), Message(parts, frames[index + 6 :])
+
+
+def join_frames(
+    message: Message, signer: Signer, identities: Sequence[bytes] = ()
+) -> list[bytes]:
+    """
+    The ZMQ frames for C{message}, signed with C{signer}.
+    """
+    return [
+        *identities,
+        DELIMITER,
+        signer.sign(message.parts),
+        *message.parts,
+        *message.buffers,
+    ]
