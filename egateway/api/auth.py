@@ -29,8 +29,9 @@ ANONYMOUS = Identity(username="", authenticated=False)
 
 
 def presented_token(request: IRequest) -> str | None:
-    header = request.getHeader(b"authorization")
-    if header:
+    raw = request.getHeader(b"authorization")
+    if raw:
+        header = raw.decode("latin-1") if isinstance(raw, bytes) else raw
         scheme, _, value = header.partition(" ")
         if scheme.lower() in ("token", "bearer") and value:
             return value.strip()
@@ -84,12 +85,13 @@ class CorsPolicy:
                 request.setHeader(name, value.encode("utf-8"))
 
     def origin_allowed(self, request: IRequest) -> bool:
-        origin = request.getHeader(b"origin")
-        if not origin or self._origin == "*":
+        raw_origin = request.getHeader(b"origin")
+        if not raw_origin or self._origin == "*":
             return True
+        origin = raw_origin.decode("latin-1")
         if self._origin and origin == self._origin:
             return True
-        host = request.getHeader(b"host")
+        host = (request.getHeader(b"host") or b"").decode("latin-1")
         return bool(host) and urlsplit(origin).netloc == host
 
     def check_origin(self, request: IRequest) -> None:

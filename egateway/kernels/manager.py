@@ -16,6 +16,7 @@ import uuid
 from typing import Any, Callable, Mapping
 
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -53,6 +54,11 @@ Seconds a restarted kernel must stay up before its failures are forgiven.
 """
 
 RETRYABLE_ATTEMPTS = 3
+
+TIMEOUTS = (TimeoutError, defer.TimeoutError)
+"""
+C{Deferred.addTimeout} raises Twisted's own C{TimeoutError}, not the builtin.
+"""
 
 
 class LaunchFailed(GatewayError):
@@ -302,7 +308,7 @@ class KernelManager(Service):
             launching.addTimeout(timeout, self._clock)
             try:
                 process: IKernelProcess = await launching
-            except TimeoutError:
+            except TIMEOUTS:
                 raise LaunchTimedOut(self._timeout_message(kernel, timeout)) from None
             except GatewayError as e:
                 raise LaunchFailed(
@@ -371,7 +377,7 @@ class KernelManager(Service):
         exited = process.when_exited()
         try:
             index, result = await first([ready, exited])
-        except TimeoutError:
+        except TIMEOUTS:
             raise LaunchTimedOut(
                 self._timeout_message(kernel, self.settings.launch_timeout)
             ) from None
@@ -391,7 +397,7 @@ class KernelManager(Service):
                 await link.request(
                     "shell", "kernel_info_request", {}, min(READY_PROBE_INTERVAL, remaining)
                 )
-            except TimeoutError:
+            except TIMEOUTS:
                 continue
             if link.iopub_seen:
                 return
@@ -558,7 +564,7 @@ class KernelManager(Service):
         exited.addTimeout(self.settings.shutdown_wait, self._clock)
         try:
             await exited
-        except (TimeoutError, CancelledError):
+        except (*TIMEOUTS, CancelledError):
             pass
         await self._discard(kernel, process)
 

@@ -1,0 +1,254 @@
+"""
+The gateway with real ipykernel kernels over loopback: both WebSocket
+protocols, routing between several clients, interrupt, restart, shutdown,
+automatic restart after a kill, culling and limits under concurrency.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, ensureDeferred, gatherResults
+from twisted.internet.task import deferLater
+
+from tests.support.gateway import GatewayTestCase, pid_alive
+from tests.support.wsclient import ChannelsClient
+
+
+def is_status(state: str):
+    return lambda m: m.get("msg_type") == "status" and m["content"].get("execution_state") == state
+
+
+class ChannelTests(GatewayTestCase):
+    async def test_legacy_protocol(self) -> None:
+        """
+        A legacy JSON client runs code and gets its output and result.
+        """
+        kernel = await self.gateway.start_kernel()
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"])
+        result = await client.execute("print('hello'); 6*7")
+        self.assertEqual(result["reply"]["status"], "ok")
+        self.assertEqual(result["stdout"], "hello\n")
+        self.assertEqual(result["result"]["text/plain"], "42")
+        await client.close()
+
+    async def test_v1_protocol(self) -> None:
+        """
+        A v1.kernel.websocket.jupyter.org client runs code the same way.
+        """
+        kernel = await self.gateway.start_kernel()
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"], v1=True)
+        self.assertEqual(client._proto.websocket_protocol_in_use, "v1.kernel.websocket.jupyter.org")
+        result = await client.execute("print('hello'); 6*7")
+        self.assertEqual(result["stdout"], "hello\n")
+        self.assertEqual(result["result"]["text/plain"], "42")
+        await client.close()
+
+    async def test_binary_buffers(self) -> None:
+        """
+        A comm message with binary buffers reaches the client as a legacy
+        binary frame with its buffers intact.
+        """
+        kernel = await self.gateway.start_kernel()
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"])
+        code = (
+            "from ipykernel.comm import Comm\n"
+            "c = Comm(target_name='t', data={})\n"
+            "c.send(data={'n': 1}, buffers=[b'\\x00\\x01binary'])\n"
+        )
+        result = await client.execute(code)
+        self.assertEqual(result["reply"]["status"], "ok", result)
+        msg = await client.wait_for(lambda m: m.get("msg_type") == "comm_msg")
+        self.assertEqual(msg["buffers"], [b"\x00\x01binary"])
+        self.assertEqual(msg["content"]["data"], {"n": 1})
+        await client.close()
+
+    async def test_routing_between_clients(self) -> None:
+        """
+        With two clients on one kernel, iopub output reaches both, but the
+        execute_reply and the stdin input_request reach only the client that
+        asked.
+        """
+        kernel = await self.gateway.start_kernel()
+        a = await ChannelsClient.connect(self.gateway.url, kernel["id"])
+        b = await ChannelsClient.connect(self.gateway.url, kernel["id"], v1=True)
+        result = await a.execute("print('shared')")
+        await b.wait_for(lambda m: m.get("msg_type") == "stream" and m["content"]["text"] == "shared\n")
+        self.assertEqual(
+            [m for m in b.replies_to(result["msg_id"]) if m["msg_type"] == "execute_reply"], []
+        )
+        since = len(a.messages)
+        msg_id = a.send(
+            "execute_request",
+            {"code": "x = input('name? ')", "silent": False, "allow_stdin": True, "store_history": False, "user_expressions": {}},
+        )
+        request = await a.wait_for(lambda m: m.get("msg_type") == "input_request", since=since)
+        self.assertEqual(request["content"]["prompt"], "name? ")
+        a.send("input_reply", {"value": "ada"}, channel="stdin", parent=request["header"])
+        await a.wait_for(
+            lambda m: m.get("msg_type") == "execute_reply" and m["parent_header"].get("msg_id") == msg_id
+        )
+        self.assertEqual([m for m in b.messages if m.get("msg_type") == "input_request"], [])
+        check = await b.execute("print(x)")
+        self.assertEqual(check["stdout"], "ada\n")
+        kernel_model = (await self.gateway.request("GET", f"api/kernels/{kernel['id']}"))[1]
+        self.assertEqual(kernel_model["connections"], 2)
+        await a.close()
+        await b.close()
+
+    async def test_unknown_kernel_channels(self) -> None:
+        """
+        Connecting to the channels of a kernel that does not exist is refused
+        before the upgrade.
+        """
+        with self.assertRaises(Exception):
+            await ChannelsClient.connect(self.gateway.url, "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c")
+
+
+class LifecycleTests(GatewayTestCase):
+    gateway_settings = {"shutdown_wait": 3, "terminate_wait": 3}
+
+    async def test_interrupt(self) -> None:
+        """
+        Interrupting a cell stuck in time.sleep(60) ends it with
+        KeyboardInterrupt; the kernel and its state survive.
+        """
+        kernel = await self.gateway.start_kernel()
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"])
+        await client.execute("x = 5")
+        since = len(client.messages)
+        sleeper = client.send(
+            "execute_request",
+            {"code": "import time; time.sleep(60)", "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
+        )
+        await client.wait_for(is_status("busy"), since=since)
+        code, _ = await self.gateway.request("POST", f"api/kernels/{kernel['id']}/interrupt")
+        self.assertEqual(code, 204)
+        reply = await client.wait_for(
+            lambda m: m.get("msg_type") == "execute_reply" and m["parent_header"].get("msg_id") == sleeper,
+            timeout=15,
+        )
+        self.assertEqual(reply["content"]["ename"], "KeyboardInterrupt")
+        result = await client.execute("x + 1")
+        self.assertEqual(result["result"]["text/plain"], "6")
+        await client.close()
+
+    async def test_restart_with_connected_client(self) -> None:
+        """
+        A restart keeps the kernel id and the WebSocket: the client sees
+        'restarting', then the new kernel's states, and the old state is gone.
+        """
+        kernel = await self.gateway.start_kernel()
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"])
+        await client.execute("x = 5")
+        since = len(client.messages)
+        code, model = await self.gateway.request("POST", f"api/kernels/{kernel['id']}/restart")
+        self.assertEqual(code, 200)
+        self.assertEqual(model["id"], kernel["id"])
+        self.assertEqual(model["restarts"], 1)
+        self.assertNotEqual(model["placement"]["pid"], kernel["placement"]["pid"])
+        self.gateway.pids.add(model["placement"]["pid"])
+        await client.wait_for(is_status("restarting"), since=since)
+        result = await client.execute("'x' in dir()")
+        self.assertEqual(result["result"]["text/plain"], "False")
+        self.assertFalse(pid_alive(kernel["placement"]["pid"]))
+        await client.close()
+
+    async def test_shutdown_closes_clients_and_process(self) -> None:
+        """
+        DELETE shuts the kernel down, closes its WebSockets and leaves no
+        process.
+        """
+        kernel = await self.gateway.start_kernel()
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"])
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel['id']}")
+        self.assertEqual(code, 204)
+        client.closed.addTimeout(10, reactor)
+        await client.closed
+        self.assertFalse(pid_alive(kernel["placement"]["pid"]))
+        code, body = await self.gateway.request("GET", f"api/kernels/{kernel['id']}")
+        self.assertEqual(code, 404)
+
+    async def test_auto_restart_after_kill(self) -> None:
+        """
+        kill -9 of a kernel process restarts it under the same id; the client
+        is told why and keeps working.
+        """
+        kernel = await self.gateway.start_kernel()
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"])
+        since = len(client.messages)
+        os.kill(kernel["placement"]["pid"], signal.SIGKILL)
+        status = await client.wait_for(is_status("restarting"), since=since)
+        self.assertIn("killed by signal 9", status["content"]["reason"])
+        await client.wait_for(is_status("idle"), since=since)
+        result = await client.execute("1 + 1", timeout=30)
+        self.assertEqual(result["result"]["text/plain"], "2")
+        code, model = await self.gateway.request("GET", f"api/kernels/{kernel['id']}")
+        self.assertEqual(model["restarts"], 1)
+        self.gateway.pids.add(model["placement"]["pid"])
+        await client.close()
+
+
+class CullingTests(GatewayTestCase):
+    gateway_settings = {"cull_idle_timeout": 1, "cull_interval": 1, "cull_connected": "true"}
+
+    async def test_idle_kernel_is_culled(self) -> None:
+        """
+        A real kernel left idle is shut down by the culler and its client is
+        told why.
+        """
+        kernel = await self.gateway.start_kernel()
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"])
+        status = await client.wait_for(
+            lambda m: is_status("dead")(m) and "culled" in m["content"].get("reason", ""), timeout=15
+        )
+        self.assertIn("idle for", status["content"]["reason"])
+        client.closed.addTimeout(10, reactor)
+        await client.closed
+        for _ in range(100):
+            if kernel["id"] not in self.gateway.manager.kernels:
+                break
+            await deferLater(reactor, 0.1)
+        self.assertNotIn(kernel["id"], self.gateway.manager.kernels)
+
+
+class ConcurrencyTests(GatewayTestCase):
+    gateway_settings = {"max_kernels": 3, "list_kernels": "true"}
+
+    async def test_limit_under_concurrent_starts(self) -> None:
+        """
+        Six concurrent starts against max_kernels=3: exactly three start and
+        three are refused with 403; never more than three kernels exist.
+        """
+        results = await gatherResults(
+            [ensureDeferred(self.gateway.request("POST", "api/kernels", {})) for _ in range(6)]
+        )
+        codes = sorted(code for code, _ in results)
+        self.assertEqual(codes, [201, 201, 201, 403, 403, 403])
+        for code, body in results:
+            if code == 201:
+                self.gateway.pids.add(body["placement"]["pid"])
+            else:
+                self.assertEqual(body["reason"], "Forbidden")
+                self.assertIn("max kernels limit of 3", body["message"])
+        code, listed = await self.gateway.request("GET", "api/kernels")
+        self.assertEqual(len(listed), 3)
+
+
+class ManyKernelsTests(GatewayTestCase):
+    async def test_concurrent_starts_all_ready(self) -> None:
+        """
+        Twelve concurrent starts all become ready, on distinct ports, and each
+        runs code.
+        """
+        models = await gatherResults([ensureDeferred(self.gateway.start_kernel()) for _ in range(12)])
+        ports = [self.gateway.manager.get(m["id"]).process.connection_info.shell_port for m in models]
+        self.assertEqual(len(set(ports)), 12)
+        clients = await gatherResults(
+            [ensureDeferred(ChannelsClient.connect(self.gateway.url, m["id"])) for m in models]
+        )
+        results = await gatherResults([ensureDeferred(c.execute("2 ** 10")) for c in clients])
+        self.assertEqual({r["result"]["text/plain"] for r in results}, {"1024"})
+        await DeferredList([ensureDeferred(c.close()) for c in clients])

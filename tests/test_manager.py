@@ -1,0 +1,458 @@
+"""
+The kernel manager's lifecycle logic, driven by a Clock over fake launchers
+and fake kernels.  The same behaviours are exercised with real ipykernel
+kernels in test_integration.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from egateway.clusters.interface import ExitStatus, LaunchError
+from egateway.errors import BadRequest, Conflict, LimitReached, NotFound
+from egateway.kernels.culling import Culler
+from egateway.config import CullingConfig
+from egateway.kernels.manager import LaunchFailed, LaunchTimedOut
+from egateway.kernels.state import KernelState
+from tests.support.fakes import RecordingClient, fake_spec, make_manager
+
+
+def start(manager, name=None, env=None) -> Deferred:
+    return Deferred.fromCoroutine(manager.start_kernel(name, env))
+
+
+class LaunchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.manager, self.launcher, self.channels = make_manager(self.clock)
+
+    def test_ready_after_kernel_info(self) -> None:
+        """
+        A launch fires once the kernel answered kernel_info, with every phase
+        recorded and the launcher told the kernel is ready.
+        """
+        kernel = self.successResultOf(start(self.manager))
+        self.assertEqual(kernel.state, KernelState.RUNNING)
+        self.assertEqual(
+            [event.phase.value for event in kernel.phases],
+            ["queued", "submitted", "connection info received", "connected", "ready"],
+        )
+        self.assertTrue(self.launcher.processes[0].is_ready)
+        self.assertEqual(kernel.execution_state, "idle")
+        self.assertIn(kernel.id, self.manager.kernels)
+
+    def test_unknown_kernelspec(self) -> None:
+        """
+        Asking for a kernelspec that does not exist is a 404, and nothing is
+        launched.
+        """
+        failure = self.failureResultOf(start(self.manager, "nope"), NotFound)
+        self.assertIn("nope", str(failure.value))
+        self.assertEqual(self.launcher.processes, [])
+
+    def test_malformed_env(self) -> None:
+        """
+        An env that is not an object, or has a value with shell metacharacters,
+        is a 400 and launches nothing.
+        """
+        self.failureResultOf(start(self.manager, env=["KERNEL_X"]), BadRequest)
+        failure = self.failureResultOf(start(self.manager, env={"KERNEL_X": "$(id)"}), BadRequest)
+        self.assertIn("KERNEL_X", str(failure.value))
+        self.assertNotIn("$(id)", str(failure.value))
+        self.failureResultOf(start(self.manager, env={"KERNEL_ID": "not-a-uuid"}), BadRequest)
+        self.assertEqual(self.launcher.processes, [])
+
+    def test_kernel_id_from_env(self) -> None:
+        """
+        A client may choose the kernel id with KERNEL_ID; a second kernel
+        with the same id is a conflict.
+        """
+        kid = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
+        kernel = self.successResultOf(start(self.manager, env={"KERNEL_ID": kid}))
+        self.assertEqual(kernel.id, kid)
+        self.failureResultOf(start(self.manager, env={"KERNEL_ID": kid}), Conflict)
+
+    def test_environment_is_filtered(self) -> None:
+        """
+        The kernel gets KERNEL_* client values, allow-listed gateway variables
+        and the gateway's own, never the whole gateway environment nor the
+        auth token.
+        """
+        kernel = self.successResultOf(
+            start(self.manager, env={"KERNEL_USERNAME": "alice", "KERNEL_FOO": "1", "NOT_KERNEL": "x"})
+        )
+        env = kernel.env
+        self.assertEqual(env["KERNEL_USERNAME"], "alice")
+        self.assertEqual(env["KERNEL_FOO"], "1")
+        self.assertEqual(env["KERNEL_ID"], kernel.id)
+        self.assertEqual(env["KERNEL_GATEWAY"], "1")
+        self.assertEqual(env["PATH"], "/usr/bin")
+        self.assertNotIn("NOT_KERNEL", env)
+        self.assertNotIn("EG_AUTH_TOKEN", env)
+        self.assertNotIn("OTHER", env)
+        self.assertEqual(kernel.username, "alice")
+
+    def test_max_kernels_counts_launches_in_progress(self) -> None:
+        """
+        With max_kernels=2 and two launches still in progress, a third request
+        is refused at once with 403, and the first two still complete.
+        """
+        self.manager, self.launcher, _ = make_manager(self.clock, max_kernels=2)
+        self.launcher.hold = True
+        first, second = start(self.manager), start(self.manager)
+        failure = self.failureResultOf(start(self.manager), LimitReached)
+        self.assertEqual(failure.value.status, 403)
+        self.assertIn("2", str(failure.value))
+        self.launcher.release()
+        self.launcher.release()
+        self.successResultOf(first)
+        self.successResultOf(second)
+
+    def test_launches_are_independent(self) -> None:
+        """
+        A launch that is stuck does not delay another one.
+        """
+        self.launcher.hold = True
+        stuck = start(self.manager)
+        self.launcher.hold = False
+        quick = start(self.manager)
+        self.successResultOf(quick)
+        self.assertNoResult(stuck)
+        self.clock.advance(31)
+        self.failureResultOf(stuck, LaunchTimedOut)
+
+    def test_launch_timeout_names_the_phase_and_cancels(self) -> None:
+        """
+        A launch that does not produce a kernel in time fails with 504, a
+        message naming the wait and the last phase, and the launcher's work is
+        cancelled; the kernel is no longer listed.
+        """
+        self.launcher.hold = True
+        d = start(self.manager)
+        self.clock.advance(29)
+        self.assertNoResult(d)
+        self.clock.advance(2)
+        failure = self.failureResultOf(d, LaunchTimedOut)
+        self.assertEqual(failure.value.status, 504)
+        self.assertIn("timed out after 30 s", str(failure.value))
+        self.assertIn("last phase: submitted (fake job 1)", str(failure.value))
+        self.assertEqual(len(self.launcher.cancelled), 1)
+        self.assertEqual(self.manager.kernels, {})
+
+    def test_kernel_info_timeout_removes_the_process(self) -> None:
+        """
+        A kernel that never answers kernel_info times out; its process is
+        terminated and cleaned up and its sockets closed.
+        """
+        self.launcher.unresponsive = True
+        d = start(self.manager)
+        self.clock.advance(31)
+        failure = self.failureResultOf(d, LaunchTimedOut)
+        self.assertIn("kernel_info", str(failure.value))
+        process = self.launcher.processes[0]
+        self.assertTrue(process.exited)
+        self.assertTrue(process.cleaned)
+        self.assertEqual(self.channels.open_sockets(), [])
+        self.assertEqual(self.manager.kernels, {})
+
+    def test_early_exit_fails_the_launch(self) -> None:
+        """
+        A kernel process that dies before answering fails the launch with how
+        it ended, and is cleaned up.
+        """
+        self.launcher.unresponsive = True
+        d = start(self.manager)
+        process = self.launcher.processes[0]
+        process.exit(ExitStatus(code=1, reason="exited with code 1: ModuleNotFoundError: ipykernel"))
+        failure = self.failureResultOf(d, LaunchFailed)
+        self.assertIn("ModuleNotFoundError", str(failure.value))
+        self.assertTrue(process.cleaned)
+
+    def test_launcher_error_is_reported(self) -> None:
+        """
+        A launcher's own error reaches the client with its status and the
+        last phase.
+        """
+        self.launcher.fail_with = LaunchError("no host reachable", status=503)
+        failure = self.failureResultOf(start(self.manager), LaunchFailed)
+        self.assertEqual(failure.value.status, 503)
+        self.assertIn("no host reachable; last phase: queued", str(failure.value))
+
+    def test_shutdown_during_launch_cancels_it(self) -> None:
+        """
+        Deleting a kernel that is still launching cancels the launch; the
+        request that started it is told so.
+        """
+        self.launcher.hold = True
+        d = start(self.manager)
+        kernel_id = next(iter(self.manager.kernels))
+        self.successResultOf(self.manager.shutdown(kernel_id))
+        self.assertEqual(self.launcher.cancelled, [kernel_id])
+        failure = self.failureResultOf(d, LaunchFailed)
+        self.assertIn("shut down while launching", str(failure.value))
+        self.assertEqual(self.manager.kernels, {})
+
+
+class ShutdownTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.manager, self.launcher, self.channels = make_manager(
+            self.clock, shutdown_wait=5, terminate_wait=5
+        )
+        self.kernel = self.successResultOf(start(self.manager))
+        self.process = self.launcher.processes[0]
+
+    def test_polite_shutdown(self) -> None:
+        """
+        A kernel that honours shutdown_request is never signalled.
+        """
+        d = self.manager.shutdown(self.kernel.id)
+        control = [m.msg_type for ch, m in self.process.server.received if ch == "control"]
+        self.assertEqual(control, ["shutdown_request"])
+        self.clock.advance(0.1)
+        self.successResultOf(d)
+        self.assertEqual(self.process.signals, [])
+        self.assertTrue(self.process.cleaned)
+        self.assertEqual(self.manager.kernels, {})
+        self.assertEqual(self.channels.open_sockets(), [])
+
+    def test_escalation(self) -> None:
+        """
+        A hung kernel gets SIGTERM after the shutdown wait and SIGKILL after
+        the terminate wait.
+        """
+        self.process.server.responsive = False
+        self.process.ignores_term = True
+        d = self.manager.shutdown(self.kernel.id)
+        self.clock.advance(4.9)
+        self.assertEqual(self.process.signals, [])
+        self.clock.advance(0.2)
+        self.assertEqual(self.process.signals, [signal.SIGTERM])
+        self.clock.advance(5)
+        self.assertEqual(self.process.signals, [signal.SIGTERM, signal.SIGKILL])
+        self.successResultOf(d)
+        self.assertTrue(self.process.cleaned)
+
+    def test_clients_are_told(self) -> None:
+        """
+        Connected clients are closed with the reason the kernel went.
+        """
+        client = RecordingClient()
+        self.kernel.attach(client)
+        self.process.server.on_shutdown = lambda: self.process.exit(ExitStatus(code=0))
+        self.successResultOf(self.manager.shutdown(self.kernel.id, reason="bye now"))
+        self.assertEqual(client.gone, ["bye now"])
+        self.assertEqual(self.kernel.connections, 0)
+
+    def test_second_shutdown_observes_the_first(self) -> None:
+        """
+        Two shutdown requests share one shutdown.
+        """
+        self.process.server.responsive = False
+        first = self.manager.shutdown(self.kernel.id)
+        second = self.manager.shutdown(self.kernel.id)
+        self.clock.advance(5.1)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(self.process.signals.count(signal.SIGTERM), 1)
+
+    def test_unknown_kernel(self) -> None:
+        """
+        Shutting down a kernel that does not exist is a 404.
+        """
+        self.assertRaises(NotFound, self.manager.shutdown, "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c")
+
+
+class RestartTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.manager, self.launcher, self.channels = make_manager(self.clock, restart_limit=2)
+        self.kernel = self.successResultOf(start(self.manager))
+        self.client = RecordingClient()
+        self.attachment = self.kernel.attach(self.client)
+
+    def test_restart_keeps_id_and_clients(self) -> None:
+        """
+        A restart relaunches under the same id; the connected client stays
+        attached, sees 'restarting', and its messages sent meanwhile reach the
+        new kernel.
+        """
+        from egateway.wire.protocol import Message
+
+        self.launcher.hold = True
+        d = self.manager.restart(self.kernel.id)
+        self.clock.advance(0.1)
+        self.assertEqual(self.kernel.state, KernelState.RESTARTING)
+        self.assertIn({"execution_state": "restarting", "reason": "restart requested"}, self.client.statuses())
+        self.attachment.send("shell", Message.build("execute_request", {"code": "1"}, "client"))
+        self.launcher.release()
+        kernel = self.successResultOf(d)
+        self.assertIs(kernel, self.kernel)
+        self.assertEqual(kernel.state, KernelState.RUNNING)
+        self.assertEqual(kernel.restart_count, 1)
+        new = self.launcher.processes[1]
+        self.assertIn("execute_request", [m.msg_type for ch, m in new.server.received if ch == "shell"])
+        self.assertIn("idle", [s["execution_state"] for s in self.client.statuses()])
+        self.assertTrue(self.launcher.processes[0].cleaned)
+
+    def test_concurrent_restarts_coalesce(self) -> None:
+        """
+        A restart requested while one is in progress waits on it instead of
+        restarting again.
+        """
+        self.launcher.hold = True
+        first = self.manager.restart(self.kernel.id)
+        self.clock.advance(0.1)
+        second = self.manager.restart(self.kernel.id)
+        self.launcher.release()
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(len(self.launcher.processes), 2)
+
+    def test_auto_restart_after_death(self) -> None:
+        """
+        A kernel that dies is relaunched under the same id; its clients hear
+        why.
+        """
+        self.launcher.processes[0].exit(ExitStatus(signal=9))
+        self.assertEqual(self.kernel.state, KernelState.RUNNING)
+        self.assertEqual(len(self.launcher.processes), 2)
+        reasons = [s.get("reason", "") for s in self.client.statuses()]
+        self.assertTrue(any("killed by signal 9 (SIGKILL)" in r for r in reasons), reasons)
+        self.assertEqual(self.kernel.restart_count, 1)
+
+    def test_dead_when_restarts_run_out(self) -> None:
+        """
+        Past the restart limit the kernel is declared dead with the reason, and
+        stays listed (until deleted or culled).
+        """
+        for n in range(3):
+            self.launcher.processes[n].exit(ExitStatus(code=1))
+        self.assertEqual(self.kernel.state, KernelState.DEAD)
+        self.assertIn("restart limit (2) reached", self.kernel.reason)
+        self.assertEqual(self.client.statuses()[-1]["execution_state"], "dead")
+        self.assertIn(self.kernel.id, self.manager.kernels)
+        self.assertEqual(self.kernel.model()["execution_state"], "dead")
+
+    def test_failures_forgiven_when_stable(self) -> None:
+        """
+        Deaths far apart do not add up to the limit.
+        """
+        for n in range(4):
+            self.launcher.processes[n].exit(ExitStatus(code=1))
+            self.clock.advance(60)
+        self.assertEqual(self.kernel.state, KernelState.RUNNING)
+
+
+class InterruptTests(SynchronousTestCase):
+    def test_signal_mode(self) -> None:
+        """
+        Interrupting a signal-mode kernel sends SIGINT to its process.
+        """
+        manager, launcher, _ = make_manager(Clock())
+        kernel = self.successResultOf(start(manager))
+        self.successResultOf(Deferred.fromCoroutine(manager.interrupt(kernel.id)))
+        self.assertEqual(launcher.processes[0].signals, [signal.SIGINT])
+
+    def test_alternate_signal(self) -> None:
+        """
+        EG_ALTERNATE_SIGINT in the kernelspec env picks another signal.
+        """
+        spec = fake_spec("alt", env={"EG_ALTERNATE_SIGINT": "SIGUSR2"})
+        manager, launcher, _ = make_manager(Clock(), spec)
+        kernel = self.successResultOf(start(manager, "alt"))
+        self.successResultOf(Deferred.fromCoroutine(manager.interrupt(kernel.id)))
+        self.assertEqual(launcher.processes[0].signals, [signal.SIGUSR2])
+
+    def test_message_mode(self) -> None:
+        """
+        A message-mode kernel gets interrupt_request on control, no signal.
+        """
+        spec = fake_spec("msg", interrupt_mode="message")
+        manager, launcher, _ = make_manager(Clock(), spec)
+        kernel = self.successResultOf(start(manager, "msg"))
+        self.successResultOf(Deferred.fromCoroutine(manager.interrupt(kernel.id)))
+        process = launcher.processes[0]
+        self.assertEqual(process.signals, [])
+        self.assertIn("interrupt_request", [m.msg_type for ch, m in process.server.received if ch == "control"])
+
+
+class CullingTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.manager, self.launcher, _ = make_manager(self.clock)
+        self.kernel = self.successResultOf(start(self.manager))
+        self.process = self.launcher.processes[0]
+        self.process.server.on_shutdown = lambda: self.process.exit(ExitStatus(code=0))
+
+    def culler(self, running: bool = True, **settings) -> Culler:
+        culler = Culler(self.manager, CullingConfig(cull_idle_timeout=600, cull_interval=60, **settings), self.clock)
+        if running:
+            culler.startService()
+            self.addCleanup(culler.stopService)
+        return culler
+
+    def test_idle_kernel_culled_and_clients_told(self) -> None:
+        """
+        A kernel idle past the timeout is shut down at the next check, and its
+        clients are told why first.
+        """
+        self.culler(cull_connected=True)
+        client = RecordingClient()
+        self.kernel.attach(client)
+        self.clock.advance(600)
+        self.assertIn(self.kernel.id, self.manager.kernels)
+        self.clock.advance(60)
+        self.assertNotIn(self.kernel.id, self.manager.kernels)
+        self.assertTrue(client.statuses()[-1]["reason"].startswith("culled: idle for"))
+        self.assertTrue(client.gone[0].startswith("culled"))
+
+    def test_activity_postpones_culling(self) -> None:
+        """
+        Activity within the timeout keeps the kernel.
+        """
+        self.culler()
+        self.clock.advance(590)
+        self.kernel.touch()
+        self.clock.advance(70)
+        self.assertIn(self.kernel.id, self.manager.kernels)
+
+    def test_connected_and_busy_kernels_kept_by_default(self) -> None:
+        """
+        Without cull_connected / cull_busy, connected or busy kernels stay.
+        """
+        culler = self.culler(running=False)
+        client = RecordingClient()
+        attachment = self.kernel.attach(client)
+        self.clock.advance(700)
+        self.assertEqual(culler.reason_to_cull(self.kernel), "")
+        attachment.detach()
+        self.kernel.execution_state = "busy"
+        self.assertEqual(culler.reason_to_cull(self.kernel), "")
+        self.kernel.execution_state = "idle"
+        self.assertNotEqual(culler.reason_to_cull(self.kernel), "")
+
+    def test_cull_busy(self) -> None:
+        """
+        With cull_busy, a busy idle-for-long kernel is culled.
+        """
+        culler = self.culler(running=False, cull_busy=True)
+        self.clock.advance(700)
+        self.kernel.execution_state = "busy"
+        self.assertIn("culled", culler.reason_to_cull(self.kernel))
+
+    def test_dead_kernels_are_culled(self) -> None:
+        """
+        Dead kernels go at the next check regardless of the idle timeout.
+        """
+        self.manager, self.launcher, _ = make_manager(self.clock, restart_limit=0)
+        kernel = self.successResultOf(start(self.manager))
+        self.launcher.processes[0].exit(ExitStatus(code=1))
+        self.assertEqual(kernel.state, KernelState.DEAD)
+        self.culler()
+        self.clock.advance(60)
+        self.assertNotIn(kernel.id, self.manager.kernels)
