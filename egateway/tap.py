@@ -114,16 +114,12 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     """
     Construct every part of the gateway for C{config}.
     """
-    from egateway.api.auth import Authenticator, CorsPolicy
-    from egateway.api.http import FrontResource, GatewaySite
-    from egateway.api.routes import GatewayAPI
-    from egateway.api.websocket import ChannelsEndpoint
+    from egateway.api.http import GatewaySite
     from egateway.clusters.interface import LauncherContext
     from egateway.clusters.ports import PortAllocator, PortRange
     from egateway.clusters.registry import LauncherRegistry
     from egateway.kernels.culling import Culler
     from egateway.kernels.manager import KernelManager
-    from egateway.kernels.sessions import SessionManager
     from egateway.kernels.specs import KernelSpecCatalog
 
     top = GatewayService(config, reactor)
@@ -162,6 +158,30 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     )
     manager.setServiceParent(top)
     Culler(manager, config.culling, reactor).setServiceParent(top)
+    api, front = build_api(config, manager, reactor, threadpool)
+    site = GatewaySite(front, max_body=config.server.max_request_body)
+    listener = strports.service(config.listen_endpoint, site, reactor=reactor)
+    listener.setName("http")
+    listener.setServiceParent(top)
+    top.api = api  # type: ignore[attr-defined]
+    top.manager = manager  # type: ignore[attr-defined]
+    top.site = site  # type: ignore[attr-defined]
+    return top
+
+
+def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tuple[Any, Any]:
+    """
+    The REST and WebSocket routes over C{manager}, behind the front resource
+    that applies authentication and CORS.
+
+    @return: the L{GatewayAPI} and the resource to serve.
+    """
+    from egateway.api.auth import Authenticator, CorsPolicy
+    from egateway.api.http import FrontResource
+    from egateway.api.routes import GatewayAPI
+    from egateway.api.websocket import ChannelsEndpoint
+    from egateway.kernels.sessions import SessionManager
+
     cors = CorsPolicy(config.auth)
     api = GatewayAPI(
         kernels=manager,
@@ -175,14 +195,7 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
         threadpool=threadpool,
     )
     front = FrontResource(api.resource(), Authenticator(config.auth.auth_token), cors)
-    site = GatewaySite(front, max_body=config.server.max_request_body)
-    listener = strports.service(config.listen_endpoint, site, reactor=reactor)
-    listener.setName("http")
-    listener.setServiceParent(top)
-    top.api = api  # type: ignore[attr-defined]
-    top.manager = manager  # type: ignore[attr-defined]
-    top.site = site  # type: ignore[attr-defined]
-    return top
+    return api, front
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

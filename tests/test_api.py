@@ -1,0 +1,387 @@
+"""
+Every REST route with its error cases, authentication on every route, CORS
+and Origin checks, and the OpenAPI document's agreement with the routes.
+
+The routes run over a kernel manager with fake launchers (StubTreq, Clock);
+test_integration and test_daemon drive the same routes with real kernels.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SynchronousTestCase
+
+from egateway.clusters.interface import LaunchError
+from egateway.config import build_config
+from egateway.tap import build_api
+from tests.support.fakes import make_manager
+
+KID = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
+
+
+class APITestCase(SynchronousTestCase):
+    flags: dict[str, str] = {}
+    manager_settings: dict[str, Any] = {}
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.config = build_config({}, {}, self.flags)
+        self.manager, self.launcher, self.channels = make_manager(
+            self.clock, **self.manager_settings
+        )
+        self.api, front = build_api(self.config, self.manager, self.clock, ThreadPool())
+        self.stub = StubTreq(front)
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, Any, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        d = self.stub.request(
+            method, "http://gw.example" + path, data=data, headers=headers or {}
+        )
+        self.stub.flush()
+        # Let fake kernels act on shutdown requests (they exit 0.1 s later).
+        for _ in range(3):
+            self.clock.advance(0.1)
+            self.stub.flush()
+        response = self.successResultOf(d)
+        content_d = response.content()
+        self.stub.flush()
+        content = self.successResultOf(content_d)
+        return response.code, (json.loads(content) if content else None), response.headers
+
+    def assertError(self, result: tuple[int, Any, Any], status: int, text: str = "") -> None:
+        code, body, headers = result
+        self.assertEqual(code, status, body)
+        self.assertEqual(set(body), {"reason", "message"})
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertIn(text, body["message"])
+
+    def start(self) -> dict[str, Any]:
+        code, model, _ = self.call("POST", "/api/kernels", {})
+        self.assertEqual(code, 201, model)
+        return model
+
+
+class InfoRoutes(APITestCase):
+    def test_api(self) -> None:
+        """
+        /api answers with the API and gateway versions.
+        """
+        code, body, headers = self.call("GET", "/api")
+        self.assertEqual(code, 200)
+        self.assertEqual(set(body), {"version", "gateway_version"})
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"])
+
+    def test_unknown_path_and_method(self) -> None:
+        """
+        Unknown paths are JSON 404s and wrong methods JSON 405s, never HTML.
+        """
+        self.assertError(self.call("GET", "/tree"), 404, "/tree")
+        self.assertError(self.call("GET", "/api/kernels/not-a-uuid"), 404)
+        self.assertError(self.call("PUT", "/api/kernels"), 405, "GET")
+
+    def test_kernelspecs(self) -> None:
+        """
+        The kernelspec list names the default; one spec can be fetched; an
+        unknown one is a 404.
+        """
+        code, body, _ = self.call("GET", "/api/kernelspecs")
+        self.assertEqual(code, 200)
+        self.assertEqual(body["default"], "fake")
+        self.assertEqual(body["kernelspecs"]["fake"]["spec"]["display_name"], "Fake fake")
+        code, body, _ = self.call("GET", "/api/kernelspecs/fake")
+        self.assertEqual((code, body["name"]), (200, "fake"))
+        self.assertError(self.call("GET", "/api/kernelspecs/nope"), 404, "nope")
+        self.assertError(self.call("GET", "/kernelspecs/nope/logo-64x64.png"), 404)
+
+
+class KernelRoutes(APITestCase):
+    def test_start(self) -> None:
+        """
+        POST /api/kernels with an empty body starts the default kernel and
+        answers 201 with its model and Location.
+        """
+        code, model, headers = self.call("POST", "/api/kernels")
+        self.assertEqual(code, 201)
+        self.assertEqual(model["name"], "fake")
+        self.assertEqual(model["execution_state"], "idle")
+        self.assertEqual(model["connections"], 0)
+        self.assertEqual(headers.getRawHeaders(b"location"), [f"/api/kernels/{model['id']}".encode()])
+        for key in ("id", "name", "last_activity", "execution_state", "connections", "started", "placement"):
+            self.assertIn(key, model)
+
+    def test_start_errors(self) -> None:
+        """
+        Malformed bodies and envs are 400s; an unknown kernelspec a 404.
+        """
+        self.assertError(self.call("POST", "/api/kernels", raw=b"{not json"), 400, "not valid JSON")
+        self.assertError(self.call("POST", "/api/kernels", [1, 2]), 400, "JSON object")
+        self.assertError(self.call("POST", "/api/kernels", {"env": "x"}), 400, "'env'")
+        self.assertError(self.call("POST", "/api/kernels", {"env": {"KERNEL_A": 1}}), 400, "KERNEL_A")
+        self.assertError(self.call("POST", "/api/kernels", {"name": 5}), 400, "'name'")
+        self.assertError(self.call("POST", "/api/kernels", {"name": "nope"}), 404, "nope")
+        self.assertEqual(self.manager.kernels, {})
+
+    def test_launch_failure(self) -> None:
+        """
+        A failed launch is a 500 whose message names the cause.
+        """
+        self.launcher.fail_with = LaunchError("sbatch: invalid partition")
+        self.assertError(self.call("POST", "/api/kernels", {}), 500, "sbatch: invalid partition")
+
+    def test_launch_timeout(self) -> None:
+        """
+        A launch that times out is a 504 naming the phase.
+        """
+        self.launcher.hold = True
+        d = self.stub.request("POST", "http://gw.example/api/kernels", data=b"{}")
+        self.stub.flush()
+        self.clock.advance(31)
+        self.stub.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 504)
+        body = json.loads(self.successResultOf(response.content()))
+        self.assertIn("last phase: submitted", body["message"])
+
+    def test_get_delete(self) -> None:
+        """
+        A kernel can be fetched and deleted; afterwards it is a 404.
+        """
+        model = self.start()
+        code, body, _ = self.call("GET", f"/api/kernels/{model['id']}")
+        self.assertEqual((code, body["id"]), (200, model["id"]))
+        code, body, _ = self.call("DELETE", f"/api/kernels/{model['id']}")
+        self.assertEqual((code, body), (204, None))
+        self.assertError(self.call("GET", f"/api/kernels/{model['id']}"), 404, model["id"])
+        self.assertError(self.call("DELETE", f"/api/kernels/{model['id']}"), 404)
+
+    def test_interrupt_and_restart(self) -> None:
+        """
+        Interrupt answers 204, restart 200 with the model; both 404 for an
+        unknown kernel.
+        """
+        model = self.start()
+        code, _, _ = self.call("POST", f"/api/kernels/{model['id']}/interrupt")
+        self.assertEqual(code, 204)
+        code, body, _ = self.call("POST", f"/api/kernels/{model['id']}/restart")
+        self.assertEqual((code, body["id"], body["restarts"]), (200, model["id"], 1))
+        self.assertError(self.call("POST", f"/api/kernels/{KID}/interrupt"), 404)
+        self.assertError(self.call("POST", f"/api/kernels/{KID}/restart"), 404)
+
+    def test_listing_disabled(self) -> None:
+        """
+        Without list_kernels, listing kernels and sessions is a 403.
+        """
+        self.assertError(self.call("GET", "/api/kernels"), 403, "EG_LIST_KERNELS")
+        self.assertError(self.call("GET", "/api/sessions"), 403)
+
+    def test_channels_needs_upgrade(self) -> None:
+        """
+        A plain GET on the channels route is a 400; for an unknown kernel a
+        404.
+        """
+        model = self.start()
+        self.assertError(self.call("GET", f"/api/kernels/{model['id']}/channels"), 400, "WebSocket")
+        self.assertError(self.call("GET", f"/api/kernels/{KID}/channels"), 404)
+
+
+class Limits(APITestCase):
+    manager_settings = {"max_kernels": 1}
+
+    def test_limit(self) -> None:
+        """
+        Past max_kernels a start is a 403 naming the limit.
+        """
+        self.start()
+        self.assertError(self.call("POST", "/api/kernels", {}), 403, "max kernels limit of 1")
+
+
+class ListingAndSessions(APITestCase):
+    flags = {"list-kernels": "true"}
+
+    def test_list(self) -> None:
+        """
+        With list_kernels, GET /api/kernels lists every kernel.
+        """
+        model = self.start()
+        code, body, _ = self.call("GET", "/api/kernels")
+        self.assertEqual((code, [k["id"] for k in body]), (200, [model["id"]]))
+
+    def test_session_lifecycle(self) -> None:
+        """
+        A session can be created (starting a kernel), fetched, renamed,
+        listed and deleted (shutting its kernel down).
+        """
+        code, session, headers = self.call(
+            "POST", "/api/sessions", {"path": "a.ipynb", "type": "notebook", "name": "a", "kernel": {"name": "fake"}}
+        )
+        self.assertEqual(code, 201, session)
+        self.assertEqual((session["path"], session["type"], session["notebook"]["path"]), ("a.ipynb", "notebook", "a.ipynb"))
+        self.assertEqual(headers.getRawHeaders(b"location"), [f"/api/sessions/{session['id']}".encode()])
+        kernel_id = session["kernel"]["id"]
+        code, again, _ = self.call("GET", f"/api/sessions/{session['id']}")
+        self.assertEqual((code, again["kernel"]["id"]), (200, kernel_id))
+        code, patched, _ = self.call("PATCH", f"/api/sessions/{session['id']}", {"path": "b.ipynb"})
+        self.assertEqual((code, patched["path"]), (200, "b.ipynb"))
+        code, listed, _ = self.call("GET", "/api/sessions")
+        self.assertEqual([s["id"] for s in listed], [session["id"]])
+        code, _, _ = self.call("DELETE", f"/api/sessions/{session['id']}")
+        self.assertEqual(code, 204)
+        self.assertNotIn(kernel_id, self.manager.kernels)
+        self.assertError(self.call("GET", f"/api/sessions/{session['id']}"), 404)
+
+    def test_session_with_existing_kernel(self) -> None:
+        """
+        A session can bind an existing kernel by id; an unknown id is a 404.
+        """
+        model = self.start()
+        code, session, _ = self.call(
+            "POST", "/api/sessions", {"path": "x", "type": "console", "kernel": {"id": model["id"]}}
+        )
+        self.assertEqual((code, session["kernel"]["id"]), (201, model["id"]))
+        self.assertError(
+            self.call("POST", "/api/sessions", {"path": "y", "type": "console", "kernel": {"id": KID}}), 404
+        )
+
+    def test_session_errors(self) -> None:
+        """
+        Missing path or type, or a non-object body, are 400s; an unknown
+        session is a 404.
+        """
+        self.assertError(self.call("POST", "/api/sessions", {"type": "notebook"}), 400, "'path'")
+        self.assertError(self.call("POST", "/api/sessions", {"path": "a"}), 400, "'type'")
+        self.assertError(self.call("POST", "/api/sessions", [1]), 400)
+        self.assertError(self.call("POST", "/api/sessions", {"path": "a", "type": "t", "kernel": 3}), 400)
+        self.assertError(self.call("GET", f"/api/sessions/{KID}"), 404)
+        self.assertError(self.call("PATCH", f"/api/sessions/{KID}", {"path": "q"}), 404)
+        self.assertError(self.call("DELETE", f"/api/sessions/{KID}"), 404)
+
+    def test_session_removed_with_its_kernel(self) -> None:
+        """
+        Deleting a session's kernel removes the session.
+        """
+        code, session, _ = self.call("POST", "/api/sessions", {"path": "a", "type": "notebook"})
+        self.call("DELETE", f"/api/kernels/{session['kernel']['id']}")
+        self.assertError(self.call("GET", f"/api/sessions/{session['id']}"), 404)
+
+
+ROUTES = [
+    ("GET", "/api"),
+    ("GET", "/api/openapi.json"),
+    ("GET", "/api/swagger.json"),
+    ("GET", "/api/kernelspecs"),
+    ("GET", "/api/kernelspecs/fake"),
+    ("GET", "/kernelspecs/fake/logo-64x64.png"),
+    ("GET", "/api/kernels"),
+    ("POST", "/api/kernels"),
+    ("GET", f"/api/kernels/{KID}"),
+    ("DELETE", f"/api/kernels/{KID}"),
+    ("POST", f"/api/kernels/{KID}/interrupt"),
+    ("POST", f"/api/kernels/{KID}/restart"),
+    ("GET", f"/api/kernels/{KID}/channels"),
+    ("GET", "/api/sessions"),
+    ("POST", "/api/sessions"),
+    ("GET", f"/api/sessions/{KID}"),
+    ("PATCH", f"/api/sessions/{KID}"),
+    ("DELETE", f"/api/sessions/{KID}"),
+    ("GET", "/no/such/route"),
+]
+
+
+class Authentication(APITestCase):
+    flags = {"auth-token": "s3cret", "list-kernels": "true"}
+
+    def test_every_route_requires_the_token(self) -> None:
+        """
+        Every route, unknown ones included, answers 401 JSON without a token
+        or with a wrong one, and starts nothing.
+        """
+        for method, path in ROUTES:
+            self.assertError(self.call(method, path, {}), 401, "token")
+            self.assertError(
+                self.call(method, path, {}, headers={"Authorization": "token wrong"}), 401, "not valid"
+            )
+            self.assertError(self.call(method, path + "?token=wrong", {}), 401)
+        self.assertEqual(self.launcher.processes, [])
+
+    def test_token_accepted(self) -> None:
+        """
+        The token works in the Authorization header (token or Bearer scheme)
+        and as ?token=.
+        """
+        for headers, query in (
+            ({"Authorization": "token s3cret"}, ""),
+            ({"Authorization": "Bearer s3cret"}, ""),
+            ({}, "?token=s3cret"),
+        ):
+            code, _, _ = self.call("GET", "/api" + query, headers=headers)
+            self.assertEqual(code, 200)
+
+    def test_preflight_without_token(self) -> None:
+        """
+        CORS preflight (OPTIONS) needs no token.
+        """
+        code, _, _ = self.call("OPTIONS", "/api/kernels")
+        self.assertEqual(code, 204)
+
+
+class Cors(APITestCase):
+    flags = {"allow-origin": "https://lab.example", "allow-methods": "GET,POST", "max-age": "600"}
+
+    def test_headers(self) -> None:
+        """
+        Configured CORS headers are sent on every response.
+        """
+        _, _, headers = self.call("GET", "/api")
+        self.assertEqual(headers.getRawHeaders(b"access-control-allow-origin"), [b"https://lab.example"])
+        self.assertEqual(headers.getRawHeaders(b"access-control-allow-methods"), [b"GET,POST"])
+        self.assertEqual(headers.getRawHeaders(b"access-control-max-age"), [b"600"])
+
+    def test_origin_check(self) -> None:
+        """
+        A page from another origin is refused with 403; the allowed origin and
+        same-origin requests pass.
+        """
+        self.assertError(self.call("GET", "/api", headers={"Origin": "https://evil.example"}), 403, "allow_origin")
+        code, _, _ = self.call("GET", "/api", headers={"Origin": "https://lab.example"})
+        self.assertEqual(code, 200)
+        code, _, _ = self.call("GET", "/api", headers={"Origin": "http://gw.example", "Host": "gw.example"})
+        self.assertEqual(code, 200)
+
+
+class OpenAPI(APITestCase):
+    def test_document_matches_routes(self) -> None:
+        """
+        The OpenAPI document lists exactly the routes the gateway serves,
+        with the same methods.
+        """
+        code, document, _ = self.call("GET", "/api/openapi.json")
+        self.assertEqual(code, 200)
+        documented = {
+            (method.upper(), path)
+            for path, item in document["paths"].items()
+            for method in item
+            if method != "parameters"
+        }
+        served = set()
+        for rule in self.api.app.url_map.iter_rules():
+            path = rule.rule
+            for name in rule.arguments:
+                path = path.replace(f"<uuidtext:{name}>", "{%s}" % name)
+                path = path.replace(f"<string:{name}>", "{%s}" % name)
+                path = path.replace(f"<path:{name}>", "{%s}" % name)
+            for method in rule.methods - {"HEAD", "OPTIONS"}:
+                served.add((method, path))
+        self.assertEqual(documented, served)
