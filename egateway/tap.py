@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from typing import Any
 
@@ -42,7 +43,9 @@ class Options(usage.Options):
             flags = {key: value for key, value in self.items() if key != "config"}
             self.gateway_config = build_config(file_values, os.environ, flags)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # The message names the key; twistd's full usage text would bury it.
+            sys.stderr.write(f"egateway: configuration error: {e}\n")
+            raise SystemExit(2) from None
 
     def opt_version(self) -> None:
         print(f"egateway {__version__}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import tempfile
 
-from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from egateway.config import ConfigError, build_config, describe, load_toml, settings
@@ -151,11 +150,16 @@ class ErrorTests(SynchronousTestCase):
         path = toml_file(self, "[kernels\n")
         self.assertIn(path, str(self.assertRaises(ConfigError, load_toml, path)))
 
-    def test_options_report_errors_as_usage(self) -> None:
+    def test_options_report_errors(self) -> None:
         """
-        The twistd options turn configuration errors into usage errors, so
-        twistd prints the message and exits non-zero.
+        The twistd options print a configuration error naming the key and
+        exit with status 2.
         """
-        options = Options()
-        error = self.assertRaises(usage.UsageError, options.parseOptions, ["--launch-timeout", "soon"])
-        self.assertIn("kernels.launch_timeout", str(error))
+        import io
+        import sys
+
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        error = self.assertRaises(SystemExit, Options().parseOptions, ["--launch-timeout", "soon"])
+        self.assertEqual(error.code, 2)
+        self.assertIn("kernels.launch_timeout", stderr.getvalue())
