@@ -242,11 +242,42 @@ class CullingConfig:
 
 
 @dataclass(frozen=True)
+class ResponseConfig:
+    response_ip: str = setting(
+        "",
+        "Address remote launchers send connection info to: bound, and "
+        "advertised in {response_address} (empty: this host's primary IPv4 "
+        "address).",
+        env=("EG_RESPONSE_IP",),
+    )
+    response_port: int = setting(
+        8877,
+        "TCP port of the connection-info listener (0: any free port).",
+        env=("EG_RESPONSE_PORT",),
+        minimum=0,
+        maximum=65535,
+    )
+    response_accept_v1: bool = setting(
+        True,
+        "Accept Enterprise Gateway's unauthenticated version 1 payloads "
+        "(needed by its launchers and kernel images).",
+        env=("EG_RESPONSE_ACCEPT_V1",),
+    )
+    response_max_payload: int = setting(
+        65536,
+        "Largest connection-info payload accepted, in bytes.",
+        env=("EG_RESPONSE_MAX_PAYLOAD",),
+        minimum=1024,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     culling: CullingConfig = field(default_factory=CullingConfig)
+    response: ResponseConfig = field(default_factory=ResponseConfig)
 
     @property
     def listen_endpoint(self) -> str:
@@ -486,3 +517,28 @@ def flag_table() -> list[tuple[str, None, None, str]]:
         env = f" [env: {', '.join(info.env)}]" if info.env else ""
         rows.append((info.flag, None, None, f"{info.help}{env}"))
     return rows
+
+
+def reference_markdown() -> str:
+    """
+    The configuration reference as a Markdown table (the README embeds it;
+    a test keeps the two equal).
+    """
+    lines = [
+        "| setting (TOML `[section] key`) | flag | environment | default | meaning |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for info in settings():
+        default = info.default
+        if isinstance(default, list):
+            default = ",".join(default)
+        shown = f"`{default}`" if default not in ("", []) else "(empty)"
+        env = ", ".join(f"`{name}`" for name in info.env) or "-"
+        lines.append(
+            f"| `[{info.section}] {info.name}` | `--{info.flag}` | {env} | {shown} | {info.help} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -1,0 +1,48 @@
+"""
+The README stays true: its configuration reference is the one the code
+declares, and its test command is what CI runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from egateway.config import reference_markdown
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme() -> str:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return f.read()
+
+
+class ReadmeTests(SynchronousTestCase):
+    def test_configuration_reference(self) -> None:
+        """
+        The README's table lists every setting exactly as declared (refresh
+        it with the output of `python -m egateway.config`).
+        """
+        text = readme()
+        start = text.index("<!-- config-reference:start -->\n") + len("<!-- config-reference:start -->\n")
+        end = text.index("<!-- config-reference:end -->")
+        self.assertEqual(text[start:end], reference_markdown())
+
+    def test_ci_runs_the_readme_test_command(self) -> None:
+        """
+        .ci/run extracts the README's test command, which runs trial.
+        """
+        script = open(os.path.join(ROOT, ".ci", "run")).read()
+        self.assertIn("<!-- test-command -->", script)
+        command = subprocess.run(
+            ["awk", r"/<!-- test-command -->/{found=1; next} found && /^```bash/{getline; print; exit}", "README.md"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        self.assertIn("twisted.trial", command)
+        self.assertIn("install-system-packages", command)
