@@ -272,12 +272,70 @@ class ResponseConfig:
 
 
 @dataclass(frozen=True)
+class SSHConfig:
+    remote_hosts: list = setting(
+        ["localhost"],
+        "Hosts SSH kernels may run on (a kernelspec's remote_hosts overrides).",
+        env=("EG_REMOTE_HOSTS",),
+    )
+    remote_user: str = setting(
+        "",
+        "User to log in as on remote hosts (empty: the gateway's user).",
+        env=("EG_REMOTE_USER",),
+    )
+    ssh_port: int = setting(22, "Port of the remote hosts' sshd.", env=("EG_SSH_PORT",), minimum=1, maximum=65535)
+    ssh_key_files: list = setting(
+        [],
+        "Private key files for SSH (empty: ~/.ssh/id_ed25519, id_ecdsa, id_rsa, as ssh does).",
+        env=("EG_SSH_KEY_FILES",),
+    )
+    ssh_known_hosts: str = setting(
+        "~/.ssh/known_hosts", "known_hosts file host keys are checked against.", env=("EG_SSH_KNOWN_HOSTS",)
+    )
+    ssh_host_key_checking: str = setting(
+        "strict",
+        "strict (refuse unknown or changed host keys), accept-new (learn unknown ones) or off.",
+        env=("EG_SSH_HOST_KEY_CHECKING",),
+        choices=("strict", "accept-new", "off"),
+    )
+    ssh_connect_timeout: float = setting(
+        10.0, "Seconds to reach and log in to a host.", env=("EG_SSH_CONNECT_TIMEOUT",), minimum=0.1
+    )
+    load_balancing_algorithm: str = setting(
+        "round-robin",
+        "How SSH launches pick a host: round-robin or least-connection.",
+        env=("EG_LOAD_BALANCING_ALGORITHM",),
+        choices=("round-robin", "least-connection"),
+    )
+    host_backoff: float = setting(
+        5.0,
+        "Seconds a host that failed is avoided; doubles on each further failure.",
+        env=("EG_HOST_BACKOFF",),
+        minimum=0,
+    )
+    host_backoff_max: float = setting(
+        300.0, "Longest back-off for a failing host.", env=("EG_HOST_BACKOFF_MAX",), minimum=0
+    )
+    kernel_log_dir: str = setting(
+        "/tmp",
+        "Directory on remote hosts for each kernel's log (kernel-<id>.log).",
+        env=("EG_KERNEL_LOG_DIR",),
+    )
+    remote_python: str = setting(
+        "",
+        "Python that runs kernelspec argv naming python on remote hosts (empty: the gateway's own path).",
+        env=("EG_REMOTE_PYTHON",),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     culling: CullingConfig = field(default_factory=CullingConfig)
     response: ResponseConfig = field(default_factory=ResponseConfig)
+    ssh: SSHConfig = field(default_factory=SSHConfig)
 
     @property
     def listen_endpoint(self) -> str:
@@ -310,6 +368,7 @@ class SettingInfo:
     minimum: float | None
     maximum: float | None
     secret: bool
+    choices: tuple[str, ...] | None = None
 
     @property
     def key(self) -> str:
@@ -354,6 +413,7 @@ def settings() -> Iterator[SettingInfo]:
                 minimum=f.metadata.get("minimum"),
                 maximum=f.metadata.get("maximum"),
                 secret=f.metadata.get("secret", False),
+                choices=f.metadata.get("choices"),
             )
 
 
@@ -401,6 +461,10 @@ def _checked(info: SettingInfo, value: Any, source: str) -> Any:
         raise ConfigError(
             f"{info.key} ({source}): expected {kind.__name__}, "
             f"got {type(value).__name__}"
+        )
+    if info.choices is not None and value not in info.choices:
+        raise ConfigError(
+            f"{info.key} ({source}): {value!r} is not one of {', '.join(info.choices)}"
         )
     if info.minimum is not None and value < info.minimum:
         raise ConfigError(f"{info.key} ({source}): {value} is below {info.minimum}")

@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -92,6 +93,16 @@ class GatewayService(MultiService):
         super().__init__()
         self.config = config
         self._clock = clock
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            # Say which address and why, instead of a traceback.
+            sys.stderr.write(
+                f"egateway: cannot listen on {self.config.listen_endpoint}: {e.socketError}\n"
+            )
+            raise SystemExit(1) from None
 
     def startService(self) -> None:
         _log.info(

@@ -131,6 +131,11 @@ class LifecycleTests(GatewayTestCase):
             timeout=15,
         )
         self.assertEqual(reply["content"]["ename"], "KeyboardInterrupt")
+        # Requests sent before the interrupted cell's idle may be aborted by
+        # the kernel (stop_on_error), so wait for it.
+        await client.wait_for(
+            lambda m: is_status("idle")(m) and m["parent_header"].get("msg_id") == sleeper, since=since
+        )
         result = await client.execute("x + 1")
         self.assertEqual(result["result"]["text/plain"], "6")
         await client.close()

@@ -28,6 +28,7 @@ _log = Logger()
 
 BUILTIN = {
     "local": "egateway.clusters.local:LocalLauncher",
+    "ssh": "egateway.clusters.ssh:SSHLauncher",
 }
 
 ENTRY_POINT_GROUP = "egateway.launchers"
@@ -76,3 +77,20 @@ class LauncherRegistry:
 
     def built(self) -> list[ILauncher]:
         return list(self._launchers.values())
+
+    def stop(self) -> Any:
+        """
+        Release what launchers hold (connection pools, the response
+        listener); called once every kernel is down.
+        """
+        from twisted.internet.defer import DeferredList, maybeDeferred
+
+        stops = [
+            maybeDeferred(launcher.stop)
+            for launcher in self._launchers.values()
+            if hasattr(launcher, "stop")
+        ]
+        listener = self._context.services.get("response")
+        if listener is not None and listener.running:
+            stops.append(maybeDeferred(listener.stopService))
+        return DeferredList(stops)

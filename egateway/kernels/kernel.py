@@ -191,6 +191,10 @@ class Kernel:
         """
         self.last_activity = self._clock.seconds()
         try:
+            if message.msg_type == "iopub_welcome":
+                # ipykernel 7's answer to the gateway's own subscription; no
+                # client subscribed, so none should see it.
+                return
             if message.msg_type == "status":
                 state = message.content().get("execution_state")
                 if isinstance(state, str):
@@ -243,6 +247,9 @@ class Kernel:
         client's sockets and send what they sent meanwhile.
         """
         self.live = True
+        if self.execution_state in ("busy", "starting"):
+            # The last status was about our own readiness probe.
+            self.execution_state = "idle"
         for attachment in list(self.attachments):
             attachment.relink(self.link)
 

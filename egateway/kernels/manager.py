@@ -33,7 +33,7 @@ from egateway.config import KernelsConfig
 from egateway.errors import BadRequest, Conflict, GatewayError, LimitReached, NotFound
 from egateway.kernels.env import BadEnvironment, build_kernel_env, validate_client_env
 from egateway.kernels.kernel import Kernel
-from egateway.kernels.observe import Operation, first
+from egateway.observe import Operation, first
 from egateway.kernels.specs import KernelSpecCatalog, NoSuchKernelSpec
 from egateway.kernels.state import KernelState
 from egateway.wire.connection import IChannelFactory
@@ -130,7 +130,11 @@ class KernelManager(Service):
             if self._channels is not None:
                 self._channels.close()
 
-        return DeferredList(shutdowns).addBoth(close_channels)
+        return (
+            DeferredList(shutdowns)
+            .addBoth(lambda _: self.launchers.stop())
+            .addBoth(close_channels)
+        )
 
     @property
     def channels(self) -> IChannelFactory:

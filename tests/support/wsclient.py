@@ -184,9 +184,18 @@ class ChannelsClient:
                 d: Deferred[dict[str, Any]] = Deferred()
                 d.callback(msg)
                 return d
+        entry: tuple[Predicate, Deferred[dict[str, Any]], int]
+
+        def forget(result: Any) -> Any:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            return result
+
         waiter: Deferred[dict[str, Any]] = Deferred()
-        self._waiters.append((predicate, waiter, since))
+        entry = (predicate, waiter, since)
+        self._waiters.append(entry)
         waiter.addTimeout(timeout, reactor)
+        waiter.addErrback(forget)
         return waiter
 
     def replies_to(self, msg_id: str) -> list[dict[str, Any]]:
@@ -236,6 +245,10 @@ class ChannelsClient:
     async def close(self) -> None:
         if self._proto is not None and not self.closed.called:
             self._proto.sendClose(1000)
-            d = self.closed
+            d = Deferred()
+            self.closed.addBoth(lambda r: d.callback(None) if not d.called else None)
             d.addTimeout(10, reactor)
-            await d
+            try:
+                await d
+            except Exception:
+                self._proto.dropConnection(abort=True)

@@ -1,0 +1,342 @@
+"""
+What every launcher of remote kernels shares: the response listener that
+receives connection info, the argv and environment a kernel-side launcher
+gets, waiting for connection info while watching the launch for an early
+death, and L{RemoteKernelProcess}, the kernel as a remote launcher controls
+it (comm port first, the cluster's own means as a fallback, liveness by
+polling).
+
+A concrete launcher (SSH, Slurm, ...) provides the cluster-specific parts
+by subclassing L{RemoteKernelProcess}: how to check liveness, how to signal
+without the comm port, how to stop the kernel for good.
+"""
+
+from __future__ import annotations
+
+import signal as signals
+import sys
+from typing import Any, Awaitable, Callable, Mapping
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from egateway.clusters.comm import CommClient, CommError
+from egateway.clusters.interface import (
+    ExitStatus,
+    IKernelProcess,
+    LaunchError,
+    LauncherContext,
+    Liveness,
+    Placement,
+    substitute_argv,
+)
+from egateway.clusters.local import PYTHON_NAMES
+from egateway.clusters.response import PendingLaunch, ResponseListener
+from egateway.observe import Operation, first
+from egateway.wire.connection import ConnectionInfo
+
+_log = Logger()
+
+TERMINATE_POLL = 0.25
+"""
+Seconds between liveness checks while a kernel is being stopped.
+"""
+
+
+def response_listener(context: LauncherContext) -> ResponseListener:
+    """
+    The gateway's response listener, bound on first use: a gateway that
+    only runs local kernels never opens the port.
+
+    @raise LaunchError: the port cannot be bound.
+    """
+    listener = context.services.get("response")
+    if listener is None:
+        config = context.settings["config"]
+        listener = ResponseListener.from_config(context.reactor, config.response)
+        context.services["response"] = listener
+    if not listener.running:
+        try:
+            listener.startService()
+        except Exception as e:
+            raise LaunchError(
+                f"cannot open the response listener for remote kernels: {e}; "
+                "set response_port (EG_RESPONSE_PORT) or response_ip (EG_RESPONSE_IP)"
+            ) from None
+    return listener
+
+
+def launcher_argv(
+    spec: Any,
+    request_kernel_id: str,
+    listener: ResponseListener,
+    port_range: str,
+    python: str,
+    extra: Mapping[str, str] | None = None,
+) -> list[str]:
+    """
+    The kernelspec's argv for a remote kernel-side launcher, placeholders
+    substituted (each stays one argument) and C{python} replaced by the
+    remote interpreter.
+    """
+    values = {
+        "kernel_id": request_kernel_id,
+        "response_address": listener.response_address,
+        "public_key": listener.public_key,
+        "port_range": port_range,
+        "resource_dir": spec.resource_dir,
+        "prefix": sys.prefix,
+        **(extra or {}),
+    }
+    argv = substitute_argv(spec.argv, values)
+    if argv and argv[0] in PYTHON_NAMES:
+        argv[0] = python or sys.executable
+    return argv
+
+
+async def await_connection_info(
+    pending: PendingLaunch,
+    clock: Any,
+    still_running: Callable[[], Awaitable[str | None]],
+    interval: float = 1.0,
+) -> dict[str, Any]:
+    """
+    Wait for the kernel-side launcher's connection info, checking every
+    C{interval} seconds that the launch is still alive.
+
+    @param still_running: returns C{None} while the launch lives, or why it
+        ended (with whatever log it left).
+    @raise LaunchError: the launch ended before reporting.
+    """
+    waiting: Operation[dict[str, Any]] = Operation("connection info", _await(pending.received))
+    while True:
+        tick = deferLater(clock, interval, lambda: None)
+        index, result = await first([waiting.observe(), tick])
+        if index == 0:
+            return result
+        ended = await still_running()
+        if ended is not None:
+            raise LaunchError(f"the kernel launcher {ended} before sending connection info")
+
+
+async def _await(d: Deferred[Any]) -> Any:
+    return await d
+
+
+def connection_info(info: Mapping[str, Any], ip: str) -> ConnectionInfo:
+    """
+    The kernel's connection info with the address the gateway reaches it
+    at (launchers report 0.0.0.0).
+
+    @raise LaunchError: the launcher sent malformed connection info.
+    """
+    try:
+        return ConnectionInfo.from_dict({**info, "ip": ip})
+    except ValueError as e:
+        raise LaunchError(f"the kernel launcher sent bad connection info: {e}") from None
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+@implementer(IKernelProcess)
+class RemoteKernelProcess:
+    """
+    A kernel started by a kernel-side launcher on another host.
+
+    Subclasses implement L{_check_alive}, L{_signal_directly} and may extend
+    L{_release} and L{snapshot}.
+    """
+
+    def __init__(
+        self,
+        *,
+        kernel_id: str,
+        info: ConnectionInfo,
+        placement: Placement,
+        reactor: Any,
+        poll_interval: float,
+        comm_port: int = 0,
+        comm_token: str | None = None,
+        pending: PendingLaunch | None = None,
+    ) -> None:
+        self.kernel_id = kernel_id
+        self.connection_info = info
+        self.placement = placement
+        self._reactor = reactor
+        self.comm_port = comm_port
+        self.comm_token = comm_token
+        self._pending = pending
+        self.comm: CommClient | None = (
+            CommClient(reactor, info.ip, comm_port, kernel_id=kernel_id, token=comm_token, timeout=5.0)
+            if comm_port
+            else None
+        )
+        self._exit: ExitStatus | None = None
+        self._waiters: list[Deferred[ExitStatus]] = []
+        self._watch = LoopingCall(self._poll_once)
+        self._watch.clock = reactor
+        self._watch.start(poll_interval, now=False).addErrback(
+            lambda f: _log.failure("kernel {kernel_id}: liveness polling failed", f, kernel_id=kernel_id)
+        )
+        self._cleaned = False
+
+    # -- for subclasses ------------------------------------------------
+
+    async def _check_alive(self) -> Liveness:
+        """
+        Ask the cluster (not the launcher) whether the kernel lives.
+        """
+        raise NotImplementedError()
+
+    async def _signal_directly(self, signum: int) -> None:
+        """
+        Signal the kernel without the comm port (over SSH, through the
+        scheduler ...).
+        """
+        raise NotImplementedError()
+
+    async def _release(self) -> None:
+        """
+        Give back what the launch holds (scheduler jobs, host slots).
+        """
+
+    # -- IKernelProcess --------------------------------------------------
+
+    def _ended(self, status: ExitStatus) -> None:
+        if self._exit is not None:
+            return
+        self._exit = status
+        if self._watch.running:
+            self._watch.stop()
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(status)
+
+    async def _poll_once(self) -> None:
+        liveness = await self._liveness()
+        if not liveness.alive:
+            self._ended(ExitStatus(reason=liveness.reason or "the kernel is gone"))
+
+    async def _liveness(self) -> Liveness:
+        if self._exit is not None:
+            return Liveness(False, self._exit.describe())
+        if self.comm is not None and self.comm.version == 2:
+            try:
+                if await self.comm.alive():
+                    return Liveness(True)
+            except CommError:
+                pass
+        try:
+            return await self._check_alive()
+        except Exception as e:
+            # Cannot tell (host unreachable): a network problem is not a
+            # dead kernel.
+            _log.warn(
+                "kernel {kernel_id}: liveness unknown: {error}", kernel_id=self.kernel_id, error=str(e)
+            )
+            return Liveness(True, f"unknown: {e}")
+
+    def when_exited(self) -> Deferred[ExitStatus]:
+        if self._exit is not None:
+            return succeed(self._exit)
+        waiter: Deferred[ExitStatus] = Deferred()
+        self._waiters.append(waiter)
+        return waiter
+
+    def poll(self) -> Deferred[Liveness]:
+        return Deferred.fromCoroutine(self._liveness())
+
+    def signal(self, signum: int) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._signal(signum))
+
+    async def _signal(self, signum: int) -> None:
+        if self._exit is not None:
+            return
+        if self.comm is not None:
+            try:
+                await self.comm.signal(signum)
+                return
+            except CommError as e:
+                _log.info(
+                    "kernel {kernel_id}: comm port did not take signal {signum} ({error}); "
+                    "signalling directly",
+                    kernel_id=self.kernel_id,
+                    signum=signum,
+                    error=str(e),
+                )
+        await self._signal_directly(signum)
+
+    def terminate(self, grace: float) -> Deferred[ExitStatus]:
+        return Deferred.fromCoroutine(self._terminate(grace))
+
+    async def _terminate(self, grace: float) -> ExitStatus:
+        for signum, wait in ((signals.SIGTERM, grace), (signals.SIGKILL, max(grace, 5.0))):
+            if self._exit is not None:
+                break
+            try:
+                if signum == signals.SIGKILL:
+                    await self._signal_directly(signum)
+                else:
+                    await self._signal(signum)
+            except Exception as e:
+                _log.warn(
+                    "kernel {kernel_id}: signal {signum} failed: {error}",
+                    kernel_id=self.kernel_id,
+                    signum=signum,
+                    error=str(e),
+                )
+            deadline = self._reactor.seconds() + wait
+            while self._exit is None and self._reactor.seconds() < deadline:
+                await deferLater(self._reactor, TERMINATE_POLL, lambda: None)
+                await self._poll_once()
+        return self._exit or ExitStatus(reason="could not be confirmed stopped")
+
+    def ready(self) -> None:
+        pass
+
+    def cleanup(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._cleanup())
+
+    async def _cleanup(self) -> None:
+        if self._cleaned:
+            return
+        self._cleaned = True
+        if self._watch.running:
+            self._watch.stop()
+        if self.comm is not None:
+            try:
+                await self.comm.shutdown()
+            except CommError:
+                pass
+        if self._pending is not None:
+            self._pending.cancel()
+        await self._release()
+
+    def snapshot(self) -> dict:
+        return {
+            "connection_info": self.connection_info.to_dict(),
+            "host": self.placement.host,
+            "ip": self.placement.ip,
+            "pid": self.placement.pid,
+            "pgid": self.placement.pgid,
+            "comm_port": self.comm_port,
+            "comm_token": self.comm_token,
+        }
+
+
+__all__ = [
+    "RemoteKernelProcess",
+    "await_connection_info",
+    "connection_info",
+    "launcher_argv",
+    "response_listener",
+    "CancelledError",
+    "_int",
+]

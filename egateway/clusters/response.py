@@ -1,0 +1,395 @@
+"""
+The response listener: the one TCP port where remote kernel launchers
+deliver their kernel's connection info.
+
+A remote launcher calls L{ResponseListener.expect} before starting a
+kernel, passes C{response_address}, C{public_key} and the pending launch's
+C{token} to the kernel-side launcher, and waits on C{received}.  The
+kernel-side launcher connects, sends one payload (see
+L{egateway.clusters.handshake}) and ends it with EOF (a half-close, so it
+can read our one-line verdict: C{OK} or C{ERROR refused}; Enterprise
+Gateway's launchers close without reading, which is fine).
+
+The port is reachable by anyone on the network, so every payload is
+suspect: garbage, oversize payloads, payloads for kernels nobody is
+launching, replays, forgeries and version 1 payloads while version 1 is
+disabled are refused with one log line each, and none of them disturbs a
+launch in progress.  A refused payload does not use up the launch: the
+genuine launcher may still deliver.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import socket
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from egateway.clusters.handshake import (
+    HandshakeError,
+    HandshakeKeys,
+    HandshakePayload,
+    open_envelope,
+    parse_envelope,
+)
+from egateway.clusters.interface import LaunchError
+from egateway.wire.connection import ConnectionInfo
+
+DEFAULT_PORT = 8877
+
+
+def primary_ipv4() -> str:
+    """
+    This host's address on its default route, or C{127.0.0.1} without one.
+    Connecting a UDP socket sends nothing; it only asks the kernel which
+    source address it would use.  Hosts with several networks should set
+    C{EG_RESPONSE_IP} instead of relying on this.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))
+            return probe.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+class PendingLaunch:
+    """
+    One launch waiting for its connection info.
+
+    @ivar token: the one-time launch token to hand to the kernel-side
+        launcher (in C{EG_LAUNCH_TOKEN}); version 2 payloads must carry it.
+    @ivar received: fires with the connection info dict (C{pid}, C{pgid},
+        C{comm_port}, C{kernel_id} included when the launcher sent them);
+        fails with C{CancelledError} when cancelled, or L{LaunchError} when
+        the listener stops first.  Cancelling it is the same as L{cancel}.
+    @ivar version: the payload version that delivered (C{None} until then);
+        the comm port speaks version 2 only after a version 2 handshake.
+    """
+
+    def __init__(self, listener: "ResponseListener", kernel_id: str, require_v2: bool) -> None:
+        self.kernel_id = kernel_id
+        self.require_v2 = require_v2
+        self.token = secrets.token_urlsafe(32)
+        self.version: int | None = None
+        self.received: Deferred[dict[str, Any]] = Deferred(lambda _: listener._forget(self))
+        self._listener = listener
+
+    @property
+    def delivered(self) -> bool:
+        return self.version is not None
+
+    @property
+    def comm_token(self) -> str | None:
+        """
+        The token for L{egateway.clusters.comm.CommClient}: C{None} unless
+        the launcher proved it speaks version 2.
+        """
+        return self.token if self.version == 2 else None
+
+    def cancel(self) -> None:
+        """
+        Stop expecting this launch.  Until then a delivered launch stays
+        registered, so a replayed payload is recognised as one; call this
+        when the kernel is cleaned up.
+        """
+        if not self.received.called:
+            self.received.cancel()
+        else:
+            self._listener._forget(self)
+
+    def _deliver(self, payload: HandshakePayload) -> None:
+        self.version = payload.version
+        self.received.callback(payload.conn_info)
+
+
+@implementer(IHalfCloseableProtocol)
+class _PayloadProtocol(Protocol):
+    """
+    Reads one payload up to EOF, within a size limit and a deadline.
+    """
+
+    def __init__(self, listener: "ResponseListener") -> None:
+        self._listener = listener
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._finished = False
+        self._deadline: Any = None
+
+    @property
+    def peer(self) -> str:
+        address = self.transport.getPeer()
+        return f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
+
+    def connectionMade(self) -> None:
+        self._listener._connections.add(self)
+        self._deadline = self._listener._reactor.callLater(self._listener.timeout, self._timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished:
+            return
+        self._size += len(data)
+        if self._size > self._listener.max_payload:
+            self._finish()
+            self._listener._refuse(
+                self.peer, f"payload larger than {self._listener.max_payload} bytes"
+            )
+            self.transport.abortConnection()
+            return
+        self._chunks.append(data)
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if not self._finished:
+            self._finish()
+            self._listener._refuse(
+                self.peer, f"no complete payload within {self._listener.timeout:g}s"
+            )
+        self.transport.abortConnection()
+
+    def _finish(self) -> None:
+        self._finished = True
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def readConnectionLost(self) -> None:
+        if self._finished:
+            return
+        self._finish()
+        accepted = self._listener._received(b"".join(self._chunks), self.peer)
+        self.transport.write(b"OK\n" if accepted else b"ERROR refused\n")
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._listener._connections.discard(self)
+        if not self._finished:
+            # Closed without a clean EOF (reset): use what arrived.
+            self._finish()
+            if self._chunks:
+                self._listener._received(b"".join(self._chunks), self.peer)
+
+
+class ResponseListener(Service):
+    """
+    Receives connection info from remote launchers.
+
+    @ivar keys: the key pair whose public half launchers encrypt to.
+    @ivar accept_v1: whether version 1 payloads are accepted at all.
+    @ivar max_payload: bytes; a longer payload is refused and its
+        connection dropped.
+    @ivar timeout: seconds a connection may take to deliver its payload.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        ip: str = "",
+        port: int = DEFAULT_PORT,
+        accept_v1: bool = True,
+        max_payload: int = 65536,
+        timeout: float = 10.0,
+        keys: HandshakeKeys | None = None,
+    ) -> None:
+        """
+        @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
+        @param ip: the address to bind and advertise; empty for
+            L{primary_ipv4}.
+        @param port: 0 for any free port (see L{port} once started).
+        @param keys: the key pair; generated at start-up when omitted.
+        """
+        self._reactor = reactor
+        self.ip = ip
+        self._requested_port = port
+        self.accept_v1 = accept_v1
+        self.max_payload = max_payload
+        self.timeout = timeout
+        self.keys = keys
+        self._listening: Any = None
+        self._pending: dict[str, PendingLaunch] = {}
+        self._connections: set[_PayloadProtocol] = set()
+
+    @classmethod
+    def from_config(
+        cls, reactor: Any, config: Any, keys: HandshakeKeys | None = None
+    ) -> "ResponseListener":
+        """
+        Build from the C{response} section of L{egateway.config.Config}.
+        """
+        return cls(
+            reactor,
+            ip=config.response_ip,
+            port=config.response_port,
+            accept_v1=config.response_accept_v1,
+            max_payload=config.response_max_payload,
+            keys=keys,
+        )
+
+    def startService(self) -> None:
+        """
+        Bind the port.  A busy port raises C{CannotListenError} here, which
+        aborts the gateway's start-up rather than leaving launches to time
+        out later.
+        """
+        if self.keys is None:
+            self.keys = HandshakeKeys.generate()
+        if not self.ip:
+            self.ip = primary_ipv4()
+        factory = Factory.forProtocol(lambda: _PayloadProtocol(self))
+        factory.noisy = False
+        self._listening = self._reactor.listenTCP(
+            self._requested_port, factory, backlog=128, interface=self.ip
+        )
+        super().startService()
+        self._log.info(
+            "listening for kernel connection info on {address}", address=self.response_address
+        )
+
+    def stopService(self) -> Deferred[Any]:
+        """
+        Stop listening, drop connections in progress and fail launches
+        still waiting.
+        """
+        super().stopService()
+        for pending in list(self._pending.values()):
+            if not pending.received.called:
+                pending.received.errback(
+                    LaunchError("the gateway's response listener stopped before connection info arrived")
+                )
+        self._pending.clear()
+        for connection in list(self._connections):
+            connection._finish()
+            connection.transport.abortConnection()
+        listening, self._listening = self._listening, None
+        if listening is None:
+            return succeed(None)
+        return maybeDeferred(listening.stopListening)
+
+    @property
+    def port(self) -> int:
+        """
+        The port actually bound (the answer to a configured port 0).
+        """
+        if self._listening is None:
+            raise RuntimeError("the response listener is not listening")
+        return self._listening.getHost().port
+
+    @property
+    def response_address(self) -> str:
+        """
+        C{ip:port} as substituted for C{{response_address}}.
+        """
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"{host}:{self.port}"
+
+    @property
+    def public_key(self) -> str:
+        """
+        The base64 DER public key substituted for C{{public_key}}.
+        """
+        if self.keys is None:
+            raise RuntimeError("the response listener has not started")
+        return self.keys.public_key_b64
+
+    def expect(self, kernel_id: str, *, require_v2: bool = False) -> PendingLaunch:
+        """
+        Register a launch of C{kernel_id} before starting its launcher.
+
+        A launch already registered for the same kernel (a restart) is
+        cancelled and replaced, so its token stops working.
+
+        @param require_v2: refuse version 1 payloads for this launch even
+            while they are accepted in general (the kernelspec is known to
+            use egateway's launcher).
+        """
+        previous = self._pending.get(kernel_id)
+        if previous is not None:
+            previous.cancel()
+        pending = PendingLaunch(self, kernel_id, require_v2)
+        self._pending[kernel_id] = pending
+        return pending
+
+    def _forget(self, pending: PendingLaunch) -> None:
+        if self._pending.get(pending.kernel_id) is pending:
+            del self._pending[pending.kernel_id]
+
+    def _refuse(self, peer: str, reason: str, kernel_id: str = "") -> bool:
+        self._log.warn(
+            "refused connection info from {peer}: {reason}",
+            peer=peer,
+            reason=reason,
+            kernel_id=kernel_id,
+        )
+        return False
+
+    def _received(self, data: bytes, peer: str) -> bool:
+        """
+        Judge one payload; deliver it if acceptable.  Returns whether it
+        was accepted.
+        """
+        if not data.strip():
+            self._log.info("ignored an empty connection from {peer}", peer=peer)
+            return False
+        try:
+            envelope = parse_envelope(data)
+        except HandshakeError as e:
+            return self._refuse(peer, str(e))
+        if envelope.version == 1 and not self.accept_v1:
+            return self._refuse(peer, "version 1 payloads are disabled (response_accept_v1 is off)")
+        if envelope.version == 2:
+            # Refuse what we can before spending an RSA decryption on it.
+            early = self._pending.get(envelope.kernel_id)
+            if early is None:
+                return self._refuse(
+                    peer, f"no launch is waiting for kernel {envelope.kernel_id!r}", envelope.kernel_id
+                )
+            if early.delivered:
+                return self._refuse(
+                    peer, f"kernel {envelope.kernel_id!r} already delivered its connection info (replay?)",
+                    envelope.kernel_id,
+                )
+        assert self.keys is not None
+        try:
+            payload = open_envelope(envelope, self.keys)
+        except HandshakeError as e:
+            return self._refuse(peer, str(e), envelope.kernel_id)
+        kernel_id = payload.kernel_id
+        pending = self._pending.get(kernel_id)
+        if pending is None:
+            return self._refuse(peer, f"no launch is waiting for kernel {kernel_id!r}", kernel_id)
+        if pending.delivered:
+            return self._refuse(
+                peer, f"kernel {kernel_id!r} already delivered its connection info (replay?)", kernel_id
+            )
+        if payload.version == 1 and pending.require_v2:
+            return self._refuse(peer, f"kernel {kernel_id!r} must use version 2", kernel_id)
+        if payload.version == 2 and not hmac.compare_digest(
+            (payload.token or "").encode("utf-8"), pending.token.encode("utf-8")
+        ):
+            return self._refuse(peer, f"wrong launch token for kernel {kernel_id!r}", kernel_id)
+        try:
+            ConnectionInfo.from_dict(payload.conn_info)
+        except ValueError as e:
+            return self._refuse(peer, f"kernel {kernel_id!r}: {e}", kernel_id)
+        self._log.info(
+            "kernel {kernel_id} connection info received from {peer} (version {version})",
+            kernel_id=kernel_id,
+            peer=peer,
+            version=payload.version,
+        )
+        pending._deliver(payload)
+        return True

@@ -1,0 +1,363 @@
+"""
+Running commands on remote hosts over SSH, with twisted.conch.
+
+One SSH connection per (host, port, user) is opened on first use and kept;
+every command is a new channel on it, so launching, signalling and polling
+kernels costs no new TCP or key exchange.  A lost connection is dropped from
+the pool and the next command opens a fresh one.
+
+Host keys are checked against a known_hosts file ("strict", the default),
+optionally learning unknown hosts ("accept-new"), or not at all ("off").
+Authentication is by key: the configured key files or, as C{ssh} does, the
+default ones in C{~/.ssh}.
+
+An SSH C{exec} request carries one string that the remote user's shell
+interprets.  Callers build it with L{shell_command}, which quotes every
+argument, so no value ever becomes shell syntax.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import struct
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from twisted.conch.client.knownhosts import KnownHostsFile
+from twisted.conch.error import HostKeyChanged
+from twisted.conch.ssh import channel, common, connection, keys, transport, userauth
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+_log = Logger()
+
+DEFAULT_KEY_FILES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+
+
+class SSHError(Exception):
+    """
+    A host could not be reached, refused us, or a command could not run.
+    """
+
+
+class HostKeyRejected(SSHError):
+    pass
+
+
+def shell_command(argv: Sequence[str]) -> str:
+    """
+    One shell command line running C{argv}, each argument quoted.
+    """
+    return " ".join(shlex.quote(arg) for arg in argv)
+
+
+def load_keys(paths: Iterable[str]) -> list[keys.Key]:
+    """
+    Read the private keys that exist among C{paths} (unencrypted keys only;
+    use an agent-less key for the gateway's service account).
+    """
+    loaded = []
+    for path in paths:
+        full = os.path.expanduser(path)
+        if not os.path.exists(full):
+            continue
+        try:
+            loaded.append(keys.Key.fromFile(full))
+        except (keys.BadKeyError, keys.EncryptedKeyError, OSError) as e:
+            _log.warn("ssh key {path} not usable: {error}", path=full, error=str(e))
+    return loaded
+
+
+@dataclass(frozen=True)
+class SSHSettings:
+    user: str
+    port: int = 22
+    key_files: tuple[str, ...] = DEFAULT_KEY_FILES
+    known_hosts: str = "~/.ssh/known_hosts"
+    host_key_checking: str = "strict"
+    connect_timeout: float = 10.0
+
+
+class _Transport(transport.SSHClientTransport):
+    def __init__(self, pool: "SSHPool", host: str, ready: defer.Deferred) -> None:
+        self._pool = pool
+        self._host = host
+        self._ready = ready
+        self.connection_service: _Connection | None = None
+
+    def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred:
+        try:
+            self._pool.check_host_key(self._host, hostKey)
+        except SSHError as e:
+            return defer.fail(e)
+        return defer.succeed(True)
+
+    def connectionSecure(self) -> None:
+        self.connection_service = _Connection(self._ready)
+        self.requestService(
+            _UserAuth(self._pool.settings.user.encode(), self.connection_service, self._pool.private_keys())
+        )
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._pool._lost(self._host, self)
+        if not self._ready.called:
+            why = reason.value if reason else "connection lost"
+            self._ready.errback(SSHError(f"ssh to {self._host}: {why}"))
+
+
+class _UserAuth(userauth.SSHUserAuthClient):
+    def __init__(self, user: bytes, service: Any, private_keys: list[keys.Key]) -> None:
+        super().__init__(user, service)
+        self._keys = list(private_keys)
+        self._current: keys.Key | None = None
+
+    def getPublicKey(self) -> keys.Key | None:
+        if not self._keys:
+            return None
+        self._current = self._keys.pop(0)
+        return self._current.public()
+
+    def getPrivateKey(self) -> defer.Deferred:
+        assert self._current is not None
+        return defer.succeed(self._current)
+
+    def getPassword(self, prompt: Any = None) -> None:
+        return None
+
+    def getGenericAnswers(self, name: Any, instruction: Any, questions: Any) -> defer.Deferred:
+        return defer.fail(SSHError("keyboard-interactive authentication is not supported"))
+
+
+class _Connection(connection.SSHConnection):
+    def __init__(self, ready: defer.Deferred) -> None:
+        super().__init__()
+        self._ready = ready
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        if not self._ready.called:
+            self._ready.callback(self)
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    code: int | None
+    signal: str | None
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def ok(self) -> bool:
+        return self.code == 0
+
+    def describe(self) -> str:
+        tail = (self.stderr or self.stdout).decode("utf-8", "replace").strip().splitlines()[-3:]
+        how = f"exit code {self.code}" if self.signal is None else f"signal {self.signal}"
+        return f"{how}" + (f": {' | '.join(tail)}" if tail else "")
+
+
+class _ExecChannel(channel.SSHChannel):
+    name = b"session"
+
+    def __init__(self, command: bytes, stdin: bytes, done: defer.Deferred, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._command = command
+        self._stdin = stdin
+        self._done = done
+        self._out: list[bytes] = []
+        self._err: list[bytes] = []
+        self._code: int | None = None
+        self._signal: str | None = None
+
+    def openFailed(self, reason: Failure) -> None:
+        if not self._done.called:
+            self._done.errback(SSHError(f"cannot open an ssh channel: {reason.value}"))
+
+    def channelOpen(self, data: bytes) -> None:
+        requested = self.conn.sendRequest(self, b"exec", common.NS(self._command), wantReply=True)
+        requested.addCallbacks(self._started, self._refused)
+
+    def _started(self, _: Any) -> None:
+        if self._stdin:
+            self.write(self._stdin)
+        self.conn.sendEOF(self)
+
+    def _refused(self, reason: Failure) -> None:
+        if not self._done.called:
+            self._done.errback(SSHError(f"the host refused to run the command: {reason.value}"))
+        self.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._out.append(data)
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        self._err.append(data)
+
+    def request_exit_status(self, data: bytes) -> int:
+        (self._code,) = struct.unpack(">L", data[:4])
+        return 1
+
+    def request_exit_signal(self, data: bytes) -> int:
+        name, _ = common.getNS(data)
+        self._signal = name.decode("ascii", "replace")
+        return 1
+
+    def closed(self) -> None:
+        if not self._done.called:
+            self._done.callback(
+                CommandResult(self._code, self._signal, b"".join(self._out), b"".join(self._err))
+            )
+
+
+class SSHPool:
+    """
+    Keeps one SSH connection per host and runs commands on it.
+    """
+
+    def __init__(self, reactor: Any, settings: SSHSettings) -> None:
+        self._reactor = reactor
+        self.settings = settings
+        self._connections: dict[str, _Connection] = {}
+        self._connecting: dict[str, list[defer.Deferred]] = {}
+        self._transports: dict[str, _Transport] = {}
+        self._keys: list[keys.Key] | None = None
+        self._known_hosts: KnownHostsFile | None = None
+
+    def private_keys(self) -> list[keys.Key]:
+        if self._keys is None:
+            self._keys = load_keys(self.settings.key_files)
+            if not self._keys:
+                _log.warn(
+                    "no usable ssh key among {paths}; set ssh_key_files",
+                    paths=", ".join(self.settings.key_files),
+                )
+        return self._keys
+
+    def _known(self) -> KnownHostsFile:
+        if self._known_hosts is None:
+            path = os.path.expanduser(self.settings.known_hosts)
+            self._known_hosts = KnownHostsFile.fromPath(FilePath(path))
+        return self._known_hosts
+
+    def check_host_key(self, host: str, blob: bytes) -> None:
+        """
+        @raise HostKeyRejected: unknown or changed host key under the policy.
+        """
+        policy = self.settings.host_key_checking
+        if policy == "off":
+            return
+        key = keys.Key.fromString(blob)
+        known = self._known()
+        names = {host.encode()}
+        if self.settings.port != 22:
+            names.add(f"[{host}]:{self.settings.port}".encode())
+        try:
+            if any(known.hasHostKey(name, key) for name in names):
+                return
+        except HostKeyChanged:
+            raise HostKeyRejected(
+                f"the host key of {host} does not match {self.settings.known_hosts}; "
+                "refusing to connect (possible man-in-the-middle)"
+            ) from None
+        if policy == "accept-new":
+            known.addHostKey(sorted(names)[0], key)
+            known.save()
+            _log.info("learned the ssh host key of {host}", host=host)
+            return
+        raise HostKeyRejected(
+            f"the host key of {host} is not in {self.settings.known_hosts}; add it "
+            "(ssh-keyscan) or set ssh_host_key_checking"
+        )
+
+    def connection(self, host: str) -> defer.Deferred[_Connection]:
+        """
+        The pooled connection to C{host}, opening it if needed.
+
+        @raise SSHError: unreachable, refused, timed out, bad host key or
+            authentication failure.
+        """
+        existing = self._connections.get(host)
+        if existing is not None:
+            return defer.succeed(existing)
+        waiter: defer.Deferred[_Connection] = defer.Deferred()
+        waiting = self._connecting.get(host)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._connecting[host] = [waiter]
+        defer.Deferred.fromCoroutine(self._connect(host)).addBoth(self._connected, host)
+        return waiter
+
+    async def _connect(self, host: str) -> _Connection:
+        ready: defer.Deferred[_Connection] = defer.Deferred()
+        timeout = self.settings.connect_timeout
+        endpoint = HostnameEndpoint(self._reactor, host, self.settings.port, timeout=timeout)
+        factory = Factory.forProtocol(lambda: _Transport(self, host, ready))
+        try:
+            proto = await endpoint.connect(factory)
+        except Exception as e:
+            raise SSHError(f"cannot connect to {host}:{self.settings.port}: {e}") from None
+        self._transports[host] = proto
+        ready.addTimeout(timeout, self._reactor)
+        try:
+            return await ready
+        except defer.TimeoutError:
+            proto.transport.abortConnection()
+            raise SSHError(f"ssh to {host}: no session within {timeout:g} s") from None
+        except SSHError:
+            proto.transport.abortConnection()
+            raise
+        except Exception as e:
+            proto.transport.abortConnection()
+            raise SSHError(f"ssh to {host}: {e}") from None
+
+    def _connected(self, result: Any, host: str) -> None:
+        waiters = self._connecting.pop(host, [])
+        if isinstance(result, Failure):
+            for waiter in waiters:
+                waiter.errback(result)
+            return None
+        self._connections[host] = result
+        for waiter in waiters:
+            waiter.callback(result)
+        return None
+
+    def _lost(self, host: str, transport: _Transport) -> None:
+        if self._transports.get(host) is transport:
+            del self._transports[host]
+            conn = self._connections.pop(host, None)
+            if conn is not None:
+                _log.info("ssh connection to {host} closed", host=host)
+
+    async def run(self, host: str, command: str, stdin: bytes = b"", timeout: float = 30.0) -> CommandResult:
+        """
+        Run a shell command line on C{host} and collect its output.
+
+        @raise SSHError: the host is unreachable or the command could not
+            start or did not finish within C{timeout}.
+        """
+        conn = await self.connection(host)
+        done: defer.Deferred[CommandResult] = defer.Deferred()
+        chan = _ExecChannel(command.encode("utf-8"), stdin, done, conn=conn)
+        conn.openChannel(chan)
+        done.addTimeout(timeout, self._reactor)
+        try:
+            return await done
+        except defer.TimeoutError:
+            chan.loseConnection()
+            raise SSHError(f"command on {host} did not finish within {timeout:g} s") from None
+
+    def close(self) -> None:
+        """
+        Close every connection.
+        """
+        for proto in list(self._transports.values()):
+            proto.transport.loseConnection()
+        self._transports.clear()
+        self._connections.clear()
