@@ -201,7 +201,12 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
         kernels=manager,
         sessions=SessionManager(manager),
         channels=ChannelsEndpoint(
-            manager, cors, config.server.max_ws_message, config.server.ws_ping_interval
+            manager,
+            cors,
+            config.server.max_ws_message,
+            config.server.ws_ping_interval,
+            config.kernels.kernel_info_timeout,
+            reactor,
         ),
         base_url=config.server.base_url,
         list_kernels=config.auth.list_kernels,

@@ -46,3 +46,42 @@ class ReadmeTests(SynchronousTestCase):
         ).stdout
         self.assertIn("twisted.trial", command)
         self.assertIn("install-system-packages", command)
+
+
+class ExampleFilesTests(SynchronousTestCase):
+    def test_example_config_names_every_setting(self) -> None:
+        """
+        etc/egateway.toml shows every setting; uncommented, it is a valid
+        configuration.
+        """
+        import re
+        import tomllib
+
+        from egateway.config import build_config, settings
+
+        text = open(os.path.join(ROOT, "etc", "egateway.toml")).read()
+        uncommented = "\n".join(
+            line[2:] if re.match(r"^# \w+ = ", line) else line for line in text.splitlines()
+        )
+        values = tomllib.loads(uncommented)
+        self.assertEqual(
+            {(s, k) for s, keys in values.items() for k in keys},
+            {(info.section, info.name) for info in settings()},
+        )
+        build_config(values, {}, {})
+
+    def test_example_kernelspecs_load(self) -> None:
+        """
+        Every kernelspec in etc/kernelspecs loads and names a known launcher.
+        """
+        import json
+
+        from egateway.kernels.specs import KernelSpec
+
+        root = os.path.join(ROOT, "etc", "kernelspecs")
+        names = sorted(os.listdir(root))
+        self.assertTrue(names)
+        for name in names:
+            with open(os.path.join(root, name, "kernel.json")) as f:
+                spec = KernelSpec.from_json(name, os.path.join(root, name), json.load(f))
+            self.assertIn(spec.launcher_name, ("local", "ssh", "slurm"))

@@ -66,6 +66,10 @@ class ChannelsProtocol(WebSocketServerProtocol):
                 self.sendClose(CLOSE_GOING_AWAY, "the kernel has been shut down")
                 return
             self.attachment = self.kernel.attach(self)
+            if not self.kernel.live:
+                self._ready_check = self.factory.clock.callLater(
+                    self.factory.kernel_info_timeout, self._give_up_waiting
+                )
             _log.info(
                 "kernel {kernel_id}: client connected (session {session}, {protocol})",
                 kernel_id=self.kernel.id,
@@ -75,6 +79,17 @@ class ChannelsProtocol(WebSocketServerProtocol):
         except Exception:
             _log.failure("opening a channels connection")
             self.sendClose(CLOSE_INTERNAL_ERROR, "internal error")
+
+    _ready_check: Any = None
+
+    def _give_up_waiting(self) -> None:
+        """
+        The kernel did not become ready in time: say so rather than hold the
+        client's messages forever.
+        """
+        self._ready_check = None
+        if not self.kernel.live and self.state == self.STATE_OPEN:
+            self.sendClose(CLOSE_INTERNAL_ERROR, "the kernel did not become ready in time")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.attachment is None:
@@ -125,6 +140,8 @@ class ChannelsProtocol(WebSocketServerProtocol):
             self.sendClose(1000, reason[:100])
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._ready_check is not None and self._ready_check.active():
+            self._ready_check.cancel()
         if self.attachment is not None:
             self.attachment.detach()
             self.attachment = None
@@ -147,11 +164,17 @@ class ChannelsEndpoint:
         cors: CorsPolicy,
         max_message_size: int,
         ping_interval: float,
+        kernel_info_timeout: float = 60.0,
+        clock: Any = None,
     ) -> None:
         self._cors = cors
         factory = WebSocketServerFactory(server=None)
         factory.protocol = ChannelsProtocol
         factory.manager = manager
+        factory.kernel_info_timeout = kernel_info_timeout
+        if clock is None:
+            from twisted.internet import reactor as clock
+        factory.clock = clock
         options: dict[str, Any] = dict(
             maxMessagePayloadSize=max_message_size,
             maxFramePayloadSize=max_message_size,
