@@ -37,10 +37,15 @@ import hmac
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
-from twisted.internet.error import ConnectError, ConnectionRefusedError, ConnectionDone
-from twisted.internet.protocol import Protocol
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionDone,
+    ConnectionRefusedError,
+)
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 
 LABEL = b"egateway-comm-v2"
@@ -115,10 +120,10 @@ class _Exchange(Protocol):
         if self._key is None:
             return
         self._buffer += data
-        while b"\n" in self._buffer:
+        while b"\n" in self._buffer and not self.done.called:
             line, self._buffer = self._buffer.split(b"\n", 1)
             self._line(line)
-        if len(self._buffer) > MAX_LINE:
+        if len(self._buffer) > MAX_LINE and not self.done.called:
             self._fail("the launcher sent an overlong line")
 
     def _fail(self, why: str) -> None:
@@ -149,9 +154,12 @@ class _Exchange(Protocol):
             self._finish(message)
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:
-        if self._key is None and reason.check(ConnectionDone):
-            self._finish(None)
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._key is None:
+            if reason.check(ConnectionDone):
+                self._finish(None)
+            else:
+                self._finish(Failure(CommError(f"the request may not have arrived: {reason.getErrorMessage()}")))
         else:
             self._finish(Failure(CommError("the launcher closed the connection without answering")))
 
@@ -240,19 +248,25 @@ class CommClient:
     async def _send(self, request: dict[str, Any]) -> dict[str, Any] | None:
         endpoint = HostnameEndpoint(self._reactor, self.host, self.port, timeout=self.timeout)
         exchange = _Exchange(request, self._key)
-        connected = connectProtocol(endpoint, exchange)
-        finished = connected.addCallback(lambda _: exchange.done)
-        finished.addTimeout(self.timeout, self._reactor)
+        finished = connectProtocol(endpoint, exchange).addCallback(lambda _: exchange.done)
+
+        def timed_out(result: Any, timeout: float) -> Failure:
+            # Whatever the cancellation left (CancelledError, or the
+            # endpoint's ConnectingCancelledError), the cause is the timeout.
+            if isinstance(result, Failure) and not result.check(CancelledError, ConnectingCancelledError):
+                return result
+            return Failure(
+                CommError(f"no answer from the launcher at {self.host}:{self.port} within {timeout:g}s")
+            )
+
+        finished.addTimeout(self.timeout, self._reactor, onTimeoutCancel=timed_out)
         try:
             return await finished
         except ConnectionRefusedError:
             raise CommRefused(
                 f"nothing listens on the comm port {self.host}:{self.port}"
             ) from None
-        except TimeoutError:
-            raise CommError(
-                f"no answer from the launcher at {self.host}:{self.port} "
-                f"within {self.timeout:g}s"
-            ) from None
         except ConnectError as e:
             raise CommError(f"cannot reach the launcher at {self.host}:{self.port}: {e}") from None
+        except ConnectingCancelledError:
+            raise CancelledError() from None  # our caller cancelled

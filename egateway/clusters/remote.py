@@ -106,8 +106,8 @@ async def await_connection_info(
     Wait for the kernel-side launcher's connection info, checking every
     C{interval} seconds that the launch is still alive.
 
-    @param still_running: returns C{None} while the launch lives, or why it
-        ended (with whatever log it left).
+    @param still_running: returns C{None} while the launch lives, or a
+        sentence saying how it ended (with whatever log it left).
     @raise LaunchError: the launch ended before reporting.
     """
     waiting: Operation[dict[str, Any]] = Operation("connection info", _await(pending.received))
@@ -118,7 +118,7 @@ async def await_connection_info(
             return result
         ended = await still_running()
         if ended is not None:
-            raise LaunchError(f"the kernel launcher {ended} before sending connection info")
+            raise LaunchError(ended)
 
 
 async def _await(d: Deferred[Any]) -> Any:

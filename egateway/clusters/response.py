@@ -26,7 +26,7 @@ import socket
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -103,6 +103,9 @@ class PendingLaunch:
         """
         if not self.received.called:
             self.received.cancel()
+            # Nobody may be waiting any more (the launch failed before it
+            # waited); a cancellation is not an error to log.
+            self.received.addErrback(lambda f: f.trap(CancelledError) and None)
         else:
             self._listener._forget(self)
 
@@ -165,7 +168,7 @@ class _PayloadProtocol(Protocol):
         if self._finished:
             return
         self._finish()
-        accepted = self._listener._received(b"".join(self._chunks), self.peer)
+        accepted = self._listener._judge(b"".join(self._chunks), self.peer)
         self.transport.write(b"OK\n" if accepted else b"ERROR refused\n")
         self.transport.loseConnection()
 
@@ -178,7 +181,7 @@ class _PayloadProtocol(Protocol):
             # Closed without a clean EOF (reset): use what arrived.
             self._finish()
             if self._chunks:
-                self._listener._received(b"".join(self._chunks), self.peer)
+                self._listener._judge(b"".join(self._chunks), self.peer)
 
 
 class ResponseListener(Service):
@@ -208,12 +211,14 @@ class ResponseListener(Service):
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
         @param ip: the address to bind and advertise; empty for
-            L{primary_ipv4}.
+            L{primary_ipv4}; C{0.0.0.0} (or C{::}) binds every address and
+            advertises L{primary_ipv4}.
         @param port: 0 for any free port (see L{port} once started).
         @param keys: the key pair; generated at start-up when omitted.
         """
         self._reactor = reactor
         self.ip = ip
+        self.advertised_ip = ip
         self._requested_port = port
         self.accept_v1 = accept_v1
         self.max_payload = max_payload
@@ -247,12 +252,12 @@ class ResponseListener(Service):
         """
         if self.keys is None:
             self.keys = HandshakeKeys.generate()
-        if not self.ip:
-            self.ip = primary_ipv4()
+        bind = self.ip or primary_ipv4()
+        self.advertised_ip = primary_ipv4() if bind in ("0.0.0.0", "::") else bind
         factory = Factory.forProtocol(lambda: _PayloadProtocol(self))
         factory.noisy = False
         self._listening = self._reactor.listenTCP(
-            self._requested_port, factory, backlog=128, interface=self.ip
+            self._requested_port, factory, backlog=128, interface=bind
         )
         super().startService()
         self._log.info(
@@ -293,8 +298,8 @@ class ResponseListener(Service):
         """
         C{ip:port} as substituted for C{{response_address}}.
         """
-        host = f"[{self.ip}]" if ":" in self.ip else self.ip
-        return f"{host}:{self.port}"
+        host = self.advertised_ip
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     @property
     def public_key(self) -> str:
@@ -335,6 +340,17 @@ class ResponseListener(Service):
             kernel_id=kernel_id,
         )
         return False
+
+    def _judge(self, data: bytes, peer: str) -> bool:
+        """
+        L{_received}, with a bug in judging one payload logged rather than
+        left to break the connection handling.
+        """
+        try:
+            return self._received(data, peer)
+        except Exception:
+            self._log.failure("error judging connection info from {peer}", peer=peer)
+            return False
 
     def _received(self, data: bytes, peer: str) -> bool:
         """

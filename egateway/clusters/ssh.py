@@ -262,7 +262,8 @@ class SSHLauncher:
         log = f"{self._settings.kernel_log_dir.rstrip('/')}/kernel-{kernel_id}.log"
         tail = await self.pool.run(host, shell_command(["tail", "-n", "5", log]), timeout=15)
         text = " | ".join(tail.stdout.decode("utf-8", "replace").strip().splitlines())
-        return f"on {host} exited" + (f" (log {host}:{log}: {text})" if text else "")
+        explanation = f"the kernel launcher on {host} exited before sending connection info"
+        return explanation + (f"; its log {host}:{log} ends: {text}" if text else "")
 
     async def _kill_quietly(self, host: str, pid: int) -> None:
         for signum in (15, 9):

@@ -1,0 +1,292 @@
+"""
+Kernels on SSH hosts: real sshd daemons in network namespaces the test
+creates, real kernels started there by launchers/python/launch_ipykernel.py,
+reporting their connection info to the gateway's response listener.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.task import deferLater
+
+from tests.fixtures import SSHHosts
+from tests.fixtures.system import SSH_PACKAGES, require_packages
+from tests.support.gateway import GatewayTestCase
+from tests.support.wsclient import ChannelsClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(ROOT, "launchers", "python", "launch_ipykernel.py")
+
+
+def write_spec(directory: str, name: str, argv: list[str], config: dict[str, Any]) -> None:
+    os.makedirs(os.path.join(directory, name))
+    with open(os.path.join(directory, name, "kernel.json"), "w") as f:
+        json.dump(
+            {
+                "display_name": name,
+                "language": "python",
+                "argv": argv,
+                "metadata": {"egateway": {"launcher": "ssh", "config": config}},
+            },
+            f,
+        )
+
+
+def launcher_argv(script: str = LAUNCHER) -> list[str]:
+    return [
+        sys.executable,
+        script,
+        "--kernel-id",
+        "{kernel_id}",
+        "--response-address",
+        "{response_address}",
+        "--public-key",
+        "{public_key}",
+        "--port-range",
+        "{port_range}",
+    ]
+
+
+class SSHTestCase(GatewayTestCase):
+    """
+    Two SSH hosts and a gateway whose kernelspecs run kernels on them.
+    """
+
+    timeout = 180
+    hosts = ("h1", "h2")
+    extra_settings: dict[str, Any] = {}
+
+    async def setUp(self) -> None:
+        require_packages(*SSH_PACKAGES)
+        workdir = tempfile.mkdtemp(prefix="egw-", dir="/tmp")
+        self.ssh = SSHHosts(workdir, self.hosts)
+        self.ssh.up()
+        self.addCleanup(self.ssh.down)
+        self.addCleanup(self._check_hosts_clean)
+        self.ips = {h.name: h.ip for h in self.ssh.hosts}
+        self.names = {h.ip: h.name for h in self.ssh.hosts}
+        self.specs = os.path.abspath(self.mktemp())
+        os.makedirs(self.specs)
+        hosts = ",".join(h.ip for h in self.ssh.hosts)
+        write_spec(self.specs, "remote", launcher_argv(), {"remote_hosts": hosts})
+        write_spec(
+            self.specs,
+            "broken",
+            [sys.executable, "/nonexistent/launch.py", "--kernel-id", "{kernel_id}"],
+            {"remote_hosts": hosts},
+        )
+        write_spec(self.specs, "silent", ["sleep", "600"], {"remote_hosts": hosts})
+        self.gateway_settings = {
+            "kernelspec_path": self.specs,
+            "response_ip": self.ssh.bridge_ip,
+            "ssh_key_files": self.ssh.client_key_path,
+            "ssh_known_hosts": self.ssh.known_hosts_path,
+            "remote_user": self.ssh.user,
+            "list_kernels": "true",
+            "shutdown_wait": 3,
+            "terminate_wait": 3,
+            "poll_interval": 1,
+            **self.extra_settings,
+        }
+        await super().setUp()
+
+    def _check_hosts_clean(self) -> None:
+        """
+        No kernel process remains on any host (checked inside each
+        namespace) once the gateway has stopped.
+        """
+        for name in self.hosts:
+            self.assertEqual(self.ssh.pids(name), [], f"processes left on {name}")
+
+    async def start_remote(self, name: str = "remote", env: dict[str, str] | None = None) -> dict[str, Any]:
+        code, model = await self.gateway.request(
+            "POST", "api/kernels", {"name": name, **({"env": env} if env else {})}
+        )
+        self.assertEqual(code, 201, model)
+        return model
+
+    async def hostname_of(self, kernel_id: str) -> str:
+        client = await ChannelsClient.connect(self.gateway.url, kernel_id)
+        result = await client.execute("import socket; print(socket.gethostname())")
+        await client.close()
+        return result["stdout"].strip()
+
+
+class PlacementTests(SSHTestCase):
+    async def test_round_robin(self) -> None:
+        """
+        Consecutive kernels land on different hosts (each kernel reports its
+        own hostname), and run code there.
+        """
+        first = await self.start_remote()
+        second = await self.start_remote()
+        hosts = {first["placement"]["host"], second["placement"]["host"]}
+        self.assertEqual(hosts, set(self.ips.values()))
+        self.assertEqual(await self.hostname_of(first["id"]), self.names[first["placement"]["host"]])
+        self.assertEqual(await self.hostname_of(second["id"]), self.names[second["placement"]["host"]])
+        phases = [p["phase"] for p in first["phases"]]
+        self.assertEqual(
+            phases, ["queued", "submitted", "placed", "connection info received", "connected", "ready"]
+        )
+
+    async def test_interrupt_restart_shutdown(self) -> None:
+        """
+        A time.sleep(60) cell on a remote kernel is interrupted; the kernel
+        restarts (new process, same id) and shuts down leaving nothing on the
+        host.
+        """
+        model = await self.start_remote()
+        host = self.names[model["placement"]["host"]]
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        await client.execute("x = 1")
+        since = len(client.messages)
+        sleeper = client.send(
+            "execute_request",
+            {"code": "import time; time.sleep(60)", "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
+        )
+        await client.wait_for(
+            lambda m: m.get("msg_type") == "status" and m["content"]["execution_state"] == "busy", since=since
+        )
+        code, _ = await self.gateway.request("POST", f"api/kernels/{model['id']}/interrupt")
+        self.assertEqual(code, 204)
+        reply = await client.wait_for(
+            lambda m: m.get("msg_type") == "execute_reply" and m["parent_header"].get("msg_id") == sleeper,
+            timeout=15,
+        )
+        self.assertEqual(reply["content"]["ename"], "KeyboardInterrupt")
+        await client.wait_for(
+            lambda m: m.get("msg_type") == "status"
+            and m["content"]["execution_state"] == "idle"
+            and m["parent_header"].get("msg_id") == sleeper,
+            since=since,
+        )
+        self.assertEqual((await client.execute("x + 1"))["result"]["text/plain"], "2")
+
+        old_pid = model["placement"]["pid"]
+        code, restarted = await self.gateway.request("POST", f"api/kernels/{model['id']}/restart")
+        self.assertEqual(code, 200, restarted)
+        self.assertNotEqual(restarted["placement"]["pid"], old_pid)
+        result = await client.execute("'x' in dir()")
+        self.assertEqual(result["result"]["text/plain"], "False")
+        self.assertNotIn(old_pid, self.ssh.pids(self.names[restarted["placement"]["host"]]))
+        await client.close()
+
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        self.assertEqual(self.ssh.pids(host), [])
+
+
+class LeastConnectionTests(SSHTestCase):
+    extra_settings = {"load_balancing_algorithm": "least-connection"}
+
+    async def test_balances(self) -> None:
+        """
+        Least-connection puts each kernel on the host with the fewest, and
+        reuses a host whose kernel went away.
+        """
+        a = await self.start_remote()
+        b = await self.start_remote()
+        self.assertNotEqual(a["placement"]["host"], b["placement"]["host"])
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{a['id']}")
+        self.assertEqual(code, 204)
+        c = await self.start_remote()
+        self.assertEqual(c["placement"]["host"], a["placement"]["host"])
+
+
+class DeadHostTests(SSHTestCase):
+    extra_settings = {"host_backoff": 1.0, "ssh_connect_timeout": 3}
+
+    async def test_dead_host_skipped_then_retried(self) -> None:
+        """
+        With one host's sshd stopped, launches succeed on the other; once
+        its back-off has passed and sshd is back, the host is used again.
+        """
+        self.ssh.stop_sshd("h1")
+        models = [await self.start_remote() for _ in range(3)]
+        self.assertEqual({m["placement"]["host"] for m in models}, {self.ips["h2"]})
+        self.ssh.start_sshd("h1")
+        deadline = reactor.seconds() + 20
+        used = set()
+        while self.ips["h1"] not in used:
+            self.assertLess(reactor.seconds(), deadline, "h1 was never used again")
+            await deferLater(reactor, 0.5, lambda: None)
+            used.add((await self.start_remote())["placement"]["host"])
+
+    async def test_no_host_reachable(self) -> None:
+        """
+        With every host down the launch fails fast with 503, naming the
+        hosts, and nothing runs anywhere.
+        """
+        self.ssh.stop_sshd("h1")
+        self.ssh.stop_sshd("h2")
+        code, body = await self.gateway.request("POST", "api/kernels", {"name": "remote"})
+        self.assertEqual(code, 503, body)
+        self.assertIn(self.ips["h1"], body["message"])
+        self.assertIn(self.ips["h2"], body["message"])
+        self.assertIn("last phase: submitted", body["message"])
+        self.assertEqual(self.gateway.manager.kernels, {})
+
+
+class FailedLaunchTests(SSHTestCase):
+    extra_settings = {"launch_timeout": 8}
+
+    async def test_launcher_exits_early(self) -> None:
+        """
+        A launcher that dies at once fails the launch well before the
+        timeout, quoting its log, and leaves nothing running.
+        """
+        started = reactor.seconds()
+        code, body = await self.gateway.request("POST", "api/kernels", {"name": "broken"})
+        self.assertEqual(code, 500, body)
+        self.assertIn("exited before sending connection info", body["message"])
+        self.assertIn("No such file", body["message"])
+        self.assertLess(reactor.seconds() - started, 7)
+
+    async def test_timeout(self) -> None:
+        """
+        A launcher that never reports times out with 504 naming the phase,
+        and its process on the host is killed.
+        """
+        code, body = await self.gateway.request("POST", "api/kernels", {"name": "silent"})
+        self.assertEqual(code, 504, body)
+        self.assertIn("timed out after 8 s waiting for connection info", body["message"])
+        self.assertIn("last phase: placed", body["message"])
+        for name in self.hosts:
+            self.assertEqual(self.ssh.pids(name), [])
+
+
+class InjectionTests(SSHTestCase):
+    async def test_hostile_values(self) -> None:
+        """
+        Quotes, semicolons, pipes, globs and spaces in KERNEL_USERNAME and
+        other KERNEL_* values reach the kernel verbatim and run nothing on
+        the host; values with $, backticks or newlines are refused.
+        """
+        marker = f"/tmp/egw-pwned-{os.getpid()}"
+        hostile = {
+            "KERNEL_USERNAME": f"x'; touch {marker}; echo '",
+            "KERNEL_EXTRA": f'a" ; touch {marker} | touch {marker}2 & * > {marker}3',
+            "KERNEL_SPACES": "  leading and trailing  ",
+        }
+        model = await self.start_remote(env=hostile)
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        result = await client.execute(
+            "import os, json; print(json.dumps({k: os.environ.get(k) for k in "
+            "['KERNEL_USERNAME', 'KERNEL_EXTRA', 'KERNEL_SPACES']}))"
+        )
+        self.assertEqual(json.loads(result["stdout"]), hostile)
+        await client.close()
+        for suffix in ("", "2", "3"):
+            self.assertFalse(os.path.exists(marker + suffix))
+        for value in ("$(touch /tmp/x)", "`id`", "a\nb"):
+            code, body = await self.gateway.request(
+                "POST", "api/kernels", {"name": "remote", "env": {"KERNEL_USERNAME": value}}
+            )
+            self.assertEqual(code, 400, body)
