@@ -247,7 +247,7 @@ class ResponseConfig:
         "",
         "Address remote launchers send connection info to: bound, and "
         "advertised in {response_address} (empty: this host's primary IPv4 "
-        "address).",
+        "address; 0.0.0.0: bind every address, advertise the primary one).",
         env=("EG_RESPONSE_IP",),
     )
     response_port: int = setting(

@@ -69,8 +69,10 @@ class PendingLaunch:
         launcher (in C{EG_LAUNCH_TOKEN}); version 2 payloads must carry it.
     @ivar received: fires with the connection info dict (C{pid}, C{pgid},
         C{comm_port}, C{kernel_id} included when the launcher sent them);
-        fails with C{CancelledError} when cancelled, or L{LaunchError} when
-        the listener stops first.  Cancelling it is the same as L{cancel}.
+        fails with L{LaunchError} when the listener stops first.  Cancelling
+        it is the same as L{cancel}: callbacks already waiting see
+        C{CancelledError}; after that it holds C{None}, so an abandoned
+        launch logs no unhandled error.
     @ivar version: the payload version that delivered (C{None} until then);
         the comm port speaks version 2 only after a version 2 handshake.
     """

@@ -1,0 +1,706 @@
+#!/usr/bin/env python3
+"""
+Start an IPython kernel on a remote host for egateway (or Enterprise
+Gateway) and report its connection info back to the gateway.
+
+This file is copied onto kernel hosts and into kernel images, so it is
+self-contained: it needs only the Python standard library, ipykernel,
+jupyter_client and cryptography (not PyCryptodome, and not egateway).  The
+wire formats it speaks are specified in egateway's
+C{docs/launcher-protocol.md}.
+
+What it does, in order:
+
+ 1. Parse Enterprise Gateway's arguments (C{--kernel-id},
+    C{--response-address}, C{--public-key}, C{--port-range}, ...) and their
+    C{--RemoteProcessProxy.*} aliases, plus C{--ip} and the launch token
+    (C{EG_LAUNCH_TOKEN}, preferred over C{--launch-token} because the
+    environment does not show in C{ps}).  With a token it speaks payload
+    version 2 and the authenticated comm protocol; without, version 1.
+ 2. Become its own process group, so a gateway signalling C{-pgid} reaches
+    the kernel and its children and nothing else.
+ 3. Bind the comm port (inside the port range) and start the comm
+    listener in a separate process (a grandchild, so it is not one of the
+    kernel's children).  It watches a pipe from the kernel: when the kernel
+    process ends, however it ends, the listener sees EOF and exits.  No
+    orphan, and a kernel busy in C code holding the GIL can still be
+    signalled.
+ 4. Start the kernel (C{IPKernelApp}) and let it bind its five ports, then
+    send the connection info (with C{pid}, C{pgid}, C{comm_port},
+    C{kernel_id}).  Reporting after the bind means the gateway never hears
+    of ports the kernel failed to get.  If the gateway answers that it
+    refused the payload, the kernel exits at once.
+ 5. Run the kernel until it is shut down, remove the connection file and
+    reap the listener.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import hmac
+import importlib
+import json
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import sys
+import tempfile
+import uuid
+
+LOG = logging.getLogger("launch_ipykernel")
+
+DEFAULT_KERNEL_CLASS = "ipykernel.ipkernel.IPythonKernel"
+TOKEN_ENV = "EG_LAUNCH_TOKEN"
+COMM_LABEL = b"egateway-comm-v2"
+MAX_REQUEST = 65536
+MAX_LINE = 4096
+REQUEST_TIMEOUT = 5.0
+RESPONSE_TIMEOUT = 30.0
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return default
+
+
+# Enterprise Gateway's environment knobs, same names.
+MIN_PORT_RANGE_SIZE = _env_int(("MIN_PORT_RANGE_SIZE", "EG_MIN_PORT_RANGE_SIZE"), 100)
+MAX_PORT_RANGE_RETRIES = _env_int(("MAX_PORT_RANGE_RETRIES", "EG_MAX_PORT_RANGE_RETRIES"), 20)
+
+
+class LaunchFailed(Exception):
+    """
+    The launch cannot go on; the message says why, for the kernel's log.
+    """
+
+
+# -- arguments -------------------------------------------------------------
+
+
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """
+    Enterprise Gateway's arguments (every one optional on the command line,
+    as there) with each C{--RemoteProcessProxy.x} alias folded into C{x}.
+    """
+    parser = argparse.ArgumentParser(description="Start an IPython kernel for a Jupyter gateway.")
+    for name, help_text in (
+        ("kernel-id", "the kernel's id (required)"),
+        ("response-address", "ip:port where the connection info goes"),
+        ("public-key", "the gateway's base64 DER RSA public key (required)"),
+        ("port-range", "lo..hi for the kernel's ports and the comm port (0..0: any)"),
+        ("spark-context-initialization-mode", "lazy, eager or none"),
+        ("cluster-type", "spark, dask or none"),
+    ):
+        dest = name.replace("-", "_")
+        parser.add_argument(f"--{name}", dest=dest, nargs="?", help=help_text)
+        parser.add_argument(f"--RemoteProcessProxy.{name}", dest=f"rpp_{dest}", nargs="?", help=argparse.SUPPRESS)
+    parser.add_argument("--kernel-class-name", nargs="?", default=DEFAULT_KERNEL_CLASS)
+    parser.add_argument("--ip", default="0.0.0.0", help="address the kernel binds (default 0.0.0.0)")
+    parser.add_argument(
+        "--launch-token",
+        nargs="?",
+        help=f"one-time launch token for version 2 (prefer the {TOKEN_ENV} environment variable)",
+    )
+    parser.add_argument("connection_file", nargs="?", help="connection file path (legacy)")
+    args = parser.parse_args(argv)
+    for name in ("kernel_id", "response_address", "public_key", "port_range",
+                 "spark_context_initialization_mode", "cluster_type"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(args, f"rpp_{name}"))
+        delattr(args, f"rpp_{name}")
+    # Enterprise Gateway's effective defaults.
+    args.spark_context_initialization_mode = args.spark_context_initialization_mode or "none"
+    args.cluster_type = args.cluster_type or "spark"
+    if args.cluster_type == "spark" and args.spark_context_initialization_mode == "none":
+        args.cluster_type = "none"
+    token = os.environ.pop(TOKEN_ENV, None)  # not inherited by the kernel's children
+    args.launch_token = args.launch_token or token or None
+    if not args.kernel_id:
+        raise LaunchFailed("--kernel-id is required")
+    if not args.public_key:
+        raise LaunchFailed("--public-key is required")
+    if args.cluster_type not in ("spark", "dask", "none"):
+        raise LaunchFailed(f"unknown --cluster-type {args.cluster_type!r}")
+    return args
+
+
+def parse_port_range(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 0
+    try:
+        low, high = (int(part) for part in text.split(".."))
+    except ValueError:
+        raise LaunchFailed(f"--port-range {text!r} is not of the form lo..hi") from None
+    if (low, high) == (0, 0):
+        return 0, 0
+    if not (0 < low < high <= 65535):
+        raise LaunchFailed(f"--port-range {text!r} must satisfy 0 < lo < hi <= 65535")
+    if high - low + 1 < MIN_PORT_RANGE_SIZE:
+        raise LaunchFailed(
+            f"--port-range {text!r} holds fewer than {MIN_PORT_RANGE_SIZE} ports "
+            "(EG_MIN_PORT_RANGE_SIZE)"
+        )
+    return low, high
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LaunchFailed(f"--response-address {text!r} is not ip:port")
+    return host.strip("[]"), int(port)
+
+
+# -- ports -----------------------------------------------------------------
+
+
+def _socket_for(ip: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+
+
+def bind_in_range(ip: str, low: int, high: int, avoid: set[int]) -> socket.socket:
+    """
+    A TCP socket bound to a free port in C{low..high} (any port for 0..0).
+    """
+    for _ in range(MAX_PORT_RANGE_RETRIES + 1):
+        port = 0 if (low, high) == (0, 0) else random.randint(low, high)
+        if port in avoid:
+            continue
+        sock = _socket_for(ip)
+        try:
+            sock.bind((ip, port))
+            return sock
+        except OSError:
+            sock.close()
+    raise LaunchFailed(f"no free port in {low}..{high} after {MAX_PORT_RANGE_RETRIES} tries")
+
+
+def choose_kernel_ports(ip: str, low: int, high: int, avoid: set[int]) -> list[int]:
+    """
+    Five ports for the kernel.  Without a range the kernel binds port 0
+    itself, which cannot race; within a range we probe and release, as
+    every launcher must.
+    """
+    if (low, high) == (0, 0):
+        return [0] * 5
+    probes = []
+    try:
+        for _ in range(5):
+            probe = bind_in_range(ip, low, high, avoid)
+            avoid.add(probe.getsockname()[1])
+            probes.append(probe)
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def write_connection_file(path: str, ip: str, ports: list[int]) -> None:
+    info = {
+        "shell_port": ports[0],
+        "iopub_port": ports[1],
+        "stdin_port": ports[2],
+        "hb_port": ports[3],
+        "control_port": ports[4],
+        "ip": ip,
+        "key": str(uuid.uuid4()),
+        "transport": "tcp",
+        "signature_scheme": "hmac-sha256",
+        "kernel_name": "",
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+
+
+def connection_file_for(requested: str | None, kernel_id: str) -> str:
+    """
+    The requested file if its directory exists (Enterprise Gateway's
+    rule), else a private temporary file.
+    """
+    if requested and os.path.isdir(os.path.dirname(os.path.abspath(requested))):
+        return requested
+    fd, path = tempfile.mkstemp(prefix=f"kernel-{kernel_id}_", suffix=".json")
+    os.close(fd)
+    return path
+
+
+# -- the handshake payload -------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def load_public_key(public_key_b64: str):
+    """
+    The gateway's RSA public key, checked before anything is started.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    try:
+        key = serialization.load_der_public_key(base64.b64decode(public_key_b64, validate=True))
+    except ValueError as e:
+        raise LaunchFailed(f"--public-key is not a base64 DER public key: {e}") from None
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise LaunchFailed("--public-key is not an RSA key")
+    return key
+
+
+def encrypt_payload(info: dict, public_key_b64: str, token: str | None) -> bytes:
+    """
+    Version 2 with a token, else version 1; formats in
+    C{docs/launcher-protocol.md}.
+    """
+    from cryptography.hazmat.primitives import hashes, padding
+    from cryptography.hazmat.primitives.asymmetric.padding import MGF1, OAEP, PKCS1v15
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    public_key = load_public_key(public_key_b64)
+    if token is None:
+        aes_key = os.urandom(16)
+        padder = padding.PKCS7(128).padder()
+        padded = padder.update(json.dumps(info).encode("utf-8")) + padder.finalize()
+        encryptor = Cipher(algorithms.AES(aes_key), modes.ECB()).encryptor()
+        outer = {
+            "version": 1,
+            "key": _b64(public_key.encrypt(aes_key, PKCS1v15())),
+            "conn_info": _b64(encryptor.update(padded) + encryptor.finalize()),
+        }
+    else:
+        kernel_id = info["kernel_id"]
+        aes_key = os.urandom(32)
+        nonce = os.urandom(12)
+        plaintext = json.dumps(dict(info, launch_token=token)).encode("utf-8")
+        oaep = OAEP(mgf=MGF1(algorithm=hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+        outer = {
+            "version": 2,
+            "kernel_id": kernel_id,
+            "key": _b64(public_key.encrypt(aes_key, oaep)),
+            "nonce": _b64(nonce),
+            "conn_info": _b64(AESGCM(aes_key).encrypt(nonce, plaintext, f"2|{kernel_id}".encode("utf-8"))),
+        }
+    return base64.b64encode(json.dumps(outer).encode("utf-8"))
+
+
+def send_connection_info(address: str, payload: bytes) -> None:
+    """
+    Deliver the payload, end it with a half-close and read the gateway's
+    verdict.  egateway answers C{OK} or C{ERROR ...}; Enterprise Gateway
+    answers nothing, which counts as accepted.
+    """
+    host, port = parse_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=RESPONSE_TIMEOUT) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            verdict = b""
+            try:
+                while len(verdict) < 256:
+                    chunk = sock.recv(256)
+                    if not chunk:
+                        break
+                    verdict += chunk
+            except OSError:
+                pass
+    except OSError as e:
+        raise LaunchFailed(f"cannot deliver connection info to {address}: {e}") from None
+    if verdict.startswith(b"ERROR"):
+        raise LaunchFailed(
+            f"the gateway at {address} refused the connection info; see the gateway log"
+        )
+
+
+# -- the comm listener (runs in a child process) ---------------------------
+
+
+def comm_key(token: str, kernel_id: str) -> bytes:
+    return hmac.new(token.encode("utf-8"), COMM_LABEL + b"|" + kernel_id.encode("utf-8"), hashlib.sha256).digest()
+
+
+class CommListener:
+    """
+    Serves the comm port for one kernel: one request per connection,
+    version 1 (plain JSON to EOF) without a key, version 2
+    (challenge-response, see C{egateway.clusters.comm}) with one.
+    """
+
+    def __init__(
+        self, sock: socket.socket, kernel_pid: int, kernel_gone_fd: int, key: bytes | None, cluster_type: str
+    ) -> None:
+        self.sock = sock
+        self.kernel_pid = kernel_pid
+        self.kernel_gone_fd = kernel_gone_fd
+        self.key = key
+        self.cluster_type = cluster_type
+
+    def kernel_alive(self) -> bool:
+        """
+        The pipe from the kernel reaches EOF the moment the kernel process
+        ends, however it ends.
+        """
+        if select.select([self.kernel_gone_fd], [], [], 0)[0]:
+            return False
+        try:
+            os.kill(self.kernel_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+    def serve(self) -> None:
+        """
+        Answer requests until asked to shut down or until the kernel ends.
+        """
+        self.sock.listen(16)
+        while True:
+            # The pipe is the signal; the timeout is a backstop for a pipe
+            # end kept open by a process the kernel forked.
+            readable, _, _ = select.select([self.sock, self.kernel_gone_fd], [], [], 5.0)
+            if self.kernel_gone_fd in readable or not self.kernel_alive():
+                return
+            if not readable:
+                continue
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                continue
+            with connection:
+                connection.settimeout(REQUEST_TIMEOUT)
+                try:
+                    if self.handle(connection):
+                        return
+                except (OSError, ValueError) as e:
+                    LOG.warning("comm request failed: %s", e)
+
+    def handle(self, connection: socket.socket) -> bool:
+        """
+        Serve one connection; returns whether to stop listening.
+        """
+        if self.key is None:
+            data = b""
+            while len(data) <= MAX_REQUEST:
+                chunk = connection.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            if not data.strip():
+                return False
+            request = json.loads(data.decode("utf-8"))
+            if not isinstance(request, dict):
+                raise ValueError("the request is not a JSON object")
+            ok, error, stop = self.act(request)
+            if error:
+                LOG.warning("comm request %s: %s", request, error)
+            return stop
+        challenge = os.urandom(16)
+        connection.sendall(json.dumps({"version": 2, "challenge": _b64(challenge)}).encode() + b"\n")
+        line = b""
+        while b"\n" not in line and len(line) <= MAX_LINE:
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            line += chunk
+        message = json.loads(line.split(b"\n", 1)[0].decode("utf-8"))
+        text = message.get("request") if isinstance(message, dict) else None
+        mac = message.get("mac") if isinstance(message, dict) else None
+        if not isinstance(text, str) or not isinstance(mac, str):
+            raise ValueError("malformed version 2 request")
+        expected = hmac.new(
+            self.key, COMM_LABEL + b"\n" + challenge + b"\n" + text.encode("utf-8"), hashlib.sha256
+        ).hexdigest()
+        if not hmac.compare_digest(expected.encode(), mac.encode()):
+            LOG.warning("refused a comm request with a wrong MAC")
+            self._answer(connection, False, "authentication failed")
+            return False
+        request = json.loads(text)
+        if not isinstance(request, dict):
+            raise ValueError("the request is not a JSON object")
+        ok, error, stop = self.act(request)
+        self._answer(connection, ok, error)
+        return stop
+
+    def _answer(self, connection: socket.socket, ok: bool, error: str) -> None:
+        reply: dict[str, object] = {"ok": ok, "alive": self.kernel_alive()}
+        if error:
+            reply["error"] = error
+        connection.sendall(json.dumps(reply).encode("utf-8") + b"\n")
+
+    def act(self, request: dict) -> tuple[bool, str, bool]:
+        """
+        Carry out C{signum} and C{shutdown}; returns (ok, error, stop).
+        """
+        stop = bool(request.get("shutdown"))
+        signum = request.get("signum")
+        if signum is None:
+            return True, "", stop
+        if not self.kernel_alive():
+            return False, "the kernel process is gone", True
+        try:
+            signum = int(signum)
+            if signum != 0:
+                LOG.info("comm request: signal %d to kernel %d", signum, self.kernel_pid)
+            os.kill(self.kernel_pid, signum)
+            if signum == signal.SIGINT and self.cluster_type == "spark":
+                os.kill(self.kernel_pid, signal.SIGUSR2)
+        except (TypeError, ValueError, OverflowError):
+            return False, f"bad signal number {signum!r}", stop
+        except ProcessLookupError:
+            return False, "the kernel process is gone", True
+        except OSError as e:
+            return False, f"cannot signal the kernel: {e}", stop
+        return True, "", stop
+
+
+class ListenerHandle:
+    """
+    The kernel's two pipe ends to its comm listener: closing C{stop_fd}
+    tells the listener the kernel is ending; C{exited_fd} reaches EOF once
+    the listener process has gone.
+    """
+
+    def __init__(self, stop_fd: int, exited_fd: int) -> None:
+        self.stop_fd = stop_fd
+        self.exited_fd = exited_fd
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """
+        Make the listener exit and wait (bounded) until it has, so that a
+        launcher that has exited leaves no process behind, even briefly.
+        """
+        os.close(self.stop_fd)
+        try:
+            while select.select([self.exited_fd], [], [], timeout)[0]:
+                if not os.read(self.exited_fd, 64):
+                    break
+            else:
+                LOG.warning("the comm listener did not exit within %gs", timeout)
+        finally:
+            os.close(self.exited_fd)
+
+
+def start_comm_listener(sock: socket.socket, key: bytes | None, cluster_type: str) -> ListenerHandle:
+    """
+    Start the comm listener as a grandchild of the kernel (fork twice), so
+    it is not among the kernel's children: ipykernel would otherwise kill it
+    and wait for it while shutting down, and user code reaping "any child"
+    could take it.  The listener exits when the kernel process ends (EOF on
+    a pipe only the kernel holds open), however it ends.
+    """
+    kernel_pid = os.getpid()
+    stop_read, stop_write = os.pipe()
+    exited_read, exited_write = os.pipe()
+    intermediate = os.fork()
+    if intermediate == 0:
+        status = 0
+        try:
+            os.close(stop_write)
+            os.close(exited_read)
+            if os.fork() == 0:
+                # exited_write stays open, unused, until this process ends.
+                status = _run_listener(sock, kernel_pid, stop_read, key, cluster_type)
+        finally:
+            # Neither forked process may ever return into the kernel's code.
+            os._exit(status)
+    os.waitpid(intermediate, 0)
+    os.close(stop_read)
+    os.close(exited_write)
+    sock.close()
+    return ListenerHandle(stop_write, exited_read)
+
+
+def _run_listener(sock: socket.socket, kernel_pid: int, gone_fd: int, key: bytes | None, cluster_type: str) -> int:
+    try:
+        # Interrupts and Spark cancellation are for the kernel, not us.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        LOG.info(
+            "comm listener %d on port %d (protocol version %d)",
+            os.getpid(), sock.getsockname()[1], 2 if key else 1,
+        )
+        CommListener(sock, kernel_pid, gone_fd, key, cluster_type).serve()
+        return 0
+    except BaseException:
+        LOG.exception("comm listener failed")
+        return 1
+    finally:
+        logging.shutdown()
+
+
+# -- the kernel ------------------------------------------------------------
+
+
+class _SparkPlaceholder:
+    """
+    Stands in for C{spark}/C{sc}/C{sqlContext} while the Spark session is
+    created in the background; first use waits for it.
+    """
+
+    def __init__(self, name: str, ready, namespace: dict) -> None:
+        self._name, self._ready, self._namespace = name, ready, namespace
+
+    def __getattr__(self, attribute: str):
+        if attribute.startswith("__") or attribute.startswith("_ipython_") or attribute.startswith("_repr_"):
+            raise AttributeError(attribute)
+        error = self._ready()
+        if error is not None:
+            raise RuntimeError(f"{self._name} could not be initialised: {error}") from error
+        return getattr(self._namespace[self._name], attribute)
+
+
+_spark_context = None
+
+
+def initialize_namespace(namespace: dict, cluster_type: str) -> None:
+    """
+    Spark: C{spark}, C{sc}, C{sqlContext}, C{sqlCtx} and C{sql}, created in
+    a background thread so the kernel answers at once.  Dask:
+    C{cluster} from C{dask_yarn}.  None: nothing.
+    """
+    if cluster_type == "dask":
+        import dask_yarn
+
+        namespace["cluster"] = dask_yarn.YarnCluster.from_current()
+        return
+    if cluster_type != "spark":
+        return
+    try:
+        from pyspark.sql import SparkSession
+    except ImportError:
+        LOG.info("pyspark is not installed; no Spark session will be created")
+        return
+    import atexit
+    import threading
+
+    failure: list[BaseException] = []
+
+    def build() -> None:
+        global _spark_context
+        try:
+            session = SparkSession.builder.getOrCreate()
+        except BaseException as e:  # reported on first use of the placeholders
+            failure.append(e)
+            return
+        _spark_context = session.sparkContext
+        atexit.register(session.stop)
+        legacy = getattr(session, "_wrapped", None)
+        namespace.update(spark=session, sc=session.sparkContext, sql=session.sql,
+                         sqlContext=legacy, sqlCtx=legacy)
+
+    worker = threading.Thread(target=build, name="spark-session", daemon=True)
+
+    def ready():
+        worker.join()
+        return failure[0] if failure else None
+
+    spark = _SparkPlaceholder("spark", ready, namespace)
+    context = _SparkPlaceholder("sqlContext", ready, namespace)
+    namespace.update(spark=spark, sc=_SparkPlaceholder("sc", ready, namespace),
+                     sqlContext=context, sqlCtx=context, sql=lambda query: spark.sql(query))
+    worker.start()
+
+
+def _cancel_spark_jobs(signum, frame) -> None:
+    if _spark_context is not None:
+        try:
+            _spark_context.cancelAllJobs()
+        except Exception as e:
+            LOG.warning("cancelling Spark jobs failed: %s", e)
+
+
+def import_class(dotted: str):
+    module, _, name = dotted.rpartition(".")
+    if not module:
+        raise LaunchFailed(f"--kernel-class-name {dotted!r} is not a dotted name")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise LaunchFailed(f"cannot import kernel class {dotted!r}: {e}") from None
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        LOG.warning("could not remove %s: %s", path, e)
+
+
+def launch(args: argparse.Namespace) -> int:
+    low, high = parse_port_range(args.port_range)
+    if args.response_address:
+        parse_address(args.response_address)
+        load_public_key(args.public_key)
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # a session leader already leads its group
+    comm_socket = bind_in_range(args.ip, low, high, set())
+    comm_port = comm_socket.getsockname()[1]
+    ports = choose_kernel_ports(args.ip, low, high, {comm_port})
+    connection_file = connection_file_for(args.connection_file, args.kernel_id)
+    write_connection_file(connection_file, args.ip, ports)
+    key = comm_key(args.launch_token, args.kernel_id) if args.launch_token else None
+    listener = start_comm_listener(comm_socket, key, args.cluster_type)
+
+    def terminated(signum, frame):
+        # Leave no connection file behind, then die of the signal as usual.
+        _remove(connection_file)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        kernel_class = import_class(args.kernel_class_name)
+        from ipykernel.kernelapp import IPKernelApp
+
+        namespace: dict = {}
+        initialize_namespace(namespace, args.cluster_type)
+        if args.cluster_type == "spark":
+            signal.signal(signal.SIGUSR2, _cancel_spark_jobs)
+        app = IPKernelApp.instance(
+            kernel_class=kernel_class, user_ns=namespace, connection_file=connection_file, ip=args.ip
+        )
+        app.initialize([])
+        with open(connection_file) as f:
+            info = json.load(f)
+        info.update(pid=os.getpid(), pgid=os.getpgid(0), comm_port=comm_port, kernel_id=args.kernel_id)
+        if args.response_address:
+            send_connection_info(
+                args.response_address, encrypt_payload(info, args.public_key, args.launch_token)
+            )
+            LOG.info("connection info sent to %s", args.response_address)
+        app.start()
+        return 0
+    finally:
+        _remove(connection_file)
+        listener.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    level = os.environ.get("LOG_LEVEL", os.environ.get("EG_LOG_LEVEL", "INFO"))
+    logging.basicConfig(
+        format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s",
+        level=int(level) if level.isdigit() else level.upper(),
+    )
+    try:
+        args = parse_arguments(sys.argv[1:] if argv is None else argv)
+        return launch(args)
+    except LaunchFailed as e:
+        LOG.error("%s", e)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
