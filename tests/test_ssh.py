@@ -290,3 +290,68 @@ class InjectionTests(SSHTestCase):
                 "POST", "api/kernels", {"name": "remote", "env": {"KERNEL_USERNAME": value}}
             )
             self.assertEqual(code, 400, body)
+
+
+class EnterpriseGatewayLauncherTests(SSHTestCase):
+    async def test_unmodified_jeg_launcher(self) -> None:
+        """
+        Enterprise Gateway's own launch_ipykernel.py, unmodified from its
+        PyPI source distribution, started by egateway on an SSH host from an
+        Enterprise Gateway kernelspec, becomes a working kernel that can be
+        interrupted and shut down, leaving nothing on the host.
+        """
+        from tests.test_jeg_launcher_compat import jeg_launcher
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        script = await jeg_launcher(directory)
+        spec_dir = os.path.join(self.specs, "jeg_distributed")
+        os.makedirs(spec_dir)
+        with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
+            json.dump(
+                {
+                    "display_name": "JEG distributed",
+                    "language": "python",
+                    "metadata": {
+                        "process_proxy": {
+                            "class_name": "enterprise_gateway.services.processproxies.distributed.DistributedProcessProxy",
+                            "config": {"remote_hosts": self.ips["h2"]},
+                        }
+                    },
+                    "argv": [
+                        "python",
+                        script,
+                        "--RemoteProcessProxy.kernel-id", "{kernel_id}",
+                        "--RemoteProcessProxy.response-address", "{response_address}",
+                        "--RemoteProcessProxy.public-key", "{public_key}",
+                        "--RemoteProcessProxy.port-range", "{port_range}",
+                        "--RemoteProcessProxy.spark-context-initialization-mode", "none",
+                    ],
+                },
+                f,
+            )
+        model = await self.start_remote("jeg_distributed")
+        self.assertEqual(model["launcher"], "ssh")
+        self.assertEqual(model["placement"]["host"], self.ips["h2"])
+        self.assertIn("payload v1", model["phases"][3]["detail"])
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        self.assertEqual(await self.hostname_of(model["id"]), "h2")
+        since = len(client.messages)
+        sleeper = client.send(
+            "execute_request",
+            {"code": "import time; time.sleep(60)", "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
+        )
+        await client.wait_for(
+            lambda m: m.get("msg_type") == "status" and m["content"]["execution_state"] == "busy", since=since
+        )
+        code, _ = await self.gateway.request("POST", f"api/kernels/{model['id']}/interrupt")
+        self.assertEqual(code, 204)
+        reply = await client.wait_for(
+            lambda m: m.get("msg_type") == "execute_reply" and m["parent_header"].get("msg_id") == sleeper,
+            timeout=15,
+        )
+        self.assertEqual(reply["content"]["ename"], "KeyboardInterrupt")
+        await client.close()
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        self.assertEqual(self.ssh.pids("h2"), [])
