@@ -15,9 +15,11 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
 
 from tests.fixtures import SSHHosts
 from tests.fixtures.system import SSH_PACKAGES, require_packages
+from tests.support.contract import LauncherContract, request_for
 from tests.support.gateway import GatewayTestCase
 from tests.support.wsclient import ChannelsClient
 
@@ -355,3 +357,75 @@ class EnterpriseGatewayLauncherTests(SSHTestCase):
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)
         self.assertEqual(self.ssh.pids("h2"), [])
+
+
+class SSHLauncherContract(LauncherContract, TestCase):
+    """
+    The SSH launcher against the launcher contract, on real sshd hosts.
+    """
+
+    timeout = 180
+
+    async def setUp(self) -> None:
+        require_packages(*SSH_PACKAGES)
+        workdir = tempfile.mkdtemp(prefix="egw-", dir="/tmp")
+        self.ssh = SSHHosts(workdir, ("h1", "h2"))
+        self.ssh.up()
+        self.addCleanup(self.ssh.down)
+        self.names = {h.ip: h.name for h in self.ssh.hosts}
+        hosts = ",".join(h.ip for h in self.ssh.hosts)
+        from egateway.config import build_config
+        from egateway.kernels.specs import KernelSpec
+
+        self.config = build_config(
+            {},
+            {},
+            {
+                "response-ip": self.ssh.bridge_ip,
+                "response-port": "0",
+                "ssh-key-files": self.ssh.client_key_path,
+                "ssh-known-hosts": self.ssh.known_hosts_path,
+                "remote-user": self.ssh.user,
+                "remote-hosts": hosts,
+                "poll-interval": "1",
+            },
+        )
+        self.services: dict[str, Any] = {}
+        self.addCleanup(self._stop_listener)
+        self.working = KernelSpec.from_json(
+            "working", "/nonexistent", {"argv": launcher_argv(), "language": "python", "metadata": {"egateway": {"launcher": "ssh"}}}
+        )
+        self.broken = KernelSpec.from_json(
+            "broken",
+            "/nonexistent",
+            {"argv": [sys.executable, "/nonexistent/x.py"], "language": "python", "metadata": {"egateway": {"launcher": "ssh"}}},
+        )
+
+    async def _stop_listener(self) -> None:
+        listener = self.services.get("response")
+        if listener is not None and listener.running:
+            await listener.stopService()
+        for launcher in getattr(self, "_launchers", []):
+            launcher.stop()
+
+    async def make_launcher(self) -> Any:
+        from egateway.clusters.interface import LauncherContext
+        from egateway.clusters.ssh import SSHLauncher
+
+        launcher = SSHLauncher(
+            LauncherContext(reactor=reactor, runtime_dir="", ports=None, settings={"config": self.config}, services=self.services)
+        )
+        self._launchers = getattr(self, "_launchers", []) + [launcher]
+        return launcher
+
+    def make_request(self, kernel_id: str, spec_name: str = "working"):
+        return request_for(kernel_id, self.working, timeout=30)
+
+    def broken_request(self, kernel_id: str):
+        return request_for(kernel_id, self.broken, timeout=30)
+
+    async def leftovers(self, process: Any) -> list:
+        return self.ssh.pids(self.names[process.placement.host])
+
+    async def placed_leftovers(self, phases: list) -> list:
+        return [pid for name in ("h1", "h2") for pid in self.ssh.pids(name)]

@@ -104,7 +104,10 @@ class PortAllocator:
     @ivar reserved: ports handed out and not yet released.
     """
 
-    ATTEMPTS = 200
+    ATTEMPTS = 500
+    """
+    Distinct candidates probed per reservation at most.
+    """
 
     def __init__(
         self,
@@ -127,11 +130,14 @@ class PortAllocator:
             L{ATTEMPTS} probes.
         """
         chosen: list[int] = []
-        for _ in range(self.ATTEMPTS):
+        size = self.port_range.high - self.port_range.low + 1
+        candidates = self._random.sample(
+            range(self.port_range.low, self.port_range.high + 1), min(size, self.ATTEMPTS)
+        )
+        for candidate in candidates:
             if len(chosen) == count:
                 break
-            candidate = self._random.randint(self.port_range.low, self.port_range.high)
-            if candidate in self.reserved or candidate in chosen:
+            if candidate in self.reserved:
                 continue
             port = self._probe(self.host, candidate)
             if port is None or port in self.reserved or port in chosen:

@@ -1,0 +1,121 @@
+"""
+The local launcher against the launcher contract, with real ipykernel
+processes; and its own details (sessions, port reservations, logs).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from egateway.clusters.interface import IKernelProcess, LauncherContext, Placement
+from egateway.clusters.local import LocalLauncher
+from egateway.clusters.ports import PortAllocator, PortExhausted, PortRange
+from egateway.kernels.specs import KernelSpec
+from tests.support.contract import KernelProbe, LauncherContract, request_for
+from tests.support.gateway import pid_alive
+
+
+def spec(name: str, argv: list[str]) -> KernelSpec:
+    return KernelSpec.from_json(name, "/nonexistent", {"argv": argv, "language": "python"})
+
+
+WORKING = spec("working", ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"])
+BROKEN = spec("broken", [sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"])
+
+
+class LocalLauncherContract(LauncherContract, TestCase):
+    launch_is_pending = False
+
+    async def make_launcher(self) -> LocalLauncher:
+        runtime = os.path.abspath(self.mktemp())
+        os.makedirs(runtime, mode=0o700)
+        return LocalLauncher(LauncherContext(reactor=reactor, runtime_dir=runtime, ports=PortAllocator()))
+
+    def make_request(self, kernel_id: str, spec_name: str = "working"):
+        return request_for(kernel_id, WORKING)
+
+    def broken_request(self, kernel_id: str):
+        return request_for(kernel_id, BROKEN)
+
+    async def leftovers(self, process: IKernelProcess) -> list:
+        return [process.placement.pid] if pid_alive(process.placement.pid) else []
+
+
+class LocalLauncherDetails(TestCase):
+    timeout = 60
+
+    async def test_own_session_and_stderr(self) -> None:
+        """
+        The kernel runs in a session of its own (so the gateway's terminal
+        signals do not reach it), and an early exit is explained by its
+        stderr.
+        """
+        runtime = os.path.abspath(self.mktemp())
+        os.makedirs(runtime)
+        launcher = LocalLauncher(LauncherContext(reactor=reactor, runtime_dir=runtime, ports=PortAllocator()))
+        request, _ = request_for("11111111-2222-4333-8444-555555555555", BROKEN)
+        process = await launcher.launch(request)
+        status = await process.when_exited()
+        self.assertEqual(status.code, 3)
+        self.assertIn("boom", status.describe())
+        await process.cleanup()
+        self.assertFalse(os.path.exists(process.connection_file))
+        request, _ = request_for("21111111-2222-4333-8444-555555555555", WORKING)
+        process = await launcher.launch(request)
+        probe = KernelProbe(process)
+        self.addCleanup(probe.close)
+        await probe.ready()
+        self.assertEqual(os.getsid(process.placement.pid), process.placement.pid)
+        self.assertNotEqual(os.getpgid(process.placement.pid), os.getpgid(0))
+        await process.terminate(5)
+        await process.cleanup()
+
+
+class PortTests(SynchronousTestCase):
+    def test_reserved_ports_never_repeat(self) -> None:
+        """
+        Ports handed out are not handed out again until released, even when
+        the probe would accept them.
+        """
+        allocator = PortAllocator(PortRange(40000, 40099), probe=lambda host, port: port)
+        first = set(allocator.reserve(50))
+        second = set(allocator.reserve(50))
+        self.assertEqual(first & second, set())
+        self.assertRaises(PortExhausted, allocator.reserve, 1)
+        allocator.release(first)
+        self.assertEqual(len(allocator.reserve(50)), 50)
+
+    def test_taken_ports_skipped(self) -> None:
+        """
+        Ports the probe finds taken are never handed out.
+        """
+        allocator = PortAllocator(PortRange(40000, 40199), probe=lambda host, port: None if port % 2 else port)
+        self.assertTrue(all(p % 2 == 0 for p in allocator.reserve(20)))
+
+    def test_range_parsing(self) -> None:
+        """
+        Ranges must be lo..hi within 1024-65535 and large enough; 0..0 picks
+        ports just below the ephemeral range.
+        """
+        self.assertEqual(PortRange.parse("30000..31000"), PortRange(30000, 31000))
+        for bad in ("10..20", "a..b", "30000", "40000..30000", "30000..30010", "100..70000"):
+            self.assertRaises(ValueError, PortRange.parse, bad)
+        self.assertTrue(PortRange.parse("0..0").unrestricted)
+        default = PortAllocator().port_range
+        self.assertLess(default.high, 32768 + 1)
+        self.assertGreater(default.low, 1023)
+
+
+class PlacementTests(SynchronousTestCase):
+    def test_placement_model(self) -> None:
+        """
+        A placement shows what is known and its launcher-specific ids.
+        """
+        self.assertEqual(
+            Placement(host="n1", ip="10.0.0.1", pid=5, extra={"job_id": "12"}).to_dict(),
+            {"host": "n1", "ip": "10.0.0.1", "pid": 5, "job_id": "12"},
+        )
