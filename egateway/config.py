@@ -215,6 +215,13 @@ class KernelsConfig:
         "lo..hi range for kernel ports (0..0: any free port).",
         env=("EG_PORT_RANGE",),
     )
+    session_retention: float = setting(
+        3600.0,
+        "Seconds a WebSocket session whose client left keeps journaling, so the "
+        "client can resume it.",
+        env=("EG_SESSION_RETENTION",),
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True)

@@ -257,3 +257,114 @@ class ManyKernelsTests(GatewayTestCase):
         results = await gatherResults([ensureDeferred(c.execute("2 ** 10")) for c in clients])
         self.assertEqual({r["result"]["text/plain"] for r in results}, {"1024"})
         await DeferredList([ensureDeferred(c.close()) for c in clients])
+
+
+class ResumeTests(GatewayTestCase):
+    async def run_and_drop(self, v1: bool) -> None:
+        kernel = await self.gateway.start_kernel()
+        session = f"session-{v1}"
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id=session, v1=v1)
+        code = "for i in range(100000):\n    print(f'{i:07d}' + 'x' * 93)\n"
+        msg_id = client.send(
+            "execute_request",
+            {"code": code, "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
+        )
+        mine = lambda m: m.get("parent_header", {}).get("msg_id") == msg_id  # noqa: E731
+        await client.wait_for(lambda m: mine(m) and m.get("msg_type") == "stream", timeout=30)
+        while sum(len(m["content"]["text"]) for m in client.messages if mine(m) and m["msg_type"] == "stream") < 3_000_000:
+            await client.wait_for(lambda m: False, timeout=0.05).addErrback(lambda f: None)
+        client.drop()
+        await client.closed
+        first_part = [m for m in client.messages if mine(m)]
+        resumed = await ChannelsClient.connect(
+            self.gateway.url, kernel["id"], session_id=session, v1=v1, resume_after=client.last_seq
+        )
+        await resumed.wait_for(
+            lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "idle",
+            timeout=60,
+        )
+        second_part = [m for m in resumed.messages if mine(m)]
+        seqs = [m["egateway_seq"] for m in first_part + second_part]
+        self.assertEqual(seqs, sorted(set(seqs)), "messages repeated or out of order")
+        text = "".join(m["content"]["text"] for m in first_part + second_part if m["msg_type"] == "stream")
+        lines = text.splitlines()
+        self.assertEqual(len(lines), 100000)
+        self.assertEqual([int(line[:7]) for line in lines], list(range(100000)))
+        self.assertGreater(len(text), 10_000_000)
+        await resumed.close()
+
+    async def test_resume_legacy(self) -> None:
+        """
+        A legacy client whose WebSocket drops in the middle of 10 MB of output
+        and reconnects with its session id and last message number gets all
+        of it exactly once, in order.
+        """
+        await self.run_and_drop(v1=False)
+
+    async def test_resume_v1(self) -> None:
+        """
+        The same for a v1 client.
+        """
+        await self.run_and_drop(v1=True)
+
+    async def test_output_while_away(self) -> None:
+        """
+        Output produced while no client is connected is delivered on
+        reconnection with the same session id (no resume point needed).
+        """
+        kernel = await self.gateway.start_kernel()
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="s1")
+        msg_id = client.send(
+            "execute_request",
+            {"code": "import time; time.sleep(1); print('while you were away')", "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
+        )
+        await client.close()
+        again = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="s1")
+        msg = await again.wait_for(
+            lambda m: m.get("msg_type") == "stream" and m["parent_header"].get("msg_id") == msg_id, timeout=15
+        )
+        self.assertEqual(msg["content"]["text"], "while you were away\n")
+        reply = await again.wait_for(
+            lambda m: m.get("msg_type") == "execute_reply" and m["parent_header"].get("msg_id") == msg_id
+        )
+        self.assertEqual(reply["content"]["status"], "ok")
+        await again.close()
+
+    async def test_stale_connection_replaced(self) -> None:
+        """
+        A second connection with the same session id takes over; the first is
+        closed.
+        """
+        kernel = await self.gateway.start_kernel()
+        first = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="same")
+        second = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="same")
+        first.closed.addTimeout(10, reactor)
+        await first.closed
+        self.assertEqual(first.close_code, 4001)
+        result = await second.execute("1 + 1")
+        self.assertEqual(result["result"]["text/plain"], "2")
+        await second.close()
+
+
+class JournalBoundTests(GatewayTestCase):
+    gateway_settings = {"journal_entries": 50}
+
+    async def test_dropped_output_is_announced(self) -> None:
+        """
+        A client that missed more than the journal holds is told how much
+        was dropped, then gets the rest.
+        """
+        kernel = await self.gateway.start_kernel()
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="s")
+        await client.execute("1")
+        seen = client.last_seq
+        await client.close()
+        other = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="other")
+        await other.execute("import sys\nfor i in range(200):\n    print(i, flush=True)\n")
+        await other.close()
+        again = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="s", resume_after=seen)
+        notice = await again.wait_for(
+            lambda m: m.get("msg_type") == "stream" and m["content"]["text"].startswith("[egateway]")
+        )
+        self.assertIn("dropped", notice["content"]["text"])
+        await again.close()

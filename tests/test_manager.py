@@ -273,7 +273,7 @@ class RestartTests(SynchronousTestCase):
         self.manager, self.launcher, self.channels = make_manager(self.clock, restart_limit=2)
         self.kernel = self.successResultOf(start(self.manager))
         self.client = RecordingClient()
-        self.attachment = self.kernel.attach(self.client)
+        self.attachment = self.kernel.attach(self.client, "session-1")
 
     def test_restart_keeps_id_and_clients(self) -> None:
         """
@@ -427,10 +427,10 @@ class CullingTests(SynchronousTestCase):
         """
         culler = self.culler(running=False)
         client = RecordingClient()
-        attachment = self.kernel.attach(client)
+        attachment = self.kernel.attach(client, "s")
         self.clock.advance(700)
         self.assertEqual(culler.reason_to_cull(self.kernel), "")
-        attachment.detach()
+        self.kernel.detach(attachment, client)
         self.kernel.execution_state = "busy"
         self.assertEqual(culler.reason_to_cull(self.kernel), "")
         self.kernel.execution_state = "idle"

@@ -20,7 +20,8 @@ from twisted.web.iweb import IRequest
 
 from egateway.api.auth import CorsPolicy
 from egateway.errors import BadRequest, Forbidden
-from egateway.kernels.kernel import Attachment, Kernel
+from egateway.kernels.kernel import Kernel
+from egateway.kernels.session import KernelSession
 from egateway.kernels.manager import KernelManager
 from egateway.kernels.state import KernelState
 from egateway.wire.protocol import Message, WireError
@@ -36,6 +37,7 @@ _log = Logger()
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_REPLACED = 4001
 
 
 class ChannelsProtocol(WebSocketServerProtocol):
@@ -44,8 +46,9 @@ class ChannelsProtocol(WebSocketServerProtocol):
     """
 
     kernel: Kernel
-    attachment: Attachment | None = None
+    session: KernelSession | None = None
     session_id = ""
+    resume_after: int | None = None
     v1 = False
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
@@ -55,6 +58,12 @@ class ChannelsProtocol(WebSocketServerProtocol):
         except Exception:
             raise ConnectionDeny(404, "no such kernel")
         self.session_id = (request.params.get("session_id") or [""])[0]
+        resume = (request.params.get("resume_after") or [""])[0]
+        if resume:
+            try:
+                self.resume_after = max(0, int(resume))
+            except ValueError:
+                raise ConnectionDeny(400, "resume_after must be a message number")
         self.v1 = V1_PROTOCOL in request.protocols
         return V1_PROTOCOL if self.v1 else None
 
@@ -65,7 +74,7 @@ class ChannelsProtocol(WebSocketServerProtocol):
             if self.kernel.state in (KernelState.GONE, KernelState.SHUTTING_DOWN):
                 self.sendClose(CLOSE_GOING_AWAY, "the kernel has been shut down")
                 return
-            self.attachment = self.kernel.attach(self)
+            self.session = self.kernel.attach(self, self.session_id or None, self.resume_after)
             if not self.kernel.live:
                 self._ready_check = self.factory.clock.callLater(
                     self.factory.kernel_info_timeout, self._give_up_waiting
@@ -92,7 +101,7 @@ class ChannelsProtocol(WebSocketServerProtocol):
             self.sendClose(CLOSE_INTERNAL_ERROR, "the kernel did not become ready in time")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.attachment is None:
+        if self.session is None:
             return
         try:
             if self.v1:
@@ -109,22 +118,23 @@ class ChannelsProtocol(WebSocketServerProtocol):
             )
             return
         try:
-            self.attachment.send(channel, message)
+            self.session.send(channel, message)
         except Exception:
             _log.failure("forwarding a client message")
             self.sendClose(CLOSE_INTERNAL_ERROR, "internal error")
 
-    def deliver(self, channel: str, message: Message) -> None:
+    def deliver(self, channel: str, message: Message, seq: int = 0) -> None:
         """
-        Send a kernel message to this client.
+        Send a kernel message, numbered C{seq} in this session, to this
+        client.
         """
         if self.state != self.STATE_OPEN:
             return
         try:
             if self.v1:
-                self.sendMessage(v1_encode(message, channel), isBinary=True)
+                self.sendMessage(v1_encode(message, channel, seq), isBinary=True)
             else:
-                payload, binary = legacy_encode(message, channel)
+                payload, binary = legacy_encode(message, channel, seq)
                 self.sendMessage(payload, isBinary=binary)
         except WireError as e:
             _log.warn(
@@ -135,16 +145,24 @@ class ChannelsProtocol(WebSocketServerProtocol):
             )
 
     def kernel_gone(self, reason: str) -> None:
-        self.attachment = None
+        self.session = None
         if self.state == self.STATE_OPEN:
             self.sendClose(1000, reason[:100])
+
+    def replaced(self) -> None:
+        """
+        A new connection resumed this session; this one is stale.
+        """
+        self.session = None
+        if self.state == self.STATE_OPEN:
+            self.sendClose(CLOSE_REPLACED, "replaced by a newer connection to the same session")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._ready_check is not None and self._ready_check.active():
             self._ready_check.cancel()
-        if self.attachment is not None:
-            self.attachment.detach()
-            self.attachment = None
+        if self.session is not None:
+            self.kernel.detach(self.session, self)
+            self.session = None
             _log.info(
                 "kernel {kernel_id}: client disconnected (session {session})",
                 kernel_id=self.kernel.id,

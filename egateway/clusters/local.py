@@ -4,9 +4,9 @@ Kernels as child processes of the gateway.
 The kernel runs in a session of its own (through C{setsid}), so a Ctrl-C in
 the gateway's terminal does not interrupt every kernel, and signals reach the
 kernel's whole process group.  Its argv comes from the kernelspec with
-placeholders substituted, never through a shell.  Its stdout and stderr go to
-the gateway log, tagged with the kernel id; the last lines of stderr are kept
-to explain an early exit.
+placeholders substituted, never through a shell.  Its output goes to a file
+the gateway follows into its own log, tagged with the kernel id; the last
+lines are kept to explain an early exit.
 """
 
 from __future__ import annotations
@@ -77,51 +77,87 @@ def _pid_alive(pid: int, marker: str) -> bool:
         return False
 
 
-class _KernelProcessProtocol(ProcessProtocol):
-    def __init__(self, kernel_id: str) -> None:
+class KernelLog:
+    """
+    Follows a kernel's output file, logging each new line tagged with the
+    kernel id and keeping the last lines to explain an early exit.
+
+    Kernels write to a file rather than to a pipe to the gateway: a kernel
+    must outlive a gateway restart, and ipykernel wedges when its stdout pipe
+    breaks.  Reads are of a local file the kernel appends to, a few bytes at
+    a time.
+    """
+
+    INTERVAL = 1.0
+
+    def __init__(self, kernel_id: str, path: str, clock: Any, from_end: bool = False) -> None:
         self.kernel_id = kernel_id
-        self.ended: Deferred[ExitStatus] = Deferred()
-        self.stderr_tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self._partial = {1: b"", 2: b""}
+        self.path = path
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self._partial = b""
+        self._offset = 0
+        if from_end:
+            try:
+                self._offset = os.path.getsize(path)
+            except OSError:
+                pass
+        self._loop = LoopingCall(self.read)
+        self._loop.clock = clock
+        self._loop.start(self.INTERVAL, now=False)
 
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        buffered = self._partial.get(fd, b"") + data
-        *lines, self._partial[fd] = buffered.split(b"\n")
-        for raw in lines:
-            self._line(fd, raw)
-
-    def _line(self, fd: int, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").rstrip()
-        if not line:
+    def read(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read(1 << 20)
+        except OSError:
             return
-        if fd == 2:
-            self.stderr_tail.append(line)
-        _log.info(
-            "kernel {kernel_id} {stream}: {line}",
-            kernel_id=self.kernel_id,
-            stream="stderr" if fd == 2 else "stdout",
-            line=line,
-        )
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for raw in lines:
+            self._line(raw)
+
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()
+        if line:
+            self.tail.append(line)
+            _log.info("kernel {kernel_id}: {line}", kernel_id=self.kernel_id, line=line)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+        self.read()
+        if self._partial:
+            self._line(self._partial)
+            self._partial = b""
+
+
+class _KernelProcessProtocol(ProcessProtocol):
+    def __init__(self) -> None:
+        self.ended: Deferred[ExitStatus] = Deferred()
 
     def processEnded(self, reason: Failure) -> None:
-        for fd, rest in self._partial.items():
-            if rest:
-                self._line(fd, rest)
         value = reason.value
-        status = ExitStatus(
-            code=getattr(value, "exitCode", None),
-            signal=getattr(value, "signal", None),
+        signal = getattr(value, "signal", None)
+        if signal is not None:
+            self.ended.callback(ExitStatus(signal=signal))
+        else:
+            self.ended.callback(ExitStatus(code=getattr(value, "exitCode", None)))
+
+
+def explained(status: ExitStatus, log: KernelLog) -> ExitStatus:
+    """
+    An exit status with the end of the kernel's output as its reason.
+    """
+    log.stop()
+    tail = " | ".join(list(log.tail)[-5:])
+    if status.code not in (None, 0) and tail:
+        return ExitStatus(
+            code=status.code,
+            reason=f"exited with code {status.code}: {tail}",
+            retryable="Address already in use" in tail,
         )
-        if status.signal is not None:
-            status = ExitStatus(signal=status.signal)
-        tail = " | ".join(list(self.stderr_tail)[-5:])
-        if status.code not in (None, 0) and tail:
-            status = ExitStatus(
-                code=status.code,
-                reason=f"exited with code {status.code}: {tail}",
-                retryable="Address already in use" in tail,
-            )
-        self.ended.callback(status)
+    return status
 
 
 @implementer(IKernelProcess)
@@ -136,22 +172,22 @@ class LocalKernelProcess:
         allocator: PortAllocator,
         reactor: Any,
         protocol: _KernelProcessProtocol | None,
-        transport: Any = None,
+        log: KernelLog,
     ) -> None:
         self.kernel_id = kernel_id
         self.connection_info = connection_info
         self.connection_file = connection_file
+        self.log = log
         self.placement = Placement(host="localhost", ip=connection_info.ip, pid=pid, pgid=pid)
         self._ports = ports
         self._allocator = allocator
         self._reactor = reactor
         self._protocol = protocol
-        self._transport = transport
         self._exit: ExitStatus | None = None
         self._exit_waiters: list[Deferred[ExitStatus]] = []
         self._watch: LoopingCall | None = None
         if protocol is not None:
-            protocol.ended.addCallback(self._ended)
+            protocol.ended.addCallback(lambda status: self._ended(explained(status, log)))
         else:
             # Restored: not our child, so we learn of its end by polling.
             self._watch = LoopingCall(self._check_alive)
@@ -169,6 +205,7 @@ class LocalKernelProcess:
     def _ended(self, status: ExitStatus) -> ExitStatus:
         if self._exit is None:
             self._exit = status
+            self.log.stop()
             if self._watch is not None and self._watch.running:
                 self._watch.stop()
             self._allocator.release(self._ports)
@@ -222,23 +259,35 @@ class LocalKernelProcess:
         self._allocator.release(self._ports)
         if self._watch is not None and self._watch.running:
             self._watch.stop()
-        try:
-            os.unlink(self.connection_file)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            _log.warn(
-                "kernel {kernel_id}: could not remove {path}: {error}",
-                kernel_id=self.kernel_id,
-                path=self.connection_file,
-                error=str(e),
-            )
+        self.log.stop()
+        for path in (self.connection_file, self.log.path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                _log.warn(
+                    "kernel {kernel_id}: could not remove {path}: {error}",
+                    kernel_id=self.kernel_id,
+                    path=path,
+                    error=str(e),
+                )
         return succeed(None)
+
+    def detach(self) -> None:
+        """
+        Stop watching the kernel without stopping it (the gateway is going
+        away and the kernel stays).
+        """
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        self.log.stop()
 
     def snapshot(self) -> dict:
         return {
             "pid": self.pid,
             "connection_file": self.connection_file,
+            "log_file": self.log.path,
             "connection_info": self.connection_info.to_dict(),
         }
 
@@ -298,7 +347,10 @@ class LocalLauncher:
         argv[0] = python_executable(argv[0])
         if self._setsid:
             argv = [self._setsid, *argv]
-        protocol = _KernelProcessProtocol(request.kernel_id)
+        protocol = _KernelProcessProtocol()
+        log_path = os.path.join(self._runtime_dir, f"kernel-{request.kernel_id}.log")
+        output = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        stdin = os.open(os.devnull, os.O_RDONLY)
         try:
             transport = self._reactor.spawnProcess(
                 protocol,
@@ -306,11 +358,15 @@ class LocalLauncher:
                 argv,
                 env=dict(request.env),
                 path=request.cwd or None,
+                childFDs={0: stdin, 1: output, 2: output},
             )
         except (OSError, twisted_errors.ProcessExitedAlready) as e:
             self._ports.release(ports)
             os.unlink(connection_file)
             raise LaunchError(f"cannot start {argv[0]}: {e}")
+        finally:
+            os.close(output)
+            os.close(stdin)
         request.report(Phase.SUBMITTED, f"pid {transport.pid}")
         request.report(Phase.PLACED, "localhost")
         request.report(Phase.CONNECTION_INFO, f"{info.ip} ports {ports[0]}-{ports[-1]}")
@@ -323,7 +379,7 @@ class LocalLauncher:
             self._ports,
             self._reactor,
             protocol,
-            transport,
+            KernelLog(request.kernel_id, log_path, self._reactor),
         )
 
     def restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> Deferred[IKernelProcess]:
@@ -337,8 +393,10 @@ class LocalLauncher:
             return Deferred.fromCoroutine(
                 _raise(LaunchError(f"kernel process {pid} is no longer running"))
             )
+        log_path = str(snapshot.get("log_file") or connection_file.replace(".json", ".log"))
+        log = KernelLog(kernel_id, log_path, self._reactor, from_end=True)
         return succeed(
-            LocalKernelProcess(kernel_id, info, connection_file, pid, [], self._ports, self._reactor, None)
+            LocalKernelProcess(kernel_id, info, connection_file, pid, [], self._ports, self._reactor, None, log)
         )
 
 

@@ -1,6 +1,7 @@
 """
 One kernel as the gateway holds it: its state, its activity, its launched
-process, its ZMQ link, and the clients attached to it.
+process, its ZMQ link, and its client sessions (see
+L{egateway.kernels.session}).
 
 The L{KernelManager} drives the lifecycle; this class keeps the bookkeeping
 and does the message fan-out, which is the hot path: every iopub message is
@@ -10,25 +11,20 @@ handed to each attached client as the bytes received.
 
 from __future__ import annotations
 
-from collections import deque
+import uuid
 from datetime import datetime, timezone
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from twisted.logger import Logger
 
 from egateway.clusters.interface import IKernelProcess, Phase, PhaseEvent
 from egateway.kernels.specs import KernelSpec
 from egateway.kernels.state import KernelState, check_transition
-from egateway.wire.link import ClientLink, KernelLink
+from egateway.kernels.session import JournalLimits, KernelClient, KernelSession
+from egateway.wire.link import KernelLink
 from egateway.wire.protocol import Message, WireError
 
 _log = Logger()
-
-QUEUED_WHILE_RESTARTING = 1000
-"""
-Client messages held while a kernel restarts, sent once it is back.
-"""
-
 
 def iso(timestamp: float) -> str:
     return (
@@ -36,61 +32,6 @@ def iso(timestamp: float) -> str:
         .isoformat(timespec="microseconds")
         .replace("+00:00", "Z")
     )
-
-
-class KernelClient(Protocol):
-    """
-    What a connected client (a WebSocket) offers the kernel.
-    """
-
-    def deliver(self, channel: str, message: Message) -> None:
-        """
-        A message for this client.
-        """
-
-    def kernel_gone(self, reason: str) -> None:
-        """
-        The kernel was shut down; the client should close.
-        """
-
-
-class Attachment:
-    """
-    One client's attachment to a kernel: its ZMQ sockets and its queue of
-    messages held while the kernel restarts.
-    """
-
-    def __init__(self, kernel: "Kernel", client: KernelClient) -> None:
-        self.kernel = kernel
-        self.client = client
-        self._link: ClientLink | None = None
-        self._held: deque[tuple[str, Message]] = deque(maxlen=QUEUED_WHILE_RESTARTING)
-        self.relink(kernel.link if kernel.live else None)
-
-    def relink(self, link: KernelLink | None) -> None:
-        if self._link is not None:
-            self._link.close()
-            self._link = None
-        if link is not None:
-            self._link = link.client(self.client.deliver)
-            held, self._held = self._held, deque(maxlen=QUEUED_WHILE_RESTARTING)
-            for channel, message in held:
-                self._link.send(channel, message)
-
-    def send(self, channel: str, message: Message) -> None:
-        """
-        Forward a client's message to the kernel, or hold it while the
-        kernel restarts.
-        """
-        self.kernel.touch()
-        if self._link is not None:
-            self._link.send(channel, message)
-        else:
-            self._held.append((channel, message))
-
-    def detach(self) -> None:
-        self.relink(None)
-        self.kernel.detach(self)
 
 
 class Kernel:
@@ -107,6 +48,7 @@ class Kernel:
         env: dict[str, str],
         clock: Any,
         launcher_name: str,
+        journal: JournalLimits | None = None,
     ) -> None:
         self.id = kernel_id
         self.spec = spec
@@ -124,7 +66,8 @@ class Kernel:
         self.process: IKernelProcess | None = None
         self.link: KernelLink | None = None
         self.live = False
-        self.attachments: set[Attachment] = set()
+        self.sessions: dict[str, KernelSession] = {}
+        self.journal_limits = journal or JournalLimits()
         self.on_iopub_observers: list[Callable[[Message], None]] = []
 
     # -- bookkeeping ---------------------------------------------------
@@ -158,7 +101,7 @@ class Kernel:
 
     @property
     def connections(self) -> int:
-        return len(self.attachments)
+        return sum(1 for session in self.sessions.values() if session.client is not None)
 
     def model(self) -> dict[str, Any]:
         """
@@ -201,8 +144,8 @@ class Kernel:
                     self.execution_state = state
         except WireError:
             pass
-        for attachment in list(self.attachments):
-            attachment.client.deliver("iopub", message)
+        for session in list(self.sessions.values()):
+            session.deliver("iopub", message)
         for observer in self.on_iopub_observers:
             observer(message)
 
@@ -216,17 +159,66 @@ class Kernel:
         if reason:
             content["reason"] = reason
         message = Message.build("status", content, session=f"egateway-{self.id}")
-        for attachment in list(self.attachments):
-            attachment.client.deliver("iopub", message)
+        for session in list(self.sessions.values()):
+            session.deliver("iopub", message)
 
-    def attach(self, client: KernelClient) -> Attachment:
-        attachment = Attachment(self, client)
-        self.attachments.add(attachment)
+    def attach(
+        self,
+        client: KernelClient,
+        session_id: str | None = None,
+        resume_after: int | None = None,
+    ) -> KernelSession:
+        """
+        Connect C{client} to its session (resuming it if it exists), or to
+        a new anonymous one.
+        """
+        session = self.sessions.get(session_id) if session_id else None
+        if session is None:
+            session = KernelSession(
+                session_id or f"anonymous-{uuid.uuid4().hex}",
+                self,
+                self.journal_limits,
+                resumable=bool(session_id),
+            )
+            self.sessions[session.id] = session
+            session.relink(self.link if self.live else None)
+        replayed = session.connect(client, resume_after)
+        if replayed:
+            _log.info(
+                "kernel {kernel_id} session {session}: replayed {count} messages",
+                kernel_id=self.id,
+                session=session.id,
+                count=replayed,
+            )
         self.touch()
-        return attachment
+        return session
 
-    def detach(self, attachment: Attachment) -> None:
-        self.attachments.discard(attachment)
+    def detach(self, session: KernelSession, client: KernelClient) -> None:
+        """
+        C{client} left C{session}: park a resumable session, drop others.
+        """
+        session.disconnect(client, self._clock.seconds())
+        if not session.resumable and session.client is None:
+            self._drop(session)
+
+    def _drop(self, session: KernelSession) -> None:
+        session.close()
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+
+    def expire_sessions(self, retention: float, keep: int = 16) -> None:
+        """
+        Close sessions parked longer than C{retention} seconds, and the
+        oldest parked ones beyond C{keep}.
+        """
+        now = self._clock.seconds()
+        parked = sorted(
+            (s for s in self.sessions.values() if s.client is None and s.parked_at is not None),
+            key=lambda s: s.parked_at,
+        )
+        for index, session in enumerate(parked):
+            if now - session.parked_at >= retention or index < len(parked) - keep:
+                self._drop(session)
 
     def set_link(self, link: KernelLink | None) -> None:
         """
@@ -238,8 +230,8 @@ class Kernel:
             self.link.close()
         self.link = link
         self.live = False
-        for attachment in list(self.attachments):
-            attachment.relink(None)
+        for session in list(self.sessions.values()):
+            session.relink(None)
 
     def go_live(self) -> None:
         """
@@ -250,11 +242,13 @@ class Kernel:
         if self.execution_state in ("busy", "starting"):
             # The last status was about our own readiness probe.
             self.execution_state = "idle"
-        for attachment in list(self.attachments):
-            attachment.relink(self.link)
+        for session in list(self.sessions.values()):
+            session.relink(self.link)
 
     def close_clients(self, reason: str) -> None:
-        for attachment in list(self.attachments):
-            attachment.relink(None)
-            attachment.client.kernel_gone(reason)
-        self.attachments.clear()
+        for session in list(self.sessions.values()):
+            client = session.client
+            session.close()
+            if client is not None:
+                client.kernel_gone(reason)
+        self.sessions.clear()

@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
-from twisted.internet.task import deferLater
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from egateway.clusters.interface import (
@@ -33,6 +33,7 @@ from egateway.config import KernelsConfig
 from egateway.errors import BadRequest, Conflict, GatewayError, LimitReached, NotFound
 from egateway.kernels.env import BadEnvironment, build_kernel_env, validate_client_env
 from egateway.kernels.kernel import Kernel
+from egateway.kernels.session import JournalLimits
 from egateway.observe import Operation, first
 from egateway.kernels.specs import KernelSpecCatalog, NoSuchKernelSpec
 from egateway.kernels.state import KernelState
@@ -54,6 +55,11 @@ Seconds a restarted kernel must stay up before its failures are forgiven.
 """
 
 RETRYABLE_ATTEMPTS = 3
+
+SESSION_SWEEP = 60.0
+"""
+Seconds between sweeps for expired parked sessions.
+"""
 
 TIMEOUTS = (TimeoutError, defer.TimeoutError)
 """
@@ -94,6 +100,7 @@ class KernelManager(Service):
         settings: KernelsConfig,
         gateway_env: Mapping[str, str],
         default_username: str | None = None,
+        journal_entries: int = 20000,
     ) -> None:
         self._clock = clock
         self.specs = specs
@@ -107,18 +114,32 @@ class KernelManager(Service):
         self._operations: dict[str, Operation[Any]] = {}
         self._recent_failures: dict[str, list[float]] = {}
         self.listeners: list[Callable[[str, Kernel], None]] = []
+        self._housekeeping: LoopingCall | None = None
+        self.journal_limits = JournalLimits(journal_entries)
 
     # -- service -------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         self._channels = self._make_channels()
+        self._housekeeping = LoopingCall(self._expire_sessions)
+        self._housekeeping.clock = self._clock
+        self._housekeeping.start(SESSION_SWEEP, now=False)
+
+    def _expire_sessions(self) -> None:
+        for kernel in list(self.kernels.values()):
+            try:
+                kernel.expire_sessions(self.settings.session_retention)
+            except Exception:
+                _log.failure("expiring sessions of kernel {kernel_id}", kernel_id=kernel.id)
 
     def stopService(self) -> Deferred[None]:
         """
         Shut down every kernel, gracefully, in parallel.
         """
         super().stopService()
+        if self._housekeeping is not None and self._housekeeping.running:
+            self._housekeeping.stop()
         shutdowns = [
             self.shutdown(kernel_id, reason="the gateway is stopping").addErrback(
                 lambda f, kid=kernel_id: _log.failure("stopping kernel {kid}", f, kid=kid)
@@ -237,7 +258,13 @@ class KernelManager(Service):
         except LaunchError as e:
             raise LaunchFailed(f"kernelspec {spec.name}: {e}") from None
         kernel = Kernel(
-            kernel_id, spec, request["username"], kernel_env, self._clock, launcher_name
+            kernel_id,
+            spec,
+            request["username"],
+            kernel_env,
+            self._clock,
+            launcher_name,
+            self.journal_limits,
         )
         kernel.report(Phase.QUEUED, f"launcher {launcher_name}")
         self.kernels[kernel_id] = kernel

@@ -32,9 +32,10 @@ _CHANNEL_SUFFIX = {
 }
 
 
-def legacy_encode(message: Message, channel: str) -> tuple[bytes, bool]:
+def legacy_encode(message: Message, channel: str, seq: int = 0) -> tuple[bytes, bool]:
     """
-    Encode a message from the kernel for a legacy client.
+    Encode a message from the kernel for a legacy client.  A C{seq} (its
+    number in the client's session) is added as C{"egateway_seq"}.
 
     @return: the frame payload and whether it is binary.
     """
@@ -55,6 +56,7 @@ def legacy_encode(message: Message, channel: str) -> tuple[bytes, bool]:
             b',"content":',
             content,
             b',"buffers":[]' if not message.buffers else b"",
+            b',"egateway_seq":%d' % seq if seq else b"",
             _CHANNEL_SUFFIX[channel],
         )
     )
@@ -123,11 +125,29 @@ def _object(msg: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def v1_encode(message: Message, channel: str) -> bytes:
+def with_seq(metadata: bytes, seq: int) -> bytes:
     """
-    Encode a message from the kernel for a v1 client.
+    C{metadata} (a JSON object's bytes) with C{"egateway_seq": seq} added,
+    without parsing it.
     """
-    parts = [channel.encode("ascii"), *message.parts, *message.buffers]
+    body = metadata.strip()
+    if body[:1] != b"{":
+        return metadata
+    rest = body[1:].lstrip()
+    if rest == b"}":
+        return b'{"egateway_seq":%d}' % seq
+    return b'{"egateway_seq":%d,' % seq + rest
+
+
+def v1_encode(message: Message, channel: str, seq: int = 0) -> bytes:
+    """
+    Encode a message from the kernel for a v1 client.  A C{seq} is added to
+    the metadata as C{"egateway_seq"}.
+    """
+    header, parent, metadata, content = message.parts
+    if seq:
+        metadata = with_seq(metadata, seq)
+    parts = [channel.encode("ascii"), header, parent, metadata, content, *message.buffers]
     count = len(parts) + 1
     offsets = [8 * (count + 1)]
     for part in parts:

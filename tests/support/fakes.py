@@ -335,13 +335,18 @@ class RecordingClient:
 
     def __init__(self) -> None:
         self.messages: list[tuple[str, Message]] = []
+        self.seqs: list[int] = []
         self.gone: list[str] = []
 
-    def deliver(self, channel: str, message: Message) -> None:
+    def deliver(self, channel: str, message: Message, seq: int = 0) -> None:
         self.messages.append((channel, message))
+        self.seqs.append(seq)
 
     def kernel_gone(self, reason: str) -> None:
         self.gone.append(reason)
+
+    def replaced(self) -> None:
+        self.gone.append("replaced")
 
     def statuses(self) -> list[dict[str, Any]]:
         return [

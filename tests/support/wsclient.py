@@ -37,6 +37,7 @@ def decode_v1(payload: bytes) -> dict[str, Any]:
         "content": content,
         "buffers": parts[5:],
         "msg_type": header.get("msg_type"),
+        "egateway_seq": metadata.get("egateway_seq", 0),
     }
 
 
@@ -103,12 +104,15 @@ class ChannelsClient:
         token: str | None = None,
         session_id: str | None = None,
         timeout: float = 15,
+        resume_after: int | None = None,
     ) -> "ChannelsClient":
         client = cls(v1)
         if session_id:
             client.session = session_id
         parts = urlsplit(base_url)
         url = f"ws://{parts.netloc}{parts.path.rstrip('/')}/api/kernels/{kernel_id}/channels?session_id={client.session}"
+        if resume_after is not None:
+            url += f"&resume_after={resume_after}"
         headers = {"Authorization": f"token {token}"} if token else {}
         factory = WebSocketClientFactory(url, protocols=[V1] if v1 else [], headers=headers)
         factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
@@ -197,6 +201,21 @@ class ChannelsClient:
         waiter.addTimeout(timeout, reactor)
         waiter.addErrback(forget)
         return waiter
+
+    @property
+    def last_seq(self) -> int:
+        """
+        The highest session number among the messages received.
+        """
+        return max((m.get("egateway_seq", 0) for m in self.messages), default=0)
+
+    def drop(self) -> None:
+        """
+        Lose the connection abruptly (no close handshake), as a network
+        failure would.
+        """
+        assert self._proto is not None
+        self._proto.transport.abortConnection()
 
     def replies_to(self, msg_id: str) -> list[dict[str, Any]]:
         return [m for m in self.messages if m.get("parent_header", {}).get("msg_id") == msg_id]

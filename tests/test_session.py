@@ -1,0 +1,114 @@
+"""
+Kernel sessions and their journals: numbering, parking, exact resumption,
+the journal bound, and expiry.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from egateway.kernels.session import JournalLimits
+from egateway.wire.protocol import Message
+from tests.support.fakes import RecordingClient, make_manager
+
+
+def output(n: int) -> Message:
+    return Message.build("stream", {"name": "stdout", "text": f"{n}\n"}, "kernel")
+
+
+class SessionTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        manager, _, _ = make_manager(self.clock)
+        from twisted.internet.defer import Deferred
+
+        self.kernel = self.successResultOf(Deferred.fromCoroutine(manager.start_kernel()))
+        self.kernel.journal_limits = JournalLimits(entries=10)
+
+    def texts(self, client: RecordingClient) -> list[str]:
+        return [m.content()["text"] for _, m in client.messages if m.msg_type == "stream"]
+
+    def test_numbered_in_order(self) -> None:
+        """
+        Each message a session gets is numbered 1, 2, 3 ...
+        """
+        client = RecordingClient()
+        self.kernel.attach(client, "s")
+        for n in range(3):
+            self.kernel.on_iopub(output(n))
+        self.assertEqual(client.seqs, [1, 2, 3])
+
+    def test_exact_resume(self) -> None:
+        """
+        A client resuming after message N gets N+1 onwards, once, including
+        what arrived while it was away.
+        """
+        first = RecordingClient()
+        session = self.kernel.attach(first, "s")
+        for n in range(4):
+            self.kernel.on_iopub(output(n))
+        self.kernel.detach(session, first)
+        for n in range(4, 7):
+            self.kernel.on_iopub(output(n))
+        second = RecordingClient()
+        self.kernel.attach(second, "s", resume_after=2)
+        self.assertEqual(self.texts(second), [f"{n}\n" for n in range(2, 7)])
+        self.assertEqual(second.seqs, [3, 4, 5, 6, 7])
+
+    def test_resume_without_position(self) -> None:
+        """
+        Without a resume point, a client gets what was sent after the gateway
+        saw its predecessor leave.
+        """
+        first = RecordingClient()
+        session = self.kernel.attach(first, "s")
+        self.kernel.on_iopub(output(0))
+        self.kernel.detach(session, first)
+        self.kernel.on_iopub(output(1))
+        second = RecordingClient()
+        self.kernel.attach(second, "s")
+        self.assertEqual(self.texts(second), ["1\n"])
+
+    def test_bound(self) -> None:
+        """
+        Past the journal bound the client is told how many messages were
+        dropped before it gets the rest.
+        """
+        first = RecordingClient()
+        session = self.kernel.attach(first, "s")
+        self.kernel.detach(session, first)
+        for n in range(25):
+            self.kernel.on_iopub(output(n))
+        second = RecordingClient()
+        self.kernel.attach(second, "s", resume_after=0)
+        texts = self.texts(second)
+        self.assertIn("15 message(s) of output were dropped", texts[0])
+        self.assertEqual(texts[1:], [f"{n}\n" for n in range(15, 25)])
+
+    def test_sessions_are_separate(self) -> None:
+        """
+        Two sessions have their own numbering; an anonymous session is not
+        kept once its client leaves.
+        """
+        a, b = RecordingClient(), RecordingClient()
+        self.kernel.attach(a, "a")
+        anonymous = self.kernel.attach(b)
+        self.kernel.on_iopub(output(0))
+        self.assertEqual((a.seqs, b.seqs), ([1], [1]))
+        self.kernel.detach(anonymous, b)
+        self.assertEqual(list(self.kernel.sessions), ["a"])
+
+    def test_expiry(self) -> None:
+        """
+        A parked session expires after the retention period.
+        """
+        client = RecordingClient()
+        session = self.kernel.attach(client, "s")
+        self.kernel.detach(session, client)
+        self.clock.advance(100)
+        self.kernel.expire_sessions(retention=200)
+        self.assertIn("s", self.kernel.sessions)
+        self.clock.advance(100)
+        self.kernel.expire_sessions(retention=200)
+        self.assertNotIn("s", self.kernel.sessions)
