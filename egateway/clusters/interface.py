@@ -193,6 +193,12 @@ class IKernelProcess(Interface):
         process can reattach to this kernel.
         """
 
+    def detach() -> None:
+        """
+        Stop watching the kernel and let it run on: the gateway is stopping
+        and a later one will restore it from its snapshot.
+        """
+
 
 class ILauncher(Interface):
     """

@@ -319,6 +319,10 @@ class RemoteKernelProcess:
             self._pending.cancel()
         await self._release()
 
+    def detach(self) -> None:
+        if self._watch.running:
+            self._watch.stop()
+
     def snapshot(self) -> dict:
         return {
             "connection_info": self.connection_info.to_dict(),

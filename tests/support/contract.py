@@ -164,6 +164,8 @@ class LauncherContract:
         _, process, _, probe = await self.launched()
         await probe.execute("x = 41")
         snapshot = json.loads(json.dumps(process.snapshot()))
+        process.detach()
+        self.assertTrue((await process.poll()).alive, "detaching stopped the kernel")
         other = await self.make_launcher()
         restored = await other.restore(process.kernel_id, snapshot)
         self.assertEqual(restored.connection_info, process.connection_info)

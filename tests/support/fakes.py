@@ -225,7 +225,10 @@ class FakeProcess:
         return succeed(None)
 
     def snapshot(self) -> dict:
-        return {"kernel_id": self.kernel_id}
+        return {"kernel_id": self.kernel_id, "port": self.connection_info.shell_port}
+
+    def detach(self) -> None:
+        self.detached = True
 
 
 @implementer(ILauncher)
