@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
@@ -336,6 +337,131 @@ class SSHConfig:
 
 
 @dataclass(frozen=True)
+class SlurmConfig:
+    slurm_bin_dir: str = setting(
+        "",
+        "Directory holding sbatch, squeue, scontrol and scancel (empty: search the gateway's PATH).",
+        env=("EG_SLURM_BIN_DIR",),
+    )
+    slurm_conf: str = setting(
+        "",
+        "slurm.conf the Slurm commands use, passed as SLURM_CONF (empty: the gateway's own SLURM_CONF, "
+        "else Slurm's default).",
+        env=("EG_SLURM_CONF",),
+    )
+    slurm_partition: str = setting(
+        "",
+        "Partition for kernel jobs when the kernelspec names none (empty: the cluster's default).",
+        env=("EG_SLURM_PARTITION",),
+    )
+    slurm_account: str = setting(
+        "", "Account kernel jobs are charged to when the kernelspec names none.", env=("EG_SLURM_ACCOUNT",)
+    )
+    slurm_qos: str = setting("", "QOS of kernel jobs when the kernelspec names none.", env=("EG_SLURM_QOS",))
+    slurm_time_limit: str = setting(
+        "",
+        "Time limit of kernel jobs when the kernelspec names none, in Slurm's format (e.g. 8:00:00; "
+        "empty: the partition's default).",
+        env=("EG_SLURM_TIME_LIMIT",),
+    )
+    slurm_max_cpus: int = setting(
+        4,
+        "Most CPUs a client may ask for with KERNEL_CPUS (a kernelspec's max_cpus overrides).",
+        env=("EG_SLURM_MAX_CPUS",),
+        minimum=1,
+    )
+    slurm_max_memory: str = setting(
+        "8G",
+        "Most memory a client may ask for with KERNEL_MEMORY, e.g. 8G (a kernelspec's max_memory overrides).",
+        env=("EG_SLURM_MAX_MEMORY",),
+    )
+    slurm_max_gpus: int = setting(
+        0,
+        "Most GPUs a client may ask for with KERNEL_GPUS (a kernelspec's max_gpus overrides).",
+        env=("EG_SLURM_MAX_GPUS",),
+        minimum=0,
+    )
+    slurm_max_time_limit: str = setting(
+        "24:00:00",
+        "Longest time limit a client may ask for with KERNEL_SLURM_TIME (a kernelspec's max_time_limit "
+        "overrides).",
+        env=("EG_SLURM_MAX_TIME_LIMIT",),
+    )
+    slurm_poll_interval: float = setting(
+        0.5,
+        "Seconds between job state queries while a kernel job is pending or starting.",
+        env=("EG_SLURM_POLL_INTERVAL",),
+        minimum=0.05,
+    )
+    slurm_job_name_prefix: str = setting(
+        "egateway-",
+        "Kernel jobs are named this prefix followed by the kernel id.",
+        env=("EG_SLURM_JOB_NAME_PREFIX",),
+    )
+    slurm_log_dir: str = setting(
+        "/tmp",
+        "Directory on the compute nodes for each kernel job's output (kernel-<id>.log); it must exist there.",
+        env=("EG_SLURM_LOG_DIR",),
+    )
+    slurm_python: str = setting(
+        "",
+        "Python that runs kernelspec argv naming python on compute nodes (empty: the gateway's own path).",
+        env=("EG_SLURM_PYTHON",),
+    )
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    store_url: str = setting(
+        "",
+        "Where kernels, sessions and WebSocket journals are kept: redis://[:password@]host:port/db for gateways "
+        "sharing one Redis, sqlite:///path or a file path for one gateway (empty: an SQLite file in the data "
+        "directory).",
+        env=("EG_STORE_URL",),
+        secret=True,
+    )
+    store_key: str = setting(
+        "",
+        "Fernet key encrypting the secrets in kernel records (several, comma-separated: the first encrypts, all "
+        "decrypt); make one with python -m egateway.store.crypto. Overrides store_key_file.",
+        env=("EG_STORE_KEY",),
+        secret=True,
+    )
+    store_key_file: str = setting(
+        "",
+        "File holding the store key; for an SQLite store it is created (mode 0600) if missing, gateways sharing "
+        "Redis must all be given the same key (empty: store.key in the data directory).",
+        env=("EG_STORE_KEY_FILE",),
+    )
+    persistence: bool = setting(
+        True,
+        "Keep kernel records in the store, so kernels outlive a gateway restart or crash.",
+        env=("EG_KERNEL_SESSION_PERSISTENCE",),
+    )
+    on_stop: str = setting(
+        "keep",
+        "What a graceful stop does with running kernels when persistence is on: keep (a restarted gateway "
+        "reattaches) or shutdown.",
+        env=("EG_ON_STOP",),
+        choices=("keep", "shutdown"),
+    )
+    journal_entries: int = setting(
+        20000,
+        "WebSocket messages kept per client session for a reconnecting client to receive what it missed; older "
+        "ones are dropped (0: no replay).",
+        env=("EG_JOURNAL_ENTRIES",),
+        minimum=0,
+    )
+    lease_ttl: float = setting(
+        30.0,
+        "Seconds a gateway's lease on a kernel lasts unless renewed; a dead gateway's kernels are taken over "
+        "after it.",
+        env=("EG_LEASE_TTL",),
+        minimum=1,
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -343,6 +469,8 @@ class Config:
     culling: CullingConfig = field(default_factory=CullingConfig)
     response: ResponseConfig = field(default_factory=ResponseConfig)
     ssh: SSHConfig = field(default_factory=SSHConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
     @property
     def listen_endpoint(self) -> str:
@@ -564,7 +692,49 @@ def _validate_cross_field(config: Config) -> None:
         PortRange.parse(config.kernels.port_range)
     except ValueError as e:
         raise ConfigError(f"kernels.port_range: {e}") from None
+    _validate_store(config.store)
+    _validate_slurm(config.slurm)
 
+
+def _validate_slurm(slurm: "SlurmConfig") -> None:
+    from egateway.clusters.slurm import check_name, parse_memory, parse_time_limit
+
+    checks = [
+        ("slurm_partition", check_name),
+        ("slurm_account", check_name),
+        ("slurm_qos", check_name),
+        ("slurm_time_limit", parse_time_limit),
+        ("slurm_max_time_limit", parse_time_limit),
+        ("slurm_max_memory", parse_memory),
+    ]
+    for name, check in checks:
+        value = getattr(slurm, name)
+        if value:
+            try:
+                check(value)
+            except ValueError as e:
+                raise ConfigError(f"slurm.{name}: {e}") from None
+    if not re.match(r"^[A-Za-z0-9_.\-]{0,64}$", slurm.slurm_job_name_prefix):
+        raise ConfigError(
+            f"slurm.slurm_job_name_prefix: {slurm.slurm_job_name_prefix!r} may hold only letters, digits, _ . -"
+        )
+
+
+
+def _validate_store(store: "StoreConfig") -> None:
+    from egateway.store import parse_store_url
+    from egateway.store.crypto import SecretBox, SecretBoxError
+
+    if store.store_url:
+        try:
+            parse_store_url(store.store_url)
+        except ValueError as e:
+            raise ConfigError(f"store.store_url: {e}") from None
+    if store.store_key:
+        try:
+            SecretBox.from_key(store.store_key)
+        except SecretBoxError as e:
+            raise ConfigError(f"store.store_key: {e}") from None
 
 def describe(config: Config) -> dict[str, dict[str, Any]]:
     """

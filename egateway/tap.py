@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from typing import Any
@@ -53,34 +54,48 @@ class Options(usage.Options):
         raise SystemExit(0)
 
 
-class RuntimeDirectory(Service):
+def default_data_dir() -> str:
     """
-    A private directory (mode 0700) for connection files, made at start and
-    removed at stop.
+    Where a gateway that persists kernels keeps its files when no data_dir
+    is configured: C{$XDG_DATA_HOME/egateway} (C{~/.local/share/egateway}).
+    """
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "egateway")
+
+
+class DataDirectory(Service):
+    """
+    The gateway's files: C{runtime/} (connection files, kernel output) and,
+    with persistence, the kernel store and its key.  Mode 0700.
+
+    Without a configured directory and without persistence, a temporary
+    directory is made at start and removed at stop.
     """
 
-    name = "runtime-dir"
+    name = "data-dir"
 
-    def __init__(self, configured: str, on_ready: Any) -> None:
-        self._configured = configured
+    def __init__(self, path: str, on_ready: Any) -> None:
+        """
+        @param path: the directory; empty for a temporary one.
+        @param on_ready: called with the runtime directory once it exists.
+        """
+        self.path = path
         self._on_ready = on_ready
-        self.path = ""
-        self._created = False
+        self._temporary = not path
 
     def startService(self) -> None:
         super().startService()
-        if self._configured:
-            os.makedirs(self._configured, mode=0o700, exist_ok=True)
-            self.path = self._configured
-        else:
+        if self._temporary:
             base = os.environ.get("XDG_RUNTIME_DIR") or None
             self.path = tempfile.mkdtemp(prefix="egateway-", dir=base)
-            self._created = True
-        self._on_ready(self.path)
+        runtime = os.path.join(self.path, "runtime")
+        os.makedirs(runtime, mode=0o700, exist_ok=True)
+        os.chmod(self.path, 0o700)
+        self._on_ready(runtime)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._created:
+        if self._temporary:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
@@ -144,10 +159,9 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
         ports=PortAllocator(PortRange.parse(config.kernels.port_range)),
         settings={"config": config},
     )
-    runtime = RuntimeDirectory(
-        config.server.data_dir, lambda path: setattr(context, "runtime_dir", path)
-    )
-    runtime.setServiceParent(top)
+    persistent = config.store.persistence
+    data_path = config.server.data_dir or (default_data_dir() if persistent else "")
+    DataDirectory(data_path, lambda path: setattr(context, "runtime_dir", path)).setServiceParent(top)
     specs = KernelSpecCatalog(
         reactor,
         threadpool,
@@ -169,7 +183,17 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
         channels=channels,
         settings=config.kernels,
         gateway_env=os.environ,
+        journal_entries=config.store.journal_entries,
     )
+    if persistent:
+        manager.persistence = build_persistence(config, data_path, manager, reactor)
+
+    def fatal(message: str) -> None:
+        _log.critical("egateway cannot run: {message}", message=message)
+        if reactor.running:
+            reactor.stop()
+
+    manager.on_fatal = fatal
     manager.setServiceParent(top)
     Culler(manager, config.culling, reactor).setServiceParent(top)
     api, front = build_api(config, manager, reactor, threadpool)
@@ -181,6 +205,43 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     top.manager = manager  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     return top
+
+
+def build_persistence(config: Config, data_path: str, manager: Any, reactor: Any) -> Any:
+    """
+    Kernel persistence on the configured store: Redis when C{store_url}
+    says so (its key must be given: every gateway sharing it needs the same
+    one), otherwise SQLite in the data directory with a key file created
+    there on first use.
+    """
+    import uuid
+
+    from twisted.internet.threads import deferToThread
+
+    from egateway.kernels.persistence import KernelPersistence
+    from egateway.store import SecretBox, load_or_create_key_file_blocking, open_store, parse_store_url
+
+    settings = config.store
+    location = settings.store_url or os.path.join(data_path, "kernels.sqlite3")
+    kind, _ = parse_store_url(location)
+    shared = kind == "redis"
+
+    async def open_configured() -> Any:
+        if settings.store_key:
+            box = SecretBox.from_key(settings.store_key)
+        else:
+            key_file = settings.store_key_file or os.path.join(data_path, "store.key")
+            box = await deferToThread(load_or_create_key_file_blocking, key_file, not shared)
+        return open_store(location, box, reactor)
+
+    return KernelPersistence(
+        open_configured,
+        shared,
+        manager,
+        reactor,
+        gateway_id=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        on_stop=settings.on_stop,
+    )
 
 
 def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tuple[Any, Any]:

@@ -241,4 +241,5 @@ class JupyterServerThroughGatewayTests(TestCase):
             self.assertFalse(pid_alive(pid), f"process {pid} is still running")
         self.assertEqual(processes_mentioning(self.gateway.workdir), [])
         self.assertEqual(processes_mentioning(self.server.workdir), [])
-        self.assertEqual(os.listdir(self.gateway.data_dir), [])
+        # No connection file or kernel output file is left behind.
+        self.assertEqual(os.listdir(os.path.join(self.gateway.data_dir, "runtime")), [])

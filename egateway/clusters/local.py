@@ -389,11 +389,16 @@ class LocalLauncher:
             info = ConnectionInfo.from_dict(snapshot["connection_info"])
         except (KeyError, TypeError, ValueError) as e:
             return Deferred.fromCoroutine(_raise(LaunchError(f"bad local snapshot: {e}")))
+        log_path = str(snapshot.get("log_file") or connection_file.replace(".json", ".log"))
         if not _pid_alive(pid, connection_file):
+            for leftover in (connection_file, log_path):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
             return Deferred.fromCoroutine(
                 _raise(LaunchError(f"kernel process {pid} is no longer running"))
             )
-        log_path = str(snapshot.get("log_file") or connection_file.replace(".json", ".log"))
         log = KernelLog(kernel_id, log_path, self._reactor, from_end=True)
         return succeed(
             LocalKernelProcess(kernel_id, info, connection_file, pid, [], self._ports, self._reactor, None, log)

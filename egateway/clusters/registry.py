@@ -29,6 +29,7 @@ _log = Logger()
 BUILTIN = {
     "local": "egateway.clusters.local:LocalLauncher",
     "ssh": "egateway.clusters.ssh:SSHLauncher",
+    "slurm": "egateway.clusters.slurm:SlurmLauncher",
 }
 
 ENTRY_POINT_GROUP = "egateway.launchers"

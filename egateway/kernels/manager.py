@@ -116,6 +116,8 @@ class KernelManager(Service):
         self.listeners: list[Callable[[str, Kernel], None]] = []
         self._housekeeping: LoopingCall | None = None
         self.journal_limits = JournalLimits(journal_entries)
+        self.persistence: Any = None
+        self.on_fatal: Callable[[str], None] = lambda message: _log.critical(message)
 
     # -- service -------------------------------------------------------
 
@@ -125,6 +127,28 @@ class KernelManager(Service):
         self._housekeeping = LoopingCall(self._expire_sessions)
         self._housekeeping.clock = self._clock
         self._housekeeping.start(SESSION_SWEEP, now=False)
+        if self.persistence is not None:
+            self._start_persistence()
+
+    def _start_persistence(self) -> Deferred[None]:
+        async def start() -> None:
+            store = self.persistence.store
+            while self.running:
+                try:
+                    await self.persistence.start()
+                    return
+                except Exception as e:
+                    if not store.shared:
+                        self.on_fatal(f"cannot open the kernel store: {e}")
+                        return
+                    _log.error(
+                        "the kernel store is unavailable ({error}); kernels will be restored "
+                        "when it returns",
+                        error=str(e),
+                    )
+                    await deferLater(self._clock, 5.0, lambda: None)
+
+        return Deferred.fromCoroutine(start())
 
     def _expire_sessions(self) -> None:
         for kernel in list(self.kernels.values()):
@@ -135,27 +159,46 @@ class KernelManager(Service):
 
     def stopService(self) -> Deferred[None]:
         """
-        Shut down every kernel, gracefully, in parallel.
+        Shut down every kernel, gracefully, in parallel; or, when kernels
+        are kept across restarts, leave them running with their records
+        saved.
         """
         super().stopService()
         if self._housekeeping is not None and self._housekeeping.running:
             self._housekeeping.stop()
-        shutdowns = [
-            self.shutdown(kernel_id, reason="the gateway is stopping").addErrback(
-                lambda f, kid=kernel_id: _log.failure("stopping kernel {kid}", f, kid=kid)
-            )
-            for kernel_id in list(self.kernels)
-        ]
+        return Deferred.fromCoroutine(self._stop())
 
-        def close_channels(_: Any) -> None:
+    async def _stop(self) -> None:
+        persistence = self.persistence
+        if persistence is not None and persistence.keeps_kernels:
+            for kernel_id, operation in list(self._operations.items()):
+                if operation.name == "launch":
+                    operation.cancel()
+            await persistence.keep_all()
+            for kernel in list(self.kernels.values()):
+                kernel.close_clients("the gateway is restarting; reconnect")
+                kernel.set_link(None)
+            # They belong to the next gateway now.
+            self.kernels.clear()
+        else:
+            await DeferredList(
+                [
+                    self.shutdown(kernel_id, reason="the gateway is stopping").addErrback(
+                        lambda f, kid=kernel_id: _log.failure("stopping kernel {kid}", f, kid=kid)
+                    )
+                    for kernel_id in list(self.kernels)
+                ]
+            )
+        try:
+            await self.launchers.stop()
+        finally:
+            if persistence is not None:
+                try:
+                    await persistence.stop()
+                except Exception:
+                    _log.failure("closing the kernel store")
             if self._channels is not None:
                 self._channels.close()
-
-        return (
-            DeferredList(shutdowns)
-            .addBoth(lambda _: self.launchers.stop())
-            .addBoth(close_channels)
-        )
 
     @property
     def channels(self) -> IChannelFactory:
@@ -268,6 +311,12 @@ class KernelManager(Service):
         )
         kernel.report(Phase.QUEUED, f"launcher {launcher_name}")
         self.kernels[kernel_id] = kernel
+        if self.persistence is not None:
+            try:
+                await self.persistence.admit(kernel)
+            except GatewayError:
+                self.kernels.pop(kernel_id, None)
+                raise
         operation = self._run(kernel, "launch", self._launch_new)
         await operation.observe()
         return kernel
@@ -299,6 +348,61 @@ class KernelManager(Service):
 
         operation.running.addBoth(forget)
         return operation
+
+    async def restore_kernel(self, record: Any, spec: Any) -> Kernel:
+        """
+        Reattach to a kernel recorded by an earlier gateway process (or by
+        another gateway sharing the store).  A kernel that is gone is listed
+        as dead, with the reason.
+        """
+        kernel = Kernel(
+            record.kernel_id,
+            spec,
+            record.username,
+            dict(record.env),
+            self._clock,
+            record.launcher,
+            self.journal_limits,
+        )
+        kernel.started = record.created
+        kernel.last_activity = record.updated
+        kernel.restart_count = record.restarts
+        kernel.reason = record.reason
+        kernel.report(Phase.QUEUED, "restoring")
+        self.kernels[kernel.id] = kernel
+        await self._run(kernel, "restore", self._restore, record).observe()
+        return kernel
+
+    async def _restore(self, kernel: Kernel, record: Any) -> None:
+        if record.state in (KernelState.DEAD.value, KernelState.FAILED.value):
+            kernel.transition(KernelState.DEAD, record.reason)
+            return
+        timeout = self.settings.launch_timeout
+        try:
+            launcher = self.launchers.get(record.launcher)
+            restoring = launcher.restore(kernel.id, record.snapshot)
+            restoring.addTimeout(timeout, self._clock)
+            process = await restoring
+        except Exception as e:
+            why = "it did not answer in time" if isinstance(e, TIMEOUTS) else str(e)
+            await self._declare_dead(kernel, f"the kernel ended while the gateway was away: {why}")
+            return
+        kernel.report(Phase.PLACED, process.placement.host)
+        try:
+            status = await self._connect(kernel, process, self._clock.seconds() + timeout)
+        except Exception as e:
+            status = ExitStatus(reason=f"it did not answer kernel_info ({e})")
+        if status is not None:
+            await self._declare_dead(
+                kernel, f"the kernel ended while the gateway was away: {status.describe()}"
+            )
+            return
+        process.ready()
+        kernel.report(Phase.READY, "restored")
+        kernel.go_live()
+        self._watch(kernel, process)
+        kernel.transition(KernelState.RUNNING, "restored")
+        self._emit("restored", kernel)
 
     async def _launch_new(self, kernel: Kernel) -> Kernel:
         try:
@@ -454,6 +558,9 @@ class KernelManager(Service):
     def _watch(self, kernel: Kernel, process: IKernelProcess) -> None:
         def exited(status: ExitStatus) -> None:
             if kernel.process is not process or kernel.state != KernelState.RUNNING:
+                return
+            if not self.running or self.kernels.get(kernel.id) is not kernel:
+                # Kept for the next gateway, or no longer ours.
                 return
             if kernel.id in self._operations:
                 return

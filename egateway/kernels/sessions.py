@@ -45,15 +45,48 @@ def _string(body: dict[str, Any], key: str, default: str | None = None) -> str |
 
 
 class SessionManager:
+    """
+    Sessions, saved to the kernel store when the gateway persists kernels,
+    and restored with them.
+    """
+
     def __init__(self, kernels: KernelManager) -> None:
         self._kernels = kernels
         self.sessions: dict[str, Session] = {}
         kernels.listeners.append(self._kernel_event)
+        self._persistence = kernels.persistence
+        if self._persistence is not None:
+            self._persistence.restored.append(self._restore)
 
     def _kernel_event(self, event: str, kernel: Kernel) -> None:
         if event in ("removed", "failed"):
             for session in [s for s in self.sessions.values() if s.kernel_id == kernel.id]:
                 del self.sessions[session.id]
+                self._forget(session)
+
+    def _save(self, session: Session) -> None:
+        if self._persistence is not None:
+            from egateway.store.interface import SessionRecord
+
+            self._persistence.save_session(
+                SessionRecord(session.id, session.path, session.name, session.type, session.kernel_id)
+            )
+
+    def _forget(self, session: Session) -> None:
+        if self._persistence is not None:
+            self._persistence.delete_session(session.id)
+
+    async def _restore(self) -> None:
+        """
+        Reload saved sessions whose kernels were restored.
+        """
+        for record in await self._persistence.load_sessions():
+            if record.kernel_id in self._kernels.kernels:
+                self.sessions[record.id] = Session(
+                    record.id, record.path, record.name, record.type, record.kernel_id
+                )
+            else:
+                self._persistence.delete_session(record.id)
 
     def model(self, session: Session) -> dict[str, Any]:
         return session.model(self._kernels.get(session.kernel_id))
@@ -116,6 +149,7 @@ class SessionManager:
             kernel_id=kernel_id,
         )
         self.sessions[session.id] = session
+        self._save(session)
         return session, True
 
     async def _kernel_for(self, kernel: dict[str, Any], username: str | None) -> str:
@@ -141,10 +175,12 @@ class SessionManager:
             elif kernel.get("name") and kernel["name"] != current.spec.name:
                 session.kernel_id = await self._kernel_for(kernel, username)
                 await self._kernels.shutdown(old, reason="the session switched kernels")
+        self._save(session)
         return session
 
     async def delete(self, session_id: str) -> None:
         session = self.get(session_id)
         del self.sessions[session_id]
+        self._forget(session)
         if session.kernel_id in self._kernels.kernels:
             await self._kernels.shutdown(session.kernel_id, reason="its session was deleted")

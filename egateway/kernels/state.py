@@ -8,7 +8,8 @@ The lifecycle of one kernel, as an explicit state machine.
         v            v             v
       FAILED    SHUTTING_DOWN --> GONE
                      ^
-    DEAD ------------'     (RUNNING/RESTARTING -> DEAD when restarts run out)
+    DEAD ------------'     (RUNNING/RESTARTING -> DEAD when restarts run out;
+                            LAUNCHING -> DEAD when a restored kernel is gone)
 
 C{execution_state} (idle, busy, ...) is what the kernel reports on iopub and
 is tracked separately; this machine is what the gateway is doing with it.
@@ -31,7 +32,7 @@ class KernelState(str, enum.Enum):
 
 TRANSITIONS: dict[KernelState, frozenset[KernelState]] = {
     KernelState.LAUNCHING: frozenset(
-        {KernelState.RUNNING, KernelState.FAILED, KernelState.SHUTTING_DOWN}
+        {KernelState.RUNNING, KernelState.FAILED, KernelState.SHUTTING_DOWN, KernelState.DEAD}
     ),
     KernelState.RUNNING: frozenset(
         {KernelState.RESTARTING, KernelState.SHUTTING_DOWN, KernelState.DEAD}

@@ -499,6 +499,7 @@ async def start_gateway(
             f"--listen=tcp:{gateway.port}:interface={LOOPBACK}",
             f"--data-dir={gateway.data_dir}",
             "--response-port=0",
+            "--on-stop=shutdown",
             *(f"--{name}={value}" for name, value in (flags or {}).items()),
         ]
         gateway.process.start(argv, environ, workdir)

@@ -34,7 +34,12 @@ class InProcessGateway:
     """
 
     def __init__(self, env: dict[str, str] | None = None, **flags: Any) -> None:
-        settings = {"listen": "tcp:0:interface=127.0.0.1", "response_port": 0, **flags}
+        settings = {
+            "listen": "tcp:0:interface=127.0.0.1",
+            "response_port": 0,
+            "persistence": "false",
+            **flags,
+        }
         values = {key.replace("_", "-"): str(value) for key, value in settings.items()}
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("EG_", "KG_"))}
         environ.update(env or {})

@@ -1,0 +1,294 @@
+"""
+Kernels that outlive the gateway process.
+
+L{KernelPersistence} writes a record of every kernel to the store at each
+lifecycle change (launching, running, restarted, dead, removed), restores
+every record when the gateway starts (reattaching through the launcher's
+snapshot, or reporting the kernel dead with the reason and cleaning up its
+leftovers), and on a graceful stop lets kernels run on when C{on_stop} is
+C{keep}.
+
+Writes that fail because the store is down are retried every few seconds;
+attached kernels keep working meanwhile.  Starting a kernel needs the store:
+if its first record cannot be written the start fails with 503 rather than
+create a kernel a restart would lose.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from egateway.errors import Unavailable
+from egateway.kernels.kernel import Kernel
+from egateway.kernels.specs import KernelSpec, NoSuchKernelSpec
+from egateway.kernels.state import KernelState
+from egateway.store.interface import IKernelStore, KernelRecord, SessionRecord, StoreError
+
+_log = Logger()
+
+RETRY_INTERVAL = 5.0
+"""
+Seconds between retries of writes the store refused.
+"""
+
+
+def record_of(kernel: Kernel, gateway_id: str) -> KernelRecord:
+    process = kernel.process
+    return KernelRecord(
+        kernel_id=kernel.id,
+        spec_name=kernel.spec.name,
+        username=kernel.username,
+        launcher=kernel.launcher_name,
+        snapshot=process.snapshot() if process is not None else {},
+        env=dict(kernel.env),
+        state=kernel.state.value,
+        execution_state=kernel.execution_state,
+        created=kernel.started,
+        updated=kernel.last_activity,
+        restarts=kernel.restart_count,
+        reason=kernel.reason,
+        gateway_id=gateway_id,
+    )
+
+
+def placeholder_spec(name: str) -> KernelSpec:
+    """
+    A stand-in for a kernelspec that no longer exists, so a running kernel
+    started from it can still be reattached (and shut down).
+    """
+    return KernelSpec.from_json(
+        name, "", {"argv": ["(removed kernelspec)"], "display_name": name, "language": ""}
+    )
+
+
+class KernelPersistence:
+    """
+    @ivar on_stop: C{"keep"} (kernels outlive a graceful stop) or
+        C{"shutdown"}.
+    """
+
+    def __init__(
+        self,
+        open_store: Any,
+        shared: bool,
+        manager: Any,
+        clock: Any,
+        gateway_id: str,
+        on_stop: str,
+    ) -> None:
+        """
+        @param open_store: returns (a Deferred of) the L{IKernelStore}, not
+            yet started; called once, at start, because finding the store's
+            key reads a file.
+        @param shared: whether the store is one several gateways share.
+        """
+        self._open_store = open_store
+        self.store: IKernelStore = _NotOpen()
+        self.shared = shared
+        self._manager = manager
+        self._clock = clock
+        self.gateway_id = gateway_id
+        self.on_stop = on_stop
+        self._unsaved: set[str] = set()
+        self._undeleted: set[str] = set()
+        self.opened = False
+        self._opening: Deferred[None] | None = None
+        self.restored: list[Any] = []
+        """
+        Coroutine functions run after kernels are restored (sessions).
+        """
+        self._retry = LoopingCall(self._flush)
+        self._retry.clock = clock
+        manager.listeners.append(self._event)
+
+    @property
+    def keeps_kernels(self) -> bool:
+        return self.on_stop == "keep"
+
+    async def start(self) -> None:
+        """
+        Open the store and restore every kernel it records.
+        """
+        self._opening = Deferred.fromCoroutine(self._open())
+        try:
+            await self._opening
+        finally:
+            self._opening = None
+        if not self._retry.running:
+            self._retry.start(RETRY_INTERVAL, now=False)
+        await self.restore_all()
+        for after in self.restored:
+            try:
+                await after()
+            except Exception:
+                _log.failure("restoring after kernels")
+
+    async def _open(self) -> None:
+        if isinstance(self.store, _NotOpen):
+            self.store = await self._open_store()
+        await self.store.start()
+        self.opened = True
+
+    async def stop(self) -> None:
+        if self._retry.running:
+            self._retry.stop()
+        if isinstance(self.store, _NotOpen):
+            return
+        try:
+            await self._flush()
+        finally:
+            await self.store.stop()
+
+    # -- writing -------------------------------------------------------
+
+    async def admit(self, kernel: Kernel) -> None:
+        """
+        Record a kernel about to launch.
+
+        @raise Unavailable: the store cannot take the record (503).
+        """
+        if not self.opened and self._opening is not None:
+            # The gateway is starting: wait (briefly) for the store to open.
+            waiting: Deferred[None] = Deferred()
+            self._opening.addBoth(lambda r: waiting.callback(None) if not waiting.called else None)
+            waiting.addTimeout(10, self._clock)
+            try:
+                await waiting
+            except Exception:
+                pass
+        try:
+            await self.store.save_kernel(record_of(kernel, self.gateway_id))
+        except StoreError as e:
+            raise Unavailable(f"the kernel store is unavailable, so no kernel can start: {e}") from None
+
+    def _event(self, event: str, kernel: Kernel) -> None:
+        if event in ("removed", "failed"):
+            self._unsaved.discard(kernel.id)
+            self._delete(kernel.id)
+        else:
+            self.save(kernel)
+
+    def save(self, kernel: Kernel) -> Deferred[None]:
+        """
+        Write C{kernel}'s record now; if the store refuses, retry later.
+        """
+        d = self.store.save_kernel(record_of(kernel, self.gateway_id))
+
+        def failed(failure: Any) -> None:
+            failure.trap(StoreError)
+            self._unsaved.add(kernel.id)
+            _log.warn(
+                "kernel {kernel_id}: record not saved, will retry: {error}",
+                kernel_id=kernel.id,
+                error=str(failure.value),
+            )
+
+        return d.addErrback(failed)
+
+    def _delete(self, kernel_id: str) -> None:
+        def failed(failure: Any) -> None:
+            failure.trap(StoreError)
+            self._undeleted.add(kernel_id)
+
+        self.store.delete_kernel(kernel_id).addErrback(failed)
+        self.store.journal_delete(kernel_id).addErrback(lambda f: f.trap(StoreError) and None)
+
+    async def _flush(self) -> None:
+        """
+        Retry the writes the store refused earlier.
+        """
+        for kernel_id in list(self._undeleted):
+            try:
+                await self.store.delete_kernel(kernel_id)
+                self._undeleted.discard(kernel_id)
+            except StoreError:
+                return
+        for kernel_id in list(self._unsaved):
+            kernel = self._manager.kernels.get(kernel_id)
+            self._unsaved.discard(kernel_id)
+            if kernel is None:
+                continue
+            try:
+                await self.store.save_kernel(record_of(kernel, self.gateway_id))
+            except StoreError:
+                self._unsaved.add(kernel_id)
+                return
+
+    # -- restoring -------------------------------------------------------
+
+    async def restore_all(self) -> None:
+        records = await self.store.load_kernels()
+        if records:
+            _log.info("restoring {count} kernels from the store", count=len(records))
+        await DeferredList(
+            [Deferred.fromCoroutine(self.restore(record)) for record in records],
+            consumeErrors=True,
+        )
+
+    async def restore(self, record: KernelRecord) -> Kernel | None:
+        """
+        Reattach to one recorded kernel.  A kernel that is gone is listed as
+        dead with the reason (until culled or deleted).
+        """
+        if record.kernel_id in self._manager.kernels:
+            return self._manager.kernels[record.kernel_id]
+        try:
+            spec = await self._manager.specs.get(record.spec_name)
+        except NoSuchKernelSpec:
+            spec = placeholder_spec(record.spec_name)
+        try:
+            return await self._manager.restore_kernel(record, spec)
+        except Exception:
+            _log.failure("restoring kernel {kernel_id}", kernel_id=record.kernel_id)
+            return None
+
+    async def keep_all(self) -> None:
+        """
+        The gateway is stopping and kernels stay: detach from each and save
+        its final record.
+        """
+        saves = []
+        for kernel in list(self._manager.kernels.values()):
+            if kernel.state == KernelState.LAUNCHING:
+                continue
+            if kernel.process is not None:
+                kernel.process.detach()
+            saves.append(self.save(kernel))
+        await DeferredList(saves, consumeErrors=True)
+
+    # -- sessions --------------------------------------------------------
+
+    def save_session(self, record: SessionRecord) -> None:
+        self.store.save_session(record).addErrback(
+            lambda f: _log.warn("session {id} not saved: {error}", id=record.id, error=str(f.value))
+        )
+
+    def delete_session(self, session_id: str) -> None:
+        self.store.delete_session(session_id).addErrback(
+            lambda f: _log.warn("session {id} not deleted: {error}", id=session_id, error=str(f.value))
+        )
+
+    async def load_sessions(self) -> list[SessionRecord]:
+        return await self.store.load_sessions()
+
+
+class _NotOpen:
+    """
+    The store before start: every operation fails as unavailable.
+    """
+
+    shared = False
+
+    def __getattr__(self, name: str) -> Any:
+        def unavailable(*args: Any, **kwargs: Any) -> Deferred[Any]:
+            from twisted.internet.defer import fail
+
+            from egateway.store.interface import StoreUnavailable
+
+            return fail(StoreUnavailable("the kernel store is not open yet"))
+
+        return unavailable

@@ -1,0 +1,240 @@
+"""
+The shared store: several gateways keep their kernels in one Redis, so any
+of them can serve any kernel, and leases keep them from culling, restarting
+or shutting one down twice.
+
+Keys (C{prefix} defaults to C{egateway:})::
+
+    {prefix}kernels                      hash  kernel id -> record (JSON; secrets sealed)
+    {prefix}sessions                     hash  session id -> record (JSON)
+    {prefix}lease:{kernel_id}            string, the holder, with a TTL (PX)
+    {prefix}journal:{kernel_id}:{session_id}
+                                         sorted set, score = sequence number,
+                                         member = 8-byte big-endian sequence + frame
+    {prefix}journals:{kernel_id}         set of the session ids that have a journal
+
+Redis Cluster is not supported (the scripts touch keys of several slots).
+The store talks to Redis through L{egateway.store.resp.RedisClient}, which
+fails commands at once while Redis is unreachable and reconnects by itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from egateway.store.codec import decode_kernel, decode_session, encode_kernel, encode_session
+from egateway.store.crypto import SecretBox
+from egateway.store.interface import (
+    IKernelStore,
+    JournalEntry,
+    KernelRecord,
+    RecordUnreadable,
+    SessionRecord,
+    StoreUnavailable,
+)
+from egateway.store.resp import RedisAddress, RedisClient
+
+# Take the lease if free, or extend it if the caller holds it.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: journal, index.  ARGV: max entries, session id, then seq, member pairs.
+# A sequence number already journalled is not added again, so a retried
+# append does not duplicate frames.
+_APPEND = """
+local journal = KEYS[1]
+local keep = tonumber(ARGV[1])
+if keep <= 0 then
+  redis.call('DEL', journal)
+  return 0
+end
+for i = 3, #ARGV, 2 do
+  if redis.call('ZCOUNT', journal, ARGV[i], ARGV[i]) == 0 then
+    redis.call('ZADD', journal, ARGV[i], ARGV[i + 1])
+  end
+end
+redis.call('ZREMRANGEBYRANK', journal, 0, -keep - 1)
+redis.call('SADD', KEYS[2], ARGV[2])
+return 0
+"""
+
+# KEYS: index.  ARGV: the journal key prefix of the kernel.
+_DELETE_JOURNALS = """
+for _, session in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  redis.call('DEL', ARGV[1] .. session)
+end
+redis.call('DEL', KEYS[1])
+return 0
+"""
+
+
+@implementer(IKernelStore)
+class RedisStore:
+    """
+    L{IKernelStore} in Redis, shared by the gateways that use the same URL
+    and prefix.  Every gateway must have the same store key.
+
+    @param url: C{redis://[[user]:password@]host[:port][/db]}.
+    @param reactor: provides C{IReactorTime} and C{IReactorTCP}.
+    @param client_options: passed to L{RedisClient} (timeouts, back-off).
+    """
+
+    shared = True
+    _log = Logger()
+
+    def __init__(
+        self, url: str, secret_box: SecretBox, reactor: Any, prefix: str = "egateway:", **client_options: Any
+    ) -> None:
+        self.address = RedisAddress.from_url(url)
+        self.prefix = prefix
+        self._box = secret_box
+        self._client = RedisClient(reactor, self.address, **client_options)
+        self._started = False
+        self._kernels = prefix + "kernels"
+        self._sessions = prefix + "sessions"
+
+    def __repr__(self) -> str:
+        return f"<RedisStore {self.address} prefix={self.prefix!r}>"
+
+    @property
+    def connected(self) -> bool:
+        return self._client.connected
+
+    def start(self) -> Deferred[None]:
+        """
+        Connect.  Fails with L{StoreUnavailable} if Redis cannot be reached
+        now; the store keeps reconnecting in the background all the same,
+        and its operations work as soon as Redis answers.
+        """
+        if not self._started:
+            self._started = True
+            self._log.info("kernel store: {address} (prefix {prefix})", address=str(self.address), prefix=self.prefix)
+        return self._client.start()
+
+    def stop(self) -> Deferred[None]:
+        self._started = False
+        return self._client.stop()
+
+    # -- kernels and sessions ---------------------------------------------
+
+    def save_kernel(self, record: KernelRecord) -> Deferred[None]:
+        data = encode_kernel(record, self._box)
+        return self._client.execute("HSET", self._kernels, record.kernel_id, data).addCallback(_none)
+
+    def delete_kernel(self, kernel_id: str) -> Deferred[None]:
+        return self._client.pipeline(
+            [["HDEL", self._kernels, kernel_id], ["DEL", self._lease(kernel_id)]]
+        ).addCallback(self._all_ok, "HDEL")
+
+    def load_kernel(self, kernel_id: str) -> Deferred[KernelRecord | None]:
+        def decode(raw: bytes | None) -> KernelRecord | None:
+            return None if raw is None else decode_kernel(kernel_id, raw, self._box)
+
+        return self._client.execute("HGET", self._kernels, kernel_id).addCallback(decode)
+
+    def load_kernels(self) -> Deferred[list[KernelRecord]]:
+        def decode(flat: list[bytes]) -> list[KernelRecord]:
+            records = []
+            for kernel_id, raw in _pairs(flat):
+                try:
+                    records.append(decode_kernel(kernel_id, raw, self._box))
+                except RecordUnreadable as e:
+                    self._log.error("{address}: {error}", address=str(self.address), error=str(e))
+            return sorted(records, key=lambda r: r.kernel_id)
+
+        return self._client.execute("HGETALL", self._kernels).addCallback(decode)
+
+    def save_session(self, record: SessionRecord) -> Deferred[None]:
+        return self._client.execute("HSET", self._sessions, record.id, encode_session(record)).addCallback(_none)
+
+    def delete_session(self, session_id: str) -> Deferred[None]:
+        return self._client.execute("HDEL", self._sessions, session_id).addCallback(_none)
+
+    def load_sessions(self) -> Deferred[list[SessionRecord]]:
+        def decode(flat: list[bytes]) -> list[SessionRecord]:
+            records = []
+            for session_id, raw in _pairs(flat):
+                try:
+                    records.append(decode_session(session_id, raw))
+                except RecordUnreadable as e:
+                    self._log.error("{address}: {error}", address=str(self.address), error=str(e))
+            return sorted(records, key=lambda r: r.id)
+
+        return self._client.execute("HGETALL", self._sessions).addCallback(decode)
+
+    # -- leases -----------------------------------------------------------
+
+    def _lease(self, kernel_id: str) -> str:
+        return f"{self.prefix}lease:{kernel_id}"
+
+    def acquire_lease(self, kernel_id: str, holder: str, ttl: float) -> Deferred[bool]:
+        milliseconds = max(1, int(ttl * 1000))
+        return self._client.eval_script(_ACQUIRE, [self._lease(kernel_id)], [holder, milliseconds]).addCallback(
+            lambda taken: taken == 1
+        )
+
+    def release_lease(self, kernel_id: str, holder: str) -> Deferred[None]:
+        return self._client.eval_script(_RELEASE, [self._lease(kernel_id)], [holder]).addCallback(_none)
+
+    def lease_holder(self, kernel_id: str) -> Deferred[str | None]:
+        return self._client.execute("GET", self._lease(kernel_id)).addCallback(
+            lambda holder: None if holder is None else holder.decode("utf-8")
+        )
+
+    # -- journal ----------------------------------------------------------
+
+    def _journal(self, kernel_id: str, session_id: str) -> str:
+        return f"{self.prefix}journal:{kernel_id}:{session_id}"
+
+    def journal_append(
+        self, kernel_id: str, session_id: str, entries: list[JournalEntry], max_entries: int
+    ) -> Deferred[None]:
+        if not entries and max_entries > 0:
+            return succeed(None)
+        args: list[Any] = [int(max_entries), session_id]
+        for seq, data in entries:
+            seq = int(seq)
+            args.append(seq)
+            args.append(seq.to_bytes(8, "big", signed=True) + bytes(data))
+        keys = [self._journal(kernel_id, session_id), f"{self.prefix}journals:{kernel_id}"]
+        return self._client.eval_script(_APPEND, keys, args).addCallback(_none)
+
+    def journal_read(self, kernel_id: str, session_id: str, after: int) -> Deferred[list[JournalEntry]]:
+        def decode(members: list[bytes]) -> list[JournalEntry]:
+            return [(int.from_bytes(m[:8], "big", signed=True), m[8:]) for m in members]
+
+        return self._client.execute(
+            "ZRANGEBYSCORE", self._journal(kernel_id, session_id), f"({int(after)}", "+inf"
+        ).addCallback(decode)
+
+    def journal_delete(self, kernel_id: str) -> Deferred[None]:
+        return self._client.eval_script(
+            _DELETE_JOURNALS, [f"{self.prefix}journals:{kernel_id}"], [f"{self.prefix}journal:{kernel_id}:"]
+        ).addCallback(_none)
+
+    def _all_ok(self, replies: list[Any], name: str) -> None:
+        for reply in replies:
+            self._client.check(reply, (name,))
+
+
+def _none(_: Any) -> None:
+    return None
+
+
+def _pairs(flat: list[bytes]) -> list[tuple[str, bytes]]:
+    return [(flat[i].decode("utf-8", "replace"), flat[i + 1]) for i in range(0, len(flat), 2)]

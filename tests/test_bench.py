@@ -1,0 +1,137 @@
+"""
+Smoke tests of the benchmark (C{bench/run.py}): it still runs end to end,
+reports every figure with plausible values and no lost output, and removes
+every kernel and the gateway it started.  They assert nothing about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import TestCase
+
+from tests.support.daemon import REPO_ROOT, ChildProcess, _bounded, pid_alive, processes_mentioning
+
+RUN = os.path.join(REPO_ROOT, "bench", "run.py")
+DEADLINE = 60.0
+"""
+Seconds a quick run may take before the test gives up and stops it.
+"""
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+class BenchSmokeTests(TestCase):
+    timeout = DEADLINE + 60
+
+    async def _bench(self, *args: str) -> tuple[int | None, dict[str, Any], str]:
+        """
+        Run C{bench/run.py --quick} with C{args} in a work directory of
+        this test; its exit code, its JSON and the end of its output.
+        Fails the test if it overruns L{DEADLINE} or leaves a process that
+        names its work directory.
+        """
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        out = os.path.join(workdir, "results.json")
+        child = ChildProcess("bench", os.path.join(workdir, "bench-output.log"), reactor)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("EG_", "KG_"))}
+        child.start(
+            [sys.executable, RUN, "--quick", "--workdir", workdir, "--json", out, *args],
+            env,
+            REPO_ROOT,
+        )
+        overran = False
+        try:
+            await _bounded(child.when_ended(), DEADLINE, reactor)
+        except TimeoutError:
+            overran = True
+        report = await child.stop(grace=45, marker=workdir)
+        self.assertFalse(overran, f"the quick benchmark overran {DEADLINE:g} s:\n{child.log_tail()}")
+        self.assertEqual(report.leftovers, [], report.describe())
+        self.assertEqual(processes_mentioning(workdir), [])
+        results: dict[str, Any] = {}
+        if os.path.exists(out):
+            with open(out) as f:
+                results = json.load(f)
+        gateway_pid = results.get("meta", {}).get("gateway_pid")
+        if gateway_pid:
+            self.assertFalse(pid_alive(gateway_pid), "the benchmark's gateway is still running")
+        return child.code, results, child.log_tail()
+
+    def _check_pair(self, figure: dict[str, Any], field: str) -> None:
+        for side in ("gateway", "direct"):
+            self.assertTrue(_positive(figure[side][field]), f"{side} {field}: {figure[side]}")
+        self.assertTrue(_positive(figure["ratio"]), figure)
+
+    async def test_quick_run_reports_every_figure(self) -> None:
+        """
+        A quick run measures all six figures on both sides, loses no output,
+        gets every concurrent kernel ready and leaves nothing running.
+        """
+        code, results, output = await self._bench()
+        self.assertEqual(code, 0, output)
+        self.assertEqual(results.get("leaked_processes"), [], output)
+        self.assertEqual(results.get("checks_failed"), [], output)
+        self.assertEqual(results.get("problems"), [], output)
+        figures = results["figures"]
+        self.assertEqual(
+            set(figures),
+            {"start", "roundtrip", "pipelined", "stream_one_write", "stream_flushed_writes",
+             "concurrent", "rss"},
+        )
+        self._check_pair(figures["start"], "median_s")
+        self.assertLess(figures["start"]["gateway"]["median_s"], 60)
+        self._check_pair(figures["roundtrip"], "p50_ms")
+        for side in ("gateway", "direct"):
+            rt = figures["roundtrip"][side]
+            self.assertGreaterEqual(rt["p99_ms"], rt["p50_ms"])
+            self.assertGreaterEqual(rt["n"], 100)
+        self._check_pair(figures["pipelined"], "executes_per_s")
+        for side in ("gateway", "direct"):
+            self.assertEqual(figures["pipelined"][side]["failed"], 0)
+        for case in ("stream_one_write", "stream_flushed_writes"):
+            self._check_pair(figures[case], "mb_per_s")
+            for side in ("gateway", "direct"):
+                self.assertEqual(figures[case][side]["lost"], 0, figures[case])
+                self.assertTrue(figures[case][side]["bytes_ok"], figures[case])
+        concurrent = figures["concurrent"]
+        for side in ("gateway", "direct"):
+            self.assertEqual(concurrent[side]["ready"], concurrent[side]["requested"], concurrent)
+            self.assertGreater(concurrent[side]["requested"], 1)
+        self._check_pair(concurrent, "last_ready_s")
+        rss = figures["rss"]["gateway"]
+        self.assertGreater(rss["idle_mib"], 10)
+        self.assertGreaterEqual(rss["with_kernels_mib"], rss["idle_mib"] * 0.9)
+        self.assertTrue(_positive(rss["idle_after_mib"]))
+        self.assertIn("stopped", results["meta"]["gateway_stop"])
+
+    async def test_v1_protocol(self) -> None:
+        """
+        The round trip and stream figures also work over the v1 binary
+        subprotocol, with no output lost.
+        """
+        code, results, output = await self._bench("--protocol", "v1", "--only", "roundtrip,stream")
+        self.assertEqual(code, 0, output)
+        figures = results["figures"]
+        self.assertEqual(set(figures), {"roundtrip", "stream_one_write", "stream_flushed_writes"})
+        self._check_pair(figures["roundtrip"], "p50_ms")
+        for case in ("stream_one_write", "stream_flushed_writes"):
+            self.assertEqual(figures[case]["gateway"]["lost"], 0, figures[case])
+            self.assertTrue(figures[case]["gateway"]["bytes_ok"], figures[case])
+
+    async def test_unknown_figure_is_refused(self) -> None:
+        """
+        A misspelt figure name stops the benchmark before it starts anything.
+        """
+        code, results, output = await self._bench("--only", "roundtrips")
+        self.assertEqual(code, 2)
+        self.assertIn("unknown figure(s) roundtrips", output)
+        self.assertEqual(results, {})

@@ -1,0 +1,218 @@
+"""
+Kernels outlive the gateway: restarts (graceful and kill -9) restore every
+kernel with its state, report the ones that died meanwhile, and the store
+being down is survivable.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.trial.unittest import TestCase
+
+from tests.fixtures import RedisServer
+from tests.fixtures.system import REDIS_PACKAGES, require_packages
+from tests.support.daemon import start_gateway
+from tests.support.gateway import InProcessGateway, pid_alive
+from tests.support.wsclient import ChannelsClient
+
+
+async def set_x(url: str, kernel_id: str, value: int) -> None:
+    client = await ChannelsClient.connect(url, kernel_id)
+    result = await client.execute(f"x = {value}")
+    assert result["reply"]["status"] == "ok", result
+    await client.close()
+
+
+async def get_x(url: str, kernel_id: str, token: str | None = None) -> str:
+    client = await ChannelsClient.connect(url, kernel_id, token=token)
+    result = await client.execute("x")
+    await client.close()
+    return result["result"]["text/plain"] if result["result"] else repr(result["error"])
+
+
+class GracefulRestartTests(TestCase):
+    timeout = 120
+
+    def gateway(self, data_dir: str, **flags: str) -> InProcessGateway:
+        return InProcessGateway(persistence="true", data_dir=data_dir, list_kernels="true", **flags)
+
+    async def test_kernels_survive_a_restart(self) -> None:
+        """
+        With on_stop=keep, a gateway that stops leaves its kernels running; the
+        next one restores them with the same ids and their state.
+        """
+        data_dir = os.path.abspath(self.mktemp())
+        first = await self.gateway(data_dir).start()
+        models = await gatherResults([ensureDeferred(first.start_kernel()) for _ in range(3)])
+        for model in models:
+            await set_x(first.url, model["id"], 42)
+        await first.stop()
+        pids = [m["placement"]["pid"] for m in models]
+        self.assertTrue(all(pid_alive(pid) for pid in pids), "kernels stopped with the gateway")
+
+        second = self.gateway(data_dir, on_stop="shutdown")
+        await second.start()
+        self.addCleanup(self._stop_and_check, second, pids)
+        listed = await self._wait_listed(second, 3)
+        self.assertEqual({k["id"] for k in listed}, {m["id"] for m in models})
+        for model in models:
+            self.assertEqual(await get_x(second.url, model["id"]), "42")
+        code, restored = await second.request("GET", f"api/kernels/{models[0]['id']}")
+        self.assertEqual(restored["placement"]["pid"], models[0]["placement"]["pid"])
+        self.assertEqual(restored["state"], "running")
+
+    async def test_kernel_that_died_while_away(self) -> None:
+        """
+        A kernel that died while no gateway ran is listed as dead with the
+        reason; its files are cleaned up; the others are restored.
+        """
+        data_dir = os.path.abspath(self.mktemp())
+        first = await self.gateway(data_dir).start()
+        alive = await first.start_kernel()
+        doomed = await first.start_kernel()
+        await first.stop()
+        os.kill(doomed["placement"]["pid"], signal.SIGKILL)
+        second = self.gateway(data_dir, on_stop="shutdown")
+        await second.start()
+        self.addCleanup(self._stop_and_check, second, [alive["placement"]["pid"], doomed["placement"]["pid"]])
+        listed = {k["id"]: k for k in await self._wait_listed(second, 2)}
+        for _ in range(100):
+            listed = {k["id"]: k for k in (await second.request("GET", "api/kernels"))[1]}
+            if listed[doomed["id"]]["state"] != "launching":
+                break
+            await ensureDeferred(_sleep(0.1))
+        self.assertEqual(listed[doomed["id"]]["execution_state"], "dead")
+        self.assertIn("while the gateway was away", listed[doomed["id"]]["reason"])
+        self.assertEqual(listed[alive["id"]]["state"], "running")
+        runtime = os.path.join(data_dir, "runtime")
+        self.assertFalse(any(doomed["id"] in name for name in os.listdir(runtime)))
+        code, _ = await second.request("DELETE", f"api/kernels/{doomed['id']}")
+        self.assertEqual(code, 204)
+
+    async def test_sessions_survive(self) -> None:
+        """
+        Sessions are restored with their kernels.
+        """
+        data_dir = os.path.abspath(self.mktemp())
+        first = await self.gateway(data_dir).start()
+        code, session = await first.request("POST", "api/sessions", {"path": "a.ipynb", "type": "notebook"})
+        self.assertEqual(code, 201)
+        pid = session["kernel"]["placement"]["pid"]
+        await first.stop()
+        second = self.gateway(data_dir, on_stop="shutdown")
+        await second.start()
+        self.addCleanup(self._stop_and_check, second, [pid])
+        await self._wait_listed(second, 1)
+        code, again = await second.request("GET", f"api/sessions/{session['id']}")
+        self.assertEqual(code, 200, again)
+        self.assertEqual((again["path"], again["kernel"]["id"]), ("a.ipynb", session["kernel"]["id"]))
+
+    async def _wait_listed(self, gateway: InProcessGateway, count: int) -> list:
+        for _ in range(100):
+            code, listed = await gateway.request("GET", "api/kernels")
+            if code == 200 and len(listed) == count and all(k["state"] != "launching" for k in listed):
+                return listed
+            await ensureDeferred(_sleep(0.1))
+        self.fail(f"expected {count} restored kernels, got {listed}")
+
+    async def _stop_and_check(self, gateway: InProcessGateway, pids: list[int]) -> None:
+        await gateway.stop()
+        self.assertEqual([pid for pid in pids if pid_alive(pid)], [])
+
+
+async def _sleep(seconds: float) -> None:
+    from twisted.internet.task import deferLater
+
+    await deferLater(reactor, seconds, lambda: None)
+
+
+class KillNineTests(TestCase):
+    timeout = 180
+
+    async def test_kill_9_and_restart(self) -> None:
+        """
+        A daemon killed with SIGKILL and started again on the same data
+        directory lists every kernel with the same id and state, and no
+        kernel process is duplicated or leaked.
+        """
+        first = await start_gateway(self, flags={"list-kernels": "true", "persistence": "true", "on-stop": "keep"})
+        models = [await first.api.call("POST", "api/kernels", {}, expect=201) for _ in range(4)]
+        for model in models:
+            await set_x(first.url, model["id"], 42)
+        before = sorted(pid for pid, _ in first.kernel_processes())
+        self.assertEqual(len(before), 4)
+        first.process.send_signal(signal.SIGKILL)
+        await first.process.when_ended()
+        # The test judges this exit itself: its kernels must stay.
+        first.process.report = "killed"
+        await first.api.close()
+
+        second = await start_gateway(
+            self,
+            flags={"list-kernels": "true", "persistence": "true", "on-stop": "shutdown", "data-dir": first.data_dir},
+        )
+        second.data_dir = first.data_dir
+        for _ in range(100):
+            listed = await second.api.call("GET", "api/kernels")
+            if len(listed) == 4 and all(k["state"] == "running" for k in listed):
+                break
+            await _sleep(0.1)
+        self.assertEqual({k["id"] for k in listed}, {m["id"] for m in models})
+        for model in models:
+            self.assertEqual(await get_x(second.url, model["id"]), "42")
+        self.assertEqual(sorted(pid for pid, _ in second.kernel_processes()), before)
+        for model in models:
+            await second.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
+        self.assertEqual(second.kernel_processes(), [])
+
+
+class RedisOutageTests(TestCase):
+    timeout = 120
+
+    async def setUp(self) -> None:
+        require_packages(*REDIS_PACKAGES)
+        self.redis = RedisServer(tempfile.mkdtemp(prefix="egw-", dir="/tmp"))
+        self.redis.up()
+        self.addCleanup(self.redis.down)
+
+    async def test_outage_is_survivable(self) -> None:
+        """
+        With Redis stopped, starting a kernel fails clearly (503) while a
+        running kernel keeps working; once Redis is back, starts work again
+        without restarting the gateway.
+        """
+        from egateway.store.crypto import SecretBox
+
+        gateway = InProcessGateway(
+            persistence="true",
+            on_stop="shutdown",
+            data_dir=os.path.abspath(self.mktemp()),
+            store_url=self.redis.url,
+            store_key=SecretBox.generate_key(),
+        )
+        await gateway.start()
+        self.addCleanup(gateway.stop)
+        for _ in range(100):
+            if gateway.manager.persistence.store.__class__.__name__ == "RedisStore":
+                break
+            await _sleep(0.05)
+        model = await gateway.start_kernel()
+        await set_x(gateway.url, model["id"], 42)
+        self.redis.stop()
+        code, body = await gateway.request("POST", "api/kernels", {})
+        self.assertEqual(code, 503, body)
+        self.assertIn("store", body["message"])
+        self.assertEqual(await get_x(gateway.url, model["id"]), "42")
+        self.redis.start()
+        for _ in range(100):
+            code, body = await gateway.request("POST", "api/kernels", {})
+            if code == 201:
+                gateway.pids.add(body["placement"]["pid"])
+                break
+            await _sleep(0.2)
+        self.assertEqual(code, 201, body)
