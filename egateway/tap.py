@@ -187,6 +187,10 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     )
     if persistent:
         manager.persistence = build_persistence(config, data_path, manager, reactor)
+        if manager.persistence.shared:
+            from egateway.kernels.sharing import SharedKernels
+
+            manager.sharing = SharedKernels(manager, manager.persistence, reactor, config.store.lease_ttl)
 
     def fatal(message: str) -> None:
         _log.critical("egateway cannot run: {message}", message=message)

@@ -132,20 +132,48 @@ async def _sleep(seconds: float) -> None:
 
 
 class KillNineTests(TestCase):
-    timeout = 180
+    timeout = 240
 
     async def test_kill_9_and_restart(self) -> None:
         """
-        A daemon killed with SIGKILL and started again on the same data
-        directory lists every kernel with the same id and state, and no
-        kernel process is duplicated or leaked.
+        A daemon with 10 local kernels and 4 on SSH hosts, each holding
+        x = 42, is killed with SIGKILL and started again on the same data
+        directory: all 14 are listed with the same ids, x is still 42 through
+        a new WebSocket, and no kernel process is duplicated or leaked.
         """
-        first = await start_gateway(self, flags={"list-kernels": "true", "persistence": "true", "on-stop": "keep"})
-        models = [await first.api.call("POST", "api/kernels", {}, expect=201) for _ in range(4)]
-        for model in models:
-            await set_x(first.url, model["id"], 42)
-        before = sorted(pid for pid, _ in first.kernel_processes())
-        self.assertEqual(len(before), 4)
+        import json
+        import sys
+
+        from tests.fixtures import SSHHosts
+        from tests.fixtures.system import SSH_PACKAGES
+        from tests.test_ssh import launcher_argv, write_spec
+
+        require_packages(*SSH_PACKAGES)
+        hosts = SSHHosts(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), ("h1", "h2"))
+        hosts.up()
+        self.addCleanup(hosts.down)
+        self.addCleanup(lambda: self.assertEqual([p for h in ("h1", "h2") for p in hosts.pids(h)], []))
+        specs = os.path.abspath(self.mktemp())
+        os.makedirs(specs)
+        write_spec(specs, "remote", launcher_argv(), {"remote_hosts": ",".join(h.ip for h in hosts.hosts)})
+        flags = {
+            "list-kernels": "true",
+            "persistence": "true",
+            "kernelspec-path": specs,
+            "response-ip": hosts.bridge_ip,
+            "ssh-key-files": hosts.client_key_path,
+            "ssh-known-hosts": hosts.known_hosts_path,
+            "remote-user": hosts.user,
+        }
+        first = await start_gateway(self, flags={**flags, "on-stop": "keep"})
+        local = [first.api.call("POST", "api/kernels", {}, expect=201) for _ in range(10)]
+        remote = [first.api.call("POST", "api/kernels", {"name": "remote"}, expect=201) for _ in range(4)]
+        models = await gatherResults([ensureDeferred(d) for d in local + remote])
+        await gatherResults([ensureDeferred(set_x(first.url, m["id"], 42)) for m in models])
+        before_local = sorted(pid for pid, _ in first.kernel_processes())
+        before_remote = {h: sorted(hosts.pids(h)) for h in ("h1", "h2")}
+        self.assertEqual(len(before_local), 10)
+        self.assertEqual(sum(len(p) for p in before_remote.values()), 4 * 2)  # kernel + comm listener
         first.process.send_signal(signal.SIGKILL)
         await first.process.when_ended()
         # The test judges this exit itself: its kernels must stay.
@@ -153,19 +181,19 @@ class KillNineTests(TestCase):
         await first.api.close()
 
         second = await start_gateway(
-            self,
-            flags={"list-kernels": "true", "persistence": "true", "on-stop": "shutdown", "data-dir": first.data_dir},
+            self, flags={**flags, "on-stop": "shutdown", "data-dir": first.data_dir}
         )
         second.data_dir = first.data_dir
-        for _ in range(100):
+        for _ in range(200):
             listed = await second.api.call("GET", "api/kernels")
-            if len(listed) == 4 and all(k["state"] == "running" for k in listed):
+            if len(listed) == 14 and all(k["state"] == "running" for k in listed):
                 break
             await _sleep(0.1)
-        self.assertEqual({k["id"] for k in listed}, {m["id"] for m in models})
-        for model in models:
-            self.assertEqual(await get_x(second.url, model["id"]), "42")
-        self.assertEqual(sorted(pid for pid, _ in second.kernel_processes()), before)
+        self.assertEqual({k["id"] for k in listed}, {m["id"] for m in models}, json.dumps(listed)[:2000])
+        values = await gatherResults([ensureDeferred(get_x(second.url, m["id"])) for m in models])
+        self.assertEqual(values, ["42"] * 14)
+        self.assertEqual(sorted(pid for pid, _ in second.kernel_processes()), before_local)
+        self.assertEqual({h: sorted(hosts.pids(h)) for h in ("h1", "h2")}, before_remote)
         for model in models:
             await second.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
         self.assertEqual(second.kernel_processes(), [])

@@ -181,10 +181,10 @@ class GatewayAPI:
 
     # -- kernels -----------------------------------------------------------
 
-    def list_kernel_models(self, request: IRequest) -> bytes:
+    async def list_kernel_models(self, request: IRequest) -> bytes:
         if not self.list_kernels:
             raise Forbidden("listing kernels is disabled (EG_LIST_KERNELS)")
-        return write_json(request, self.kernels.snapshot_models())
+        return write_json(request, await self.kernels.list_models())
 
     async def start_kernel(self, request: IRequest) -> bytes:
         body = json_body(request)
@@ -198,24 +198,28 @@ class GatewayAPI:
         )
         return write_json(request, kernel.model(), 201)
 
-    def get_kernel(self, request: IRequest, kernel_id: str) -> bytes:
-        return write_json(request, self.kernels.get(kernel_id).model())
+    async def get_kernel(self, request: IRequest, kernel_id: str) -> bytes:
+        return write_json(request, (await self.kernels.find(kernel_id)).model())
 
     async def delete_kernel(self, request: IRequest, kernel_id: str) -> bytes:
+        await self.kernels.find(kernel_id)
         await self.kernels.shutdown(kernel_id)
         request.setResponseCode(204)
         return b""
 
     async def interrupt_kernel(self, request: IRequest, kernel_id: str) -> bytes:
+        await self.kernels.find(kernel_id)
         await self.kernels.interrupt(kernel_id)
         request.setResponseCode(204)
         return b""
 
     async def restart_kernel(self, request: IRequest, kernel_id: str) -> bytes:
+        await self.kernels.find(kernel_id)
         kernel = await self.kernels.restart(kernel_id)
         return write_json(request, kernel.model())
 
-    def kernel_channels(self, request: IRequest, kernel_id: str) -> Any:
+    async def kernel_channels(self, request: IRequest, kernel_id: str) -> Any:
+        await self.kernels.find(kernel_id)
         return self.channels.resource_for(request, kernel_id)
 
     # -- sessions ----------------------------------------------------------

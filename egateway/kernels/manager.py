@@ -34,6 +34,7 @@ from egateway.errors import BadRequest, Conflict, GatewayError, LimitReached, No
 from egateway.kernels.env import BadEnvironment, build_kernel_env, validate_client_env
 from egateway.kernels.kernel import Kernel
 from egateway.kernels.session import JournalLimits
+from egateway.kernels.sharing import LEASED_OPERATIONS
 from egateway.observe import Operation, first
 from egateway.kernels.specs import KernelSpecCatalog, NoSuchKernelSpec
 from egateway.kernels.state import KernelState
@@ -117,6 +118,8 @@ class KernelManager(Service):
         self._housekeeping: LoopingCall | None = None
         self.journal_limits = JournalLimits(journal_entries)
         self.persistence: Any = None
+        self.sharing: Any = None
+        self.last_exit: dict[str, ExitStatus] = {}
         self.on_fatal: Callable[[str], None] = lambda message: _log.critical(message)
 
     # -- service -------------------------------------------------------
@@ -216,6 +219,77 @@ class KernelManager(Service):
         if kernel is None:
             raise NotFound(f"Kernel does not exist: {kernel_id}")
         return kernel
+
+    async def find(self, kernel_id: str) -> Kernel:
+        """
+        The kernel with this id, attaching on demand to one another gateway
+        started when the store is shared.
+
+        @raise NotFound: no such kernel.
+        @raise Unavailable: it is not here and the store cannot be asked.
+        """
+        kernel = self.kernels.get(kernel_id)
+        if kernel is not None:
+            return kernel
+        if self.sharing is None:
+            raise NotFound(f"Kernel does not exist: {kernel_id}")
+        return await self.sharing.attach(kernel_id)
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        """
+        Every kernel's model: this gateway's, and with a shared store the
+        others' too (from their records).
+        """
+        models = {kernel.id: kernel.model() for kernel in self.kernels.values()}
+        if self.sharing is not None:
+            for record in await self.sharing.records():
+                if record.kernel_id not in models:
+                    models[record.kernel_id] = record_model(record)
+        return list(models.values())
+
+    async def relink(self, kernel: Kernel, record: Any) -> None:
+        """
+        Another gateway relaunched C{kernel}: connect to the new process.
+        """
+        if record.state == KernelState.DEAD.value:
+            if kernel.state != KernelState.DEAD:
+                kernel.reason = record.reason
+                kernel.transition(KernelState.DEAD, record.reason)
+                kernel.broadcast_status("dead", record.reason)
+            return
+        old = kernel.process
+        if old is not None:
+            old.detach()
+        kernel.set_link(None)
+        launcher = self.launchers.get(record.launcher)
+        try:
+            process = await launcher.restore(kernel.id, record.snapshot)
+            status = await self._connect(kernel, process, self._clock.seconds() + self.settings.launch_timeout)
+        except Exception as e:
+            status = ExitStatus(reason=str(e))
+        if status is not None:
+            kernel.reason = f"could not reattach after another gateway restarted it: {status.describe()}"
+            if kernel.state != KernelState.DEAD:
+                kernel.transition(KernelState.DEAD, kernel.reason)
+            kernel.broadcast_status("dead", kernel.reason)
+            return
+        process.ready()
+        kernel.restart_count = record.restarts
+        kernel.go_live()
+        self._watch(kernel, process)
+        _log.info("kernel {kernel_id}: relinked after a restart elsewhere", kernel_id=kernel.id)
+
+    def forget_elsewhere(self, kernel: Kernel, reason: str) -> None:
+        """
+        Another gateway removed C{kernel}: drop it here too.
+        """
+        kernel.close_clients(reason)
+        if kernel.process is not None:
+            kernel.process.detach()
+        kernel.set_link(None)
+        if self.kernels.get(kernel.id) is kernel:
+            del self.kernels[kernel.id]
+            self._emit("removed", kernel)
 
     def _emit(self, event: str, kernel: Kernel) -> None:
         for listener in self.listeners:
@@ -335,6 +409,8 @@ class KernelManager(Service):
                     await previous.observe()
                 except Exception:
                     pass
+            if self.sharing is not None and name in LEASED_OPERATIONS:
+                return await self.sharing.leased(name, kernel, step, *args)
             return await step(kernel, *args)
 
         operation: Operation[Any] = Operation(name, body())
@@ -564,12 +640,13 @@ class KernelManager(Service):
                 return
             if kernel.id in self._operations:
                 return
+            self.last_exit[kernel.id] = status
             self._run(kernel, "auto-restart", self._auto_restart, status)
 
         process.when_exited().addCallback(exited)
 
-    async def _auto_restart(self, kernel: Kernel, status: ExitStatus) -> None:
-        why = status.describe()
+    async def _auto_restart(self, kernel: Kernel, status: ExitStatus | None) -> None:
+        why = (status or ExitStatus(reason="ended")).describe()
         now = self._clock.seconds()
         failures = [t for t in self._recent_failures.get(kernel.id, []) if now - t < STABLE_AFTER]
         failures.append(now)
@@ -721,3 +798,28 @@ def _interrupt_signal(spec_env: Mapping[str, str]) -> int:
         except AttributeError:
             _log.warn("unknown EG_ALTERNATE_SIGINT {name}; using SIGINT", name=name)
     return signals.SIGINT
+
+
+def record_model(record: Any) -> dict[str, Any]:
+    """
+    The REST model of a kernel known only from its record (held by another
+    gateway).
+    """
+    from egateway.kernels.kernel import iso
+
+    model: dict[str, Any] = {
+        "id": record.kernel_id,
+        "name": record.spec_name,
+        "last_activity": iso(record.updated),
+        "execution_state": record.execution_state,
+        "connections": 0,
+        "started": iso(record.created),
+        "state": record.state,
+        "username": record.username,
+        "launcher": record.launcher,
+        "restarts": record.restarts,
+        "gateway": record.gateway_id,
+    }
+    if record.reason:
+        model["reason"] = record.reason
+    return model

@@ -95,6 +95,7 @@ class KernelPersistence:
         self.on_stop = on_stop
         self._unsaved: set[str] = set()
         self._undeleted: set[str] = set()
+        self._published: dict[str, float] = {}
         self.opened = False
         self._opening: Deferred[None] | None = None
         self.restored: list[Any] = []
@@ -107,7 +108,11 @@ class KernelPersistence:
 
     @property
     def keeps_kernels(self) -> bool:
-        return self.on_stop == "keep"
+        """
+        Whether a graceful stop leaves kernels running: when configured, and
+        always with a shared store (other gateways may serve them).
+        """
+        return self.on_stop == "keep" or self.shared
 
     async def start(self) -> None:
         """
@@ -199,8 +204,14 @@ class KernelPersistence:
 
     async def _flush(self) -> None:
         """
-        Retry the writes the store refused earlier.
+        Retry the writes the store refused earlier; with a shared store, also
+        publish each kernel's latest activity (the others cull by it).
         """
+        if self.shared:
+            for kernel in list(self._manager.kernels.values()):
+                if kernel.last_activity > self._published.get(kernel.id, 0.0) and kernel.state == KernelState.RUNNING:
+                    self._published[kernel.id] = kernel.last_activity
+                    self._unsaved.add(kernel.id)
         for kernel_id in list(self._undeleted):
             try:
                 await self.store.delete_kernel(kernel_id)

@@ -1,0 +1,155 @@
+"""
+Active/active: two gateway daemons share one real Redis and serve each
+other's kernels, coordinate restarts and shutdowns with leases, and keep a
+client's output across a drop.
+"""
+
+from __future__ import annotations
+
+import signal
+import tempfile
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from egateway.store.crypto import SecretBox
+from tests.fixtures import RedisServer
+from tests.fixtures.system import REDIS_PACKAGES, require_packages
+from tests.support.daemon import processes_mentioning, start_gateway
+from tests.support.wsclient import ChannelsClient
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+class ActiveActiveTests(TestCase):
+    timeout = 180
+
+    async def setUp(self) -> None:
+        require_packages(*REDIS_PACKAGES)
+        self.redis = RedisServer(tempfile.mkdtemp(prefix="egw-", dir="/tmp"))
+        self.redis.up()
+        self.addCleanup(self.redis.down)
+        self.flags = {
+            "list-kernels": "true",
+            "persistence": "true",
+            "store-url": self.redis.url,
+            "poll-interval": "0.5",
+            "shutdown-wait": "2",
+            "terminate-wait": "2",
+        }
+        self.env = {"EG_STORE_KEY": SecretBox.generate_key()}
+        self.a = await start_gateway(self, flags=self.flags, env=self.env)
+        self.b = await start_gateway(self, flags=self.flags, env=self.env)
+        self.addCleanup(self._reap)
+
+    async def _reap(self) -> None:
+        """
+        Kernels outlive gateways with a shared store: remove what is left
+        through whichever gateway still runs, then check nothing remains.
+        """
+        for gateway in (self.b, self.a):
+            if gateway.process.ended:
+                continue
+            for model in await gateway.api.call("GET", "api/kernels"):
+                await gateway.api.request("DELETE", f"api/kernels/{model['id']}")
+            break
+        for gateway in (self.a, self.b):
+            self.assertEqual(processes_mentioning(gateway.data_dir + "/"), [])
+
+    async def test_kernel_from_a_runs_through_b(self) -> None:
+        """
+        A kernel created through A is listed by B and runs code through B;
+        shut down through B, it is gone from A too.
+        """
+        model = await self.a.api.call("POST", "api/kernels", {}, expect=201)
+        listed = [k["id"] for k in await self.b.api.call("GET", "api/kernels")]
+        self.assertIn(model["id"], listed)
+        through_b = await ChannelsClient.connect(self.b.url, model["id"])
+        result = await through_b.execute("x = 6 * 7; x")
+        self.assertEqual(result["result"]["text/plain"], "42")
+        through_a = await ChannelsClient.connect(self.a.url, model["id"])
+        self.assertEqual((await through_a.execute("x"))["result"]["text/plain"], "42")
+        await self.b.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
+        through_a.closed.addTimeout(20, reactor)
+        await through_a.closed
+        for _ in range(100):
+            if model["id"] not in [k["id"] for k in await self.a.api.call("GET", "api/kernels")]:
+                break
+            await sleep(0.1)
+        else:
+            self.fail("A still lists the kernel B shut down")
+        await through_b.close()
+
+    async def test_restart_once(self) -> None:
+        """
+        A kernel killed while both gateways watch it is restarted exactly
+        once, and both end up connected to the new process.
+        """
+        model = await self.a.api.call("POST", "api/kernels", {}, expect=201)
+        client_a = await ChannelsClient.connect(self.a.url, model["id"])
+        client_b = await ChannelsClient.connect(self.b.url, model["id"])
+        await client_a.execute("1")
+        await client_b.execute("1")
+        import os
+
+        os.kill(model["placement"]["pid"], signal.SIGKILL)
+        for _ in range(200):
+            models = {g: (await g.api.call("GET", f"api/kernels/{model['id']}")) for g in (self.a, self.b)}
+            if all(m["restarts"] == 1 and m["state"] == "running" for m in models.values()):
+                pids = {m["placement"]["pid"] for m in models.values()}
+                if len(pids) == 1:
+                    break
+            await sleep(0.1)
+        else:
+            self.fail(f"not restarted once on both: {models}")
+        self.assertNotEqual(pids.pop(), model["placement"]["pid"])
+        self.assertEqual((await client_a.execute("2 + 2", timeout=30))["result"]["text/plain"], "4")
+        self.assertEqual((await client_b.execute("3 + 3", timeout=30))["result"]["text/plain"], "6")
+        await sleep(2)
+        record = await self.b.api.call("GET", f"api/kernels/{model['id']}")
+        self.assertEqual(record["restarts"], 1)
+        await client_a.close()
+        await client_b.close()
+
+    async def test_stream_survives_a_dying_and_a_drop(self) -> None:
+        """
+        A is killed while B streams 10,000 numbered lines to a client, which
+        drops and reconnects to B with the same session id: every line
+        arrives exactly once, in order.
+        """
+        model = await self.a.api.call("POST", "api/kernels", {}, expect=201)
+        warm = await ChannelsClient.connect(self.b.url, model["id"])
+        await warm.execute("import time")
+        await warm.close()
+        client = await ChannelsClient.connect(self.b.url, model["id"], session_id="stream-session")
+        code = "for i in range(10000):\n    print(f'line {i:05d}', flush=(i % 50 == 0))\n    if i % 500 == 0: time.sleep(0.05)\n"
+        msg_id = client.send(
+            "execute_request",
+            {"code": code, "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
+        )
+        mine = lambda m: m.get("parent_header", {}).get("msg_id") == msg_id  # noqa: E731
+        await client.wait_for(lambda m: mine(m) and m.get("msg_type") == "stream", timeout=30)
+        self.a.process.send_signal(signal.SIGKILL)
+        await self.a.process.when_ended()
+        self.a.process.report = "killed by the test"
+        await self.a.api.close()
+        await sleep(0.3)
+        client.drop()
+        await client.closed
+        resumed = await ChannelsClient.connect(
+            self.b.url, model["id"], session_id="stream-session", resume_after=client.last_seq
+        )
+        await resumed.wait_for(
+            lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "idle",
+            timeout=60,
+        )
+        text = "".join(
+            m["content"]["text"]
+            for m in client.messages + resumed.messages
+            if mine(m) and m.get("msg_type") == "stream"
+        )
+        self.assertEqual(text.splitlines(), [f"line {i:05d}" for i in range(10000)])
+        await resumed.close()
