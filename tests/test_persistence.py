@@ -224,7 +224,7 @@ class RedisOutageTests(TestCase):
             store_key=SecretBox.generate_key(),
         )
         await gateway.start()
-        self.addCleanup(gateway.stop)
+        self.addCleanup(self._remove_all, gateway)
         for _ in range(100):
             if gateway.manager.persistence.store.__class__.__name__ == "RedisStore":
                 break
@@ -244,3 +244,13 @@ class RedisOutageTests(TestCase):
                 break
             await _sleep(0.2)
         self.assertEqual(code, 201, body)
+
+    async def _remove_all(self, gateway: InProcessGateway) -> None:
+        """
+        With a shared store kernels outlive a gateway's stop: delete them,
+        then check none is left.
+        """
+        for kernel_id in list(gateway.manager.kernels):
+            await gateway.request("DELETE", f"api/kernels/{kernel_id}")
+        await gateway.stop()
+        self.assertEqual([pid for pid in gateway.pids if pid_alive(pid)], [])
