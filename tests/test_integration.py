@@ -118,24 +118,13 @@ class LifecycleTests(GatewayTestCase):
         kernel = await self.gateway.start_kernel()
         client = await ChannelsClient.connect(self.gateway.url, kernel["id"])
         await client.execute("x = 5")
-        since = len(client.messages)
-        sleeper = client.send(
-            "execute_request",
-            {"code": "import time; time.sleep(60)", "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
-        )
-        await client.wait_for(is_status("busy"), since=since)
-        code, _ = await self.gateway.request("POST", f"api/kernels/{kernel['id']}/interrupt")
-        self.assertEqual(code, 204)
-        reply = await client.wait_for(
-            lambda m: m.get("msg_type") == "execute_reply" and m["parent_header"].get("msg_id") == sleeper,
-            timeout=15,
-        )
-        self.assertEqual(reply["content"]["ename"], "KeyboardInterrupt")
-        # Requests sent before the interrupted cell's idle may be aborted by
-        # the kernel (stop_on_error), so wait for it.
-        await client.wait_for(
-            lambda m: is_status("idle")(m) and m["parent_header"].get("msg_id") == sleeper, since=since
-        )
+
+        async def interrupt() -> None:
+            code, _ = await self.gateway.request("POST", f"api/kernels/{kernel['id']}/interrupt")
+            self.assertEqual(code, 204)
+
+        reply = await client.interrupted_sleep(interrupt)
+        self.assertEqual(reply["ename"], "KeyboardInterrupt")
         result = await client.execute("x + 1")
         self.assertEqual(result["result"]["text/plain"], "6")
         await client.close()

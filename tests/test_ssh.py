@@ -148,27 +148,13 @@ class PlacementTests(SSHTestCase):
         host = self.names[model["placement"]["host"]]
         client = await ChannelsClient.connect(self.gateway.url, model["id"])
         await client.execute("x = 1")
-        since = len(client.messages)
-        sleeper = client.send(
-            "execute_request",
-            {"code": "import time; time.sleep(60)", "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
-        )
-        await client.wait_for(
-            lambda m: m.get("msg_type") == "status" and m["content"]["execution_state"] == "busy", since=since
-        )
-        code, _ = await self.gateway.request("POST", f"api/kernels/{model['id']}/interrupt")
-        self.assertEqual(code, 204)
-        reply = await client.wait_for(
-            lambda m: m.get("msg_type") == "execute_reply" and m["parent_header"].get("msg_id") == sleeper,
-            timeout=15,
-        )
-        self.assertEqual(reply["content"]["ename"], "KeyboardInterrupt")
-        await client.wait_for(
-            lambda m: m.get("msg_type") == "status"
-            and m["content"]["execution_state"] == "idle"
-            and m["parent_header"].get("msg_id") == sleeper,
-            since=since,
-        )
+
+        async def interrupt() -> None:
+            code, _ = await self.gateway.request("POST", f"api/kernels/{model['id']}/interrupt")
+            self.assertEqual(code, 204)
+
+        reply = await client.interrupted_sleep(interrupt)
+        self.assertEqual(reply["ename"], "KeyboardInterrupt")
         self.assertEqual((await client.execute("x + 1"))["result"]["text/plain"], "2")
 
         old_pid = model["placement"]["pid"]
@@ -338,21 +324,13 @@ class EnterpriseGatewayLauncherTests(SSHTestCase):
         self.assertIn("payload v1", model["phases"][3]["detail"])
         client = await ChannelsClient.connect(self.gateway.url, model["id"])
         self.assertEqual(await self.hostname_of(model["id"]), "h2")
-        since = len(client.messages)
-        sleeper = client.send(
-            "execute_request",
-            {"code": "import time; time.sleep(60)", "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
-        )
-        await client.wait_for(
-            lambda m: m.get("msg_type") == "status" and m["content"]["execution_state"] == "busy", since=since
-        )
-        code, _ = await self.gateway.request("POST", f"api/kernels/{model['id']}/interrupt")
-        self.assertEqual(code, 204)
-        reply = await client.wait_for(
-            lambda m: m.get("msg_type") == "execute_reply" and m["parent_header"].get("msg_id") == sleeper,
-            timeout=15,
-        )
-        self.assertEqual(reply["content"]["ename"], "KeyboardInterrupt")
+
+        async def interrupt() -> None:
+            code, _ = await self.gateway.request("POST", f"api/kernels/{model['id']}/interrupt")
+            self.assertEqual(code, 204)
+
+        reply = await client.interrupted_sleep(interrupt)
+        self.assertEqual(reply["ename"], "KeyboardInterrupt")
         await client.close()
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)

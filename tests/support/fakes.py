@@ -136,7 +136,7 @@ class FakeChannels:
                 return channel
         return "?"
 
-    def dealer(self, url: str, identity: bytes, on_frames: Any) -> IChannelSocket:
+    def dealer(self, url: str, identity: bytes, on_frames: Any, curve_serverkey: bytes | None = None) -> IChannelSocket:
         sock = FakeSocket(self, url, self._channel_of(url), identity, on_frames)
         self.sockets.append(sock)
         server = self.servers.get(url)
@@ -144,7 +144,7 @@ class FakeChannels:
             server.dealers.setdefault(identity, {})[sock.channel] = sock
         return sock
 
-    def subscriber(self, url: str, on_frames: Any) -> IChannelSocket:
+    def subscriber(self, url: str, on_frames: Any, curve_serverkey: bytes | None = None) -> IChannelSocket:
         sock = FakeSocket(self, url, "iopub", b"", on_frames)
         self.sockets.append(sock)
         server = self.servers.get(url)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
 V1 = "v1.kernel.websocket.jupyter.org"
 
@@ -105,12 +105,18 @@ class ChannelsClient:
         session_id: str | None = None,
         timeout: float = 15,
         resume_after: int | None = None,
+        client_tls: Any = None,
     ) -> "ChannelsClient":
+        """
+        @param client_tls: TLS client options (C{optionsForClientTLS}) to
+            connect with C{wss://}; C{None} for C{ws://}.
+        """
         client = cls(v1)
         if session_id:
             client.session = session_id
         parts = urlsplit(base_url)
-        url = f"ws://{parts.netloc}{parts.path.rstrip('/')}/api/kernels/{kernel_id}/channels?session_id={client.session}"
+        scheme = "wss" if client_tls is not None else "ws"
+        url = f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/api/kernels/{kernel_id}/channels?session_id={client.session}"
         if resume_after is not None:
             url += f"&resume_after={resume_after}"
         headers = {"Authorization": f"token {token}"} if token else {}
@@ -119,6 +125,8 @@ class ChannelsClient:
         factory.protocol = _Protocol
         factory.client = client
         endpoint = TCP4ClientEndpoint(reactor, parts.hostname, parts.port, timeout=timeout)
+        if client_tls is not None:
+            endpoint = wrapClientTLS(client_tls, endpoint)
         await endpoint.connect(factory)
         opened = client._opened_d
         opened.addTimeout(timeout, reactor)
@@ -228,17 +236,7 @@ class ChannelsClient:
             "error": content or None, "msg_id": id}}.
         """
         since = len(self.messages)
-        msg_id = self.send(
-            "execute_request",
-            {
-                "code": code,
-                "silent": False,
-                "store_history": False,
-                "user_expressions": {},
-                "allow_stdin": allow_stdin,
-                "stop_on_error": True,
-            },
-        )
+        msg_id = self.request_execute(code, allow_stdin)
         mine = lambda m: m.get("parent_header", {}).get("msg_id") == msg_id  # noqa: E731
         reply = await self.wait_for(lambda m: mine(m) and m["msg_type"] == "execute_reply", timeout, since)
         await self.wait_for(
@@ -260,6 +258,47 @@ class ChannelsClient:
             ),
             "error": next((m["content"] for m in outputs if m["msg_type"] == "error"), None),
         }
+
+    def request_execute(self, code: str, allow_stdin: bool = False) -> str:
+        """
+        Send an C{execute_request} without waiting; returns its msg_id.
+        """
+        return self.send(
+            "execute_request",
+            {
+                "code": code,
+                "silent": False,
+                "store_history": False,
+                "user_expressions": {},
+                "allow_stdin": allow_stdin,
+            },
+        )
+
+    async def interrupted_sleep(self, interrupt: Callable[[], Any], timeout: float = 15) -> dict[str, Any]:
+        """
+        Start C{time.sleep(60)}, call C{interrupt} (which must interrupt the
+        kernel, e.g. through the REST API) once the kernel is busy with it,
+        and wait until the cell has ended and the kernel is idle again.
+
+        @return: the cell's C{execute_reply} content.
+        """
+        since = len(self.messages)
+        sleeper = self.request_execute("import time; time.sleep(60)")
+        mine = lambda m: m.get("parent_header", {}).get("msg_id") == sleeper  # noqa: E731
+        await self.wait_for(
+            lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "busy",
+            since=since,
+        )
+        await interrupt()
+        reply = await self.wait_for(lambda m: mine(m) and m.get("msg_type") == "execute_reply", timeout, since)
+        # Requests sent before the interrupted cell's idle may be aborted by
+        # the kernel (stop_on_error), so wait for it.
+        await self.wait_for(
+            lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "idle",
+            timeout,
+            since,
+        )
+        return reply["content"]
 
     async def close(self) -> None:
         if self._proto is not None and not self.closed.called:
