@@ -94,6 +94,29 @@ class ServerConfig:
         env=("EG_STOP_TIMEOUT",),
         minimum=0,
     )
+    certfile: str = setting(
+        "",
+        "Server certificate (PEM, intermediates after it); when set the listener speaks TLS "
+        "(HTTPS/WSS) on the listen endpoint. Certificate files are reloaded on SIGHUP.",
+        env=("EG_CERTFILE", "KG_CERTFILE"),
+    )
+    keyfile: str = setting(
+        "",
+        "Unencrypted PEM private key of certfile (empty: the key is in certfile).",
+        env=("EG_KEYFILE", "KG_KEYFILE"),
+    )
+    client_ca: str = setting(
+        "",
+        "CA certificates (PEM) client certificates must chain to; when set, clients without "
+        "one are refused (mutual TLS).",
+        env=("EG_CLIENT_CA", "KG_CLIENT_CA"),
+    )
+    tls_min_version: str = setting(
+        "1.2",
+        "Oldest TLS version accepted: 1.2 or 1.3 (1.0 and 1.1 are always refused).",
+        env=("EG_TLS_MIN_VERSION",),
+        choices=("1.2", "1.3"),
+    )
 
 
 @dataclass(frozen=True)
@@ -137,6 +160,104 @@ class AuthConfig:
         False,
         "Allow GET /api/kernels and GET /api/sessions.",
         env=("EG_LIST_KERNELS", "KG_LIST_KERNELS"),
+    )
+    authenticators: list = setting(
+        [],
+        "Authenticators asked in order: trusted-proxy, token, user-tokens, jwt, jupyterhub (empty: each "
+        "whose settings are given, in that order; none: every caller is anonymous).",
+        env=("EG_AUTHENTICATORS",),
+    )
+    user_tokens_file: str = setting(
+        "",
+        "TOML (or .json) file of per-user tokens' SHA-256 hashes with username, groups, admin; reloaded "
+        "when it changes (make entries with python -m egateway.api.authenticators.user_tokens).",
+        env=("EG_USER_TOKENS_FILE",),
+    )
+    jwt_secret: str = setting(
+        "",
+        "Shared secret (at least 32 bytes) verifying HS256/HS384/HS512 JWT bearer tokens.",
+        env=("EG_JWT_SECRET",),
+        secret=True,
+    )
+    jwt_public_key_file: str = setting(
+        "",
+        "PEM public key (or certificate) verifying RS256 (and other public-key) JWT bearer tokens.",
+        env=("EG_JWT_PUBLIC_KEY_FILE",),
+    )
+    jwt_algorithms: list = setting(
+        ["HS256", "RS256"],
+        "JWT algorithms accepted (each only when its key is configured).",
+        env=("EG_JWT_ALGORITHMS",),
+    )
+    jwt_audience: str = setting(
+        "", "Required JWT aud claim (empty: aud is not checked).", env=("EG_JWT_AUDIENCE",)
+    )
+    jwt_issuer: str = setting(
+        "", "Required JWT iss claim (empty: iss is not checked).", env=("EG_JWT_ISSUER",)
+    )
+    jwt_username_claim: str = setting(
+        "sub",
+        "JWT claim naming the user (dotted names reach nested claims).",
+        env=("EG_JWT_USERNAME_CLAIM",),
+    )
+    jwt_groups_claim: str = setting(
+        "groups",
+        "JWT claim listing the user's groups (empty: none).",
+        env=("EG_JWT_GROUPS_CLAIM",),
+    )
+    jwt_leeway: float = setting(
+        30.0,
+        "Seconds of clock skew allowed when checking JWT exp and nbf.",
+        env=("EG_JWT_LEEWAY",),
+        minimum=0,
+        maximum=600,
+    )
+    jupyterhub_api_url: str = setting(
+        "",
+        "JupyterHub API URL (e.g. http://127.0.0.1:8081/hub/api) that checks JupyterHub API tokens.",
+        env=("EG_JUPYTERHUB_API_URL",),
+    )
+    jupyterhub_cache_ttl: float = setting(
+        30.0,
+        "Seconds a JupyterHub token check is cached; a token revoked at the Hub is refused after it.",
+        env=("EG_JUPYTERHUB_CACHE_TTL",),
+        minimum=0,
+    )
+    trusted_proxies: list = setting(
+        [],
+        "Addresses or CIDRs of trusted front ends: with the shared token they may name the user (in "
+        "trusted_user_header or KERNEL_USERNAME); once set, the shared token from elsewhere names no one.",
+        env=("EG_TRUSTED_PROXIES",),
+    )
+    trusted_user_header: str = setting(
+        "",
+        "Header in which a trusted front end names the user, e.g. X-Forwarded-User (empty: KERNEL_USERNAME).",
+        env=("EG_TRUSTED_USER_HEADER",),
+    )
+    admin_users: list = setting(
+        [], "Users who administer every kernel.", env=("EG_ADMIN_USERS",)
+    )
+    admin_groups: list = setting(
+        [], "Groups whose members administer every kernel.", env=("EG_ADMIN_GROUPS",)
+    )
+    auth_failure_limit: int = setting(
+        10,
+        "Failed authentications allowed per client address within auth_failure_window; more are answered "
+        "429 (0: no limit).",
+        env=("EG_AUTH_FAILURE_LIMIT",),
+        minimum=0,
+    )
+    auth_failure_window: float = setting(
+        60.0,
+        "Seconds over which failed authentications are counted.",
+        env=("EG_AUTH_FAILURE_WINDOW",),
+        minimum=1,
+    )
+    audit_log: str = setting(
+        "",
+        "File the audit trail is appended to, one JSON object per line (empty: the audit events go only "
+        "to the gateway log, namespace egateway.audit).",
+        env=("EG_AUDIT_LOG",),
     )
 
 
@@ -223,6 +344,14 @@ class KernelsConfig:
         env=("EG_SESSION_RETENTION",),
         minimum=0,
     )
+    kernel_encryption: str = setting(
+        "auto",
+        "CurveZMQ encryption of kernel channels: auto (local kernels whose kernelspec declares "
+        "supported_encryption curve; remote ones whose launcher provides keys), off, or required "
+        "(no kernel is reached over TCP in clear text).",
+        env=("EG_KERNEL_ENCRYPTION",),
+        choices=("auto", "off", "required"),
+    )
 
 
 @dataclass(frozen=True)
@@ -276,6 +405,13 @@ class ResponseConfig:
         "Largest connection-info payload accepted, in bytes.",
         env=("EG_RESPONSE_MAX_PAYLOAD",),
         minimum=1024,
+    )
+    response_tls: bool = setting(
+        False,
+        "Receive connection info over TLS with the server certificate (certfile/keyfile or the "
+        "ssl: listen keys). Only egateway's launcher given the CA (EG_RESPONSE_CA) can then "
+        "deliver; Enterprise Gateway's launchers cannot.",
+        env=("EG_RESPONSE_TLS",),
     )
 
 
@@ -452,12 +588,163 @@ class StoreConfig:
         env=("EG_JOURNAL_ENTRIES",),
         minimum=0,
     )
+    journal_bytes: int = setting(
+        64 << 20,
+        "Most bytes of messages kept per client session for a reconnecting client (the "
+        "oldest go first); messages shared by several sessions are stored once.",
+        env=("EG_JOURNAL_BYTES",),
+        minimum=0,
+    )
     lease_ttl: float = setting(
         30.0,
         "Seconds a gateway's lease on a kernel lasts unless renewed; a dead gateway's kernels are taken over "
         "after it.",
         env=("EG_LEASE_TTL",),
         minimum=1,
+    )
+
+
+@dataclass(frozen=True)
+class TenancyConfig:
+    hide_kernels: bool = setting(
+        True,
+        "Another user's kernel (or session) is answered 404, as if it did not exist (false: 403).",
+        env=("EG_HIDE_KERNELS",),
+    )
+    authorized_users: list = setting(
+        [],
+        "If set (or authorized_groups is), only these users may launch kernels; a kernelspec's own "
+        "authorized_users/authorized_groups replace both.",
+        env=("EG_AUTHORIZED_USERS",),
+    )
+    unauthorized_users: list = setting(
+        [],
+        "Users who may not launch kernels (a kernelspec's unauthorized_users adds to it).",
+        env=("EG_UNAUTHORIZED_USERS",),
+    )
+    authorized_groups: list = setting(
+        [],
+        "If set (or authorized_users is), only members of these groups (or those users) may launch kernels.",
+        env=("EG_AUTHORIZED_GROUPS",),
+    )
+    unauthorized_groups: list = setting(
+        [],
+        "Members of these groups may not launch kernels (a kernelspec's unauthorized_groups adds to it).",
+        env=("EG_UNAUTHORIZED_GROUPS",),
+    )
+    max_kernels_per_user: int = setting(
+        0,
+        "Most kernels one user may have, launches in progress included (0 or -1: no limit).",
+        env=("EG_MAX_KERNELS_PER_USER",),
+        minimum=-1,
+    )
+    max_kernels_per_group: int = setting(
+        0,
+        "Most kernels the members of any one group may have together (0: no limit).",
+        env=("EG_MAX_KERNELS_PER_GROUP",),
+        minimum=0,
+    )
+    max_concurrent_launches_per_user: int = setting(
+        0,
+        "Most launches one user may have in progress at once; more are answered 429 with Retry-After "
+        "(0: no limit).",
+        env=("EG_MAX_CONCURRENT_LAUNCHES_PER_USER",),
+        minimum=0,
+    )
+    require_profile: bool = setting(
+        False,
+        "Refuse (403) launches for which no profile is chosen and the user has no default profile.",
+        env=("EG_REQUIRE_PROFILE",),
+    )
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """
+    One admin-defined profile: a C{[profiles.<name>]} table of the config
+    file (profiles have no environment variables or flags).  The keys are
+    checked here for type; L{egateway.kernels.profiles} checks the rest.
+    """
+
+    description: str = setting("", "One line shown to users by GET /api/profiles.")
+    kernelspecs: list = setting([], "Kernelspecs the profile applies to (empty: every kernelspec).")
+    users: list = setting([], "Users who may use the profile (users and groups both empty: everyone).")
+    groups: list = setting([], "Groups whose members may use the profile.")
+    default_for_users: list = setting([], "Users whose launches get this profile when they choose none.")
+    default_for_groups: list = setting(
+        [], "Groups whose members' launches get this profile when they choose none (user defaults first)."
+    )
+    env: dict = setting({}, "Environment forced on the kernel: a client may not set these names.")
+    default_env: dict = setting(
+        {}, "Environment defaults; a client may replace a KERNEL_* one only where overrides allows it."
+    )
+    cpus: int = setting(0, "CPUs requested: launcher config cpus (0: not set).", minimum=0)
+    memory: str = setting("", "Memory requested, e.g. 4G: launcher config memory.")
+    gpus: int = setting(0, "GPUs requested: launcher config gpus (0: not set).", minimum=0)
+    remote_hosts: list = setting([], "SSH host pool: launcher config remote_hosts.")
+    partition: str = setting("", "Slurm partition: launcher config partition.")
+    account: str = setting("", "Slurm account: launcher config account.")
+    qos: str = setting("", "Slurm QOS: launcher config qos.")
+    time_limit: str = setting("", "Slurm time limit, e.g. 8:00:00: launcher config time_limit.")
+    queue: str = setting("", "YARN queue: launcher config queue.")
+    namespace: str = setting("", "Kubernetes namespace: launcher config namespace.")
+    image: str = setting("", "Container image: launcher config image_name (one of allowed_images when that is set).")
+    allowed_images: list = setting([], "Images a client may choose with KERNEL_IMAGE (empty: none).")
+    launcher_config: dict = setting({}, "Other launcher config keys, merged over the kernelspec's.")
+    max_kernels: int = setting(0, "Most kernels with this profile at once (0: no limit).", minimum=0)
+    max_kernels_per_user: int = setting(
+        0, "Most kernels with this profile one user may have (0: no limit).", minimum=0
+    )
+    overrides: dict = setting(
+        {},
+        "KERNEL_* names a client may set, each with its rule: {} (any value), min/max (numbers, or sizes "
+        "such as \"16G\"), integer = true, values = [allow-list]. Other KERNEL_* names are refused.",
+    )
+
+
+@dataclass(frozen=True)
+class ImpersonationConfig:
+    impersonation_enabled: bool = setting(
+        False,
+        "Run each kernel as its user's OS account: local kernels with the user's uid, groups and HOME (the "
+        "gateway must run as root), SSH kernels through sudo_command or a login as the user, Slurm jobs "
+        "submitted for the user; exported to kernels as EG_IMPERSONATION_ENABLED.",
+        env=("EG_IMPERSONATION_ENABLED",),
+    )
+    prohibited_users: list = setting(
+        ["root"],
+        "Users kernels are never started as when impersonating (uid 0 and primary gid 0 are always refused).",
+        env=("EG_PROHIBITED_USERS",),
+    )
+    min_uid: int = setting(
+        1000,
+        "Lowest uid a kernel may run as when impersonating; system accounts below it are refused.",
+        env=("EG_MIN_UID",),
+        minimum=0,
+    )
+    ssh_impersonation: str = setting(
+        "sudo",
+        "How SSH kernels run as their user: sudo (log in as remote_user and start through sudo_command) or "
+        "login (log in as the user with ssh_user_key_file).",
+        env=("EG_SSH_IMPERSONATION",),
+        choices=("sudo", "login"),
+    )
+    sudo_command: str = setting(
+        "sudo -n -H -E -u {user} --",
+        "Command prefix (split like a shell would, never run by one) that runs what follows as {user}; the "
+        "user name replaces {user} as one argument.",
+        env=("EG_SUDO_COMMAND",),
+    )
+    ssh_user_key_file: str = setting(
+        "~{user}/.ssh/id_ed25519",
+        "Private key the gateway logs in to SSH hosts with as {user} when ssh_impersonation is login.",
+        env=("EG_SSH_USER_KEY_FILE",),
+    )
+    impersonation_runtime_dir: str = setting(
+        "/run/egateway/kernels",
+        "Directory for impersonated local kernels' connection and output files (each owned by its user, mode "
+        "0600); made root-owned with mode 0711, and every directory above it must be searchable by all.",
+        env=("EG_IMPERSONATION_RUNTIME_DIR",),
     )
 
 
@@ -471,6 +758,12 @@ class Config:
     ssh: SSHConfig = field(default_factory=SSHConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    impersonation: ImpersonationConfig = field(default_factory=ImpersonationConfig)
+    tenancy: TenancyConfig = field(default_factory=TenancyConfig)
+    profiles: dict = field(default_factory=dict, hash=False, metadata={"tables": ProfileConfig})
+    """
+    The C{[profiles.<name>]} tables: L{ProfileConfig}s by name.
+    """
 
     @property
     def listen_endpoint(self) -> str:
@@ -517,9 +810,18 @@ class SettingInfo:
 _SECTIONS: dict[str, type] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(Config)
+    if "tables" not in f.metadata
 }
 
-_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "list": list}
+_TABLES: dict[str, type] = {
+    f.name: f.metadata["tables"] for f in dataclasses.fields(Config) if "tables" in f.metadata
+}
+"""
+Sections that hold a table of tables (C{[profiles.<name>]}), each table
+one dataclass.
+"""
+
+_KINDS = {"str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict}
 
 
 def _default_of(section: type, name: str) -> Any:
@@ -536,20 +838,32 @@ def settings() -> Iterator[SettingInfo]:
     Every leaf setting, in declaration order.
     """
     for section_name, section in _SECTIONS.items():
-        for f in dataclasses.fields(section):
-            kind = f.type if isinstance(f.type, type) else _KINDS[str(f.type)]
-            yield SettingInfo(
-                section=section_name,
-                name=f.name,
-                kind=kind,
-                default=_default_of(section, f.name),
-                help=f.metadata["help"],
-                env=f.metadata["env"],
-                minimum=f.metadata.get("minimum"),
-                maximum=f.metadata.get("maximum"),
-                secret=f.metadata.get("secret", False),
-                choices=f.metadata.get("choices"),
-            )
+        yield from _leaves(section_name, section)
+
+
+def table_settings(table: str) -> Iterator[SettingInfo]:
+    """
+    The keys of each table of a table-of-tables section (C{profiles}), with
+    C{section} the section's name.
+    """
+    yield from _leaves(table, _TABLES[table])
+
+
+def _leaves(section_name: str, section: type) -> Iterator[SettingInfo]:
+    for f in dataclasses.fields(section):
+        kind = f.type if isinstance(f.type, type) else _KINDS[str(f.type)]
+        yield SettingInfo(
+            section=section_name,
+            name=f.name,
+            kind=kind,
+            default=_default_of(section, f.name),
+            help=f.metadata["help"],
+            env=f.metadata["env"],
+            minimum=f.metadata.get("minimum"),
+            maximum=f.metadata.get("maximum"),
+            secret=f.metadata.get("secret", False),
+            choices=f.metadata.get("choices"),
+        )
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -592,6 +906,9 @@ def _checked(info: SettingInfo, value: Any, source: str) -> Any:
     if kind is list:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{info.key} ({source}): expected a list of strings")
+    elif kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{info.key} ({source}): expected a table")
     elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise ConfigError(
             f"{info.key} ({source}): expected {kind.__name__}, "
@@ -623,10 +940,13 @@ def load_toml(path: str) -> dict[str, dict[str, Any]]:
     known = {(s.section, s.name) for s in settings()}
     result: dict[str, dict[str, Any]] = {}
     for section, values in data.items():
+        if section in _TABLES:
+            result[section] = _tables(section, values, f"config file {path}: ")
+            continue
         if section not in _SECTIONS:
             raise ConfigError(
                 f"config file {path}: unknown section [{section}]; "
-                f"known sections: {', '.join(_SECTIONS)}"
+                f"known sections: {', '.join([*_SECTIONS, *_TABLES])}"
             )
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path}: {section} must be a table")
@@ -637,6 +957,48 @@ def load_toml(path: str) -> dict[str, dict[str, Any]]:
                 )
             result.setdefault(section, {})[name] = value
     return result
+
+
+def _tables(section: str, values: Any, where: str = "") -> dict[str, dict[str, Any]]:
+    """
+    Check the shape of a table-of-tables section (C{[profiles.<name>]}):
+    a table per name, holding only known keys.
+    """
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}{section} must hold tables, one per name ([{section}.<name>])")
+    known = [info.name for info in table_settings(section)]
+    result: dict[str, dict[str, Any]] = {}
+    for name, table in values.items():
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", name):
+            raise ConfigError(
+                f"{where}[{section}.{name}]: a name is 1 to 64 letters, digits, _ . - (starting with a letter or digit)"
+            )
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}{section}.{name} must be a table ([{section}.{name}])")
+        unknown = sorted(key for key in table if key not in known)
+        if unknown:
+            raise ConfigError(
+                f"{where}unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in "
+                f"[{section}.{name}]; known keys: {', '.join(known)}"
+            )
+        result[name] = dict(table)
+    return result
+
+
+def _build_tables(section: str, values: Any) -> dict[str, Any]:
+    """
+    The dataclasses of a table-of-tables section, each key type-checked.
+    """
+    kind = _TABLES[section]
+    infos = {info.name: info for info in table_settings(section)}
+    built: dict[str, Any] = {}
+    for name, table in _tables(section, values).items():
+        checked = {}
+        for key, value in table.items():
+            info = dataclasses.replace(infos[key], section=f"{section}.{name}")
+            checked[key] = _checked(info, value, "config file")
+        built[name] = kind(**checked)
+    return built
 
 
 def build_config(
@@ -673,7 +1035,8 @@ def build_config(
             chosen[info.section][info.name] = value
     if "base_url" in chosen["server"]:
         chosen["server"]["base_url"] = _normalise_base_url(chosen["server"]["base_url"])
-    config = Config(**{name: _SECTIONS[name](**values) for name, values in chosen.items()})
+    tables = {name: _build_tables(name, file_values.get(name, {})) for name in _TABLES}
+    config = Config(**{name: _SECTIONS[name](**values) for name, values in chosen.items()}, **tables)
     _validate_cross_field(config)
     return config
 
@@ -693,7 +1056,11 @@ def _validate_cross_field(config: Config) -> None:
     except ValueError as e:
         raise ConfigError(f"kernels.port_range: {e}") from None
     _validate_store(config.store)
+    _validate_profiles(config)
+    _validate_auth(config.auth)
+    _validate_tls(config)
     _validate_slurm(config.slurm)
+    _validate_impersonation(config.impersonation)
 
 
 def _validate_slurm(slurm: "SlurmConfig") -> None:
@@ -721,6 +1088,90 @@ def _validate_slurm(slurm: "SlurmConfig") -> None:
 
 
 
+def _validate_impersonation(impersonation: "ImpersonationConfig") -> None:
+    from egateway.clusters.impersonation import ImpersonationSetupError, command_template
+
+    try:
+        command_template(impersonation.sudo_command)
+    except ImpersonationSetupError as e:
+        raise ConfigError(f"impersonation.sudo_command: {e}") from None
+    if "{user}" not in impersonation.ssh_user_key_file:
+        raise ConfigError("impersonation.ssh_user_key_file: must contain {user}, e.g. ~{user}/.ssh/id_ed25519")
+    if not os.path.isabs(impersonation.impersonation_runtime_dir):
+        raise ConfigError("impersonation.impersonation_runtime_dir: must be an absolute path")
+
+
+def _validate_tls(config: "Config") -> None:
+    from egateway.ops.tls import TLSSetupError, listener_files
+
+    try:
+        plan = listener_files(config.listen_endpoint, config.server)
+    except TLSSetupError as e:
+        raise ConfigError(f"server.listen/certfile: {e}") from None
+    if config.response.response_tls and plan.files is None:
+        raise ConfigError(
+            "response.response_tls: needs a certificate: set certfile (EG_CERTFILE) or listen on ssl:"
+        )
+
+
+def _validate_auth(auth: "AuthConfig") -> None:
+    from egateway.api.authenticators import AUTHENTICATOR_NAMES, enabled_authenticators
+    from egateway.api.authenticators.jwt_bearer import ALGORITHMS
+    from egateway.api.authenticators.trusted_proxy import parse_networks
+
+    for name in auth.authenticators:
+        if name not in AUTHENTICATOR_NAMES:
+            raise ConfigError(
+                f"auth.authenticators: unknown authenticator {name!r}; known: {', '.join(AUTHENTICATOR_NAMES)}"
+            )
+    if len(set(auth.authenticators)) != len(auth.authenticators):
+        raise ConfigError("auth.authenticators: each authenticator may be named once")
+    try:
+        parse_networks(auth.trusted_proxies)
+    except ValueError as e:
+        raise ConfigError(f"auth.trusted_proxies: {e}") from None
+    for algorithm in auth.jwt_algorithms:
+        if algorithm not in ALGORITHMS:
+            raise ConfigError(
+                f"auth.jwt_algorithms: {algorithm!r} is not supported; use some of {', '.join(sorted(ALGORITHMS))}"
+            )
+    if auth.jwt_secret and len(auth.jwt_secret.encode("utf-8")) < 32:
+        raise ConfigError("auth.jwt_secret: must be at least 32 bytes long (RFC 7518 for HS256)")
+    if auth.jupyterhub_api_url and not re.match(r"^https?://[^/\s]+", auth.jupyterhub_api_url):
+        raise ConfigError("auth.jupyterhub_api_url: must be an http:// or https:// URL, e.g. http://hub:8081/hub/api")
+    needs = {
+        "token": ("auth_token", auth.auth_token),
+        "trusted-proxy": ("auth_token and trusted_proxies", auth.auth_token and auth.trusted_proxies),
+        "user-tokens": ("user_tokens_file", auth.user_tokens_file),
+        "jupyterhub": ("jupyterhub_api_url", auth.jupyterhub_api_url),
+    }
+    for name in enabled_authenticators(auth):
+        if name in needs and not needs[name][1]:
+            raise ConfigError(f"auth.authenticators: {name} needs {needs[name][0]} to be set")
+        if name == "jwt":
+            from egateway.api.authenticators.jwt_bearer import HMAC_ALGORITHMS
+
+            usable = [
+                a
+                for a in auth.jwt_algorithms
+                if (a in HMAC_ALGORITHMS and auth.jwt_secret) or (a not in HMAC_ALGORITHMS and auth.jwt_public_key_file)
+            ]
+            if not usable:
+                raise ConfigError(
+                    "auth.authenticators: jwt needs jwt_secret (for HS*) or jwt_public_key_file (for RS*, ES*, ...) "
+                    "matching one of jwt_algorithms"
+                )
+
+
+def _validate_profiles(config: "Config") -> None:
+    from egateway.kernels.profiles import ProfileError, load_profiles
+
+    try:
+        load_profiles(config.profiles)
+    except ProfileError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _validate_store(store: "StoreConfig") -> None:
     from egateway.store import parse_store_url
     from egateway.store.crypto import SecretBox, SecretBoxError
@@ -746,6 +1197,9 @@ def describe(config: Config) -> dict[str, dict[str, Any]]:
         if info.secret and value:
             value = "********"
         result.setdefault(info.section, {})[info.name] = value
+    for table in _TABLES:
+        # Names only: a profile's environment may hold credentials.
+        result[table] = {name: "defined" for name in getattr(config, table)}
     return result
 
 
@@ -778,6 +1232,18 @@ def reference_markdown() -> str:
         lines.append(
             f"| `[{info.section}] {info.name}` | `--{info.flag}` | {env} | {shown} | {info.help} |"
         )
+    for table in _TABLES:
+        lines += [
+            "",
+            f"Keys of each `[{table}.<name>]` table (config file only):",
+            "",
+            "| key | default | meaning |",
+            "| --- | --- | --- |",
+        ]
+        for info in table_settings(table):
+            default = info.default
+            shown = f"`{default}`" if default not in ("", [], {}) else "(empty)"
+            lines.append(f"| `{info.name}` | {shown} | {info.help} |")
     return "\n".join(lines) + "\n"
 
 

@@ -57,3 +57,16 @@ class LimitReached(Forbidden):
 
 class Unavailable(GatewayError):
     status = 503
+
+
+class TooManyRequests(GatewayError):
+    """
+    A rate limit refused the request; C{retry_after} is how many whole
+    seconds the client should wait (sent as C{Retry-After}).
+    """
+
+    status = 429
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -24,6 +24,8 @@ from twisted.python import usage
 
 from egateway import __version__
 from egateway.config import ConfigError, Config, build_config, describe, flag_table, load_toml
+from egateway.ops.audit import AuditFileError
+from egateway.ops.tls import TLSSetupError
 
 _log = Logger()
 
@@ -118,6 +120,12 @@ class GatewayService(MultiService):
                 f"egateway: cannot listen on {self.config.listen_endpoint}: {e.socketError}\n"
             )
             raise SystemExit(1) from None
+        except TLSSetupError as e:
+            sys.stderr.write(f"egateway: TLS: {e}\n")
+            raise SystemExit(1) from None
+        except AuditFileError as e:
+            sys.stderr.write(f"egateway: {e}\n")
+            raise SystemExit(1) from None
 
     def startService(self) -> None:
         _log.info(
@@ -149,6 +157,7 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     from egateway.clusters.registry import LauncherRegistry
     from egateway.kernels.culling import Culler
     from egateway.kernels.manager import KernelManager
+    from egateway.kernels.policy import TenancyPolicy
     from egateway.kernels.specs import KernelSpecCatalog
 
     top = GatewayService(config, reactor)
@@ -162,6 +171,11 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     persistent = config.store.persistence
     data_path = config.server.data_dir or (default_data_dir() if persistent else "")
     DataDirectory(data_path, lambda path: setattr(context, "runtime_dir", path)).setServiceParent(top)
+    if config.auth.audit_log:
+        from egateway.ops.audit import AuditFile
+
+        # Early, so it records everything until the end of the stop.
+        AuditFile(config.auth.audit_log, reactor).setServiceParent(top)
     specs = KernelSpecCatalog(
         reactor,
         threadpool,
@@ -174,7 +188,7 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     def channels() -> Any:
         from egateway.wire.zmq import ZmqChannelFactory
 
-        return ZmqChannelFactory(reactor)
+        return ZmqChannelFactory(reactor, require_encryption=config.kernels.kernel_encryption == "required")
 
     manager = KernelManager(
         clock=reactor,
@@ -184,6 +198,8 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
         settings=config.kernels,
         gateway_env=os.environ,
         journal_entries=config.store.journal_entries,
+        journal_bytes=config.store.journal_bytes,
+        policy=TenancyPolicy.from_config(config),
     )
     if persistent:
         manager.persistence = build_persistence(config, data_path, manager, reactor)
@@ -201,14 +217,50 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     manager.setServiceParent(top)
     Culler(manager, config.culling, reactor).setServiceParent(top)
     api, front = build_api(config, manager, reactor, threadpool)
+    # Before the listener: token files and keys load as it starts.
+    front.authentication.setServiceParent(top)
     site = GatewaySite(front, max_body=config.server.max_request_body)
-    listener = strports.service(config.listen_endpoint, site, reactor=reactor)
+    listen, served = build_tls(config, context, reactor, threadpool, top, site)
+    listener = strports.service(listen, served, reactor=reactor)
     listener.setName("http")
     listener.setServiceParent(top)
     top.api = api  # type: ignore[attr-defined]
     top.manager = manager  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     return top
+
+
+def build_tls(
+    config: Config, context: Any, reactor: Any, threadpool: Any, top: MultiService, site: Any
+) -> tuple[str, Any]:
+    """
+    TLS for the HTTP listener (an C{ssl:} description or C{certfile}) and,
+    with C{response_tls}, for the response listener, under one service that
+    loads the certificates before the listeners start and reloads them on
+    SIGHUP.
+
+    @return: the plain endpoint description to listen on and the factory
+        to serve there (the site, or the site behind TLS).
+    """
+    from egateway.ops.tls import TLSService, listener_files
+
+    plan = listener_files(config.listen_endpoint, config.server)
+    if plan.files is None:
+        return plan.description, site
+    tls = TLSService(reactor, threadpool)
+    tls.setServiceParent(top)
+    top.tls = tls  # type: ignore[attr-defined]
+    if config.response.response_tls:
+        from egateway.clusters.response import ResponseListener
+
+        # Created here so it gets the certificate; remote launchers find it
+        # in the context and start it on first use.
+        context.services["response"] = ResponseListener.from_config(
+            reactor,
+            config.response,
+            tls=tls.add(plan.files.without_client_certificates(), "response"),
+        )
+    return plan.description, tls.add(plan.files, "HTTP").wrap(site)
 
 
 def build_persistence(config: Config, data_path: str, manager: Any, reactor: Any) -> Any:
@@ -255,7 +307,8 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
 
     @return: the L{GatewayAPI} and the resource to serve.
     """
-    from egateway.api.auth import Authenticator, CorsPolicy
+    from egateway.api.auth import CorsPolicy
+    from egateway.api.authenticators import build_authentication
     from egateway.api.http import FrontResource
     from egateway.api.routes import GatewayAPI
     from egateway.api.websocket import ChannelsEndpoint
@@ -278,7 +331,11 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
         reactor=reactor,
         threadpool=threadpool,
     )
-    front = FrontResource(api.resource(), Authenticator(config.auth.auth_token), cors)
+    from egateway.ops.audit import watch_kernels
+
+    watch_kernels(manager)
+    authentication = build_authentication(config.auth, reactor, threadpool)
+    front = FrontResource(api.resource(), authentication, cors)
     return api, front
 
 

@@ -46,6 +46,18 @@ class ChannelTests(GatewayTestCase):
         self.assertEqual(result["result"]["text/plain"], "42")
         await client.close()
 
+    async def test_large_outputs(self) -> None:
+        """
+        A 5 MB output written in one go arrives intact over both protocols
+        (large frames are written without being joined first).
+        """
+        kernel = await self.gateway.start_kernel()
+        for v1 in (False, True):
+            client = await ChannelsClient.connect(self.gateway.url, kernel["id"], v1=v1)
+            result = await client.execute("import sys; sys.stdout.write('é' + 'x' * 5_000_000 + 'end')")
+            self.assertEqual(result["stdout"], "é" + "x" * 5_000_000 + "end")
+            await client.close()
+
     async def test_binary_buffers(self) -> None:
         """
         A comm message with binary buffers reaches the client as a legacy

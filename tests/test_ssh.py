@@ -105,7 +105,9 @@ class SSHTestCase(GatewayTestCase):
         namespace) once the gateway has stopped.
         """
         for name in self.hosts:
-            self.assertEqual(self.ssh.pids(name), [], f"processes left on {name}")
+            left = self.ssh.pids(name)
+            described = [open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")[:200] for pid in left if os.path.exists(f"/proc/{pid}")]
+            self.assertEqual(left, [], f"processes left on {name}: {described}")
 
     async def start_remote(self, name: str = "remote", env: dict[str, str] | None = None) -> dict[str, Any]:
         code, model = await self.gateway.request(

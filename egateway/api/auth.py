@@ -1,64 +1,24 @@
 """
 Who may call the gateway, and from which origins.
 
-Today's identity is the shared token (Enterprise Gateway's model): a request
-presents it as C{Authorization: token <t>} (or C{Bearer <t>}) or, for
-browsers' WebSockets, as C{?token=<t>}.  It is compared in constant time and
-never logged.
+Authentication itself lives in L{egateway.api.authenticators} (the shared
+token, per-user tokens, JWTs, JupyterHub tokens, trusted front ends) and the
+resulting L{Identity} in L{egateway.api.identity}; both are re-exported here
+for older imports.  This module keeps the CORS policy.
 """
 
 from __future__ import annotations
 
-import hmac
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from twisted.web.iweb import IRequest
 
+from egateway.api.authenticators.interface import presented_token
+from egateway.api.identity import ANONYMOUS, Identity
 from egateway.config import AuthConfig
-from egateway.errors import Forbidden, Unauthorized
+from egateway.errors import Forbidden
 
-
-@dataclass(frozen=True)
-class Identity:
-    username: str
-    authenticated: bool
-
-
-ANONYMOUS = Identity(username="", authenticated=False)
-
-
-def presented_token(request: IRequest) -> str | None:
-    raw = request.getHeader(b"authorization")
-    if raw:
-        header = raw.decode("latin-1") if isinstance(raw, bytes) else raw
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() in ("token", "bearer") and value:
-            return value.strip()
-    values = request.args.get(b"token")
-    if values:
-        return values[0].decode("utf-8", "replace")
-    return None
-
-
-class Authenticator:
-    def __init__(self, token: str) -> None:
-        self._token = token.encode("utf-8")
-
-    def authenticate(self, request: IRequest) -> Identity:
-        """
-        @raise Unauthorized: when a token is required and missing or wrong.
-        """
-        if not self._token:
-            return ANONYMOUS
-        given = presented_token(request)
-        if given is None:
-            raise Unauthorized(
-                "this gateway requires a token: send 'Authorization: token <token>'"
-            )
-        if not hmac.compare_digest(given.encode("utf-8"), self._token):
-            raise Unauthorized("the token is not valid")
-        return Identity(username="", authenticated=True)
+__all__ = ["ANONYMOUS", "CorsPolicy", "Identity", "presented_token"]
 
 
 class CorsPolicy:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
@@ -18,8 +19,10 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from egateway.api.auth import Authenticator, CorsPolicy
-from egateway.errors import BadRequest, GatewayError
+from egateway.api.auth import CorsPolicy
+from egateway.api.authenticators import AuthenticatorChain
+from egateway.errors import BadRequest, GatewayError, TooManyRequests, Unauthorized
+from egateway.ops import audit
 
 _log = Logger()
 
@@ -116,13 +119,22 @@ class GatewaySite(Site):
 class FrontResource:
     """
     Applies the policies every request shares, then hands it to the routes.
+
+    Authentication may wait on the network (a JupyterHub token check), so
+    the route is rendered once it is done; meanwhile nothing of the request
+    is acted on.  If the client goes away first, the check is cancelled and
+    nothing is rendered.  Every refusal is a JSON error; 401s carry
+    C{WWW-Authenticate}, 429s C{Retry-After}.
+
+    @ivar authentication: the chain deciding who each request is from; its
+        identity is C{request.gateway_user}.
     """
 
     isLeaf = True
 
-    def __init__(self, routes: IResource, auth: Authenticator, cors: CorsPolicy) -> None:
+    def __init__(self, routes: IResource, authentication: AuthenticatorChain, cors: CorsPolicy) -> None:
         self._routes = routes
-        self._auth = auth
+        self.authentication = authentication
         self._cors = cors
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
@@ -141,12 +153,72 @@ class FrontResource:
             return error_body(
                 request, 413, "Request Entity Too Large", "the request body exceeds the size limit"
             )
+        gone: list[bool] = []
+        serving: list[Deferred[None]] = []
+
+        def client_left(failure: Any) -> None:
+            gone.append(True)
+            for d in serving:
+                d.cancel()
+
+        request.notifyFinish().addErrback(client_left)
+        d = Deferred.fromCoroutine(self._serve(request, gone))
+        d.addErrback(self._lost)
+        serving.append(d)
+        return NOT_DONE_YET
+
+    def _lost(self, failure: Any) -> None:
+        if not failure.check(CancelledError):
+            _log.failure("serving a request", failure)
+
+    async def _serve(self, request: IRequest, gone: list[bool]) -> None:
         try:
-            request.gateway_user = self._auth.authenticate(request)
+            request.gateway_user = await self.authentication.authenticate(request)
             self._cors.check_origin(request)
+        except CancelledError:
+            return
         except GatewayError as e:
-            return write_error(request, e)
-        return self._routes.render(request)
+            if not gone:
+                self._refuse(request, e)
+            return
+        except Exception:
+            _log.failure(
+                "authenticating {method} {path}",
+                method=request.method.decode("ascii", "replace"),
+                path=request.path.decode("utf-8", "replace"),
+            )
+            if not gone:
+                body = error_body(
+                    request, 500, "Internal Server Error", "Unknown server error; see the gateway log"
+                )
+                _finish(request, body)
+            return
+        if gone:
+            return
+        body = self._routes.render(request)
+        if body is not NOT_DONE_YET:
+            _finish(request, body)
+
+    def _refuse(self, request: IRequest, error: GatewayError) -> None:
+        if isinstance(error, Unauthorized):
+            request.setHeader(b"www-authenticate", b'Bearer realm="egateway"')
+        elif isinstance(error, TooManyRequests) and error.retry_after:
+            request.setHeader(b"retry-after", str(error.retry_after).encode("ascii"))
+        elif error.status == 403:
+            # Authentication events are audited by the chain; this is the
+            # Origin check.
+            audit.refused(request, error.status, error.message)
+        _finish(request, write_error(request, error))
+
+
+def _finish(request: IRequest, body: bytes) -> None:
+    """
+    Send a whole body, as C{Request.render} would for a resource that
+    returned it.
+    """
+    request.setHeader(b"content-length", b"%d" % (len(body),))
+    request.write(body)  # a HEAD response drops it
+    request.finish()
 
 
 __all__ = ["NOT_DONE_YET"]

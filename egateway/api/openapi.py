@@ -38,6 +38,18 @@ _KERNEL_ID = {
     "schema": {"type": "string", "pattern": UUID_PATTERN},
 }
 _SESSION_ID = {**_KERNEL_ID, "name": "session_id"}
+_USER_QUERY = {
+    "name": "user",
+    "in": "query",
+    "required": False,
+    "description": "Show what this user may use: honoured for callers without a verified user "
+    "(Enterprise Gateway's advisory filter) and for admins",
+    "schema": {"type": "string"},
+}
+_HIDDEN = {
+    "403": _error("Another user's kernel, when hide_kernels is off"),
+    "404": _error("No such kernel, or another user's (hide_kernels)"),
+}
 
 
 def openapi_document(base_url: str = "/") -> dict[str, Any]:
@@ -75,7 +87,8 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
         },
         f"{b}/api/kernelspecs": {
             "get": {
-                "summary": "Kernelspecs offered",
+                "summary": "Kernelspecs the caller may launch",
+                "parameters": [_USER_QUERY],
                 "responses": {
                     "200": _json(
                         "Kernelspecs by name, and the default",
@@ -99,11 +112,12 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
             "get": {
                 "summary": "One kernelspec",
                 "parameters": [
-                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}},
+                    _USER_QUERY,
                 ],
                 "responses": {
                     "200": _json("The kernelspec", _ref("KernelSpec")),
-                    "404": _error("No such kernelspec"),
+                    "404": _error("No such kernelspec, or one the caller may not launch"),
                     **_AUTH,
                 },
             }
@@ -129,7 +143,8 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
         },
         f"{b}/api/kernels": {
             "get": {
-                "summary": "Kernels (when listing is enabled)",
+                "summary": "The kernels the caller may see (when listing is enabled): their own, those "
+                "shared with them; an admin's: all",
                 "responses": {
                     "200": _json("Kernel models", {"type": "array", "items": _ref("Kernel")}),
                     "403": _error("Listing is disabled"),
@@ -144,10 +159,20 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                 },
                 "responses": {
                     "201": _json("The started kernel", _ref("Kernel")),
-                    "400": _error("Malformed body or environment"),
-                    "403": _error("A kernel limit is reached"),
+                    "400": _error(
+                        "Malformed body or environment; an unknown profile or one not for this kernelspec; "
+                        "a KERNEL_* value the profile refuses (the message names the key and the rule)"
+                    ),
+                    "403": _error(
+                        "A kernel limit or quota is reached, the user may not launch this kernelspec or use "
+                        "this profile, or a profile is required (the message names the rule or limit)"
+                    ),
                     "404": _error("No such kernelspec"),
                     "409": _error("KERNEL_ID names an existing kernel"),
+                    "429": {
+                        **_error("Too many launches in progress for this user (max_concurrent_launches_per_user)"),
+                        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                    },
                     "500": _error("The launch failed; message names the cause and phase"),
                     "504": _error("The launch timed out; message names the phase"),
                     **_AUTH,
@@ -160,7 +185,7 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                 "summary": "One kernel",
                 "responses": {
                     "200": _json("The kernel", _ref("Kernel")),
-                    "404": _error("No such kernel"),
+                    **_HIDDEN,
                     **_AUTH,
                 },
             },
@@ -168,7 +193,45 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                 "summary": "Shut a kernel down",
                 "responses": {
                     "204": {"description": "Shut down"},
-                    "404": _error("No such kernel"),
+                    **_HIDDEN,
+                    **_AUTH,
+                },
+            },
+        },
+        f"{b}/api/kernels/{{kernel_id}}/acl": {
+            "parameters": [_KERNEL_ID],
+            "put": {
+                "summary": "Share a kernel: replace the users and groups (besides its owner and admins) who may "
+                "see, connect to, interrupt, restart and shut it down. Its owner or an admin only.",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("Acl")}},
+                },
+                "responses": {
+                    "200": _json("The kernel, with its new ACL", _ref("Kernel")),
+                    "400": _error("Malformed ACL"),
+                    "403": _error("The caller is not the kernel's owner or an admin"),
+                    "404": _error("No such kernel, or another user's (hide_kernels)"),
+                    **_AUTH,
+                },
+            },
+        },
+        f"{b}/api/profiles": {
+            "get": {
+                "summary": "The profiles the caller may use: kernelspecs, what a client may override, limits",
+                "parameters": [_USER_QUERY],
+                "responses": {
+                    "200": _json(
+                        "Profiles",
+                        {
+                            "type": "object",
+                            "required": ["require_profile", "profiles"],
+                            "properties": {
+                                "require_profile": {"type": "boolean"},
+                                "profiles": {"type": "array", "items": _ref("Profile")},
+                            },
+                        },
+                    ),
                     **_AUTH,
                 },
             },
@@ -179,7 +242,7 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                 "summary": "Interrupt a kernel",
                 "responses": {
                     "204": {"description": "Interrupted"},
-                    "404": _error("No such kernel"),
+                    **_HIDDEN,
                     "409": _error("The kernel is not running"),
                     **_AUTH,
                 },
@@ -191,7 +254,7 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                 "summary": "Restart a kernel, keeping its id and its clients",
                 "responses": {
                     "200": _json("The restarted kernel", _ref("Kernel")),
-                    "404": _error("No such kernel"),
+                    **_HIDDEN,
                     "409": _error("The kernel is shutting down"),
                     "500": _error("The relaunch failed"),
                     "504": _error("The relaunch timed out"),
@@ -210,8 +273,8 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                 "responses": {
                     "101": {"description": "Switching to WebSocket"},
                     "400": _error("Not a WebSocket upgrade"),
-                    "403": _error("Origin not allowed"),
-                    "404": _error("No such kernel"),
+                    "403": _error("Origin not allowed, or another user's kernel when hide_kernels is off"),
+                    "404": _error("No such kernel, or another user's (hide_kernels)"),
                     **_AUTH,
                 },
             },
@@ -248,7 +311,8 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                 "summary": "One session",
                 "responses": {
                     "200": _json("The session", _ref("Session")),
-                    "404": _error("No such session"),
+                    "403": _error("Another user's session, when hide_kernels is off"),
+                    "404": _error("No such session, or another user's (hide_kernels)"),
                     **_AUTH,
                 },
             },
@@ -272,7 +336,8 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                 "summary": "Delete a session and shut its kernel down",
                 "responses": {
                     "204": {"description": "Deleted"},
-                    "404": _error("No such session"),
+                    "403": _error("Another user's session, when hide_kernels is off"),
+                    "404": _error("No such session, or another user's (hide_kernels)"),
                     **_AUTH,
                 },
             },
@@ -329,6 +394,9 @@ _SCHEMAS: dict[str, Any] = {
             "started": {"type": "string", "format": "date-time"},
             "state": {"type": "string"},
             "username": {"type": "string"},
+            "owner": {"type": "string"},
+            "acl": _ref("Acl"),
+            "profile": {"type": "string", "nullable": True},
             "launcher": {"type": "string"},
             "restarts": {"type": "integer", "minimum": 0},
             "phases": {"type": "array", "items": {"type": "object"}},
@@ -336,10 +404,38 @@ _SCHEMAS: dict[str, Any] = {
             "reason": {"type": "string"},
         },
     },
+    "Acl": {
+        "type": "object",
+        "properties": {
+            "users": {"type": "array", "items": {"type": "string"}, "maxItems": 256},
+            "groups": {"type": "array", "items": {"type": "string"}, "maxItems": 256},
+        },
+        "additionalProperties": False,
+    },
+    "Profile": {
+        "type": "object",
+        "required": ["name", "kernelspecs", "overrides", "limits"],
+        "properties": {
+            "name": {"type": "string"},
+            "description": {"type": "string"},
+            "kernelspecs": {"type": "array", "items": {"type": "string"}},
+            "default": {"type": "boolean"},
+            "overrides": {
+                "type": "object",
+                "description": "KERNEL_* names a client may set, each with its rule (min, max, integer, values)",
+                "additionalProperties": {"type": "object"},
+            },
+            "fixed": {"type": "array", "items": {"type": "string"}},
+            "defaults": {"type": "object", "additionalProperties": {"type": "string"}},
+            "resources": {"type": "object"},
+            "limits": {"type": "object", "additionalProperties": {"type": "integer"}},
+        },
+    },
     "KernelStart": {
         "type": "object",
         "properties": {
             "name": {"type": "string"},
+            "profile": {"type": "string", "description": "A profile (GET /api/profiles); or KERNEL_PROFILE in env"},
             "env": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 4096}},
         },
     },
@@ -364,7 +460,7 @@ _SCHEMAS: dict[str, Any] = {
             "type": {"type": "string", "minLength": 1},
             "kernel": {
                 "type": "object",
-                "properties": {"name": {"type": "string"}, "id": {"type": "string"}},
+                "properties": {"name": {"type": "string"}, "id": {"type": "string"}, "profile": {"type": "string"}},
             },
         },
     },
@@ -376,7 +472,7 @@ _SCHEMAS: dict[str, Any] = {
             "type": {"type": "string"},
             "kernel": {
                 "type": "object",
-                "properties": {"name": {"type": "string"}, "id": {"type": "string"}},
+                "properties": {"name": {"type": "string"}, "id": {"type": "string"}, "profile": {"type": "string"}},
             },
         },
     },

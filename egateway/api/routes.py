@@ -22,12 +22,17 @@ from werkzeug.routing import BaseConverter
 
 from egateway import __version__
 from egateway.api.http import error_body, json_body, write_error, write_json
+from egateway.api.identity import ANONYMOUS, Identity, launch_username
 from egateway.api.openapi import openapi_document
 from egateway.api.websocket import ChannelsEndpoint
-from egateway.errors import BadRequest, Forbidden, GatewayError, NotFound
+from egateway.errors import BadRequest, Forbidden, GatewayError, NotFound, TooManyRequests
+from egateway.kernels.kernel import Kernel
 from egateway.kernels.manager import KernelManager
+from egateway.kernels.policy import Acl, Caller, caller_of
+from egateway.kernels.profiles import ProfileRefusal
 from egateway.kernels.sessions import SessionManager
 from egateway.kernels.specs import KernelSpec
+from egateway.ops import audit
 
 _log = Logger()
 
@@ -94,6 +99,8 @@ class GatewayAPI:
         app.route(kernel + "/interrupt", methods=["POST"])(self.interrupt_kernel)
         app.route(kernel + "/restart", methods=["POST"])(self.restart_kernel)
         app.route(kernel + "/channels", methods=["GET"])(self.kernel_channels)
+        app.route(kernel + "/acl", methods=["PUT"])(self.set_kernel_acl)
+        app.route(b + "api/profiles", methods=["GET"])(self.list_profiles)
         app.route(b + "api/sessions", methods=["GET"])(self.list_sessions)
         app.route(b + "api/sessions", methods=["POST"])(self.create_session)
         session = b + "api/sessions/" + _uuid("session_id")
@@ -110,7 +117,14 @@ class GatewayAPI:
     # -- errors ----------------------------------------------------------
 
     def _gateway_error(self, request: IRequest, failure: Failure) -> bytes:
-        return write_error(request, failure.value)
+        error = failure.value
+        if error.status in (401, 403, 429) or isinstance(error, ProfileRefusal):
+            # Every refusal a route or the kernel manager decides is audited
+            # here, once.
+            audit.refused(request, error.status, error.message)
+        if isinstance(error, TooManyRequests) and error.retry_after:
+            request.setHeader(b"retry-after", str(error.retry_after).encode("ascii"))
+        return write_error(request, error)
 
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
         error = failure.value
@@ -146,12 +160,16 @@ class GatewayAPI:
 
     async def list_kernelspecs(self, request: IRequest) -> bytes:
         specs = await self.specs.all()
+        user = _launching_user(request)
+        policy = self.kernels.policy
         return write_json(
             request,
             {
                 "default": self.specs.default_name,
                 "kernelspecs": {
-                    name: spec.model(self.base_url) for name, spec in sorted(specs.items())
+                    name: spec.model(self.base_url)
+                    for name, spec in sorted(specs.items())
+                    if user is None or policy.may_launch(user.username, user.groups, user.admin, spec)
                 },
             },
         )
@@ -165,6 +183,9 @@ class GatewayAPI:
 
     async def get_kernelspec(self, request: IRequest, name: str) -> bytes:
         spec = await self._spec(name)
+        user = _launching_user(request)
+        if user is not None and not self.kernels.policy.may_launch(user.username, user.groups, user.admin, spec):
+            raise NotFound(f"Kernel spec {name} not found")
         return write_json(request, spec.model(self.base_url))
 
     async def kernelspec_resource(self, request: IRequest, name: str, resource: str) -> bytes:
@@ -184,7 +205,11 @@ class GatewayAPI:
     async def list_kernel_models(self, request: IRequest) -> bytes:
         if not self.list_kernels:
             raise Forbidden("listing kernels is disabled (EG_LIST_KERNELS)")
-        return write_json(request, await self.kernels.list_models())
+        caller = _caller(request)
+        policy = self.kernels.policy
+        return write_json(
+            request, [model for model in await self.kernels.list_models() if policy.may_see_model(caller, model)]
+        )
 
     async def start_kernel(self, request: IRequest) -> bytes:
         body = json_body(request)
@@ -192,35 +217,96 @@ class GatewayAPI:
             body = {}
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
-        kernel = await self.kernels.start_kernel(body.get("name"), body.get("env"))
+        username = launch_username(_identity(request), body.get("env"))
+        kernel = await self.kernels.start_kernel(
+            body.get("name"), body.get("env"), username=username, caller=_caller(request), profile=body.get("profile")
+        )
         request.setHeader(
             b"location", f"{self.base_url}api/kernels/{kernel.id}".encode("utf-8")
         )
         return write_json(request, kernel.model(), 201)
 
+    async def _kernel(self, request: IRequest, kernel_id: str) -> Kernel:
+        """
+        The kernel, if the caller may see it (its owner, an admin, or
+        someone it is shared with); else the 404 of an unknown id (or 403
+        without C{hide_kernels}).
+        """
+        kernel = await self.kernels.find(kernel_id)
+        try:
+            self.kernels.policy.check_access(_caller(request), kernel)
+        except NotFound as e:
+            # Hidden, so the error handler would not record it.
+            audit.refused(request, 404, f"kernel {kernel_id} belongs to {kernel.owner}", hidden=True)
+            raise e from None
+        return kernel
+
     async def get_kernel(self, request: IRequest, kernel_id: str) -> bytes:
-        return write_json(request, (await self.kernels.find(kernel_id)).model())
+        return write_json(request, (await self._kernel(request, kernel_id)).model())
 
     async def delete_kernel(self, request: IRequest, kernel_id: str) -> bytes:
-        await self.kernels.find(kernel_id)
+        kernel = await self._kernel(request, kernel_id)
         await self.kernels.shutdown(kernel_id)
+        audit.event("kernel.shutdown", **audit.actor(request), kernel_id=kernel_id, owner=kernel.username)
         request.setResponseCode(204)
         return b""
 
     async def interrupt_kernel(self, request: IRequest, kernel_id: str) -> bytes:
-        await self.kernels.find(kernel_id)
+        await self._kernel(request, kernel_id)
         await self.kernels.interrupt(kernel_id)
         request.setResponseCode(204)
         return b""
 
     async def restart_kernel(self, request: IRequest, kernel_id: str) -> bytes:
-        await self.kernels.find(kernel_id)
+        await self._kernel(request, kernel_id)
         kernel = await self.kernels.restart(kernel_id)
         return write_json(request, kernel.model())
 
     async def kernel_channels(self, request: IRequest, kernel_id: str) -> Any:
-        await self.kernels.find(kernel_id)
-        return self.channels.resource_for(request, kernel_id)
+        kernel = await self._kernel(request, kernel_id)
+        resource = self.channels.resource_for(request, kernel_id)
+        session = request.args.get(b"session_id", [b""])[0].decode("utf-8", "replace")[:64]
+        audit.event(
+            "websocket.connect", **audit.actor(request), kernel_id=kernel_id, owner=kernel.username, session=session
+        )
+        return resource
+
+    async def set_kernel_acl(self, request: IRequest, kernel_id: str) -> bytes:
+        """
+        Share a kernel: C{{"users": [...], "groups": [...]}} replaces whom
+        it is shared with.  Its owner or an admin only.
+        """
+        kernel = await self._kernel(request, kernel_id)
+        self.kernels.policy.check_owner(_caller(request), kernel)
+        acl = Acl.parse(json_body(request))
+        self.kernels.set_acl(kernel, acl)
+        audit.event(
+            "kernel.shared", **audit.actor(request), kernel_id=kernel_id, owner=kernel.owner,
+            users=list(acl.users), groups=list(acl.groups),
+        )
+        return write_json(request, kernel.model())
+
+    # -- profiles ------------------------------------------------------------
+
+    def list_profiles(self, request: IRequest) -> bytes:
+        """
+        The profiles the caller may use (for an anonymous caller, those of
+        C{?user=}, as for kernelspecs), each with what it lets a client
+        override and its limits.
+        """
+        policy = self.kernels.policy
+        user = _launching_user(request) or Caller("")
+        profiles = policy.usable_profiles(user.username, user.groups, user.admin)
+        return write_json(
+            request,
+            {
+                "require_profile": policy.settings.require_profile,
+                "profiles": [
+                    profile.describe(default=profile.default_rank(user.username, user.groups) > 0)
+                    for profile in profiles
+                ],
+            },
+        )
 
     # -- sessions ----------------------------------------------------------
 
@@ -228,24 +314,64 @@ class GatewayAPI:
         if not self.list_kernels:
             raise Forbidden("listing sessions is disabled (EG_LIST_KERNELS)")
         return write_json(
-            request, [self.sessions.model(session) for session in self.sessions.list()]
+            request, [self.sessions.model(session) for session in self.sessions.list(_caller(request))]
         )
 
     async def create_session(self, request: IRequest) -> bytes:
-        session, created = await self.sessions.create(json_body(request))
+        body = json_body(request)
+        username = launch_username(_identity(request), _session_kernel_env(body))
+        session, created = await self.sessions.create(body, username=username, caller=_caller(request))
         request.setHeader(
             b"location", f"{self.base_url}api/sessions/{session.id}".encode("utf-8")
         )
         return write_json(request, self.sessions.model(session), 201)
 
     def get_session(self, request: IRequest, session_id: str) -> bytes:
-        return write_json(request, self.sessions.model(self.sessions.get(session_id)))
+        return write_json(request, self.sessions.model(self.sessions.get(session_id, _caller(request))))
 
     async def update_session(self, request: IRequest, session_id: str) -> bytes:
-        session = await self.sessions.update(session_id, json_body(request))
+        body = json_body(request)
+        username = launch_username(_identity(request), _session_kernel_env(body))
+        session = await self.sessions.update(session_id, body, username=username, caller=_caller(request))
         return write_json(request, self.sessions.model(session))
 
     async def delete_session(self, request: IRequest, session_id: str) -> bytes:
-        await self.sessions.delete(session_id)
+        kernel_id = self.sessions.get(session_id, _caller(request)).kernel_id
+        await self.sessions.delete(session_id, _caller(request))
+        audit.event("kernel.shutdown", **audit.actor(request), kernel_id=kernel_id, session_id=session_id)
         request.setResponseCode(204)
         return b""
+
+
+def _identity(request: IRequest) -> Identity:
+    return getattr(request, "gateway_user", ANONYMOUS)
+
+
+def _caller(request: IRequest) -> Caller | None:
+    """
+    The verified user making C{request}, or C{None} (anonymous, or a
+    credential naming no user): see L{egateway.kernels.policy}.
+    """
+    return caller_of(getattr(request, "gateway_user", None))
+
+
+def _launching_user(request: IRequest) -> Caller | None:
+    """
+    Whom to show kernelspecs and profiles for: the verified user (an admin
+    may look as another with C{?user=}); for other callers the C{?user=}
+    they name, as Enterprise Gateway's advisory filter; C{None} for no
+    filter.
+    """
+    caller = _caller(request)
+    named = request.args.get(b"user", [b""])[0].decode("utf-8", "replace")[:255] if request.args else ""
+    if caller is not None and not (caller.admin and named):
+        return caller
+    return Caller(named) if named else None
+
+
+def _session_kernel_env(body: Any) -> Any:
+    """
+    The C{env} of a session request's C{kernel}, where there is one.
+    """
+    kernel = body.get("kernel") if isinstance(body, dict) else None
+    return kernel.get("env") if isinstance(kernel, dict) else None

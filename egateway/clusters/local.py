@@ -7,6 +7,26 @@ kernel's whole process group.  Its argv comes from the kernelspec with
 placeholders substituted, never through a shell.  Its output goes to a file
 the gateway follows into its own log, tagged with the kernel id; the last
 lines are kept to explain an early exit.
+
+Kernel channels are encrypted with CurveZMQ as jupyter_client's
+C{transport_encryption} does (JEP 145): for a kernelspec whose metadata lists
+C{"curve"} in C{supported_encryption} (ipykernel 7.4 does), a fresh key pair
+per kernel goes into the connection file (C{curve_publickey},
+C{curve_secretkey}); the kernel binds its sockets as CurveZMQ servers with
+it and the gateway connects as a client of the public key.  The setting
+C{kernel_encryption} (auto, off, required) decides.
+
+With impersonation (L{egateway.clusters.impersonation}) the kernel runs as
+its user's account: the gateway, running as root, resolves the account in
+a thread (NSS may ask a directory service) and refuses prohibited users
+with 403; C{spawnProcess(uid=, gid=)} switches to the account's uid and
+primary gid in the child after C{initgroups(3)} has set its supplementary
+groups; C{HOME}, C{USER} and C{LOGNAME} come from the account, and the
+kernel starts in its home directory (C{/} when there is none).  Its
+connection and output files live in C{impersonation_runtime_dir} (mode
+0711, the gateway's), each owned by the user with mode 0600: the kernel
+reads its connection file by name, and no other user can list the
+directory or read another kernel's files.
 """
 
 from __future__ import annotations
@@ -24,10 +44,17 @@ from twisted.internet import error as twisted_errors
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from egateway.clusters.impersonation import (
+    Account,
+    Impersonation,
+    open_private_blocking,
+    prepare_runtime_dir_blocking,
+)
 from egateway.clusters.interface import (
     ExitStatus,
     IKernelProcess,
@@ -55,6 +82,46 @@ def python_executable(argv0: str) -> str:
     gateway's own interpreter, so the default spec works in a virtualenv.
     """
     return sys.executable if argv0 in PYTHON_NAMES else argv0
+
+
+def supports_curve(metadata: Mapping[str, Any]) -> bool:
+    """
+    Whether a kernelspec declares CurveZMQ support: C{"curve"} in
+    C{metadata.supported_encryption} (a list or a single string).
+    """
+    declared = metadata.get("supported_encryption")
+    if isinstance(declared, str):
+        declared = [declared]
+    if not isinstance(declared, (list, tuple)):
+        return False
+    return "curve" in {str(item).strip().lower() for item in declared}
+
+
+def curve_keys_for(spec: Any, policy: str) -> tuple[bytes, bytes] | None:
+    """
+    A new CurveZMQ key pair (Z85 public, secret) for a kernel of C{spec},
+    or C{None} when its channels stay in clear text.
+
+    @raise LaunchError: C{policy} is C{required} and the kernel or this
+        libzmq cannot encrypt.
+    """
+    import zmq
+
+    if policy == "off":
+        return None
+    if not supports_curve(spec.metadata):
+        if policy == "required":
+            raise LaunchError(
+                f"kernel_encryption is required, but kernelspec {spec.name!r} does not declare CurveZMQ "
+                "support (metadata.supported_encryption: [\"curve\"])",
+                status=403,
+            )
+        return None
+    if not zmq.has("curve"):
+        if policy == "required":
+            raise LaunchError("kernel_encryption is required, but this gateway's libzmq lacks CurveZMQ")
+        return None
+    return zmq.curve_keypair()
 
 
 def _pid_alive(pid: int, marker: str) -> bool:
@@ -305,14 +372,56 @@ class LocalLauncher:
         self._runtime_dir = context.runtime_dir
         self._ports: PortAllocator = context.ports
         self._setsid = shutil.which("setsid")
+        config = context.settings.get("config")
+        self._encryption = config.kernels.kernel_encryption if config is not None else "auto"
+        self.impersonation = Impersonation.from_config(config)
+        self._user_files_dir: str | None = None
 
     def launch(self, request: LaunchRequest) -> Deferred[IKernelProcess]:
+        if self.impersonation.enabled:
+            return Deferred.fromCoroutine(self._launch_as_user(request))
         try:
             return succeed(self._start(request))
         except LaunchError as e:
             return Deferred.fromCoroutine(_raise(e))
 
-    def _start(self, request: LaunchRequest) -> LocalKernelProcess:
+    async def _launch_as_user(self, request: LaunchRequest) -> LocalKernelProcess:
+        """
+        Start the kernel as C{request.username}'s account.
+
+        @raise LaunchError: 403 for a user who may not be impersonated; 500
+            when the gateway cannot switch users (it does not run as root).
+        """
+        account = await self.impersonation.local_account(self._reactor, request.username)
+        euid = os.geteuid()
+        if account.uid == euid:
+            # The gateway already runs as this user: nothing to switch.
+            return self._start(request, account)
+        if euid != 0:
+            raise LaunchError(
+                f"cannot start a local kernel as {account.name!r}: impersonation needs the gateway to run as "
+                f"root, and it runs as uid {euid}"
+            )
+        if self._user_files_dir is None:
+            self._user_files_dir = await deferToThreadPool(
+                self._reactor,
+                self._reactor.getThreadPool(),
+                prepare_runtime_dir_blocking,
+                self.impersonation.runtime_dir,
+            )
+        return self._start(request, account, self._user_files_dir)
+
+    def _start(
+        self, request: LaunchRequest, account: Account | None = None, user_files_dir: str | None = None
+    ) -> LocalKernelProcess:
+        """
+        @param account: the account to run the kernel as (impersonation).
+        @param user_files_dir: where its files go when the kernel runs as
+            another user than the gateway; they are then that user's.
+        """
+        runtime_dir = user_files_dir or self._runtime_dir
+        private_to = account if user_files_dir else None
+        curve = curve_keys_for(request.spec, self._encryption)
         try:
             ports = self._ports.reserve(5)
         except PortExhausted as e:
@@ -325,10 +434,15 @@ class LocalLauncher:
             control_port=ports[3],
             hb_port=ports[4],
             key=secrets.token_hex(32).encode("ascii"),
+            curve_publickey=curve[0] if curve else None,
+            curve_secretkey=curve[1] if curve else None,
         )
-        connection_file = os.path.join(self._runtime_dir, f"kernel-{request.kernel_id}.json")
+        connection_file = os.path.join(runtime_dir, f"kernel-{request.kernel_id}.json")
         try:
-            fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            if private_to is not None:
+                fd = open_private_blocking(connection_file, os.O_WRONLY | os.O_TRUNC, private_to)
+            else:
+                fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 json.dump(info.to_dict(), f)
         except OSError as e:
@@ -348,17 +462,33 @@ class LocalLauncher:
         if self._setsid:
             argv = [self._setsid, *argv]
         protocol = _KernelProcessProtocol()
-        log_path = os.path.join(self._runtime_dir, f"kernel-{request.kernel_id}.log")
-        output = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log_path = os.path.join(runtime_dir, f"kernel-{request.kernel_id}.log")
+        try:
+            if private_to is not None:
+                output = open_private_blocking(log_path, os.O_WRONLY | os.O_APPEND, private_to)
+            else:
+                output = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        except OSError as e:
+            self._ports.release(ports)
+            os.unlink(connection_file)
+            raise LaunchError(f"cannot open the kernel's output file {log_path}: {e.strerror}")
         stdin = os.open(os.devnull, os.O_RDONLY)
+        if account is not None:
+            env = self.impersonation.local_env(request.env, account)
+            cwd = request.cwd or (account.home if account.home_exists else "/")
+        else:
+            env = self.impersonation.exported(request.env)
+            cwd = request.cwd or None
+        switch: dict[str, int] = {"uid": account.uid, "gid": account.gid} if private_to is not None else {}
         try:
             transport = self._reactor.spawnProcess(
                 protocol,
                 argv[0],
                 argv,
-                env=dict(request.env),
-                path=request.cwd or None,
+                env=env,
+                path=cwd,
                 childFDs={0: stdin, 1: output, 2: output},
+                **switch,
             )
         except (OSError, twisted_errors.ProcessExitedAlready) as e:
             self._ports.release(ports)
@@ -369,7 +499,10 @@ class LocalLauncher:
             os.close(stdin)
         request.report(Phase.SUBMITTED, f"pid {transport.pid}")
         request.report(Phase.PLACED, "localhost")
-        request.report(Phase.CONNECTION_INFO, f"{info.ip} ports {ports[0]}-{ports[-1]}")
+        request.report(
+            Phase.CONNECTION_INFO,
+            f"{info.ip} ports {ports[0]}-{ports[-1]}{', CurveZMQ' if info.encrypted else ''}",
+        )
         return LocalKernelProcess(
             request.kernel_id,
             info,

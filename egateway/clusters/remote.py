@@ -296,7 +296,44 @@ class RemoteKernelProcess:
             while self._exit is None and self._reactor.seconds() < deadline:
                 await deferLater(self._reactor, TERMINATE_POLL, lambda: None)
                 await self._poll_once()
+        if self._exit is not None:
+            await self._reap_group()
         return self._exit or ExitStatus(reason="could not be confirmed stopped")
+
+    async def _group_alive(self) -> bool:
+        """
+        Whether anything the kernel started (its process group on the host)
+        still runs once the kernel itself has ended.
+        """
+        return False
+
+    async def _reap_group(self, wait: float = 5.0) -> None:
+        """
+        The kernel has ended: wait until its helpers (the launcher's comm
+        listener, processes it forked) have gone too, killing them if they
+        linger, so a stopped kernel leaves nothing on its host.
+        """
+        killed = False
+        deadline = self._reactor.seconds() + wait
+        try:
+            while await self._group_alive():
+                if self._reactor.seconds() >= deadline:
+                    if killed:
+                        _log.warn(
+                            "kernel {kernel_id}: processes of its group outlived SIGKILL",
+                            kernel_id=self.kernel_id,
+                        )
+                        return
+                    await self._signal_directly(signals.SIGKILL)
+                    killed = True
+                    deadline = self._reactor.seconds() + wait
+                await deferLater(self._reactor, TERMINATE_POLL, lambda: None)
+        except Exception as e:
+            _log.warn(
+                "kernel {kernel_id}: could not check its process group: {error}",
+                kernel_id=self.kernel_id,
+                error=str(e),
+            )
 
     def ready(self) -> None:
         pass

@@ -10,6 +10,12 @@ L{egateway.clusters.handshake}) and ends it with EOF (a half-close, so it
 can read our one-line verdict: C{OK} or C{ERROR refused}; Enterprise
 Gateway's launchers close without reading, which is fine).
 
+With TLS (C{response_tls}) the listener is reached only by egateway's own
+launcher, told the CA to check our certificate against.  TLS has no
+half-close, so there a newline ends the payload (base64 holds none) and the
+verdict follows on the same connection.  Enterprise Gateway's launchers do
+not speak TLS: a TLS listener serves version 2 launchers only.
+
 The port is reachable by anyone on the network, so every payload is
 suspect: garbage, oversize payloads, payloads for kernels nobody is
 launching, replays, forgeries and version 1 payloads while version 1 is
@@ -150,6 +156,8 @@ class _PayloadProtocol(Protocol):
             self.transport.abortConnection()
             return
         self._chunks.append(data)
+        if self._listener.tls is not None and b"\n" in data:
+            self.readConnectionLost()
 
     def _timed_out(self) -> None:
         self._deadline = None
@@ -170,7 +178,10 @@ class _PayloadProtocol(Protocol):
         if self._finished:
             return
         self._finish()
-        accepted = self._listener._judge(b"".join(self._chunks), self.peer)
+        payload = b"".join(self._chunks)
+        if self._listener.tls is not None:
+            payload = payload.split(b"\n", 1)[0]
+        accepted = self._listener._judge(payload, self.peer)
         self.transport.write(b"OK\n" if accepted else b"ERROR refused\n")
         self.transport.loseConnection()
 
@@ -195,6 +206,8 @@ class ResponseListener(Service):
     @ivar max_payload: bytes; a longer payload is refused and its
         connection dropped.
     @ivar timeout: seconds a connection may take to deliver its payload.
+    @ivar tls: the certificate to serve (an
+        L{egateway.ops.tls.ReloadableServerTLS}), or C{None} for plain TCP.
     """
 
     _log = Logger()
@@ -209,6 +222,7 @@ class ResponseListener(Service):
         max_payload: int = 65536,
         timeout: float = 10.0,
         keys: HandshakeKeys | None = None,
+        tls: Any = None,
     ) -> None:
         """
         @param reactor: provides C{IReactorTCP} and C{IReactorTime}.
@@ -226,13 +240,14 @@ class ResponseListener(Service):
         self.max_payload = max_payload
         self.timeout = timeout
         self.keys = keys
+        self.tls = tls
         self._listening: Any = None
         self._pending: dict[str, PendingLaunch] = {}
         self._connections: set[_PayloadProtocol] = set()
 
     @classmethod
     def from_config(
-        cls, reactor: Any, config: Any, keys: HandshakeKeys | None = None
+        cls, reactor: Any, config: Any, keys: HandshakeKeys | None = None, tls: Any = None
     ) -> "ResponseListener":
         """
         Build from the C{response} section of L{egateway.config.Config}.
@@ -244,6 +259,7 @@ class ResponseListener(Service):
             accept_v1=config.response_accept_v1,
             max_payload=config.response_max_payload,
             keys=keys,
+            tls=tls,
         )
 
     def startService(self) -> None:
@@ -258,12 +274,16 @@ class ResponseListener(Service):
         self.advertised_ip = primary_ipv4() if bind in ("0.0.0.0", "::") else bind
         factory = Factory.forProtocol(lambda: _PayloadProtocol(self))
         factory.noisy = False
+        if self.tls is not None:
+            factory = self.tls.wrap(factory)
         self._listening = self._reactor.listenTCP(
             self._requested_port, factory, backlog=128, interface=bind
         )
         super().startService()
         self._log.info(
-            "listening for kernel connection info on {address}", address=self.response_address
+            "listening for kernel connection info on {address}{tls}",
+            address=self.response_address,
+            tls=" (TLS)" if self.tls is not None else "",
         )
 
     def stopService(self) -> Deferred[Any]:

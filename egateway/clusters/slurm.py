@@ -46,6 +46,19 @@ cancelled by the cleanup, and the manager's timeout message quotes the
 last phase, C{"Slurm job 12 pending: Resources"}; a job that ends while
 the kernel runs (cancelled outside the gateway, time limit, node failure)
 ends the kernel with Slurm's state and reason.
+
+With impersonation, the gateway (running as root) checks the kernel's user
+against the local account database (L{egateway.clusters.impersonation}:
+prohibited users, uid 0, gid 0 and uids below C{min_uid} are refused with
+403) and submits with C{sbatch --uid=<uid> --gid=<gid>}: sbatch drops to
+that user once the job is accepted, the job and its output file are the
+user's, and C{HOME}, C{USER} and C{LOGNAME} in the job's environment are
+the account's.  The job starts in the user's home directory (or C{/}).
+C{squeue}, C{scontrol} and C{scancel} keep running as root, which Slurm
+lets see and cancel every job.  A gateway that does not run as root
+cannot submit for another user: Slurm allows C{--uid} to root only, and
+cancelling another user's job needs a Slurm operator; such a gateway
+refuses impersonated launches with a message saying so.
 """
 
 from __future__ import annotations
@@ -67,6 +80,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from egateway.clusters.impersonation import Account, Impersonation
 from egateway.clusters.interface import (
     ILauncher,
     IKernelProcess,
@@ -469,11 +483,19 @@ def job_environment(kernel_env: Mapping[str, str], token: str, slurm_conf: str) 
 
 
 def sbatch_arguments(
-    resources: JobResources, job_name: str, output: str, workdir: str, argv: Sequence[str]
+    resources: JobResources,
+    job_name: str,
+    output: str,
+    workdir: str,
+    argv: Sequence[str],
+    submit_as: Account | None = None,
 ) -> list[str]:
     """
     sbatch's arguments: fixed options, the resources, the batch script
     from stdin, then the kernel-side launcher's argv as its arguments.
+
+    @param submit_as: the account the job runs as (C{--uid}, C{--gid},
+        numeric: the ids the gateway checked), or C{None} for the gateway's.
     """
     options = [
         "--parsable",
@@ -485,6 +507,8 @@ def sbatch_arguments(
     ]
     if workdir:
         options.append(f"--chdir={workdir}")
+    if submit_as is not None:
+        options += [f"--uid={submit_as.uid}", f"--gid={submit_as.gid}"]
     return [*options, *resources.options(), "/dev/stdin", *argv]
 
 
@@ -791,6 +815,7 @@ class SlurmLauncher:
         self._reactor = context.reactor
         self._settings = config.slurm
         self._kernels = config.kernels
+        self.impersonation = Impersonation.from_config(config)
         self.commands = SlurmCommands(
             context.reactor,
             self._settings.slurm_bin_dir,
@@ -923,6 +948,7 @@ class SlurmLauncher:
             raise LaunchError(f"kernel id {request.kernel_id[:80]!r} cannot name a Slurm job", status=400)
         resources = job_resources(request.env, request.config, self._settings)
         self.commands.executable("sbatch")
+        account = await self._account(request.username) if self.impersonation.enabled else None
         listener = response_listener(self._context)
         pending = listener.expect(request.kernel_id)
         argv = launcher_argv(
@@ -935,12 +961,22 @@ class SlurmLauncher:
         log_path = self.log_path(request.kernel_id)
         submitting: Deferred[CommandResult] | None = None
         job_id: str | None = None
+        env = job_environment(request.env, pending.token, self.commands.slurm_conf)
+        workdir = request.cwd
+        if account is not None:
+            env = self.impersonation.local_env(env, account)
+            workdir = workdir or (account.home if account.home_exists else "/")
+        else:
+            env = self.impersonation.exported(env)
+        submit_as = account if account is not None and account.uid != os.geteuid() else None
         try:
             submitting = self.commands.run(
                 "sbatch",
-                sbatch_arguments(resources, self.job_name(request.kernel_id), log_path, request.cwd, argv),
+                sbatch_arguments(
+                    resources, self.job_name(request.kernel_id), log_path, workdir, argv, submit_as=submit_as
+                ),
                 stdin=BATCH_SCRIPT,
-                env=job_environment(request.env, pending.token, self.commands.slurm_conf),
+                env=env,
             )
             result = await _detached(submitting)
             job_id = self._submitted(result, resources)
@@ -999,6 +1035,22 @@ class SlurmLauncher:
                 )
                 await self.cancel_quietly(job_id)
             raise
+
+    async def _account(self, username: str) -> Account:
+        """
+        The checked account a job for C{username} runs as.
+
+        @raise LaunchError: 403 for a user who may not be impersonated; 500
+            when the gateway, not being root, cannot submit for another user.
+        """
+        account = await self.impersonation.local_account(self._reactor, username)
+        euid = os.geteuid()
+        if account.uid != euid and euid != 0:
+            raise LaunchError(
+                f"cannot submit a Slurm job for {account.name!r}: sbatch --uid needs the gateway to run as "
+                f"root, and it runs as uid {euid}"
+            )
+        return account
 
     def _submitted(self, result: CommandResult, resources: JobResources) -> str:
         """

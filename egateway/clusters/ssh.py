@@ -14,19 +14,36 @@ Every value reaches the remote shell quoted: the remote command is a
 constant script followed by quoted arguments (the environment as
 C{NAME=value} arguments to C{env}, then the argv).  The launch token travels
 on the channel's stdin, so it never appears in a process listing.
+
+With impersonation the kernel runs as its user (L{RunAs}): in "sudo" mode
+the gateway logs in as C{remote_user} and the whole start script runs
+behind C{sudo_command} for the user (the user name one quoted argument,
+after validation), so the log file, the launcher and the kernel are the
+user's; in "login" mode the gateway logs in as the user with the key from
+C{ssh_user_key_file} (one pooled connection per host and user).  Before
+starting, C{id} on the host must show an account that may be impersonated
+(uid 0, gid 0 and uids below C{min_uid} are refused with 403).  Signals,
+liveness checks and the cleanup kill run the same way.  The gateway's
+C{HOME}, C{USER} and C{LOGNAME} are not passed on: sudo or sshd set the
+account's own.
 """
 
 from __future__ import annotations
 
 import getpass
+import signal as signals
 import socket
+from dataclasses import dataclass
 from typing import Any, Mapping
 
+from twisted.conch.ssh import keys
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from egateway.clusters.balancing import HostHealth, balancer
+from egateway.clusters.impersonation import Impersonation, ids_from_id_output
 from egateway.clusters.interface import (
     ILauncher,
     IKernelProcess,
@@ -45,7 +62,7 @@ from egateway.clusters.remote import (
     launcher_argv,
     response_listener,
 )
-from egateway.clusters.sshclient import SSHError, SSHPool, SSHSettings, shell_command
+from egateway.clusters.sshclient import SSHAuthError, SSHError, SSHPool, SSHSettings, load_keys, shell_command
 from egateway.kernels.env import NAME
 
 _log = Logger()
@@ -54,13 +71,68 @@ START_SCRIPT = (
     'IFS= read -r token || true; '
     'if [ -n "$token" ]; then EG_LAUNCH_TOKEN="$token"; export EG_LAUNCH_TOKEN; fi; '
     'log="$1"; shift; '
+    'mask=$(umask); umask 077; : >>"$log"; umask "$mask"; '
     'setsid nohup "$@" </dev/null >>"$log" 2>&1 & echo "$!"'
 )
 """
-Run on the host with C{sh -c}: read the launch token from stdin, start the
-rest of the arguments detached in a new session with output to the log
-file, and print the pid.  No user-supplied value is part of this text.
+Run on the host with C{sh -c}: read the launch token from stdin, create
+the log file readable by its owner only, start the rest of the arguments
+detached in a new session with output to the log file, and print the pid.
+No user-supplied value is part of this text.
 """
+
+
+def kill_argv(signum: int, target: str) -> list[str]:
+    """
+    C{kill} in the one form that dash's, bash's and procps' C{kill} all
+    take (C{kill -s NAME -- target}; dash refuses C{kill -N -- target}):
+    the command runs under the login user's shell, or behind sudo.
+    """
+    if signum == 0:
+        name = "0"
+    else:
+        try:
+            name = signals.Signals(signum).name.removeprefix("SIG")
+        except ValueError:
+            name = str(int(signum))
+    return ["kill", "-s", name, "--", target]
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """
+    Whom a kernel's commands run as on its host.
+
+    @ivar login: the user to log in as (C{None}: C{remote_user}).
+    @ivar prefix: the command (C{sudo_command}) that runs the rest as the
+        kernel's user, or nothing.
+    @ivar user: the kernel's user when impersonated, else empty.
+    """
+
+    login: str | None = None
+    prefix: tuple[str, ...] = ()
+    user: str = ""
+
+    def command(self, argv: list[str]) -> str:
+        """
+        One shell command line running C{argv} as this user, every
+        argument quoted.
+        """
+        return shell_command([*self.prefix, *argv])
+
+    @classmethod
+    def for_user(cls, impersonation: Impersonation, username: str) -> "RunAs":
+        """
+        How to run as C{username} under the impersonation settings.
+
+        @raise LaunchError: 403, a user who may not be impersonated.
+        """
+        if not impersonation.enabled:
+            return cls()
+        user = impersonation.check_name(username)
+        if impersonation.ssh_mode == "login":
+            return cls(login=user, user=user)
+        return cls(prefix=tuple(impersonation.sudo_argv(user)), user=user)
 
 
 def _split_hosts(value: Any) -> list[str]:
@@ -72,24 +144,36 @@ def _split_hosts(value: Any) -> list[str]:
 
 
 class SSHKernelProcess(RemoteKernelProcess):
-    def __init__(self, *, launcher: "SSHLauncher", host: str, **kw: Any) -> None:
+    def __init__(self, *, launcher: "SSHLauncher", host: str, run_as: RunAs = RunAs(), **kw: Any) -> None:
         super().__init__(**kw)
         self._launcher = launcher
         self.host = host
+        self.run_as = run_as
 
     async def _check_alive(self) -> Liveness:
         result = await self._launcher.pool.run(
-            self.host, shell_command(["kill", "-0", str(self.placement.pid)]), timeout=15
+            self.host, self.run_as.command(kill_argv(0, str(self.placement.pid))), timeout=15,
+            user=self.run_as.login,
         )
         if result.ok:
             return Liveness(True)
         return Liveness(False, f"the kernel process {self.placement.pid} on {self.host} is gone")
 
+    async def _group_alive(self) -> bool:
+        if not self.placement.pgid:
+            return False
+        result = await self._launcher.pool.run(
+            self.host, self.run_as.command(kill_argv(0, f"-{self.placement.pgid}")), timeout=15,
+            user=self.run_as.login,
+        )
+        return result.ok
+
     async def _signal_directly(self, signum: int) -> None:
         target = f"-{self.placement.pgid}" if self.placement.pgid else str(self.placement.pid)
         try:
             result = await self._launcher.pool.run(
-                self.host, shell_command(["kill", f"-{int(signum)}", "--", target]), timeout=15
+                self.host, self.run_as.command(kill_argv(signum, target)), timeout=15,
+                user=self.run_as.login,
             )
         except SSHError as e:
             raise LaunchError(f"cannot signal the kernel on {self.host}: {e}") from None
@@ -100,7 +184,7 @@ class SSHKernelProcess(RemoteKernelProcess):
         self._launcher.released(self.host)
 
     def snapshot(self) -> dict:
-        return {**super().snapshot(), "launcher": "ssh"}
+        return {**super().snapshot(), "launcher": "ssh", "user": self.run_as.user}
 
 
 @implementer(ILauncher)
@@ -113,6 +197,7 @@ class SSHLauncher:
         self._reactor = context.reactor
         self._settings = config.ssh
         self._kernels = config.kernels
+        self.impersonation = Impersonation.from_config(config)
         settings = config.ssh
         self.pool = SSHPool(
             context.reactor,
@@ -124,6 +209,7 @@ class SSHLauncher:
                 host_key_checking=settings.ssh_host_key_checking,
                 connect_timeout=settings.ssh_connect_timeout,
             ),
+            user_keys=self._user_keys,
         )
         self.balancer = balancer(settings.load_balancing_algorithm)
         self.health = HostHealth(context.reactor, settings.host_backoff, settings.host_backoff_max)
@@ -131,6 +217,14 @@ class SSHLauncher:
 
     def released(self, host: str) -> None:
         self.balancer.released(host)
+
+    async def _user_keys(self, user: str) -> list[keys.Key]:
+        """
+        The key to log in as C{user} ("login" impersonation), read in a
+        thread (C{~user} is an account lookup).
+        """
+        path = self.impersonation.key_file(user)
+        return await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), load_keys, [path])
 
     def hosts_for(self, request: LaunchRequest) -> list[str]:
         """
@@ -167,16 +261,17 @@ class SSHLauncher:
 
     async def _launch(self, request: LaunchRequest) -> IKernelProcess:
         hosts = self.hosts_for(request)
+        run_as = RunAs.for_user(self.impersonation, request.username)
         listener = response_listener(self._context)
         pending = listener.expect(request.kernel_id)
         started: tuple[str, int] | None = None
         try:
-            host, pid = await self._start_somewhere(request, hosts, listener, pending.token)
+            host, pid = await self._start_somewhere(request, hosts, listener, pending.token, run_as)
             started = (host, pid)
             self.balancer.placed(host)
-            request.report(Phase.PLACED, f"{host} pid {pid}")
+            request.report(Phase.PLACED, f"{host} pid {pid}" + (f" as {run_as.user}" if run_as.user else ""))
             info = await await_connection_info(
-                pending, self._reactor, lambda: self._launch_ended(host, pid, request.kernel_id)
+                pending, self._reactor, lambda: self._launch_ended(host, pid, request.kernel_id, run_as)
             )
             address = await self._address(host)
             conn = connection_info(info, address)
@@ -185,6 +280,7 @@ class SSHLauncher:
             return SSHKernelProcess(
                 launcher=self,
                 host=host,
+                run_as=run_as,
                 kernel_id=request.kernel_id,
                 info=conn,
                 placement=Placement(host=host, ip=address, pid=_int(info.get("pid")) or pid, pgid=pgid),
@@ -198,11 +294,11 @@ class SSHLauncher:
             pending.cancel()
             if started is not None:
                 self.balancer.released(started[0])
-                await self._kill_quietly(*started)
+                await self._kill_quietly(*started, run_as)
             raise
 
     async def _start_somewhere(
-        self, request: LaunchRequest, hosts: list[str], listener: Any, token: str
+        self, request: LaunchRequest, hosts: list[str], listener: Any, token: str, run_as: RunAs
     ) -> tuple[str, int]:
         """
         Start the kernel-side launcher on the first host that works.
@@ -219,15 +315,40 @@ class SSHLauncher:
             tried.append(host)
             request.report(Phase.SUBMITTED, f"ssh {host}")
             try:
-                pid = await self._start_on(host, request, listener, token)
+                pid = await self._start_on(host, request, listener, token, run_as)
             except SSHError as e:
+                if isinstance(e, SSHAuthError) and run_as.login is not None:
+                    # The user's key is at fault, not the host.
+                    raise LaunchError(f"cannot log in to {host} as {run_as.login}: {e}", status=403) from None
                 failures.append(f"{host}: {e}")
                 self.health.failed(host, str(e))
                 continue
             self.health.succeeded(host)
             return host, pid
 
-    async def _start_on(self, host: str, request: LaunchRequest, listener: Any, token: str) -> int:
+    async def _check_account(self, host: str, run_as: RunAs) -> None:
+        """
+        The kernel's user must have an account on C{host} that may be
+        impersonated.
+
+        @raise LaunchError: 403, no such account or a refused uid/gid.
+        @raise SSHError: the host cannot be asked.
+        """
+        result = await self.pool.run(
+            host, shell_command(["id", "--", run_as.user]), timeout=15, user=run_as.login
+        )
+        ids = ids_from_id_output(result.stdout.decode("utf-8", "replace")) if result.ok else None
+        if ids is None:
+            raise LaunchError(
+                f"cannot run the kernel as {run_as.user!r} on {host}: the host has no such account "
+                f"({result.describe()})",
+                status=403,
+            )
+        self.impersonation.check_ids(run_as.user, ids[0], ids[1], where=f" on {host}")
+
+    async def _start_on(self, host: str, request: LaunchRequest, listener: Any, token: str, run_as: RunAs) -> int:
+        if run_as.user:
+            await self._check_account(host, run_as)
         argv = launcher_argv(
             request.spec,
             request.kernel_id,
@@ -235,12 +356,12 @@ class SSHLauncher:
             str(request.config.get("port_range") or self._kernels.port_range),
             self._settings.remote_python,
         )
-        env = {name: value for name, value in request.env.items() if NAME.match(name)}
+        env = self.impersonation.remote_env({name: value for name, value in request.env.items() if NAME.match(name)})
         log = f"{self._settings.kernel_log_dir.rstrip('/')}/kernel-{request.kernel_id}.log"
-        command = shell_command(
+        command = run_as.command(
             ["sh", "-c", START_SCRIPT, "egateway-launch", log, "env", *(f"{k}={v}" for k, v in env.items()), *argv]
         )
-        result = await self.pool.run(host, command, stdin=token.encode() + b"\n", timeout=30)
+        result = await self.pool.run(host, command, stdin=token.encode() + b"\n", timeout=30, user=run_as.login)
         if not result.ok:
             raise SSHError(f"starting the kernel failed: {result.describe()}")
         try:
@@ -248,27 +369,31 @@ class SSHLauncher:
         except (ValueError, IndexError):
             raise SSHError(f"the host did not report a pid: {result.describe()}") from None
 
-    async def _launch_ended(self, host: str, pid: int, kernel_id: str) -> str | None:
+    async def _launch_ended(self, host: str, pid: int, kernel_id: str, run_as: RunAs = RunAs()) -> str | None:
         """
         C{None} while the launcher runs on C{host}; otherwise how it ended,
         with the end of its log.
         """
         try:
-            result = await self.pool.run(host, shell_command(["kill", "-0", str(pid)]), timeout=15)
+            result = await self.pool.run(
+                host, run_as.command(kill_argv(0, str(pid))), timeout=15, user=run_as.login
+            )
         except SSHError:
             return None
         if result.ok:
             return None
         log = f"{self._settings.kernel_log_dir.rstrip('/')}/kernel-{kernel_id}.log"
-        tail = await self.pool.run(host, shell_command(["tail", "-n", "5", log]), timeout=15)
+        tail = await self.pool.run(host, run_as.command(["tail", "-n", "5", log]), timeout=15, user=run_as.login)
         text = " | ".join(tail.stdout.decode("utf-8", "replace").strip().splitlines())
         explanation = f"the kernel launcher on {host} exited before sending connection info"
         return explanation + (f"; its log {host}:{log} ends: {text}" if text else "")
 
-    async def _kill_quietly(self, host: str, pid: int) -> None:
+    async def _kill_quietly(self, host: str, pid: int, run_as: RunAs = RunAs()) -> None:
         for signum in (15, 9):
             try:
-                await self.pool.run(host, shell_command(["kill", f"-{signum}", "--", f"-{pid}"]), timeout=10)
+                await self.pool.run(
+                    host, run_as.command(kill_argv(signum, f"-{pid}")), timeout=10, user=run_as.login
+                )
             except SSHError:
                 return
 
@@ -280,11 +405,14 @@ class SSHLauncher:
             host = str(snapshot["host"])
             info = connection_info(snapshot["connection_info"], str(snapshot["ip"]))
             pid = int(snapshot["pid"])
+            user = str(snapshot.get("user") or "")
+            run_as = RunAs.for_user(self.impersonation, user) if user else RunAs()
         except (KeyError, TypeError, ValueError) as e:
             raise LaunchError(f"bad ssh snapshot: {e}") from None
         process = SSHKernelProcess(
             launcher=self,
             host=host,
+            run_as=run_as,
             kernel_id=kernel_id,
             info=info,
             placement=Placement(host=host, ip=info.ip, pid=pid, pgid=_int(snapshot.get("pgid")) or pid),

@@ -1,7 +1,7 @@
 """
 Running commands on remote hosts over SSH, with twisted.conch.
 
-One SSH connection per (host, port, user) is opened on first use and kept;
+One SSH connection per host and login user is opened on first use and kept;
 every command is a new channel on it, so launching, signalling and polling
 kernels costs no new TCP or key exchange.  A lost connection is dropped from
 the pool and the next command opens a fresh one.
@@ -9,7 +9,11 @@ the pool and the next command opens a fresh one.
 Host keys are checked against a known_hosts file ("strict", the default),
 optionally learning unknown hosts ("accept-new"), or not at all ("off").
 Authentication is by key: the configured key files or, as C{ssh} does, the
-default ones in C{~/.ssh}.
+default ones in C{~/.ssh}.  Commands run as the configured user unless a
+caller names another login user (impersonation's "login" mode); that
+user's keys come from the pool's C{user_keys} loader, and a host that does
+not accept them fails with L{SSHAuthError}, which says nothing about the
+host's health.
 
 An SSH C{exec} request carries one string that the remote user's shell
 interprets.  Callers build it with L{shell_command}, which quotes every
@@ -22,7 +26,7 @@ import os
 import shlex
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from twisted.conch.client.knownhosts import KnownHostsFile
 from twisted.conch.error import HostKeyChanged
@@ -47,6 +51,12 @@ class SSHError(Exception):
 
 class HostKeyRejected(SSHError):
     pass
+
+
+class SSHAuthError(SSHError):
+    """
+    The host accepted none of our keys for the login user.
+    """
 
 
 def shell_command(argv: Sequence[str]) -> str:
@@ -84,10 +94,15 @@ class SSHSettings:
 
 
 class _Transport(transport.SSHClientTransport):
-    def __init__(self, pool: "SSHPool", host: str, ready: defer.Deferred) -> None:
+    def __init__(
+        self, pool: "SSHPool", host: str, ready: defer.Deferred, user: str, private_keys: list[keys.Key]
+    ) -> None:
         self._pool = pool
         self._host = host
         self._ready = ready
+        self._user = user
+        self._keys = private_keys
+        self._disconnect_reason: int | None = None
         self.connection_service: _Connection | None = None
 
     def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred:
@@ -99,14 +114,21 @@ class _Transport(transport.SSHClientTransport):
 
     def connectionSecure(self) -> None:
         self.connection_service = _Connection(self._ready)
-        self.requestService(
-            _UserAuth(self._pool.settings.user.encode(), self.connection_service, self._pool.private_keys())
-        )
+        self.requestService(_UserAuth(self._user.encode(), self.connection_service, self._keys))
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        self._disconnect_reason = reason
+        super().sendDisconnect(reason, desc)
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
-        self._pool._lost(self._host, self)
+        self._pool._lost((self._host, self._user), self)
         if not self._ready.called:
+            if self._disconnect_reason == transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE:
+                self._ready.errback(
+                    SSHAuthError(f"ssh to {self._host}: no key we have for {self._user} is accepted")
+                )
+                return
             why = reason.value if reason else "connection lost"
             self._ready.errback(SSHError(f"ssh to {self._host}: {why}"))
 
@@ -215,17 +237,28 @@ class _ExecChannel(channel.SSHChannel):
             )
 
 
+UserKeys = Callable[[str], Awaitable[list[keys.Key]]]
+"""
+Loads the private keys to log in as a user other than the configured one.
+"""
+
+
 class SSHPool:
     """
-    Keeps one SSH connection per host and runs commands on it.
+    Keeps one SSH connection per host and login user and runs commands on
+    it.
+
+    @ivar user_keys: loads the keys for other login users (C{None}: only
+        the configured user may log in).
     """
 
-    def __init__(self, reactor: Any, settings: SSHSettings) -> None:
+    def __init__(self, reactor: Any, settings: SSHSettings, user_keys: UserKeys | None = None) -> None:
         self._reactor = reactor
         self.settings = settings
-        self._connections: dict[str, _Connection] = {}
-        self._connecting: dict[str, list[defer.Deferred]] = {}
-        self._transports: dict[str, _Transport] = {}
+        self.user_keys = user_keys
+        self._connections: dict[tuple[str, str], _Connection] = {}
+        self._connecting: dict[tuple[str, str], list[defer.Deferred]] = {}
+        self._transports: dict[tuple[str, str], _Transport] = {}
         self._keys: list[keys.Key] | None = None
         self._known_hosts: KnownHostsFile | None = None
 
@@ -275,35 +308,48 @@ class SSHPool:
             "(ssh-keyscan) or set ssh_host_key_checking"
         )
 
-    def connection(self, host: str) -> defer.Deferred[_Connection]:
+    def connection(self, host: str, user: str | None = None) -> defer.Deferred[_Connection]:
         """
-        The pooled connection to C{host}, opening it if needed.
+        The pooled connection to C{host} as C{user} (default: the
+        configured user), opening it if needed.
 
         @raise SSHError: unreachable, refused, timed out, bad host key or
-            authentication failure.
+            authentication failure (L{SSHAuthError}).
         """
-        existing = self._connections.get(host)
+        key = (host, user or self.settings.user)
+        existing = self._connections.get(key)
         if existing is not None:
             return defer.succeed(existing)
         waiter: defer.Deferred[_Connection] = defer.Deferred()
-        waiting = self._connecting.get(host)
+        waiting = self._connecting.get(key)
         if waiting is not None:
             waiting.append(waiter)
             return waiter
-        self._connecting[host] = [waiter]
-        defer.Deferred.fromCoroutine(self._connect(host)).addBoth(self._connected, host)
+        self._connecting[key] = [waiter]
+        defer.Deferred.fromCoroutine(self._connect(*key)).addBoth(self._connected, key)
         return waiter
 
-    async def _connect(self, host: str) -> _Connection:
+    async def _login_keys(self, user: str) -> list[keys.Key]:
+        if user == self.settings.user:
+            return self.private_keys()
+        if self.user_keys is None:
+            raise SSHAuthError(f"no keys are configured for logging in as {user}")
+        loaded = await self.user_keys(user)
+        if not loaded:
+            raise SSHAuthError(f"no usable ssh key for logging in as {user}")
+        return loaded
+
+    async def _connect(self, host: str, user: str) -> _Connection:
+        private_keys = await self._login_keys(user)
         ready: defer.Deferred[_Connection] = defer.Deferred()
         timeout = self.settings.connect_timeout
         endpoint = HostnameEndpoint(self._reactor, host, self.settings.port, timeout=timeout)
-        factory = Factory.forProtocol(lambda: _Transport(self, host, ready))
+        factory = Factory.forProtocol(lambda: _Transport(self, host, ready, user, private_keys))
         try:
             proto = await endpoint.connect(factory)
         except Exception as e:
             raise SSHError(f"cannot connect to {host}:{self.settings.port}: {e}") from None
-        self._transports[host] = proto
+        self._transports[(host, user)] = proto
         ready.addTimeout(timeout, self._reactor)
         try:
             return await ready
@@ -317,32 +363,35 @@ class SSHPool:
             proto.transport.abortConnection()
             raise SSHError(f"ssh to {host}: {e}") from None
 
-    def _connected(self, result: Any, host: str) -> None:
-        waiters = self._connecting.pop(host, [])
+    def _connected(self, result: Any, key: tuple[str, str]) -> None:
+        waiters = self._connecting.pop(key, [])
         if isinstance(result, Failure):
             for waiter in waiters:
                 waiter.errback(result)
             return None
-        self._connections[host] = result
+        self._connections[key] = result
         for waiter in waiters:
             waiter.callback(result)
         return None
 
-    def _lost(self, host: str, transport: _Transport) -> None:
-        if self._transports.get(host) is transport:
-            del self._transports[host]
-            conn = self._connections.pop(host, None)
+    def _lost(self, key: tuple[str, str], transport: _Transport) -> None:
+        if self._transports.get(key) is transport:
+            del self._transports[key]
+            conn = self._connections.pop(key, None)
             if conn is not None:
-                _log.info("ssh connection to {host} closed", host=host)
+                _log.info("ssh connection to {host} as {user} closed", host=key[0], user=key[1])
 
-    async def run(self, host: str, command: str, stdin: bytes = b"", timeout: float = 30.0) -> CommandResult:
+    async def run(
+        self, host: str, command: str, stdin: bytes = b"", timeout: float = 30.0, user: str | None = None
+    ) -> CommandResult:
         """
-        Run a shell command line on C{host} and collect its output.
+        Run a shell command line on C{host}, logged in as C{user} (default:
+        the configured user), and collect its output.
 
         @raise SSHError: the host is unreachable or the command could not
             start or did not finish within C{timeout}.
         """
-        conn = await self.connection(host)
+        conn = await self.connection(host, user)
         done: defer.Deferred[CommandResult] = defer.Deferred()
         chan = _ExecChannel(command.encode("utf-8"), stdin, done, conn=conn)
         conn.openChannel(chan)

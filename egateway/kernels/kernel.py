@@ -18,6 +18,7 @@ from typing import Any, Callable
 from twisted.logger import Logger
 
 from egateway.clusters.interface import IKernelProcess, Phase, PhaseEvent
+from egateway.kernels.policy import Acl
 from egateway.kernels.specs import KernelSpec
 from egateway.kernels.state import KernelState, check_transition
 from egateway.kernels.session import JournalLimits, KernelClient, KernelSession
@@ -38,6 +39,12 @@ class Kernel:
     """
     @ivar execution_state: the kernel's last reported state (C{starting},
         C{idle}, C{busy}), or the gateway's view (C{restarting}, C{dead}).
+    @ivar owner: the user it was launched for; with C{acl}, who may see it
+        (see L{egateway.kernels.policy}).
+    @ivar owner_groups: the owner's groups at launch (for group quotas).
+    @ivar profile: the name of the profile it was launched with, or C{None}.
+    @ivar launcher_config: the launcher config every (re)launch uses: the
+        kernelspec's, with the profile's merged over it.
     """
 
     def __init__(
@@ -53,6 +60,11 @@ class Kernel:
         self.id = kernel_id
         self.spec = spec
         self.username = username
+        self.owner = username
+        self.owner_groups: frozenset[str] = frozenset()
+        self.acl = Acl()
+        self.profile: str | None = None
+        self.launcher_config: Any = spec.launcher_config
         self.env = env
         self.launcher_name = launcher_name
         self._clock = clock
@@ -116,6 +128,9 @@ class Kernel:
             "started": iso(self.started),
             "state": self.state.value,
             "username": self.username,
+            "owner": self.owner,
+            "acl": self.acl.to_json(),
+            "profile": self.profile,
             "launcher": self.launcher_name,
             "restarts": self.restart_count,
             "phases": [event.to_dict(iso) for event in self.phases[-20:]],

@@ -4,8 +4,9 @@ The kernel manager: the one owner of every kernel's lifecycle.
 Launches, restarts and shutdowns run as L{Operation}s owned here; requests
 observe them.  Each launch is independent: it awaits only its own launcher
 and its own kernel, so a slow or failing launch never delays another request.
-Admission (the C{max_kernels} limit) is decided synchronously when a launch is
-registered, so concurrent requests cannot overshoot it.
+Admission (the C{max_kernels} limit, and the quotas, authorization and
+profile of L{egateway.kernels.policy}) is decided synchronously when a launch
+is registered, so concurrent requests cannot overshoot it.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from egateway.clusters.interface import (
 from egateway.clusters.registry import LauncherRegistry
 from egateway.config import KernelsConfig
 from egateway.errors import BadRequest, Conflict, GatewayError, LimitReached, NotFound
-from egateway.kernels.env import BadEnvironment, build_kernel_env, validate_client_env
+from egateway.kernels.env import BadEnvironment, accepted_client_names, build_kernel_env, validate_client_env
 from egateway.kernels.kernel import Kernel
+from egateway.kernels.policy import Acl, Caller, TenancyPolicy
 from egateway.kernels.session import JournalLimits
 from egateway.kernels.sharing import LEASED_OPERATIONS
 from egateway.observe import Operation, first
@@ -102,13 +104,20 @@ class KernelManager(Service):
         gateway_env: Mapping[str, str],
         default_username: str | None = None,
         journal_entries: int = 20000,
+        journal_bytes: int = 64 << 20,
+        policy: TenancyPolicy | None = None,
     ) -> None:
+        """
+        @param policy: ownership, authorization, profiles and quotas
+            (default: no rules beyond ownership).
+        """
         self._clock = clock
         self.specs = specs
         self.launchers = launchers
         self._make_channels = channels
         self._channels: IChannelFactory | None = None
         self.settings = settings
+        self.policy = policy if policy is not None else TenancyPolicy()
         self._gateway_env = dict(gateway_env)
         self._default_username = default_username or getpass.getuser()
         self.kernels: dict[str, Kernel] = {}
@@ -116,7 +125,7 @@ class KernelManager(Service):
         self._recent_failures: dict[str, list[float]] = {}
         self.listeners: list[Callable[[str, Kernel], None]] = []
         self._housekeeping: LoopingCall | None = None
-        self.journal_limits = JournalLimits(journal_entries)
+        self.journal_limits = JournalLimits(journal_entries, journal_bytes)
         self.persistence: Any = None
         self.sharing: Any = None
         self.last_exit: dict[str, ExitStatus] = {}
@@ -334,14 +343,23 @@ class KernelManager(Service):
         spec_name: str | None = None,
         env: Any = None,
         username: str | None = None,
+        caller: Caller | None = None,
+        profile: Any = None,
     ) -> Kernel:
         """
         Launch a kernel and wait until it answers C{kernel_info}.
 
-        @raise BadRequest: malformed inputs.
+        @param caller: the verified user asking (C{None}: none; the kernel's
+            owner is then the user it runs for).
+        @param profile: the profile the request names (its body's
+            C{profile}; C{KERNEL_PROFILE} in C{env} works too).
+        @raise BadRequest: malformed inputs, or a profile's policy refuses
+            the environment.
         @raise NotFound: unknown kernelspec.
-        @raise LimitReached: C{max_kernels} reached (launches in progress
-            count).
+        @raise Forbidden: not authorized for the kernelspec or the profile.
+        @raise LimitReached: C{max_kernels} or a quota reached (launches in
+            progress count).
+        @raise TooManyRequests: too many launches in progress for the user.
         @raise LaunchFailed: the launch failed or timed out; the message
             names the cause and the last phase reached.
         """
@@ -359,6 +377,13 @@ class KernelManager(Service):
                 f"A max kernels limit of {limit} is set and there are {len(self.kernels)} "
                 "running or starting kernels"
             )
+        # No waiting from here until the kernel is registered: the quotas
+        # count registered kernels.
+        accepted = accepted_client_names(request["client_env"], self.settings.client_envs)
+        plan = self.policy.plan(caller, request["username"], spec, request["client_env"], accepted, profile)
+        self.policy.check_quotas(
+            self.kernels.values(), plan, self._clock.seconds(), self.settings.launch_timeout
+        )
         kernel_env = build_kernel_env(
             gateway_env=self._gateway_env,
             inherited_envs=self.settings.inherited_envs,
@@ -369,6 +394,7 @@ class KernelManager(Service):
             username=request["username"],
             language=spec.language,
         )
+        plan.apply_env(kernel_env, accepted)
         try:
             launcher_name = spec.launcher_name
             self.launchers.get(launcher_name)
@@ -383,6 +409,10 @@ class KernelManager(Service):
             launcher_name,
             self.journal_limits,
         )
+        kernel.owner = plan.owner
+        kernel.owner_groups = plan.groups
+        kernel.profile = plan.profile.name if plan.profile is not None else None
+        kernel.launcher_config = plan.launcher_config
         kernel.report(Phase.QUEUED, f"launcher {launcher_name}")
         self.kernels[kernel_id] = kernel
         if self.persistence is not None:
@@ -444,6 +474,11 @@ class KernelManager(Service):
         kernel.last_activity = record.updated
         kernel.restart_count = record.restarts
         kernel.reason = record.reason
+        kernel.owner = getattr(record, "owner", "") or record.username
+        kernel.owner_groups = frozenset(getattr(record, "owner_groups", None) or ())
+        kernel.acl = Acl.from_json(getattr(record, "acl", None))
+        kernel.profile = getattr(record, "profile", "") or None
+        kernel.launcher_config = self.policy.launcher_config(spec, kernel.profile, kernel.env)
         kernel.report(Phase.QUEUED, "restoring")
         self.kernels[kernel.id] = kernel
         await self._run(kernel, "restore", self._restore, record).observe()
@@ -510,7 +545,7 @@ class KernelManager(Service):
                 kernel_id=kernel.id,
                 spec=kernel.spec,
                 env=kernel.env,
-                config=kernel.spec.launcher_config,
+                config=kernel.launcher_config,
                 username=kernel.username,
                 report=kernel.report,
                 timeout=timeout,
@@ -783,6 +818,19 @@ class KernelManager(Service):
             pass
         await self._discard(kernel, process)
 
+    def set_acl(self, kernel: Kernel, acl: Acl) -> None:
+        """
+        Replace whom C{kernel} is shared with, and save it.
+        """
+        kernel.acl = acl
+        _log.info(
+            "kernel {kernel_id}: shared with users {users} and groups {groups}",
+            kernel_id=kernel.id,
+            users=",".join(acl.users) or "-",
+            groups=",".join(acl.groups) or "-",
+        )
+        self._emit("shared", kernel)
+
     def snapshot_models(self) -> list[dict[str, Any]]:
         return [kernel.model() for kernel in self.kernels.values()]
 
@@ -816,6 +864,9 @@ def record_model(record: Any) -> dict[str, Any]:
         "started": iso(record.created),
         "state": record.state,
         "username": record.username,
+        "owner": getattr(record, "owner", "") or record.username,
+        "acl": Acl.from_json(getattr(record, "acl", None)).to_json(),
+        "profile": getattr(record, "profile", "") or None,
         "launcher": record.launcher,
         "restarts": record.restarts,
         "gateway": record.gateway_id,

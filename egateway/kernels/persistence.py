@@ -52,6 +52,10 @@ def record_of(kernel: Kernel, gateway_id: str) -> KernelRecord:
         restarts=kernel.restart_count,
         reason=kernel.reason,
         gateway_id=gateway_id,
+        owner=kernel.owner,
+        owner_groups=sorted(kernel.owner_groups),
+        acl=kernel.acl.to_json(),
+        profile=kernel.profile or "",
     )
 
 

@@ -67,7 +67,7 @@ class JournalLimits:
     Bounds of a session's journal.
     """
 
-    def __init__(self, entries: int = 20000, size: int = 128 << 20) -> None:
+    def __init__(self, entries: int = 20000, size: int = 64 << 20) -> None:
         self.entries = entries
         self.size = size
 
@@ -120,7 +120,7 @@ class KernelSession:
         Number, journal and (if connected) send one message to the client.
         """
         self.seq += 1
-        if self.resumable:
+        if self.resumable and self.limits.entries > 0:
             self._record(self.seq, channel, message)
         if self.client is not None:
             self.sent = self.seq

@@ -2,7 +2,8 @@
 Sessions in jupyter_server 2.x's model: a named document (C{path}, C{name},
 C{type}) bound to a kernel.
 
-A session goes when its kernel goes, whoever removed the kernel.
+A session goes when its kernel goes, whoever removed the kernel.  A session
+is visible to whoever may see its kernel (L{egateway.kernels.policy}).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from egateway.errors import BadRequest, NotFound
 from egateway.kernels.kernel import Kernel
 from egateway.kernels.manager import KernelManager
+from egateway.kernels.policy import Caller, may_access
 
 
 @dataclass
@@ -91,14 +93,28 @@ class SessionManager:
     def model(self, session: Session) -> dict[str, Any]:
         return session.model(self._kernels.get(session.kernel_id))
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, caller: Caller | None = None) -> Session:
+        """
+        @raise NotFound: no such session, or (with C{hide_kernels}) one
+            C{caller} may not see.
+        @raise Forbidden: one C{caller} may not see, without C{hide_kernels}.
+        """
         session = self.sessions.get(session_id)
         if session is None or session.kernel_id not in self._kernels.kernels:
             raise NotFound(f"Session not found: {session_id}")
+        try:
+            self._kernels.policy.check_access(caller, self._kernels.kernels[session.kernel_id])
+        except NotFound:
+            raise NotFound(f"Session not found: {session_id}") from None
         return session
 
-    def list(self) -> list[Session]:
-        return [s for s in self.sessions.values() if s.kernel_id in self._kernels.kernels]
+    def list(self, caller: Caller | None = None) -> list[Session]:
+        kernels = self._kernels.kernels
+        return [
+            s
+            for s in self.sessions.values()
+            if s.kernel_id in kernels and may_access(caller, kernels[s.kernel_id].owner, kernels[s.kernel_id].acl)
+        ]
 
     @staticmethod
     def parse(body: Any, partial: bool = False) -> dict[str, Any]:
@@ -129,18 +145,20 @@ class SessionManager:
                 raise BadRequest("'type' is required")
         return {"path": path, "name": name, "type": kind, "kernel": kernel}
 
-    async def create(self, body: Any, username: str | None = None) -> tuple[Session, bool]:
+    async def create(
+        self, body: Any, username: str | None = None, caller: Caller | None = None
+    ) -> tuple[Session, bool]:
         """
         Create a session, starting a kernel unless an existing one is named.
 
         @return: the session and whether it is new (an existing session for
-            the same path is returned as it is).
+            the same path that C{caller} may see is returned as it is).
         """
         request = self.parse(body)
-        for session in self.list():
+        for session in self.list(caller):
             if session.path == request["path"]:
                 return session, False
-        kernel_id = await self._kernel_for(request["kernel"] or {}, username)
+        kernel_id = await self._kernel_for(request["kernel"] or {}, username, caller)
         session = Session(
             id=str(uuid.uuid4()),
             path=request["path"],
@@ -152,34 +170,39 @@ class SessionManager:
         self._save(session)
         return session, True
 
-    async def _kernel_for(self, kernel: dict[str, Any], username: str | None) -> str:
+    async def _kernel_for(self, kernel: dict[str, Any], username: str | None, caller: Caller | None = None) -> str:
         if kernel.get("id"):
-            return self._kernels.get(kernel["id"]).id
+            existing = self._kernels.get(kernel["id"])
+            self._kernels.policy.check_access(caller, existing)
+            return existing.id
         started = await self._kernels.start_kernel(
-            kernel.get("name"), kernel.get("env"), username=username
+            kernel.get("name"), kernel.get("env"), username=username, caller=caller, profile=kernel.get("profile")
         )
         return started.id
 
-    async def update(self, session_id: str, body: Any, username: str | None = None) -> Session:
-        session = self.get(session_id)
+    async def update(
+        self, session_id: str, body: Any, username: str | None = None, caller: Caller | None = None
+    ) -> Session:
+        session = self.get(session_id, caller)
         request = self.parse(body, partial=True)
-        for key in ("path", "name", "type"):
-            if request[key] is not None:
-                setattr(session, key, request[key])
         kernel = request["kernel"]
         if kernel:
             old = session.kernel_id
             current = self._kernels.get(old)
             if kernel.get("id") and kernel["id"] != old:
-                session.kernel_id = self._kernels.get(kernel["id"]).id
+                session.kernel_id = await self._kernel_for(kernel, username, caller)
             elif kernel.get("name") and kernel["name"] != current.spec.name:
-                session.kernel_id = await self._kernel_for(kernel, username)
+                session.kernel_id = await self._kernel_for(kernel, username, caller)
                 await self._kernels.shutdown(old, reason="the session switched kernels")
+        # After the kernel: a refused switch leaves the session as it was.
+        for key in ("path", "name", "type"):
+            if request[key] is not None:
+                setattr(session, key, request[key])
         self._save(session)
         return session
 
-    async def delete(self, session_id: str) -> None:
-        session = self.get(session_id)
+    async def delete(self, session_id: str, caller: Caller | None = None) -> None:
+        session = self.get(session_id, caller)
         del self.sessions[session_id]
         self._forget(session)
         if session.kernel_id in self._kernels.kernels:

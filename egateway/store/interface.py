@@ -17,7 +17,7 @@ retry (a periodic save).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
 from twisted.internet.defer import Deferred
@@ -67,6 +67,10 @@ class KernelRecord:
     """
     What a gateway needs to reattach to a kernel it did not start.
 
+    C{owner}, C{owner_groups}, C{acl} and C{profile} came later; records
+    without them load with their defaults (the owner is then the
+    C{username}).
+
     C{snapshot} (the launcher's, from L{IKernelProcess.snapshot}) and C{env}
     hold secrets (the kernel's HMAC key, a comm token, credentials in the
     environment); stores encrypt these two fields at rest and leave the rest
@@ -86,6 +90,10 @@ class KernelRecord:
     restarts: int = 0
     reason: str = ""
     gateway_id: str = ""
+    owner: str = ""
+    owner_groups: list = field(default_factory=list)
+    acl: dict = field(default_factory=dict)
+    profile: str = ""
 
     SECRET_FIELDS = ("snapshot", "env")
 

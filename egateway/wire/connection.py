@@ -9,6 +9,7 @@ tests can substitute an in-memory transport where no kernel is involved.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -16,11 +17,31 @@ from zope.interface import Interface
 
 CHANNEL_NAMES = ("shell", "iopub", "stdin", "control", "hb")
 
+_Z85_KEY = re.compile(rb"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+
+
+def _curve_key(data: Mapping[str, Any], name: str) -> bytes | None:
+    value = data.get(name)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = value.encode("ascii", "replace")
+    if not isinstance(value, bytes) or not _Z85_KEY.match(value):
+        raise ValueError(f"{name} is not a Z85-encoded CurveZMQ key (40 characters)")
+    return value
+
 
 @dataclass(frozen=True)
 class ConnectionInfo:
     """
     Where a kernel's five sockets listen and how its messages are signed.
+
+    @ivar curve_publickey: the kernel's CurveZMQ public key (Z85), or
+        C{None} when its channels are not encrypted.  Clients connect as
+        CurveZMQ clients of this server key (JEP 145, ipykernel 7.4).
+    @ivar curve_secretkey: the matching secret key, which the kernel reads
+        from its connection file; known to the gateway only for kernels it
+        provisioned (or whose launcher reported it).
     """
 
     ip: str
@@ -32,11 +53,15 @@ class ConnectionInfo:
     key: bytes
     signature_scheme: str = "hmac-sha256"
     transport: str = "tcp"
+    curve_publickey: bytes | None = None
+    curve_secretkey: bytes | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ConnectionInfo":
         """
-        Read a connection file's fields (extra fields are ignored).
+        Read a connection file's fields (extra fields are ignored).  The
+        CurveZMQ fields are optional; a secret key without its public key
+        is an error.
 
         @raise ValueError: if a field is missing or of the wrong type.
         """
@@ -59,11 +84,17 @@ class ConnectionInfo:
             }
             if transport == "tcp" and not all(0 < p < 65536 for p in ports.values()):
                 raise ValueError("ports must be between 1 and 65535")
+            curve_publickey = _curve_key(data, "curve_publickey")
+            curve_secretkey = _curve_key(data, "curve_secretkey")
+            if curve_secretkey is not None and curve_publickey is None:
+                raise ValueError("curve_secretkey without curve_publickey")
             return cls(
                 ip=str(data["ip"]),
                 key=bytes(key),
                 signature_scheme=str(data.get("signature_scheme", "hmac-sha256")),
                 transport=transport,
+                curve_publickey=curve_publickey,
+                curve_secretkey=curve_secretkey,
                 **ports,
             )
         except KeyError as e:
@@ -72,7 +103,11 @@ class ConnectionInfo:
             raise ValueError(f"bad connection info: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """
+        The connection file's fields; the CurveZMQ ones only when set, so a
+        kernel without encryption gets exactly the classic file.
+        """
+        data = {
             "ip": self.ip,
             "transport": self.transport,
             "shell_port": self.shell_port,
@@ -84,6 +119,18 @@ class ConnectionInfo:
             "signature_scheme": self.signature_scheme,
             "kernel_name": "",
         }
+        if self.curve_publickey is not None:
+            data["curve_publickey"] = self.curve_publickey.decode("ascii")
+        if self.curve_secretkey is not None:
+            data["curve_secretkey"] = self.curve_secretkey.decode("ascii")
+        return data
+
+    @property
+    def encrypted(self) -> bool:
+        """
+        Whether the kernel's channels use CurveZMQ.
+        """
+        return self.curve_publickey is not None
 
     def with_ip(self, ip: str) -> "ConnectionInfo":
         return replace(self, ip=ip)
@@ -120,15 +167,21 @@ class IChannelFactory(Interface):
     Makes sockets connected to kernel channels.
     """
 
-    def dealer(url: str, identity: bytes, on_frames: FramesHandler) -> IChannelSocket:
+    def dealer(
+        url: str, identity: bytes, on_frames: FramesHandler, curve_serverkey: bytes | None = None
+    ) -> IChannelSocket:
         """
         A DEALER socket (for shell, control and stdin) with a routing
         identity, delivering every received message to C{on_frames}.
+
+        @param curve_serverkey: the kernel's CurveZMQ public key (Z85): the
+            socket is then a CurveZMQ client of it; C{None} for clear text.
         """
 
-    def subscriber(url: str, on_frames: FramesHandler) -> IChannelSocket:
+    def subscriber(url: str, on_frames: FramesHandler, curve_serverkey: bytes | None = None) -> IChannelSocket:
         """
-        A SUB socket subscribed to everything (for iopub).
+        A SUB socket subscribed to everything (for iopub); C{curve_serverkey}
+        as for L{dealer}.
         """
 
     def close() -> None:

@@ -54,10 +54,15 @@ class KernelLink:
         self._closed = False
         self.iopub_seen = False
         identity = self.session.encode("ascii")
-        self._iopub = channels.subscriber(info.url("iopub"), self._iopub_frames)
+        self._iopub = channels.subscriber(
+            info.url("iopub"), self._iopub_frames, curve_serverkey=info.curve_publickey
+        )
         self._own = {
             name: channels.dealer(
-                info.url(name), identity, lambda frames, name=name: self._reply_frames(name, frames)
+                info.url(name),
+                identity,
+                lambda frames, name=name: self._reply_frames(name, frames),
+                curve_serverkey=info.curve_publickey,
             )
             for name in ("shell", "control")
         }
@@ -169,6 +174,7 @@ class ClientLink:
                 link.info.url(name),
                 self.identity,
                 lambda frames, name=name: self._frames(name, frames),
+                curve_serverkey=link.info.curve_publickey,
             )
             for name in ("shell", "control", "stdin")
         }

@@ -32,42 +32,50 @@ _CHANNEL_SUFFIX = {
 }
 
 
-def legacy_encode(message: Message, channel: str, seq: int = 0) -> tuple[bytes, bool]:
+def legacy_chunks(message: Message, channel: str, seq: int = 0) -> tuple[list[bytes], bool]:
     """
-    Encode a message from the kernel for a legacy client.  A C{seq} (its
-    number in the client's session) is added as C{"egateway_seq"}.
+    Encode a message from the kernel for a legacy client, as the chunks
+    whose concatenation is the frame payload (so a large content is never
+    copied to be framed).  A C{seq} (its number in the client's session) is
+    added as C{"egateway_seq"}.
 
-    @return: the frame payload and whether it is binary.
+    @return: the chunks and whether the frame is binary.
     """
     header, parent, metadata, content = message.parts
     head = message.header
-    body = b"".join(
-        (
-            b'{"header":',
-            header,
-            b',"msg_id":',
-            json.dumps(head.get("msg_id", "")).encode("utf-8"),
-            b',"msg_type":',
-            json.dumps(head.get("msg_type", "")).encode("utf-8"),
-            b',"parent_header":',
-            parent,
-            b',"metadata":',
-            metadata,
-            b',"content":',
-            content,
-            b',"buffers":[]' if not message.buffers else b"",
-            b',"egateway_seq":%d' % seq if seq else b"",
-            _CHANNEL_SUFFIX[channel],
-        )
-    )
+    body = [
+        b'{"header":',
+        header,
+        b',"msg_id":',
+        json.dumps(head.get("msg_id", "")).encode("utf-8"),
+        b',"msg_type":',
+        json.dumps(head.get("msg_type", "")).encode("utf-8"),
+        b',"parent_header":',
+        parent,
+        b',"metadata":',
+        metadata,
+        b',"content":',
+        content,
+        b',"buffers":[]' if not message.buffers else b"",
+        b',"egateway_seq":%d' % seq if seq else b"",
+        _CHANNEL_SUFFIX[channel],
+    ]
     if not message.buffers:
         return body, False
-    parts = [body, *message.buffers]
-    count = len(parts)
-    offsets = [4 * (count + 1)]
-    for part in parts[:-1]:
-        offsets.append(offsets[-1] + len(part))
-    return struct.pack(f"!{count + 1}I", count, *offsets) + b"".join(parts), True
+    json_length = sum(len(chunk) for chunk in body)
+    count = 1 + len(message.buffers)
+    offsets = [4 * (count + 1), 4 * (count + 1) + json_length]
+    for buffer in message.buffers[:-1]:
+        offsets.append(offsets[-1] + len(buffer))
+    return [struct.pack(f"!{count + 1}I", count, *offsets), *body, *message.buffers], True
+
+
+def legacy_encode(message: Message, channel: str, seq: int = 0) -> tuple[bytes, bool]:
+    """
+    L{legacy_chunks}, joined.
+    """
+    chunks, binary = legacy_chunks(message, channel, seq)
+    return b"".join(chunks), binary
 
 
 def legacy_decode(payload: bytes, is_binary: bool) -> tuple[str, Message]:
@@ -139,10 +147,10 @@ def with_seq(metadata: bytes, seq: int) -> bytes:
     return b'{"egateway_seq":%d,' % seq + rest
 
 
-def v1_encode(message: Message, channel: str, seq: int = 0) -> bytes:
+def v1_chunks(message: Message, channel: str, seq: int = 0) -> list[bytes]:
     """
-    Encode a message from the kernel for a v1 client.  A C{seq} is added to
-    the metadata as C{"egateway_seq"}.
+    Encode a message from the kernel for a v1 client, as chunks.  A C{seq}
+    is added to the metadata as C{"egateway_seq"}.
     """
     header, parent, metadata, content = message.parts
     if seq:
@@ -152,7 +160,14 @@ def v1_encode(message: Message, channel: str, seq: int = 0) -> bytes:
     offsets = [8 * (count + 1)]
     for part in parts:
         offsets.append(offsets[-1] + len(part))
-    return struct.pack(f"<{count + 1}Q", count, *offsets) + b"".join(parts)
+    return [struct.pack(f"<{count + 1}Q", count, *offsets), *parts]
+
+
+def v1_encode(message: Message, channel: str, seq: int = 0) -> bytes:
+    """
+    L{v1_chunks}, joined.
+    """
+    return b"".join(v1_chunks(message, channel, seq))
 
 
 def v1_decode(payload: bytes) -> tuple[str, Message]:

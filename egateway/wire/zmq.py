@@ -9,10 +9,18 @@ Receive high-water marks are unlimited: a kernel's iopub PUB socket silently
 drops messages once its own queue and ours are full, so we take everything
 the kernel sends into our process as fast as ZMQ delivers it.  Reading is
 done in batches so that one chatty kernel cannot starve the reactor.
+
+A kernel with CurveZMQ keys (JEP 145; ipykernel 7.4 binds its sockets as
+CurveZMQ servers) is reached as a CurveZMQ client: the kernel's public key
+as the server key and a fresh key pair per socket, which only encrypts (the
+kernel authenticates nobody by key; the message HMAC still does that).  With
+C{require_encryption}, a socket to a kernel over TCP without keys is refused,
+so no kernel traffic leaves the gateway in clear text.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Sequence
 
 import zmq
@@ -22,9 +30,15 @@ from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
 from txzmq.connection import ZmqConnection
 from zope.interface import implementer
 
+from egateway.errors import GatewayError
 from egateway.wire.connection import FramesHandler, IChannelFactory, IChannelSocket
 
 _log = Logger()
+
+RESEND_DELAY = 0.01
+"""
+Seconds before retrying a message ZMQ could not queue yet.
+"""
 
 BATCH = 256
 """
@@ -47,15 +61,23 @@ class _Socket(ZmqConnection):
         url: str,
         on_frames: FramesHandler,
         identity: bytes | None = None,
+        curve_serverkey: bytes | None = None,
     ) -> None:
         self._on_frames = on_frames
         self._closed = False
+        self._curve_serverkey = curve_serverkey
         super().__init__(factory, None, identity)
         self.configure()
         self.addEndpoints([ZmqEndpoint(ZmqEndpointType.connect, url)])
 
     def configure(self) -> None:
         self.socket.set(zmq.LINGER, 0)
+        if self._curve_serverkey is not None:
+            # Before connecting: the mechanism is chosen per connection.
+            public, secret = zmq.curve_keypair()
+            self.socket.set(zmq.CURVE_SERVERKEY, self._curve_serverkey)
+            self.socket.set(zmq.CURVE_PUBLICKEY, public)
+            self.socket.set(zmq.CURVE_SECRETKEY, secret)
 
     def doRead(self) -> None:
         if self.read_scheduled is not None:
@@ -81,12 +103,37 @@ class _Socket(ZmqConnection):
         if self.factory is not None:
             self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
 
+    _unsent: deque[Sequence[bytes]] | None = None
+
     def send(self, frames: Sequence[bytes]) -> None:
         if self._closed:
             return
-        self.socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+        if self._unsent:
+            self._unsent.append(frames)
+            return
+        try:
+            self.socket.send_multipart(frames, zmq.NOBLOCK, copy=len(frames[-1]) < 65536)
+        except zmq.Again:
+            # No peer to queue for yet (or its queue is full): keep the
+            # message, in order, and try again shortly rather than lose it.
+            self._unsent = deque([frames])
+            self.factory.reactor.callLater(RESEND_DELAY, self._resend)
+            return
         if self.read_scheduled is None:
             self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
+    def _resend(self) -> None:
+        unsent = self._unsent
+        if self._closed or not unsent:
+            return
+        while unsent:
+            try:
+                self.socket.send_multipart(unsent[0], zmq.NOBLOCK)
+            except zmq.Again:
+                self.factory.reactor.callLater(RESEND_DELAY, self._resend)
+                return
+            unsent.popleft()
+        self._unsent = None
 
     def close(self) -> None:
         if self._closed:
@@ -111,17 +158,41 @@ class _Subscriber(_Socket):
 class ZmqChannelFactory:
     """
     Sockets on one shared ZMQ context driven by C{reactor}.
+
+    @ivar require_encryption: refuse TCP sockets without a CurveZMQ key
+        (C{kernel_encryption = "required"}).
     """
 
-    def __init__(self, reactor: IReactorCore | IReactorTime) -> None:
+    def __init__(self, reactor: IReactorCore | IReactorTime, require_encryption: bool = False) -> None:
         self._factory = ZmqFactory()
         self._factory.reactor = reactor
+        self.require_encryption = require_encryption
 
-    def dealer(self, url: str, identity: bytes, on_frames: FramesHandler) -> IChannelSocket:
-        return _Dealer(self._factory, url, on_frames, identity)
+    def _check(self, url: str, curve_serverkey: bytes | None) -> None:
+        if curve_serverkey is not None:
+            if not zmq.has("curve"):
+                raise GatewayError(
+                    "the kernel uses CurveZMQ encryption but this gateway's libzmq cannot (it lacks libsodium)"
+                )
+        elif self.require_encryption and url.startswith("tcp://"):
+            raise GatewayError(
+                "kernel_encryption is required, but the kernel offers no CurveZMQ key: use a kernel that "
+                "supports encryption (ipykernel 7.4 or newer, kernelspec metadata supported_encryption "
+                "curve, egateway's launcher for remote kernels) or set kernel_encryption to auto",
+                status=403,
+            )
 
-    def subscriber(self, url: str, on_frames: FramesHandler) -> IChannelSocket:
-        return _Subscriber(self._factory, url, on_frames)
+    def dealer(
+        self, url: str, identity: bytes, on_frames: FramesHandler, curve_serverkey: bytes | None = None
+    ) -> IChannelSocket:
+        self._check(url, curve_serverkey)
+        return _Dealer(self._factory, url, on_frames, identity, curve_serverkey)
+
+    def subscriber(
+        self, url: str, on_frames: FramesHandler, curve_serverkey: bytes | None = None
+    ) -> IChannelSocket:
+        self._check(url, curve_serverkey)
+        return _Subscriber(self._factory, url, on_frames, curve_serverkey=curve_serverkey)
 
     def close(self) -> None:
         if self._factory.connections is not None:

@@ -29,7 +29,9 @@ What it does, in order:
     send the connection info (with C{pid}, C{pgid}, C{comm_port},
     C{kernel_id}).  Reporting after the bind means the gateway never hears
     of ports the kernel failed to get.  If the gateway answers that it
-    refused the payload, the kernel exits at once.
+    refused the payload, the kernel exits at once.  With a CA
+    (C{--response-ca} or C{EG_RESPONSE_CA}) the payload goes over TLS and
+    the gateway's certificate is checked against it.
  5. Run the kernel until it is shut down, remove the connection file and
     reap the listener.
 """
@@ -56,6 +58,9 @@ LOG = logging.getLogger("launch_ipykernel")
 
 DEFAULT_KERNEL_CLASS = "ipykernel.ipkernel.IPythonKernel"
 TOKEN_ENV = "EG_LAUNCH_TOKEN"
+RESPONSE_CA_ENV = "EG_RESPONSE_CA"
+RESPONSE_SERVER_NAME_ENV = "EG_RESPONSE_SERVER_NAME"
+ENCRYPTION_ENV = "EG_KERNEL_ENCRYPTION"
 COMM_LABEL = b"egateway-comm-v2"
 MAX_REQUEST = 65536
 MAX_LINE = 4096
@@ -109,6 +114,24 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         nargs="?",
         help=f"one-time launch token for version 2 (prefer the {TOKEN_ENV} environment variable)",
     )
+    parser.add_argument(
+        "--response-ca",
+        default=os.environ.get(RESPONSE_CA_ENV) or None,
+        help=f"CA file (PEM) the gateway's certificate must chain to: deliver over TLS [env {RESPONSE_CA_ENV}]",
+    )
+    parser.add_argument(
+        "--response-server-name",
+        default=os.environ.get(RESPONSE_SERVER_NAME_ENV) or None,
+        help="name the gateway's certificate must carry (default: the response address's host) "
+        f"[env {RESPONSE_SERVER_NAME_ENV}]",
+    )
+    parser.add_argument(
+        "--kernel-encryption",
+        choices=("auto", "off", "required"),
+        default=(os.environ.get(ENCRYPTION_ENV) or "auto").lower(),
+        help="CurveZMQ for the kernel's channels (version 2 only): auto (when ipykernel supports it), "
+        f"off or required [env {ENCRYPTION_ENV}]",
+    )
     parser.add_argument("connection_file", nargs="?", help="connection file path (legacy)")
     args = parser.parse_args(argv)
     for name in ("kernel_id", "response_address", "public_key", "port_range",
@@ -129,6 +152,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         raise LaunchFailed("--public-key is required")
     if args.cluster_type not in ("spark", "dask", "none"):
         raise LaunchFailed(f"unknown --cluster-type {args.cluster_type!r}")
+    if args.kernel_encryption not in ("auto", "off", "required"):
+        raise LaunchFailed(f"unknown kernel encryption {args.kernel_encryption!r} ({ENCRYPTION_ENV}): auto, off or required")
     return args
 
 
@@ -202,7 +227,7 @@ def choose_kernel_ports(ip: str, low: int, high: int, avoid: set[int]) -> list[i
             probe.close()
 
 
-def write_connection_file(path: str, ip: str, ports: list[int]) -> None:
+def write_connection_file(path: str, ip: str, ports: list[int], curve: tuple[str, str] | None = None) -> None:
     info = {
         "shell_port": ports[0],
         "iopub_port": ports[1],
@@ -215,6 +240,8 @@ def write_connection_file(path: str, ip: str, ports: list[int]) -> None:
         "signature_scheme": "hmac-sha256",
         "kernel_name": "",
     }
+    if curve is not None:
+        info["curve_publickey"], info["curve_secretkey"] = curve
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(info, f)
@@ -292,17 +319,39 @@ def encrypt_payload(info: dict, public_key_b64: str, token: str | None) -> bytes
     return base64.b64encode(json.dumps(outer).encode("utf-8"))
 
 
-def send_connection_info(address: str, payload: bytes) -> None:
+def _tls_context(ca_file: str):
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise LaunchFailed(f"cannot load the gateway's CA {ca_file}: {e}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def send_connection_info(
+    address: str, payload: bytes, ca_file: str | None = None, server_name: str | None = None
+) -> None:
     """
-    Deliver the payload, end it with a half-close and read the gateway's
-    verdict.  egateway answers C{OK} or C{ERROR ...}; Enterprise Gateway
-    answers nothing, which counts as accepted.
+    Deliver the payload, end it and read the gateway's verdict.  egateway
+    answers C{OK} or C{ERROR ...}; Enterprise Gateway answers nothing, which
+    counts as accepted.
+
+    In plain TCP a half-close ends the payload.  With C{ca_file} it goes
+    over TLS, checked against that CA and C{server_name} (default: the
+    address's host), and a newline ends it, since TLS cannot half-close.
     """
     host, port = parse_address(address)
     try:
-        with socket.create_connection((host, port), timeout=RESPONSE_TIMEOUT) as sock:
-            sock.sendall(payload)
-            sock.shutdown(socket.SHUT_WR)
+        with socket.create_connection((host, port), timeout=RESPONSE_TIMEOUT) as raw:
+            if ca_file:
+                sock = _tls_context(ca_file).wrap_socket(raw, server_hostname=server_name or host)
+                sock.sendall(payload + b"\n")
+            else:
+                sock = raw
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
             verdict = b""
             try:
                 while len(verdict) < 256:
@@ -637,11 +686,45 @@ def _remove(path: str) -> None:
         LOG.warning("could not remove %s: %s", path, e)
 
 
+def curve_keys(policy: str, version_2: bool) -> tuple[str, str] | None:
+    """
+    A CurveZMQ key pair for the kernel's sockets (Z85 public, secret), or
+    C{None} for clear text.  Only with version 2: a version 1 gateway
+    (Enterprise Gateway) would not know to use them.  ipykernel 7.4 and
+    newer read them from the connection file; older ones would ignore them
+    and leave the gateway unable to connect, so they get none.
+    """
+    if policy == "off" or not version_2:
+        if policy == "required" and not version_2:
+            raise LaunchFailed("--kernel-encryption required needs a version 2 gateway (a launch token)")
+        return None
+    try:
+        import zmq
+        from ipykernel.kernelapp import IPKernelApp
+
+        supported = zmq.has("curve") and "curve_secretkey" in IPKernelApp.class_trait_names()
+    except ImportError:
+        supported = False
+    if not supported:
+        if policy == "required":
+            raise LaunchFailed(
+                "--kernel-encryption required, but this ipykernel or libzmq cannot do CurveZMQ "
+                "(ipykernel 7.4 or newer with a libsodium libzmq is needed)"
+            )
+        LOG.info("kernel channels stay in clear text: this ipykernel or libzmq cannot do CurveZMQ")
+        return None
+    public, secret = zmq.curve_keypair()
+    return public.decode("ascii"), secret.decode("ascii")
+
+
 def launch(args: argparse.Namespace) -> int:
     low, high = parse_port_range(args.port_range)
     if args.response_address:
         parse_address(args.response_address)
         load_public_key(args.public_key)
+        if args.response_ca:
+            _tls_context(args.response_ca)
+    curve = curve_keys(args.kernel_encryption, bool(args.launch_token))
     try:
         os.setpgid(0, 0)
     except OSError:
@@ -650,7 +733,7 @@ def launch(args: argparse.Namespace) -> int:
     comm_port = comm_socket.getsockname()[1]
     ports = choose_kernel_ports(args.ip, low, high, {comm_port})
     connection_file = connection_file_for(args.connection_file, args.kernel_id)
-    write_connection_file(connection_file, args.ip, ports)
+    write_connection_file(connection_file, args.ip, ports, curve)
     key = comm_key(args.launch_token, args.kernel_id) if args.launch_token else None
     listener = start_comm_listener(comm_socket, key, args.cluster_type)
 
@@ -675,10 +758,15 @@ def launch(args: argparse.Namespace) -> int:
         app.initialize([])
         with open(connection_file) as f:
             info = json.load(f)
+        if curve is not None and getattr(app, "curve_secretkey", None) is None:
+            raise LaunchFailed("the kernel did not take its CurveZMQ keys")
         info.update(pid=os.getpid(), pgid=os.getpgid(0), comm_port=comm_port, kernel_id=args.kernel_id)
         if args.response_address:
             send_connection_info(
-                args.response_address, encrypt_payload(info, args.public_key, args.launch_token)
+                args.response_address,
+                encrypt_payload(info, args.public_key, args.launch_token),
+                args.response_ca,
+                args.response_server_name,
             )
             LOG.info("connection info sent to %s", args.response_address)
         app.start()

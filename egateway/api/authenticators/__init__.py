@@ -1,0 +1,159 @@
+"""
+Pluggable authentication: one module per kind of credential, all behind
+L{IAuthenticator}, asked in order by an L{AuthenticatorChain}.
+
+  - C{token}: the shared token (L{SharedTokenAuthenticator});
+  - C{user-tokens}: per-user tokens from a file of hashes
+    (L{UserTokensAuthenticator});
+  - C{jwt}: JWT bearer tokens (L{JWTAuthenticator});
+  - C{jupyterhub}: JupyterHub API tokens checked with the Hub
+    (L{JupyterHubAuthenticator});
+  - C{trusted-proxy}: front ends at trusted addresses that name the user
+    (L{TrustedProxyAuthenticator}).
+
+L{build_authentication} makes the chain the configuration asks for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+
+from egateway.api.authenticators.chain import AuthenticatorChain
+from egateway.api.authenticators.interface import IAuthenticator, presented_token
+from egateway.api.authenticators.limiter import FailureLimiter
+from egateway.api.authenticators.trusted_proxy import ProxyNetworks, parse_networks
+from egateway.config import AuthConfig
+
+AUTHENTICATOR_NAMES = ("trusted-proxy", "token", "user-tokens", "jwt", "jupyterhub")
+"""
+Every authenticator, in the order they are asked when C{authenticators} is
+left empty.
+"""
+
+
+def enabled_authenticators(settings: AuthConfig) -> list[str]:
+    """
+    The authenticators to ask, in order: those named in C{authenticators};
+    when it is empty, each whose settings are given, in
+    L{AUTHENTICATOR_NAMES} order (so C{auth_token} alone means the shared
+    token, as before).
+    """
+    if settings.authenticators:
+        return list(settings.authenticators)
+    configured = {
+        "trusted-proxy": bool(settings.trusted_proxies and settings.auth_token),
+        "token": bool(settings.auth_token),
+        "user-tokens": bool(settings.user_tokens_file),
+        "jwt": bool(settings.jwt_secret or settings.jwt_public_key_file),
+        "jupyterhub": bool(settings.jupyterhub_api_url),
+    }
+    return [name for name in AUTHENTICATOR_NAMES if configured[name]]
+
+
+def build_authentication(
+    settings: AuthConfig,
+    reactor: Any,
+    threadpool: Any,
+    *,
+    clock: Any = None,
+    blocking: Callable[..., Deferred] | None = None,
+    http: Any = None,
+) -> AuthenticatorChain:
+    """
+    The chain C{settings} describe.  Nothing is read or connected here; each
+    authenticator does its I/O when started or first used.
+
+    @param clock: time for expiry and limits (default: C{reactor}).
+    @param blocking: runs blocking file reads off the reactor thread
+        (default: C{threadpool}).
+    @param http: a C{treq} client for the JupyterHub (default: one with its
+        own connection pool, closed at stop).
+    """
+    clock = clock if clock is not None else reactor
+    if blocking is None:
+
+        def blocking(f: Callable[..., Any], *args: Any) -> Deferred:
+            return deferToThreadPool(reactor, threadpool, f, *args)
+
+    proxies = ProxyNetworks(parse_networks(settings.trusted_proxies))
+    authenticators: list[IAuthenticator] = []
+    for name in enabled_authenticators(settings):
+        if name == "token":
+            from egateway.api.authenticators.shared_token import SharedTokenAuthenticator
+
+            authenticators.append(SharedTokenAuthenticator(settings.auth_token, asserts_user=not proxies))
+        elif name == "trusted-proxy":
+            from egateway.api.authenticators.trusted_proxy import TrustedProxyAuthenticator
+
+            authenticators.append(
+                TrustedProxyAuthenticator(proxies, settings.auth_token, settings.trusted_user_header)
+            )
+        elif name == "user-tokens":
+            from egateway.api.authenticators.user_tokens import UserTokensAuthenticator
+
+            authenticators.append(UserTokensAuthenticator(settings.user_tokens_file, clock=clock, blocking=blocking))
+        elif name == "jwt":
+            from egateway.api.authenticators.jwt_bearer import JWTAuthenticator
+
+            authenticators.append(
+                JWTAuthenticator(
+                    clock=clock,
+                    blocking=blocking,
+                    secret=settings.jwt_secret,
+                    public_key_file=settings.jwt_public_key_file,
+                    algorithms=settings.jwt_algorithms,
+                    audience=settings.jwt_audience,
+                    issuer=settings.jwt_issuer,
+                    username_claim=settings.jwt_username_claim,
+                    groups_claim=settings.jwt_groups_claim,
+                    leeway=settings.jwt_leeway,
+                )
+            )
+        elif name == "jupyterhub":
+            authenticators.append(_jupyterhub(settings, reactor, clock, http))
+        else:
+            raise ValueError(f"unknown authenticator {name!r}; known: {', '.join(AUTHENTICATOR_NAMES)}")
+    return AuthenticatorChain(
+        authenticators,
+        clock=clock,
+        limiter=FailureLimiter(clock, settings.auth_failure_limit, settings.auth_failure_window),
+        proxies=proxies,
+        admin_users=settings.admin_users,
+        admin_groups=settings.admin_groups,
+    )
+
+
+def _jupyterhub(settings: AuthConfig, reactor: Any, clock: Any, http: Any) -> IAuthenticator:
+    from egateway.api.authenticators.jupyterhub import JupyterHubAuthenticator
+
+    on_stop = None
+    if http is None:
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 4
+        http = HTTPClient(Agent(reactor, pool=pool))
+        on_stop = pool.closeCachedConnections
+    return JupyterHubAuthenticator(
+        settings.jupyterhub_api_url,
+        clock=clock,
+        http=http,
+        reactor=reactor,
+        cache_ttl=settings.jupyterhub_cache_ttl,
+        on_stop=on_stop,
+    )
+
+
+__all__ = [
+    "AUTHENTICATOR_NAMES",
+    "AuthenticatorChain",
+    "FailureLimiter",
+    "IAuthenticator",
+    "build_authentication",
+    "enabled_authenticators",
+    "presented_token",
+]

@@ -1,0 +1,197 @@
+"""
+Authentication for every request: the configured authenticators, asked in
+order, behind the failed-authentication limit, with every outcome in the
+audit trail.
+
+  1. An address with too many recent failures gets 429 at once.
+  2. With no authenticator configured, the caller is anonymous (the
+     gateway's behaviour without C{auth_token}).
+  3. Each authenticator in turn: an identity ends the search; "not mine"
+     asks the next; "mine, and wrong" refuses (401) and counts a failure.
+  4. If none claims the request: 401, counted as a failure when credentials
+     were presented (requests without any are not guesses).
+
+The identity then gets the administrator flag from C{admin_users} and
+C{admin_groups}.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from egateway.api.authenticators.interface import IAuthenticator, presented_token
+from egateway.api.authenticators.limiter import FailureLimiter
+from egateway.api.authenticators.trusted_proxy import ProxyNetworks
+from egateway.api.identity import ANONYMOUS, Identity, valid_username
+from egateway.errors import GatewayError, TooManyRequests, Unauthorized
+from egateway.ops import audit
+
+_log = Logger()
+
+SUCCESS_AUDIT_INTERVAL = 3600.0
+"""
+A user's successful authentications from one address, by one method, are
+audited once per this many seconds, not once per request.
+"""
+
+_MAX_REMEMBERED_SUCCESSES = 10_000
+
+NO_CREDENTIALS = (
+    "this gateway requires a token: send 'Authorization: token <token>' "
+    "(or 'Authorization: Bearer <token>')"
+)
+INVALID_CREDENTIALS = "the token is not valid"
+
+
+class AuthenticatorChain(MultiService):
+    """
+    @ivar authenticators: the configured authenticators, in the order they
+        are asked.
+    """
+
+    name = "authentication"
+
+    def __init__(
+        self,
+        authenticators: Sequence[IAuthenticator],
+        *,
+        clock: Any,
+        limiter: FailureLimiter | None = None,
+        proxies: ProxyNetworks | None = None,
+        admin_users: Iterable[str] = (),
+        admin_groups: Iterable[str] = (),
+    ) -> None:
+        super().__init__()
+        self.authenticators = list(authenticators)
+        self._clock = clock
+        self.limiter = limiter if limiter is not None else FailureLimiter(clock, 0, 0)
+        self._proxies = proxies if proxies is not None else ProxyNetworks()
+        self._admin_users = frozenset(admin_users)
+        self._admin_groups = frozenset(admin_groups)
+        self._audited_successes: dict[tuple[str, str, str], float] = {}
+        for authenticator in self.authenticators:
+            if IService.providedBy(authenticator):
+                authenticator.setServiceParent(self)
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.authenticators]
+
+    def startService(self) -> None:
+        super().startService()
+        _log.info(
+            "authentication: {methods}",
+            methods=", ".join(self.names) or "none (every caller is anonymous)",
+        )
+
+    def authenticate(self, request: IRequest) -> Deferred[Identity]:
+        """
+        Establish who sent C{request}; also sets
+        C{request.gateway_client_address} (the client behind any trusted
+        proxy).
+
+        @return: a Deferred firing with the L{Identity}; failing with
+            L{Unauthorized} (401), L{TooManyRequests} (429), or another
+            L{GatewayError} an authenticator raised (503 when a JupyterHub
+            is unreachable).
+        """
+        return Deferred.fromCoroutine(self._authenticate(request))
+
+    async def _authenticate(self, request: IRequest) -> Identity:
+        address = self._proxies.client_of(request)
+        request.gateway_client_address = address  # type: ignore[attr-defined]
+        wait = self.limiter.retry_after(address)
+        if wait:
+            audit.event(
+                "auth.throttled",
+                address=address,
+                action=_action(request),
+                retry_after=wait,
+                reason=f"more than {self.limiter.limit} failed authentications in {self.limiter.window:g} s",
+            )
+            raise TooManyRequests(
+                f"too many failed authentications from {address}; try again in {wait} s",
+                retry_after=wait,
+            )
+        if not self.authenticators:
+            return ANONYMOUS
+        for authenticator in self.authenticators:
+            try:
+                identity = await maybeDeferred(authenticator.authenticate, request)
+            except Unauthorized as e:
+                self._failed(request, address, authenticator.name, str(e), counted=True)
+                raise
+            except GatewayError as e:
+                audit.event(
+                    "auth.error",
+                    method=authenticator.name,
+                    address=address,
+                    action=_action(request),
+                    reason=str(e),
+                )
+                raise
+            if identity is None:
+                continue
+            if identity.username and not valid_username(identity.username):
+                reason = "the credentials name an unusable user name"
+                self._failed(request, address, authenticator.name, reason, counted=True)
+                raise Unauthorized(reason)
+            identity = self._with_roles(identity)
+            self._succeeded(identity, address)
+            return identity
+        if presented_token(request) is None:
+            self._failed(request, address, "none", "no credentials", counted=False)
+            raise Unauthorized(NO_CREDENTIALS)
+        self._failed(request, address, ",".join(self.names), "no authenticator accepted the token", counted=True)
+        raise Unauthorized(INVALID_CREDENTIALS)
+
+    def _with_roles(self, identity: Identity) -> Identity:
+        admin = (
+            identity.admin
+            or (bool(identity.username) and identity.username in self._admin_users)
+            or bool(identity.groups & self._admin_groups)
+        )
+        return dataclasses.replace(identity, admin=admin) if admin != identity.admin else identity
+
+    def _failed(self, request: IRequest, address: str, method: str, reason: str, counted: bool) -> None:
+        if counted:
+            self.limiter.failed(address)
+        audit.event(
+            "auth.failure",
+            method=method,
+            address=address,
+            action=_action(request),
+            reason=reason,
+            counted=counted,
+        )
+
+    def _succeeded(self, identity: Identity, address: str) -> None:
+        key = (identity.username, identity.method, address)
+        now = self._clock.seconds()
+        last = self._audited_successes.get(key)
+        if last is not None and now - last < SUCCESS_AUDIT_INTERVAL:
+            return
+        if len(self._audited_successes) >= _MAX_REMEMBERED_SUCCESSES:
+            self._audited_successes.clear()
+        self._audited_successes[key] = now
+        fields: dict[str, Any] = {
+            "user": identity.display_name,
+            "method": identity.method,
+            "address": address,
+            "admin": identity.admin,
+        }
+        if identity.groups:
+            fields["groups"] = sorted(identity.groups)
+        if identity.trusted_proxy:
+            fields["via_proxy"] = True
+        audit.event("auth.success", **fields)
+
+
+def _action(request: IRequest) -> str:
+    return f"{request.method.decode('ascii', 'replace')} {request.path.decode('utf-8', 'replace')[:200]}"

@@ -1,0 +1,3 @@
+"""
+What operators run alongside the gateway's own work: the audit trail.
+"""
