@@ -18,7 +18,7 @@ from twisted.trial.unittest import TestCase
 from tests.support.daemon import REPO_ROOT, ChildProcess, _bounded, pid_alive, processes_mentioning
 
 RUN = os.path.join(REPO_ROOT, "bench", "run.py")
-DEADLINE = 60.0
+DEADLINE = 180.0
 """
 Seconds a quick run may take before the test gives up and stops it.
 """

@@ -54,7 +54,7 @@ The caller of a gateway that requires no credentials (today's default).
 """
 
 
-_USERNAME = re.compile(r"^(?!-)[^\s/\\:\x00-\x1f\x7f]{1,255}$")
+_USERNAME = re.compile(r"^(?!-)[^\s/\\:\x00-\x1f\x7f]{1,255}\Z")
 
 
 def valid_username(name: Any) -> bool:

@@ -30,7 +30,13 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-_AUTH = {"401": _error("Missing or invalid token")}
+_AUTH = {
+    "401": _error("Missing or invalid token"),
+    "429": {
+        **_error("Too many failed authentications from this address (auth_failure_limit)"),
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    },
+}
 _KERNEL_ID = {
     "name": "kernel_id",
     "in": "path",
@@ -169,13 +175,16 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                     ),
                     "404": _error("No such kernelspec"),
                     "409": _error("KERNEL_ID names an existing kernel"),
-                    "429": {
-                        **_error("Too many launches in progress for this user (max_concurrent_launches_per_user)"),
-                        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-                    },
                     "500": _error("The launch failed; message names the cause and phase"),
                     "504": _error("The launch timed out; message names the phase"),
                     **_AUTH,
+                    "429": {
+                        **_error(
+                            "Too many launches in progress for this user (max_concurrent_launches_per_user), "
+                            "or too many failed authentications from this address"
+                        ),
+                        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+                    },
                 },
             },
         },

@@ -43,7 +43,7 @@ from twisted.internet.threads import deferToThreadPool
 
 from egateway.clusters.interface import LaunchError
 
-USERNAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
+USERNAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}\Z")
 """
 A portable account name: letters, digits, C{_ . -}, starting with a
 letter or underscore (never a dash, never all digits), at most 64

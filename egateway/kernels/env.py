@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 MAX_VALUE_LENGTH = 4096
 PROHIBITED_CHARACTERS = frozenset("$`\n\r\0")
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 NEVER_INHERITED = frozenset({"EG_AUTH_TOKEN", "KG_AUTH_TOKEN", "EG_JWT_SECRET", "EG_REMOTE_PWD", "LS_COLORS"})
 GATEWAY_OWNED = frozenset({"KERNEL_ID", "KERNEL_GATEWAY"})
 
