@@ -206,7 +206,13 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
         if manager.persistence.shared:
             from egateway.kernels.sharing import SharedKernels
 
-            manager.sharing = SharedKernels(manager, manager.persistence, reactor, config.store.lease_ttl)
+            manager.sharing = SharedKernels(
+                manager,
+                manager.persistence,
+                reactor,
+                config.store.lease_ttl,
+                config.store.journal_entries,
+            )
 
     def fatal(message: str) -> None:
         _log.critical("egateway cannot run: {message}", message=message)

@@ -254,3 +254,35 @@ class RedisOutageTests(TestCase):
             await gateway.request("DELETE", f"api/kernels/{kernel_id}")
         await gateway.stop()
         self.assertEqual([pid for pid in gateway.pids if pid_alive(pid)], [])
+
+
+class DefaultPersistenceTests(TestCase):
+    timeout = 120
+
+    async def test_readme_command_persists(self) -> None:
+        """
+        With no configuration at all (the README's run command), a kernel
+        outlives a graceful restart: the store is SQLite in the default data
+        directory.
+        """
+        home = os.path.abspath(self.mktemp())
+        os.makedirs(home)
+        env = {"HOME": home, "XDG_DATA_HOME": os.path.join(home, ".local", "share")}
+        flags = {"data-dir": "", "on-stop": "keep", "list-kernels": "true"}
+        first = await start_gateway(self, flags=flags, env=env)
+        model = await first.api.call("POST", "api/kernels", {}, expect=201)
+        await set_x(first.url, model["id"], 42)
+        report = await first.stop()
+        self.assertTrue(report.graceful, report.describe())
+        self.assertTrue(pid_alive(model["placement"]["pid"]))
+        self.assertTrue(os.path.exists(os.path.join(home, ".local", "share", "egateway", "kernels.sqlite3")))
+        second = await start_gateway(self, flags={**flags, "on-stop": "shutdown"}, env=env)
+        for _ in range(100):
+            listed = await second.api.call("GET", "api/kernels")
+            if listed and listed[0]["state"] == "running":
+                break
+            await _sleep(0.1)
+        self.assertEqual([k["id"] for k in listed], [model["id"]])
+        self.assertEqual(await get_x(second.url, model["id"]), "42")
+        await second.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
+        self.assertFalse(pid_alive(model["placement"]["pid"]))

@@ -153,3 +153,44 @@ class ActiveActiveTests(TestCase):
         )
         self.assertEqual(text.splitlines(), [f"line {i:05d}" for i in range(10000)])
         await resumed.close()
+
+    async def test_resume_on_another_gateway(self) -> None:
+        """
+        A client that drops off A in the middle of output and resumes its
+        session on B (A meanwhile killed) gets the rest of the output, once,
+        in order, from what A journaled in the shared store.
+        """
+        model = await self.a.api.call("POST", "api/kernels", {}, expect=201)
+        client = await ChannelsClient.connect(self.a.url, model["id"], session_id="moving-session")
+        code = "import time\nfor i in range(3000):\n    print(f'line {i:05d}', flush=(i % 100 == 0))\n    if i % 500 == 0: time.sleep(0.05)\n"
+        msg_id = client.request_execute(code)
+        mine = lambda m: m.get("parent_header", {}).get("msg_id") == msg_id  # noqa: E731
+        await client.wait_for(lambda m: mine(m) and m.get("msg_type") == "stream", timeout=30)
+        client.drop()
+        await client.closed
+        # Let A journal the rest of the run (it keeps the parked session).
+        watcher = await ChannelsClient.connect(self.a.url, model["id"])
+        await watcher.wait_for(
+            lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "idle",
+            timeout=60,
+        )
+        await watcher.close()
+        await sleep(1)
+        self.a.process.send_signal(signal.SIGKILL)
+        await self.a.process.when_ended()
+        self.a.process.report = "killed by the test"
+        await self.a.api.close()
+        resumed = await ChannelsClient.connect(
+            self.b.url, model["id"], session_id="moving-session", resume_after=client.last_seq
+        )
+        await resumed.wait_for(
+            lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "idle",
+            timeout=30,
+        )
+        text = "".join(
+            m["content"]["text"]
+            for m in client.messages + resumed.messages
+            if mine(m) and m.get("msg_type") == "stream"
+        )
+        self.assertEqual(text.splitlines(), [f"line {i:05d}" for i in range(3000)])
+        await resumed.close()

@@ -815,3 +815,42 @@ class SchedulingTests(SlurmGatewayTestCase):
         states = sorted(state for state, _ in self.jobs("all").values())
         self.assertEqual(states, ["CANCELLED", "CANCELLED", "FAILED"])
         self.assertEqual(self.gateway.manager.kernels, {})
+
+
+class GatewayRestartTests(SlurmGatewayTestCase):
+    async def test_restarted_gateway_reattaches_to_the_job(self) -> None:
+        """
+        A gateway that stops keeping its kernels, and a new one started on
+        the same data directory, reattaches to the running job: same kernel
+        id, same job, state kept; deleting it then cancels the job.
+        """
+        from tests.support.gateway import InProcessGateway
+
+        data_dir = os.path.abspath(self.mktemp())
+        settings = {**self.gateway_settings, "persistence": "true", "data_dir": data_dir}
+        first = InProcessGateway(**{**settings, "on_stop": "keep"})
+        await first.start()
+        code, model = await first.request("POST", "api/kernels", {"name": "slurm"})
+        self.assertEqual(code, 201, model)
+        job = model["placement"]["job_id"]
+        client = await ChannelsClient.connect(first.url, model["id"])
+        await client.execute("x = 42")
+        await client.close()
+        await first.stop()
+        self.assertEqual(self.jobs()[job][0], "RUNNING")
+
+        second = InProcessGateway(**{**settings, "on_stop": "shutdown"})
+        await second.start()
+        self.addCleanup(second.stop)
+        for _ in range(100):
+            code, again = await second.request("GET", f"api/kernels/{model['id']}")
+            if code == 200 and again["state"] == "running":
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((again["state"], again["placement"]["job_id"]), ("running", job))
+        client = await ChannelsClient.connect(second.url, model["id"])
+        self.assertEqual((await client.execute("x"))["result"]["text/plain"], "42")
+        await client.close()
+        code, _ = await second.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        await eventually(lambda: job not in self.jobs(), "the job to end")

@@ -266,6 +266,13 @@ class GatewayAPI:
         kernel = await self._kernel(request, kernel_id)
         resource = self.channels.resource_for(request, kernel_id)
         session = request.args.get(b"session_id", [b""])[0].decode("utf-8", "replace")[:64]
+        if self.kernels.sharing is not None and session:
+            resume = request.args.get(b"resume_after", [b""])[0]
+            try:
+                resume_after = max(0, int(resume)) if resume else None
+            except ValueError:
+                raise BadRequest("resume_after must be a message number") from None
+            await self.kernels.sharing.take_over_session(kernel, session, resume_after)
         audit.event(
             "websocket.connect", **audit.actor(request), kernel_id=kernel_id, owner=kernel.username, session=session
         )

@@ -79,6 +79,10 @@ class Kernel:
         self.link: KernelLink | None = None
         self.live = False
         self.sessions: dict[str, KernelSession] = {}
+        self.journal_sink: Callable[..., None] | None = None
+        """
+        Receives every journaled message too (a store shared by gateways).
+        """
         self.journal_limits = journal or JournalLimits()
         self.on_iopub_observers: list[Callable[[Message], None]] = []
 
@@ -176,6 +180,16 @@ class Kernel:
         message = Message.build("status", content, session=f"egateway-{self.id}")
         for session in list(self.sessions.values()):
             session.deliver("iopub", message)
+
+    def adopt_session(self, session_id: str, entries: list[Any], known: int) -> KernelSession:
+        """
+        A session first served by another gateway, with what it journaled.
+        """
+        session = KernelSession(session_id, self, self.journal_limits, resumable=True)
+        session.preload(entries, known)
+        self.sessions[session_id] = session
+        session.relink(self.link if self.live else None)
+        return session
 
     def attach(
         self,

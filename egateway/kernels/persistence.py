@@ -129,6 +129,9 @@ class KernelPersistence:
             self._opening = None
         if not self._retry.running:
             self._retry.start(RETRY_INTERVAL, now=False)
+        sharing = getattr(self._manager, "sharing", None)
+        if sharing is not None and sharing.sink is not None:
+            sharing.sink.start()
         await self.restore_all()
         for after in self.restored:
             try:
@@ -147,6 +150,9 @@ class KernelPersistence:
             self._retry.stop()
         if isinstance(self.store, _NotOpen):
             return
+        sharing = getattr(self._manager, "sharing", None)
+        if sharing is not None and sharing.sink is not None:
+            await sharing.sink.stop()
         try:
             await self._flush()
         finally:

@@ -25,6 +25,7 @@ period.
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from typing import Any, Protocol
 
@@ -127,6 +128,9 @@ class KernelSession:
             self.client.deliver(channel, message, self.seq)
 
     def _record(self, seq: int, channel: str, message: Message) -> None:
+        sink = self.kernel.journal_sink
+        if sink is not None:
+            sink(self.kernel.id, self.id, seq, channel, message)
         journal = self.journal
         journal.append((seq, channel, message))
         self._journal_bytes += _size(message)
@@ -205,6 +209,47 @@ class KernelSession:
         self.relink(None)
         self.journal.clear()
         self._journal_bytes = 0
+
+    def preload(self, entries: list[tuple[int, str, Message]], known: int) -> None:
+        """
+        Take over a session another gateway served: its journaled messages,
+        and the numbering after the last message the client may have seen
+        (C{known}), so numbers never repeat.
+        """
+        for seq, channel, message in entries:
+            self.journal.append((seq, channel, message))
+            self._journal_bytes += _size(message)
+        last = entries[-1][0] if entries else 0
+        self.seq = self.sent = max(last, known)
+        self.parked_at = None
+
+
+def encode_entry(channel: str, message: Message) -> bytes:
+    """
+    One journaled message as bytes, for a store shared by gateways: the
+    channel, then each part and buffer, length-prefixed.
+    """
+    parts = [channel.encode("ascii"), *message.parts, *message.buffers]
+    return struct.pack(f"!I{len(parts)}I", len(parts), *(len(p) for p in parts)) + b"".join(parts)
+
+
+def decode_entry(data: bytes) -> tuple[str, Message]:
+    """
+    @raise ValueError: not an entry L{encode_entry} wrote.
+    """
+    try:
+        (count,) = struct.unpack_from("!I", data)
+        lengths = struct.unpack_from(f"!{count}I", data, 4)
+        offset = 4 + 4 * count
+        parts = []
+        for length in lengths:
+            parts.append(data[offset : offset + length])
+            offset += length
+        if offset != len(data) or count < 5:
+            raise ValueError("entry length mismatch")
+        return parts[0].decode("ascii"), Message(parts[1:5], parts[5:])
+    except (struct.error, UnicodeDecodeError) as e:
+        raise ValueError(f"not a journal entry: {e}") from None
 
 
 def _size(message: Message) -> int:

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 
 from egateway.errors import Conflict, NotFound, Unavailable
 from egateway.kernels.kernel import Kernel
+from egateway.kernels.session import decode_entry, encode_entry
 from egateway.kernels.state import KernelState
 from egateway.store.interface import KernelRecord, StoreError
 
@@ -72,16 +73,75 @@ class Lease:
             pass
 
 
+class JournalSink:
+    """
+    Copies journaled messages to the shared store in batches, so a client
+    can resume its session on another gateway.  Best effort: a batch the
+    store refuses is dropped with a warning (the local journal still
+    serves clients that come back here).
+    """
+
+    FLUSH_INTERVAL = 0.1
+    BATCH = 500
+
+    def __init__(self, persistence: Any, clock: Any, max_entries: int) -> None:
+        self._persistence = persistence
+        self._max_entries = max_entries
+        self._pending: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
+        self._loop = LoopingCall(self.flush)
+        self._loop.clock = clock
+
+    def start(self) -> None:
+        if not self._loop.running:
+            self._loop.start(self.FLUSH_INTERVAL, now=False)
+
+    def stop(self) -> Any:
+        if self._loop.running:
+            self._loop.stop()
+        return self.flush()
+
+    def __call__(self, kernel_id: str, session_id: str, seq: int, channel: str, message: Any) -> None:
+        batch = self._pending.setdefault((kernel_id, session_id), [])
+        batch.append((seq, encode_entry(channel, message)))
+        if len(batch) >= self.BATCH:
+            self._send(kernel_id, session_id, self._pending.pop((kernel_id, session_id)))
+
+    def flush(self) -> Any:
+        pending, self._pending = self._pending, {}
+        from twisted.internet.defer import DeferredList
+
+        return DeferredList(
+            [self._send(kid, sid, batch) for (kid, sid), batch in pending.items()], consumeErrors=True
+        )
+
+    def _send(self, kernel_id: str, session_id: str, batch: list[tuple[int, bytes]]) -> Any:
+        def failed(failure: Any) -> None:
+            failure.trap(StoreError)
+            _log.warn(
+                "journal of kernel {kernel_id} session {session}: {count} entries not shared: {error}",
+                kernel_id=kernel_id,
+                session=session_id,
+                count=len(batch),
+                error=str(failure.value),
+            )
+
+        store = self._persistence.store
+        return store.journal_append(kernel_id, session_id, batch, self._max_entries).addErrback(failed)
+
+
 class SharedKernels:
     """
     The on-demand attachment, leases and following for one gateway.
     """
 
-    def __init__(self, manager: Any, persistence: Any, clock: Any, lease_ttl: float) -> None:
+    def __init__(
+        self, manager: Any, persistence: Any, clock: Any, lease_ttl: float, journal_entries: int = 20000
+    ) -> None:
         self._manager = manager
         self._persistence = persistence
         self._clock = clock
         self.lease_ttl = lease_ttl
+        self.sink = JournalSink(persistence, clock, journal_entries) if journal_entries > 0 else None
 
     @property
     def _store(self) -> Any:
@@ -114,6 +174,35 @@ class SharedKernels:
         if kernel is None:
             raise NotFound(f"Kernel does not exist: {kernel_id}")
         return kernel
+
+    async def take_over_session(self, kernel: Kernel, session_id: str, resume_after: int | None) -> None:
+        """
+        A client reconnects here with a session another gateway served: load
+        what that gateway journaled, so the client gets what it missed.
+        """
+        if not session_id or session_id in kernel.sessions:
+            return
+        try:
+            stored = await self._store.journal_read(kernel.id, session_id, resume_after or 0)
+        except StoreError as e:
+            _log.warn("cannot read the journal of session {session}: {error}", session=session_id, error=str(e))
+            return
+        if not stored and resume_after is None:
+            return
+        entries = []
+        for seq, data in stored:
+            try:
+                channel, message = decode_entry(data)
+            except ValueError:
+                continue
+            entries.append((seq, channel, message))
+        kernel.adopt_session(session_id, entries, resume_after or 0)
+        _log.info(
+            "kernel {kernel_id} session {session}: taken over with {count} journaled messages",
+            kernel_id=kernel.id,
+            session=session_id,
+            count=len(entries),
+        )
 
     async def records(self) -> list[KernelRecord]:
         try:
