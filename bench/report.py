@@ -67,7 +67,10 @@ def summarise(figures: dict[str, dict[str, Any]]) -> list[str]:
     return problems
 
 
-def _fmt(value: Any, unit: str) -> str:
+def fmt(value: Any, unit: str) -> str:
+    """
+    A figure with its unit, to three significant digits or so; C{-} for none.
+    """
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -88,8 +91,7 @@ def table(results: dict[str, Any]) -> str:
     rows = [("figure", "gateway", "direct", "gw/direct", "target")]
 
     def add(title: str, g: str, d: str, r: Any, target: str, met: Any) -> None:
-        mark = {True: "  ok", False: "  MISSED", None: ""}[met]
-        rows.append((title, g, d, "-" if r is None else f"{r:.2f}", target + mark))
+        rows.append(row(title, g, d, r, target, met))
 
     for name in HEADLINES:
         if name not in figures:
@@ -103,7 +105,7 @@ def table(results: dict[str, Any]) -> str:
             mb=sizes["stream_chunks"] * 10_000 / 1e6,
             chunks=sizes["stream_chunks"],
         )
-        gv, dv = _fmt(g.get(field), unit), _fmt(d.get(field), unit)
+        gv, dv = fmt(g.get(field), unit), fmt(d.get(field), unit)
         if name == "concurrent":
             gv += f" ({g.get('ready', 0)}/{g.get('requested', 0)})" if g else ""
             dv += f" ({d.get('ready', 0)}/{d.get('requested', 0)})" if d else ""
@@ -112,19 +114,36 @@ def table(results: dict[str, Any]) -> str:
             dv += f" lost {d['lost']}" if d else ""
         add(title, gv, dv, figure.get("ratio"), target, figure.get("met"))
         if name == "roundtrip":
-            add("execute round trip '1+1', p99", _fmt(g.get("p99_ms"), "ms"),
-                _fmt(d.get("p99_ms"), "ms"), figure.get("ratio_p99"), "", None)
+            add("execute round trip '1+1', p99", fmt(g.get("p99_ms"), "ms"),
+                fmt(d.get("p99_ms"), "ms"), figure.get("ratio_p99"), "", None)
     rss = (figures.get("rss") or {}).get("gateway")
     if rss:
-        rows.append(("gateway RSS idle (start of run)", _fmt(rss.get("idle_mib"), "MiB"), "", "", ""))
+        rows.append(("gateway RSS idle (start of run)", fmt(rss.get("idle_mib"), "MiB"), "", "", ""))
         if rss.get("with_kernels_mib") is not None:
             rows.append((f"gateway RSS with {rss['kernels']} kernels connected",
-                         _fmt(rss["with_kernels_mib"], "MiB"), "", "", ""))
+                         fmt(rss["with_kernels_mib"], "MiB"), "", "", ""))
         if rss.get("idle_after_mib") is not None:
-            rows.append(("gateway RSS idle (end of run)", _fmt(rss["idle_after_mib"], "MiB"), "", "", ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+            rows.append(("gateway RSS idle (end of run)", fmt(rss["idle_after_mib"], "MiB"), "", "", ""))
+    return render(rows, results.get("skipped", {}))
+
+
+def row(title: str, a: str, b: str, r: Any, target: str, met: Any) -> tuple[str, str, str, str, str]:
+    """
+    One line of a table: a figure's two sides, their ratio and its target,
+    marked C{ok} or C{MISSED} when C{met} says.
+    """
+    mark = {True: "  ok", False: "  MISSED", None: ""}[met]
+    return (title, a, b, "-" if r is None else f"{r:.2f}", target + mark)
+
+
+def render(rows: list[tuple[str, ...]], skipped: dict[str, str]) -> str:
+    """
+    Rows (the first is the heading) as aligned columns, then what was
+    skipped and why.
+    """
+    widths = [max(len(line[i]) for line in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line)).rstrip() for line in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    for name, reason in results.get("skipped", {}).items():
+    for name, reason in skipped.items():
         lines.append(f"skipped {name}: {reason}")
     return "\n".join(lines)

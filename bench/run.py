@@ -49,6 +49,26 @@ NO_CONNECTION_ENDPOINT = (
 )
 
 
+def add_output_options(parser: argparse.ArgumentParser, workdir_help: str, launch_timeout_help: str) -> None:
+    """
+    The options every benchmark script has: the WebSocket protocol, a JSON
+    copy of the results, the work directory and the gateways' launch
+    timeout.
+    """
+    parser.add_argument(
+        "--protocol",
+        choices=("legacy", "v1"),
+        default="legacy",
+        help="WebSocket protocol: legacy JSON (default) or v1 (v1.kernel.websocket.jupyter.org)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--workdir", help=f"{workdir_help} (default: a temporary directory, removed afterwards)"
+    )
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--launch-timeout", type=float, default=120.0, help=launch_timeout_help)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench/run.py",
@@ -78,24 +98,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=os.environ.get("EG_AUTH_TOKEN", ""),
         help="auth token for --gateway-url (default: $EG_AUTH_TOKEN)",
     )
-    parser.add_argument(
-        "--protocol",
-        choices=("legacy", "v1"),
-        default="legacy",
-        help="WebSocket protocol: legacy JSON (default) or v1 (v1.kernel.websocket.jupyter.org)",
-    )
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument(
-        "--workdir",
-        help="directory for the private config, logs and connection files "
-        "(default: a temporary directory, removed afterwards)",
-    )
-    parser.add_argument("--keep-workdir", action="store_true", help="keep the temporary directory")
-    parser.add_argument(
-        "--launch-timeout",
-        type=float,
-        default=120.0,
-        help="launch_timeout of the private gateway, and how long the direct side waits "
+    add_output_options(
+        parser,
+        workdir_help="directory for the private config, logs and connection files",
+        launch_timeout_help="launch_timeout of the private gateway, and how long the direct side waits "
         "for a kernel (default 120 s: 50 kernels starting at once on 2 cores can take "
         "longer than the gateway's 30 s default)",
     )

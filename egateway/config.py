@@ -602,6 +602,29 @@ class StoreConfig:
         env=("EG_LEASE_TTL",),
         minimum=1,
     )
+    gateway_id: str = setting(
+        "",
+        "This gateway installation's id (1 to 64 letters, digits, . _ -), tagged on every kernel it starts "
+        "(EGATEWAY_ID in local and SSH kernels' environment, the comment of Slurm jobs) so the reconciler finds "
+        "its own and no other's (empty: derived from the host name and the data directory, so it stays the same "
+        "across restarts). Gateways sharing a store have the same id only when given the same one.",
+        env=("EG_GATEWAY_ID",),
+    )
+    reconcile: str = setting(
+        "adopt",
+        "What the reconciler does, with persistence on, with a running kernel tagged with this gateway's id that "
+        "the store does not know: adopt (reattach and list it where its launcher can, i.e. local kernels whose "
+        "connection file remains, so no one's work is lost; others are reaped), reap (stop it, remove its files) "
+        "or report (log it only). It runs once the store's kernels are restored, then every reconcile_interval.",
+        env=("EG_RECONCILE",),
+        choices=("reap", "adopt", "report"),
+    )
+    reconcile_interval: float = setting(
+        300.0,
+        "Seconds between reconciler passes after the one at start (0: only at start).",
+        env=("EG_RECONCILE_INTERVAL",),
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True)
@@ -1186,6 +1209,13 @@ def _validate_store(store: "StoreConfig") -> None:
             SecretBox.from_key(store.store_key)
         except SecretBoxError as e:
             raise ConfigError(f"store.store_key: {e}") from None
+    if store.gateway_id:
+        from egateway.clusters.interface import check_gateway_id
+
+        try:
+            check_gateway_id(store.gateway_id)
+        except ValueError as e:
+            raise ConfigError(f"store.gateway_id: {e}") from None
 
 def describe(config: Config) -> dict[str, dict[str, Any]]:
     """

@@ -65,6 +65,21 @@ def default_data_dir() -> str:
     return os.path.join(base, "egateway")
 
 
+def default_gateway_id(data_path: str, hostname: str | None = None) -> str:
+    """
+    The gateway id when none is configured: the host name and a digest of
+    the data directory, so the same installation keeps it across restarts
+    and two installations on one host (two data directories) differ.
+    """
+    import hashlib
+    import re
+
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", hostname if hostname is not None else socket.gethostname())
+    host = host.strip(".-")[:40] or "gateway"
+    digest = hashlib.sha256(os.path.abspath(data_path).encode() if data_path else b"").hexdigest()[:12]
+    return f"{host}-{digest}"
+
+
 class DataDirectory(Service):
     """
     The gateway's files: C{runtime/} (connection files, kernel output) and,
@@ -162,14 +177,15 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
 
     top = GatewayService(config, reactor)
     threadpool = reactor.getThreadPool()
+    persistent = config.store.persistence
+    data_path = config.server.data_dir or (default_data_dir() if persistent else "")
+    gateway_id = config.store.gateway_id or default_gateway_id(data_path)
     context = LauncherContext(
         reactor=reactor,
         runtime_dir="",
         ports=PortAllocator(PortRange.parse(config.kernels.port_range)),
-        settings={"config": config},
+        settings={"config": config, "gateway_id": gateway_id},
     )
-    persistent = config.store.persistence
-    data_path = config.server.data_dir or (default_data_dir() if persistent else "")
     DataDirectory(data_path, lambda path: setattr(context, "runtime_dir", path)).setServiceParent(top)
     if config.auth.audit_log:
         from egateway.ops.audit import AuditFile
@@ -202,7 +218,7 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
         policy=TenancyPolicy.from_config(config),
     )
     if persistent:
-        manager.persistence = build_persistence(config, data_path, manager, reactor)
+        manager.persistence = build_persistence(config, data_path, manager, reactor, gateway_id)
         if manager.persistence.shared:
             from egateway.kernels.sharing import SharedKernels
 
@@ -221,6 +237,19 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
 
     manager.on_fatal = fatal
     manager.setServiceParent(top)
+    if persistent:
+        from egateway.kernels.reconcile import Reconciler
+
+        # Stopping, it starts no new action, so none begins while the
+        # manager hands its kernels over to the next gateway.
+        Reconciler(
+            manager=manager,
+            persistence=manager.persistence,
+            gateway_id=gateway_id,
+            mode=config.store.reconcile,
+            interval=config.store.reconcile_interval,
+            clock=reactor,
+        ).setServiceParent(top)
     Culler(manager, config.culling, reactor).setServiceParent(top)
     api, front = build_api(config, manager, reactor, threadpool)
     # Before the listener: token files and keys load as it starts.
@@ -269,12 +298,14 @@ def build_tls(
     return plan.description, tls.add(plan.files, "HTTP").wrap(site)
 
 
-def build_persistence(config: Config, data_path: str, manager: Any, reactor: Any) -> Any:
+def build_persistence(config: Config, data_path: str, manager: Any, reactor: Any, gateway_id: str) -> Any:
     """
     Kernel persistence on the configured store: Redis when C{store_url}
     says so (its key must be given: every gateway sharing it needs the same
     one), otherwise SQLite in the data directory with a key file created
     there on first use.
+
+    @param gateway_id: the installation's id, written in its records.
     """
     import uuid
 
@@ -301,7 +332,8 @@ def build_persistence(config: Config, data_path: str, manager: Any, reactor: Any
         shared,
         manager,
         reactor,
-        gateway_id=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+        gateway_id=gateway_id,
+        instance_id=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         on_stop=settings.on_stop,
     )
 

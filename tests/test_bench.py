@@ -18,9 +18,17 @@ from twisted.trial.unittest import TestCase
 from tests.support.daemon import REPO_ROOT, ChildProcess, _bounded, pid_alive, processes_mentioning
 
 RUN = os.path.join(REPO_ROOT, "bench", "run.py")
+REMOTE = os.path.join(REPO_ROOT, "bench", "remote.py")
 DEADLINE = 180.0
 """
 Seconds a quick run may take before the test gives up and stops it.
+"""
+REMOTE_DEADLINE = 150.0
+"""
+The same for a quick run of C{bench/remote.py} with Slurm, which takes
+about 45 s on a quiet machine (two SSH hosts, 7 kernel starts, 550 round
+trips per side, a Slurm cluster and 3 jobs, and their teardown) and about
+twice that on a busy one.
 """
 
 
@@ -44,15 +52,19 @@ def _positive(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-class BenchSmokeTests(TestCase):
-    timeout = DEADLINE + 60
+class QuickRun:
+    """
+    Running a benchmark script as a child process, for the smoke tests.
+    """
 
-    async def _bench(self, *args: str) -> tuple[int | None, dict[str, Any], str]:
+    async def _bench(
+        self, *args: str, script: str = RUN, deadline: float = DEADLINE
+    ) -> tuple[int | None, dict[str, Any], str]:
         """
-        Run C{bench/run.py --quick} with C{args} in a work directory of
-        this test; its exit code, its JSON and the end of its output.
-        Fails the test if it overruns L{DEADLINE} or leaves a process that
-        names its work directory.
+        Run C{script --quick} (C{bench/run.py} unless told) with C{args} in
+        a work directory of this test; its exit code, its JSON and the end
+        of its output.  Fails the test if it overruns C{deadline} or leaves
+        a process that names its work directory.
         """
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
@@ -60,17 +72,17 @@ class BenchSmokeTests(TestCase):
         child = ChildProcess("bench", os.path.join(workdir, "bench-output.log"), reactor)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("EG_", "KG_"))}
         child.start(
-            [sys.executable, RUN, "--quick", "--workdir", workdir, "--json", out, *args],
+            [sys.executable, script, "--quick", "--workdir", workdir, "--json", out, *args],
             env,
             REPO_ROOT,
         )
         overran = False
         try:
-            await _bounded(child.when_ended(), DEADLINE, reactor)
+            await _bounded(child.when_ended(), deadline, reactor)
         except TimeoutError:
             overran = True
         report = await child.stop(grace=45, marker=workdir)
-        self.assertFalse(overran, f"the quick benchmark overran {DEADLINE:g} s:\n{child.log_tail()}")
+        self.assertFalse(overran, f"the quick benchmark overran {deadline:g} s:\n{child.log_tail()}")
         self.assertEqual(report.leftovers, [], report.describe())
         self.assertEqual(processes_mentioning(workdir), [])
         results: dict[str, Any] = {}
@@ -86,6 +98,10 @@ class BenchSmokeTests(TestCase):
         for side in ("gateway", "direct"):
             self.assertTrue(_positive(figure[side][field]), f"{side} {field}: {figure[side]}")
         self.assertTrue(_positive(figure["ratio"]), figure)
+
+
+class BenchSmokeTests(QuickRun, TestCase):
+    timeout = DEADLINE + 60
 
     async def test_quick_run_reports_every_figure(self) -> None:
         """
@@ -155,3 +171,52 @@ class BenchSmokeTests(TestCase):
         self.assertEqual(code, 2)
         self.assertIn("unknown figure(s) roundtrips", output)
         self.assertEqual(results, {})
+
+
+class RemoteBenchSmokeTests(QuickRun, TestCase):
+    """
+    C{bench/remote.py}: kernels on SSH hosts and Slurm, measured through an
+    in-process gateway and directly.
+    """
+
+    timeout = REMOTE_DEADLINE + 90
+
+    async def test_quick_remote_run(self) -> None:
+        """
+        A quick run with Slurm reports the SSH and local starts, the round
+        trip through the gateway and directly to the same SSH kernel, and
+        the Slurm job start, and leaves no kernel, job, host, namespace or
+        fixture directory behind.
+        """
+        code, results, output = await self._bench("--slurm", script=REMOTE, deadline=REMOTE_DEADLINE)
+        self.assertEqual(code, 0, output)
+        self.assertNotIn("error", results, output)
+        self.assertEqual(results["problems"], [], output)
+        self.assertEqual(results["leaked_processes"], [], output)
+        figures = results["figures"]
+        self.assertEqual(set(figures), {"start", "roundtrip", "slurm"})
+        start = figures["start"]
+        for kind in ("local", "ssh"):
+            self.assertTrue(_positive(start[kind]["median_s"]), start)
+            self.assertLessEqual(start[kind]["post_median_s"], start[kind]["median_s"], start)
+            self.assertLess(start[kind]["median_s"], 60, start)
+        self.assertEqual(start["local"]["hosts"], ["localhost"])
+        self.assertEqual(set(start["ssh"]["hosts"]), set(results["meta"]["ssh_hosts"].values()))
+        self.assertTrue(_positive(start["ratio"]), start)
+        roundtrip = figures["roundtrip"]
+        self._check_pair(roundtrip, "p50_ms")
+        for side in ("gateway", "direct"):
+            self.assertGreaterEqual(roundtrip[side]["n"], 500)
+            self.assertGreaterEqual(roundtrip[side]["p99_ms"], roundtrip[side]["p50_ms"])
+        self.assertIn(roundtrip["met"], (True, False))
+        self.assertEqual(results["meta"]["gateway_iopub_in_direct_turns"], "paused")
+        self.assertIn(results["meta"]["roundtrip_kernel"]["ip"], results["meta"]["ssh_hosts"].values())
+        slurm = figures["slurm"]["gateway"]
+        self.assertTrue(_positive(slurm["median_s"]), slurm)
+        self.assertLessEqual(slurm["post_median_s"], slurm["median_s"], slurm)
+        self.assertEqual(list(slurm["phases_median_s"])[-1], "ready", slurm)
+        self.assertLessEqual(set(slurm["nodes"]), set(results["meta"]["slurm_nodes"]), slurm)
+        self.assertEqual(len(results["meta"]["fixture_workdirs"]), 2)
+        for path in results["meta"]["fixture_workdirs"]:
+            self.assertFalse(os.path.exists(path), f"fixture directory {path} left behind")
+            self.assertEqual(processes_mentioning(path), [])

@@ -125,6 +125,23 @@ class GracefulRestartTests(TestCase):
         self.assertEqual([pid for pid in pids if pid_alive(pid)], [])
 
 
+def kernel_pids(pids: list[int]) -> list[int]:
+    """
+    The kernels' processes among C{pids} (their environment names a
+    kernel), not the gateway's passing commands on the host (liveness
+    checks, the reconciler's inventory).
+    """
+    found = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if any(entry.startswith(b"KERNEL_ID=") for entry in f.read().split(b"\0")):
+                    found.append(pid)
+        except OSError:
+            continue
+    return sorted(found)
+
+
 async def _sleep(seconds: float) -> None:
     from twisted.internet.task import deferLater
 
@@ -146,7 +163,8 @@ class KillNineTests(TestCase):
 
         from tests.fixtures import SSHHosts
         from tests.fixtures.system import SSH_PACKAGES
-        from tests.test_ssh import launcher_argv, write_spec
+        from tests.support.remote_kernels import launcher_argv
+        from tests.test_ssh import write_spec
 
         require_packages(*SSH_PACKAGES)
         hosts = SSHHosts(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), ("h1", "h2"))
@@ -171,7 +189,7 @@ class KillNineTests(TestCase):
         models = await gatherResults([ensureDeferred(d) for d in local + remote])
         await gatherResults([ensureDeferred(set_x(first.url, m["id"], 42)) for m in models])
         before_local = sorted(pid for pid, _ in first.kernel_processes())
-        before_remote = {h: sorted(hosts.pids(h)) for h in ("h1", "h2")}
+        before_remote = {h: kernel_pids(hosts.pids(h)) for h in ("h1", "h2")}
         self.assertEqual(len(before_local), 10)
         self.assertEqual(sum(len(p) for p in before_remote.values()), 4 * 2)  # kernel + comm listener
         first.process.send_signal(signal.SIGKILL)
@@ -193,7 +211,7 @@ class KillNineTests(TestCase):
         values = await gatherResults([ensureDeferred(get_x(second.url, m["id"])) for m in models])
         self.assertEqual(values, ["42"] * 14)
         self.assertEqual(sorted(pid for pid, _ in second.kernel_processes()), before_local)
-        self.assertEqual({h: sorted(hosts.pids(h)) for h in ("h1", "h2")}, before_remote)
+        self.assertEqual({h: kernel_pids(hosts.pids(h)) for h in ("h1", "h2")}, before_remote)
         for model in models:
             await second.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
         self.assertEqual(second.kernel_processes(), [])

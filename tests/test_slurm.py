@@ -43,10 +43,10 @@ from tests.fixtures import SlurmCluster
 from tests.fixtures.system import SLURM_PACKAGES, require_packages
 from tests.support.contract import LauncherContract, request_for
 from tests.support.gateway import GatewayTestCase, pid_alive
+from tests.support.polling import eventually
+from tests.support.remote_kernels import launcher_argv
 from tests.support.wsclient import ChannelsClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(ROOT, "launchers", "python", "launch_ipykernel.py")
 ACTIVE = "PD,CF,R,CG,S,ST,SI,RS,RQ,RH,RF,RD,SO"
 """
 squeue's short names of every state in which a job still holds (or waits
@@ -54,22 +54,12 @@ for) a node.
 """
 
 
-def kernel_argv() -> list[str]:
-    return [
-        sys.executable,
-        LAUNCHER,
-        "--kernel-id", "{kernel_id}",
-        "--response-address", "{response_address}",
-        "--public-key", "{public_key}",
-        "--port-range", "{port_range}",
-    ]
-
 
 def slurm_spec(name: str, config: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
     return {
         "display_name": name,
         "language": "python",
-        "argv": argv or kernel_argv(),
+        "argv": argv or launcher_argv(),
         "metadata": {"egateway": {"launcher": "slurm", "config": config}},
     }
 
@@ -480,19 +470,6 @@ class LaunchFlowTests(SynchronousTestCase):
 # -- a real Slurm cluster -------------------------------------------------
 
 
-async def eventually(check: Callable[[], Any], what: str, timeout: float = 15.0, interval: float = 0.1) -> Any:
-    """
-    Poll C{check} (an external process gives no event to wait on) until it
-    returns something true; fail after C{timeout} seconds.
-    """
-    deadline = reactor.seconds() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await deferLater(reactor, interval, lambda: None)
 
 
 class SlurmMixin:

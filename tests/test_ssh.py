@@ -21,10 +21,9 @@ from tests.fixtures import SSHHosts
 from tests.fixtures.system import SSH_PACKAGES, require_packages
 from tests.support.contract import LauncherContract, request_for
 from tests.support.gateway import GatewayTestCase
+from tests.support.remote_kernels import launcher_argv
 from tests.support.wsclient import ChannelsClient
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHER = os.path.join(ROOT, "launchers", "python", "launch_ipykernel.py")
 
 
 def write_spec(directory: str, name: str, argv: list[str], config: dict[str, Any]) -> None:
@@ -40,20 +39,6 @@ def write_spec(directory: str, name: str, argv: list[str], config: dict[str, Any
             f,
         )
 
-
-def launcher_argv(script: str = LAUNCHER) -> list[str]:
-    return [
-        sys.executable,
-        script,
-        "--kernel-id",
-        "{kernel_id}",
-        "--response-address",
-        "{response_address}",
-        "--public-key",
-        "{public_key}",
-        "--port-range",
-        "{port_range}",
-    ]
 
 
 class SSHTestCase(GatewayTestCase):

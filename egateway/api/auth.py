@@ -52,7 +52,12 @@ class CorsPolicy:
         if self._origin and origin == self._origin:
             return True
         host = (request.getHeader(b"host") or b"").decode("latin-1")
-        return bool(host) and urlsplit(origin).netloc == host
+        try:
+            netloc = urlsplit(origin).netloc
+        except ValueError:
+            # Not a URL (say, an unclosed IPv6 bracket): not our origin.
+            return False
+        return bool(host) and netloc == host
 
     def check_origin(self, request: IRequest) -> None:
         """

@@ -107,7 +107,10 @@ class GatewaySite(Site):
     displayTracebacks = False
 
     def __init__(self, resource: IResource, max_body: int, **kwargs: Any) -> None:
-        super().__init__(resource, **kwargs)
+        # The API reads JSON bodies only.  Parsing form bodies into
+        # request.args would let a POST body add query arguments, and a
+        # malformed multipart body is answered with a bare, non-JSON 400.
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.requestFactory = type("BoundRequest", (GatewayRequest,), {"max_body": max_body})
 
     def log(self, request: Request) -> None:
@@ -195,6 +198,10 @@ class FrontResource:
             return
         if gone:
             return
+        if not _utf8_url(request):
+            # Klein would answer a plain-text 400 and log a traceback.
+            _finish(request, error_body(request, 400, "Bad Request", "the URL or Host is not valid UTF-8"))
+            return
         body = self._routes.render(request)
         if body is not NOT_DONE_YET:
             _finish(request, body)
@@ -209,6 +216,19 @@ class FrontResource:
             # Origin check.
             audit.refused(request, error.status, error.message)
         _finish(request, write_error(request, error))
+
+
+def _utf8_url(request: IRequest) -> bool:
+    """
+    Whether the request's path (percent-decoded) and host name decode as
+    UTF-8, as the routes need.
+    """
+    try:
+        b"/".join(request.postpath).decode("utf-8")
+        request.getRequestHostname().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _finish(request: IRequest, body: bytes) -> None:

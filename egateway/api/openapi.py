@@ -275,13 +275,20 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
             "parameters": [
                 _KERNEL_ID,
                 {"name": "session_id", "in": "query", "required": False, "schema": {"type": "string"}},
+                {
+                    "name": "resume_after",
+                    "in": "query",
+                    "required": False,
+                    "description": "Resume the session after this message number (a reconnecting client)",
+                    "schema": {"type": "integer"},
+                },
             ],
             "get": {
                 "summary": "The kernel's channels over WebSocket (legacy JSON or "
                 "v1.kernel.websocket.jupyter.org)",
                 "responses": {
                     "101": {"description": "Switching to WebSocket"},
-                    "400": _error("Not a WebSocket upgrade"),
+                    "400": _error("Not a WebSocket upgrade, or resume_after is not a number"),
                     "403": _error("Origin not allowed, or another user's kernel when hide_kernels is off"),
                     "404": _error("No such kernel, or another user's (hide_kernels)"),
                     **_AUTH,

@@ -190,6 +190,9 @@ class GatewayAPI:
 
     async def kernelspec_resource(self, request: IRequest, name: str, resource: str) -> bytes:
         spec = await self._spec(name)
+        if "\0" in resource:
+            # No file has one, and os.path refuses it with ValueError.
+            raise NotFound(f"kernelspec {name} has no resource {resource!r}")
         root = os.path.realpath(spec.resource_dir)
         path = os.path.realpath(os.path.join(root, resource))
         if not path.startswith(root + os.sep) or not os.path.isfile(path):

@@ -10,7 +10,8 @@ attached to its kernel; messages pass through as bytes.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Mapping
+from urllib.parse import parse_qs, urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -40,6 +41,22 @@ Payloads this large are framed without being joined first.
 CLOSE_REPLACED = 4001
 
 
+def parse_resume_after(params: Mapping[str, list[str]]) -> int | None:
+    """
+    The C{resume_after} query parameter (negative numbers count as 0), or
+    C{None} when absent.
+
+    @raise ValueError: it is not a whole number.
+    """
+    value = (params.get("resume_after") or [""])[0]
+    if not value:
+        return None
+    try:
+        return max(0, int(value))
+    except ValueError:
+        raise ValueError("resume_after must be a message number") from None
+
+
 class ChannelsProtocol(WebSocketServerProtocol):
     """
     One client connection to one kernel.
@@ -58,12 +75,10 @@ class ChannelsProtocol(WebSocketServerProtocol):
         except Exception:
             raise ConnectionDeny(404, "no such kernel")
         self.session_id = (request.params.get("session_id") or [""])[0]
-        resume = (request.params.get("resume_after") or [""])[0]
-        if resume:
-            try:
-                self.resume_after = max(0, int(resume))
-            except ValueError:
-                raise ConnectionDeny(400, "resume_after must be a message number")
+        try:
+            self.resume_after = parse_resume_after(request.params)
+        except ValueError as e:
+            raise ConnectionDeny(400, str(e))
         self.v1 = V1_PROTOCOL in request.protocols
         return V1_PROTOCOL if self.v1 else None
 
@@ -220,6 +235,10 @@ class ChannelsEndpoint:
             utf8validateIncoming=True,
             openHandshakeTimeout=30,
             closeHandshakeTimeout=5,
+            # Close with a code (1009 for a message over the limit, 1002,
+            # 1007) rather than drop the TCP connection, so the client
+            # learns why.
+            failByDrop=False,
             perMessageCompressionAccept=lambda offers: None,
         )
         if ping_interval > 0:
@@ -238,6 +257,13 @@ class ChannelsEndpoint:
         upgrade = (request.getHeader(b"upgrade") or b"").lower()
         if upgrade != b"websocket":
             raise BadRequest("this endpoint needs a WebSocket upgrade request")
+        # Checked here, as Autobahn will parse the query for onConnect, so
+        # that a bad value is a JSON error rather than Autobahn's bare status
+        # line (Twisted's request.args also splits on ';', Autobahn not).
+        try:
+            parse_resume_after(parse_qs(urlsplit(request.uri.decode("latin-1")).query))
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         if not self._cors.origin_allowed(request):
             raise Forbidden("WebSocket from a foreign origin refused; see allow_origin")
         return WebSocketResource(self._factory)

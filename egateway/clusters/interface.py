@@ -13,11 +13,17 @@ remove everything the launch started.
 Launchers report progress as L{Phase} events.  The manager logs them, keeps
 them on the kernel (they appear in its REST model) and quotes the last one in
 the error a client gets when a launch fails.
+
+A launcher may also provide L{ILauncherInventory}: listing the kernels it
+finds running for this gateway installation (tagged with its gateway id),
+so the reconciler (L{egateway.kernels.reconcile}) can adopt or reap those
+the kernel store no longer knows.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -220,10 +226,87 @@ class ILauncher(Interface):
         """
 
 
+GATEWAY_ID_ENV = "EGATEWAY_ID"
+"""
+The variable local and SSH kernels carry in their environment, naming the
+gateway installation that started them, so its reconciler finds them (and
+never another installation's) after their store records are gone.
+"""
+
+GATEWAY_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
+
+
+def check_gateway_id(gateway_id: str) -> str:
+    """
+    The id, checked: it reaches process environments, a remote command's
+    arguments and Slurm's job records, so it is held to a plain alphabet.
+
+    @raise ValueError: empty, too long, or another character than letters,
+        digits, C{.}, C{_} and C{-}.
+    """
+    if not GATEWAY_ID_PATTERN.match(gateway_id):
+        raise ValueError(f"gateway id {gateway_id[:80]!r} is not 1 to 64 letters, digits, . _ -")
+    return gateway_id
+
+
+@dataclass(frozen=True)
+class Found:
+    """
+    A kernel a launcher found running for this gateway installation (see
+    L{ILauncherInventory}).
+
+    @ivar description: where and what, for the log (C{"local process 123
+        (/var/lib/egateway/runtime/kernel-....json)"}).
+    @ivar reap: stops everything of the kernel (politely, then firmly)
+        and removes its files; tolerates a kernel already gone.
+    @ivar snapshot: what L{ILauncher.restore} needs to reattach, or
+        C{None} when this launcher cannot reattach to what it found.
+    @ivar spec_name: the kernelspec it was started from, when known.
+    @ivar env: its environment as found (without the launcher's own
+        variables), when known: what a restart of an adopted kernel uses.
+    """
+
+    kernel_id: str
+    launcher: str
+    description: str
+    reap: Callable[[], "Deferred[None]"]
+    snapshot: Mapping[str, Any] | None = None
+    spec_name: str = ""
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def adoptable(self) -> bool:
+        return self.snapshot is not None
+
+
+class ILauncherInventory(Interface):
+    """
+    Optional for launchers: listing the kernels running for a gateway
+    installation, whether or not the gateway still knows them.
+    """
+
+    def inventory(gateway_id: str, hints: Sequence[Mapping[str, Any]]) -> "Deferred[list[Found]]":
+        """
+        Every kernel found running that was started with C{gateway_id}
+        (and nothing started with another id).  A launcher that finds
+        several processes of one kernel reports the kernel once.
+
+        @param hints: the launcher configs of the kernelspecs naming this
+            launcher (where to look: an SSH kernelspec's C{remote_hosts}).
+        @raise LaunchError: the launcher cannot look (its cluster's
+            commands are missing or fail); places it cannot reach are
+            logged and skipped instead.
+        """
+
+
 @dataclass
 class LauncherContext:
     """
     What the gateway gives every launcher at construction.
+
+    C{settings} holds C{"config"} (the gateway's L{egateway.config.Config})
+    and C{"gateway_id"} (this installation's id, which launchers tag the
+    kernels they start with; absent or empty: no tag).
     """
 
     reactor: Any

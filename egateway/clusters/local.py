@@ -27,44 +27,58 @@ connection and output files live in C{impersonation_runtime_dir} (mode
 0711, the gateway's), each owned by the user with mode 0600: the kernel
 reads its connection file by name, and no other user can list the
 directory or read another kernel's files.
+
+Every kernel carries the gateway installation's id (C{EGATEWAY_ID}) and
+its kernelspec's name (C{EGATEWAY_KERNELSPEC}) in its environment.  The
+launcher's inventory (L{ILauncherInventory}) lists the processes whose
+command line names a connection file C{kernel-<uuid>.json} in one of this
+gateway's runtime directories and whose environment carries its id; with
+the connection file still there, such a kernel can be adopted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal as signals
 import sys
 from collections import deque
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 from twisted.internet import error as twisted_errors
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from egateway.clusters.impersonation import (
+    EXPORTED,
     Account,
     Impersonation,
     open_private_blocking,
     prepare_runtime_dir_blocking,
 )
 from egateway.clusters.interface import (
+    GATEWAY_ID_ENV,
     ExitStatus,
+    Found,
     IKernelProcess,
     ILauncher,
+    ILauncherInventory,
     LaunchError,
     LaunchRequest,
     LauncherContext,
     Liveness,
     Phase,
     Placement,
+    check_gateway_id,
     substitute_argv,
 )
 from egateway.clusters.ports import PortAllocator, PortExhausted
@@ -74,6 +88,24 @@ _log = Logger()
 
 PYTHON_NAMES = {"python", "python3"} | {f"python3.{n}" for n in range(6, 20)}
 TAIL_LINES = 20
+
+SPEC_ENV = "EGATEWAY_KERNELSPEC"
+"""
+The kernelspec a local kernel was started from, in its environment: what
+adopting it needs (a restart runs the kernelspec's argv again).
+"""
+
+LAUNCHER_NAMES = frozenset({GATEWAY_ID_ENV, SPEC_ENV, EXPORTED})
+"""
+Variables the launcher adds to a kernel's environment (not the manager's).
+"""
+
+REAP_POLL = 0.2
+"""
+Seconds between checks that a reaped kernel has gone.
+"""
+
+_CONNECTION_FILE = re.compile(r"^kernel-([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})\.json\Z")
 
 
 def python_executable(argv0: str) -> str:
@@ -142,6 +174,140 @@ def _pid_alive(pid: int, marker: str) -> bool:
         return state != b"Z"
     except (OSError, IndexError):
         return False
+
+
+@dataclass(frozen=True)
+class LocalKernelFound:
+    """
+    A kernel process found by L{find_local_kernels_blocking}.
+
+    @ivar pids: its processes naming the connection file (usually one).
+    @ivar pgid: the process group of the first; the kernel's own when the
+        launcher started it in a session of its own (C{pgid} in C{pids}).
+    @ivar env: its environment without the launcher's variables.
+    @ivar connection_info: the connection file's contents, or C{None} if
+        it is gone or unreadable.
+    """
+
+    kernel_id: str
+    pids: tuple[int, ...]
+    pgid: int
+    connection_file: str
+    spec_name: str
+    env: Mapping[str, str]
+    connection_info: Mapping[str, Any] | None
+
+    @property
+    def pid(self) -> int:
+        return self.pgid if self.pgid in self.pids else self.pids[0]
+
+    @property
+    def log_file(self) -> str:
+        return self.connection_file[: -len(".json")] + ".log"
+
+
+def _connection_file_in(argv: Sequence[bytes], directories: set[str]) -> tuple[str, str] | None:
+    """
+    The kernel id and path of the C{kernel-<uuid>.json} in one of
+    C{directories} that a command line names (as C{-f PATH}, C{--f=PATH}
+    or a bare argument), or C{None}.
+    """
+    for raw in argv:
+        text = raw.decode("utf-8", "surrogateescape").rsplit("=", 1)[-1]
+        directory, base = os.path.split(text)
+        match = _CONNECTION_FILE.match(base)
+        if match and directory and os.path.realpath(directory) in directories:
+            return match.group(1), text
+    return None
+
+
+def find_local_kernels_blocking(
+    runtime_dirs: Sequence[str], gateway_id: str, proc: str = "/proc"
+) -> list[LocalKernelFound]:
+    """
+    The kernel processes of gateway C{gateway_id} on this machine: their
+    command line names a connection file in one of C{runtime_dirs} and
+    their environment holds C{EGATEWAY_ID=gateway_id}.  A process whose
+    environment cannot be read is not counted (whose it is is unknown).
+    Reads C{/proc} and the connection files: run it in a thread.
+    """
+    tag = f"{GATEWAY_ID_ENV}={gateway_id}".encode()
+    directories = {os.path.realpath(d) for d in runtime_dirs if d}
+    found: dict[str, LocalKernelFound] = {}
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return []
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc, name, "cmdline"), "rb") as f:
+                named = _connection_file_in(f.read().split(b"\0"), directories)
+            if named is None:
+                continue
+            with open(os.path.join(proc, name, "environ"), "rb") as f:
+                environ = f.read().split(b"\0")
+            if tag not in environ:
+                continue
+            with open(os.path.join(proc, name, "stat"), "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if fields[0] == b"Z":
+                continue
+            pgid = int(fields[2])
+        except (OSError, IndexError, ValueError):
+            continue
+        kernel_id, connection_file = named
+        pid = int(name)
+        earlier = found.get(kernel_id)
+        if earlier is not None:
+            found[kernel_id] = LocalKernelFound(
+                kernel_id,
+                tuple(sorted((*earlier.pids, pid))),
+                pgid if pid == pgid else earlier.pgid,
+                earlier.connection_file,
+                earlier.spec_name,
+                earlier.env,
+                earlier.connection_info,
+            )
+            continue
+        env: dict[str, str] = {}
+        for entry in environ:
+            key, sep, value = entry.decode("utf-8", "replace").partition("=")
+            if sep and key:
+                env[key] = value
+        try:
+            with open(connection_file, "rb") as f:
+                info = json.load(f)
+            if not isinstance(info, dict):
+                info = None
+        except (OSError, ValueError):
+            info = None
+        found[kernel_id] = LocalKernelFound(
+            kernel_id,
+            (pid,),
+            pgid,
+            connection_file,
+            env.get(SPEC_ENV, ""),
+            {k: v for k, v in env.items() if k not in LAUNCHER_NAMES},
+            info,
+        )
+    return sorted(found.values(), key=lambda f: f.kernel_id)
+
+
+def remove_kernel_files(kernel_id: str, paths: Sequence[str]) -> None:
+    """
+    Remove a kernel's connection and output files; one already gone is
+    fine, one that cannot be removed is logged (never raised: the kernel
+    is stopped either way).
+    """
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            _log.warn("kernel {kernel_id}: could not remove {path}: {error}", kernel_id=kernel_id, path=path, error=str(e))
 
 
 class KernelLog:
@@ -327,18 +493,7 @@ class LocalKernelProcess:
         if self._watch is not None and self._watch.running:
             self._watch.stop()
         self.log.stop()
-        for path in (self.connection_file, self.log.path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                _log.warn(
-                    "kernel {kernel_id}: could not remove {path}: {error}",
-                    kernel_id=self.kernel_id,
-                    path=path,
-                    error=str(e),
-                )
+        remove_kernel_files(self.kernel_id, (self.connection_file, self.log.path))
         return succeed(None)
 
     def detach(self) -> None:
@@ -359,7 +514,7 @@ class LocalKernelProcess:
         }
 
 
-@implementer(ILauncher)
+@implementer(ILauncher, ILauncherInventory)
 class LocalLauncher:
     """
     Starts kernels as processes on the gateway's machine.
@@ -372,8 +527,10 @@ class LocalLauncher:
         self._runtime_dir = context.runtime_dir
         self._ports: PortAllocator = context.ports
         self._setsid = shutil.which("setsid")
+        self._gateway_id = str(context.settings.get("gateway_id") or "")
         config = context.settings.get("config")
         self._encryption = config.kernels.kernel_encryption if config is not None else "auto"
+        self._terminate_wait = config.kernels.terminate_wait if config is not None else 5.0
         self.impersonation = Impersonation.from_config(config)
         self._user_files_dir: str | None = None
 
@@ -479,6 +636,9 @@ class LocalLauncher:
         else:
             env = self.impersonation.exported(request.env)
             cwd = request.cwd or None
+        if self._gateway_id:
+            env[GATEWAY_ID_ENV] = self._gateway_id
+            env[SPEC_ENV] = spec.name
         switch: dict[str, int] = {"uid": account.uid, "gid": account.gid} if private_to is not None else {}
         try:
             transport = self._reactor.spawnProcess(
@@ -536,6 +696,94 @@ class LocalLauncher:
         return succeed(
             LocalKernelProcess(kernel_id, info, connection_file, pid, [], self._ports, self._reactor, None, log)
         )
+
+    # -- inventory ---------------------------------------------------------
+
+    def inventory(self, gateway_id: str, hints: Sequence[Mapping[str, Any]] = ()) -> Deferred[list[Found]]:
+        """
+        This machine's kernel processes of C{gateway_id}, found in a thread
+        (see L{find_local_kernels_blocking}); each adoptable while its
+        connection file is readable.
+        """
+        try:
+            check_gateway_id(gateway_id)
+        except ValueError as e:
+            return Deferred.fromCoroutine(_raise(LaunchError(str(e))))
+        directories = [self._runtime_dir]
+        if self.impersonation.enabled:
+            directories.append(self.impersonation.runtime_dir)
+        scanning = deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), find_local_kernels_blocking, directories, gateway_id
+        )
+        return scanning.addCallback(lambda kernels: [self._found(kernel) for kernel in kernels])
+
+    def _found(self, kernel: LocalKernelFound) -> Found:
+        snapshot = None
+        if kernel.connection_info is not None:
+            snapshot = {
+                "pid": kernel.pid,
+                "connection_file": kernel.connection_file,
+                "log_file": kernel.log_file,
+                "connection_info": dict(kernel.connection_info),
+            }
+        pids = ", ".join(str(pid) for pid in kernel.pids)
+        return Found(
+            kernel_id=kernel.kernel_id,
+            launcher=self.name,
+            description=f"local process {pids} ({kernel.connection_file})",
+            reap=lambda: Deferred.fromCoroutine(self._reap(kernel)),
+            snapshot=snapshot,
+            spec_name=kernel.spec_name,
+            env=kernel.env,
+        )
+
+    async def _reap(self, kernel: LocalKernelFound) -> None:
+        """
+        SIGTERM, then SIGKILL after C{terminate_wait}, to the kernel's
+        process group (its own session) or else its processes; then its
+        connection and output files go.
+
+        @raise LaunchError: the kernel could not be signalled or outlived
+            SIGKILL.
+        """
+        own_group = kernel.pgid in kernel.pids
+
+        def alive() -> bool:
+            return any(_pid_alive(pid, kernel.connection_file) for pid in kernel.pids)
+
+        def group_alive() -> bool:
+            try:
+                os.killpg(kernel.pgid, 0)
+                return True
+            except (ProcessLookupError, PermissionError):
+                return False
+
+        def send(signum: int, group: bool) -> None:
+            try:
+                if group:
+                    os.killpg(kernel.pgid, signum)
+                else:
+                    for pid in kernel.pids:
+                        if _pid_alive(pid, kernel.connection_file):
+                            os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+            except PermissionError as e:
+                raise LaunchError(f"cannot signal kernel process {kernel.pid}: {e}") from None
+
+        for signum, wait in ((signals.SIGTERM, self._terminate_wait), (signals.SIGKILL, 5.0)):
+            if not alive():
+                break
+            send(signum, own_group)
+            deadline = self._reactor.seconds() + wait
+            while alive() and self._reactor.seconds() < deadline:
+                await deferLater(self._reactor, REAP_POLL, lambda: None)
+        if alive():
+            raise LaunchError(f"kernel process {kernel.pid} outlived SIGKILL")
+        if own_group and group_alive():
+            # What the kernel started in its session goes with it.
+            send(signals.SIGKILL, True)
+        remove_kernel_files(kernel.kernel_id, (kernel.connection_file, kernel.log_file))
 
 
 async def _raise(error: Exception) -> Any:

@@ -59,6 +59,12 @@ lets see and cancel every job.  A gateway that does not run as root
 cannot submit for another user: Slurm allows C{--uid} to root only, and
 cancelling another user's job needs a Slurm operator; such a gateway
 refuses impersonated launches with a message saying so.
+
+Every kernel job carries the gateway installation's id as its comment
+(C{--comment=egateway:<id>}, shown by C{squeue -o %k}).  The inventory
+(L{ILauncherInventory}) lists the pending and running jobs with this
+gateway's comment and a name of C{slurm_job_name_prefix} and a kernel id;
+what it finds can be reaped (C{scancel}) but not adopted.
 """
 
 from __future__ import annotations
@@ -82,7 +88,9 @@ from zope.interface import implementer
 
 from egateway.clusters.impersonation import Account, Impersonation
 from egateway.clusters.interface import (
+    Found,
     ILauncher,
+    ILauncherInventory,
     IKernelProcess,
     LaunchError,
     LaunchRequest,
@@ -90,6 +98,7 @@ from egateway.clusters.interface import (
     Liveness,
     Phase,
     Placement,
+    check_gateway_id,
 )
 from egateway.clusters.remote import (
     RemoteKernelProcess,
@@ -482,6 +491,56 @@ def job_environment(kernel_env: Mapping[str, str], token: str, slurm_conf: str) 
     return env
 
 
+COMMENT_PREFIX = "egateway:"
+"""
+Kernel jobs' comment is this followed by the gateway id.
+"""
+
+INVENTORY_FORMAT = "%i|%T|%N|%j|%k"
+
+
+def job_comment(gateway_id: str) -> str:
+    return f"{COMMENT_PREFIX}{gateway_id}"
+
+
+@dataclass(frozen=True)
+class KernelJob:
+    """
+    A kernel job of this gateway found by L{parse_inventory}.
+    """
+
+    job_id: str
+    state: str
+    node: str
+    kernel_id: str
+
+
+def parse_inventory(stdout: bytes, gateway_id: str, name_prefix: str) -> list[KernelJob]:
+    """
+    The pending and running kernel jobs of gateway C{gateway_id} in
+    C{squeue -o INVENTORY_FORMAT} output: comment C{egateway:<id>}, name
+    C{name_prefix} followed by a kernel id.  A line with a C{|} too many
+    (another user's job name or comment holding one) is skipped, so no
+    other job can pass for one of ours.
+    """
+    comment = job_comment(gateway_id)
+    jobs = []
+    for line in stdout.decode("utf-8", "replace").splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 5:
+            continue
+        job_id, state, node, name, found_comment = (part.strip() for part in parts)
+        if found_comment != comment or not job_id.isdigit() or not name.startswith(name_prefix):
+            continue
+        kernel_id = name[len(name_prefix):]
+        if not _KERNEL_ID.match(kernel_id):
+            continue
+        if state not in RUNNING_STATES and state not in WAITING_STATES:
+            continue
+        jobs.append(KernelJob(job_id, state, node, kernel_id))
+    return jobs
+
+
 def sbatch_arguments(
     resources: JobResources,
     job_name: str,
@@ -489,6 +548,7 @@ def sbatch_arguments(
     workdir: str,
     argv: Sequence[str],
     submit_as: Account | None = None,
+    comment: str = "",
 ) -> list[str]:
     """
     sbatch's arguments: fixed options, the resources, the batch script
@@ -496,6 +556,7 @@ def sbatch_arguments(
 
     @param submit_as: the account the job runs as (C{--uid}, C{--gid},
         numeric: the ids the gateway checked), or C{None} for the gateway's.
+    @param comment: the job's comment (the gateway id tag), or none.
     """
     options = [
         "--parsable",
@@ -505,6 +566,8 @@ def sbatch_arguments(
         "--export=ALL",
         "--no-requeue",
     ]
+    if comment:
+        options.append(f"--comment={comment}")
     if workdir:
         options.append(f"--chdir={workdir}")
     if submit_as is not None:
@@ -801,7 +864,7 @@ class SlurmKernelProcess(RemoteKernelProcess):
         }
 
 
-@implementer(ILauncher)
+@implementer(ILauncher, ILauncherInventory)
 class SlurmLauncher:
     """
     Starts kernels as Slurm batch jobs; see the module docstring.
@@ -813,6 +876,7 @@ class SlurmLauncher:
         config = context.settings["config"]
         self._context = context
         self._reactor = context.reactor
+        self._gateway_id = str(context.settings.get("gateway_id") or "")
         self._settings = config.slurm
         self._kernels = config.kernels
         self.impersonation = Impersonation.from_config(config)
@@ -973,7 +1037,13 @@ class SlurmLauncher:
             submitting = self.commands.run(
                 "sbatch",
                 sbatch_arguments(
-                    resources, self.job_name(request.kernel_id), log_path, workdir, argv, submit_as=submit_as
+                    resources,
+                    self.job_name(request.kernel_id),
+                    log_path,
+                    workdir,
+                    argv,
+                    submit_as=submit_as,
+                    comment=job_comment(self._gateway_id) if self._gateway_id else "",
                 ),
                 stdin=BATCH_SCRIPT,
                 env=env,
@@ -1184,6 +1254,54 @@ class SlurmLauncher:
         )
 
 
+    # -- inventory --------------------------------------------------------
+
+    def inventory(self, gateway_id: str, hints: Sequence[Mapping[str, Any]] = ()) -> Deferred[list[Found]]:
+        return Deferred.fromCoroutine(self._inventory(gateway_id))
+
+    async def _inventory(self, gateway_id: str) -> list[Found]:
+        """
+        @raise LaunchError: squeue is missing or failed.
+        """
+        try:
+            check_gateway_id(gateway_id)
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
+        result = await self.commands.run("squeue", ["-h", "-t", "all", "-o", INVENTORY_FORMAT])
+        if not result.ok:
+            raise LaunchError(f"cannot list kernel jobs: {result.describe()}")
+        return [
+            Found(
+                kernel_id=job.kernel_id,
+                launcher=self.name,
+                description=f"Slurm job {job.job_id} ({job.state}{f' on {job.node}' if job.node else ''})",
+                reap=lambda job=job: Deferred.fromCoroutine(self._reap(job)),
+            )
+            for job in parse_inventory(result.stdout, gateway_id, self._settings.slurm_job_name_prefix)
+        ]
+
+    async def _reap(self, job: KernelJob) -> None:
+        """
+        Cancel the job and wait (bounded) until Slurm no longer runs it.
+
+        @raise LaunchError: scancel failed, or the job still runs.
+        """
+        result = await self.commands.run("scancel", [job.job_id])
+        if not result.ok and not _already_gone(result):
+            raise LaunchError(f"cannot cancel Slurm job {job.job_id}: {result.describe()}")
+        deadline = self._reactor.seconds() + self._kernels.terminate_wait + 10.0
+        while True:
+            try:
+                state = await self.job_state(job.job_id)
+            except SlurmCommandError:
+                state = JobState(job.job_id, job.state, job.node, "")
+            if state is None or state.ended:
+                return
+            if self._reactor.seconds() >= deadline:
+                raise LaunchError(f"Slurm job {job.job_id} is still {state.state} after scancel")
+            await deferLater(self._reactor, self._settings.slurm_poll_interval, lambda: None)
+
+
 def _already_gone(result: CommandResult) -> bool:
     text = result.stderr.lower()
     return b"invalid job id" in text or b"already completing or completed" in text or b"job is completed" in text
@@ -1192,12 +1310,15 @@ def _already_gone(result: CommandResult) -> bool:
 __all__ = [
     "JobResources",
     "JobState",
+    "KernelJob",
     "SlurmCommands",
     "SlurmKernelProcess",
     "SlurmLauncher",
+    "job_comment",
     "job_environment",
     "job_resources",
     "never_starts",
+    "parse_inventory",
     "parse_memory",
     "parse_time_limit",
     "sbatch_arguments",

@@ -26,18 +26,32 @@ starting, C{id} on the host must show an account that may be impersonated
 liveness checks and the cleanup kill run the same way.  The gateway's
 C{HOME}, C{USER} and C{LOGNAME} are not passed on: sudo or sshd set the
 account's own.
+
+Every kernel started here carries the gateway installation's id in its
+environment (C{EGATEWAY_ID}).  The inventory (L{ILauncherInventory}) runs
+one fixed Python script on each host (the gateway id its only argument,
+checked first) that lists the processes in the login's network namespace
+whose environment carries that id, by C{KERNEL_ID}.  What it finds can be
+reaped (its process groups are killed, its log removed) but not adopted:
+the kernel's connection key is known only to the gateway that started it.
+It sees the processes the login user may read: with impersonation, only
+a root login sees the users' kernels.
 """
 
 from __future__ import annotations
 
 import getpass
+import json
 import signal as signals
 import socket
+import sys
+import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from twisted.conch.ssh import keys
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -45,7 +59,10 @@ from zope.interface import implementer
 from egateway.clusters.balancing import HostHealth, balancer
 from egateway.clusters.impersonation import Impersonation, ids_from_id_output
 from egateway.clusters.interface import (
+    GATEWAY_ID_ENV,
+    Found,
     ILauncher,
+    ILauncherInventory,
     IKernelProcess,
     LaunchError,
     LaunchRequest,
@@ -53,6 +70,7 @@ from egateway.clusters.interface import (
     Liveness,
     Phase,
     Placement,
+    check_gateway_id,
 )
 from egateway.clusters.remote import (
     RemoteKernelProcess,
@@ -80,6 +98,83 @@ the log file readable by its owner only, start the rest of the arguments
 detached in a new session with output to the log file, and print the pid.
 No user-supplied value is part of this text.
 """
+
+
+INVENTORY_SCRIPT = r"""
+import json, os, sys
+tag = ("EGATEWAY_ID=" + sys.argv[1]).encode()
+def netns(pid):
+    try:
+        return os.readlink("/proc/%s/ns/net" % pid)
+    except OSError:
+        return None
+here = netns("self")
+for name in os.listdir("/proc"):
+    if not name.isdigit() or int(name) == os.getpid():
+        continue
+    try:
+        with open("/proc/%s/environ" % name, "rb") as f:
+            env = f.read().split(b"\0")
+        if tag not in env or netns(name) != here:
+            continue
+        with open("/proc/%s/stat" % name, "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        if fields[0] == b"Z":
+            continue
+        kernel = [e[10:].decode("ascii", "replace") for e in env if e.startswith(b"KERNEL_ID=")]
+        print(json.dumps({"pid": int(name), "pgid": int(fields[2]), "kernel_id": kernel[0] if kernel else ""}))
+    except (OSError, IndexError, ValueError):
+        continue
+"""
+"""
+Run on a host with C{python -c}, the gateway id as its one argument: one
+JSON line per live process whose environment holds C{EGATEWAY_ID=<id>}, in
+the same network namespace as the script (the host's, not a container's,
+nor another test host's sharing the machine).
+"""
+
+
+@dataclass(frozen=True)
+class RemoteKernelFound:
+    """
+    The processes of one kernel found on a host, with their process groups.
+    """
+
+    kernel_id: str
+    host: str
+    pids: tuple[int, ...]
+    pgids: tuple[int, ...]
+
+
+def parse_inventory(host: str, output: bytes) -> list[RemoteKernelFound]:
+    """
+    L{INVENTORY_SCRIPT}'s output, grouped by kernel.  Lines that are not
+    what the script prints, and kernel ids that are not UUIDs, are
+    skipped: what a host says reaches a kill command and a file name.
+    """
+    pids: dict[str, set[int]] = {}
+    pgids: dict[str, set[int]] = {}
+    for line in output.decode("utf-8", "replace").splitlines():
+        try:
+            item = json.loads(line)
+            pid, pgid, kernel_id = int(item["pid"]), int(item["pgid"]), str(item["kernel_id"])
+        except (ValueError, TypeError, KeyError):
+            continue
+        if pid <= 1 or pgid <= 1 or not _is_uuid(kernel_id):
+            continue
+        pids.setdefault(kernel_id, set()).add(pid)
+        pgids.setdefault(kernel_id, set()).add(pgid)
+    return [
+        RemoteKernelFound(kernel_id, host, tuple(sorted(pids[kernel_id])), tuple(sorted(pgids[kernel_id])))
+        for kernel_id in sorted(pids)
+    ]
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
 
 
 def kill_argv(signum: int, target: str) -> list[str]:
@@ -187,7 +282,7 @@ class SSHKernelProcess(RemoteKernelProcess):
         return {**super().snapshot(), "launcher": "ssh", "user": self.run_as.user}
 
 
-@implementer(ILauncher)
+@implementer(ILauncher, ILauncherInventory)
 class SSHLauncher:
     name = "ssh"
 
@@ -195,6 +290,9 @@ class SSHLauncher:
         config = context.settings["config"]
         self._context = context
         self._reactor = context.reactor
+        self._gateway_id = str(context.settings.get("gateway_id") or "")
+        self._hosts_used: set[str] = set()
+        self._stopped = False
         self._settings = config.ssh
         self._kernels = config.kernels
         self.impersonation = Impersonation.from_config(config)
@@ -268,6 +366,7 @@ class SSHLauncher:
         try:
             host, pid = await self._start_somewhere(request, hosts, listener, pending.token, run_as)
             started = (host, pid)
+            self._hosts_used.add(host)
             self.balancer.placed(host)
             request.report(Phase.PLACED, f"{host} pid {pid}" + (f" as {run_as.user}" if run_as.user else ""))
             info = await await_connection_info(
@@ -357,6 +456,8 @@ class SSHLauncher:
             self._settings.remote_python,
         )
         env = self.impersonation.remote_env({name: value for name, value in request.env.items() if NAME.match(name)})
+        if self._gateway_id:
+            env[GATEWAY_ID_ENV] = self._gateway_id
         log = f"{self._settings.kernel_log_dir.rstrip('/')}/kernel-{request.kernel_id}.log"
         command = run_as.command(
             ["sh", "-c", START_SCRIPT, "egateway-launch", log, "env", *(f"{k}={v}" for k, v in env.items()), *argv]
@@ -421,6 +522,7 @@ class SSHLauncher:
             comm_port=_int(snapshot.get("comm_port")),
             comm_token=snapshot.get("comm_token"),
         )
+        self._hosts_used.add(host)
         liveness = await process.poll()
         if not liveness.alive:
             await process.cleanup()
@@ -428,5 +530,96 @@ class SSHLauncher:
         self.balancer.placed(host)
         return process
 
+    # -- inventory ---------------------------------------------------------
+
+    def inventory(self, gateway_id: str, hints: Sequence[Mapping[str, Any]] = ()) -> Deferred[list[Found]]:
+        return Deferred.fromCoroutine(self._inventory(gateway_id, hints))
+
+    def inventory_hosts(self, hints: Sequence[Mapping[str, Any]] = ()) -> list[str]:
+        """
+        Where kernels of this gateway may run: the hosts of each kernelspec
+        (C{hints}; the configured ones for a kernelspec naming none, or
+        when no kernelspec names this launcher), and any this launcher has
+        used.
+        """
+        hosts: list[str] = []
+        for config in hints or [{}]:
+            hosts += _split_hosts(config.get("remote_hosts")) or list(self._settings.remote_hosts)
+        hosts += sorted(self._hosts_used)
+        return list(dict.fromkeys(hosts))
+
+    async def _inventory(self, gateway_id: str, hints: Sequence[Mapping[str, Any]]) -> list[Found]:
+        try:
+            check_gateway_id(gateway_id)
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
+        python = self._settings.remote_python or sys.executable
+        command = shell_command([python, "-c", INVENTORY_SCRIPT, gateway_id])
+        found: list[Found] = []
+        for host in self.inventory_hosts(hints):
+            if self._stopped:
+                # The pool is closed: asking would open a connection again.
+                break
+            try:
+                result = await self.pool.run(host, command, timeout=30)
+            except SSHError as e:
+                _log.warn(
+                    "cannot list this gateway's kernels on {host}: {error}; trying again at the next reconciliation",
+                    host=host,
+                    error=str(e),
+                )
+                continue
+            if not result.ok:
+                _log.warn(
+                    "cannot list this gateway's kernels on {host}: {error}", host=host, error=result.describe()
+                )
+                continue
+            for kernel in parse_inventory(host, result.stdout):
+                found.append(
+                    Found(
+                        kernel_id=kernel.kernel_id,
+                        launcher=self.name,
+                        description=f"processes {', '.join(map(str, kernel.pids))} on {host}",
+                        reap=lambda kernel=kernel: Deferred.fromCoroutine(self._reap(kernel)),
+                    )
+                )
+        return found
+
+    async def _reap(self, kernel: RemoteKernelFound) -> None:
+        """
+        SIGTERM to the kernel's process groups, SIGKILL after
+        C{terminate_wait} to what is left, then its log file goes.
+
+        @raise LaunchError: the host could not be reached, or processes
+            outlived SIGKILL.
+        """
+        host = kernel.host
+        try:
+            remaining = list(kernel.pgids)
+            for signum, wait in ((signals.SIGTERM, self._kernels.terminate_wait), (signals.SIGKILL, 5.0)):
+                for pgid in remaining:
+                    await self.pool.run(host, shell_command(kill_argv(signum, f"-{pgid}")), timeout=15)
+                deadline = self._reactor.seconds() + wait
+                while True:
+                    remaining = [pgid for pgid in remaining if await self._group_alive(host, pgid)]
+                    if not remaining or self._reactor.seconds() >= deadline:
+                        break
+                    await deferLater(self._reactor, 0.25, lambda: None)
+                if not remaining:
+                    break
+            if remaining:
+                raise LaunchError(
+                    f"processes of kernel {kernel.kernel_id} on {host} outlived SIGKILL (groups {remaining})"
+                )
+            log = f"{self._settings.kernel_log_dir.rstrip('/')}/kernel-{kernel.kernel_id}.log"
+            await self.pool.run(host, shell_command(["rm", "-f", "--", log]), timeout=15)
+        except SSHError as e:
+            raise LaunchError(f"cannot reach {host} to stop kernel {kernel.kernel_id}: {e}") from None
+
+    async def _group_alive(self, host: str, pgid: int) -> bool:
+        result = await self.pool.run(host, shell_command(kill_argv(0, f"-{pgid}")), timeout=15)
+        return result.ok
+
     def stop(self) -> None:
+        self._stopped = True
         self.pool.close()

@@ -57,6 +57,12 @@ def validate_client_env(env: Any) -> dict[str, str]:
                 f"environment variable '{name}' value contains prohibited characters "
                 "($, backtick, newline, carriage return or NUL)"
             )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (JSON allows "\ud800"): no process
+            # environment can hold it.
+            raise BadEnvironment(f"environment variable '{name}' value is not valid Unicode text") from None
     return dict(env)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from egateway.errors import Unavailable
@@ -33,6 +33,12 @@ _log = Logger()
 RETRY_INTERVAL = 5.0
 """
 Seconds between retries of writes the store refused.
+"""
+
+LAUNCH_POLL = 0.5
+"""
+Seconds between reads of a shared record whose kernel another gateway is
+still launching.
 """
 
 
@@ -73,6 +79,9 @@ class KernelPersistence:
     """
     @ivar on_stop: C{"keep"} (kernels outlive a graceful stop) or
         C{"shutdown"}.
+    @ivar gateway_id: the installation's id, in every record it writes.
+    @ivar instance_id: this gateway process's own id, unique to it (the
+        holder of its leases in a shared store).
     """
 
     def __init__(
@@ -83,12 +92,15 @@ class KernelPersistence:
         clock: Any,
         gateway_id: str,
         on_stop: str,
+        instance_id: str = "",
     ) -> None:
         """
         @param open_store: returns (a Deferred of) the L{IKernelStore}, not
             yet started; called once, at start, because finding the store's
             key reads a file.
         @param shared: whether the store is one several gateways share.
+        @param instance_id: default: C{gateway_id} (enough for a store
+            only one gateway process opens).
         """
         self._open_store = open_store
         self.store: IKernelStore = _NotOpen()
@@ -96,6 +108,7 @@ class KernelPersistence:
         self._manager = manager
         self._clock = clock
         self.gateway_id = gateway_id
+        self.instance_id = instance_id or gateway_id
         self.on_stop = on_stop
         self._unsaved: set[str] = set()
         self._undeleted: set[str] = set()
@@ -257,6 +270,13 @@ class KernelPersistence:
         """
         if record.kernel_id in self._manager.kernels:
             return self._manager.kernels[record.kernel_id]
+        if self.shared and record.state == KernelState.LAUNCHING.value:
+            launched = await self._launched_elsewhere(record)
+            if launched is None:
+                return None
+            if record.kernel_id in self._manager.kernels:
+                return self._manager.kernels[record.kernel_id]
+            record = launched
         try:
             spec = await self._manager.specs.get(record.spec_name)
         except NoSuchKernelSpec:
@@ -266,6 +286,26 @@ class KernelPersistence:
         except Exception:
             _log.failure("restoring kernel {kernel_id}", kernel_id=record.kernel_id)
             return None
+
+    async def _launched_elsewhere(self, record: KernelRecord) -> KernelRecord | None:
+        """
+        A shared record of a kernel still launching (on another gateway: it
+        has no snapshot to reattach with yet): reread it until the launch
+        ends, for at most the launch timeout and a margin.  C{None} when the
+        kernel was removed meanwhile; the last record read when the launch
+        outlasts the wait (restored as usual: dead, with the reason).
+        """
+        deadline = self._clock.seconds() + self._manager.settings.launch_timeout + 10
+        while record.state == KernelState.LAUNCHING.value and self._clock.seconds() < deadline:
+            await deferLater(self._clock, LAUNCH_POLL, lambda: None)
+            try:
+                fresh = await self.store.load_kernel(record.kernel_id)
+            except StoreError:
+                continue
+            if fresh is None:
+                return None
+            record = fresh
+        return record
 
     async def keep_all(self) -> None:
         """

@@ -149,7 +149,9 @@ class SharedKernels:
 
     @property
     def holder(self) -> str:
-        return self._persistence.gateway_id
+        # The process, not the installation: two gateways given one
+        # gateway_id must still hold leases apart.
+        return self._persistence.instance_id
 
     # -- attaching ---------------------------------------------------------
 
