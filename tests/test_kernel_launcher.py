@@ -29,6 +29,7 @@ from twisted.trial.unittest import TestCase
 
 from egateway.clusters.comm import CommClient, CommError, comm_key, request_mac
 from egateway.clusters.response import ResponseListener
+from tests.support.polling import eventually
 from tests.test_handshake import keys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,6 +252,12 @@ class KernelHarness:
             await self.process.ended.addTimeout(30, reactor)
         pgid = self.info.get("pgid")
         if pgid:
+            # The comm listener (a grandchild) exits on its own once it
+            # sees the kernel's end: give it a moment, bounded.
+            try:
+                await eventually(lambda: not group_members(pgid), "the kernel's process group to empty", timeout=10)
+            except AssertionError:
+                pass
             leftovers = group_members(pgid)
             for pid in leftovers:
                 os.kill(pid, signal.SIGKILL)

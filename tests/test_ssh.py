@@ -21,6 +21,7 @@ from tests.fixtures import SSHHosts
 from tests.fixtures.system import SSH_PACKAGES, require_packages
 from tests.support.contract import LauncherContract, request_for
 from tests.support.gateway import GatewayTestCase
+from tests.support.polling import eventually
 from tests.support.remote_kernels import launcher_argv
 from tests.support.wsclient import ChannelsClient
 
@@ -84,12 +85,17 @@ class SSHTestCase(GatewayTestCase):
         }
         await super().setUp()
 
-    def _check_hosts_clean(self) -> None:
+    async def _check_hosts_clean(self) -> None:
         """
         No kernel process remains on any host (checked inside each
-        namespace) once the gateway has stopped.
+        namespace) once the gateway has stopped; one still exiting gets a
+        few seconds to finish.
         """
         for name in self.hosts:
+            try:
+                await eventually(lambda: not self.ssh.pids(name), f"the processes on {name} to exit", timeout=10)
+            except AssertionError:
+                pass
             left = self.ssh.pids(name)
             described = [open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")[:200] for pid in left if os.path.exists(f"/proc/{pid}")]
             self.assertEqual(left, [], f"processes left on {name}: {described}")
