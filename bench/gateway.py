@@ -137,10 +137,18 @@ class GatewayProcess:
     @ivar token: the random auth token it requires.
     """
 
-    def __init__(self, workdir: str, launch_timeout: float, stop_timeout: float = 30.0) -> None:
+    def __init__(
+        self, workdir: str, launch_timeout: float, stop_timeout: float = 30.0, extra_config: str = ""
+    ) -> None:
+        """
+        @param extra_config: TOML appended to the private config, for the
+            sections it does not write (C{[store]}, ...): what a benchmark
+            comparing gateway settings varies.
+        """
         self.workdir = workdir
         self.launch_timeout = launch_timeout
         self.stop_timeout = stop_timeout
+        self.extra_config = extra_config
         self.token = secrets.token_hex(16)
         self.url = ""
         self.port = 0
@@ -167,6 +175,7 @@ class GatewayProcess:
                 "list_kernels = true\n"
                 "[kernels]\n"
                 f"launch_timeout = {self.launch_timeout}\n"
+                f"{self.extra_config}"
             )
         return path
 

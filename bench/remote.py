@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import secrets
-import shutil
 import signal
 import statistics
 import sys
@@ -37,9 +36,17 @@ if REPO not in sys.path:
 
 from bench.channels import EXECUTE_CONTENT  # noqa: E402
 from bench.figures import percentile  # noqa: E402
-from bench.gateway import processes_mentioning, sweep  # noqa: E402
+from bench.gateway import sweep  # noqa: E402
 from bench.report import fmt, ratio, render, row  # noqa: E402
-from bench.run import EXIT_CHECK_FAILED, EXIT_ERROR, EXIT_INTERRUPTED, _versions, add_output_options  # noqa: E402
+from bench.run import (  # noqa: E402
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    _versions,
+    add_output_options,
+    end_of_run,
+    finish,
+    work_directory,
+)
 from tests.support.daemon import _bounded, pid_alive  # noqa: E402
 from tests.support.remote_kernels import launcher_argv  # noqa: E402
 
@@ -849,8 +856,7 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    workdir = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="egw-remote-bench-")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = work_directory(args, "egw-remote-bench-")
     results: dict[str, Any] = {
         "meta": {
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -910,31 +916,12 @@ def main(argv: list[str] | None = None) -> int:
     results["leaked_processes"] += leaked
     if results["leaked_processes"]:
         results["problems"].append(f"{len(results['leaked_processes'])} process(es) or resources left behind")
-    results["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    results["meta"]["load_average_at_end"] = os.getloadavg()
-    if not args.workdir and not args.keep_workdir and not processes_mentioning([workdir]):
-        shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print(
+    end_of_run(args, results, workdir, [workdir])
+    heading = (
         f"egateway remote-kernel benchmark: protocol {args.protocol}, {os.cpu_count()} CPUs"
         f"{', quick' if args.quick else ''}"
     )
-    print(table(results))
-    load = results["meta"]["load_average_at_start"][0]
-    if load > 0.5:
-        print(f"NOTE: load average was {load:.2f} at the start: other work on this machine skews the figures")
-    for problem in results["problems"]:
-        print(f"PROBLEM: {problem}")
-    if "error" in results:
-        print(f"ERROR: {results['error']}")
-    results["checks_failed"] = list(results["problems"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-    if status == 0 and results["problems"]:
-        status = EXIT_CHECK_FAILED
-    return status
+    return finish(args, results, status, heading, table(results), list(results["problems"]))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -69,18 +69,79 @@ def add_output_options(parser: argparse.ArgumentParser, workdir_help: str, launc
     parser.add_argument("--launch-timeout", type=float, default=120.0, help=launch_timeout_help)
 
 
+def add_figure_options(parser: argparse.ArgumentParser, figures: tuple[str, ...]) -> None:
+    """
+    What to measure: C{--quick}, C{--only} (read by L{parse_figure_args})
+    and C{--kernelspec}.
+    """
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated figures to measure, from: {', '.join(figures)} (default: all)",
+    )
+    parser.add_argument("--kernelspec", default="python3", help="kernelspec to start (default python3)")
+
+
+def add_size_options(parser: argparse.ArgumentParser, *sizes: tuple[str, str]) -> None:
+    """
+    One integer option per C{(name, help)}, overriding a field of the
+    script's sizes (see L{chosen_sizes}).
+    """
+    group = parser.add_argument_group("sizes (defaults; --quick uses smaller ones)")
+    for name, help_text in sizes:
+        group.add_argument(f"--{name}", type=int, help=help_text)
+
+
+def chosen_sizes(args: argparse.Namespace, base: Any) -> Any:
+    """
+    C{base} (a frozen dataclass of sizes) with the size options given.
+    """
+    overrides = {name: getattr(args, name) for name in asdict(base) if getattr(args, name, None) is not None}
+    return replace(base, **overrides)
+
+
+def selected_figures(parser: argparse.ArgumentParser, only: str, figures: tuple[str, ...]) -> list[str]:
+    """
+    The figures C{--only} names, in C{figures}' order (none: an empty
+    list); a name not in C{figures} is a usage error.
+    """
+    selected = {name.strip() for name in only.split(",") if name.strip()}
+    unknown = sorted(selected - set(figures))
+    if unknown:
+        parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(figures)}")
+    return [name for name in figures if name in selected]
+
+
+def parse_figure_args(
+    parser: argparse.ArgumentParser, argv: list[str], figures: tuple[str, ...]
+) -> argparse.Namespace:
+    """
+    Parse C{argv}, adding C{selected} (the figures C{--only} names, all by
+    default) and C{sizes} (L{fig.Sizes}, C{--quick}'s or the defaults, with
+    the size options given).
+    """
+    args = parser.parse_args(argv)
+    args.selected = selected_figures(parser, args.only, figures) or list(figures)
+    args.sizes = chosen_sizes(args, fig.Sizes.quick() if args.quick else fig.Sizes())
+    return args
+
+
+def work_directory(args: argparse.Namespace, prefix: str) -> str:
+    """
+    The run's work directory: C{--workdir}, or a new temporary one.
+    """
+    workdir = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix=prefix)
+    os.makedirs(workdir, exist_ok=True)
+    return workdir
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench/run.py",
         description="Measure egateway against direct jupyter_client, in one run.",
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument(
-        "--only",
-        default="",
-        help=f"comma-separated figures to measure, from: {', '.join(FIGURES)} (default: all)",
-    )
-    parser.add_argument("--kernelspec", default="python3", help="kernelspec to start (default python3)")
+    add_figure_options(parser, FIGURES)
     parser.add_argument(
         "--direct-connection-from-gateway",
         action="store_true",
@@ -105,8 +166,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "for a kernel (default 120 s: 50 kernels starting at once on 2 cores can take "
         "longer than the gateway's 30 s default)",
     )
-    sizes = parser.add_argument_group("sizes (defaults; --quick uses smaller ones)")
-    for name, help_text in (
+    add_size_options(
+        parser,
         ("starts", "kernel starts for the start figure"),
         ("warmup", "warm-up executes before the round trips"),
         ("roundtrips", "measured round trips"),
@@ -115,21 +176,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ("repeats", "repetitions of the pipelined burst and of each stream case (median reported)"),
         ("concurrent", "kernels started at once"),
         ("concurrent-rounds", "storms per side, alternating A B B A"),
-    ):
-        sizes.add_argument(f"--{name}", type=int, help=help_text)
-    args = parser.parse_args(argv)
-    selected = [name.strip() for name in args.only.split(",") if name.strip()] or list(FIGURES)
-    unknown = sorted(set(selected) - set(FIGURES))
-    if unknown:
-        parser.error(f"unknown figure(s) {', '.join(unknown)}; choose from {', '.join(FIGURES)}")
-    args.selected = selected
-    base = fig.Sizes.quick() if args.quick else fig.Sizes()
-    overrides = {
-        field: getattr(args, field)
-        for field in asdict(base)
-        if getattr(args, field, None) is not None
-    }
-    args.sizes = replace(base, **overrides)
+    )
+    args = parse_figure_args(parser, argv, FIGURES)
     if args.gateway_url and not args.gateway_url.startswith(("http://", "https://")):
         parser.error("--gateway-url must start with http:// or https://")
     return args
@@ -295,42 +343,37 @@ def _cleaning_up(signum: int, frame: Any) -> None:
     print("cleaning up kernels and the gateway; please wait", file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    workdir = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="egateway-bench-")
-    os.makedirs(workdir, exist_ok=True)
-    results: dict[str, Any] = {
-        "meta": {
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "quick": args.quick,
-            "protocol": args.protocol,
-            "kernelspec": args.kernelspec,
-            "gateway": args.gateway_url or "private twistd -n egateway",
-            "launch_timeout": None if args.gateway_url else args.launch_timeout,
-            "cpus": os.cpu_count(),
-            "load_average_at_start": os.getloadavg(),
-            "sizes": asdict(args.sizes),
-            "selected": args.selected,
-            "versions": _versions(),
-            "workdir": workdir,
-        },
-        "figures": {},
-        "skipped": {},
-        "problems": [],
+def run_meta(args: argparse.Namespace, workdir: str, sizes: dict[str, int]) -> dict[str, Any]:
+    """
+    What every benchmark's JSON says about its run: when, on what, with
+    which sizes and figures, and how busy the machine was.
+    """
+    return {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "quick": args.quick,
+        "protocol": args.protocol,
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "sizes": sizes,
+        "selected": args.selected,
+        "versions": _versions(),
+        "workdir": workdir,
     }
-    if args.gateway_url and "rss" in args.selected:
-        results["skipped"]["rss"] = "measuring an external gateway (--gateway-url): its process is not ours"
+
+
+def run_guarded(results: dict[str, Any], work: Callable[[], None], cleanup: Callable[[int], None]) -> int:
+    """
+    Run C{work()} with SIGTERM stopping it as Ctrl-C does, record an
+    interruption or an error in C{results}, then C{cleanup(status)}
+    whatever happened, with Ctrl-C and SIGTERM only saying that it is under
+    way (a second Ctrl-C must not leave kernels behind).
+
+    @return: 0, L{EXIT_INTERRUPTED} or L{EXIT_ERROR}.
+    """
     previous_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    gateway: GatewayProcess | None = None
     status = 0
     try:
-        if not args.gateway_url:
-            gateway = GatewayProcess(workdir, args.launch_timeout)
-            gateway.start()
-            results["meta"]["gateway_pid"] = gateway.pid
-            if "rss" in args.selected:
-                results["figures"]["rss"] = {"gateway": {"idle_mib": _mib(gateway.rss_kib())}}
-        asyncio.run(Benchmark(args, results, gateway).run())
+        work()
     except (KeyboardInterrupt, asyncio.CancelledError):
         results["error"] = "interrupted"
         status = EXIT_INTERRUPTED
@@ -341,32 +384,44 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, _cleaning_up)
         signal.signal(signal.SIGTERM, _cleaning_up)
-        if gateway is not None:
-            results["meta"]["gateway_stop"] = gateway.stop()
-            if status and gateway.log_path:
-                print(f"gateway log tail:\n{gateway.log_tail(15)}", file=sys.stderr)
-        leaked = sweep(workdir)
-        results["leaked_processes"] = leaked
-        if leaked:
-            results["problems"].append(f"killed {len(leaked)} leftover process(es)")
-        results["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        results["meta"]["load_average_at_end"] = os.getloadavg()
-        if not args.workdir and not args.keep_workdir and not processes_mentioning(owned_markers(workdir)):
-            shutil.rmtree(workdir, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, previous_term)
-    checks = summarise(results["figures"])
+        try:
+            cleanup(status)
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, previous_term)
+    return status
+
+
+def end_of_run(args: argparse.Namespace, results: dict[str, Any], workdir: str, markers: list[str]) -> None:
+    """
+    Record when the run ended and the load then; remove the temporary work
+    directory unless asked to keep it or a process still names C{markers}.
+    """
+    results["meta"]["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    results["meta"]["load_average_at_end"] = os.getloadavg()
+    if not args.workdir and not args.keep_workdir and not processes_mentioning(markers):
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def finish(
+    args: argparse.Namespace, results: dict[str, Any], status: int, heading: str, text: str, checks: list[str]
+) -> int:
+    """
+    Print C{heading} and C{text} (the table), a note if the machine was
+    busy and what went wrong; write the JSON.
+
+    @param checks: the failed correctness checks.
+    @return: C{status}, or L{EXIT_CHECK_FAILED} for a run that finished
+        with failed C{checks}.
+    """
     results["checks_failed"] = checks
     print()
-    print(
-        f"egateway {results['meta'].get('gateway_version', '?')} benchmark: protocol {args.protocol}, "
-        f"kernelspec {args.kernelspec}, {os.cpu_count()} CPUs{', quick' if args.quick else ''}"
-    )
-    print(table(results))
+    print(heading)
+    print(text)
     load = results["meta"]["load_average_at_start"][0]
     if load > 0.5:
         print(f"NOTE: load average was {load:.2f} at the start: other work on this machine skews the figures")
-    for problem in checks + results["problems"]:
+    for problem in dict.fromkeys(checks + results["problems"]):
         print(f"PROBLEM: {problem}")
     if "error" in results:
         print(f"ERROR: {results['error']}")
@@ -377,6 +432,50 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0 and checks:
         status = EXIT_CHECK_FAILED
     return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    workdir = work_directory(args, "egateway-bench-")
+    meta = run_meta(args, workdir, asdict(args.sizes))
+    meta.update(
+        kernelspec=args.kernelspec,
+        gateway=args.gateway_url or "private twistd -n egateway",
+        launch_timeout=None if args.gateway_url else args.launch_timeout,
+    )
+    results: dict[str, Any] = {"meta": meta, "figures": {}, "skipped": {}, "problems": []}
+    if args.gateway_url and "rss" in args.selected:
+        results["skipped"]["rss"] = "measuring an external gateway (--gateway-url): its process is not ours"
+    gateway: GatewayProcess | None = None
+
+    def work() -> None:
+        nonlocal gateway
+        if not args.gateway_url:
+            gateway = GatewayProcess(workdir, args.launch_timeout)
+            gateway.start()
+            results["meta"]["gateway_pid"] = gateway.pid
+            if "rss" in args.selected:
+                results["figures"]["rss"] = {"gateway": {"idle_mib": _mib(gateway.rss_kib())}}
+        asyncio.run(Benchmark(args, results, gateway).run())
+
+    def cleanup(status: int) -> None:
+        if gateway is not None:
+            results["meta"]["gateway_stop"] = gateway.stop()
+            if status and gateway.log_path:
+                print(f"gateway log tail:\n{gateway.log_tail(15)}", file=sys.stderr)
+        leaked = sweep(workdir)
+        results["leaked_processes"] = leaked
+        if leaked:
+            results["problems"].append(f"killed {len(leaked)} leftover process(es)")
+        end_of_run(args, results, workdir, owned_markers(workdir))
+
+    status = run_guarded(results, work, cleanup)
+    heading = (
+        f"egateway {results['meta'].get('gateway_version', '?')} benchmark: protocol {args.protocol}, "
+        f"kernelspec {args.kernelspec}, {os.cpu_count()} CPUs{', quick' if args.quick else ''}"
+    )
+    checks = summarise(results["figures"])
+    return finish(args, results, status, heading, table(results), checks)
 
 
 if __name__ == "__main__":

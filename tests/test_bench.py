@@ -1,7 +1,8 @@
 """
-Smoke tests of the benchmark (C{bench/run.py}): it still runs end to end,
-reports every figure with plausible values and no lost output, and removes
-every kernel and the gateway it started.  They assert nothing about speed.
+Smoke tests of the benchmarks (C{bench/run.py}, C{bench/remote.py},
+C{bench/persistence.py}): each still runs end to end, reports every figure
+with plausible values and no lost output, and removes every kernel, gateway
+and server it started.  They assert nothing about speed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tests.support.daemon import REPO_ROOT, ChildProcess, _bounded, pid_alive, p
 
 RUN = os.path.join(REPO_ROOT, "bench", "run.py")
 REMOTE = os.path.join(REPO_ROOT, "bench", "remote.py")
+PERSISTENCE = os.path.join(REPO_ROOT, "bench", "persistence.py")
 DEADLINE = 180.0
 """
 Seconds a quick run may take before the test gives up and stops it.
@@ -29,6 +31,12 @@ The same for a quick run of C{bench/remote.py} with Slurm, which takes
 about 45 s on a quiet machine (two SSH hosts, 7 kernel starts, 550 round
 trips per side, a Slurm cluster and 3 jobs, and their teardown) and about
 twice that on a busy one.
+"""
+PERSISTENCE_DEADLINE = 60.0
+"""
+The same for a quick run of C{bench/persistence.py}, which takes about
+15 s on a quiet machine (Redis, three gateways, 6 kernel starts and 3
+kernels streaming 2 MB per case).
 """
 
 
@@ -93,6 +101,18 @@ class QuickRun:
         if gateway_pid:
             self.assertFalse(pid_alive(gateway_pid), "the benchmark's gateway is still running")
         return child.code, results, child.log_tail()
+
+    async def _clean_run(self, *args: str, script: str, deadline: float) -> dict[str, Any]:
+        """
+        L{_bench}, failing the test unless the run succeeded with no error,
+        no problem and nothing left behind; its JSON.
+        """
+        code, results, output = await self._bench(*args, script=script, deadline=deadline)
+        self.assertEqual(code, 0, output)
+        self.assertNotIn("error", results, output)
+        self.assertEqual(results["problems"], [], output)
+        self.assertEqual(results["leaked_processes"], [], output)
+        return results
 
     def _check_pair(self, figure: dict[str, Any], field: str) -> None:
         for side in ("gateway", "direct"):
@@ -188,11 +208,7 @@ class RemoteBenchSmokeTests(QuickRun, TestCase):
         the Slurm job start, and leaves no kernel, job, host, namespace or
         fixture directory behind.
         """
-        code, results, output = await self._bench("--slurm", script=REMOTE, deadline=REMOTE_DEADLINE)
-        self.assertEqual(code, 0, output)
-        self.assertNotIn("error", results, output)
-        self.assertEqual(results["problems"], [], output)
-        self.assertEqual(results["leaked_processes"], [], output)
+        results = await self._clean_run("--slurm", script=REMOTE, deadline=REMOTE_DEADLINE)
         figures = results["figures"]
         self.assertEqual(set(figures), {"start", "roundtrip", "slurm"})
         start = figures["start"]
@@ -219,4 +235,43 @@ class RemoteBenchSmokeTests(QuickRun, TestCase):
         self.assertEqual(len(results["meta"]["fixture_workdirs"]), 2)
         for path in results["meta"]["fixture_workdirs"]:
             self.assertFalse(os.path.exists(path), f"fixture directory {path} left behind")
+            self.assertEqual(processes_mentioning(path), [])
+
+
+class PersistenceBenchSmokeTests(QuickRun, TestCase):
+    """
+    C{bench/persistence.py}: kernel start with the Redis store against no
+    store, and streaming with the WebSocket journal against none.
+    """
+
+    timeout = PERSISTENCE_DEADLINE + 60
+
+    async def test_quick_persistence_run(self) -> None:
+        """
+        A quick run reports both sides of the start figure and all three of
+        each stream case with their ratios, loses no output, and leaves no
+        gateway, kernel or Redis behind.
+        """
+        results = await self._clean_run(script=PERSISTENCE, deadline=PERSISTENCE_DEADLINE)
+        figures = results["figures"]
+        self.assertEqual(set(figures), {"start", "stream_one_write", "stream_flushed_writes"})
+        start = figures["start"]
+        for side in ("no_store", "redis"):
+            self.assertTrue(_positive(start[side]["median_s"]), start)
+            self.assertLess(start[side]["median_s"], 60, start)
+        self.assertTrue(_positive(start["ratio"]), start)
+        for case in ("stream_one_write", "stream_flushed_writes"):
+            figure = figures[case]
+            for side in ("journal_on", "journal_off", "journal_on_redis"):
+                self.assertTrue(_positive(figure[side]["mb_per_s"]), figure)
+                self.assertEqual(figure[side]["lost"], 0, figure)
+                self.assertTrue(figure[side]["bytes_ok"], figure)
+            self.assertTrue(_positive(figure["ratio"]), figure)
+            self.assertTrue(_positive(figure["ratio_redis"]), figure)
+        self.assertEqual(set(results["meta"]["gateway_pids"]), {"plain", "journal-off", "redis"})
+        for name, pid in results["meta"]["gateway_pids"].items():
+            self.assertFalse(pid_alive(pid), f"gateway {name} is still running")
+            self.assertIn("stopped", results["meta"]["gateway_stop"][name])
+        for path in results["meta"]["fixture_workdirs"]:
+            self.assertFalse(os.path.exists(path), f"Redis fixture directory {path} left behind")
             self.assertEqual(processes_mentioning(path), [])

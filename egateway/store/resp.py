@@ -98,6 +98,15 @@ def encode_command(args: Sequence[bytes | str | int | float]) -> bytes:
     """
     One command as a RESP array of bulk strings.
     """
+    return b"".join(command_chunks(args))
+
+
+def command_chunks(args: Sequence[bytes | str | int | float]) -> list[bytes]:
+    """
+    One command as a RESP array of bulk strings, in pieces: a large
+    argument (a journaled 20 MB message) is written as it is, not copied
+    into one buffer with the rest.
+    """
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
         if isinstance(arg, str):
@@ -113,7 +122,7 @@ def encode_command(args: Sequence[bytes | str | int | float]) -> bytes:
         out.append(b"$%d\r\n" % len(data))
         out.append(data)
         out.append(b"\r\n")
-    return b"".join(out)
+    return out
 
 
 class ReplyParser:
@@ -214,7 +223,8 @@ class RedisProtocol(Protocol):
             return [fail(ConnectionLost(self.failure_reason or "connection closed")) for _ in commands]
         waiting: list[Deferred[Any]] = [Deferred() for _ in commands]
         self._pending.extend(waiting)
-        self.transport.write(b"".join(encode_command(c) for c in commands))  # type: ignore[union-attr]
+        chunks = [chunk for command in commands for chunk in command_chunks(command)]
+        self.transport.writeSequence(chunks)  # type: ignore[union-attr]
         return waiting
 
     @property
@@ -413,8 +423,9 @@ class RedisClient:
                 error=self._last_error,
                 max_backoff=self._max_backoff,
             )
-        self._release_waiters(StoreUnavailable(f"{self.address} is unreachable: {self._last_error}"))
         self._retry = self._reactor.callLater(delay, self._connect)
+        # Last: a waiter's errback may run anything, stop() included.
+        self._release_waiters(StoreUnavailable(f"{self.address} is unreachable: {self._last_error}"))
 
     def _disconnected(self, protocol: RedisProtocol) -> None:
         if self._protocol is protocol:
