@@ -94,7 +94,11 @@ class KernelSession:
         self.client: KernelClient | None = None
         self.seq = 0
         self.sent = 0
-        self.journal: deque[tuple[int, str, Message]] = deque()
+        self.journal: deque[tuple[int, str, Message, int]] = deque()
+        """
+        (number, channel, message, its size in bytes): the size is kept so
+        that trimming never measures a message twice.
+        """
         self._journal_bytes = 0
         self.parked_at: float | None = None
         self._link: ClientLink | None = None
@@ -132,13 +136,12 @@ class KernelSession:
         if sink is not None:
             sink(self.kernel.id, self.id, seq, channel, message)
         journal = self.journal
-        journal.append((seq, channel, message))
-        self._journal_bytes += _size(message)
-        while len(journal) > self.limits.entries or (
-            self._journal_bytes > self.limits.size and len(journal) > 1
-        ):
-            _, _, old = journal.popleft()
-            self._journal_bytes -= _size(old)
+        size = _size(message)
+        journal.append((seq, channel, message, size))
+        self._journal_bytes += size
+        limits = self.limits
+        while len(journal) > limits.entries or (self._journal_bytes > limits.size and len(journal) > 1):
+            self._journal_bytes -= journal.popleft()[3]
 
     # -- client side -------------------------------------------------------
 
@@ -171,7 +174,7 @@ class KernelSession:
         replay = [entry for entry in self.journal if entry[0] > start]
         if missing:
             self._notify_dropped(client, missing)
-        for seq, channel, message in replay:
+        for seq, channel, message, _ in replay:
             client.deliver(channel, message, seq)
         self.sent = self.seq
         return len(replay)
@@ -217,8 +220,9 @@ class KernelSession:
         (C{known}), so numbers never repeat.
         """
         for seq, channel, message in entries:
-            self.journal.append((seq, channel, message))
-            self._journal_bytes += _size(message)
+            size = _size(message)
+            self.journal.append((seq, channel, message, size))
+            self._journal_bytes += size
         last = entries[-1][0] if entries else 0
         self.seq = self.sent = max(last, known)
         self.parked_at = None
@@ -253,4 +257,8 @@ def decode_entry(data: bytes) -> tuple[str, Message]:
 
 
 def _size(message: Message) -> int:
-    return sum(len(part) for part in message.parts) + sum(len(b) for b in message.buffers)
+    parts = message.parts
+    size = len(parts[0]) + len(parts[1]) + len(parts[2]) + len(parts[3])
+    for buffer in message.buffers:
+        size += len(buffer)
+    return size

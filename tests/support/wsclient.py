@@ -277,16 +277,19 @@ class ChannelsClient:
     async def interrupted_sleep(self, interrupt: Callable[[], Any], timeout: float = 15) -> dict[str, Any]:
         """
         Start C{time.sleep(60)}, call C{interrupt} (which must interrupt the
-        kernel, e.g. through the REST API) once the kernel is busy with it,
+        kernel, e.g. through the REST API) once the cell is running,
         and wait until the cell has ended and the kernel is idle again.
 
         @return: the cell's C{execute_reply} content.
         """
         since = len(self.messages)
-        sleeper = self.request_execute("import time; time.sleep(60)")
+        sleeper = self.request_execute("import time; print('sleeping', flush=True); time.sleep(60)")
         mine = lambda m: m.get("parent_header", {}).get("msg_id") == sleeper  # noqa: E731
+        # Not "busy": ipykernel says busy before it installs its SIGINT
+        # handler, and ignores an interrupt that comes in between.  The
+        # cell's own output proves it runs.
         await self.wait_for(
-            lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "busy",
+            lambda m: mine(m) and m.get("msg_type") == "stream" and "sleeping" in m["content"]["text"],
             since=since,
         )
         await interrupt()
