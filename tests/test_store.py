@@ -772,6 +772,8 @@ class RespTests(SynchronousTestCase):
         self.assertEqual(
             encode_command(["SET", b"k\r\n", 5]), b"*3\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$1\r\n5\r\n"
         )
+        # An argument in pieces is one bulk string.
+        self.assertEqual(encode_command(["SET", [b"k", b"", b"ey"], 5]), encode_command(["SET", b"key", 5]))
 
     def test_urls(self) -> None:
         """

@@ -210,7 +210,9 @@ class RedisStore:
         for seq, data in entries:
             seq = int(seq)
             args.append(seq)
-            args.append(seq.to_bytes(8, "big", signed=True) + bytes(data))
+            # The member is the number, then the entry: sent in two pieces,
+            # so a large entry is not copied to prefix it.
+            args.append([seq.to_bytes(8, "big", signed=True), bytes(data)])
         keys = [self._journal(kernel_id, session_id), f"{self.prefix}journals:{kernel_id}"]
         return self._client.eval_script(_APPEND, keys, args).addCallback(_none)
 

@@ -94,21 +94,33 @@ class RedisAddress:
         return f"<RedisAddress {self}>"
 
 
-def encode_command(args: Sequence[bytes | str | int | float]) -> bytes:
+Argument = bytes | str | int | float | list[bytes]
+"""
+A command argument; a list of bytes is one argument sent in pieces.
+"""
+
+
+def encode_command(args: Sequence[Argument]) -> bytes:
     """
     One command as a RESP array of bulk strings.
     """
     return b"".join(command_chunks(args))
 
 
-def command_chunks(args: Sequence[bytes | str | int | float]) -> list[bytes]:
+def command_chunks(args: Sequence[Argument]) -> list[bytes]:
     """
     One command as a RESP array of bulk strings, in pieces: a large
     argument (a journaled 20 MB message) is written as it is, not copied
-    into one buffer with the rest.
+    into one buffer with the rest, and an argument given as a list of
+    pieces is never joined here.
     """
     out = [b"*%d\r\n" % len(args)]
     for arg in args:
+        if isinstance(arg, list):
+            out.append(b"$%d\r\n" % sum(len(piece) for piece in arg))
+            out.extend(bytes(piece) for piece in arg)
+            out.append(b"\r\n")
+            continue
         if isinstance(arg, str):
             data = arg.encode("utf-8")
         elif isinstance(arg, (bytes, bytearray, memoryview)):
