@@ -5,6 +5,7 @@ processes; and its own details (sessions, port reservations, logs).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -16,7 +17,8 @@ from egateway.clusters.local import LocalLauncher
 from egateway.clusters.ports import PortAllocator, PortExhausted, PortRange
 from egateway.kernels.specs import KernelSpec
 from tests.support.contract import KernelProbe, LauncherContract, request_for
-from tests.support.gateway import pid_alive
+from tests.support.gateway import GatewayTestCase, pid_alive
+from tests.support.wsclient import ChannelsClient
 
 
 def spec(name: str, argv: list[str]) -> KernelSpec:
@@ -119,3 +121,54 @@ class PlacementTests(SynchronousTestCase):
             Placement(host="n1", ip="10.0.0.1", pid=5, extra={"job_id": "12"}).to_dict(),
             {"host": "n1", "ip": "10.0.0.1", "pid": 5, "job_id": "12"},
         )
+
+
+HANGS_ONCE = """
+import os, sys, time
+marker, connection_file = sys.argv[1], sys.argv[2]
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    print(os.getpid(), file=open(marker, "w"), flush=True)
+    # What ipykernel prints when a port was taken, before it hangs instead
+    # of exiting (its threads keep the process alive).
+    print("zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:1')", flush=True)
+    time.sleep(600)
+os.execv(sys.executable, [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file])
+"""
+
+
+class PortTakenTests(GatewayTestCase):
+    """
+    A kernel that could not bind a port and hangs is stopped at once and
+    launched again on other ports, well within the launch timeout.
+    """
+
+    async def setUp(self) -> None:
+        specs = os.path.abspath(self.mktemp())
+        self.marker = os.path.join(specs, "first-attempt")
+        os.makedirs(os.path.join(specs, "hangs-once"))
+        script = os.path.join(specs, "hangs_once.py")
+        with open(script, "w") as f:
+            f.write(HANGS_ONCE)
+        with open(os.path.join(specs, "hangs-once", "kernel.json"), "w") as f:
+            json.dump(
+                {
+                    "display_name": "hangs once",
+                    "language": "python",
+                    "argv": [sys.executable, script, self.marker, "{connection_file}"],
+                },
+                f,
+            )
+        self.gateway_settings = {"kernelspec_path": specs, "launch_timeout": 20}
+        await super().setUp()
+
+    async def test_relaunched_on_other_ports(self) -> None:
+        code, model = await self.gateway.request("POST", "api/kernels", {"name": "hangs-once"})
+        self.assertEqual(code, 201, model)
+        with open(self.marker) as f:
+            first = int(f.read())
+        self.assertFalse(pid_alive(first), "the hung first attempt was not stopped")
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        result = await client.execute("1 + 1")
+        self.assertEqual(result["result"]["text/plain"], "2")
+        await client.close()

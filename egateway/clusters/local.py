@@ -47,7 +47,7 @@ import signal as signals
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet import error as twisted_errors
 from twisted.internet.defer import Deferred, succeed
@@ -327,6 +327,10 @@ class KernelLog:
         self.kernel_id = kernel_id
         self.path = path
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.watchers: list[Callable[[str], None]] = []
+        """
+        Called with each new line of output.
+        """
         self._partial = b""
         self._offset = 0
         if from_end:
@@ -355,6 +359,8 @@ class KernelLog:
         if line:
             self.tail.append(line)
             _log.info("kernel {kernel_id}: {line}", kernel_id=self.kernel_id, line=line)
+            for watcher in list(self.watchers):
+                watcher(line)
 
     def stop(self) -> None:
         if self._loop.running:
@@ -378,17 +384,34 @@ class _KernelProcessProtocol(ProcessProtocol):
             self.ended.callback(ExitStatus(code=getattr(value, "exitCode", None)))
 
 
-def explained(status: ExitStatus, log: KernelLog) -> ExitStatus:
+BIND_FAILED = "Address already in use"
+"""
+What a kernel prints when one of its ports was taken between our choice and
+its bind (by a process outside the gateway's allocator).
+"""
+
+
+def explained(status: ExitStatus, log: KernelLog, bind_failed: bool = False) -> ExitStatus:
     """
     An exit status with the end of the kernel's output as its reason.
+
+    @param bind_failed: the gateway killed the kernel because it could not
+        bind its ports: a fresh launch on other ports can succeed.
     """
     log.stop()
     tail = " | ".join(list(log.tail)[-5:])
+    if bind_failed:
+        return ExitStatus(
+            code=status.code,
+            signal=status.signal,
+            reason=f"could not bind its ports ({tail})",
+            retryable=True,
+        )
     if status.code not in (None, 0) and tail:
         return ExitStatus(
             code=status.code,
             reason=f"exited with code {status.code}: {tail}",
-            retryable="Address already in use" in tail,
+            retryable=BIND_FAILED in tail,
         )
     return status
 
@@ -419,8 +442,10 @@ class LocalKernelProcess:
         self._exit: ExitStatus | None = None
         self._exit_waiters: list[Deferred[ExitStatus]] = []
         self._watch: LoopingCall | None = None
+        self._bind_failed = False
         if protocol is not None:
-            protocol.ended.addCallback(lambda status: self._ended(explained(status, log)))
+            protocol.ended.addCallback(lambda status: self._ended(explained(status, log, self._bind_failed)))
+            log.watchers.append(self._starting_line)
         else:
             # Restored: not our child, so we learn of its end by polling.
             self._watch = LoopingCall(self._check_alive)
@@ -430,6 +455,18 @@ class LocalKernelProcess:
     @property
     def pid(self) -> int:
         return self.placement.pid
+
+    def _starting_line(self, line: str) -> None:
+        """
+        A line of output before the kernel is ready.  ipykernel that fails
+        to bind a port prints the error and may then hang instead of
+        exiting (its threads keep it alive), so the launch would wait for
+        its timeout: kill it now, and its exit says a retry can succeed.
+        """
+        if BIND_FAILED in line and self._exit is None and not self._bind_failed:
+            self._bind_failed = True
+            _log.warn("kernel {kernel_id}: a port was taken; stopping it to retry", kernel_id=self.kernel_id)
+            self.signal(signals.SIGKILL)
 
     def _check_alive(self) -> None:
         if not _pid_alive(self.pid, self.connection_file):
@@ -487,6 +524,8 @@ class LocalKernelProcess:
 
     def ready(self) -> None:
         self._allocator.release(self._ports)
+        if self._starting_line in self.log.watchers:
+            self.log.watchers.remove(self._starting_line)
 
     def cleanup(self) -> Deferred[None]:
         self._allocator.release(self._ports)
