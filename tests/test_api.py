@@ -20,6 +20,7 @@ from egateway.clusters.interface import LaunchError
 from egateway.config import build_config
 from egateway.tap import build_api
 from tests.support.fakes import make_manager
+from tests.support.stubapi import assert_json_error, json_body, stub_call
 
 KID = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
 
@@ -45,27 +46,11 @@ class APITestCase(SynchronousTestCase):
         headers: dict[str, str] | None = None,
         raw: bytes | None = None,
     ) -> tuple[int, Any, Any]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        d = self.stub.request(
-            method, "http://gw.example" + path, data=data, headers=headers or {}
-        )
-        self.stub.flush()
-        # Let fake kernels act on shutdown requests (they exit 0.1 s later).
-        for _ in range(3):
-            self.clock.advance(0.1)
-            self.stub.flush()
-        response = self.successResultOf(d)
-        content_d = response.content()
-        self.stub.flush()
-        content = self.successResultOf(content_d)
-        return response.code, (json.loads(content) if content else None), response.headers
+        data = raw if raw is not None else json_body(body)
+        return stub_call(self, self.stub, self.clock, method, path, data, headers)
 
     def assertError(self, result: tuple[int, Any, Any], status: int, text: str = "") -> None:
-        code, body, headers = result
-        self.assertEqual(code, status, body)
-        self.assertEqual(set(body), {"reason", "message"})
-        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
-        self.assertIn(text, body["message"])
+        assert_json_error(self, result, status, text)
 
     def start(self) -> dict[str, Any]:
         code, model, _ = self.call("POST", "/api/kernels", {})

@@ -52,6 +52,7 @@ from egateway.ops import audit
 from egateway.ops.audit import AUDIT_NAMESPACE, AuditFile, is_audit_event
 from egateway.tap import build_api
 from tests.support.fakes import make_manager
+from tests.support.stubapi import assert_json_error, json_body, stub_call
 from tests.test_api import ROUTES
 
 NOW = 1_700_000_000.0
@@ -753,24 +754,10 @@ class FrontTestCase(SynchronousTestCase):
     def call(
         self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
     ) -> tuple[int, Any, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        d = self.stub.request(method, "http://gw.example" + path, data=data, headers=headers or {})
-        self.stub.flush()
-        for _ in range(3):
-            self.clock.advance(0.1)
-            self.stub.flush()
-        response = self.successResultOf(d)
-        content_d = response.content()
-        self.stub.flush()
-        content = self.successResultOf(content_d)
-        return response.code, (json.loads(content) if content else None), response.headers
+        return stub_call(self, self.stub, self.clock, method, path, json_body(body), headers)
 
     def assertRefused(self, result: tuple[int, Any, Any], status: int, text: str = "") -> None:
-        code, body, headers = result
-        self.assertEqual(code, status, body)
-        self.assertEqual(set(body), {"reason", "message"})
-        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"application/json"])
-        self.assertIn(text, body["message"])
+        assert_json_error(self, result, status, text)
 
 
 class EveryRouteRefuses(FrontTestCase):

@@ -32,6 +32,7 @@ from egateway.kernels.state import KernelState
 from egateway.store.interface import KernelRecord
 from egateway.tap import build_api
 from tests.support.fakes import StaticSpecs, fake_spec, make_manager
+from tests.support.stubapi import json_body, stub_call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KID = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
@@ -156,19 +157,7 @@ class TenancyTestCase(SynchronousTestCase):
         self.launcher.launch = recording  # type: ignore[method-assign]
 
     def call(self, method: str, path: str, body: Any = None, user: str | None = None) -> tuple[int, Any, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        d = self.stub.request(
-            method, "http://gw.example" + path, data=data, headers=as_user(user) if user else {}
-        )
-        self.stub.flush()
-        for _ in range(3):
-            self.clock.advance(0.1)
-            self.stub.flush()
-        response = self.successResultOf(d)
-        content_d = response.content()
-        self.stub.flush()
-        content = self.successResultOf(content_d)
-        return response.code, (json.loads(content) if content else None), response.headers
+        return stub_call(self, self.stub, self.clock, method, path, json_body(body), as_user(user) if user else {})
 
     def refused(self, result: tuple[int, Any, Any], status: int, *texts: str) -> str:
         code, body, _ = result
