@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import tempfile
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
@@ -114,6 +115,37 @@ class ActiveActiveTests(TestCase):
         await client_a.close()
         await client_b.close()
 
+    async def kill_a(self) -> None:
+        """
+        Gateway A dies (SIGKILL): no graceful stop, no lease released.
+        """
+        self.a.process.send_signal(signal.SIGKILL)
+        await self.a.process.when_ended()
+        self.a.process.report = "killed by the test"
+        await self.a.api.close()
+
+    async def rest_on_b(
+        self, client: ChannelsClient, kernel_id: str, session_id: str, mine: Any, timeout: float
+    ) -> str:
+        """
+        Resume C{client}'s session on B after the last message it got, wait
+        for the cell to end, and return all the cell's stream text the two
+        connections received, in order.
+        """
+        resumed = await ChannelsClient.connect(
+            self.b.url, kernel_id, session_id=session_id, resume_after=client.last_seq
+        )
+        await resumed.wait_for(
+            lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "idle",
+            timeout=timeout,
+        )
+        await resumed.close()
+        return "".join(
+            m["content"]["text"]
+            for m in client.messages + resumed.messages
+            if mine(m) and m.get("msg_type") == "stream"
+        )
+
     async def test_stream_survives_a_dying_and_a_drop(self) -> None:
         """
         A is killed while B streams 10,000 numbered lines to a client, which
@@ -126,33 +158,15 @@ class ActiveActiveTests(TestCase):
         await warm.close()
         client = await ChannelsClient.connect(self.b.url, model["id"], session_id="stream-session")
         code = "for i in range(10000):\n    print(f'line {i:05d}', flush=(i % 50 == 0))\n    if i % 500 == 0: time.sleep(0.05)\n"
-        msg_id = client.send(
-            "execute_request",
-            {"code": code, "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False},
-        )
+        msg_id = client.request_execute(code)
         mine = lambda m: m.get("parent_header", {}).get("msg_id") == msg_id  # noqa: E731
         await client.wait_for(lambda m: mine(m) and m.get("msg_type") == "stream", timeout=30)
-        self.a.process.send_signal(signal.SIGKILL)
-        await self.a.process.when_ended()
-        self.a.process.report = "killed by the test"
-        await self.a.api.close()
+        await self.kill_a()
         await sleep(0.3)
         client.drop()
         await client.closed
-        resumed = await ChannelsClient.connect(
-            self.b.url, model["id"], session_id="stream-session", resume_after=client.last_seq
-        )
-        await resumed.wait_for(
-            lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "idle",
-            timeout=60,
-        )
-        text = "".join(
-            m["content"]["text"]
-            for m in client.messages + resumed.messages
-            if mine(m) and m.get("msg_type") == "stream"
-        )
+        text = await self.rest_on_b(client, model["id"], "stream-session", mine, timeout=60)
         self.assertEqual(text.splitlines(), [f"line {i:05d}" for i in range(10000)])
-        await resumed.close()
 
     async def test_resume_on_another_gateway(self) -> None:
         """
@@ -176,21 +190,6 @@ class ActiveActiveTests(TestCase):
         )
         await watcher.close()
         await sleep(1)
-        self.a.process.send_signal(signal.SIGKILL)
-        await self.a.process.when_ended()
-        self.a.process.report = "killed by the test"
-        await self.a.api.close()
-        resumed = await ChannelsClient.connect(
-            self.b.url, model["id"], session_id="moving-session", resume_after=client.last_seq
-        )
-        await resumed.wait_for(
-            lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "idle",
-            timeout=30,
-        )
-        text = "".join(
-            m["content"]["text"]
-            for m in client.messages + resumed.messages
-            if mine(m) and m.get("msg_type") == "stream"
-        )
+        await self.kill_a()
+        text = await self.rest_on_b(client, model["id"], "moving-session", mine, timeout=30)
         self.assertEqual(text.splitlines(), [f"line {i:05d}" for i in range(3000)])
-        await resumed.close()
