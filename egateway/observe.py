@@ -75,6 +75,27 @@ class Operation(Generic[T]):
         self.running.cancel()
 
 
+def detached(deferred: Deferred[T]) -> Deferred[T]:
+    """
+    A Deferred that fires as C{deferred} does, leaving C{deferred}'s result
+    in place; cancelling it (a timeout, a race lost) leaves C{deferred}
+    alone.  For waiting on something that must run to its end whoever
+    stops waiting (an sbatch submission must still tell us its job id).
+    """
+    mirror: Deferred[T] = Deferred()
+
+    def relay(result: Any) -> Any:
+        if not mirror.called:
+            if isinstance(result, Failure):
+                mirror.errback(result)
+            else:
+                mirror.callback(result)
+        return result
+
+    deferred.addBoth(relay)
+    return mirror
+
+
 def first(deferreds: list[Deferred[Any]]) -> Deferred[tuple[int, Any]]:
     """
     Fire with C{(index, result)} of the first Deferred to fire, or fail with

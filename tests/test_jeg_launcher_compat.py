@@ -24,7 +24,8 @@ from twisted.internet.defer import TimeoutError
 from twisted.trial.unittest import TestCase
 
 from egateway.clusters.comm import CommClient
-from tests.test_kernel_launcher import KernelHarness, LauncherProcess, group_members, observe, wait_until
+from egateway.observe import detached
+from tests.test_kernel_launcher import KernelHarness, LauncherProcess, group_members, wait_until
 
 JEG_VERSION = "3.3.0"
 SDIST = f"jupyter_enterprise_gateway-{JEG_VERSION}.tar.gz"
@@ -88,7 +89,7 @@ async def jeg_launcher(destination: str) -> str:
             pip = LauncherProcess()
             reactor.spawnProcess(pip, sys.executable, [sys.executable, *argv], env=dict(os.environ))
             try:
-                code, _ = await observe(pip.ended).addTimeout(DOWNLOAD_TIMEOUT, reactor)
+                code, _ = await detached(pip.ended).addTimeout(DOWNLOAD_TIMEOUT, reactor)
             except TimeoutError:
                 pip.transport.signalProcess("KILL")
                 await pip.ended

@@ -29,6 +29,7 @@ from twisted.trial.unittest import TestCase
 
 from egateway.clusters.comm import CommClient, CommError, comm_key, request_mac
 from egateway.clusters.response import ResponseListener
+from egateway.observe import detached
 from tests.support.polling import eventually
 from tests.test_handshake import keys
 
@@ -88,25 +89,6 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-def observe(deferred: Deferred[Any]) -> Deferred[Any]:
-    """
-    A Deferred that fires with C{deferred}'s result without consuming it
-    (so racing it does not cancel the original).
-    """
-    observer: Deferred[Any] = Deferred()
-
-    def pass_on(result: Any) -> Any:
-        if not observer.called:
-            if isinstance(result, Failure):
-                observer.errback(result)
-            else:
-                observer.callback(result)
-        return result
-
-    deferred.addBoth(pass_on)
-    return observer
-
-
 async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """
     Poll an external fact (a process going away) with a bounded deadline.
@@ -163,7 +145,7 @@ class KernelHarness:
         Wait for the connection info, failing early (with the launcher's
         output) if the launcher dies first.
         """
-        index, result = await race([observe(pending.received), observe(self.process.ended)]).addTimeout(
+        index, result = await race([detached(pending.received), detached(self.process.ended)]).addTimeout(
             timeout, reactor
         )
         if index == 1:

@@ -109,6 +109,7 @@ from egateway.clusters.remote import (
     response_listener,
 )
 from egateway.kernels.env import NAME
+from egateway.observe import detached
 
 _log = Logger()
 
@@ -753,26 +754,6 @@ class SlurmCommands:
         return done
 
 
-def _detached(d: Deferred[Any]) -> Deferred[Any]:
-    """
-    A Deferred that fires as C{d} does; cancelling it leaves C{d} alone
-    (used for sbatch: a submission cancelled half-way must still tell us
-    the job id, so the job can be cancelled).
-    """
-    mirror: Deferred[Any] = Deferred()
-
-    def relay(result: Any) -> Any:
-        if not mirror.called:
-            if isinstance(result, Failure):
-                mirror.errback(result)
-            else:
-                mirror.callback(result)
-        return result
-
-    d.addBoth(relay)
-    return mirror
-
-
 @dataclass(frozen=True)
 class JobState:
     """
@@ -1048,7 +1029,7 @@ class SlurmLauncher:
                 stdin=BATCH_SCRIPT,
                 env=env,
             )
-            result = await _detached(submitting)
+            result = await detached(submitting)
             job_id = self._submitted(result, resources)
             _log.info(
                 "kernel {kernel_id}: submitted as Slurm job {job_id} ({resources})",
