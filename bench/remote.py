@@ -48,7 +48,7 @@ from bench.run import (  # noqa: E402
     work_directory,
 )
 from tests.support.daemon import _bounded, pid_alive  # noqa: E402
-from tests.support.remote_kernels import launcher_argv  # noqa: E402
+from tests.support.remote_kernels import launcher_argv, write_spec  # noqa: E402
 
 FIGURES = ("start", "roundtrip", "slurm")
 LOCAL_SPEC = "python3"
@@ -160,18 +160,7 @@ def _write_spec(directory: str, name: str, launcher: str, config: dict[str, Any]
     A kernelspec that starts egateway's kernel launcher through C{launcher}
     (the argv of C{tests/test_ssh.py} and C{tests/test_slurm.py}).
     """
-    argv = launcher_argv()
-    os.makedirs(os.path.join(directory, name), exist_ok=True)
-    with open(os.path.join(directory, name, "kernel.json"), "w") as f:
-        json.dump(
-            {
-                "display_name": f"{name} (benchmark)",
-                "language": "python",
-                "argv": argv,
-                "metadata": {"egateway": {"launcher": launcher, "config": config}},
-            },
-            f,
-        )
+    write_spec(directory, name, launcher_argv(), launcher, config=config, display_name=f"{name} (benchmark)")
 
 
 def _phase_offsets(kernel: Any) -> dict[str, float]:

@@ -38,6 +38,7 @@ from egateway.config import ConfigError, build_config
 from tests.fixtures import SlurmCluster, SSHHosts
 from tests.fixtures.system import SLURM_PACKAGES, SSH_PACKAGES, require_packages, require_root
 from tests.support.gateway import GatewayTestCase, InProcessGateway, pid_alive
+from tests.support.remote_kernels import write_spec
 from tests.support.wsclient import ChannelsClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,22 +102,6 @@ def shared_dir(path: str) -> str:
     os.makedirs(path, exist_ok=True)
     os.chmod(path, 0o1777)
     return path
-
-
-def write_spec(directory: str, name: str, argv: list[str], launcher: str, config: dict[str, Any] | None = None,
-               env: dict[str, str] | None = None) -> None:
-    os.makedirs(os.path.join(directory, name))
-    with open(os.path.join(directory, name, "kernel.json"), "w") as f:
-        json.dump(
-            {
-                "display_name": name,
-                "language": "python",
-                "argv": argv,
-                "env": env or {},
-                "metadata": {"egateway": {"launcher": launcher, "config": config or {}}},
-            },
-            f,
-        )
 
 
 def remote_argv() -> list[str]:

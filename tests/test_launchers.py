@@ -5,7 +5,6 @@ processes; and its own details (sessions, port reservations, logs).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -18,6 +17,7 @@ from egateway.clusters.ports import PortAllocator, PortExhausted, PortRange
 from egateway.kernels.specs import KernelSpec
 from tests.support.contract import KernelProbe, LauncherContract, request_for
 from tests.support.gateway import GatewayTestCase, pid_alive
+from tests.support.remote_kernels import write_spec
 from tests.support.wsclient import ChannelsClient
 
 
@@ -146,19 +146,11 @@ class PortTakenTests(GatewayTestCase):
     async def setUp(self) -> None:
         specs = os.path.abspath(self.mktemp())
         self.marker = os.path.join(specs, "first-attempt")
-        os.makedirs(os.path.join(specs, "hangs-once"))
+        os.makedirs(specs)
         script = os.path.join(specs, "hangs_once.py")
         with open(script, "w") as f:
             f.write(HANGS_ONCE)
-        with open(os.path.join(specs, "hangs-once", "kernel.json"), "w") as f:
-            json.dump(
-                {
-                    "display_name": "hangs once",
-                    "language": "python",
-                    "argv": [sys.executable, script, self.marker, "{connection_file}"],
-                },
-                f,
-            )
+        write_spec(specs, "hangs-once", [sys.executable, script, self.marker, "{connection_file}"])
         self.gateway_settings = {"kernelspec_path": specs, "launch_timeout": 20}
         await super().setUp()
 

@@ -163,8 +163,7 @@ class KillNineTests(TestCase):
 
         from tests.fixtures import SSHHosts
         from tests.fixtures.system import SSH_PACKAGES
-        from tests.support.remote_kernels import launcher_argv
-        from tests.test_ssh import write_spec
+        from tests.support.remote_kernels import launcher_argv, write_spec
 
         require_packages(*SSH_PACKAGES)
         hosts = SSHHosts(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), ("h1", "h2"))
@@ -173,7 +172,7 @@ class KillNineTests(TestCase):
         self.addCleanup(lambda: self.assertEqual([p for h in ("h1", "h2") for p in hosts.pids(h)], []))
         specs = os.path.abspath(self.mktemp())
         os.makedirs(specs)
-        write_spec(specs, "remote", launcher_argv(), {"remote_hosts": ",".join(h.ip for h in hosts.hosts)})
+        write_spec(specs, "remote", launcher_argv(), "ssh", {"remote_hosts": ",".join(h.ip for h in hosts.hosts)})
         flags = {
             "list-kernels": "true",
             "persistence": "true",

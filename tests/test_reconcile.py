@@ -38,8 +38,9 @@ from egateway.tap import default_gateway_id
 from tests.support.daemon import pid_alive
 from tests.support.gateway import InProcessGateway
 from tests.support.polling import eventually
+from tests.support.remote_kernels import launcher_argv, write_spec
 from tests.support.wsclient import ChannelsClient
-from tests.test_slurm import SlurmMixin, slurm_spec
+from tests.test_slurm import SlurmMixin
 
 
 
@@ -724,8 +725,6 @@ class SSHReconcileTests(ReconcileTestCase):
     async def setUp(self) -> None:
         from tests.fixtures import SSHHosts
         from tests.fixtures.system import SSH_PACKAGES, require_packages
-        from tests.support.remote_kernels import launcher_argv
-        from tests.test_ssh import write_spec
 
         super().setUp()
         require_packages(*SSH_PACKAGES)
@@ -735,7 +734,7 @@ class SSHReconcileTests(ReconcileTestCase):
         self.addCleanup(lambda: self.assertEqual([p for h in ("h1", "h2") for p in self.ssh.pids(h)], []))
         specs = os.path.abspath(self.mktemp())
         os.makedirs(specs)
-        write_spec(specs, "remote", launcher_argv(), {"remote_hosts": ",".join(h.ip for h in self.ssh.hosts)})
+        write_spec(specs, "remote", launcher_argv(), "ssh", {"remote_hosts": ",".join(h.ip for h in self.ssh.hosts)})
         self.extra = {
             "kernelspec_path": specs,
             "response_ip": self.ssh.bridge_ip,
@@ -777,9 +776,7 @@ class SlurmReconcileTests(SlurmMixin, ReconcileTestCase):
         self.start_slurm()
         self.addCleanup(self.no_kernel_jobs)
         specs = os.path.abspath(self.mktemp())
-        os.makedirs(os.path.join(specs, "slurm"))
-        with open(os.path.join(specs, "slurm", "kernel.json"), "w") as f:
-            json.dump(slurm_spec("slurm", {"cpus": 1}), f)
+        write_spec(specs, "slurm", launcher_argv(), "slurm", config={"cpus": 1})
         self.extra = {
             "kernelspec_path": specs,
             "response_ip": self.slurm.controller_ip,

@@ -44,7 +44,7 @@ from tests.fixtures.system import SLURM_PACKAGES, require_packages
 from tests.support.contract import LauncherContract, request_for
 from tests.support.gateway import GatewayTestCase, pid_alive
 from tests.support.polling import eventually
-from tests.support.remote_kernels import launcher_argv
+from tests.support.remote_kernels import kernelspec, launcher_argv, write_spec
 from tests.support.wsclient import ChannelsClient
 
 ACTIVE = "PD,CF,R,CG,S,ST,SI,RS,RQ,RH,RF,RD,SO"
@@ -56,12 +56,7 @@ for) a node.
 
 
 def slurm_spec(name: str, config: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
-    return {
-        "display_name": name,
-        "language": "python",
-        "argv": argv or launcher_argv(),
-        "metadata": {"egateway": {"launcher": "slurm", "config": config}},
-    }
+    return kernelspec(name, argv or launcher_argv(), "slurm", config=config)
 
 
 # -- no Slurm at all ------------------------------------------------------
@@ -615,12 +610,9 @@ class SlurmGatewayTestCase(SlurmMixin, GatewayTestCase):
         self.start_slurm()
         self.addCleanup(self.no_kernel_jobs)
         self.specs = os.path.abspath(self.mktemp())
-        os.makedirs(os.path.join(self.specs, "slurm"))
-        with open(os.path.join(self.specs, "slurm", "kernel.json"), "w") as f:
-            json.dump(slurm_spec("slurm", {"cpus": 1, "max_cpus": 16, "allowed_partitions": ["debug"]}), f)
-        os.makedirs(os.path.join(self.specs, "broken"))
-        with open(os.path.join(self.specs, "broken", "kernel.json"), "w") as f:
-            json.dump(slurm_spec("broken", {}, [sys.executable, "/nonexistent/launch.py", "{kernel_id}"]), f)
+        config = {"cpus": 1, "max_cpus": 16, "allowed_partitions": ["debug"]}
+        write_spec(self.specs, "slurm", launcher_argv(), "slurm", config=config)
+        write_spec(self.specs, "broken", [sys.executable, "/nonexistent/launch.py", "{kernel_id}"], "slurm")
         self.gateway_settings = {
             "kernelspec_path": self.specs,
             "response_ip": self.slurm.controller_ip,

@@ -21,23 +21,17 @@ from tests.fixtures.system import SSH_PACKAGES, require_packages
 from tests.support.contract import LauncherContract, request_for
 from tests.support.gateway import GatewayTestCase
 from tests.support.polling import eventually
+from tests.support import remote_kernels
 from tests.support.remote_kernels import launcher_argv
 from tests.support.wsclient import ChannelsClient
 
 
 
 def write_spec(directory: str, name: str, argv: list[str], config: dict[str, Any]) -> None:
-    os.makedirs(os.path.join(directory, name))
-    with open(os.path.join(directory, name, "kernel.json"), "w") as f:
-        json.dump(
-            {
-                "display_name": name,
-                "language": "python",
-                "argv": argv,
-                "metadata": {"egateway": {"launcher": "ssh", "config": config}},
-            },
-            f,
-        )
+    """
+    An SSH kernelspec with launcher config C{config}.
+    """
+    remote_kernels.write_spec(directory, name, argv, "ssh", config=config)
 
 
 

@@ -1,12 +1,16 @@
 """
-The argv of a remote kernelspec: egateway's Python kernel launcher, with
-the placeholders the gateway fills in at launch.
+Kernelspecs for tests and the benchmark: their JSON, written to a
+kernelspec directory, and the argv of a remote kernelspec (egateway's
+Python kernel launcher, with the placeholders the gateway fills in at
+launch).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from typing import Any
 
 LAUNCHER = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -29,3 +33,39 @@ def launcher_argv(script: str = LAUNCHER) -> list[str]:
         "--public-key", "{public_key}",
         "--port-range", "{port_range}",
     ]
+
+
+def kernelspec(
+    name: str,
+    argv: list[str],
+    launcher: str = "",
+    config: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    display_name: str = "",
+) -> dict[str, Any]:
+    """
+    A kernelspec's JSON; with C{launcher}, egateway's metadata naming it
+    and its C{config}.
+    """
+    spec: dict[str, Any] = {"display_name": display_name or name, "language": "python", "argv": argv}
+    if env is not None:
+        spec["env"] = env
+    if launcher:
+        spec["metadata"] = {"egateway": {"launcher": launcher, "config": config or {}}}
+    return spec
+
+
+def write_spec(
+    directory: str,
+    name: str,
+    argv: list[str],
+    launcher: str = "",
+    config: dict[str, Any] | None = None,
+    **options: Any,
+) -> None:
+    """
+    Write L{kernelspec} C{name} into the kernelspec directory C{directory}.
+    """
+    os.makedirs(os.path.join(directory, name), exist_ok=True)
+    with open(os.path.join(directory, name, "kernel.json"), "w") as f:
+        json.dump(kernelspec(name, argv, launcher, config, **options), f)
