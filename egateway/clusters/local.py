@@ -310,6 +310,16 @@ def remove_kernel_files(kernel_id: str, paths: Sequence[str]) -> None:
             _log.warn("kernel {kernel_id}: could not remove {path}: {error}", kernel_id=kernel_id, path=path, error=str(e))
 
 
+def _open_kernel_file(path: str, flags: int, private_to: Account | None) -> int:
+    """
+    Open (creating, mode 0600) one of a kernel's files: given to the
+    user C{private_to} alone when the kernel runs as that user.
+    """
+    if private_to is not None:
+        return open_private_blocking(path, flags, private_to)
+    return os.open(path, flags | os.O_CREAT, 0o600)
+
+
 class KernelLog:
     """
     Follows a kernel's output file, logging each new line tagged with the
@@ -635,10 +645,7 @@ class LocalLauncher:
         )
         connection_file = os.path.join(runtime_dir, f"kernel-{request.kernel_id}.json")
         try:
-            if private_to is not None:
-                fd = open_private_blocking(connection_file, os.O_WRONLY | os.O_TRUNC, private_to)
-            else:
-                fd = os.open(connection_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = _open_kernel_file(connection_file, os.O_WRONLY | os.O_TRUNC, private_to)
             with os.fdopen(fd, "w") as f:
                 json.dump(info.to_dict(), f)
         except OSError as e:
@@ -660,10 +667,7 @@ class LocalLauncher:
         protocol = _KernelProcessProtocol()
         log_path = os.path.join(runtime_dir, f"kernel-{request.kernel_id}.log")
         try:
-            if private_to is not None:
-                output = open_private_blocking(log_path, os.O_WRONLY | os.O_APPEND, private_to)
-            else:
-                output = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            output = _open_kernel_file(log_path, os.O_WRONLY | os.O_APPEND, private_to)
         except OSError as e:
             self._ports.release(ports)
             os.unlink(connection_file)

@@ -53,7 +53,7 @@ class Action(str, enum.Enum):
     REPORT = "report"
 
 
-MODES = ("reap", "adopt", "report")
+MODES = tuple(action.value for action in Action)
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,14 @@ class Outcome:
     action: Action
     done: str
     detail: str = ""
+
+
+def _store_unavailable(error: StoreError) -> None:
+    _log.warn(
+        "reconciler: the kernel store is unavailable ({error}); orphaned kernels are looked for again at the "
+        "next pass",
+        error=str(error),
+    )
 
 
 class Reconciler(Service):
@@ -206,11 +214,7 @@ class Reconciler(Service):
         try:
             records = await self._persistence.store.load_kernels()
         except StoreError as e:
-            _log.warn(
-                "reconciler: the kernel store is unavailable ({error}); orphaned kernels are looked for "
-                "again at the next pass",
-                error=str(e),
-            )
+            _store_unavailable(e)
             return []
         known = {record.kernel_id for record in records}
         outcomes: list[Outcome] = []
@@ -220,11 +224,7 @@ class Reconciler(Service):
             try:
                 outcome = await self._act(decision)
             except StoreError as e:
-                _log.warn(
-                    "reconciler: the kernel store is unavailable ({error}); orphaned kernels are looked for "
-                    "again at the next pass",
-                    error=str(e),
-                )
+                _store_unavailable(e)
                 break
             outcomes.append(outcome)
         self.passes += 1
