@@ -119,6 +119,22 @@ class KernelRoutes(APITestCase):
         self.assertError(self.call("POST", "/api/kernels", {"name": "nope"}), 404, "nope")
         self.assertEqual(self.manager.kernels, {})
 
+    def test_deeply_nested_bodies(self) -> None:
+        """
+        A body nested deeper than the parser's stack (or just deeper than any
+        route needs) is a 400 on every route that reads one, never a 500.
+        """
+        kid = self.start()["id"]
+        for depth in (100, 100_000):
+            raw = b'{"env": ' + b"[" * depth + b"]" * depth + b"}"
+            for method, path in (
+                ("POST", "/api/kernels"),
+                ("POST", "/api/sessions"),
+                ("PUT", f"/api/kernels/{kid}/acl"),
+            ):
+                self.assertError(self.call(method, path, raw=raw), 400, "nested more than 64 levels")
+        self.assertEqual(list(self.manager.kernels), [kid])
+
     def test_launch_failure(self) -> None:
         """
         A failed launch is a 500 whose message names the cause.

@@ -28,21 +28,54 @@ _log = Logger()
 
 JSON = b"application/json"
 
+MAX_JSON_DEPTH = 64
+"""
+Deepest nesting of arrays and objects a request body may have.  No route
+needs more than a few levels; a deeper body would make the parser (or any
+recursive walk after it) exhaust the stack.
+"""
+
 
 def json_body(request: IRequest) -> Any:
     """
     The request's JSON body; C{None} when empty.
 
-    @raise BadRequest: if the body is not valid JSON.
+    @raise BadRequest: if the body is not valid JSON, or nested deeper than
+        L{MAX_JSON_DEPTH}.
     """
     request.content.seek(0)
     data = request.content.read()
     if not data.strip():
         return None
     try:
-        return json.loads(data)
+        value = json.loads(data)
+    except RecursionError:
+        raise BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    if _depth_exceeds(value, MAX_JSON_DEPTH):
+        raise BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """
+    Whether C{value} nests lists and dicts more than C{limit} deep; walked
+    with an explicit stack, so the check cannot itself overflow.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def write_json(request: IRequest, value: Any, status: int = 200) -> bytes:
