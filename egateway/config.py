@@ -242,8 +242,8 @@ class AuthConfig:
     )
     auth_failure_limit: int = setting(
         10,
-        "Failed authentications allowed per client address within auth_failure_window; more are answered "
-        "429 (0: no limit).",
+        "Failed authentications allowed per client address and token within auth_failure_window; more with "
+        "that token from that address are answered 429 (0: no limit).",
         env=("EG_AUTH_FAILURE_LIMIT",),
         minimum=0,
     )
