@@ -566,6 +566,31 @@ class JupyterHubTests(SynchronousTestCase):
         self.hub.users["svc"] = {"kind": "service", "name": "announcer"}
         self.assertIsNone(self.successResultOf(self.identify("svc")))
 
+    def test_scope_required(self) -> None:
+        """
+        With a scope configured, only tokens the Hub says hold it (or its
+        unfiltered form) are accepted; another token of the same user, or
+        an answer without scopes (a Hub before 2.0), is refused.
+        """
+        self.auth = JupyterHubAuthenticator(
+            "http://hub.example/hub/api/", clock=self.clock, http=self.hub.stub, reactor=self.clock,
+            scope="access:services!service=egateway",
+        )
+        user = {"kind": "user", "name": "hubuser", "groups": []}
+        self.hub.users.update(
+            {
+                "for-gateway": {**user, "scopes": ["access:services!service=egateway", "read:users!user=hubuser"]},
+                "for-all-services": {**user, "scopes": ["access:services"]},
+                "for-another-service": {**user, "scopes": ["access:services!service=grader"]},
+                "for-servers": {**user, "scopes": ["access:servers!user=hubuser", "read:users!user=hubuser"]},
+            }
+        )
+        for token in ("for-gateway", "for-all-services"):
+            self.assertEqual(self.successResultOf(self.identify(token)).username, "hubuser")
+        for token in ("for-another-service", "for-servers", "hub-token-1"):
+            failure = self.failureResultOf(self.identify(token), Unauthorized)
+            self.assertIn("scope access:services!service=egateway", str(failure.value))
+
 
 # -- the chain --------------------------------------------------------------
 
@@ -676,6 +701,7 @@ class ChainTests(SynchronousTestCase):
                 "auth-token": SHARED,
                 "trusted-proxies": "10.0.0.0/8",
                 "jwt-secret": SECRET,
+                "jwt-audience": "egateway",
                 "jupyterhub-api-url": "http://hub:8081/hub/api",
                 "user-tokens-file": "/nonexistent",
             },
@@ -683,7 +709,9 @@ class ChainTests(SynchronousTestCase):
         self.assertEqual(
             enabled_authenticators(config.auth), ["trusted-proxy", "token", "user-tokens", "jwt", "jupyterhub"]
         )
-        config = build_config({}, {}, {"auth-token": SHARED, "jwt-secret": SECRET, "authenticators": "jwt,token"})
+        config = build_config(
+            {}, {}, {"auth-token": SHARED, "jwt-secret": SECRET, "jwt-audience": "eg", "authenticators": "jwt,token"}
+        )
         self.assertEqual(enabled_authenticators(config.auth), ["jwt", "token"])
 
 
@@ -992,7 +1020,8 @@ class SlowAuthentication(FrontTestCase):
 class Audit(FrontTestCase):
     # bob administers every kernel: only an admin (or the owner) may shut alice's down.
     flags = {
-        "user-tokens-file": "{tokens}", "jwt-secret": SECRET, "auth-failure-limit": "2", "list-kernels": "true",
+        "user-tokens-file": "{tokens}", "jwt-secret": SECRET, "jwt-any-audience": "true", "auth-failure-limit": "2",
+        "list-kernels": "true",
         "admin-users": "bob",
     }
 
@@ -1111,6 +1140,7 @@ class ConfigTests(SynchronousTestCase):
             ({"authenticators": "token"}, "needs auth_token"),
             ({"authenticators": "jwt"}, "jwt needs"),
             ({"authenticators": "jwt", "jwt-secret": "short"}, "32 bytes"),
+            ({"jwt-secret": SECRET}, "auth.jwt_audience: required"),
             ({"authenticators": "trusted-proxy", "trusted-proxies": "10.0.0.0/8"}, "auth_token"),
             ({"trusted-proxies": "not-a-network"}, "auth.trusted_proxies"),
             ({"jwt-algorithms": "none"}, "auth.jwt_algorithms"),
