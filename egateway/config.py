@@ -133,6 +133,13 @@ class AuthConfig:
         "WebSockets ('*' for any).",
         env=("EG_ALLOW_ORIGIN", "KG_ALLOW_ORIGIN"),
     )
+    allowed_hosts: list = setting(
+        [],
+        "Host names (.example.org: every name under it; *: any) a request may name in its Host header when no "
+        "authenticator is configured, besides loopback names and addresses and the listen interface's (a "
+        "defence against DNS rebinding).",
+        env=("EG_ALLOWED_HOSTS",),
+    )
     allow_credentials: str = setting(
         "",
         "Access-Control-Allow-Credentials value.",

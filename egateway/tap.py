@@ -347,6 +347,7 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
     """
     from egateway.api.auth import CorsPolicy
     from egateway.api.authenticators import build_authentication
+    from egateway.api.hosts import HostPolicy
     from egateway.api.http import FrontResource
     from egateway.api.routes import GatewayAPI
     from egateway.api.websocket import ChannelsEndpoint
@@ -373,7 +374,9 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
 
     watch_kernels(manager)
     authentication = build_authentication(config.auth, reactor, threadpool)
-    front = FrontResource(api.resource(), authentication, cors)
+    front = FrontResource(
+        api.resource(), authentication, cors, HostPolicy(config.listen_endpoint, config.auth.allowed_hosts)
+    )
     return api, front
 
 

@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from egateway.api.auth import CorsPolicy
 from egateway.api.authenticators import AuthenticatorChain
+from egateway.api.hosts import HostPolicy
 from egateway.errors import BadRequest, GatewayError, TooManyRequests, Unauthorized
 from egateway.ops import audit
 
@@ -168,10 +169,21 @@ class FrontResource:
 
     isLeaf = True
 
-    def __init__(self, routes: IResource, authentication: AuthenticatorChain, cors: CorsPolicy) -> None:
+    def __init__(
+        self,
+        routes: IResource,
+        authentication: AuthenticatorChain,
+        cors: CorsPolicy,
+        hosts: HostPolicy | None = None,
+    ) -> None:
+        """
+        @param hosts: the names a request may give in C{Host} when no
+            authenticator is configured (C{None}: any).
+        """
         self._routes = routes
         self.authentication = authentication
         self._cors = cors
+        self._hosts = hosts
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         return self
@@ -209,6 +221,8 @@ class FrontResource:
 
     async def _serve(self, request: IRequest, gone: list[bool]) -> None:
         try:
+            if self._hosts is not None and not self.authentication.authenticators:
+                self._hosts.check(request)
             request.gateway_user = await self.authentication.authenticate(request)
             self._cors.check_origin(request)
         except CancelledError:
@@ -246,7 +260,7 @@ class FrontResource:
             request.setHeader(b"retry-after", str(error.retry_after).encode("ascii"))
         elif error.status == 403:
             # Authentication events are audited by the chain; this is the
-            # Origin check.
+            # Origin or Host check.
             audit.refused(request, error.status, error.message)
         _finish(request, write_error(request, error))
 
