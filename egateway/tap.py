@@ -162,9 +162,12 @@ class GatewayService(MultiService):
         return stopping
 
 
-def build_service(config: Config, reactor: Any) -> GatewayService:
+def build_service(config: Config, reactor: Any, config_file: str = "") -> GatewayService:
     """
     Construct every part of the gateway for C{config}.
+
+    @param config_file: the file C{config} was read from, if any (its mode
+        is checked at start-up).
     """
     from egateway.api.http import GatewaySite
     from egateway.clusters.interface import LauncherContext
@@ -187,6 +190,9 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
         settings={"config": config, "gateway_id": gateway_id},
     )
     DataDirectory(data_path, lambda path: setattr(context, "runtime_dir", path)).setServiceParent(top)
+    from egateway.ops.posture import PostureWarnings
+
+    PostureWarnings(config, config_file, data_path).setServiceParent(top)
     if config.auth.audit_log:
         from egateway.ops.audit import AuditFile
 
@@ -385,4 +391,4 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return build_service(options.gateway_config, reactor)
+    return build_service(options.gateway_config, reactor, config_file=options["config"] or "")
