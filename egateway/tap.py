@@ -391,4 +391,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
+    from egateway.ops.posture import protect_process
+
+    # The daemon only (tests build services in their own processes).
+    protect_process()
     return build_service(options.gateway_config, reactor, config_file=options["config"] or "")

@@ -3,7 +3,8 @@ The gateway's own secrets stay its own: kernels never inherit the
 environment variables that carry them, and start-up warns about settings
 that leave users less separated than they may think (the shared token as a
 super-user, users sharing one account without impersonation, secret files
-other users can read, checks turned off).
+other users can read, checks turned off); the daemon's process is closed to
+other processes of its user.
 """
 
 from __future__ import annotations
@@ -84,6 +85,33 @@ class WarningTests(SynchronousTestCase):
         for path in (config, key, self.tokens, os.path.join(self.dir, "store.key")):
             os.chmod(path, 0o600)
         self.assertEqual(self.warnings(flags, config, self.dir), "")
+
+
+class ProcessTests(SynchronousTestCase):
+    def test_gateway_process_not_dumpable(self) -> None:
+        """
+        protect_process makes the process non-dumpable (its memory and
+        /proc/<pid>/environ closed to other processes of its user, kernels
+        without impersonation among them); run in a child process, so this
+        test runner stays as it was.
+        """
+        import subprocess
+        import sys
+
+        script = (
+            "import ctypes\n"
+            "from egateway.ops.posture import protect_process\n"
+            "libc = ctypes.CDLL(None)\n"
+            "before = libc.prctl(3, 0, 0, 0, 0)\n"
+            "done = protect_process()\n"
+            "print(before, done, libc.prctl(3, 0, 0, 0, 0))\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        result = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "PYTHONPATH": root},
+        )
+        self.assertEqual(result.stdout.split(), ["1", "True", "0"], result.stderr)
 
 
 class DaemonTests(TestCase):

@@ -113,6 +113,36 @@ def _mode(path: str) -> int | None:
         return None
 
 
+PR_SET_DUMPABLE = 4
+
+
+def protect_process() -> bool:
+    """
+    Make the gateway's process non-dumpable (Linux C{prctl}): other
+    processes of its user, kernels without impersonation among them, can
+    then no longer read its memory or C{/proc/<pid>/environ} (where the
+    auth token, the JWT secret and the store key may be) nor attach a
+    debugger to it.  Kernels start from a fresh C{exec} and are dumpable as
+    usual.  No core dumps of the gateway are written either.
+
+    @return: whether it worked (C{False} off Linux).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        done = libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        done = False
+    if not done:
+        _log.warn(
+            "security: could not make the gateway's process non-dumpable; processes of its user (kernels "
+            "without impersonation) may read its memory and environment"
+        )
+    return done
+
+
 class PostureWarnings(Service):
     """
     Logs L{posture_warnings} once, as the gateway starts.
