@@ -291,7 +291,7 @@ class KernelsConfig:
     )
     max_kernels: int = setting(
         0,
-        "Most kernels at once, launches in progress included (0: no limit).",
+        "Most kernels at once, launches in progress included, dead ones not (0: no limit).",
         env=("EG_MAX_KERNELS", "KG_MAX_KERNELS"),
         minimum=0,
     )
