@@ -157,5 +157,7 @@ class PostureWarnings(Service):
 
     def startService(self) -> None:
         super().startService()
-        for warning in posture_warnings(self._config, self._config_file, self._data_dir):
-            _log.warn("security: {warning}", warning=warning)
+        # Not "warning": the legacy log bridge takes an event with that key
+        # for a Python warning.
+        for concern in posture_warnings(self._config, self._config_file, self._data_dir):
+            _log.warn("security: {concern}", concern=concern)
