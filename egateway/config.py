@@ -133,6 +133,13 @@ class AuthConfig:
         "WebSockets ('*' for any).",
         env=("EG_ALLOW_ORIGIN", "KG_ALLOW_ORIGIN"),
     )
+    allowed_hosts: list = setting(
+        [],
+        "Host names (.example.org: every name under it; *: any) a request may name in its Host header when no "
+        "authenticator is configured, besides loopback names and addresses and the listen interface's (a "
+        "defence against DNS rebinding).",
+        env=("EG_ALLOWED_HOSTS",),
+    )
     allow_credentials: str = setting(
         "",
         "Access-Control-Allow-Credentials value.",
@@ -190,7 +197,15 @@ class AuthConfig:
         env=("EG_JWT_ALGORITHMS",),
     )
     jwt_audience: str = setting(
-        "", "Required JWT aud claim (empty: aud is not checked).", env=("EG_JWT_AUDIENCE",)
+        "",
+        "Required JWT aud claim; must be set with the jwt authenticator, unless jwt_any_audience is true.",
+        env=("EG_JWT_AUDIENCE",),
+    )
+    jwt_any_audience: bool = setting(
+        False,
+        "Accept JWTs whatever their aud claim (only for an identity provider whose every token is meant for "
+        "this gateway); without it jwt_audience is required.",
+        env=("EG_JWT_ANY_AUDIENCE",),
     )
     jwt_issuer: str = setting(
         "", "Required JWT iss claim (empty: iss is not checked).", env=("EG_JWT_ISSUER",)
@@ -217,6 +232,12 @@ class AuthConfig:
         "JupyterHub API URL (e.g. http://127.0.0.1:8081/hub/api) that checks JupyterHub API tokens.",
         env=("EG_JUPYTERHUB_API_URL",),
     )
+    jupyterhub_scope: str = setting(
+        "access:services!service=egateway",
+        "Scope a JupyterHub token must hold (in the Hub's answer) to be accepted, e.g. "
+        "access:services!service=<this gateway's service name> (empty: any token the Hub accepts).",
+        env=("EG_JUPYTERHUB_SCOPE",),
+    )
     jupyterhub_cache_ttl: float = setting(
         30.0,
         "Seconds a JupyterHub token check is cached; a token revoked at the Hub is refused after it.",
@@ -242,8 +263,8 @@ class AuthConfig:
     )
     auth_failure_limit: int = setting(
         10,
-        "Failed authentications allowed per client address within auth_failure_window; more are answered "
-        "429 (0: no limit).",
+        "Failed authentications allowed per client address and token within auth_failure_window; more with "
+        "that token from that address are answered 429 (0: no limit).",
         env=("EG_AUTH_FAILURE_LIMIT",),
         minimum=0,
     )
@@ -270,7 +291,7 @@ class KernelsConfig:
     )
     max_kernels: int = setting(
         0,
-        "Most kernels at once, launches in progress included (0: no limit).",
+        "Most kernels at once, launches in progress included, dead ones not (0: no limit).",
         env=("EG_MAX_KERNELS", "KG_MAX_KERNELS"),
         minimum=0,
     )
@@ -1183,6 +1204,12 @@ def _validate_auth(auth: "AuthConfig") -> None:
                 raise ConfigError(
                     "auth.authenticators: jwt needs jwt_secret (for HS*) or jwt_public_key_file (for RS*, ES*, ...) "
                     "matching one of jwt_algorithms"
+                )
+            if not auth.jwt_audience and not auth.jwt_any_audience:
+                raise ConfigError(
+                    "auth.jwt_audience: required with the jwt authenticator, or a token the identity provider "
+                    "issued for another service is accepted here; set it to the aud claim of this gateway's "
+                    "tokens (or set jwt_any_audience = true if every token of this provider is meant for it)"
                 )
 
 

@@ -162,9 +162,12 @@ class GatewayService(MultiService):
         return stopping
 
 
-def build_service(config: Config, reactor: Any) -> GatewayService:
+def build_service(config: Config, reactor: Any, config_file: str = "") -> GatewayService:
     """
     Construct every part of the gateway for C{config}.
+
+    @param config_file: the file C{config} was read from, if any (its mode
+        is checked at start-up).
     """
     from egateway.api.http import GatewaySite
     from egateway.clusters.interface import LauncherContext
@@ -187,6 +190,9 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
         settings={"config": config, "gateway_id": gateway_id},
     )
     DataDirectory(data_path, lambda path: setattr(context, "runtime_dir", path)).setServiceParent(top)
+    from egateway.ops.posture import PostureWarnings
+
+    PostureWarnings(config, config_file, data_path).setServiceParent(top)
     if config.auth.audit_log:
         from egateway.ops.audit import AuditFile
 
@@ -347,6 +353,7 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
     """
     from egateway.api.auth import CorsPolicy
     from egateway.api.authenticators import build_authentication
+    from egateway.api.hosts import HostPolicy
     from egateway.api.http import FrontResource
     from egateway.api.routes import GatewayAPI
     from egateway.api.websocket import ChannelsEndpoint
@@ -373,7 +380,9 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
 
     watch_kernels(manager)
     authentication = build_authentication(config.auth, reactor, threadpool)
-    front = FrontResource(api.resource(), authentication, cors)
+    front = FrontResource(
+        api.resource(), authentication, cors, HostPolicy(config.listen_endpoint, config.auth.allowed_hosts)
+    )
     return api, front
 
 
@@ -382,4 +391,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return build_service(options.gateway_config, reactor)
+    from egateway.ops.posture import protect_process
+
+    # The daemon only (tests build services in their own processes).
+    protect_process()
+    return build_service(options.gateway_config, reactor, config_file=options["config"] or "")

@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
+from egateway.api.hosts import HostPolicy
 from egateway.clusters.interface import LaunchError
 from egateway.config import build_config
 from egateway.tap import build_api
@@ -31,7 +32,9 @@ class APITestCase(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.config = build_config({}, {}, self.flags)
+        # The stub's requests name gw.example: allowed, as if it were this
+        # gateway's name (DnsRebinding checks the refusal of other names).
+        self.config = build_config({}, {}, {"allowed-hosts": "gw.example", **self.flags})
         self.manager, self.launcher, self.channels = make_manager(
             self.clock, **self.manager_settings
         )
@@ -118,6 +121,22 @@ class KernelRoutes(APITestCase):
         self.assertError(self.call("POST", "/api/kernels", {"name": 5}), 400, "'name'")
         self.assertError(self.call("POST", "/api/kernels", {"name": "nope"}), 404, "nope")
         self.assertEqual(self.manager.kernels, {})
+
+    def test_deeply_nested_bodies(self) -> None:
+        """
+        A body nested deeper than the parser's stack (or just deeper than any
+        route needs) is a 400 on every route that reads one, never a 500.
+        """
+        kid = self.start()["id"]
+        for depth in (100, 100_000):
+            raw = b'{"env": ' + b"[" * depth + b"]" * depth + b"}"
+            for method, path in (
+                ("POST", "/api/kernels"),
+                ("POST", "/api/sessions"),
+                ("PUT", f"/api/kernels/{kid}/acl"),
+            ):
+                self.assertError(self.call(method, path, raw=raw), 400, "nested more than 64 levels")
+        self.assertEqual(list(self.manager.kernels), [kid])
 
     def test_launch_failure(self) -> None:
         """
@@ -371,3 +390,49 @@ class OpenAPI(APITestCase):
             for method in rule.methods - {"HEAD", "OPTIONS"}:
                 served.add((method, path))
         self.assertEqual(documented, served)
+
+
+class HostPolicyTests(SynchronousTestCase):
+    def test_names_of_each_listener(self) -> None:
+        """
+        Loopback names and addresses always pass; a listener on every
+        interface also admits any address and the host's own name; one on a
+        given address, that address; anything else needs allowed_hosts.
+        """
+        cases = {
+            "tcp:8888:interface=127.0.0.1": {"localhost:8888": True, "a.localhost": True, "127.0.0.2": True,
+                                             "[::1]:8888": True, "gw1": False, "10.1.2.3": False,
+                                             "evil.example": False},
+            "tcp:8888": {"10.1.2.3:8888": True, "[2001:db8::1]": True, "gw1": True, "gw1.corp.example": True,
+                         "evil.example": False, "gw1.evil.example": False},
+            "tcp6:8888:interface=\\:\\:": {"[2001:db8::1]:8888": True, "evil.example": False},
+            "ssl:8443:privateKey=k.pem:interface=10.1.2.3": {"10.1.2.3:8443": True, "10.1.2.4": False,
+                                                             "gw1": True, "evil.example": False},
+            "tcp:8888:interface=gw.internal": {"gw.internal:8888": True, "evil.example": False},
+            "unix:/run/egateway.sock": {"localhost": True, "gw1": False, "10.1.2.3": False},
+        }
+        for listen, hosts in cases.items():
+            policy = HostPolicy(listen, hostname="gw1.corp.example")
+            self.assertEqual({host: policy.allows(host) for host in hosts}, hosts, listen)
+        policy = HostPolicy("tcp:8888:interface=127.0.0.1", [".lab.example", "Notebooks.Example"], hostname="gw1")
+        self.assertEqual(
+            [policy.allows(h) for h in ("n1.lab.example", "notebooks.example:80", "lab.example.evil", "gw1")],
+            [True, True, False, False],
+        )
+        self.assertTrue(HostPolicy("tcp:8888:interface=127.0.0.1", ["*"]).allows("evil.example"))
+
+    def test_only_without_authentication(self) -> None:
+        """
+        Through the front: a foreign Host is a JSON 403 without
+        authentication, and not checked once authentication is on (a
+        rebinding page has no credentials).
+        """
+        for flags, code in (({}, 403), ({"auth-token": "t0ken-Kq3v"}, 200)):
+            config = build_config({}, {}, flags)
+            manager, _, _ = make_manager(Clock())
+            _, front = build_api(config, manager, Clock(), ThreadPool())
+            result = stub_call(self, StubTreq(front), Clock(), "GET", "/api", None, {"Authorization": "token t0ken-Kq3v"})
+            self.assertEqual(result[0], code, result[1])
+            if code == 403:
+                assert_json_error(self, result, 403, "allowed_hosts")
+

@@ -566,6 +566,31 @@ class JupyterHubTests(SynchronousTestCase):
         self.hub.users["svc"] = {"kind": "service", "name": "announcer"}
         self.assertIsNone(self.successResultOf(self.identify("svc")))
 
+    def test_scope_required(self) -> None:
+        """
+        With a scope configured, only tokens the Hub says hold it (or its
+        unfiltered form) are accepted; another token of the same user, or
+        an answer without scopes (a Hub before 2.0), is refused.
+        """
+        self.auth = JupyterHubAuthenticator(
+            "http://hub.example/hub/api/", clock=self.clock, http=self.hub.stub, reactor=self.clock,
+            scope="access:services!service=egateway",
+        )
+        user = {"kind": "user", "name": "hubuser", "groups": []}
+        self.hub.users.update(
+            {
+                "for-gateway": {**user, "scopes": ["access:services!service=egateway", "read:users!user=hubuser"]},
+                "for-all-services": {**user, "scopes": ["access:services"]},
+                "for-another-service": {**user, "scopes": ["access:services!service=grader"]},
+                "for-servers": {**user, "scopes": ["access:servers!user=hubuser", "read:users!user=hubuser"]},
+            }
+        )
+        for token in ("for-gateway", "for-all-services"):
+            self.assertEqual(self.successResultOf(self.identify(token)).username, "hubuser")
+        for token in ("for-another-service", "for-servers", "hub-token-1"):
+            failure = self.failureResultOf(self.identify(token), Unauthorized)
+            self.assertIn("scope access:services!service=egateway", str(failure.value))
+
 
 # -- the chain --------------------------------------------------------------
 
@@ -676,6 +701,7 @@ class ChainTests(SynchronousTestCase):
                 "auth-token": SHARED,
                 "trusted-proxies": "10.0.0.0/8",
                 "jwt-secret": SECRET,
+                "jwt-audience": "egateway",
                 "jupyterhub-api-url": "http://hub:8081/hub/api",
                 "user-tokens-file": "/nonexistent",
             },
@@ -683,7 +709,9 @@ class ChainTests(SynchronousTestCase):
         self.assertEqual(
             enabled_authenticators(config.auth), ["trusted-proxy", "token", "user-tokens", "jwt", "jupyterhub"]
         )
-        config = build_config({}, {}, {"auth-token": SHARED, "jwt-secret": SECRET, "authenticators": "jwt,token"})
+        config = build_config(
+            {}, {}, {"auth-token": SHARED, "jwt-secret": SECRET, "jwt-audience": "eg", "authenticators": "jwt,token"}
+        )
         self.assertEqual(enabled_authenticators(config.auth), ["jwt", "token"])
 
 
@@ -903,22 +931,37 @@ class RateLimit(FrontTestCase):
 
     def test_limit_and_recovery(self) -> None:
         """
-        After 3 wrong tokens the address gets 429 with Retry-After, even with
-        a good token, until the window has passed.
+        After 3 failures of one token from an address, that token gets 429
+        with Retry-After until the window has passed.
         """
         for _ in range(20):
             self.assertEqual(self.call("GET", "/api", headers=bearer(ALICE_TOKEN))[0], 200)
         for _ in range(3):
             self.assertRefused(self.call("GET", "/api", headers=bearer("guess")), 401)
-        for headers in (bearer("guess"), bearer(ALICE_TOKEN), {}):
-            code, body, response_headers = self.call("GET", "/api", headers=headers)
+        for _ in range(2):
+            code, body, response_headers = self.call("GET", "/api", headers=bearer("guess"))
             self.assertRefused((code, body, response_headers), 429, "too many failed authentications")
             retry = int(response_headers.getRawHeaders(b"retry-after")[0])
             self.assertTrue(0 < retry <= 60, retry)
         self.clock.advance(retry)
-        self.assertEqual(self.call("GET", "/api", headers=bearer(ALICE_TOKEN))[0], 200)
+        self.assertRefused(self.call("GET", "/api", headers=bearer("guess")), 401)
         [throttled, *_] = self.log.audit("auth.throttled")
         self.assertEqual(throttled["address"], "127.0.0.1")
+
+    def test_others_failures_never_refuse_a_valid_token(self) -> None:
+        """
+        Clients sharing one address (a NAT, a proxy): one client's wrong
+        tokens throttle those tokens only; the valid tokens of the others,
+        and requests without credentials, are answered as usual.
+        """
+        for guess in ("guess-1", "guess-2"):
+            for _ in range(3):
+                self.call("GET", "/api", headers=bearer(guess))
+            self.assertRefused(self.call("GET", "/api", headers=bearer(guess)), 429)
+        self.assertEqual(self.call("GET", "/api", headers=bearer(ALICE_TOKEN))[0], 200)
+        self.assertEqual(self.call("GET", "/api", headers=bearer(BOB_TOKEN))[0], 200)
+        self.assertRefused(self.call("GET", "/api"), 401)
+        self.assertRefused(self.call("GET", "/api", headers=bearer("guess-3")), 401)
 
     def test_missing_credentials_do_not_count(self) -> None:
         """
@@ -977,7 +1020,8 @@ class SlowAuthentication(FrontTestCase):
 class Audit(FrontTestCase):
     # bob administers every kernel: only an admin (or the owner) may shut alice's down.
     flags = {
-        "user-tokens-file": "{tokens}", "jwt-secret": SECRET, "auth-failure-limit": "2", "list-kernels": "true",
+        "user-tokens-file": "{tokens}", "jwt-secret": SECRET, "jwt-any-audience": "true", "auth-failure-limit": "2",
+        "list-kernels": "true",
         "admin-users": "bob",
     }
 
@@ -998,8 +1042,9 @@ class Audit(FrontTestCase):
         self.call("DELETE", f"/api/kernels/{model['id']}", headers=bearer(BOB_TOKEN))
         self.call("GET", "/api", headers=bearer("guess"))
         self.call("GET", "/api", headers=bearer("guess"))
+        self.call("GET", "/api", headers=bearer("guess"))
 
-        [expired, guess] = self.log.audit("auth.failure")
+        [expired, guess, _] = self.log.audit("auth.failure")
         self.assertEqual(
             (expired["method"], expired["address"], expired["reason"]), ("jwt", "127.0.0.1", "the token has expired")
         )
@@ -1095,6 +1140,7 @@ class ConfigTests(SynchronousTestCase):
             ({"authenticators": "token"}, "needs auth_token"),
             ({"authenticators": "jwt"}, "jwt needs"),
             ({"authenticators": "jwt", "jwt-secret": "short"}, "32 bytes"),
+            ({"jwt-secret": SECRET}, "auth.jwt_audience: required"),
             ({"authenticators": "trusted-proxy", "trusted-proxies": "10.0.0.0/8"}, "auth_token"),
             ({"trusted-proxies": "not-a-network"}, "auth.trusted_proxies"),
             ({"jwt-algorithms": "none"}, "auth.jwt_algorithms"),

@@ -303,3 +303,57 @@ class AnyOrigin(RawTestCase):
         reply = await raw_exchange(self.port, self.upgrade(model["id"], "https://anywhere.example"))
         self.assertEqual(reply.code, 101, reply.raw[:300])
         await self.until_disconnected(model["id"])
+
+
+def named(host: str, method: str, path: str, headers: dict[str, str] | None = None) -> bytes:
+    """
+    A request without credentials whose Host header is C{host}.
+    """
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Content-Length: 0"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+class DnsRebinding(RawTestCase):
+    # No authentication: what a DNS rebinding page goes after.
+    gateway_settings = {"max_request_body": LIMIT, "max_ws_message": LIMIT}
+
+    async def test_foreign_host_refused(self) -> None:
+        """
+        Without authentication, a request naming another host (a page at
+        evil.example rebound to 127.0.0.1, its own origin as far as the
+        browser knows) is a JSON 403 on every path, WebSockets included,
+        and starts nothing; loopback names and addresses are served.
+        """
+        model = await self.gateway.start_kernel()
+        evil = f"evil.example:{self.port}"
+        for method, path in (("GET", "/api/kernels"), ("POST", "/api/kernels"), ("GET", "/api")):
+            reply = await raw_exchange(self.port, named(evil, method, path, {"Origin": f"http://{evil}"}))
+            self.assertJSONError(reply, 403, "allowed_hosts")
+        upgrade = {
+            "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Key": WS_KEY,
+            "Sec-WebSocket-Version": "13", "Origin": f"http://{evil}",
+        }
+        reply = await raw_exchange(
+            self.port, named(evil, "GET", f"/api/kernels/{model['id']}/channels?session_id=s1", upgrade)
+        )
+        self.assertJSONError(reply, 403, "allowed_hosts")
+        self.assertNotIn("sec-websocket-accept", reply.headers)
+        self.assertEqual(list(self.gateway.manager.kernels), [model["id"]])
+        for host in (f"127.0.0.1:{self.port}", f"localhost:{self.port}", "[::1]", "LOCALHOST."):
+            reply = await raw_exchange(self.port, named(host, "GET", "/api"))
+            self.assertEqual(reply.code, 200, (host, reply.raw[:300]))
+
+
+class AllowedHosts(RawTestCase):
+    gateway_settings = {**DnsRebinding.gateway_settings, "allowed_hosts": "gw.example,.lab.example"}
+
+    async def test_allowed_hosts(self) -> None:
+        """
+        Names in allowed_hosts (a leading dot: any name under it) are
+        served; others are still refused.
+        """
+        for host, code in (("gw.example", 200), ("n1.lab.example:8888", 200), ("lab.example.evil", 403)):
+            reply = await raw_exchange(self.port, named(host, "GET", "/api"))
+            self.assertEqual(reply.code, code, (host, reply.raw[:300]))
+

@@ -65,13 +65,20 @@ c.JupyterHub.cookie_secret_file = "{workdir}/cookie_secret"
 c.JupyterHub.pid_file = "{workdir}/jupyterhub.pid"
 c.JupyterHub.authenticator_class = "dummy"
 c.JupyterHub.cleanup_servers = True
-c.JupyterHub.services = [{{"name": "egateway-test-admin", "api_token": "{admin_token}"}}]
+# The gateway is known to the Hub as the service "egateway"; users may use
+# it, so their tokens hold access:services!service=egateway unless made with
+# fewer scopes.
+c.JupyterHub.services = [
+    {{"name": "egateway-test-admin", "api_token": "{admin_token}"}},
+    {{"name": "egateway"}},
+]
 c.JupyterHub.load_roles = [
     {{
         "name": "egateway-test-admin",
         "scopes": ["admin:users", "admin:groups", "tokens"],
         "services": ["egateway-test-admin"],
-    }}
+    }},
+    {{"name": "user", "scopes": ["self", "access:services!service=egateway"]}},
 ]
 """
 
@@ -107,15 +114,24 @@ class Hub:
 
     async def create_user_token(self, name: str, group: str) -> tuple[str, str]:
         """
-        A new Hub user in a new group, and an API token of theirs.
+        A new Hub user in a new group, and an API token of theirs (with every
+        scope the user has, the gateway's among them).
 
         @return: the token and its id (for revoking it).
         """
         await self.admin.call("POST", f"hub/api/users/{name}", expect=201)
         await self.admin.call("POST", f"hub/api/groups/{group}", {"users": [name]}, expect=201)
-        model = await self.admin.call(
-            "POST", f"hub/api/users/{name}/tokens", {"note": "egateway test"}, expect=201
-        )
+        return await self.create_token(name)
+
+    async def create_token(self, name: str, scopes: list[str] | None = None) -> tuple[str, str]:
+        """
+        Another API token of user C{name}, with C{scopes} (default: all the
+        user has).
+        """
+        body: dict[str, Any] = {"note": "egateway test"}
+        if scopes is not None:
+            body["scopes"] = scopes
+        model = await self.admin.call("POST", f"hub/api/users/{name}/tokens", body, expect=201)
         return model["token"], model["id"]
 
     async def revoke(self, name: str, token_id: str) -> None:
@@ -196,6 +212,7 @@ class RealHubTests(TestCase):
             http=HTTPClient(Agent(self.reactor, pool=pool)),
             reactor=self.reactor,
             cache_ttl=5,
+            scope="access:services!service=egateway",
         )
         self.addCleanup(pool.closeCachedConnections)
         identity = await auth.authenticate(_request_with(self.token))
@@ -239,6 +256,12 @@ class RealHubTests(TestCase):
         self.assertEqual(result["stdout"].strip(), "hubtester", result)
         refused = await gateway.api.request("POST", "api/kernels", {"env": {"KERNEL_USERNAME": "someone-else"}})
         self.assertEqual(refused.code, 403, refused.body)
+        # The same user's token made for other uses (here, reading their
+        # own model only) is valid at the Hub but not here.
+        narrow, _ = await self.hub.create_token("hubtester", ["read:users!user=hubtester"])
+        reply = await gateway.api.request("GET", "api/kernelspecs", token=narrow)
+        self.assertEqual(reply.code, 401, reply.body)
+        self.assertIn("access:services!service=egateway", json.loads(reply.body)["message"])
         await gateway.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
 
         await self.hub.revoke("hubtester", self.token_id)

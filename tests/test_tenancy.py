@@ -7,6 +7,7 @@ test_tenancy_integration drives the same rules with real kernels.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -23,6 +24,7 @@ from egateway.api.auth import CorsPolicy
 from egateway.api.authenticators import build_authentication
 from egateway.api.authenticators.user_tokens import token_hash
 from egateway.api.http import FrontResource
+from egateway.clusters.interface import ExitStatus, LaunchError
 from egateway.config import ConfigError, build_config, load_toml
 from egateway.kernels.manager import record_model
 from egateway.kernels.persistence import record_of
@@ -495,6 +497,75 @@ class Quotas(TenancyTestCase):
         self.refused(self.call("POST", "/api/kernels", {}, "dave"), 403, "max_kernels_per_group limit of 3",
                      "group 'physics'")
         self.start("erin")
+
+
+class DeadKernels(TenancyTestCase):
+    flags = {"max-kernels-per-user": "2"}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.manager.settings = dataclasses.replace(self.manager.settings, max_kernels=3)
+
+    def kill(self, model: dict[str, Any]) -> None:
+        """
+        End a kernel's process for good: its automatic restart fails, so it
+        is declared dead.
+        """
+        kernel = self.manager.kernels[model["id"]]
+        self.launcher.fail_with = LaunchError("no capacity left")
+        kernel.process.exit(ExitStatus(code=1))
+        self.launcher.fail_with = None
+        self.assertEqual(kernel.state, KernelState.DEAD)
+
+    def test_dead_kernels_fill_no_limit(self) -> None:
+        """
+        One user's dead kernels count toward neither their quota nor the
+        gateway-wide max_kernels: others (and they) can still start kernels.
+        """
+        for _ in range(2):
+            self.kill(self.start("bob"))
+        self.kill(self.start("bob"))
+        self.start("bob")
+        self.start("erin")
+        self.start("erin")
+        self.refused(self.call("POST", "/api/kernels", {}, "alice"), 403, "max kernels limit of 3")
+        self.assertEqual(len(self.manager.kernels), 6)
+
+    def test_reviving_passes_admission(self) -> None:
+        """
+        Restarting a dead kernel is refused (and it stays dead) while its
+        owner's quota or max_kernels is full, and revives it once there is
+        room.
+        """
+        dead = self.start("bob")
+        self.kill(dead)
+        second = self.start("bob")
+        self.start("bob")
+        restart = f"/api/kernels/{dead['id']}/restart"
+        self.refused(self.call("POST", restart, None, "bob"), 403, "max_kernels_per_user limit of 2", "'bob'")
+        kernel = self.manager.kernels[dead["id"]]
+        self.assertEqual(kernel.state, KernelState.DEAD)
+        self.assertEqual(self.call("DELETE", f"/api/kernels/{second['id']}", None, "bob")[0], 204)
+        self.start("erin")
+        self.start("erin")
+        self.refused(self.call("POST", restart, None, "bob"), 403, "max kernels limit of 3")
+        self.assertEqual(kernel.state, KernelState.DEAD)
+        self.manager.settings = dataclasses.replace(self.manager.settings, max_kernels=4)
+        code, model, _ = self.call("POST", restart, None, "bob")
+        self.assertEqual((code, model["state"]), (200, "running"), model)
+
+    def test_reviving_rechecks_authorization(self) -> None:
+        """
+        A user barred from a kernelspec since their kernel died cannot bring
+        it back with a restart.
+        """
+        dead = self.start("bob")
+        self.kill(dead)
+        self.manager.policy.settings = dataclasses.replace(self.manager.policy.settings, unauthorized_users=["bob"])
+        self.refused(
+            self.call("POST", f"/api/kernels/{dead['id']}/restart", None, "bob"), 403, "unauthorized_users"
+        )
+        self.assertEqual(self.manager.kernels[dead["id"]].state, KernelState.DEAD)
 
 
 class ConcurrentLaunches(TenancyTestCase):

@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from egateway.api.auth import CorsPolicy
 from egateway.api.authenticators import AuthenticatorChain
+from egateway.api.hosts import HostPolicy
 from egateway.errors import BadRequest, GatewayError, TooManyRequests, Unauthorized
 from egateway.ops import audit
 
@@ -28,21 +29,54 @@ _log = Logger()
 
 JSON = b"application/json"
 
+MAX_JSON_DEPTH = 64
+"""
+Deepest nesting of arrays and objects a request body may have.  No route
+needs more than a few levels; a deeper body would make the parser (or any
+recursive walk after it) exhaust the stack.
+"""
+
 
 def json_body(request: IRequest) -> Any:
     """
     The request's JSON body; C{None} when empty.
 
-    @raise BadRequest: if the body is not valid JSON.
+    @raise BadRequest: if the body is not valid JSON, or nested deeper than
+        L{MAX_JSON_DEPTH}.
     """
     request.content.seek(0)
     data = request.content.read()
     if not data.strip():
         return None
     try:
-        return json.loads(data)
+        value = json.loads(data)
+    except RecursionError:
+        raise BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    if _depth_exceeds(value, MAX_JSON_DEPTH):
+        raise BadRequest(f"the request body is nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """
+    Whether C{value} nests lists and dicts more than C{limit} deep; walked
+    with an explicit stack, so the check cannot itself overflow.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def write_json(request: IRequest, value: Any, status: int = 200) -> bytes:
@@ -135,10 +169,21 @@ class FrontResource:
 
     isLeaf = True
 
-    def __init__(self, routes: IResource, authentication: AuthenticatorChain, cors: CorsPolicy) -> None:
+    def __init__(
+        self,
+        routes: IResource,
+        authentication: AuthenticatorChain,
+        cors: CorsPolicy,
+        hosts: HostPolicy | None = None,
+    ) -> None:
+        """
+        @param hosts: the names a request may give in C{Host} when no
+            authenticator is configured (C{None}: any).
+        """
         self._routes = routes
         self.authentication = authentication
         self._cors = cors
+        self._hosts = hosts
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         return self
@@ -176,6 +221,8 @@ class FrontResource:
 
     async def _serve(self, request: IRequest, gone: list[bool]) -> None:
         try:
+            if self._hosts is not None and not self.authentication.authenticators:
+                self._hosts.check(request)
             request.gateway_user = await self.authentication.authenticate(request)
             self._cors.check_origin(request)
         except CancelledError:
@@ -213,7 +260,7 @@ class FrontResource:
             request.setHeader(b"retry-after", str(error.retry_after).encode("ascii"))
         elif error.status == 403:
             # Authentication events are audited by the chain; this is the
-            # Origin check.
+            # Origin or Host check.
             audit.refused(request, error.status, error.message)
         _finish(request, write_error(request, error))
 

@@ -1,8 +1,8 @@
 """
 Building a kernel's environment.
 
-A kernel never sees the gateway's whole environment, nor its auth token.  It
-gets, in increasing precedence:
+A kernel never sees the gateway's whole environment, nor any of its secrets
+(L{NEVER_INHERITED}).  It gets, in increasing precedence:
 
   1. the gateway variables named in C{inherited_envs};
   2. the kernelspec's C{env}, with C{${NAME}} references resolved against 1;
@@ -22,7 +22,24 @@ from typing import Any, Mapping, Sequence
 MAX_VALUE_LENGTH = 4096
 PROHIBITED_CHARACTERS = frozenset("$`\n\r\0")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
-NEVER_INHERITED = frozenset({"EG_AUTH_TOKEN", "KG_AUTH_TOKEN", "EG_JWT_SECRET", "EG_REMOTE_PWD", "LS_COLORS"})
+
+
+def _secret_variables() -> frozenset[str]:
+    """
+    The environment variables of every setting declared secret (the auth
+    token, the JWT secret, the store's URL and key...): a kernel runs code
+    its user chose, and with them it would be the gateway.
+    """
+    from egateway.config import settings
+
+    return frozenset(name for info in settings() if info.secret for name in info.env)
+
+
+NEVER_INHERITED = _secret_variables() | {"EG_REMOTE_PWD", "LS_COLORS"}
+"""
+Never in a kernel's environment, whatever C{inherited_envs}, the kernelspec
+or the client say.
+"""
 GATEWAY_OWNED = frozenset({"KERNEL_ID", "KERNEL_GATEWAY"})
 
 

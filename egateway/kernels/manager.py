@@ -34,7 +34,7 @@ from egateway.config import KernelsConfig
 from egateway.errors import BadRequest, Conflict, GatewayError, LimitReached, NotFound
 from egateway.kernels.env import BadEnvironment, accepted_client_names, build_kernel_env, validate_client_env
 from egateway.kernels.kernel import Kernel
-from egateway.kernels.policy import Acl, Caller, TenancyPolicy
+from egateway.kernels.policy import ENDED, Acl, Caller, TenancyPolicy
 from egateway.kernels.session import JournalLimits
 from egateway.kernels.sharing import LEASED_OPERATIONS
 from egateway.observe import Operation, first
@@ -371,12 +371,7 @@ class KernelManager(Service):
         kernel_id = request["kernel_id"]
         if kernel_id in self.kernels:
             raise Conflict(f"a kernel with id {kernel_id} already exists")
-        limit = self.settings.max_kernels
-        if limit and len(self.kernels) >= limit:
-            raise LimitReached(
-                f"A max kernels limit of {limit} is set and there are {len(self.kernels)} "
-                "running or starting kernels"
-            )
+        self._check_max_kernels()
         # No waiting from here until the kernel is registered: the quotas
         # count registered kernels.
         accepted = accepted_client_names(request["client_env"], self.settings.client_envs)
@@ -426,6 +421,37 @@ class KernelManager(Service):
         operation = self._run(kernel, "launch", self._launch_new)
         await operation.observe()
         return kernel
+
+    def _check_max_kernels(self) -> None:
+        """
+        @raise LimitReached: C{max_kernels} kernels are running or starting
+            (dead ones hold nothing and do not count, so nobody can fill the
+            gateway with them).
+        """
+        limit = self.settings.max_kernels
+        if not limit:
+            return
+        live = sum(1 for kernel in self.kernels.values() if kernel.state not in ENDED)
+        if live >= limit:
+            raise LimitReached(
+                f"A max kernels limit of {limit} is set and there are {live} running or starting kernels"
+            )
+
+    def _admit_revival(self, kernel: Kernel) -> None:
+        """
+        Reviving a dead kernel starts a new process: it passes the admission
+        a start does (C{max_kernels}, the owner's authorization for the
+        kernelspec, the quotas), since a dead kernel counts against none of
+        them.  The caller changes the kernel's state with no wait after
+        this, so the decision holds.
+
+        @raise LimitReached: a limit is reached.
+        @raise Forbidden: the owner may no longer launch the kernelspec.
+        """
+        self._check_max_kernels()
+        plan = self.policy.revival_plan(kernel)
+        others = [k for k in self.kernels.values() if k is not kernel]
+        self.policy.check_quotas(others, plan, self._clock.seconds(), self.settings.launch_timeout)
 
     def _run(self, kernel: Kernel, name: str, step: Callable[..., Any], *args: Any) -> Operation[Any]:
         """
@@ -763,6 +789,8 @@ class KernelManager(Service):
     async def _restart(self, kernel: Kernel) -> Kernel:
         if kernel.state == KernelState.LAUNCHING or kernel.id not in self.kernels:
             raise Conflict(f"kernel {kernel.id} is not running")
+        if kernel.state in ENDED:
+            self._admit_revival(kernel)
         kernel.transition(KernelState.RESTARTING, "restart requested")
         kernel.broadcast_status("restarting", "restart requested")
         if kernel.process is not None:

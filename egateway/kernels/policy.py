@@ -414,6 +414,18 @@ class TenancyPolicy:
             launcher_config.update(profile.launcher_config_for(accepted_env))
         return LaunchPlan(username, groups, profile, launcher_config)
 
+    def revival_plan(self, kernel: "Kernel") -> LaunchPlan:
+        """
+        The plan of a dead kernel brought back by a restart: its owner must
+        still be authorized for its kernelspec, and it is charged to its
+        owner, groups and profile as a new launch would be.
+
+        @raise Forbidden: the owner may no longer launch the kernelspec.
+        """
+        self.check_authorized(kernel.owner, kernel.owner_groups, kernel.spec)
+        profile = self.profiles.get(kernel.profile) if kernel.profile else None
+        return LaunchPlan(kernel.owner, kernel.owner_groups, profile, kernel.launcher_config)
+
     def launcher_config(self, spec: "KernelSpec", profile_name: str | None, env: Mapping[str, str]) -> Mapping[str, Any]:
         """
         The launcher config of a restored kernel: its kernelspec's with its

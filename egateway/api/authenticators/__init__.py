@@ -144,6 +144,7 @@ def _jupyterhub(settings: AuthConfig, reactor: Any, clock: Any, http: Any) -> IA
         http=http,
         reactor=reactor,
         cache_ttl=settings.jupyterhub_cache_ttl,
+        scope=settings.jupyterhub_scope,
         on_stop=on_stop,
     )
 

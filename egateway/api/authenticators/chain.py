@@ -3,7 +3,9 @@ Authentication for every request: the configured authenticators, asked in
 order, behind the failed-authentication limit, with every outcome in the
 audit trail.
 
-  1. An address with too many recent failures gets 429 at once.
+  1. A token that failed too often recently from the same address gets 429
+     at once (failures are counted per address and token, so a valid token
+     is never refused for the failures of others behind the same address).
   2. With no authenticator configured, the caller is anonymous (the
      gateway's behaviour without C{auth_token}).
   3. Each authenticator in turn: an identity ends the search; "not mine"
@@ -26,7 +28,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from egateway.api.authenticators.interface import IAuthenticator, presented_token
-from egateway.api.authenticators.limiter import FailureLimiter
+from egateway.api.authenticators.limiter import FailureLimiter, failure_key
 from egateway.api.authenticators.trusted_proxy import ProxyNetworks
 from egateway.api.identity import ANONYMOUS, Identity, valid_username
 from egateway.errors import GatewayError, TooManyRequests, Unauthorized
@@ -106,17 +108,19 @@ class AuthenticatorChain(MultiService):
     async def _authenticate(self, request: IRequest) -> Identity:
         address = self._proxies.client_of(request)
         request.gateway_client_address = address  # type: ignore[attr-defined]
-        wait = self.limiter.retry_after(address)
+        key = failure_key(address, presented_token(request))
+        wait = self.limiter.retry_after(key)
         if wait:
             audit.event(
                 "auth.throttled",
                 address=address,
                 action=_action(request),
                 retry_after=wait,
-                reason=f"more than {self.limiter.limit} failed authentications in {self.limiter.window:g} s",
+                reason=f"more than {self.limiter.limit} failed authentications with this token in "
+                f"{self.limiter.window:g} s",
             )
             raise TooManyRequests(
-                f"too many failed authentications from {address}; try again in {wait} s",
+                f"too many failed authentications with this token from {address}; try again in {wait} s",
                 retry_after=wait,
             )
         if not self.authenticators:
@@ -125,7 +129,7 @@ class AuthenticatorChain(MultiService):
             try:
                 identity = await maybeDeferred(authenticator.authenticate, request)
             except Unauthorized as e:
-                self._failed(request, address, authenticator.name, str(e), counted=True)
+                self._failed(request, address, key, authenticator.name, str(e), counted=True)
                 raise
             except GatewayError as e:
                 audit.event(
@@ -140,15 +144,17 @@ class AuthenticatorChain(MultiService):
                 continue
             if identity.username and not valid_username(identity.username):
                 reason = "the credentials name an unusable user name"
-                self._failed(request, address, authenticator.name, reason, counted=True)
+                self._failed(request, address, key, authenticator.name, reason, counted=True)
                 raise Unauthorized(reason)
             identity = self._with_roles(identity)
             self._succeeded(identity, address)
             return identity
         if presented_token(request) is None:
-            self._failed(request, address, "none", "no credentials", counted=False)
+            self._failed(request, address, key, "none", "no credentials", counted=False)
             raise Unauthorized(NO_CREDENTIALS)
-        self._failed(request, address, ",".join(self.names), "no authenticator accepted the token", counted=True)
+        self._failed(
+            request, address, key, ",".join(self.names), "no authenticator accepted the token", counted=True
+        )
         raise Unauthorized(INVALID_CREDENTIALS)
 
     def _with_roles(self, identity: Identity) -> Identity:
@@ -159,9 +165,9 @@ class AuthenticatorChain(MultiService):
         )
         return dataclasses.replace(identity, admin=admin) if admin != identity.admin else identity
 
-    def _failed(self, request: IRequest, address: str, method: str, reason: str, counted: bool) -> None:
+    def _failed(self, request: IRequest, address: str, key: str, method: str, reason: str, counted: bool) -> None:
         if counted:
-            self.limiter.failed(address)
+            self.limiter.failed(key)
         audit.event(
             "auth.failure",
             method=method,

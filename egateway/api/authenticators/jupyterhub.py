@@ -10,6 +10,13 @@ the Hub.
 
 A Hub that cannot be reached, or answers with an error, makes the request
 fail with 503 (the token is neither accepted nor counted as a wrong one).
+
+Every token of a Hub user is known to the Hub, tokens made for quite other
+purposes included; only those granted the configured C{scope} (by default
+C{access:services!service=egateway}, what the Hub grants a user allowed to
+use the service C{egateway}) are accepted.  The Hub's answer lists the
+token's scopes (JupyterHub 2 and later); a token without it is refused like
+a wrong one.
 """
 
 from __future__ import annotations
@@ -55,6 +62,19 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def holds_scope(scopes: Any, required: str) -> bool:
+    """
+    Whether the Hub's list of a token's scopes grants C{required}: the
+    scope itself, or (for a filtered scope such as
+    C{access:services!service=egateway}) its unfiltered form, which grants
+    it for every resource.
+    """
+    if not isinstance(scopes, list):
+        return False
+    base = required.split("!", 1)[0]
+    return required in scopes or base in scopes
+
+
 @implementer(IAuthenticator)
 class JupyterHubAuthenticator(Service):
     name = "jupyterhub"
@@ -67,6 +87,7 @@ class JupyterHubAuthenticator(Service):
         http: Any,
         reactor: Any,
         cache_ttl: float = 30.0,
+        scope: str = "",
         timeout: float = REQUEST_TIMEOUT,
         max_cached: int = MAX_CACHED,
         on_stop: Any = None,
@@ -77,6 +98,7 @@ class JupyterHubAuthenticator(Service):
         @param clock: the clock cache entries expire on.
         @param http: a C{treq} HTTP client (C{treq.client.HTTPClient}).
         @param reactor: the reactor the request timeout runs on.
+        @param scope: the scope a token must hold (empty: none).
         @param on_stop: called at stop, e.g. to close the connection pool;
             may return a Deferred.
         """
@@ -87,6 +109,7 @@ class JupyterHubAuthenticator(Service):
         self._ttl = cache_ttl
         self._timeout = timeout
         self._max_cached = max_cached
+        self._scope = scope
         self._on_stop = on_stop
         self._cache: dict[str, _Answer] = {}
         self._asking: dict[str, Operation[Identity | None]] = {}
@@ -168,6 +191,8 @@ class JupyterHubAuthenticator(Service):
         if not isinstance(model, dict) or model.get("kind", "user") != "user":
             # A service's token identifies a service, not a user.
             return None
+        if self._scope and not holds_scope(model.get("scopes"), self._scope):
+            raise Unauthorized(f"the JupyterHub token does not grant the scope {self._scope}")
         username = model.get("name")
         if not valid_username(username):
             raise Unauthorized("JupyterHub names a user the gateway cannot use")

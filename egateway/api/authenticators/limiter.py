@@ -1,29 +1,47 @@
 """
-Failed-authentication limits: an address that keeps presenting wrong
-credentials is told to wait (HTTP 429 with C{Retry-After}) before its
-credentials are even looked at.
+Failed-authentication limits: a credential that keeps failing from one
+address is told to wait (HTTP 429 with C{Retry-After}) before it is even
+looked at again.
 
-Only wrong credentials count; requests without any, and successful ones,
-do not.  Time is the injected clock's.
+Failures are counted per address I{and} credential (a digest of the token),
+never per address alone: everyone behind one NAT or proxy shares an address,
+and one client's wrong tokens must not lock out the valid tokens of the
+others.  The price is that the limit does not slow a guesser who tries a
+new token every time; what stops guessing is the tokens' length (the
+per-user, JupyterHub and JWT credentials are long and random; the shared
+token is the operator's to choose long).  Only wrong credentials count;
+requests without any, and successful ones, do not.  Time is the injected
+clock's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import deque
 from typing import Any
 
 MAX_ADDRESSES = 100_000
 """
-Addresses tracked at once; past it the ones with no recent failure are
-forgotten, so a flood from many addresses cannot exhaust memory.
+Keys (address and credential) tracked at once; past it the ones with no
+recent failure are forgotten, so a flood of wrong tokens cannot exhaust
+memory.
 """
+
+
+def failure_key(address: str, token: str | None) -> str:
+    """
+    What failures are counted by: the client's address and a digest of the
+    token it presented (never the token itself).
+    """
+    digest = hashlib.sha256(token.encode("utf-8")).hexdigest()[:32] if token is not None else "-"
+    return f"{address} {digest}"
 
 
 class FailureLimiter:
     """
-    At most C{limit} failures per address within any C{window} seconds;
-    while that many are recent, the address is refused.
+    At most C{limit} failures per key (see L{failure_key}) within any
+    C{window} seconds; while that many are recent, the key is refused.
     """
 
     def __init__(self, clock: Any, limit: int, window: float, max_addresses: int = MAX_ADDRESSES) -> None:
