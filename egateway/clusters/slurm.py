@@ -105,7 +105,9 @@ from egateway.clusters.remote import (
     _int,
     await_connection_info,
     connection_info,
+    expect_launch,
     launcher_argv,
+    reported_id,
     response_listener,
 )
 from egateway.kernels.env import NAME
@@ -995,7 +997,7 @@ class SlurmLauncher:
         self.commands.executable("sbatch")
         account = await self._account(request.username) if self.impersonation.enabled else None
         listener = response_listener(self._context)
-        pending = listener.expect(request.kernel_id)
+        pending = expect_launch(listener, request)
         argv = launcher_argv(
             request.spec,
             request.kernel_id,
@@ -1041,6 +1043,7 @@ class SlurmLauncher:
             state = await self._wait_until_running(request, job_id, resources, log_path)
             node = state.node
             address = await self.node_address(node)
+            pending.expect_from([address])
             request.report(Phase.PLACED, f"{node} ({address}), Slurm job {job_id}")
             info = await await_connection_info(
                 pending,
@@ -1060,8 +1063,10 @@ class SlurmLauncher:
                 placement=Placement(
                     host=node,
                     ip=address,
-                    pid=_int(info.get("pid")),
-                    pgid=_int(info.get("pgid")),
+                    # As the launcher reports them, for the model only: the
+                    # gateway signals a job through Slurm, never by pid.
+                    pid=reported_id(info.get("pid")),
+                    pgid=reported_id(info.get("pgid")),
                     extra={"job_id": job_id},
                 ),
                 reactor=self._reactor,
