@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -125,6 +126,30 @@ class ValueTests(SynchronousTestCase):
         self.assertEqual(parse_job_id(b"42\n"), "42")
         self.assertEqual(parse_job_id(b"42;cluster\n"), "42")
         self.assertRaises(ValueError, parse_job_id, b"sbatch: error: nope\n")
+
+
+class BatchScriptTests(SynchronousTestCase):
+    def test_token_on_stdin_not_in_the_environment(self) -> None:
+        """
+        The batch script hands the launch token to the launcher on its
+        stdin: the launcher's initial environment (it becomes the kernel)
+        has neither the token nor its variable; arguments pass unchanged.
+        """
+        show = (
+            "import json, os, sys; print(json.dumps([sys.stdin.readline().strip(), "
+            "os.environ.get('EG_LAUNCH_TOKEN_STDIN'), b'the-token' in open('/proc/self/environ', 'rb').read(), "
+            "sys.argv[1:]]))"
+        )
+        directory = self.mktemp()
+        os.makedirs(directory)
+        script = os.path.join(directory, "batch.sh")
+        with open(script, "wb") as f:
+            f.write(BATCH_SCRIPT)
+        result = subprocess.run(
+            ["sh", script, sys.executable, "-c", show, "a b", "$x"],
+            env=dict(os.environ, EG_LAUNCH_TOKEN="the-token"), capture_output=True, timeout=30, check=True,
+        )
+        self.assertEqual(json.loads(result.stdout), ["the-token", "1", False, ["a b", "$x"]])
 
 
 class ResourceTests(SynchronousTestCase):
@@ -660,10 +685,12 @@ class KernelJobTests(SlurmGatewayTestCase):
             client = await ChannelsClient.connect(self.gateway.url, model["id"])
             result = await client.execute(
                 "import os, json; print(json.dumps([os.environ.get(k) for k in "
-                "('SLURMD_NODENAME', 'SLURM_JOB_ID', 'SLURM_CPUS_PER_TASK', 'EG_LAUNCH_TOKEN', 'KERNEL_ID')]))"
+                "('SLURMD_NODENAME', 'SLURM_JOB_ID', 'SLURM_CPUS_PER_TASK', 'EG_LAUNCH_TOKEN', 'KERNEL_ID')]"
+                " + [b'EG_LAUNCH_TOKEN=' in open('/proc/self/environ', 'rb').read()]))"
             )
+            # The token is not even in the kernel's initial environment.
             self.assertEqual(
-                json.loads(result["stdout"]), [node, model["placement"]["job_id"], "2", None, model["id"]]
+                json.loads(result["stdout"]), [node, model["placement"]["job_id"], "2", None, model["id"], False]
             )
             await client.close()
 

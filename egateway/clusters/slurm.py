@@ -31,8 +31,8 @@ client cannot smuggle in sbatch options) plus C{EG_LAUNCH_TOKEN}.  So the
 token is never on a command line (visible in C{ps} on the gateway host)
 nor in a file the gateway writes: it travels inside Slurm's job record,
 which only the job's owner (the gateway's user) and Slurm's administrators
-can read, and the kernel-side launcher removes it from its environment as
-it starts.  (On a cluster that stores job environments in its accounting
+can read, and the batch script hands it to the kernel-side launcher on
+its stdin rather than in its environment (see L{BATCH_SCRIPT}).  (On a cluster that stores job environments in its accounting
 database, C{AccountingStoreFlags=job_env}, C{sacct --env-vars} shows them
 to whoever may see the job: such sites want C{PrivateData=jobs}.)
 C{--export=NAME,...} would pass the same values but also implies
@@ -115,10 +115,24 @@ from egateway.observe import detached
 
 _log = Logger()
 
-BATCH_SCRIPT = b'#!/bin/sh\n# egateway kernel job: run the arguments, each as given.\nexec "$@"\n'
+BATCH_SCRIPT = b"""#!/bin/sh
+# egateway kernel job: run the arguments, each as given, the launch token on their stdin.
+token="${EG_LAUNCH_TOKEN:-}"
+unset EG_LAUNCH_TOKEN
+if [ -z "$token" ]; then exec "$@"; fi
+EG_LAUNCH_TOKEN_STDIN=1
+export EG_LAUNCH_TOKEN_STDIN
+exec "$@" <<EOF
+$token
+EOF
+"""
 """
 The whole batch script.  No user-supplied value is part of it: the argv
-reaches it as arguments.
+reaches it as arguments.  The token arrives in the job's environment and
+leaves it before the kernel-side launcher starts: it gets the token on its
+stdin instead (C{EG_LAUNCH_TOKEN_STDIN=1}), so the kernel's initial
+environment (C{/proc/<pid>/environ}, readable for the kernel's whole life)
+does not hold it.
 """
 
 COMMAND_TIMEOUT = 30.0
