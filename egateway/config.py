@@ -416,9 +416,11 @@ class ResponseConfig:
         maximum=65535,
     )
     response_accept_v1: bool = setting(
-        True,
-        "Accept Enterprise Gateway's unauthenticated version 1 payloads "
-        "(needed by its launchers and kernel images).",
+        False,
+        "Accept Enterprise Gateway's unauthenticated version 1 payloads, only for kernelspecs whose "
+        "launcher config sets kernel_launcher = \"enterprise-gateway\" and only from the kernel's "
+        "host (anyone on that host can then answer for a pending launch; see the README's "
+        "security section).",
         env=("EG_RESPONSE_ACCEPT_V1",),
     )
     response_max_payload: int = setting(

@@ -339,7 +339,7 @@ class LauncherCurveTests(TestCase):
     async def launch(self, token: bool, env: dict[str, str] | None = None) -> tuple[KernelHarness, dict[str, Any]]:
         harness = KernelHarness(self)
         kernel_id = str(uuid.uuid4())
-        pending = harness.listener.expect(kernel_id)
+        pending = harness.listener.expect(kernel_id, accept_v1=not token, hosts=["127.0.0.1"])
         original = harness.environment
 
         def environment(value: str | None) -> dict[str, str]:

@@ -131,7 +131,9 @@ class EnterpriseGatewayLauncherTests(TestCase):
         with open(script, encoding="utf-8") as f:
             self.assertIn("from Cryptodome.Cipher import AES, PKCS1_v1_5", f.read())
         kernel_id = "6c6f3e2a-1111-4d3c-9f00-0a0b0c0d0e0f"
-        pending = harness.listener.expect(kernel_id)
+        # The operator turned version 1 on (KernelHarness's listener) and the
+        # kernelspec runs Enterprise Gateway's launcher; it reports from here.
+        pending = harness.listener.expect(kernel_id, accept_v1=True, hosts=["127.0.0.1"])
         argv = [
             shutil.which("setsid") or "setsid",  # its own process group, as a remote shell gives it
             sys.executable,

@@ -121,6 +121,11 @@ class KernelHarness:
 
     @staticmethod
     def make_listener(case: TestCase, **kwargs: Any) -> ResponseListener:
+        """
+        A listener on loopback; version 1 is allowed (as an operator may)
+        unless C{accept_v1=False}, so launches that allow it can test it.
+        """
+        kwargs.setdefault("accept_v1", True)
         listener = ResponseListener(reactor, ip="127.0.0.1", port=0, keys=keys(), **kwargs)
         listener.startService()
         case.addCleanup(listener.stopService)
@@ -296,7 +301,7 @@ class LaunchIPyKernelTests(TestCase):
 
     async def start(self, kernel_id: str, version: int, *extra: str) -> tuple[KernelHarness, Any]:
         harness = KernelHarness(self)
-        pending = harness.listener.expect(kernel_id)
+        pending = harness.listener.expect(kernel_id, accept_v1=version == 1, hosts=["127.0.0.1"])
         token = pending.token if version == 2 else None
         harness.spawn(launcher_argv(harness.listener, kernel_id, *extra), token)
         info = await harness.receive(pending)
@@ -439,7 +444,7 @@ class LaunchIPyKernelTests(TestCase):
         """
         listener = KernelHarness.make_listener(self, accept_v1=False)
         harness = KernelHarness(self, listener)
-        pending = listener.expect("kernel-refused")
+        pending = listener.expect("kernel-refused", accept_v1=True, hosts=["127.0.0.1"])
         pending.received.addErrback(lambda f: None)
         harness.spawn(launcher_argv(listener, "kernel-refused"), None)
         code, signum = await harness.process.ended.addTimeout(60, reactor)
@@ -495,6 +500,9 @@ class BootstrapTests(TestCase):
         The container entry point starts a working kernel from Enterprise
         Gateway's environment contract (plus a launch token), keeps it
         interruptible, and forwards SIGTERM to the kernel's whole group.
+        The token reaches the launcher on stdin: the kernel's initial
+        environment (C{/proc/<pid>/environ}, readable for its whole life)
+        does not hold it.
         """
         harness = KernelHarness(self)
         pending = harness.listener.expect("kernel-boot")
@@ -510,6 +518,8 @@ class BootstrapTests(TestCase):
         info = await harness.receive(pending)
         self.assertEqual(pending.version, 2)
         self.assertNotEqual(info["pid"], harness.process.pid, "the shell stays the parent")
+        with open(f"/proc/{info['pid']}/environ", "rb") as f:
+            self.assertNotIn(pending.token.encode(), f.read(), "the token is in the kernel's initial environment")
         await harness.connect()
         comm = CommClient(reactor, "127.0.0.1", info["comm_port"], kernel_id="kernel-boot", token=pending.comm_token)
         reply = await harness.interrupt_sleep(comm)

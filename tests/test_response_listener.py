@@ -22,6 +22,7 @@ from egateway.clusters.handshake import encode_v1, encode_v2
 from egateway.clusters.interface import LaunchError
 from egateway.clusters.response import ResponseListener, primary_ipv4
 from egateway.config import build_config
+from tests.support.polling import eventually
 from tests.test_handshake import INFO, keys
 
 KERNEL_ID = INFO["kernel_id"]
@@ -96,6 +97,16 @@ class LoopbackTests(TestCase):
         pending.received.addErrback(lambda f: f.trap(CancelledError, LaunchError) and None)
         return pending
 
+    def legacy(self, kernel_id: str = KERNEL_ID, hosts: list[str] | None = None) -> tuple[ResponseListener, Any]:
+        """
+        A listener the operator allowed version 1 on, and a launch of
+        C{kernel_id} that allows it (a kernelspec running Enterprise
+        Gateway's launcher) placed on C{hosts} (default: this host).
+        """
+        listener = self.make_listener(accept_v1=True)
+        pending = self.expect(kernel_id, listener, accept_v1=True, hosts=["127.0.0.1"] if hosts is None else hosts)
+        return listener, pending
+
     def refusals(self) -> list[str]:
         return [formatEvent(e) for e in self.events if e.get("log_format", "").startswith("refused")]
 
@@ -127,8 +138,8 @@ class LoopbackTests(TestCase):
         A version 1 payload for a pending kernel delivers its connection
         info, launcher extras included.
         """
-        pending = self.listener.expect(KERNEL_ID)
-        verdict = await self.send(encode_v1(INFO, self.listener.public_key))
+        listener, pending = self.legacy()
+        verdict = await self.send(encode_v1(INFO, listener.public_key), listener)
         self.assertEqual(verdict, b"OK\n")
         self.assertEqual(await pending.received, INFO)
         self.assertEqual(pending.version, 1)
@@ -139,8 +150,8 @@ class LoopbackTests(TestCase):
         A launcher that closes outright after sending (Enterprise Gateway's)
         is understood.
         """
-        pending = self.listener.expect(KERNEL_ID)
-        await self.send(encode_v1(INFO, self.listener.public_key), half_close=False)
+        listener, pending = self.legacy()
+        await self.send(encode_v1(INFO, listener.public_key), listener, half_close=False)
         self.assertEqual(await pending.received, INFO)
 
     async def test_v2_delivered(self) -> None:
@@ -168,15 +179,16 @@ class LoopbackTests(TestCase):
         """
         A payload for a kernel nobody is launching is refused and logged.
         """
+        listener, _ = self.legacy()
         for payload in (
-            encode_v1(info_for("nobody"), self.listener.public_key),
-            encode_v2(info_for("nobody"), self.listener.public_key, "nobody", "x"),
+            encode_v1(info_for("nobody"), listener.public_key),
+            encode_v2(info_for("nobody"), listener.public_key, "nobody", "x"),
         ):
-            self.assertEqual(await self.send(payload), b"ERROR refused\n")
+            self.assertEqual(await self.send(payload, listener), b"ERROR refused\n")
         self.assertEqual(len(self.refusals()), 2)
         for line in self.refusals():
             self.assertIn("no launch is waiting for kernel 'nobody'", line)
-        await self.assert_still_serving()
+        await self.assert_still_serving(listener)
 
     async def test_replay(self) -> None:
         """
@@ -196,10 +208,10 @@ class LoopbackTests(TestCase):
         """
         A second version 1 payload for a delivered launch is refused too.
         """
-        self.expect(KERNEL_ID)
-        payload = encode_v1(INFO, self.listener.public_key)
-        self.assertEqual(await self.send(payload), b"OK\n")
-        self.assertEqual(await self.send(payload), b"ERROR refused\n")
+        listener, _ = self.legacy()
+        payload = encode_v1(INFO, listener.public_key)
+        self.assertEqual(await self.send(payload, listener), b"OK\n")
+        self.assertEqual(await self.send(payload, listener), b"ERROR refused\n")
         self.assertIn("already delivered", self.refusals()[0])
 
     async def test_forged_token(self) -> None:
@@ -235,10 +247,11 @@ class LoopbackTests(TestCase):
         """
         A payload encrypted to another gateway's key is refused.
         """
-        self.expect(KERNEL_ID)
-        self.assertEqual(await self.send(encode_v1(INFO, keys(1).public_key_b64)), b"ERROR refused\n")
+        listener, _ = self.legacy()
+        self.assertEqual(await self.send(encode_v1(INFO, keys(1).public_key_b64), listener), b"ERROR refused\n")
         self.assertEqual(len(self.refusals()), 1)
-        await self.assert_still_serving()
+        self.assertIn("cannot be decrypted", self.refusals()[0])
+        await self.assert_still_serving(listener)
 
     async def test_garbage(self) -> None:
         """
@@ -271,24 +284,87 @@ class LoopbackTests(TestCase):
 
     async def test_v1_disabled(self) -> None:
         """
-        With version 1 turned off, a version 1 payload is refused while
+        By default (the operator has not turned version 1 on) a version 1
+        payload is refused, even for a launch that would allow it, while
         version 2 still works.
         """
-        listener = self.make_listener(accept_v1=False)
-        pending = self.expect(KERNEL_ID, listener)
+        listener = self.listener
+        pending = self.expect(KERNEL_ID, listener, accept_v1=True, hosts=["127.0.0.1"])
+        self.assertFalse(pending.accept_v1)
         self.assertEqual(await self.send(encode_v1(INFO, listener.public_key), listener), b"ERROR refused\n")
         self.assertIn("version 1 payloads are disabled", self.refusals()[0])
         self.assertFalse(pending.received.called)
         await self.assert_still_serving(listener)
 
-    async def test_require_v2_per_launch(self) -> None:
+    async def test_v1_refused_for_egateway_launcher(self) -> None:
         """
-        A launch that requires version 2 refuses a version 1 payload.
+        With version 1 turned on, a launch that does not allow it (the
+        kernelspec runs egateway's launcher) refuses a forged version 1
+        payload, even from its own host, and its genuine version 2 payload
+        then delivers rather than being refused as a replay.
         """
-        pending = self.expect(KERNEL_ID, require_v2=True)
-        self.assertEqual(await self.send(encode_v1(INFO, self.listener.public_key)), b"ERROR refused\n")
+        listener = self.make_listener(accept_v1=True)
+        pending = self.expect(KERNEL_ID, listener, hosts=["127.0.0.1"])
+        forged = dict(INFO, shell_port=1, iopub_port=2, stdin_port=3, control_port=4, hb_port=5)
+        self.assertEqual(await self.send(encode_v1(forged, listener.public_key), listener), b"ERROR refused\n")
         self.assertIn("must use version 2", self.refusals()[0])
+        genuine = encode_v2(INFO, listener.public_key, KERNEL_ID, pending.token)
+        self.assertEqual(await self.send(genuine, listener), b"OK\n")
+        self.assertEqual(await pending.received, INFO)
+        self.assertEqual(pending.version, 2)
+
+    async def test_v1_only_from_the_placement_host(self) -> None:
+        """
+        A launch allowing version 1 takes it only from the address of the
+        host the kernel was placed on; from anywhere else it is refused
+        without using up the launch.
+        """
+        listener, pending = self.legacy(hosts=["192.0.2.7"])
+        self.assertEqual(await self.send(encode_v1(INFO, listener.public_key), listener), b"ERROR refused\n")
+        self.assertIn("does not come from its host (192.0.2.7)", self.refusals()[0])
         self.assertFalse(pending.received.called)
+        pending.expect_from(["::ffff:127.0.0.1"])
+        self.assertEqual(await self.send(encode_v1(INFO, listener.public_key), listener), b"OK\n")
+        self.assertEqual(await pending.received, INFO)
+
+    async def test_v1_held_until_placement(self) -> None:
+        """
+        A version 1 payload that arrives before the kernel's placement is
+        known waits, unanswered, until it is: then the first from the
+        placement host delivers and the others are refused.
+        """
+        listener = self.make_listener(accept_v1=True)
+        pending = self.expect(KERNEL_ID, listener, accept_v1=True)
+        first = Deferred.fromCoroutine(self.send(encode_v1(INFO, listener.public_key), listener))
+        second = Deferred.fromCoroutine(
+            self.send(encode_v1(dict(INFO, shell_port=1), listener.public_key), listener)
+        )
+        await eventually(lambda: len(pending._held) == 2, "both payloads to be held", timeout=10)
+        self.assertFalse(pending.received.called)
+        pending.expect_from(["127.0.0.1"])
+        self.assertEqual(await first, b"OK\n")
+        self.assertEqual(await second, b"ERROR refused\n")
+        self.assertEqual(await pending.received, INFO)
+        self.assertIn("already delivered", self.refusals()[0])
+
+    async def test_v1_held_then_placed_elsewhere_or_cancelled(self) -> None:
+        """
+        A held version 1 payload is refused when the kernel turns out to
+        run elsewhere, or when its launch ends first.
+        """
+        listener = self.make_listener(accept_v1=True)
+        pending = self.expect(KERNEL_ID, listener, accept_v1=True)
+        held = Deferred.fromCoroutine(self.send(encode_v1(INFO, listener.public_key), listener))
+        await eventually(lambda: pending._held, "the payload to be held", timeout=10)
+        pending.expect_from(["192.0.2.7"])
+        self.assertEqual(await held, b"ERROR refused\n")
+        self.assertFalse(pending.received.called)
+        other = self.expect("other-kernel", listener, accept_v1=True)
+        held = Deferred.fromCoroutine(self.send(encode_v1(info_for("other-kernel"), listener.public_key), listener))
+        await eventually(lambda: other._held, "the payload to be held", timeout=10)
+        other.cancel()
+        self.assertEqual(await held, b"ERROR refused\n")
+        self.assertIn("ended before its placement was known", self.refusals()[-1])
 
     async def test_malformed_connection_info(self) -> None:
         """
@@ -430,5 +506,5 @@ class ServiceTests(SynchronousTestCase):
         defaults = build_config(environ={}).response
         self.assertEqual(
             (defaults.response_port, defaults.response_accept_v1, defaults.response_max_payload),
-            (8877, True, 65536),
+            (8877, False, 65536),
         )

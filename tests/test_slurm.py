@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import uuid
@@ -41,7 +42,9 @@ from egateway.config import build_config
 from egateway.kernels.specs import KernelSpec
 from tests.fixtures import SlurmCluster
 from tests.fixtures.system import SLURM_PACKAGES, require_packages
+from tests.fixtures._network import BridgedNamespaces
 from tests.support.contract import LauncherContract, request_for
+from tests.support.forgery import Gate, forged_v1, pending_launch, run_here, send_from
 from tests.support.gateway import GatewayTestCase, pid_alive
 from tests.support.polling import eventually
 from tests.support.remote_kernels import kernelspec, launcher_argv, write_spec
@@ -123,6 +126,30 @@ class ValueTests(SynchronousTestCase):
         self.assertEqual(parse_job_id(b"42\n"), "42")
         self.assertEqual(parse_job_id(b"42;cluster\n"), "42")
         self.assertRaises(ValueError, parse_job_id, b"sbatch: error: nope\n")
+
+
+class BatchScriptTests(SynchronousTestCase):
+    def test_token_on_stdin_not_in_the_environment(self) -> None:
+        """
+        The batch script hands the launch token to the launcher on its
+        stdin: the launcher's initial environment (it becomes the kernel)
+        has neither the token nor its variable; arguments pass unchanged.
+        """
+        show = (
+            "import json, os, sys; print(json.dumps([sys.stdin.readline().strip(), "
+            "os.environ.get('EG_LAUNCH_TOKEN_STDIN'), b'the-token' in open('/proc/self/environ', 'rb').read(), "
+            "sys.argv[1:]]))"
+        )
+        directory = self.mktemp()
+        os.makedirs(directory)
+        script = os.path.join(directory, "batch.sh")
+        with open(script, "wb") as f:
+            f.write(BATCH_SCRIPT)
+        result = subprocess.run(
+            ["sh", script, sys.executable, "-c", show, "a b", "$x"],
+            env=dict(os.environ, EG_LAUNCH_TOKEN="the-token"), capture_output=True, timeout=30, check=True,
+        )
+        self.assertEqual(json.loads(result.stdout), ["the-token", "1", False, ["a b", "$x"]])
 
 
 class ResourceTests(SynchronousTestCase):
@@ -251,9 +278,10 @@ class FakeListener:
 
     def expect(self, kernel_id: str, **kw: Any) -> Any:
         pending = SimpleNamespace(
-            token="tok", version=None, comm_token=None, received=Deferred(), cancelled=False,
+            token="tok", version=None, comm_token=None, received=Deferred(), cancelled=False, hosts=None,
         )
         pending.cancel = lambda: setattr(pending, "cancelled", True)
+        pending.expect_from = lambda hosts: setattr(pending, "hosts", list(hosts))
         self.pending.append(pending)
         return pending
 
@@ -657,10 +685,12 @@ class KernelJobTests(SlurmGatewayTestCase):
             client = await ChannelsClient.connect(self.gateway.url, model["id"])
             result = await client.execute(
                 "import os, json; print(json.dumps([os.environ.get(k) for k in "
-                "('SLURMD_NODENAME', 'SLURM_JOB_ID', 'SLURM_CPUS_PER_TASK', 'EG_LAUNCH_TOKEN', 'KERNEL_ID')]))"
+                "('SLURMD_NODENAME', 'SLURM_JOB_ID', 'SLURM_CPUS_PER_TASK', 'EG_LAUNCH_TOKEN', 'KERNEL_ID')]"
+                " + [b'EG_LAUNCH_TOKEN=' in open('/proc/self/environ', 'rb').read()]))"
             )
+            # The token is not even in the kernel's initial environment.
             self.assertEqual(
-                json.loads(result["stdout"]), [node, model["placement"]["job_id"], "2", None, model["id"]]
+                json.loads(result["stdout"]), [node, model["placement"]["job_id"], "2", None, model["id"], False]
             )
             await client.close()
 
@@ -703,6 +733,53 @@ class KernelJobTests(SlurmGatewayTestCase):
             self.assertFalse(pid_alive(model["placement"]["pid"]))
             state = self.jobs("all")[model["placement"]["job_id"]][0]
             self.assertIn(state, ("COMPLETED", "CANCELLED", "FAILED"))
+
+
+class ForgedHandshakeTests(SlurmGatewayTestCase):
+    """
+    Forged connection info while a kernel job is placed and its launcher
+    has not reported yet, even with the operator's response_accept_v1 on.
+    """
+
+    extra_settings = {"response_accept_v1": "true"}
+
+    def on_node(self, node: str) -> Callable[[list[str]], Any]:
+        """
+        Run an argv in node C{node}'s network namespace, as a user of that
+        node would.
+        """
+        netns = BridgedNamespaces.netns_path(self.slurm.node(node).netns)
+        return lambda argv: run_here(["nsenter", f"--net={netns}", "--", *argv])
+
+    async def test_forged_v1_refused(self) -> None:
+        """
+        Version 1 connection info forged from the job's kernel id (which
+        squeue shows every user) and the public key is refused, sent from
+        the job's own node, from the other node or from the gateway's host;
+        the genuine launcher's version 2 payload then delivers.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        gate = Gate(directory)
+        write_spec(self.specs, "gated", gate.argv(launcher_argv()), "slurm", config={"cpus": 1})
+        starting = Deferred.fromCoroutine(self.gateway.request("POST", "api/kernels", {"name": "gated"}))
+        kernel, listener = await pending_launch(self.gateway)
+        [node] = [e.detail.split()[0] for e in kernel.phases if e.phase == Phase.PLACED]
+        other = ({"n1", "n2"} - {node}).pop()
+        forged = forged_v1(kernel.id, listener.public_key)
+        for where, run in ((node, self.on_node(node)), (other, self.on_node(other)), ("gateway", run_here)):
+            self.assertEqual(await send_from(run, listener.response_address, forged), "ERROR refused", where)
+        await gate.open()
+        code, model = await starting
+        self.assertEqual(code, 201, model)
+        self.assertEqual(model["placement"]["host"], node)
+        self.assertIn("payload v2", [p for p in model["phases"] if p["phase"] == "connection info received"][0]["detail"])
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        result = await client.execute("import os; print(os.environ['SLURMD_NODENAME'])")
+        await client.close()
+        self.assertEqual(result["stdout"].strip(), node)
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
 
 
 class OutsideCancelTests(SlurmGatewayTestCase):

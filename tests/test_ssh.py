@@ -13,12 +13,14 @@ import tempfile
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.fixtures import SSHHosts
 from tests.fixtures.system import SSH_PACKAGES, require_packages
 from tests.support.contract import LauncherContract, request_for
+from tests.support.forgery import Gate, forged_v1, pending_launch, run_here, send_from
 from tests.support.gateway import GatewayTestCase
 from tests.support.polling import eventually
 from tests.support import remote_kernels
@@ -208,8 +210,55 @@ class DeadHostTests(SSHTestCase):
         self.assertEqual(self.gateway.manager.kernels, {})
 
 
+def write_jeg_spec(directory: str, name: str, argv_prefix: list[str], script: str, host: str) -> None:
+    """
+    An Enterprise Gateway kernelspec (its process proxy and arguments)
+    running its own C{script} on C{host}, declared as Enterprise Gateway's
+    launcher (C{kernel_launcher}) so the gateway may take its version 1
+    connection info.
+    """
+    spec_dir = os.path.join(directory, name)
+    os.makedirs(spec_dir)
+    with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
+        json.dump(
+            {
+                "display_name": "JEG distributed",
+                "language": "python",
+                "metadata": {
+                    "process_proxy": {
+                        "class_name": "enterprise_gateway.services.processproxies.distributed.DistributedProcessProxy",
+                        "config": {"remote_hosts": host, "kernel_launcher": "enterprise-gateway"},
+                    }
+                },
+                "argv": [
+                    *argv_prefix,
+                    sys.executable,
+                    script,
+                    "--RemoteProcessProxy.kernel-id", "{kernel_id}",
+                    "--RemoteProcessProxy.response-address", "{response_address}",
+                    "--RemoteProcessProxy.public-key", "{public_key}",
+                    "--RemoteProcessProxy.port-range", "{port_range}",
+                    "--RemoteProcessProxy.spark-context-initialization-mode", "none",
+                ],
+            },
+            f,
+        )
+
+
 class FailedLaunchTests(SSHTestCase):
     extra_settings = {"launch_timeout": 8}
+
+    async def test_enterprise_gateway_launcher_needs_v1_turned_on(self) -> None:
+        """
+        A kernelspec declaring Enterprise Gateway's launcher fails at once,
+        naming the setting, while the operator has not turned version 1
+        on (the default): its launcher could only be refused.
+        """
+        write_jeg_spec(self.specs, "jeg", [], "/nonexistent/launch_ipykernel.py", self.ips["h1"])
+        code, body = await self.gateway.request("POST", "api/kernels", {"name": "jeg"})
+        self.assertEqual(code, 500, body)
+        self.assertIn("response_accept_v1", body["message"])
+        self.assertEqual(self.ssh.pids("h1"), [])
 
     async def test_launcher_exits_early(self) -> None:
         """
@@ -266,44 +315,44 @@ class InjectionTests(SSHTestCase):
             self.assertEqual(code, 400, body)
 
 
+class LaunchSecretsTests(SSHTestCase):
+    async def test_token_not_in_kernel_environment(self) -> None:
+        """
+        The launch token is in no part of the SSH kernel's environment, not
+        even its initial one (C{/proc/self/environ}, which user code and
+        anyone with the user's rights can read); the kernel's variables
+        still arrive.
+        """
+        model = await self.start_remote(env={"KERNEL_MARKER": "m-42"})
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        result = await client.execute(
+            "import json, os; raw = open('/proc/self/environ', 'rb').read().split(b'\\0'); "
+            "print(json.dumps([sorted(e.split(b'=')[0].decode() for e in raw if e), os.environ.get('KERNEL_MARKER')]))"
+        )
+        await client.close()
+        names, marker = json.loads(result["stdout"])
+        self.assertNotIn("EG_LAUNCH_TOKEN", names)
+        self.assertIn("KERNEL_ID", names)
+        self.assertEqual(marker, "m-42")
+
+
 class EnterpriseGatewayLauncherTests(SSHTestCase):
+    extra_settings = {"response_accept_v1": "true"}
+
     async def test_unmodified_jeg_launcher(self) -> None:
         """
         Enterprise Gateway's own launch_ipykernel.py, unmodified from its
         PyPI source distribution, started by egateway on an SSH host from an
-        Enterprise Gateway kernelspec, becomes a working kernel that can be
-        interrupted and shut down, leaving nothing on the host.
+        Enterprise Gateway kernelspec (declared as such, with version 1
+        turned on), becomes a working kernel that can be interrupted and
+        shut down, leaving nothing on the host.
         """
         from tests.test_jeg_launcher_compat import jeg_launcher
 
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         script = await jeg_launcher(directory)
-        spec_dir = os.path.join(self.specs, "jeg_distributed")
-        os.makedirs(spec_dir)
-        with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
-            json.dump(
-                {
-                    "display_name": "JEG distributed",
-                    "language": "python",
-                    "metadata": {
-                        "process_proxy": {
-                            "class_name": "enterprise_gateway.services.processproxies.distributed.DistributedProcessProxy",
-                            "config": {"remote_hosts": self.ips["h2"]},
-                        }
-                    },
-                    "argv": [
-                        "python",
-                        script,
-                        "--RemoteProcessProxy.kernel-id", "{kernel_id}",
-                        "--RemoteProcessProxy.response-address", "{response_address}",
-                        "--RemoteProcessProxy.public-key", "{public_key}",
-                        "--RemoteProcessProxy.port-range", "{port_range}",
-                        "--RemoteProcessProxy.spark-context-initialization-mode", "none",
-                    ],
-                },
-                f,
-            )
+        write_jeg_spec(self.specs, "jeg_distributed", [], script, self.ips["h2"])
         model = await self.start_remote("jeg_distributed")
         self.assertEqual(model["launcher"], "ssh")
         self.assertEqual(model["placement"]["host"], self.ips["h2"])
@@ -323,6 +372,112 @@ class EnterpriseGatewayLauncherTests(SSHTestCase):
         # JEG's launcher runs its comm listener as a separate process that
         # notices the kernel's end on its own: bounded wait.
         await eventually(lambda: not self.ssh.pids("h2"), "the JEG kernel's processes on h2 to exit", timeout=10)
+
+    async def test_v1_only_from_the_kernels_host(self) -> None:
+        """
+        While an Enterprise Gateway kernel launches on h2, version 1
+        connection info forged from another host (h1) or from the
+        gateway's own host is refused; the genuine launcher's, from h2,
+        then delivers.
+        """
+        from tests.test_jeg_launcher_compat import jeg_launcher
+
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        script = await jeg_launcher(directory)
+        gate = Gate(directory)
+        write_jeg_spec(self.specs, "jeg_gated", gate.argv([]), script, self.ips["h2"])
+        starting = Deferred.fromCoroutine(self.gateway.request("POST", "api/kernels", {"name": "jeg_gated"}))
+        kernel, listener = await pending_launch(self.gateway)
+        forged = forged_v1(kernel.id, listener.public_key)
+        for run in (lambda argv: self.ssh.run("h1", argv), run_here):
+            self.assertEqual(await send_from(run, listener.response_address, forged), "ERROR refused")
+        await gate.open()
+        code, model = await starting
+        self.assertEqual(code, 201, model)
+        self.assertIn("payload v1", model["phases"][3]["detail"])
+        self.assertEqual(await self.hostname_of(model["id"]), "h2")
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        await eventually(lambda: not self.ssh.pids("h2"), "the JEG kernel's processes on h2 to exit", timeout=10)
+
+
+class ForgedHandshakeTests(SSHTestCase):
+    """
+    Forged connection info during a pending launch of egateway's launcher,
+    even with the operator's response_accept_v1 on.
+    """
+
+    extra_settings = {"response_accept_v1": "true"}
+
+    async def test_forged_v1_refused(self) -> None:
+        """
+        While a kernel launches on h1, version 1 connection info forged
+        from its kernel id and the public key (what any user of h1 sees)
+        is refused, sent from h1 itself or from h2; the genuine launcher's
+        version 2 payload then delivers, and the user's code runs in the
+        genuine kernel.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        gate = Gate(directory)
+        write_spec(self.specs, "gated", gate.argv(launcher_argv()), {"remote_hosts": self.ips["h1"]})
+        starting = Deferred.fromCoroutine(self.gateway.request("POST", "api/kernels", {"name": "gated"}))
+        kernel, listener = await pending_launch(self.gateway)
+        forged = forged_v1(kernel.id, listener.public_key)
+        for host in ("h1", "h2"):
+            answer = await send_from(lambda argv: self.ssh.run(host, argv), listener.response_address, forged)
+            self.assertEqual(answer, "ERROR refused", host)
+        await gate.open()
+        code, model = await starting
+        self.assertEqual(code, 201, model)
+        self.assertIn("payload v2", model["phases"][3]["detail"])
+        self.assertEqual(await self.hostname_of(model["id"]), "h1")
+
+
+FORGE_PGID = r"""
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+launch = runpy.run_path(sys.argv[0])["launch"]
+real = launch.__globals__["encrypt_payload"]
+victim = int(os.environ["VICTIM_PGID"])
+launch.__globals__["encrypt_payload"] = lambda info, *rest: real(dict(info, pid=victim, pgid=victim), *rest)
+sys.exit(launch.__globals__["main"]())
+"""
+"""
+egateway's launcher, made to report another process group's id as its
+kernel's pid and pgid (as a forged payload would).
+"""
+
+
+class ForgedPgidTests(SSHTestCase):
+    async def test_payload_pgid_never_signalled(self) -> None:
+        """
+        A launcher reporting an unrelated process group as its kernel's
+        does not get that group signalled: the kernel's placement is what
+        the gateway started, and shutting the kernel down (TERM, KILL,
+        reaping its group) leaves the other group running.
+        """
+        victim = self.ssh.popen("h1", ["sleep", "600"], start_new_session=True)
+        self.addCleanup(victim.wait)
+        self.addCleanup(victim.kill)
+        remote_kernels.write_spec(
+            self.specs,
+            "forging",
+            [sys.executable, "-c", FORGE_PGID, *launcher_argv()[1:]],
+            "ssh",
+            config={"remote_hosts": self.ips["h1"]},
+            env={"VICTIM_PGID": str(victim.pid)},
+        )
+        model = await self.start_remote("forging")
+        placement = self.gateway.manager.kernels[model["id"]].process.placement
+        self.assertEqual(model["placement"]["pid"], placement.pid)
+        self.assertNotIn(victim.pid, (placement.pid, placement.pgid))
+        self.assertEqual(placement.pgid, placement.pid)
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        self.assertIsNone(victim.poll(), "the gateway signalled the process group the payload named")
+        self.assertFalse(os.path.exists(f"/proc/{model['placement']['pid']}"))
 
 
 class SSHLauncherContract(LauncherContract, TestCase):

@@ -698,7 +698,7 @@ class ResponseTLSTests(TestCase):
         server = issue(directory, "gateway")
         harness = KernelHarness(self, self.listener(server))
         kernel_id = str(uuid.uuid4())
-        pending = harness.listener.expect(kernel_id, require_v2=True)
+        pending = harness.listener.expect(kernel_id)
         harness.spawn(launcher_argv(harness.listener, kernel_id, "--response-ca", server.cert_path), pending.token)
         info = await harness.receive(pending)
         self.assertEqual(pending.version, 2)

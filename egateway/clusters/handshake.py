@@ -23,7 +23,9 @@ Version 1 (Enterprise Gateway's format, kept for its launchers and images)::
 
   The connection info JSON must carry C{kernel_id}.  Nothing authenticates
   it: anyone who can reach the listener and knows a pending kernel id can
-  forge one, which is why the listener can refuse version 1 altogether.
+  forge one, which is why the listener refuses version 1 unless the
+  operator turned it on, and then takes it only for launches that allow it
+  and only from the kernel's host.
 
 Version 2 (egateway's own; authenticated and bound to one launch)::
 

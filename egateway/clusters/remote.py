@@ -68,6 +68,47 @@ def response_listener(context: LauncherContext) -> ResponseListener:
     return listener
 
 
+ENTERPRISE_GATEWAY_LAUNCHER = "enterprise-gateway"
+"""
+The value of a kernelspec's C{kernel_launcher} (in its launcher config)
+saying that its argv runs Enterprise Gateway's own kernel launcher, which
+can only send version 1 connection info.
+"""
+
+
+def runs_enterprise_gateway_launcher(spec: Any) -> bool:
+    """
+    Whether the kernelspec declares that it runs Enterprise Gateway's
+    kernel launcher.  Only the kernelspec (the operator's file) can say so:
+    neither a client nor a profile's defaults are asked.
+    """
+    config = getattr(spec, "launcher_config", None) or {}
+    value = str(config.get("kernel_launcher") or "").strip().lower().replace("_", "-")
+    return value == ENTERPRISE_GATEWAY_LAUNCHER
+
+
+def expect_launch(listener: ResponseListener, request: Any) -> PendingLaunch:
+    """
+    Register C{request}'s launch with the response listener.  Version 1
+    (unauthenticated) connection info is allowed only for a kernelspec
+    that runs Enterprise Gateway's launcher, and only when the operator
+    turned C{response_accept_v1} on; every other launch must prove the
+    launch token (version 2).
+
+    @raise LaunchError: the kernelspec runs Enterprise Gateway's launcher
+        but version 1 is off, so the launch could only time out.
+    """
+    legacy = runs_enterprise_gateway_launcher(request.spec)
+    if legacy and not getattr(listener, "accept_v1", False):
+        raise LaunchError(
+            f"kernelspec {getattr(request.spec, 'name', '')!r} runs Enterprise Gateway's kernel launcher "
+            f"(kernel_launcher = {ENTERPRISE_GATEWAY_LAUNCHER!r}), which sends unauthenticated version 1 "
+            "connection info; the gateway refuses that unless response_accept_v1 (EG_RESPONSE_ACCEPT_V1) is "
+            "on: see the README's security section before turning it on"
+        )
+    return listener.expect(request.kernel_id, accept_v1=legacy)
+
+
 def launcher_argv(
     spec: Any,
     request_kernel_id: str,
@@ -143,6 +184,16 @@ def _int(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
+
+
+def reported_id(value: Any) -> int:
+    """
+    A pid or process group id a launcher or a record reports, or 0 when
+    it is none: 0, 1 and negative numbers name no single kernel
+    (C{kill -- -1} signals every process the user may signal).
+    """
+    number = _int(value)
+    return number if number > 1 else 0
 
 
 @implementer(IKernelProcess)
@@ -373,10 +424,14 @@ class RemoteKernelProcess:
 
 
 __all__ = [
+    "ENTERPRISE_GATEWAY_LAUNCHER",
     "RemoteKernelProcess",
+    "expect_launch",
+    "runs_enterprise_gateway_launcher",
     "await_connection_info",
     "connection_info",
     "launcher_argv",
+    "reported_id",
     "response_listener",
     "CancelledError",
     "_int",

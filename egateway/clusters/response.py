@@ -18,18 +18,30 @@ not speak TLS: a TLS listener serves version 2 launchers only.
 
 The port is reachable by anyone on the network, so every payload is
 suspect: garbage, oversize payloads, payloads for kernels nobody is
-launching, replays, forgeries and version 1 payloads while version 1 is
-disabled are refused with one log line each, and none of them disturbs a
+launching, replays, forgeries and version 1 payloads where version 1 is not
+allowed are refused with one log line each, and none of them disturbs a
 launch in progress.  A refused payload does not use up the launch: the
 genuine launcher may still deliver.
+
+Version 1 payloads are not authenticated: the kernel id and the public key
+are all it takes to forge one, and both are visible to any user of the
+kernel's host while it launches (C{ps}, C{squeue}).  So a launch accepts
+version 1 only when the operator turned it on for the whole gateway
+(C{response_accept_v1}, off by default) and the launch itself allows it (its
+kernelspec runs Enterprise Gateway's launcher, which cannot speak version
+2), and only from the address of the host the kernel was placed on.  A
+version 1 payload that arrives before the placement is known (a Slurm job
+whose launcher reports before the gateway has seen the job run) is held,
+unanswered, until it is; see L{PendingLaunch.expect_from}.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import secrets
 import socket
-from typing import Any
+from typing import Any, Iterable
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
@@ -81,15 +93,28 @@ class PendingLaunch:
         launch logs no unhandled error.
     @ivar version: the payload version that delivered (C{None} until then);
         the comm port speaks version 2 only after a version 2 handshake.
+    @ivar accept_v1: whether this launch takes version 1 payloads at all
+        (the operator's switch and the launch's own permission).
+    @ivar hosts: the addresses a version 1 payload may come from (the
+        kernel's placement host), or C{None} while the placement is not
+        known.
     """
 
-    def __init__(self, listener: "ResponseListener", kernel_id: str, require_v2: bool) -> None:
+    MAX_HELD = 4
+    """
+    Version 1 payloads held at most while the placement is unknown; more
+    are refused (each holds a connection open).
+    """
+
+    def __init__(self, listener: "ResponseListener", kernel_id: str, accept_v1: bool) -> None:
         self.kernel_id = kernel_id
-        self.require_v2 = require_v2
+        self.accept_v1 = accept_v1
         self.token = secrets.token_urlsafe(32)
         self.version: int | None = None
+        self.hosts: frozenset[str] | None = None
         self.received: Deferred[dict[str, Any]] = Deferred(lambda _: listener._forget(self))
         self._listener = listener
+        self._held: list[tuple[HandshakePayload, str, Deferred[bool]]] = []
 
     @property
     def delivered(self) -> bool:
@@ -103,12 +128,39 @@ class PendingLaunch:
         """
         return self.token if self.version == 2 else None
 
+    def expect_from(self, addresses: Iterable[str]) -> None:
+        """
+        The kernel's placement is known: version 1 payloads for this launch
+        are accepted from these addresses only (from now on, and for those
+        held so far, judged in the order they arrived).
+        """
+        self.hosts = frozenset(_normal_address(a) for a in addresses)
+        held, self._held = self._held, []
+        for payload, peer, verdict in held:
+            verdict.callback(self._listener._judge_v1_source(self, payload, peer))
+
+    def _hold(self, payload: HandshakePayload, peer: str) -> Deferred[bool] | bool:
+        if len(self._held) >= self.MAX_HELD:
+            return self._listener._refuse(
+                peer, f"too many version 1 payloads for kernel {self.kernel_id!r} before its placement is known",
+                self.kernel_id,
+            )
+        verdict: Deferred[bool] = Deferred()
+        self._held.append((payload, peer, verdict))
+        return verdict
+
+    def _refuse_held(self, reason: str) -> None:
+        held, self._held = self._held, []
+        for _, peer, verdict in held:
+            verdict.callback(self._listener._refuse(peer, reason, self.kernel_id))
+
     def cancel(self) -> None:
         """
         Stop expecting this launch.  Until then a delivered launch stays
         registered, so a replayed payload is recognised as one; call this
         when the kernel is cleaned up.
         """
+        self._refuse_held(f"the launch of kernel {self.kernel_id!r} ended before its placement was known")
         if not self.received.called:
             self.received.cancel()
             # Nobody may be waiting any more (the launch failed before it
@@ -119,7 +171,29 @@ class PendingLaunch:
 
     def _deliver(self, payload: HandshakePayload) -> None:
         self.version = payload.version
+        self._refuse_held(f"kernel {self.kernel_id!r} already delivered its connection info")
         self.received.callback(payload.conn_info)
+
+
+def _normal_address(address: str) -> str:
+    """
+    An address in one canonical text form (IPv4-mapped IPv6 as IPv4), so
+    a peer compares equal to the placement host however it is written.
+    """
+    host = address.strip().strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
+def _peer_host(peer: str) -> str:
+    """
+    The address part of L{_PayloadProtocol.peer} (C{host:port}).
+    """
+    return _normal_address(peer.rsplit(":", 1)[0])
 
 
 @implementer(IHalfCloseableProtocol)
@@ -181,7 +255,13 @@ class _PayloadProtocol(Protocol):
         payload = b"".join(self._chunks)
         if self._listener.tls is not None:
             payload = payload.split(b"\n", 1)[0]
-        accepted = self._listener._judge(payload, self.peer)
+        verdict = self._listener._judge(payload, self.peer)
+        if isinstance(verdict, Deferred):
+            verdict.addCallback(self._answer)
+        else:
+            self._answer(verdict)
+
+    def _answer(self, accepted: bool) -> None:
         self.transport.write(b"OK\n" if accepted else b"ERROR refused\n")
         self.transport.loseConnection()
 
@@ -202,7 +282,8 @@ class ResponseListener(Service):
     Receives connection info from remote launchers.
 
     @ivar keys: the key pair whose public half launchers encrypt to.
-    @ivar accept_v1: whether version 1 payloads are accepted at all.
+    @ivar accept_v1: whether version 1 payloads may be accepted at all (the
+        operator's C{response_accept_v1}); each launch must allow them too.
     @ivar max_payload: bytes; a longer payload is refused and its
         connection dropped.
     @ivar timeout: seconds a connection may take to deliver its payload.
@@ -218,7 +299,7 @@ class ResponseListener(Service):
         *,
         ip: str = "",
         port: int = DEFAULT_PORT,
-        accept_v1: bool = True,
+        accept_v1: bool = False,
         max_payload: int = 65536,
         timeout: float = 10.0,
         keys: HandshakeKeys | None = None,
@@ -293,6 +374,7 @@ class ResponseListener(Service):
         """
         super().stopService()
         for pending in list(self._pending.values()):
+            pending._refuse_held("the gateway's response listener stopped")
             if not pending.received.called:
                 pending.received.errback(
                     LaunchError("the gateway's response listener stopped before connection info arrived")
@@ -332,22 +414,29 @@ class ResponseListener(Service):
             raise RuntimeError("the response listener has not started")
         return self.keys.public_key_b64
 
-    def expect(self, kernel_id: str, *, require_v2: bool = False) -> PendingLaunch:
+    def expect(
+        self, kernel_id: str, *, accept_v1: bool = False, hosts: Iterable[str] | None = None
+    ) -> PendingLaunch:
         """
         Register a launch of C{kernel_id} before starting its launcher.
 
         A launch already registered for the same kernel (a restart) is
         cancelled and replaced, so its token stops working.
 
-        @param require_v2: refuse version 1 payloads for this launch even
-            while they are accepted in general (the kernelspec is known to
-            use egateway's launcher).
+        @param accept_v1: this launch may deliver a version 1 payload (its
+            kernelspec runs Enterprise Gateway's launcher); ignored unless
+            the listener accepts version 1 at all.  Otherwise only version
+            2, which proves knowledge of the launch token, is accepted.
+        @param hosts: the addresses the kernel's host is known by, when
+            known already (else see L{PendingLaunch.expect_from}).
         """
         previous = self._pending.get(kernel_id)
         if previous is not None:
             previous.cancel()
-        pending = PendingLaunch(self, kernel_id, require_v2)
+        pending = PendingLaunch(self, kernel_id, accept_v1 and self.accept_v1)
         self._pending[kernel_id] = pending
+        if hosts is not None:
+            pending.expect_from(hosts)
         return pending
 
     def _forget(self, pending: PendingLaunch) -> None:
@@ -363,10 +452,11 @@ class ResponseListener(Service):
         )
         return False
 
-    def _judge(self, data: bytes, peer: str) -> bool:
+    def _judge(self, data: bytes, peer: str) -> bool | Deferred[bool]:
         """
         L{_received}, with a bug in judging one payload logged rather than
-        left to break the connection handling.
+        left to break the connection handling.  A verdict still to come (a
+        held version 1 payload) is a Deferred.
         """
         try:
             return self._received(data, peer)
@@ -374,10 +464,11 @@ class ResponseListener(Service):
             self._log.failure("error judging connection info from {peer}", peer=peer)
             return False
 
-    def _received(self, data: bytes, peer: str) -> bool:
+    def _received(self, data: bytes, peer: str) -> bool | Deferred[bool]:
         """
         Judge one payload; deliver it if acceptable.  Returns whether it
-        was accepted.
+        was accepted, or a Deferred verdict for a version 1 payload held
+        until its launch's placement is known.
         """
         if not data.strip():
             self._log.info("ignored an empty connection from {peer}", peer=peer)
@@ -413,12 +504,44 @@ class ResponseListener(Service):
             return self._refuse(
                 peer, f"kernel {kernel_id!r} already delivered its connection info (replay?)", kernel_id
             )
-        if payload.version == 1 and pending.require_v2:
-            return self._refuse(peer, f"kernel {kernel_id!r} must use version 2", kernel_id)
-        if payload.version == 2 and not hmac.compare_digest(
+        if payload.version == 1:
+            if not pending.accept_v1:
+                return self._refuse(
+                    peer,
+                    f"kernel {kernel_id!r} must use version 2 (its kernelspec does not run Enterprise "
+                    "Gateway's launcher, or response_accept_v1 is off)",
+                    kernel_id,
+                )
+            if pending.hosts is None:
+                return pending._hold(payload, peer)
+            return self._judge_v1_source(pending, payload, peer)
+        if not hmac.compare_digest(
             (payload.token or "").encode("utf-8"), pending.token.encode("utf-8")
         ):
             return self._refuse(peer, f"wrong launch token for kernel {kernel_id!r}", kernel_id)
+        return self._accept(pending, payload, peer)
+
+    def _judge_v1_source(self, pending: PendingLaunch, payload: HandshakePayload, peer: str) -> bool:
+        """
+        A version 1 payload is accepted only from the kernel's placement
+        host: anyone can forge one, but not from there.
+        """
+        kernel_id = pending.kernel_id
+        if pending.delivered:
+            return self._refuse(peer, f"kernel {kernel_id!r} already delivered its connection info", kernel_id)
+        if self._pending.get(kernel_id) is not pending:
+            return self._refuse(peer, f"kernel {kernel_id!r} is no longer waiting for connection info", kernel_id)
+        if _peer_host(peer) not in (pending.hosts or ()):
+            return self._refuse(
+                peer,
+                f"version 1 payload for kernel {kernel_id!r} does not come from its host "
+                f"({', '.join(sorted(pending.hosts or ())) or 'unknown'})",
+                kernel_id,
+            )
+        return self._accept(pending, payload, peer)
+
+    def _accept(self, pending: PendingLaunch, payload: HandshakePayload, peer: str) -> bool:
+        kernel_id = pending.kernel_id
         try:
             ConnectionInfo.from_dict(payload.conn_info)
         except ValueError as e:

@@ -31,8 +31,8 @@ client cannot smuggle in sbatch options) plus C{EG_LAUNCH_TOKEN}.  So the
 token is never on a command line (visible in C{ps} on the gateway host)
 nor in a file the gateway writes: it travels inside Slurm's job record,
 which only the job's owner (the gateway's user) and Slurm's administrators
-can read, and the kernel-side launcher removes it from its environment as
-it starts.  (On a cluster that stores job environments in its accounting
+can read, and the batch script hands it to the kernel-side launcher on
+its stdin rather than in its environment (see L{BATCH_SCRIPT}).  (On a cluster that stores job environments in its accounting
 database, C{AccountingStoreFlags=job_env}, C{sacct --env-vars} shows them
 to whoever may see the job: such sites want C{PrivateData=jobs}.)
 C{--export=NAME,...} would pass the same values but also implies
@@ -105,7 +105,9 @@ from egateway.clusters.remote import (
     _int,
     await_connection_info,
     connection_info,
+    expect_launch,
     launcher_argv,
+    reported_id,
     response_listener,
 )
 from egateway.kernels.env import NAME
@@ -113,10 +115,24 @@ from egateway.observe import detached
 
 _log = Logger()
 
-BATCH_SCRIPT = b'#!/bin/sh\n# egateway kernel job: run the arguments, each as given.\nexec "$@"\n'
+BATCH_SCRIPT = b"""#!/bin/sh
+# egateway kernel job: run the arguments, each as given, the launch token on their stdin.
+token="${EG_LAUNCH_TOKEN:-}"
+unset EG_LAUNCH_TOKEN
+if [ -z "$token" ]; then exec "$@"; fi
+EG_LAUNCH_TOKEN_STDIN=1
+export EG_LAUNCH_TOKEN_STDIN
+exec "$@" <<EOF
+$token
+EOF
+"""
 """
 The whole batch script.  No user-supplied value is part of it: the argv
-reaches it as arguments.
+reaches it as arguments.  The token arrives in the job's environment and
+leaves it before the kernel-side launcher starts: it gets the token on its
+stdin instead (C{EG_LAUNCH_TOKEN_STDIN=1}), so the kernel's initial
+environment (C{/proc/<pid>/environ}, readable for the kernel's whole life)
+does not hold it.
 """
 
 COMMAND_TIMEOUT = 30.0
@@ -995,7 +1011,7 @@ class SlurmLauncher:
         self.commands.executable("sbatch")
         account = await self._account(request.username) if self.impersonation.enabled else None
         listener = response_listener(self._context)
-        pending = listener.expect(request.kernel_id)
+        pending = expect_launch(listener, request)
         argv = launcher_argv(
             request.spec,
             request.kernel_id,
@@ -1041,6 +1057,7 @@ class SlurmLauncher:
             state = await self._wait_until_running(request, job_id, resources, log_path)
             node = state.node
             address = await self.node_address(node)
+            pending.expect_from([address])
             request.report(Phase.PLACED, f"{node} ({address}), Slurm job {job_id}")
             info = await await_connection_info(
                 pending,
@@ -1060,8 +1077,10 @@ class SlurmLauncher:
                 placement=Placement(
                     host=node,
                     ip=address,
-                    pid=_int(info.get("pid")),
-                    pgid=_int(info.get("pgid")),
+                    # As the launcher reports them, for the model only: the
+                    # gateway signals a job through Slurm, never by pid.
+                    pid=reported_id(info.get("pid")),
+                    pgid=reported_id(info.get("pgid")),
                     extra={"job_id": job_id},
                 ),
                 reactor=self._reactor,

@@ -11,9 +11,22 @@ listener; meanwhile the gateway checks every second that the launcher still
 runs, and quotes its log if it dies first.
 
 Every value reaches the remote shell quoted: the remote command is a
-constant script followed by quoted arguments (the environment as
-C{NAME=value} arguments to C{env}, then the argv).  The launch token travels
-on the channel's stdin, so it never appears in a process listing.
+constant script followed by quoted arguments (the log file, then the argv).
+The launch token and the kernel's environment travel on the channel's
+stdin, so neither appears in a process listing; the token reaches the
+kernel-side launcher on its own stdin (with C{EG_LAUNCH_TOKEN_STDIN=1}), so
+it is not in the kernel's environment either (C{/proc/<pid>/environ} keeps a
+process's initial environment for ever).
+
+The gateway signals only what it started: the process the start script
+reports (detached with C{setsid}, so it leads its own session and process
+group), whose start time (C{/proc/<pid>/stat}) the script reports too.
+Every signal, liveness check and group check first checks on the host that
+the process under that pid still has that start time (a record without one:
+that its environment carries the kernel's C{KERNEL_ID}), so a pid reused
+after the kernel ended is never signalled.  The C{pid} and C{pgid} a
+launcher puts in its connection info are not used for any of this: anyone
+who can forge a payload could name another process group (or C{-1}).
 
 With impersonation the kernel runs as its user (L{RunAs}): in "sudo" mode
 the gateway logs in as C{remote_user} and the whole start script runs
@@ -51,6 +64,7 @@ from typing import Any, Mapping, Sequence
 
 from twisted.conch.ssh import keys
 from twisted.internet.defer import Deferred
+from twisted.internet.error import DNSLookupError
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -77,27 +91,82 @@ from egateway.clusters.remote import (
     _int,
     await_connection_info,
     connection_info,
+    expect_launch,
     launcher_argv,
+    reported_id,
     response_listener,
 )
+from egateway.clusters.response import PendingLaunch
 from egateway.clusters.sshclient import SSHAuthError, SSHError, SSHPool, SSHSettings, load_keys, shell_command
 from egateway.kernels.env import NAME
 
 _log = Logger()
 
-START_SCRIPT = (
-    'IFS= read -r token || true; '
-    'if [ -n "$token" ]; then EG_LAUNCH_TOKEN="$token"; export EG_LAUNCH_TOKEN; fi; '
-    'log="$1"; shift; '
-    'mask=$(umask); umask 077; : >>"$log"; umask "$mask"; '
-    'setsid nohup "$@" </dev/null >>"$log" 2>&1 & echo "$!"'
-)
+START_SCRIPT = r"""
+IFS= read -r token || token=""
+setsid=$(command -v setsid) && nohup=$(command -v nohup) || { echo "setsid or nohup missing" >&2; exit 127; }
+while IFS= read -r assignment && [ -n "$assignment" ]; do export "$assignment"; done
+log="$1"; shift
+mask=$(umask); umask 077; : >>"$log"; umask "$mask"
+if [ -n "$token" ]; then
+    EG_LAUNCH_TOKEN_STDIN=1; export EG_LAUNCH_TOKEN_STDIN
+    printf '%s\n' "$token" | "$setsid" "$nohup" "$@" >>"$log" 2>&1 &
+else
+    "$setsid" "$nohup" "$@" </dev/null >>"$log" 2>&1 &
+fi
+pid=$!
+stat=""
+[ -r "/proc/$pid/stat" ] && read -r stat <"/proc/$pid/stat"
+set -- ${stat##*")"}
+if [ $# -ge 20 ]; then shift 19; echo "$pid $1"; else echo "$pid"; fi
 """
-Run on the host with C{sh -c}: read the launch token from stdin, create
-the log file readable by its owner only, start the rest of the arguments
-detached in a new session with output to the log file, and print the pid.
-No user-supplied value is part of this text.
 """
+Run on the host with C{sh -c}.  Its stdin carries the launch token (one
+line, possibly empty), then the kernel's environment as C{NAME=value}
+lines, then an empty line; its arguments are the log file and the argv.  It
+creates the log file readable by its owner only, starts the argv detached
+in a new session (its leader: pid, process group and session are one
+number) with output to the log file and the token on its stdin, and prints
+the pid and the process's start time (clock ticks since boot, field 22 of
+C{/proc/<pid>/stat}).  C{setsid} and C{nohup} are looked up before the
+kernel's environment (which may set C{PATH}) applies.  No user-supplied
+value is part of this text.
+"""
+
+
+CHECKED_KILL_SCRIPT = r"""
+pid="$1"; start="$2"; kernel="$3"; signal="$4"; target="$5"
+if [ -e "/proc/$pid" ]; then
+    if [ -n "$start" ]; then
+        stat=""
+        read -r stat <"/proc/$pid/stat" || true
+        set -- ${stat##*")"}
+        if [ $# -lt 20 ]; then set -- ; else shift 19; fi
+        if [ "${1:-}" != "$start" ]; then
+            echo "egateway: process $pid is no longer kernel $kernel (started at ${1:-?}, not $start)" >&2
+            exit 3
+        fi
+    elif ! tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "KERNEL_ID=$kernel"; then
+        echo "egateway: process $pid is not kernel $kernel" >&2
+        exit 3
+    fi
+elif [ -z "$start" ]; then
+    echo "egateway: process $pid is gone; kernel $kernel's group cannot be verified" >&2
+    exit 3
+fi
+exec kill -s "$signal" -- "$target"
+"""
+"""
+Run on the host with C{sh -c} and the arguments pid, start time (may be
+empty), kernel id, signal name and kill target (C{pid} or C{-pgid}): signal
+the target only if the process C{pid} is still the one the gateway started
+(same start time; without a recorded start time, its environment carries
+C{KERNEL_ID=<kernel id>}).  A leader that is gone while its group lives on
+(its pid cannot be reused until the group is empty) is signalled when the
+start time was recorded.  Exits 3 when the process is not the kernel.
+"""
+
+NOT_THE_KERNEL = 3
 
 
 INVENTORY_SCRIPT = r"""
@@ -193,6 +262,26 @@ def kill_argv(signum: int, target: str) -> list[str]:
     return ["kill", "-s", name, "--", target]
 
 
+def start_input(token: str, env: Mapping[str, str]) -> bytes:
+    """
+    L{START_SCRIPT}'s stdin: the token line, one C{NAME=value} line per
+    variable, and the empty line that ends them.
+
+    @raise LaunchError: a value holds a newline or NUL (it cannot be one
+        line; client values never do, a kernelspec's or the gateway's
+        inherited ones might), or a name is not a variable name.
+    """
+    lines = [token]
+    for name, value in env.items():
+        if not NAME.match(name) or "\n" in value or "\r" in value or "\0" in value:
+            raise LaunchError(
+                f"environment variable {name[:80]!r} cannot be passed to an SSH kernel: its name is not a "
+                "variable name or its value holds a line break or NUL"
+            )
+        lines.append(f"{name}={value}")
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
 @dataclass(frozen=True)
 class RunAs:
     """
@@ -238,40 +327,99 @@ def _split_hosts(value: Any) -> list[str]:
     return []
 
 
+@dataclass(frozen=True)
+class StartedProcess:
+    """
+    What the start script reported: the pid (also the process group and
+    session), and its start time when the host has C{/proc}.
+    """
+
+    pid: int
+    start_time: str = ""
+
+    @classmethod
+    def parse(cls, output: bytes) -> "StartedProcess":
+        """
+        @raise ValueError: the output is not what L{START_SCRIPT} prints.
+        """
+        fields = output.decode("utf-8", "replace").strip().splitlines()[-1].split()
+        pid = int(fields[0])
+        start = fields[1] if len(fields) > 1 else ""
+        if pid <= 1 or len(fields) > 2 or (start and not start.isdigit()):
+            raise ValueError(output)
+        return cls(pid, start)
+
+
+def checked_kill_argv(
+    signum: int, pid: int, kernel_id: str, start_time: str = "", group: bool = True
+) -> list[str]:
+    """
+    Signal the kernel started as C{pid} (its whole group by default), only
+    if C{pid} is still that process; see L{CHECKED_KILL_SCRIPT}.
+
+    @raise LaunchError: C{pid} names no single process (0, 1, negative).
+    """
+    if pid <= 1:
+        raise LaunchError(f"refusing to signal pid {pid} for kernel {kernel_id}: it names no single kernel")
+    target = f"-{pid}" if group else str(pid)
+    name = kill_argv(signum, target)[2]
+    return ["sh", "-c", CHECKED_KILL_SCRIPT, "egateway-kill", str(pid), start_time, kernel_id, name, target]
+
+
 class SSHKernelProcess(RemoteKernelProcess):
-    def __init__(self, *, launcher: "SSHLauncher", host: str, run_as: RunAs = RunAs(), **kw: Any) -> None:
+    """
+    A kernel the gateway started on an SSH host.  C{placement.pid} and
+    C{placement.pgid} are the start script's report (one number, the
+    session's leader), never the payload's.
+    """
+
+    def __init__(
+        self, *, launcher: "SSHLauncher", host: str, run_as: RunAs = RunAs(), start_time: str = "", **kw: Any
+    ) -> None:
         super().__init__(**kw)
         self._launcher = launcher
         self.host = host
         self.run_as = run_as
+        self.start_time = start_time
+
+    async def _kill(self, signum: int, group: bool) -> Any:
+        """
+        Run L{checked_kill_argv} on the host.  With a group target the
+        group leader is the one checked.
+        """
+        pid = self.placement.pgid if group and self.placement.pgid else self.placement.pid
+        argv = checked_kill_argv(signum, pid, self.kernel_id, self.start_time if pid == self.placement.pid else "", group)
+        return await self._launcher.pool.run(
+            self.host, self.run_as.command(argv), timeout=15, user=self.run_as.login
+        )
 
     async def _check_alive(self) -> Liveness:
-        result = await self._launcher.pool.run(
-            self.host, self.run_as.command(kill_argv(0, str(self.placement.pid))), timeout=15,
-            user=self.run_as.login,
-        )
+        result = await self._kill(0, group=False)
         if result.ok:
             return Liveness(True)
+        if result.code == NOT_THE_KERNEL:
+            return Liveness(False, f"the kernel process {self.placement.pid} on {self.host} is gone (pid reused)")
         return Liveness(False, f"the kernel process {self.placement.pid} on {self.host} is gone")
 
     async def _group_alive(self) -> bool:
         if not self.placement.pgid:
             return False
-        result = await self._launcher.pool.run(
-            self.host, self.run_as.command(kill_argv(0, f"-{self.placement.pgid}")), timeout=15,
-            user=self.run_as.login,
-        )
-        return result.ok
+        return (await self._kill(0, group=True)).ok
 
     async def _signal_directly(self, signum: int) -> None:
-        target = f"-{self.placement.pgid}" if self.placement.pgid else str(self.placement.pid)
         try:
-            result = await self._launcher.pool.run(
-                self.host, self.run_as.command(kill_argv(signum, target)), timeout=15,
-                user=self.run_as.login,
-            )
+            result = await self._kill(signum, group=bool(self.placement.pgid))
         except SSHError as e:
             raise LaunchError(f"cannot signal the kernel on {self.host}: {e}") from None
+        if result.code == NOT_THE_KERNEL:
+            _log.warn(
+                "kernel {kernel_id}: not signalling {pid} on {host}: {error}",
+                kernel_id=self.kernel_id,
+                pid=self.placement.pid,
+                host=self.host,
+                error=result.stderr.decode("utf-8", "replace").strip(),
+            )
+            return
         if not result.ok and b"No such process" not in result.stderr:
             raise LaunchError(f"kill on {self.host} failed: {result.describe()}")
 
@@ -279,7 +427,7 @@ class SSHKernelProcess(RemoteKernelProcess):
         self._launcher.released(self.host)
 
     def snapshot(self) -> dict:
-        return {**super().snapshot(), "launcher": "ssh", "user": self.run_as.user}
+        return {**super().snapshot(), "launcher": "ssh", "user": self.run_as.user, "start_time": self.start_time}
 
 
 @implementer(ILauncher, ILauncherInventory)
@@ -361,28 +509,30 @@ class SSHLauncher:
         hosts = self.hosts_for(request)
         run_as = RunAs.for_user(self.impersonation, request.username)
         listener = response_listener(self._context)
-        pending = listener.expect(request.kernel_id)
-        started: tuple[str, int] | None = None
+        pending = expect_launch(listener, request)
+        started: tuple[str, StartedProcess] | None = None
         try:
-            host, pid = await self._start_somewhere(request, hosts, listener, pending.token, run_as)
-            started = (host, pid)
+            host, process = await self._start_somewhere(request, hosts, listener, pending, run_as)
+            started = (host, process)
+            pid = process.pid
             self._hosts_used.add(host)
             self.balancer.placed(host)
             request.report(Phase.PLACED, f"{host} pid {pid}" + (f" as {run_as.user}" if run_as.user else ""))
             info = await await_connection_info(
-                pending, self._reactor, lambda: self._launch_ended(host, pid, request.kernel_id, run_as)
+                pending, self._reactor, lambda: self._launch_ended(host, process, request.kernel_id, run_as)
             )
             address = await self._address(host)
             conn = connection_info(info, address)
             request.report(Phase.CONNECTION_INFO, f"{address} (payload v{pending.version})")
-            pgid = _int(info.get("pgid")) or pid
             return SSHKernelProcess(
                 launcher=self,
                 host=host,
                 run_as=run_as,
+                start_time=process.start_time,
                 kernel_id=request.kernel_id,
                 info=conn,
-                placement=Placement(host=host, ip=address, pid=_int(info.get("pid")) or pid, pgid=pgid),
+                # What the gateway started, never the payload's pid/pgid.
+                placement=Placement(host=host, ip=address, pid=pid, pgid=pid),
                 reactor=self._reactor,
                 poll_interval=self._kernels.poll_interval,
                 comm_port=_int(info.get("comm_port")),
@@ -393,12 +543,12 @@ class SSHLauncher:
             pending.cancel()
             if started is not None:
                 self.balancer.released(started[0])
-                await self._kill_quietly(*started, run_as)
+                await self._kill_quietly(started[0], started[1], request.kernel_id, run_as)
             raise
 
     async def _start_somewhere(
-        self, request: LaunchRequest, hosts: list[str], listener: Any, token: str, run_as: RunAs
-    ) -> tuple[str, int]:
+        self, request: LaunchRequest, hosts: list[str], listener: Any, pending: PendingLaunch, run_as: RunAs
+    ) -> tuple[str, StartedProcess]:
         """
         Start the kernel-side launcher on the first host that works.
         """
@@ -414,8 +564,10 @@ class SSHLauncher:
             tried.append(host)
             request.report(Phase.SUBMITTED, f"ssh {host}")
             try:
-                pid = await self._start_on(host, request, listener, token, run_as)
-            except SSHError as e:
+                # Only this host may answer with version 1 connection info.
+                pending.expect_from([await self._address(host)])
+                process = await self._start_on(host, request, listener, pending, run_as)
+            except (SSHError, DNSLookupError) as e:
                 if isinstance(e, SSHAuthError) and run_as.login is not None:
                     # The user's key is at fault, not the host.
                     raise LaunchError(f"cannot log in to {host} as {run_as.login}: {e}", status=403) from None
@@ -423,7 +575,7 @@ class SSHLauncher:
                 self.health.failed(host, str(e))
                 continue
             self.health.succeeded(host)
-            return host, pid
+            return host, process
 
     async def _check_account(self, host: str, run_as: RunAs) -> None:
         """
@@ -445,7 +597,9 @@ class SSHLauncher:
             )
         self.impersonation.check_ids(run_as.user, ids[0], ids[1], where=f" on {host}")
 
-    async def _start_on(self, host: str, request: LaunchRequest, listener: Any, token: str, run_as: RunAs) -> int:
+    async def _start_on(
+        self, host: str, request: LaunchRequest, listener: Any, pending: PendingLaunch, run_as: RunAs
+    ) -> StartedProcess:
         if run_as.user:
             await self._check_account(host, run_as)
         argv = launcher_argv(
@@ -459,26 +613,29 @@ class SSHLauncher:
         if self._gateway_id:
             env[GATEWAY_ID_ENV] = self._gateway_id
         log = f"{self._settings.kernel_log_dir.rstrip('/')}/kernel-{request.kernel_id}.log"
-        command = run_as.command(
-            ["sh", "-c", START_SCRIPT, "egateway-launch", log, "env", *(f"{k}={v}" for k, v in env.items()), *argv]
+        command = run_as.command(["sh", "-c", START_SCRIPT, "egateway-launch", log, *argv])
+        # Enterprise Gateway's launcher cannot use the token: it is not sent.
+        token = "" if pending.accept_v1 else pending.token
+        result = await self.pool.run(
+            host, command, stdin=start_input(token, env), timeout=30, user=run_as.login
         )
-        result = await self.pool.run(host, command, stdin=token.encode() + b"\n", timeout=30, user=run_as.login)
         if not result.ok:
             raise SSHError(f"starting the kernel failed: {result.describe()}")
         try:
-            return int(result.stdout.strip().splitlines()[-1])
+            return StartedProcess.parse(result.stdout)
         except (ValueError, IndexError):
             raise SSHError(f"the host did not report a pid: {result.describe()}") from None
 
-    async def _launch_ended(self, host: str, pid: int, kernel_id: str, run_as: RunAs = RunAs()) -> str | None:
+    async def _launch_ended(
+        self, host: str, process: StartedProcess, kernel_id: str, run_as: RunAs = RunAs()
+    ) -> str | None:
         """
         C{None} while the launcher runs on C{host}; otherwise how it ended,
         with the end of its log.
         """
+        argv = checked_kill_argv(0, process.pid, kernel_id, process.start_time, group=False)
         try:
-            result = await self.pool.run(
-                host, run_as.command(kill_argv(0, str(pid))), timeout=15, user=run_as.login
-            )
+            result = await self.pool.run(host, run_as.command(argv), timeout=15, user=run_as.login)
         except SSHError:
             return None
         if result.ok:
@@ -489,12 +646,13 @@ class SSHLauncher:
         explanation = f"the kernel launcher on {host} exited before sending connection info"
         return explanation + (f"; its log {host}:{log} ends: {text}" if text else "")
 
-    async def _kill_quietly(self, host: str, pid: int, run_as: RunAs = RunAs()) -> None:
+    async def _kill_quietly(
+        self, host: str, process: StartedProcess, kernel_id: str, run_as: RunAs = RunAs()
+    ) -> None:
         for signum in (15, 9):
+            argv = checked_kill_argv(signum, process.pid, kernel_id, process.start_time)
             try:
-                await self.pool.run(
-                    host, run_as.command(kill_argv(signum, f"-{pid}")), timeout=10, user=run_as.login
-                )
+                await self.pool.run(host, run_as.command(argv), timeout=10, user=run_as.login)
             except SSHError:
                 return
 
@@ -505,8 +663,11 @@ class SSHLauncher:
         try:
             host = str(snapshot["host"])
             info = connection_info(snapshot["connection_info"], str(snapshot["ip"]))
-            pid = int(snapshot["pid"])
+            pid = reported_id(snapshot["pid"])
+            if not pid:
+                raise ValueError(f"pid {snapshot['pid']!r} names no single kernel")
             user = str(snapshot.get("user") or "")
+            start_time = str(snapshot.get("start_time") or "")
             run_as = RunAs.for_user(self.impersonation, user) if user else RunAs()
         except (KeyError, TypeError, ValueError) as e:
             raise LaunchError(f"bad ssh snapshot: {e}") from None
@@ -514,9 +675,10 @@ class SSHLauncher:
             launcher=self,
             host=host,
             run_as=run_as,
+            start_time=start_time,
             kernel_id=kernel_id,
             info=info,
-            placement=Placement(host=host, ip=info.ip, pid=pid, pgid=_int(snapshot.get("pgid")) or pid),
+            placement=Placement(host=host, ip=info.ip, pid=pid, pgid=reported_id(snapshot.get("pgid")) or pid),
             reactor=self._reactor,
             poll_interval=self._kernels.poll_interval,
             comm_port=_int(snapshot.get("comm_port")),

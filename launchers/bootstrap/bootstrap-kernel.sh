@@ -14,7 +14,9 @@
 #   KERNEL_SPARK_CONTEXT_INIT_MODE   optional, default none
 #   KERNEL_CLASS_NAME      optional
 #   EG_LAUNCH_TOKEN        optional; egateway's launcher then uses the
-#                          authenticated version 2 handshake
+#                          authenticated version 2 handshake (it is handed
+#                          to the launcher on its stdin, not in its
+#                          environment)
 #
 # Arguments given to this script are passed on to the launcher (for
 # example --ip 10.0.0.5).
@@ -80,8 +82,18 @@ fi
 # ipykernel exits when this shell (its parent) goes away.
 export JPY_PARENT_PID="$$"
 
-"${python}" "${launcher}" "${arguments[@]}" "$@" &
+# The launch token goes to the launcher on its stdin, not in its
+# environment: a process's initial environment stays readable in
+# /proc/<pid>/environ for its whole life, and the launcher is the kernel.
+token="${EG_LAUNCH_TOKEN:-}"
+unset EG_LAUNCH_TOKEN
+if [ -n "${token}" ]; then
+    EG_LAUNCH_TOKEN_STDIN=1 "${python}" "${launcher}" "${arguments[@]}" "$@" <<<"${token}" &
+else
+    "${python}" "${launcher}" "${arguments[@]}" "$@" &
+fi
 child="$!"
+unset token
 
 # shellcheck disable=SC2317  # called from the traps below
 forward() {

@@ -14,8 +14,9 @@ What it does, in order:
  1. Parse Enterprise Gateway's arguments (C{--kernel-id},
     C{--response-address}, C{--public-key}, C{--port-range}, ...) and their
     C{--RemoteProcessProxy.*} aliases, plus C{--ip} and the launch token
-    (C{EG_LAUNCH_TOKEN}, preferred over C{--launch-token} because the
-    environment does not show in C{ps}).  With a token it speaks payload
+    (the first line of stdin with C{EG_LAUNCH_TOKEN_STDIN=1}, else
+    C{EG_LAUNCH_TOKEN}; both preferred over C{--launch-token} because the
+    command line shows in C{ps}).  With a token it speaks payload
     version 2 and the authenticated comm protocol; without, version 1.
  2. Become its own process group, so a gateway signalling C{-pgid} reaches
     the kernel and its children and nothing else.
@@ -58,6 +59,7 @@ LOG = logging.getLogger("launch_ipykernel")
 
 DEFAULT_KERNEL_CLASS = "ipykernel.ipkernel.IPythonKernel"
 TOKEN_ENV = "EG_LAUNCH_TOKEN"
+TOKEN_STDIN_ENV = "EG_LAUNCH_TOKEN_STDIN"
 RESPONSE_CA_ENV = "EG_RESPONSE_CA"
 RESPONSE_SERVER_NAME_ENV = "EG_RESPONSE_SERVER_NAME"
 ENCRYPTION_ENV = "EG_KERNEL_ENCRYPTION"
@@ -145,7 +147,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     if args.cluster_type == "spark" and args.spark_context_initialization_mode == "none":
         args.cluster_type = "none"
     token = os.environ.pop(TOKEN_ENV, None)  # not inherited by the kernel's children
-    args.launch_token = args.launch_token or token or None
+    from_stdin = token_from_stdin()
+    args.launch_token = args.launch_token or from_stdin or token or None
     if not args.kernel_id:
         raise LaunchFailed("--kernel-id is required")
     if not args.public_key:
@@ -155,6 +158,28 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     if args.kernel_encryption not in ("auto", "off", "required"):
         raise LaunchFailed(f"unknown kernel encryption {args.kernel_encryption!r} ({ENCRYPTION_ENV}): auto, off or required")
     return args
+
+
+def token_from_stdin() -> str | None:
+    """
+    The launch token from the first line of stdin, when the gateway says
+    it put it there (C{EG_LAUNCH_TOKEN_STDIN=1}, as egateway's SSH launcher
+    does): a process's initial environment stays readable in
+    C{/proc/<pid>/environ} for its whole life, stdin does not.  stdin is
+    then replaced by C{/dev/null}, so the kernel's code cannot read it.
+    """
+    if os.environ.pop(TOKEN_STDIN_ENV, "") != "1":
+        return None
+    line = b""
+    while not line.endswith(b"\n") and len(line) < 4096:
+        chunk = os.read(0, 1)
+        if not chunk:
+            break
+        line += chunk
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return line.decode("utf-8", "replace").strip() or None
 
 
 def parse_port_range(text: str | None) -> tuple[int, int]:
