@@ -417,10 +417,10 @@ class ResponseConfig:
     )
     response_accept_v1: bool = setting(
         False,
-        "Accept Enterprise Gateway's unauthenticated version 1 payloads, only for kernelspecs whose "
-        "launcher config sets kernel_launcher = \"enterprise-gateway\" and only from the kernel's "
-        "host (anyone on that host can then answer for a pending launch; see the README's "
-        "security section).",
+        "Accept Enterprise Gateway's unauthenticated version 1 payloads, only for kernelspecs that run "
+        "its launcher (Enterprise Gateway's form unchanged, or kernel_launcher = \"enterprise-gateway\" "
+        "in the launcher config) and only from the kernel's host (anyone on that host can then answer "
+        "for a pending launch; see the README's security section).",
         env=("EG_RESPONSE_ACCEPT_V1",),
     )
     response_max_payload: int = setting(

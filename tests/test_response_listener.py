@@ -508,3 +508,70 @@ class ServiceTests(SynchronousTestCase):
             (defaults.response_port, defaults.response_accept_v1, defaults.response_max_payload),
             (8877, False, 65536),
         )
+
+
+class _RecordingListener:
+    """
+    Stands in for the listener when only the version accepted per launch matters.
+    """
+
+    def __init__(self, accept_v1: bool) -> None:
+        self.accept_v1 = accept_v1
+        self.expected: list[tuple[str, bool]] = []
+
+    def expect(self, kernel_id: str, accept_v1: bool = False) -> str:
+        self.expected.append((kernel_id, accept_v1))
+        return kernel_id
+
+
+class ExpectLaunchTests(SynchronousTestCase):
+    """
+    Which launches may answer in version 1: only kernelspecs that run
+    Enterprise Gateway's launcher, and only while the operator allows it.
+    """
+
+    def spec(self, metadata: dict[str, Any]) -> Any:
+        from egateway.kernels.specs import KernelSpec
+
+        return KernelSpec(
+            name="k", argv=("python",), display_name="k", language="python", resource_dir="/", metadata=metadata
+        )
+
+    def accepted(self, accept_v1: bool, metadata: dict[str, Any]) -> bool:
+        from types import SimpleNamespace
+
+        from egateway.clusters.remote import expect_launch
+
+        listener = _RecordingListener(accept_v1)
+        expect_launch(listener, SimpleNamespace(kernel_id=KERNEL_ID, spec=self.spec(metadata)))  # type: ignore[arg-type]
+        [(kernel_id, v1)] = listener.expected
+        return v1
+
+    def test_unchanged_enterprise_gateway_kernelspec(self) -> None:
+        """
+        An Enterprise Gateway kernelspec copied unchanged takes version 1
+        once the operator turns it on, and version 2 only otherwise.
+        """
+        jeg = {"process_proxy": {"class_name": "enterprise_gateway.services.processproxies.distributed.X"}}
+        self.assertTrue(self.accepted(True, jeg))
+        self.assertFalse(self.accepted(False, jeg))
+
+    def test_egateway_launcher_never_takes_v1(self) -> None:
+        """
+        egateway's own kernelspecs, and Enterprise Gateway-form ones marked
+        as running egateway's launcher, take version 2 only even with
+        version 1 on.
+        """
+        self.assertFalse(self.accepted(True, {"egateway": {"launcher": "ssh", "config": {}}}))
+        marked = {"process_proxy": {"class_name": "x", "config": {"kernel_launcher": "egateway"}}}
+        self.assertFalse(self.accepted(True, marked))
+        self.assertFalse(self.accepted(True, {}))
+
+    def test_marked_enterprise_gateway_launcher_needs_v1(self) -> None:
+        """
+        A kernelspec marked as running Enterprise Gateway's launcher fails
+        at once while version 1 is off.
+        """
+        marked = {"egateway": {"launcher": "ssh", "config": {"kernel_launcher": "enterprise-gateway"}}}
+        self.assertTrue(self.accepted(True, marked))
+        self.assertRaises(LaunchError, self.accepted, False, marked)

@@ -76,15 +76,37 @@ can only send version 1 connection info.
 """
 
 
+def declared_kernel_launcher(spec: Any) -> str:
+    """
+    The kernelspec's own C{kernel_launcher} value (normalised), or C{""}.
+    Only the kernelspec (the operator's file) can say which launcher its
+    argv runs: neither a client nor a profile's defaults are asked.
+    """
+    config = getattr(spec, "launcher_config", None) or {}
+    return str(config.get("kernel_launcher") or "").strip().lower().replace("_", "-")
+
+
 def runs_enterprise_gateway_launcher(spec: Any) -> bool:
     """
     Whether the kernelspec declares that it runs Enterprise Gateway's
-    kernel launcher.  Only the kernelspec (the operator's file) can say so:
-    neither a client nor a profile's defaults are asked.
+    kernel launcher.
     """
-    config = getattr(spec, "launcher_config", None) or {}
-    value = str(config.get("kernel_launcher") or "").strip().lower().replace("_", "-")
-    return value == ENTERPRISE_GATEWAY_LAUNCHER
+    return declared_kernel_launcher(spec) == ENTERPRISE_GATEWAY_LAUNCHER
+
+
+def in_enterprise_gateway_form(spec: Any) -> bool:
+    """
+    Whether the kernelspec is written in Enterprise Gateway's dialect
+    (C{metadata.process_proxy}) without saying which launcher it runs: an
+    Enterprise Gateway kernelspec copied unchanged, whose argv most likely
+    runs Enterprise Gateway's own launcher.
+    """
+    metadata = getattr(spec, "metadata", None) or {}
+    return (
+        isinstance(metadata.get("process_proxy"), dict)
+        and not isinstance(metadata.get("egateway"), dict)
+        and not declared_kernel_launcher(spec)
+    )
 
 
 def expect_launch(listener: ResponseListener, request: Any) -> PendingLaunch:
@@ -98,14 +120,19 @@ def expect_launch(listener: ResponseListener, request: Any) -> PendingLaunch:
     @raise LaunchError: the kernelspec runs Enterprise Gateway's launcher
         but version 1 is off, so the launch could only time out.
     """
+    accept_v1 = bool(getattr(listener, "accept_v1", False))
     legacy = runs_enterprise_gateway_launcher(request.spec)
-    if legacy and not getattr(listener, "accept_v1", False):
+    if legacy and not accept_v1:
         raise LaunchError(
             f"kernelspec {getattr(request.spec, 'name', '')!r} runs Enterprise Gateway's kernel launcher "
             f"(kernel_launcher = {ENTERPRISE_GATEWAY_LAUNCHER!r}), which sends unauthenticated version 1 "
             "connection info; the gateway refuses that unless response_accept_v1 (EG_RESPONSE_ACCEPT_V1) is "
             "on: see the README's security section before turning it on"
         )
+    # An unchanged Enterprise Gateway kernelspec may answer in version 1
+    # once the operator turned it on; with version 1 off it is not refused
+    # here, because its argv may run egateway's launcher (version 2).
+    legacy = legacy or (accept_v1 and in_enterprise_gateway_form(request.spec))
     return listener.expect(request.kernel_id, accept_v1=legacy)
 
 
