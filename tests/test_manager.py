@@ -338,6 +338,22 @@ class RestartTests(SynchronousTestCase):
         self.assertIn(self.kernel.id, self.manager.kernels)
         self.assertEqual(self.kernel.model()["execution_state"], "dead")
 
+    def test_outside_decision_is_not_undone(self) -> None:
+        """
+        A kernel its cluster's operator ended on purpose (a job cancelled, a
+        pod deleted) is declared dead with the reason instead of being
+        launched again, whatever restarts remain.
+        """
+        why = "Slurm job 12 on n1 was CANCELLED outside the gateway (signal 15)"
+        self.launcher.processes[0].exit(ExitStatus(reason=why, decision=True))
+        self.assertEqual(self.kernel.state, KernelState.DEAD)
+        self.assertEqual(len(self.launcher.processes), 1)
+        self.assertIn(why, self.kernel.reason)
+        self.assertIn("not restarted", self.kernel.reason)
+        self.assertEqual(self.client.statuses()[-1]["execution_state"], "dead")
+        self.assertIn(why, self.client.statuses()[-1]["reason"])
+        self.assertEqual(self.kernel.restart_count, 0)
+
     def test_failures_forgiven_when_stable(self) -> None:
         """
         Deaths far apart do not add up to the limit.

@@ -592,6 +592,7 @@ class SlurmLauncherContract(SlurmMixin, LauncherContract, TestCase):
         status = await exited
         self.assertIn(f"Slurm job {process.job_id} on {process.node} was CANCELLED outside the gateway",
                       status.describe())
+        self.assertTrue(status.decision)
         with self.assertRaises(LaunchError) as caught:
             await (await self.make_launcher()).restore(process.kernel_id, snapshot)
         self.assertIn("no longer running", str(caught.exception))
@@ -706,12 +707,12 @@ class KernelJobTests(SlurmGatewayTestCase):
 
 
 class OutsideCancelTests(SlurmGatewayTestCase):
-    extra_settings = {"restart_limit": 0}
-
     async def test_scancel_makes_kernel_dead(self) -> None:
         """
         A kernel whose job is cancelled with scancel from outside becomes
-        dead with Slurm's account of it, and its clients are told why.
+        dead with Slurm's account of it, and its clients are told why; with
+        the default restart_limit it is not resubmitted, since the
+        cancellation was the operator's decision.
         """
         model = await self.start()
         job_id = model["placement"]["job_id"]
@@ -726,8 +727,11 @@ class OutsideCancelTests(SlurmGatewayTestCase):
         self.assertEqual(code, 200)
         self.assertEqual(body["state"], "dead")
         self.assertIn(expected, body["reason"])
+        self.assertEqual(body["restarts"], 0)
         await client.close()
         self.assertFalse(pid_alive(model["placement"]["pid"]))
+        self.assertEqual([job for job, (_, name) in self.jobs("all").items() if name.endswith(model["id"])],
+                         [job_id])
 
 
 class SchedulingTests(SlurmGatewayTestCase):

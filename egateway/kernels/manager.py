@@ -686,6 +686,16 @@ class KernelManager(Service):
 
     async def _auto_restart(self, kernel: Kernel, status: ExitStatus | None) -> None:
         why = (status or ExitStatus(reason="ended")).describe()
+        if status is not None and status.decision:
+            # Cancelled or deleted on purpose by the cluster's operator:
+            # restarting would undo their decision.
+            _log.warn(
+                "kernel {kernel_id} was ended outside the gateway: {why}; not restarting it",
+                kernel_id=kernel.id,
+                why=why,
+            )
+            await self._declare_dead(kernel, f"kernel {why}; not restarted: ended on purpose outside the gateway")
+            return
         now = self._clock.seconds()
         failures = [t for t in self._recent_failures.get(kernel.id, []) if now - t < STABLE_AFTER]
         failures.append(now)
