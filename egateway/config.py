@@ -66,8 +66,9 @@ class ServerConfig:
     )
     data_dir: str = setting(
         "",
-        "Directory for the gateway's runtime files (connection files); "
-        "default: a private directory under $XDG_RUNTIME_DIR or /tmp.",
+        "Directory for the gateway's files (kernels' connection files and, with persistence, the kernel "
+        "store and its key); keep it on persistent storage, not under /run or /tmp, or kept kernels are "
+        "forgotten (default: $XDG_DATA_HOME/egateway with persistence, else a temporary directory).",
         env=("EG_DATA_DIR",),
     )
     ws_ping_interval: float = setting(
@@ -288,7 +289,8 @@ class KernelsConfig:
     )
     restart_limit: int = setting(
         5,
-        "Automatic restarts of a dying kernel before it is declared dead.",
+        "Automatic restarts of a crashed kernel before it is declared dead (a kernel ended on purpose "
+        "outside the gateway, such as a Slurm job cancelled by an administrator, is never restarted).",
         env=("EG_RESTART_LIMIT",),
         minimum=0,
     )

@@ -259,10 +259,34 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     listener = strports.service(listen, served, reactor=reactor)
     listener.setName("http")
     listener.setServiceParent(top)
+    # After the listener: it starts once the port is bound, and stops first.
+    systemd_notifier(manager, reactor).setServiceParent(top)
     top.api = api  # type: ignore[attr-defined]
     top.manager = manager  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     return top
+
+
+def systemd_notifier(manager: Any, reactor: Any) -> Service:
+    """
+    The service telling systemd (C{Type=notify}) the gateway is ready once
+    the kernels of its store are restored.
+    """
+    from twisted.internet.defer import Deferred
+
+    from egateway.ops.systemd import SystemdNotifier
+
+    restored: Deferred[None] = Deferred()
+    if manager.persistence is None:
+        restored.callback(None)
+    else:
+
+        async def after_restore() -> None:
+            if not restored.called:
+                restored.callback(None)
+
+        manager.persistence.restored.append(after_restore)
+    return SystemdNotifier(reactor, restored)
 
 
 def build_tls(
