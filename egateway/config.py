@@ -158,8 +158,9 @@ class AuthConfig:
         "", "Access-Control-Max-Age value.", env=("EG_MAX_AGE", "KG_MAX_AGE")
     )
     list_kernels: bool = setting(
-        False,
-        "Allow GET /api/kernels and GET /api/sessions.",
+        True,
+        "Allow GET /api/kernels and GET /api/sessions (each user sees only the kernels and sessions they "
+        "may use; JupyterLab, through jupyter_server's gateway client, polls the list).",
         env=("EG_LIST_KERNELS", "KG_LIST_KERNELS"),
     )
     authenticators: list = setting(
@@ -279,6 +280,14 @@ class KernelsConfig:
         30.0,
         "Seconds a launch may take until the kernel answers kernel_info.",
         env=("EG_KERNEL_LAUNCH_TIMEOUT",),
+        minimum=1,
+    )
+    max_launch_timeout: float = setting(
+        300.0,
+        "Longest launch timeout a client may ask for with KERNEL_LAUNCH_TIMEOUT in the start request's env "
+        "(as Enterprise Gateway honours it; jupyter_server's gateway client sends it); longer requests are "
+        "cut to this.",
+        env=("EG_MAX_LAUNCH_TIMEOUT",),
         minimum=1,
     )
     kernel_info_timeout: float = setting(

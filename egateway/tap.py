@@ -149,6 +149,7 @@ class GatewayService(MultiService):
             listen=self.config.listen_endpoint,
             config=describe(self.config),
         )
+        warn_untaken_environment(os.environ, self.config)
         super().startService()
 
     def stopService(self) -> Any:
@@ -160,6 +161,21 @@ class GatewayService(MultiService):
                 lambda f: _log.failure("graceful stop did not finish in time", f)
             )
         return stopping
+
+
+def warn_untaken_environment(environ: Any, config: Config) -> None:
+    """
+    One warning naming every C{EG_*}/C{KG_*} variable that does nothing
+    here (an Enterprise Gateway setting egateway lacks, a typo).
+    """
+    from egateway.legacy_env import untaken_environment
+
+    untaken = untaken_environment(environ, config.kernels.inherited_envs)
+    if untaken:
+        _log.warn(
+            "egateway does not take these environment variables, which have no effect: {variables}",
+            variables="; ".join(untaken),
+        )
 
 
 def build_service(config: Config, reactor: Any) -> GatewayService:

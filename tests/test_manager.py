@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from egateway.clusters.interface import ExitStatus, LaunchError
 from egateway.errors import BadRequest, Conflict, LimitReached, NotFound
 from egateway.kernels.culling import Culler
-from egateway.config import CullingConfig
+from egateway.config import CullingConfig, KernelsConfig
 from egateway.kernels.manager import LaunchFailed, LaunchTimedOut
 from egateway.kernels.state import KernelState
 from tests.support.fakes import RecordingClient, fake_spec, make_manager
@@ -141,6 +141,26 @@ class LaunchTests(SynchronousTestCase):
         self.assertIn("timed out after 30 s", str(failure.value))
         self.assertIn("last phase: submitted (fake job 1)", str(failure.value))
         self.assertEqual(len(self.launcher.cancelled), 1)
+        self.assertEqual(self.manager.kernels, {})
+
+    def test_client_launch_timeout(self) -> None:
+        """
+        A start request's KERNEL_LAUNCH_TIMEOUT replaces launch_timeout (as
+        in Enterprise Gateway), cut to max_launch_timeout; one that is not a
+        positive number is a 400 and nothing starts.
+        """
+        self.manager.settings = KernelsConfig(launch_timeout=30, max_launch_timeout=100)
+        self.launcher.hold = True
+        for asked, waited in (("5", 5), ("3600", 100)):
+            d = start(self.manager, env={"KERNEL_LAUNCH_TIMEOUT": asked})
+            self.clock.advance(waited - 0.5)
+            self.assertNoResult(d)
+            self.clock.advance(1)
+            self.assertIn(f"timed out after {waited} s", str(self.failureResultOf(d, LaunchTimedOut).value))
+        for bad in ("soon", "0", "-3", "nan", "inf"):
+            failure = self.failureResultOf(start(self.manager, env={"KERNEL_LAUNCH_TIMEOUT": bad}), BadRequest)
+            self.assertIn("KERNEL_LAUNCH_TIMEOUT", str(failure.value))
+        self.assertEqual(len(self.launcher.cancelled), 2)
         self.assertEqual(self.manager.kernels, {})
 
     def test_kernel_info_timeout_removes_the_process(self) -> None:
