@@ -715,7 +715,7 @@ class KernelManager(Service):
                 kernel_id=kernel.id,
                 why=why,
             )
-            await self._declare_dead(kernel, f"kernel {why}; not restarted: ended on purpose outside the gateway")
+            await self._declare_dead(kernel, f"kernel {why}; not restarted (ended on purpose, not a crash)")
             return
         now = self._clock.seconds()
         failures = [t for t in self._recent_failures.get(kernel.id, []) if now - t < STABLE_AFTER]
