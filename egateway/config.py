@@ -66,8 +66,9 @@ class ServerConfig:
     )
     data_dir: str = setting(
         "",
-        "Directory for the gateway's runtime files (connection files); "
-        "default: a private directory under $XDG_RUNTIME_DIR or /tmp.",
+        "Directory for the gateway's files (kernels' connection files and, with persistence, the kernel "
+        "store and its key); keep it on persistent storage, not under /run or /tmp, or kept kernels are "
+        "forgotten (default: $XDG_DATA_HOME/egateway with persistence, else a temporary directory).",
         env=("EG_DATA_DIR",),
     )
     ws_ping_interval: float = setting(
@@ -164,8 +165,9 @@ class AuthConfig:
         "", "Access-Control-Max-Age value.", env=("EG_MAX_AGE", "KG_MAX_AGE")
     )
     list_kernels: bool = setting(
-        False,
-        "Allow GET /api/kernels and GET /api/sessions.",
+        True,
+        "Allow GET /api/kernels and GET /api/sessions (each user sees only the kernels and sessions they "
+        "may use; JupyterLab, through jupyter_server's gateway client, polls the list).",
         env=("EG_LIST_KERNELS", "KG_LIST_KERNELS"),
     )
     authenticators: list = setting(
@@ -301,6 +303,14 @@ class KernelsConfig:
         env=("EG_KERNEL_LAUNCH_TIMEOUT",),
         minimum=1,
     )
+    max_launch_timeout: float = setting(
+        300.0,
+        "Longest launch timeout a client may ask for with KERNEL_LAUNCH_TIMEOUT in the start request's env "
+        "(as Enterprise Gateway honours it; jupyter_server's gateway client sends it); longer requests are "
+        "cut to this.",
+        env=("EG_MAX_LAUNCH_TIMEOUT",),
+        minimum=1,
+    )
     kernel_info_timeout: float = setting(
         60.0,
         "Seconds a new WebSocket waits for a starting or restarting kernel.",
@@ -309,7 +319,8 @@ class KernelsConfig:
     )
     restart_limit: int = setting(
         5,
-        "Automatic restarts of a dying kernel before it is declared dead.",
+        "Automatic restarts of a crashed kernel before it is declared dead (a kernel ended on purpose "
+        "outside the gateway, such as a Slurm job cancelled by an administrator, is never restarted).",
         env=("EG_RESTART_LIMIT",),
         minimum=0,
     )

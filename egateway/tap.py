@@ -149,6 +149,7 @@ class GatewayService(MultiService):
             listen=self.config.listen_endpoint,
             config=describe(self.config),
         )
+        warn_untaken_environment(os.environ, self.config)
         super().startService()
 
     def stopService(self) -> Any:
@@ -160,6 +161,21 @@ class GatewayService(MultiService):
                 lambda f: _log.failure("graceful stop did not finish in time", f)
             )
         return stopping
+
+
+def warn_untaken_environment(environ: Any, config: Config) -> None:
+    """
+    One warning naming every C{EG_*}/C{KG_*} variable that does nothing
+    here (an Enterprise Gateway setting egateway lacks, a typo).
+    """
+    from egateway.legacy_env import untaken_environment
+
+    untaken = untaken_environment(environ, config.kernels.inherited_envs)
+    if untaken:
+        _log.warn(
+            "egateway does not take these environment variables, which have no effect: {variables}",
+            variables="; ".join(untaken),
+        )
 
 
 def build_service(config: Config, reactor: Any, config_file: str = "") -> GatewayService:
@@ -265,10 +281,34 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     listener = strports.service(listen, served, reactor=reactor)
     listener.setName("http")
     listener.setServiceParent(top)
+    # After the listener: it starts once the port is bound, and stops first.
+    systemd_notifier(manager, reactor).setServiceParent(top)
     top.api = api  # type: ignore[attr-defined]
     top.manager = manager  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     return top
+
+
+def systemd_notifier(manager: Any, reactor: Any) -> Service:
+    """
+    The service telling systemd (C{Type=notify}) the gateway is ready once
+    the kernels of its store are restored.
+    """
+    from twisted.internet.defer import Deferred
+
+    from egateway.ops.systemd import SystemdNotifier
+
+    restored: Deferred[None] = Deferred()
+    if manager.persistence is None:
+        restored.callback(None)
+    else:
+
+        async def after_restore() -> None:
+            if not restored.called:
+                restored.callback(None)
+
+        manager.persistence.restored.append(after_restore)
+    return SystemdNotifier(reactor, restored)
 
 
 def build_tls(

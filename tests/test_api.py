@@ -20,15 +20,17 @@ from egateway.api.hosts import HostPolicy
 from egateway.clusters.interface import LaunchError
 from egateway.config import build_config
 from egateway.tap import build_api
-from tests.support.fakes import make_manager
+from tests.support.fakes import fake_spec, make_manager
 from tests.support.stubapi import assert_json_error, json_body, stub_call
 
 KID = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
+YARN_PROXY = "enterprise_gateway.services.processproxies.yarn.YarnClusterProcessProxy"
 
 
 class APITestCase(SynchronousTestCase):
     flags: dict[str, str] = {}
     manager_settings: dict[str, Any] = {}
+    specs: tuple[Any, ...] = ()
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -36,7 +38,7 @@ class APITestCase(SynchronousTestCase):
         # gateway's name (DnsRebinding checks the refusal of other names).
         self.config = build_config({}, {}, {"allowed-hosts": "gw.example", **self.flags})
         self.manager, self.launcher, self.channels = make_manager(
-            self.clock, **self.manager_settings
+            self.clock, *self.specs, **self.manager_settings
         )
         self.api, front = build_api(self.config, self.manager, self.clock, ThreadPool())
         self.stub = StubTreq(front)
@@ -184,12 +186,15 @@ class KernelRoutes(APITestCase):
         self.assertError(self.call("POST", f"/api/kernels/{KID}/interrupt"), 404)
         self.assertError(self.call("POST", f"/api/kernels/{KID}/restart"), 404)
 
-    def test_listing_disabled(self) -> None:
+    def test_listing_on_by_default(self) -> None:
         """
-        Without list_kernels, listing kernels and sessions is a 403.
+        Listing is on by default, as JupyterLab polls the list through
+        jupyter_server's gateway client.
         """
-        self.assertError(self.call("GET", "/api/kernels"), 403, "EG_LIST_KERNELS")
-        self.assertError(self.call("GET", "/api/sessions"), 403)
+        model = self.start()
+        code, body, _ = self.call("GET", "/api/kernels")
+        self.assertEqual((code, [k["id"] for k in body]), (200, [model["id"]]))
+        self.assertEqual(self.call("GET", "/api/sessions")[:2], (200, []))
 
     def test_channels_needs_upgrade(self) -> None:
         """
@@ -199,6 +204,45 @@ class KernelRoutes(APITestCase):
         model = self.start()
         self.assertError(self.call("GET", f"/api/kernels/{model['id']}/channels"), 400, "WebSocket")
         self.assertError(self.call("GET", f"/api/kernels/{KID}/channels"), 404)
+
+
+class ListingOff(APITestCase):
+    flags = {"list-kernels": "false"}
+
+    def test_listing_disabled(self) -> None:
+        """
+        Without list_kernels, listing kernels and sessions is a JSON 403
+        naming the setting that turns it on.
+        """
+        for path, what in (("/api/kernels", "kernels"), ("/api/sessions", "sessions")):
+            result = self.call("GET", path)
+            self.assertError(result, 403, f"listing {what} is turned off")
+            self.assertIn("EG_LIST_KERNELS=true", result[1]["message"])
+            self.assertNotIn("%s", result[1]["message"])
+
+
+class MissingLauncher(APITestCase):
+    specs = (
+        fake_spec(),
+        fake_spec(
+            "spark_yarn",
+            metadata={"process_proxy": {"class_name": YARN_PROXY, "config": {}}},
+        ),
+        fake_spec("nomad", metadata={"egateway": {"launcher": "nomad"}}),
+    )
+
+    def test_kernelspec_for_a_launcher_egateway_lacks(self) -> None:
+        """
+        A kernelspec (Enterprise Gateway's or egateway's) naming a launcher
+        this gateway does not have is refused with 501 naming the launcher
+        (and the process proxy class it comes from); nothing is launched.
+        """
+        result = self.call("POST", "/api/kernels", {"name": "spark_yarn"})
+        self.assertError(result, 501, "'yarn'")
+        self.assertIn(YARN_PROXY, result[1]["message"])
+        self.assertEqual(result[1]["reason"], "Not Implemented")
+        self.assertError(self.call("POST", "/api/kernels", {"name": "nomad"}), 501, "no launcher named 'nomad'")
+        self.assertEqual((self.manager.kernels, self.launcher.processes), ({}, []))
 
 
 class Limits(APITestCase):

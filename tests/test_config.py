@@ -30,13 +30,13 @@ class PrecedenceTests(SynchronousTestCase):
         config = build_config({}, {}, {})
         self.assertEqual(config.listen_endpoint, "tcp:8888:interface=127.0.0.1")
         self.assertEqual(config.kernels.launch_timeout, 30.0)
-        self.assertFalse(config.auth.list_kernels)
+        self.assertTrue(config.auth.list_kernels)
 
     def test_file_then_env_then_flags(self) -> None:
         """
         The environment overrides the file and flags override both.
         """
-        path = toml_file(self, "[kernels]\nmax_kernels = 3\nlaunch_timeout = 12\n[auth]\nlist_kernels = true\n")
+        path = toml_file(self, "[kernels]\nmax_kernels = 3\nlaunch_timeout = 12\n[auth]\nlist_kernels = false\n")
         values = load_toml(path)
         config = build_config(values, {}, {})
         self.assertEqual((config.kernels.max_kernels, config.kernels.launch_timeout), (3, 12.0))
@@ -44,7 +44,7 @@ class PrecedenceTests(SynchronousTestCase):
         self.assertEqual(config.kernels.max_kernels, 5)
         config = build_config(values, {"EG_MAX_KERNELS": "5"}, {"max-kernels": "7"})
         self.assertEqual(config.kernels.max_kernels, 7)
-        self.assertTrue(config.auth.list_kernels)
+        self.assertFalse(config.auth.list_kernels)
 
     def test_enterprise_gateway_names(self) -> None:
         """
@@ -56,7 +56,7 @@ class PrecedenceTests(SynchronousTestCase):
             "EG_PORT": "9999",
             "EG_AUTH_TOKEN": "t",
             "EG_ALLOW_ORIGIN": "*",
-            "KG_LIST_KERNELS": "True",
+            "KG_LIST_KERNELS": "False",
             "EG_DEFAULT_KERNEL_NAME": "python3",
             "EG_CULL_IDLE_TIMEOUT": "600",
             "EG_CULL_INTERVAL": "60",
@@ -70,7 +70,7 @@ class PrecedenceTests(SynchronousTestCase):
         self.assertEqual(config.listen_endpoint, "tcp:9999:interface=0.0.0.0")
         self.assertEqual(config.auth.auth_token, "t")
         self.assertEqual(config.auth.allow_origin, "*")
-        self.assertTrue(config.auth.list_kernels)
+        self.assertFalse(config.auth.list_kernels)
         self.assertEqual(config.culling.cull_idle_timeout, 600)
         self.assertTrue(config.culling.cull_busy)
         self.assertFalse(config.culling.cull_connected)
@@ -90,6 +90,26 @@ class PrecedenceTests(SynchronousTestCase):
             "EG_KERNEL_LAUNCH_TIMEOUT EG_ENV_PROCESS_WHITELIST EG_ENV_WHITELIST EG_INHERITED_ENVS"
         ).split():
             self.assertIn(required, names)
+
+    def test_untaken_environment(self) -> None:
+        """
+        EG_*/KG_* variables no setting takes are named, with their
+        replacement where there is one; taken ones, other names and those
+        passed on to kernels (inherited_envs) are not.
+        """
+        from egateway.legacy_env import untaken_environment
+
+        environ = {
+            "EG_SSL_VERSION": "x",
+            "EG_MAX_KERNELS": "3",
+            "KG_SEED_URI": "nb.ipynb",
+            "EG_SITE_FLAG": "1",
+            "PATH": "/usr/bin",
+        }
+        self.assertEqual(
+            untaken_environment(environ, ["EG_SITE_FLAG"]),
+            ["EG_SSL_VERSION (use tls_min_version (EG_TLS_MIN_VERSION))", "KG_SEED_URI"],
+        )
 
     def test_flags_are_unique(self) -> None:
         """

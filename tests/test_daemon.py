@@ -15,6 +15,7 @@ from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
 from tests.support.daemon import REPO_ROOT, start_gateway
+from tests.support.polling import eventually
 from tests.support.wsclient import ChannelsClient
 
 
@@ -101,6 +102,30 @@ class RunningDaemonTests(TestCase):
         await client.close()
         await gateway.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
         self.assertEqual(gateway.kernel_processes(), [])
+
+    async def test_untaken_environment_named_once(self) -> None:
+        """
+        Every EG_*/KG_* variable the gateway does not take is named in one
+        warning at start-up, with the setting that replaces it where there is
+        one; the variables it takes are not.
+        """
+        env = {
+            "EG_SSL_VERSION": "PROTOCOL_TLSv1_2",
+            "EG_YARN_ENDPOINT": "http://rm.example:8088/ws/v1/cluster",
+            "KG_PRESPAWN_COUNT": "2",
+            "EG_MAX_KERNELS": "3",
+        }
+        gateway = await start_gateway(self, env=env)
+        marker = "does not take these environment variables"
+
+        def warnings() -> list[str]:
+            return [line for line in open(gateway.process.log_path).read().splitlines() if marker in line]
+
+        (line,) = await eventually(warnings, "the warning")
+        self.assertIn("EG_SSL_VERSION (use tls_min_version (EG_TLS_MIN_VERSION))", line)
+        self.assertIn("EG_YARN_ENDPOINT", line)
+        self.assertIn("KG_PRESPAWN_COUNT", line)
+        self.assertNotIn("EG_MAX_KERNELS", line)
 
     async def test_token_and_body_limit(self) -> None:
         """

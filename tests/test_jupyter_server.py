@@ -243,3 +243,21 @@ class JupyterServerThroughGatewayTests(TestCase):
         self.assertEqual(processes_mentioning(self.server.workdir), [])
         # No connection file or kernel output file is left behind.
         self.assertEqual(os.listdir(os.path.join(self.gateway.data_dir, "runtime")), [])
+
+
+class DefaultListingTests(TestCase):
+    timeout = 60
+
+    async def test_notebook_server_lists_kernels_by_default(self) -> None:
+        """
+        With egateway's defaults, the notebook server's GET /api/kernels
+        (which JupyterLab polls) answers with the kernel started through it,
+        not jupyter_server's garbled "Error from Gateway: [%s] %s".
+        """
+        gateway = await start_gateway(self, token=GATEWAY_TOKEN, reactor=reactor)
+        server = await start_jupyter_server(self, token=SERVER_TOKEN, gateway=gateway, reactor=reactor)
+        model = await server.api.call("POST", "api/kernels", {"name": "python3"}, expect=201)
+        reply = await server.api.request("GET", "api/kernels")
+        self.assertEqual(reply.code, 200, reply.json())
+        self.assertEqual([kernel["id"] for kernel in reply.json()], [model["id"]])
+        await server.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)

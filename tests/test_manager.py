@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from egateway.clusters.interface import ExitStatus, LaunchError
 from egateway.errors import BadRequest, Conflict, LimitReached, NotFound
 from egateway.kernels.culling import Culler
-from egateway.config import CullingConfig
+from egateway.config import CullingConfig, KernelsConfig
 from egateway.kernels.manager import LaunchFailed, LaunchTimedOut
 from egateway.kernels.state import KernelState
 from tests.support.fakes import RecordingClient, fake_spec, make_manager
@@ -141,6 +141,26 @@ class LaunchTests(SynchronousTestCase):
         self.assertIn("timed out after 30 s", str(failure.value))
         self.assertIn("last phase: submitted (fake job 1)", str(failure.value))
         self.assertEqual(len(self.launcher.cancelled), 1)
+        self.assertEqual(self.manager.kernels, {})
+
+    def test_client_launch_timeout(self) -> None:
+        """
+        A start request's KERNEL_LAUNCH_TIMEOUT replaces launch_timeout (as
+        in Enterprise Gateway), cut to max_launch_timeout; one that is not a
+        positive number is a 400 and nothing starts.
+        """
+        self.manager.settings = KernelsConfig(launch_timeout=30, max_launch_timeout=100)
+        self.launcher.hold = True
+        for asked, waited in (("5", 5), ("3600", 100)):
+            d = start(self.manager, env={"KERNEL_LAUNCH_TIMEOUT": asked})
+            self.clock.advance(waited - 0.5)
+            self.assertNoResult(d)
+            self.clock.advance(1)
+            self.assertIn(f"timed out after {waited} s", str(self.failureResultOf(d, LaunchTimedOut).value))
+        for bad in ("soon", "0", "-3", "nan", "inf"):
+            failure = self.failureResultOf(start(self.manager, env={"KERNEL_LAUNCH_TIMEOUT": bad}), BadRequest)
+            self.assertIn("KERNEL_LAUNCH_TIMEOUT", str(failure.value))
+        self.assertEqual(len(self.launcher.cancelled), 2)
         self.assertEqual(self.manager.kernels, {})
 
     def test_kernel_info_timeout_removes_the_process(self) -> None:
@@ -337,6 +357,22 @@ class RestartTests(SynchronousTestCase):
         self.assertEqual(self.client.statuses()[-1]["execution_state"], "dead")
         self.assertIn(self.kernel.id, self.manager.kernels)
         self.assertEqual(self.kernel.model()["execution_state"], "dead")
+
+    def test_outside_decision_is_not_undone(self) -> None:
+        """
+        A kernel its cluster's operator ended on purpose (a job cancelled, a
+        pod deleted) is declared dead with the reason instead of being
+        launched again, whatever restarts remain.
+        """
+        why = "Slurm job 12 on n1 was CANCELLED outside the gateway (signal 15)"
+        self.launcher.processes[0].exit(ExitStatus(reason=why, decision=True))
+        self.assertEqual(self.kernel.state, KernelState.DEAD)
+        self.assertEqual(len(self.launcher.processes), 1)
+        self.assertIn(why, self.kernel.reason)
+        self.assertIn("not restarted", self.kernel.reason)
+        self.assertEqual(self.client.statuses()[-1]["execution_state"], "dead")
+        self.assertIn(why, self.client.statuses()[-1]["reason"])
+        self.assertEqual(self.kernel.restart_count, 0)
 
     def test_failures_forgiven_when_stable(self) -> None:
         """

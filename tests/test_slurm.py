@@ -22,12 +22,13 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from egateway.clusters.interface import LaunchError, LauncherContext, Phase
+from egateway.clusters.interface import LaunchError, LauncherContext, Phase, Placement
 from egateway.clusters.slurm import (
     BATCH_SCRIPT,
     CommandResult,
     JobResources,
     JobState,
+    SlurmKernelProcess,
     SlurmLauncher,
     job_environment,
     job_resources,
@@ -40,6 +41,7 @@ from egateway.clusters.slurm import (
 )
 from egateway.config import build_config
 from egateway.kernels.specs import KernelSpec
+from egateway.wire.connection import ConnectionInfo
 from tests.fixtures import SlurmCluster
 from tests.fixtures.system import SLURM_PACKAGES, require_packages
 from tests.fixtures._network import BridgedNamespaces
@@ -465,6 +467,39 @@ class LaunchFlowTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(Deferred.fromCoroutine(launcher.describe_end("17", None))),
                          "Slurm job 17 is no longer known to Slurm")
 
+    def test_only_an_outside_cancel_is_a_decision(self) -> None:
+        """
+        A job CANCELLED by someone else ends its kernel as a decision (not to
+        be undone by a restart); one the gateway cancelled, a time limit or a
+        failure is not.
+        """
+        lines = {"14": b"14|CANCELLED|n1|egateway-k|None\n", "15": b"15|TIMEOUT|n1|egateway-k|TimeLimit\n",
+                 "13": b"13|FAILED|n2|egateway-k|NonZeroExitCode\n"}
+
+        def answer(name: str, args: list[str]) -> Any:
+            if name == "squeue":
+                return ok(lines[args[args.index("-j") + 1]])
+            return ok(b"ExitCode=0:15")
+
+        launcher, _, clock = self.launcher(answer)
+        info = ConnectionInfo(ip="10.0.0.1", shell_port=1, iopub_port=2, stdin_port=3, control_port=4,
+                              hb_port=5, key=b"k")
+
+        def liveness(job_id: str, by_gateway: bool = False) -> Any:
+            process = SlurmKernelProcess(launcher=launcher, job_id=job_id, node="n1", log_path="",
+                                         kernel_id="k", info=info, placement=Placement(), reactor=clock,
+                                         poll_interval=1)
+            self.addCleanup(process.detach)
+            process._cancelled = by_gateway
+            return self.successResultOf(Deferred.fromCoroutine(process._check_alive()))
+
+        outside = liveness("14")
+        self.assertEqual((outside.alive, outside.decision), (False, True))
+        self.assertIn("CANCELLED outside the gateway", outside.reason)
+        self.assertFalse(liveness("14", by_gateway=True).decision)
+        self.assertFalse(liveness("15").decision)
+        self.assertFalse(liveness("13").decision)
+
     def test_missing_commands(self) -> None:
         """
         Slurm's commands missing from slurm_bin_dir fail the launch saying
@@ -620,6 +655,7 @@ class SlurmLauncherContract(SlurmMixin, LauncherContract, TestCase):
         status = await exited
         self.assertIn(f"Slurm job {process.job_id} on {process.node} was CANCELLED outside the gateway",
                       status.describe())
+        self.assertTrue(status.decision)
         with self.assertRaises(LaunchError) as caught:
             await (await self.make_launcher()).restore(process.kernel_id, snapshot)
         self.assertIn("no longer running", str(caught.exception))
@@ -783,12 +819,12 @@ class ForgedHandshakeTests(SlurmGatewayTestCase):
 
 
 class OutsideCancelTests(SlurmGatewayTestCase):
-    extra_settings = {"restart_limit": 0}
-
     async def test_scancel_makes_kernel_dead(self) -> None:
         """
         A kernel whose job is cancelled with scancel from outside becomes
-        dead with Slurm's account of it, and its clients are told why.
+        dead with Slurm's account of it, and its clients are told why; with
+        the default restart_limit it is not resubmitted, since the
+        cancellation was the operator's decision.
         """
         model = await self.start()
         job_id = model["placement"]["job_id"]
@@ -803,8 +839,11 @@ class OutsideCancelTests(SlurmGatewayTestCase):
         self.assertEqual(code, 200)
         self.assertEqual(body["state"], "dead")
         self.assertIn(expected, body["reason"])
+        self.assertEqual(body["restarts"], 0)
         await client.close()
         self.assertFalse(pid_alive(model["placement"]["pid"]))
+        self.assertEqual([job for job, (_, name) in self.jobs("all").items() if name.endswith(model["id"])],
+                         [job_id])
 
 
 class SchedulingTests(SlurmGatewayTestCase):

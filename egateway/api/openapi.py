@@ -176,6 +176,10 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                     "404": _error("No such kernelspec"),
                     "409": _error("KERNEL_ID names an existing kernel"),
                     "500": _error("The launch failed; message names the cause and phase"),
+                    "501": _error(
+                        "The kernelspec asks for a launcher this gateway does not have (e.g. an Enterprise "
+                        "Gateway process proxy class); the message names it"
+                    ),
                     "504": _error("The launch timed out; message names the phase"),
                     **_AUTH,
                     "429": {
@@ -316,6 +320,7 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                     "403": _error("A kernel limit is reached"),
                     "404": _error("No such kernel or kernelspec"),
                     "500": _error("The launch failed"),
+                    "501": _error("The kernelspec asks for a launcher this gateway does not have"),
                     "504": _error("The launch timed out"),
                     **_AUTH,
                 },
@@ -344,6 +349,7 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                     "403": _error("A kernel limit is reached"),
                     "404": _error("No such session, kernel or kernelspec"),
                     "500": _error("The launch failed"),
+                    "501": _error("The kernelspec asks for a launcher this gateway does not have"),
                     "504": _error("The launch timed out"),
                     **_AUTH,
                 },

@@ -207,7 +207,7 @@ class GatewayAPI:
 
     async def list_kernel_models(self, request: IRequest) -> bytes:
         if not self.list_kernels:
-            raise Forbidden("listing kernels is disabled (EG_LIST_KERNELS)")
+            raise Forbidden(LISTING_OFF.format(what="kernels"))
         caller = _caller(request)
         policy = self.kernels.policy
         return write_json(
@@ -322,7 +322,7 @@ class GatewayAPI:
 
     def list_sessions(self, request: IRequest) -> bytes:
         if not self.list_kernels:
-            raise Forbidden("listing sessions is disabled (EG_LIST_KERNELS)")
+            raise Forbidden(LISTING_OFF.format(what="sessions"))
         return write_json(
             request, [self.sessions.model(session) for session in self.sessions.list(_caller(request))]
         )
@@ -355,6 +355,12 @@ class GatewayAPI:
 
 def _identity(request: IRequest) -> Identity:
     return getattr(request, "gateway_user", ANONYMOUS)
+
+
+LISTING_OFF = (
+    "listing {what} is turned off on this gateway; its operator turns it on with list_kernels = true "
+    "(--list-kernels=true, EG_LIST_KERNELS=true)"
+)
 
 
 def _caller(request: IRequest) -> Caller | None:

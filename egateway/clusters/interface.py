@@ -91,12 +91,20 @@ class ExitStatus:
 
     @ivar retryable: the launch failed for a reason a fresh attempt can fix
         (a port taken between our check and the kernel's bind).
+    @ivar decision: the kernel was ended on purpose by someone other than
+        the gateway (a Slurm job cancelled, a YARN application killed, a
+        pod deleted by the cluster's operator).  That is a decision, not a
+        crash: the manager declares the kernel dead with C{reason} instead
+        of restarting it.  A process killed by a signal is a crash (the
+        signal may come from the OOM killer as well as from a person), so
+        local and SSH launchers leave this false.
     """
 
     code: int | None = None
     signal: int | None = None
     reason: str = ""
     retryable: bool = False
+    decision: bool = False
 
     def describe(self) -> str:
         import signal as signals
@@ -116,8 +124,15 @@ class ExitStatus:
 
 @dataclass(frozen=True)
 class Liveness:
+    """
+    Whether a kernel lives; when it does not, C{reason} says how it ended
+    and C{decision} whether it was ended on purpose outside the gateway
+    (see L{ExitStatus.decision}).
+    """
+
     alive: bool
     reason: str = ""
+    decision: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,7 +177,9 @@ class IKernelProcess(Interface):
         """
         Fires once the launcher knows the kernel has ended (by watching the
         process, or by polling its cluster manager).  Each call returns a
-        new Deferred.
+        new Deferred.  A launcher whose cluster says who ended a kernel
+        sets L{ExitStatus.decision} when it was not the gateway, so the
+        kernel is not restarted against the operator's will.
         """
 
     def poll() -> "Deferred[Liveness]":

@@ -36,6 +36,12 @@ ENTRY_POINT_GROUP = "egateway.launchers"
 
 
 class UnknownLauncher(LaunchError):
+    """
+    A launcher that cannot be built (500), or that this gateway does not
+    have at all (501 Not Implemented: a kernelspec written for Enterprise
+    Gateway asks for a cluster manager egateway has no launcher for).
+    """
+
     status = 500
 
 
@@ -63,7 +69,8 @@ class LauncherRegistry:
         factory = self._factories.get(name)
         if factory is None:
             raise UnknownLauncher(
-                f"no launcher named {name!r}; known launchers: {', '.join(self.names)}"
+                f"this gateway has no launcher named {name!r}; known launchers: {', '.join(self.names)}",
+                status=501,
             )
         if isinstance(factory, str):
             module_name, _, attribute = factory.partition(":")

@@ -300,7 +300,9 @@ class RemoteKernelProcess:
     async def _poll_once(self) -> None:
         liveness = await self._liveness()
         if not liveness.alive:
-            self._ended(ExitStatus(reason=liveness.reason or "the kernel is gone"))
+            self._ended(
+                ExitStatus(reason=liveness.reason or "the kernel is gone", decision=liveness.decision)
+            )
 
     async def _liveness(self) -> Liveness:
         if self._exit is not None:

@@ -839,8 +839,12 @@ class SlurmKernelProcess(RemoteKernelProcess):
         state = await self._launcher.job_state(self.job_id)
         if state is not None and state.running:
             return Liveness(True)
+        state = await self._launcher.final_state(self.job_id, state)
         why = await self._launcher.describe_end(self.job_id, state, by_gateway=self._cancelled)
-        return Liveness(False, f"ended: {why}")
+        # scancel by an administrator (or the job's user) is a decision;
+        # a time limit, a node failure or a crash is not.
+        decided = state is not None and state.state == "CANCELLED" and not self._cancelled
+        return Liveness(False, f"ended: {why}", decision=decided)
 
     async def _signal_directly(self, signum: int) -> None:
         if signum in (signals.SIGTERM, signals.SIGKILL):
@@ -900,10 +904,10 @@ class SlurmLauncher:
             return None
         raise SlurmCommandError(result.describe())
 
-    async def describe_end(self, job_id: str, state: JobState | None, by_gateway: bool = False) -> str:
+    async def final_state(self, job_id: str, state: JobState | None) -> JobState | None:
         """
-        How a job ended, in Slurm's words: C{"Slurm job 12 on n1 was
-        CANCELLED outside the gateway (signal 15)"}.
+        C{state}, or once a job in COMPLETING has reached its final state
+        (waiting a few seconds at most), that one.
         """
         for _ in range(COMPLETING_CHECKS):
             if state is None or state.state != "COMPLETING":
@@ -914,6 +918,14 @@ class SlurmLauncher:
                 state = await self.job_state(job_id) or state
             except SlurmCommandError:
                 break
+        return state
+
+    async def describe_end(self, job_id: str, state: JobState | None, by_gateway: bool = False) -> str:
+        """
+        How a job ended, in Slurm's words: C{"Slurm job 12 on n1 was
+        CANCELLED outside the gateway (signal 15)"}.
+        """
+        state = await self.final_state(job_id, state)
         if state is None:
             return f"Slurm job {job_id} is no longer known to Slurm"
         details: list[str] = []

@@ -390,11 +390,13 @@ class KernelManager(Service):
             language=spec.language,
         )
         plan.apply_env(kernel_env, accepted)
+        self.launch_timeout(kernel_env)
         try:
             launcher_name = spec.launcher_name
             self.launchers.get(launcher_name)
         except LaunchError as e:
-            raise LaunchFailed(f"kernelspec {spec.name}: {e}") from None
+            origin = f" (its {spec.launcher_origin})" if spec.launcher_origin else ""
+            raise LaunchFailed(f"kernelspec {spec.name}{origin}: {e}", status=e.status) from None
         kernel = Kernel(
             kernel_id,
             spec,
@@ -562,13 +564,32 @@ class KernelManager(Service):
         self._emit("started", kernel)
         return kernel
 
+    def launch_timeout(self, env: Mapping[str, str]) -> float:
+        """
+        The launch timeout for a kernel with environment C{env}: its
+        C{KERNEL_LAUNCH_TIMEOUT} (a client's, as Enterprise Gateway honours
+        it) cut to C{max_launch_timeout}, else C{launch_timeout}.
+
+        @raise BadRequest: C{KERNEL_LAUNCH_TIMEOUT} is not a positive number.
+        """
+        text = env.get("KERNEL_LAUNCH_TIMEOUT")
+        if text is None or text == "":
+            return self.settings.launch_timeout
+        try:
+            asked = float(text)
+        except ValueError:
+            asked = float("nan")
+        if not asked > 0 or asked == float("inf"):
+            raise BadRequest(f"KERNEL_LAUNCH_TIMEOUT must be a positive number of seconds, not {text[:40]!r}")
+        return min(asked, self.settings.max_launch_timeout)
+
     async def _launch(self, kernel: Kernel) -> None:
         """
         Launch (or relaunch) C{kernel}'s process and wait until it is ready.
         On any failure everything started is removed before raising.
         """
         launcher = self.launchers.get(kernel.launcher_name)
-        timeout = self.settings.launch_timeout
+        timeout = self.launch_timeout(kernel.env)
         for attempt in range(1, RETRYABLE_ATTEMPTS + 1):
             deadline = self._clock.seconds() + timeout
             request = LaunchRequest(
@@ -592,7 +613,7 @@ class KernelManager(Service):
                     status=e.status,
                 ) from None
             try:
-                status = await self._connect(kernel, process, deadline)
+                status = await self._connect(kernel, process, deadline, timeout)
             except BaseException:
                 await self._discard(kernel, process)
                 raise
@@ -634,7 +655,7 @@ class KernelManager(Service):
         )
 
     async def _connect(
-        self, kernel: Kernel, process: IKernelProcess, deadline: float
+        self, kernel: Kernel, process: IKernelProcess, deadline: float, timeout: float | None = None
     ) -> ExitStatus | None:
         """
         Link to the kernel and wait for it to be ready.
@@ -655,7 +676,7 @@ class KernelManager(Service):
             index, result = await first([ready, exited])
         except TIMEOUTS:
             raise LaunchTimedOut(
-                self._timeout_message(kernel, self.settings.launch_timeout)
+                self._timeout_message(kernel, timeout or self.settings.launch_timeout)
             ) from None
         return None if index == 0 else result
 
@@ -712,6 +733,16 @@ class KernelManager(Service):
 
     async def _auto_restart(self, kernel: Kernel, status: ExitStatus | None) -> None:
         why = (status or ExitStatus(reason="ended")).describe()
+        if status is not None and status.decision:
+            # Cancelled or deleted on purpose by the cluster's operator:
+            # restarting would undo their decision.
+            _log.warn(
+                "kernel {kernel_id} was ended outside the gateway: {why}; not restarting it",
+                kernel_id=kernel.id,
+                why=why,
+            )
+            await self._declare_dead(kernel, f"kernel {why}; not restarted (ended on purpose, not a crash)")
+            return
         now = self._clock.seconds()
         failures = [t for t in self._recent_failures.get(kernel.id, []) if now - t < STABLE_AFTER]
         failures.append(now)

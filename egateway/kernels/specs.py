@@ -87,6 +87,19 @@ class KernelSpec:
         return "local"
 
     @property
+    def launcher_origin(self) -> str:
+        """
+        What the spec's metadata names that chose its launcher, for
+        messages: C{"process_proxy class_name enterprise_gateway...."}
+        (empty for egateway's own dialect and for local specs).
+        """
+        for key, field_name in (("process_proxy", "class_name"), ("kernel_provisioner", "provisioner_name")):
+            section = self.metadata.get(key)
+            if isinstance(section, dict) and section.get(field_name):
+                return f"{key} {field_name} {section[field_name]}"
+        return ""
+
+    @property
     def launcher_config(self) -> Mapping[str, Any]:
         """
         The spec's configuration for its launcher, whichever dialect it uses.

@@ -150,6 +150,8 @@ class LauncherContract:
         exited = process.when_exited()
         status = await process.terminate(5)
         self.assertIsInstance(status, ExitStatus)
+        # The gateway's own stop is never an outside decision.
+        self.assertFalse(status.decision)
         self.assertIsInstance(await exited, ExitStatus)
         self.assertFalse((await process.poll()).alive)
         await process.cleanup()
