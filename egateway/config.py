@@ -682,6 +682,58 @@ class TenancyConfig:
 
 
 @dataclass(frozen=True)
+class OpsConfig:
+    drain_retry_after: int = setting(
+        30,
+        "Seconds a draining gateway tells clients to wait (Retry-After) before asking again for a new kernel.",
+        env=("EG_DRAIN_RETRY_AFTER",),
+        minimum=1,
+    )
+    readiness_timeout: float = setting(
+        2.0,
+        "Seconds /readyz waits for the store to answer before calling the gateway not ready.",
+        env=("EG_READINESS_TIMEOUT",),
+        minimum=0.1,
+    )
+    log_format: str = setting(
+        "text",
+        "Main log format: text, or json (one object per line with time, level, namespace, message and "
+        "the event's fields, e.g. kernel_id, user, launcher).",
+        env=("EG_LOG_FORMAT",),
+        choices=("text", "json"),
+    )
+    log_level: str = setting(
+        "info",
+        "Least severe level logged: debug, info, warn, error or critical.",
+        env=("EG_LOG_LEVEL",),
+        choices=("debug", "info", "warn", "error", "critical"),
+    )
+    log_file: str = setting(
+        "",
+        "Main log file, reopened on SIGHUP for logrotate (empty: twistd's --logfile, or standard output).",
+        env=("EG_LOG_FILE",),
+    )
+    manhole_listen: str = setting(
+        "",
+        "Endpoint of the SSH manhole (a Python shell in the daemon for operators), loopback or unix: "
+        "only, e.g. tcp:2222:interface=127.0.0.1 or unix:/run/egateway/manhole (empty: off).",
+        env=("EG_MANHOLE_LISTEN",),
+    )
+    manhole_authorized_keys: str = setting(
+        "",
+        "authorized_keys file of the public keys allowed into the manhole (no passwords); required "
+        "with manhole_listen.",
+        env=("EG_MANHOLE_AUTHORIZED_KEYS",),
+    )
+    manhole_host_key: str = setting(
+        "",
+        "The manhole's SSH host key (PEM or OpenSSH private key); empty: manhole_host_key in the data "
+        "directory, created on first use.",
+        env=("EG_MANHOLE_HOST_KEY",),
+    )
+
+
+@dataclass(frozen=True)
 class ProfileConfig:
     """
     One admin-defined profile: a C{[profiles.<name>]} table of the config
@@ -783,6 +835,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     impersonation: ImpersonationConfig = field(default_factory=ImpersonationConfig)
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
     profiles: dict = field(default_factory=dict, hash=False, metadata={"tables": ProfileConfig})
     """
     The C{[profiles.<name>]} tables: L{ProfileConfig}s by name.

@@ -259,10 +259,25 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     listener = strports.service(listen, served, reactor=reactor)
     listener.setName("http")
     listener.setServiceParent(top)
+    build_operations(config, reactor, top, api.ops, listener, data_path)
     top.api = api  # type: ignore[attr-defined]
     top.manager = manager  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     return top
+
+
+def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, listener: Any, data_path: str) -> None:
+    """
+    The operator's controls: SIGUSR1 drains, /readyz watches the HTTP
+    listener.
+    """
+    import signal
+
+    from egateway.ops.signals import SignalAction
+
+    ops.readiness.listeners.append(listener)
+    SignalAction(reactor, signal.SIGUSR1, lambda: ops.drain.set(True, by="SIGUSR1")).setServiceParent(top)
+    top.ops = ops  # type: ignore[attr-defined]
 
 
 def build_tls(
@@ -372,9 +387,27 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
     from egateway.ops.audit import watch_kernels
 
     watch_kernels(manager)
+    ops = build_ops_routes(config, manager, reactor)
+    ops.register(api.app, config.server.base_url)
+    api.ops = ops  # type: ignore[attr-defined]
     authentication = build_authentication(config.auth, reactor, threadpool)
-    front = FrontResource(api.resource(), authentication, cors)
+    front = FrontResource(
+        api.resource(), authentication, cors, public=ops.public_paths(config.server.base_url)
+    )
     return api, front
+
+
+def build_ops_routes(config: Config, manager: Any, reactor: Any) -> Any:
+    """
+    Health, readiness and drain (L{egateway.ops.health}); the drain is one
+    of C{manager}'s admission checks.
+    """
+    from egateway.ops.health import Drain, OpsRoutes, Readiness
+
+    drain = Drain(config.ops.drain_retry_after)
+    manager.admission_checks.append(drain.check)
+    readiness = Readiness(reactor, drain, lambda: manager.persistence, config.ops.readiness_timeout)
+    return OpsRoutes(drain, readiness)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from egateway.api.auth import CorsPolicy
 from egateway.api.authenticators import AuthenticatorChain
+from egateway.api.identity import ANONYMOUS
 from egateway.errors import BadRequest, GatewayError, TooManyRequests, Unauthorized
 from egateway.ops import audit
 
@@ -135,10 +136,21 @@ class FrontResource:
 
     isLeaf = True
 
-    def __init__(self, routes: IResource, authentication: AuthenticatorChain, cors: CorsPolicy) -> None:
+    def __init__(
+        self,
+        routes: IResource,
+        authentication: AuthenticatorChain,
+        cors: CorsPolicy,
+        public: frozenset[bytes] = frozenset(),
+    ) -> None:
+        """
+        @param public: exact request paths served without authentication
+            or Origin check (the health probes, whose bodies say nothing).
+        """
         self._routes = routes
         self.authentication = authentication
         self._cors = cors
+        self._public = public
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         return self
@@ -176,8 +188,11 @@ class FrontResource:
 
     async def _serve(self, request: IRequest, gone: list[bool]) -> None:
         try:
-            request.gateway_user = await self.authentication.authenticate(request)
-            self._cors.check_origin(request)
+            if request.path in self._public:
+                request.gateway_user = ANONYMOUS
+            else:
+                request.gateway_user = await self.authentication.authenticate(request)
+                self._cors.check_origin(request)
         except CancelledError:
             return
         except GatewayError as e:
