@@ -1297,6 +1297,41 @@ def flag_table() -> list[tuple[str, None, None, str]]:
     return rows
 
 
+def help_text(width: int = 100) -> str:
+    """
+    Every setting's flag for C{--help}, grouped by section (the TOML table
+    it lives in), each with its default and environment variables.
+    """
+    import textwrap
+
+    lines = []
+    for section in _SECTIONS:
+        lines.append(f"[{section}]")
+        for info in settings():
+            if info.section != section:
+                continue
+            default = info.default
+            if isinstance(default, bool):
+                default = str(default).lower()
+            elif isinstance(default, list):
+                default = ",".join(default)
+            shown = "(empty)" if default in ("", []) else default
+            if info.secret and default:
+                shown = "********"
+            env = f"; env {', '.join(info.env)}" if info.env else ""
+            lines.append(f"  --{info.flag}=  [default: {shown}{env}]")
+            lines.extend(
+                textwrap.wrap(
+                    info.help,
+                    width=width,
+                    initial_indent="      ",
+                    subsequent_indent="      ",
+                )
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def reference_markdown() -> str:
     """
     The configuration reference as a Markdown table (the README embeds it;

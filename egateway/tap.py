@@ -23,8 +23,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from egateway import __version__
-from egateway.config import ConfigError, Config, build_config, describe, flag_table, load_toml
+from egateway.config import ConfigError, Config, build_config, describe, flag_table, help_text, load_toml
 from egateway.ops.audit import AuditFileError
+from egateway.ops.logs import LogSetupError
+from egateway.ops.logs import install as install_log
 from egateway.ops.tls import TLSSetupError
 
 _log = Logger()
@@ -54,6 +56,17 @@ class Options(usage.Options):
     def opt_version(self) -> None:
         print(f"egateway {__version__}")
         raise SystemExit(0)
+
+    def getUsage(self, width: int | None = None) -> str:
+        # Twisted's flat list of 150 flags hides which belong together and
+        # what they default to.
+        return (
+            f"{self.longdesc}\n\n"
+            "  -c, --config=FILE   TOML configuration file (its [section] tables are the groups below).\n"
+            "      --version       Print the version and exit.\n"
+            "      --help          This text.\n\n"
+            f"{help_text()}"
+        )
 
 
 def default_data_dir() -> str:
@@ -102,13 +115,28 @@ class DataDirectory(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self._temporary:
-            base = os.environ.get("XDG_RUNTIME_DIR") or None
-            self.path = tempfile.mkdtemp(prefix="egateway-", dir=base)
-        runtime = os.path.join(self.path, "runtime")
-        os.makedirs(runtime, mode=0o700, exist_ok=True)
-        os.chmod(self.path, 0o700)
+        try:
+            if self._temporary:
+                base = os.environ.get("XDG_RUNTIME_DIR") or None
+                self.path = tempfile.mkdtemp(prefix="egateway-", dir=base)
+            runtime = os.path.join(self.path, "runtime")
+            os.makedirs(runtime, mode=0o700, exist_ok=True)
+            os.chmod(self.path, 0o700)
+        except OSError as e:
+            where = e.filename or self.path or "a temporary directory"
+            raise DataDirectoryError(
+                f"cannot create the data directory {where}: {e.strerror or e}; "
+                "set data_dir (--data-dir, EG_DATA_DIR) to a directory this user may write "
+                "(a service account without a home needs one)"
+            ) from None
         self._on_ready(runtime)
+
+
+class DataDirectoryError(OSError):
+    """
+    The data directory cannot be created; the message says which and what
+    to do.
+    """
 
     def stopService(self) -> None:
         super().stopService()
@@ -125,6 +153,31 @@ class GatewayService(MultiService):
         super().__init__()
         self.config = config
         self._clock = clock
+        self.main_log: Any = None
+        """
+        The L{egateway.ops.logs.MainLog} when egateway writes the log.
+        """
+        self.log_observer: Any = None
+        """
+        Given to twistd as the application's log observer.
+        """
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
+
+    def reopen_logs(self) -> None:
+        """
+        Reopen the main and audit log files, for logrotate (on SIGHUP).
+        """
+        if self.main_log is not None:
+            self.main_log.reopen()
+        if "audit-log" in self.namedServices:
+            self.getServiceNamed("audit-log").reopen()
+        _log.info("log files reopened")
 
     def privilegedStartService(self) -> None:
         try:
@@ -149,7 +202,11 @@ class GatewayService(MultiService):
             listen=self.config.listen_endpoint,
             config=describe(self.config),
         )
-        super().startService()
+        try:
+            super().startService()
+        except DataDirectoryError as e:
+            sys.stderr.write(f"egateway: {e}\n")
+            raise SystemExit(1) from None
 
     def stopService(self) -> Any:
         _log.info("egateway stopping")
@@ -268,7 +325,8 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
 
 def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, listener: Any, data_path: str) -> None:
     """
-    The operator's controls: SIGUSR1 drains, /readyz watches the HTTP
+    The operator's controls: SIGUSR1 drains, SIGHUP reopens the log files
+    (and, in L{build_tls}, reloads certificates), /readyz watches the HTTP
     listener.
     """
     import signal
@@ -277,6 +335,7 @@ def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, 
 
     ops.readiness.listeners.append(listener)
     SignalAction(reactor, signal.SIGUSR1, lambda: ops.drain.set(True, by="SIGUSR1")).setServiceParent(top)
+    SignalAction(reactor, signal.SIGHUP, top.reopen_logs).setServiceParent(top)
     top.ops = ops  # type: ignore[attr-defined]
 
 
@@ -415,4 +474,17 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return build_service(options.gateway_config, reactor)
+    top = build_service(options.gateway_config, reactor)
+    runner = getattr(options, "parent", None)
+    try:
+        top.main_log = install_log(options.gateway_config.ops, runner, top)
+    except LogSetupError as e:
+        sys.stderr.write(f"egateway: {e}\n")
+        raise SystemExit(1) from None
+    if runner is not None and "pidfile" in runner and runner.get("nodaemon"):
+        # twistd -n would leave twistd.pid wherever it was started; a
+        # foreground daemon's supervisor knows its pid.  An explicit
+        # --pidfile (another name) is kept.
+        if runner["pidfile"] == os.path.abspath("twistd.pid"):
+            runner["pidfile"] = ""
+    return top

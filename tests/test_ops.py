@@ -8,8 +8,10 @@ tests drive a real C{twistd egateway} with real kernels and a real Redis.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 import tempfile
 from typing import Any
 
@@ -200,3 +202,251 @@ class StoreReadiness(TestCase):
             return (await status_of(gateway, "readyz")).code == 200
 
         await until(ready, "/readyz to answer 200 once Redis is back")
+
+
+# -- logs --------------------------------------------------------------------
+
+
+class JsonRecords(SynchronousTestCase):
+    def test_record_fields(self) -> None:
+        """
+        A JSON record has time, level, namespace, the rendered message and
+        the event's plain fields, but no credential and no object dumps.
+        """
+        from twisted.logger import LogLevel
+
+        from egateway.ops.logs import json_record
+
+        record = json_record(
+            {
+                "log_format": "kernel {kernel_id} started for {user}",
+                "log_level": LogLevel.warn,
+                "log_namespace": "egateway.kernels",
+                "log_time": 0.5,
+                "kernel_id": "k1",
+                "user": "alice",
+                "launcher": "local",
+                "auth_token": "s3cret",
+                "spec": object(),
+            }
+        )
+        self.assertEqual(
+            record,
+            {
+                "time": "1970-01-01T00:00:00.500Z",
+                "level": "warn",
+                "namespace": "egateway.kernels",
+                "message": "kernel k1 started for alice",
+                "kernel_id": "k1",
+                "user": "alice",
+                "launcher": "local",
+            },
+        )
+
+    def test_level(self) -> None:
+        """
+        With log_level warn, info events are dropped and warnings kept.
+        """
+        import io
+
+        from twisted.logger import Logger, LogPublisher
+
+        from egateway.ops.logs import MainLog, filtered
+
+        stream = io.StringIO()
+        publisher = LogPublisher(filtered(MainLog("json", stream=stream), "warn"))
+        log = Logger(namespace="t", observer=publisher)
+        log.info("quiet {kernel_id}", kernel_id="k1")
+        log.warn("loud {kernel_id}", kernel_id="k2")
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        self.assertEqual([(r["message"], r["kernel_id"]) for r in lines], [("loud k2", "k2")])
+
+
+def read_lines(path: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+class DaemonLogs(TestCase):
+    timeout = 120
+
+    async def test_json_lines_carry_the_kernel_id(self) -> None:
+        """
+        Under twistd with --log-format=json, every line of the log file is a
+        JSON object, a kernel's own output is logged with its kernel_id, and
+        its state changes with its user and launcher.
+        """
+        log_file = os.path.abspath(self.mktemp())
+        gateway = await start_gateway(self, flags={"log-format": "json", "log-file": log_file})
+        model = await gateway.api.call("POST", "api/kernels", {}, expect=201)
+        client = await ChannelsClient.connect(gateway.url, model["id"])
+        self.addCleanup(client.close)
+        await client.execute("import sys; print('output-marker-7e1', file=sys.__stderr__, flush=True)")
+
+        async def marker_logged() -> bool:
+            return any("output-marker-7e1" in line for line in read_lines(log_file))
+
+        await until(marker_logged, "the kernel's output line in the log")
+        records = [json.loads(line) for line in read_lines(log_file)]
+        for record in records:
+            self.assertLessEqual({"time", "level", "namespace", "message"}, set(record))
+        output = [r for r in records if "output-marker-7e1" in r["message"]]
+        self.assertEqual(output[0]["kernel_id"], model["id"])
+        states = [r for r in records if r.get("kernel_id") == model["id"] and "launcher" in r]
+        self.assertTrue(states, "no kernel state change with its launcher")
+        self.assertEqual(states[0]["launcher"], model["launcher"])
+        self.assertEqual(states[0]["user"], model["username"])
+
+    async def test_sighup_reopens_the_logs(self) -> None:
+        """
+        After logrotate's rename and SIGHUP, the main log and the audit log
+        write new lines to new files at their old paths.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        main, audit_log = os.path.join(directory, "main.log"), os.path.join(directory, "audit.log")
+        gateway = await start_gateway(
+            self, token="s3cret", flags={"log-file": main, "audit-log": audit_log}
+        )
+        os.rename(main, main + ".1")
+        os.rename(audit_log, audit_log + ".1")
+        os.kill(gateway.pid, signal.SIGHUP)
+
+        async def reopened() -> bool:
+            return any("log files reopened" in line for line in read_lines(main))
+
+        await until(reopened, "the main log to be reopened")
+        self.assertEqual((await gateway.api.request("GET", "api", token="wrong")).code, 401)
+
+        async def audited() -> bool:
+            return any("auth.failure" in line for line in read_lines(audit_log))
+
+        await until(audited, "the audit event in the new audit file")
+        self.assertFalse(any("log files reopened" in line for line in read_lines(main + ".1")))
+
+
+# -- packaging ---------------------------------------------------------------
+
+CONSOLE_SCRIPT = "from egateway.cli import main; main()"
+"""
+What the installed C{egateway} script runs (setup.cfg's entry point).
+"""
+
+
+async def run_to_end(test: TestCase, argv: list[str], env: dict[str, str], timeout: float = 60) -> tuple[int, str]:
+    """
+    Run a command in a fresh directory until it exits; its exit code and
+    output (without the command line the log starts with).
+    """
+    from tests.support.daemon import ChildProcess
+
+    workdir = os.path.abspath(test.mktemp())
+    os.makedirs(workdir)
+    process = ChildProcess("command", os.path.join(workdir, "command.log"), reactor)
+    process.start(argv, gateway_environment(env), workdir)
+    ended = process.when_ended()
+    ended.addTimeout(timeout, reactor)
+    await ended
+    output = process.log_tail(100000).split("\n", 1)[1]
+    return process.code, output
+
+
+def gateway_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    from tests.support.daemon import REPO_ROOT
+
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("EG_", "KG_"))}
+    environ["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    environ.update(extra or {})
+    return environ
+
+
+class Packaging(TestCase):
+    timeout = 120
+
+    def test_entry_point(self) -> None:
+        """
+        setup.cfg installs the egateway console script that these tests run.
+        """
+        import configparser
+
+        from tests.support.daemon import REPO_ROOT
+
+        parser = configparser.ConfigParser()
+        parser.read(os.path.join(REPO_ROOT, "setup.cfg"))
+        scripts = parser["options.entry_points"]["console_scripts"].split("\n")
+        self.assertIn("egateway = egateway.cli:main", [line.strip() for line in scripts])
+
+    async def test_help_groups_settings(self) -> None:
+        """
+        egateway --help lists the settings under their sections, each with
+        its default.
+        """
+        code, output = await run_to_end(self, [sys.executable, "-c", CONSOLE_SCRIPT, "--help"], {})
+        self.assertEqual(code, 0, output)
+        for section in ("[server]", "[auth]", "[kernels]", "[store]", "[ops]"):
+            self.assertIn(f"\n{section}\n", output)
+        self.assertLess(output.index("[server]"), output.index("--listen="))
+        self.assertLess(output.index("--listen="), output.index("[auth]"))
+        self.assertIn("--listen=  [default: tcp:8888:interface=127.0.0.1]", output)
+        self.assertIn("--drain-retry-after=  [default: 30; env EG_DRAIN_RETRY_AFTER]", output)
+
+    async def test_console_script_runs_the_daemon(self) -> None:
+        """
+        The console script serves the API in the foreground, leaves no
+        twistd.pid in its directory, and stops cleanly on SIGTERM.
+        """
+        await self._serves_without_pidfile([sys.executable, "-c", CONSOLE_SCRIPT])
+
+    async def test_readme_command_leaves_no_pidfile(self) -> None:
+        """
+        The README's `twistd -n egateway` writes no twistd.pid in the
+        current directory.
+        """
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        await self._serves_without_pidfile([sys.executable, twistd, "-n", "egateway"])
+
+    async def _serves_without_pidfile(self, command: list[str]) -> None:
+        from tests.support.daemon import ChildProcess, HttpApi, free_port, wait_until_answers
+
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        port = free_port()
+        process = ChildProcess("egateway", os.path.join(workdir, "egateway.log"), reactor)
+        argv = [
+            *command,
+            f"--listen=tcp:{port}:interface=127.0.0.1",
+            f"--data-dir={os.path.abspath(self.mktemp())}",
+            "--response-port=0",
+        ]
+        process.start(argv, gateway_environment(), workdir)
+        api = HttpApi(reactor, f"http://127.0.0.1:{port}/", None)
+        self.addCleanup(api.close)
+        try:
+            await wait_until_answers(api, "healthz", process, 30, reactor)
+            self.assertEqual(os.listdir(workdir), ["egateway.log"])
+        finally:
+            report = await process.stop(20, marker=workdir)
+        self.assertTrue(report.graceful, f"{report.describe()}: {process.log_tail()}")
+
+    async def test_data_directory_that_cannot_be_created(self) -> None:
+        """
+        A service account whose home cannot hold the data directory gets a
+        one-line error naming it, and a non-zero exit, not a traceback.
+        """
+        home = os.path.abspath(self.mktemp())
+        with open(home, "w") as f:
+            f.write("a file, not a directory\n")
+        code, output = await run_to_end(
+            self,
+            [sys.executable, "-c", CONSOLE_SCRIPT, "--listen=tcp:0:interface=127.0.0.1", "--response-port=0"],
+            {"HOME": home, "XDG_DATA_HOME": "", "EG_PERSISTENCE": "true"},
+        )
+        self.assertNotEqual(code, 0)
+        self.assertNotIn("Traceback", output)
+        # twistd sends stderr to its log, so the line has a log prefix.
+        errors = [line for line in output.splitlines() if "egateway: " in line]
+        self.assertEqual(len(errors), 1, output)
+        self.assertIn(f"egateway: cannot create the data directory {home}/.local", errors[0])
