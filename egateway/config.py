@@ -1137,6 +1137,11 @@ def _validate_cross_field(config: Config) -> None:
     _validate_tls(config)
     _validate_slurm(config.slurm)
     _validate_impersonation(config.impersonation)
+    from egateway.ops.manhole import check_settings
+
+    manhole_problem = check_settings(config.ops)
+    if manhole_problem:
+        raise ConfigError(manhole_problem)
 
 
 def _validate_slurm(slurm: "SlurmConfig") -> None:

@@ -26,6 +26,7 @@ from egateway import __version__
 from egateway.config import ConfigError, Config, build_config, describe, flag_table, help_text, load_toml
 from egateway.ops.audit import AuditFileError
 from egateway.ops.logs import LogSetupError
+from egateway.ops.manhole import ManholeSetupError
 from egateway.ops.logs import install as install_log
 from egateway.ops.tls import TLSSetupError
 
@@ -204,7 +205,7 @@ class GatewayService(MultiService):
         )
         try:
             super().startService()
-        except DataDirectoryError as e:
+        except (DataDirectoryError, ManholeSetupError) as e:
             sys.stderr.write(f"egateway: {e}\n")
             raise SystemExit(1) from None
 
@@ -316,18 +317,18 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     listener = strports.service(listen, served, reactor=reactor)
     listener.setName("http")
     listener.setServiceParent(top)
-    build_operations(config, reactor, top, api.ops, listener, data_path)
+    build_operations(config, reactor, top, api.ops, listener)
     top.api = api  # type: ignore[attr-defined]
     top.manager = manager  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
     return top
 
 
-def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, listener: Any, data_path: str) -> None:
+def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, listener: Any) -> None:
     """
     The operator's controls: SIGUSR1 drains, SIGHUP reopens the log files
     (and, in L{build_tls}, reloads certificates), /readyz watches the HTTP
-    listener.
+    listener, and the SSH manhole when configured.
     """
     import signal
 
@@ -337,6 +338,18 @@ def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, 
     SignalAction(reactor, signal.SIGUSR1, lambda: ops.drain.set(True, by="SIGUSR1")).setServiceParent(top)
     SignalAction(reactor, signal.SIGHUP, top.reopen_logs).setServiceParent(top)
     top.ops = ops  # type: ignore[attr-defined]
+    settings = config.ops
+    if settings.manhole_listen:
+        from egateway.ops.manhole import ManholeService, namespace
+
+        data_dir = top.getServiceNamed("data-dir")
+        ManholeService(
+            settings.manhole_listen,
+            settings.manhole_authorized_keys,
+            lambda: settings.manhole_host_key or os.path.join(data_dir.path, "manhole_host_key"),
+            lambda: namespace(top, top.manager),  # type: ignore[attr-defined]
+            reactor,
+        ).setServiceParent(top)
 
 
 def build_tls(

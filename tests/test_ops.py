@@ -17,6 +17,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -24,7 +25,7 @@ from egateway.ops.health import Drain, Readiness
 from egateway.store.crypto import SecretBox
 from tests.fixtures import RedisServer
 from tests.fixtures.system import REDIS_PACKAGES, require_packages
-from tests.support.daemon import GatewayDaemon, Reply, start_gateway
+from tests.support.daemon import GatewayDaemon, Reply, free_port, start_gateway
 from tests.support.stubapi import assert_json_error
 from tests.support.wsclient import ChannelsClient
 from tests.test_api import APITestCase
@@ -450,3 +451,138 @@ class Packaging(TestCase):
         errors = [line for line in output.splitlines() if "egateway: " in line]
         self.assertEqual(len(errors), 1, output)
         self.assertIn(f"egateway: cannot create the data directory {home}/.local", errors[0])
+
+
+# -- manhole -----------------------------------------------------------------
+
+
+def write_key_pair(directory: str, name: str) -> str:
+    """
+    A fresh Ed25519 key pair for OpenSSH's ssh (private key mode 0600);
+    returns the private key's path (the public key is next to it, .pub).
+    """
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from twisted.conch.ssh.keys import Key
+
+    key = Key(Ed25519PrivateKey.generate())
+    path = os.path.join(directory, name)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(key.toString("openssh"))
+    with open(path + ".pub", "wb") as f:
+        f.write(key.public().toString("openssh") + b" test@" + name.encode() + b"\n")
+    return path
+
+
+class SSHClient(ProcessProtocol):
+    """
+    OpenSSH's ssh with a pseudo-terminal, driven as a person would: wait for
+    some text, type a line.
+    """
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[int | None] = Deferred()
+        self._expected: list[tuple[bytes, Deferred[None]]] = []
+
+    @classmethod
+    def start(cls, port: int, key: str, workdir: str) -> "SSHClient":
+        client = cls()
+        argv = [
+            "ssh", "-tt", "-F", "/dev/null", "-i", key, "-p", str(port),
+            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10", "operator@127.0.0.1",
+        ]
+        reactor.spawnProcess(client, "/usr/bin/ssh", argv, env={"PATH": os.environ["PATH"]}, path=workdir)
+        return client
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        for text, waiter in list(self._expected):
+            if text in self.output:
+                self._expected.remove((text, waiter))
+                waiter.callback(None)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", None))
+        for _, waiter in self._expected:
+            waiter.errback(AssertionError(f"ssh ended; it printed {self.output[-2000:]!r}"))
+        self._expected = []
+
+    def expect(self, text: str, timeout: float = 20) -> Deferred[None]:
+        waiter: Deferred[None] = Deferred()
+        if text.encode() in self.output:
+            waiter.callback(None)
+        else:
+            self._expected.append((text.encode(), waiter))
+            waiter.addTimeout(timeout, reactor)
+        return waiter
+
+    def type(self, line: str) -> None:
+        self.transport.write(line.encode() + b"\r")
+
+
+class Manhole(TestCase):
+    timeout = 120
+
+    async def test_listed_key_only(self) -> None:
+        """
+        Against a running daemon, ssh with the listed key gets a prompt where
+        kernels() lists the live kernel; another key is refused.  The login,
+        the command and the refusal are in the audit log.
+        """
+        require_packages("openssh-client")
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        good = write_key_pair(directory, "operator")
+        other = write_key_pair(directory, "stranger")
+        audit_log = os.path.join(directory, "audit.log")
+        port = free_port()
+        gateway = await start_gateway(
+            self,
+            flags={
+                "manhole-listen": f"tcp:{port}:interface=127.0.0.1",
+                "manhole-authorized-keys": good + ".pub",
+                "audit-log": audit_log,
+            },
+        )
+        model = await gateway.api.call("POST", "api/kernels", {}, expect=201)
+
+        client = SSHClient.start(port, good, directory)
+        await client.expect(">>> ")
+        client.type("kernels()")
+        await client.expect(model["id"])
+        client.type("show(" + repr(model["id"][:8]) + ")")
+        await client.expect("launcher")
+        client.transport.write(b"\x04")
+        await client.ended
+
+        refused = SSHClient.start(port, other, directory)
+        code = await refused.ended
+        self.assertEqual(code, 255)
+        self.assertIn(b"Permission denied (publickey)", refused.output)
+        self.assertNotIn(b">>> ", refused.output)
+
+        async def audited() -> bool:
+            kinds = [json.loads(line)["kind"] for line in read_lines(audit_log)]
+            return {"manhole.login", "manhole.command", "manhole.refused"} <= set(kinds)
+
+        await until(audited, "the manhole's audit events")
+        commands = [json.loads(line) for line in read_lines(audit_log)]
+        self.assertIn("kernels()", [r.get("command") for r in commands if r["kind"] == "manhole.command"])
+
+    def test_settings(self) -> None:
+        """
+        The manhole listens on loopback or a UNIX socket only, and only with
+        an authorized_keys file.
+        """
+        from egateway.config import ConfigError, build_config
+
+        keys = {"manhole-authorized-keys": "/etc/egateway/manhole_keys"}
+        for listen in ("tcp:2222", "tcp:2222:interface=0.0.0.0", "ssl:2222:interface=127.0.0.1"):
+            self.assertRaises(ConfigError, build_config, {}, {}, {"manhole-listen": listen, **keys})
+        self.assertRaises(ConfigError, build_config, {}, {}, {"manhole-listen": "unix:/run/m"})
+        for listen in ("tcp:2222:interface=127.0.0.1", "tcp6:2222:interface=\\:\\:1", "unix:/run/m"):
+            build_config({}, {}, {"manhole-listen": listen, **keys})
