@@ -18,6 +18,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.scripts.twistd import ServerOptions, runApp
     from twisted.python import usage
 
+    from egateway.tap import Options
+
+    Options.command = "egateway"
     arguments = list(sys.argv[1:] if argv is None else argv)
     config = ServerOptions()
     try:

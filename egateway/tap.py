@@ -58,6 +58,16 @@ class Options(usage.Options):
         print(f"egateway {__version__}")
         raise SystemExit(0)
 
+    command = ""
+    """
+    Set by the C{egateway} console script, whose usage line differs.
+    """
+
+    def getSynopsis(self) -> str:
+        if self.command:
+            return f"Usage: {self.command} [options]"
+        return super().getSynopsis()
+
     def getUsage(self, width: int | None = None) -> str:
         # Twisted's flat list of 150 flags hides which belong together and
         # what they default to.

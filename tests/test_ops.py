@@ -263,6 +263,31 @@ class JsonRecords(SynchronousTestCase):
         self.assertEqual([(r["message"], r["kernel_id"]) for r in lines], [("loud k2", "k2")])
 
 
+    def test_under_twist(self) -> None:
+        """
+        Under twist, --log-format=json on egateway's side makes twist write
+        egateway's JSON lines at egateway's level; with egateway's log
+        settings left alone, twist's own log options stay in charge.
+        """
+        import io
+
+        from twisted.logger import LogLevel
+
+        from egateway.config import build_config
+        from egateway.ops.logs import install
+
+        stream = io.StringIO()
+        twist_options: dict[str, Any] = {"fileLogObserverFactory": None, "logFile": stream, "logLevel": LogLevel.info}
+        self.assertIsNone(install(build_config({}, {}, {}).ops, dict(twist_options), None))
+        settings = build_config({}, {}, {"log-format": "json", "log-level": "warn"}).ops
+        main = install(settings, twist_options, None)
+        self.assertEqual(twist_options["logLevel"], LogLevel.warn)
+        observer = twist_options["fileLogObserverFactory"](stream)
+        self.assertIs(observer, main)
+        observer({"log_format": "kernel {kernel_id}", "log_level": LogLevel.warn, "log_namespace": "t", "kernel_id": "k"})
+        self.assertEqual(json.loads(stream.getvalue())["kernel_id"], "k")
+
+
 def read_lines(path: str) -> list[str]:
     try:
         with open(path, encoding="utf-8") as f:

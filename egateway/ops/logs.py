@@ -165,7 +165,11 @@ def install(settings: Any, runner_options: Any, service: Any) -> MainLog | None:
     return None
 
 
-def _install_twist(settings: Any, options: Any) -> MainLog:
+def _install_twist(settings: Any, options: Any) -> MainLog | None:
+    if (settings.log_format, settings.log_file, settings.log_level) == ("text", "", "info"):
+        # Nothing asked of egateway: twist's own --log-format, --log-level
+        # and --log-file stay in charge.
+        return None
     main = MainLog(settings.log_format, settings.log_file, options["logFile"])
     options["fileLogObserverFactory"] = lambda stream: main
     options["logLevel"] = level_named(settings.log_level)
