@@ -32,6 +32,7 @@ from twisted.cred.credentials import ISSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -241,12 +242,15 @@ class ManholeService(MultiService):
         factory.privateKeys = {host_key.sshType(): host_key}
         factory.noisy = False
         strports.service(self._listen, factory, reactor=self._reactor).setServiceParent(self)
+        try:
+            super().startService()
+        except CannotListenError as e:
+            raise ManholeSetupError(f"the manhole cannot listen on {self._listen}: {e.socketError}") from None
         _log.info(
             "manhole listening on {listen} for the keys in {keys}",
             listen=self._listen,
             keys=self._authorized_keys,
         )
-        super().startService()
 
 
 # -- the namespace -----------------------------------------------------------
