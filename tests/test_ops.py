@@ -110,24 +110,31 @@ class ReadinessChecks(SynchronousTestCase):
     def test_store_that_does_not_answer(self) -> None:
         """
         A store that does not answer within the timeout makes the gateway
-        not ready, once the timeout passes on the clock.
+        not ready, once the timeout passes on the clock; probes arriving
+        meanwhile share one store round trip.
         """
         from twisted.internet.task import Clock
 
         clock = Clock()
-        hanging: Deferred[Any] = Deferred()
+        asked: list[Deferred[Any]] = []
 
         class Persistence:
             class store:
                 @staticmethod
                 def load_kernel(kernel_id: str) -> Deferred[Any]:
-                    return hanging
+                    asked.append(Deferred())
+                    return asked[-1]
 
         readiness = Readiness(clock, Drain(30), lambda: Persistence, 2.0)
-        d = Deferred.fromCoroutine(readiness.problems())
-        self.assertNoResult(d)
+        probes = [Deferred.fromCoroutine(readiness.problems()) for _ in range(3)]
+        self.assertNoResult(probes[0])
+        self.assertEqual(len(asked), 1)
         clock.advance(2.0)
-        self.assertEqual(self.successResultOf(d), ["the store did not answer within 2 s"])
+        for probe in probes:
+            self.assertEqual(self.successResultOf(probe), ["the store did not answer within 2 s"])
+        d = Deferred.fromCoroutine(readiness.problems())
+        asked[-1].callback(None)
+        self.assertEqual((self.successResultOf(d), len(asked)), ([], 2))
 
 
 async def until(condition: Any, what: str, timeout: float = 20.0) -> None:

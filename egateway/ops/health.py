@@ -31,6 +31,7 @@ from twisted.web.iweb import IRequest
 from egateway.api.http import write_json
 from egateway.errors import Forbidden, Unavailable
 from egateway.kernels.policy import caller_of
+from egateway.observe import Operation
 from egateway.ops import audit
 
 _log = Logger()
@@ -125,6 +126,7 @@ class Readiness:
         self._timeout = timeout
         self.listeners = list(listeners)
         self._last_problems: list[str] | None = None
+        self._probe: Operation[str] | None = None
 
     async def problems(self) -> list[str]:
         """
@@ -136,7 +138,11 @@ class Readiness:
         for listener in self.listeners:
             if not listener.running:
                 found.append(f"listener {listener.name} is not running")
-        trouble = await self._store_trouble()
+        if self._probe is None or self._probe.done:
+            # Probes come unauthenticated, perhaps many at once: at most one
+            # store round trip is in flight, and every probe waits on it.
+            self._probe = Operation("store probe", self._store_trouble())
+        trouble = await self._probe.observe()
         if trouble:
             found.append(trouble)
         self._note(found)
@@ -150,7 +156,6 @@ class Readiness:
             probe: Deferred[Any] = persistence.store.load_kernel(_PROBE_KERNEL_ID)
             await probe.addTimeout(self._timeout, self._clock)
         except CancelledError:
-            # The client left; nothing to decide.
             raise
         except defer.TimeoutError:
             return f"the store did not answer within {self._timeout:g} s"
