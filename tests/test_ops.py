@@ -518,8 +518,9 @@ class SSHClient(ProcessProtocol):
         self._expected: list[tuple[bytes, Deferred[None]]] = []
 
     @classmethod
-    def start(cls, port: int, key: str, workdir: str) -> "SSHClient":
+    def start(cls, test: TestCase, port: int, key: str, workdir: str) -> "SSHClient":
         client = cls()
+        test.addCleanup(client.stop)
         argv = [
             "ssh", "-tt", "-F", "/dev/null", "-i", key, "-p", str(port),
             "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
@@ -552,6 +553,19 @@ class SSHClient(ProcessProtocol):
             waiter.addTimeout(timeout, reactor)
         return waiter
 
+    async def stop(self) -> None:
+        if not self.ended.called:
+            self.transport.signalProcess("KILL")
+        await self.exit_code()
+
+    async def exit_code(self) -> int | None:
+        """
+        Wait (bounded) for ssh to exit; its exit code.
+        """
+        waiter: Deferred[int | None] = Deferred()
+        self.ended.addBoth(lambda result: (waiter.callback(result), result)[1] if not waiter.called else result)
+        return await waiter.addTimeout(20, reactor)
+
     def type(self, line: str) -> None:
         self.transport.write(line.encode() + b"\r")
 
@@ -582,18 +596,18 @@ class Manhole(TestCase):
         )
         model = await gateway.api.call("POST", "api/kernels", {}, expect=201)
 
-        client = SSHClient.start(port, good, directory)
+        client = SSHClient.start(self, port, good, directory)
         await client.expect(">>> ")
         client.type("kernels()")
         await client.expect(model["id"])
         client.type("show(" + repr(model["id"][:8]) + ")")
         await client.expect("launcher")
         client.transport.write(b"\x04")
-        await client.ended
+        # The manhole hangs up on ^D without an exit status: ssh says 255.
+        await client.exit_code()
 
-        refused = SSHClient.start(port, other, directory)
-        code = await refused.ended
-        self.assertEqual(code, 255)
+        refused = SSHClient.start(self, port, other, directory)
+        self.assertEqual(await refused.exit_code(), 255)
         self.assertIn(b"Permission denied (publickey)", refused.output)
         self.assertNotIn(b">>> ", refused.output)
 
