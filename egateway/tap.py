@@ -26,8 +26,8 @@ from egateway import __version__
 from egateway.config import ConfigError, Config, build_config, describe, flag_table, help_text, load_toml
 from egateway.ops.audit import AuditFileError
 from egateway.ops.logs import LogSetupError
-from egateway.ops.manhole import ManholeSetupError
 from egateway.ops.logs import install as install_log
+from egateway.ops.manhole import ManholeSetupError
 from egateway.ops.tls import TLSSetupError
 
 _log = Logger()
@@ -327,10 +327,11 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     listener = strports.service(listen, served, reactor=reactor)
     listener.setName("http")
     listener.setServiceParent(top)
-    build_operations(config, reactor, top, api.ops, listener)
     top.api = api  # type: ignore[attr-defined]
     top.manager = manager  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
+    expose_probes(front, api.ops, config.server.base_url)
+    build_operations(config, reactor, top, api.ops, listener)
     return top
 
 
@@ -466,30 +467,36 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
         reactor=reactor,
         threadpool=threadpool,
     )
+    # Health, readiness and drain; the front serves the probes unauthenticated.
+    api.ops = build_ops_routes(config, manager, reactor, api.app)  # type: ignore[attr-defined]
     from egateway.ops.audit import watch_kernels
 
     watch_kernels(manager)
-    ops = build_ops_routes(config, manager, reactor)
-    ops.register(api.app, config.server.base_url)
-    api.ops = ops  # type: ignore[attr-defined]
     authentication = build_authentication(config.auth, reactor, threadpool)
-    front = FrontResource(
-        api.resource(), authentication, cors, public=ops.public_paths(config.server.base_url)
-    )
+    front = FrontResource(api.resource(), authentication, cors)
     return api, front
 
 
-def build_ops_routes(config: Config, manager: Any, reactor: Any) -> Any:
+def build_ops_routes(config: Config, manager: Any, reactor: Any, app: Any) -> Any:
     """
-    Health, readiness and drain (L{egateway.ops.health}); the drain is one
-    of C{manager}'s admission checks.
+    Health, readiness and drain (L{egateway.ops.health}), registered on the
+    API's Klein C{app}; the drain is one of C{manager}'s admission checks.
     """
     from egateway.ops.health import Drain, OpsRoutes, Readiness
 
     drain = Drain(config.ops.drain_retry_after)
     manager.admission_checks.append(drain.check)
     readiness = Readiness(reactor, drain, lambda: manager.persistence, config.ops.readiness_timeout)
-    return OpsRoutes(drain, readiness)
+    ops = OpsRoutes(drain, readiness)
+    ops.register(app, config.server.base_url)
+    return ops
+
+
+def expose_probes(front: Any, ops: Any, base_url: str) -> None:
+    """
+    Let C{front} serve the health probes without authentication.
+    """
+    front.public_paths = ops.public_paths(base_url)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -15,14 +15,17 @@ import sys
 import tempfile
 from typing import Any
 
+from treq.testing import StubTreq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from egateway.ops.health import Drain, Readiness
 from egateway.store.crypto import SecretBox
+from egateway.tap import build_api, expose_probes
 from tests.fixtures import RedisServer
 from tests.fixtures.system import REDIS_PACKAGES, require_packages
 from tests.support.daemon import GatewayDaemon, Reply, free_port, start_gateway
@@ -34,6 +37,13 @@ from tests.test_tenancy import TenancyTestCase
 
 class Probes(APITestCase):
     flags = {"auth-token": "s3cret", "auth-failure-limit": "0"}
+
+    def setUp(self) -> None:
+        super().setUp()
+        # As build_service wires them.
+        self.api, front = build_api(self.config, self.manager, self.clock, ThreadPool())
+        expose_probes(front, self.api.ops, self.config.server.base_url)
+        self.stub = StubTreq(front)
 
     def test_healthz_and_readyz_need_no_token(self) -> None:
         """

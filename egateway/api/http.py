@@ -132,25 +132,18 @@ class FrontResource:
 
     @ivar authentication: the chain deciding who each request is from; its
         identity is C{request.gateway_user}.
+    @ivar public_paths: exact request paths served without authentication
+        or Origin check (the health probes).
     """
+
+    public_paths: frozenset[bytes] = frozenset()
 
     isLeaf = True
 
-    def __init__(
-        self,
-        routes: IResource,
-        authentication: AuthenticatorChain,
-        cors: CorsPolicy,
-        public: frozenset[bytes] = frozenset(),
-    ) -> None:
-        """
-        @param public: exact request paths served without authentication
-            or Origin check (the health probes, whose bodies say nothing).
-        """
+    def __init__(self, routes: IResource, authentication: AuthenticatorChain, cors: CorsPolicy) -> None:
         self._routes = routes
         self.authentication = authentication
         self._cors = cors
-        self._public = public
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         return self
@@ -187,12 +180,15 @@ class FrontResource:
             _log.failure("serving a request", failure)
 
     async def _serve(self, request: IRequest, gone: list[bool]) -> None:
+        if request.path in self.public_paths:
+            # The health probes: no credentials, no Origin check; their
+            # bodies say nothing.
+            request.gateway_user = ANONYMOUS
+            self._render(request)
+            return
         try:
-            if request.path in self._public:
-                request.gateway_user = ANONYMOUS
-            else:
-                request.gateway_user = await self.authentication.authenticate(request)
-                self._cors.check_origin(request)
+            request.gateway_user = await self.authentication.authenticate(request)
+            self._cors.check_origin(request)
         except CancelledError:
             return
         except GatewayError as e:
@@ -213,6 +209,9 @@ class FrontResource:
             return
         if gone:
             return
+        self._render(request)
+
+    def _render(self, request: IRequest) -> None:
         if not _utf8_url(request):
             # Klein would answer a plain-text 400 and log a traceback.
             _finish(request, error_body(request, 400, "Bad Request", "the URL or Host is not valid UTF-8"))
