@@ -27,7 +27,6 @@ from egateway.config import ConfigError, Config, build_config, describe, flag_ta
 from egateway.ops.audit import AuditFileError
 from egateway.ops.logs import LogSetupError
 from egateway.ops.logs import install as install_log
-from egateway.ops.manhole import ManholeSetupError
 from egateway.ops.tls import TLSSetupError
 
 _log = Logger()
@@ -134,20 +133,15 @@ class DataDirectory(Service):
             os.makedirs(runtime, mode=0o700, exist_ok=True)
             os.chmod(self.path, 0o700)
         except OSError as e:
+            # A service account without a home, typically: one line, no
+            # traceback.
             where = e.filename or self.path or "a temporary directory"
-            raise DataDirectoryError(
-                f"cannot create the data directory {where}: {e.strerror or e}; "
-                "set data_dir (--data-dir, EG_DATA_DIR) to a directory this user may write "
-                "(a service account without a home needs one)"
-            ) from None
+            sys.stderr.write(
+                f"egateway: cannot create the data directory {where}: {e.strerror or e}; "
+                "set data_dir (--data-dir, EG_DATA_DIR) to a directory this user may write\n"
+            )
+            raise SystemExit(1) from None
         self._on_ready(runtime)
-
-
-class DataDirectoryError(OSError):
-    """
-    The data directory cannot be created; the message says which and what
-    to do.
-    """
 
     def stopService(self) -> None:
         super().stopService()
@@ -213,11 +207,7 @@ class GatewayService(MultiService):
             listen=self.config.listen_endpoint,
             config=describe(self.config),
         )
-        try:
-            super().startService()
-        except (DataDirectoryError, ManholeSetupError) as e:
-            sys.stderr.write(f"egateway: {e}\n")
-            raise SystemExit(1) from None
+        super().startService()
 
     def stopService(self) -> Any:
         _log.info("egateway stopping")
@@ -333,34 +323,6 @@ def build_service(config: Config, reactor: Any) -> GatewayService:
     expose_probes(front, api.ops, config.server.base_url)
     build_operations(config, reactor, top, api.ops, listener)
     return top
-
-
-def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, listener: Any) -> None:
-    """
-    The operator's controls: SIGUSR1 drains, SIGHUP reopens the log files
-    (and, in L{build_tls}, reloads certificates), /readyz watches the HTTP
-    listener, and the SSH manhole when configured.
-    """
-    import signal
-
-    from egateway.ops.signals import SignalAction
-
-    ops.readiness.listeners.append(listener)
-    SignalAction(reactor, signal.SIGUSR1, lambda: ops.drain.set(True, by="SIGUSR1")).setServiceParent(top)
-    SignalAction(reactor, signal.SIGHUP, top.reopen_logs).setServiceParent(top)
-    top.ops = ops  # type: ignore[attr-defined]
-    settings = config.ops
-    if settings.manhole_listen:
-        from egateway.ops.manhole import ManholeService, namespace
-
-        data_dir = top.getServiceNamed("data-dir")
-        ManholeService(
-            settings.manhole_listen,
-            settings.manhole_authorized_keys,
-            lambda: settings.manhole_host_key or os.path.join(data_dir.path, "manhole_host_key"),
-            lambda: namespace(top, top.manager),  # type: ignore[attr-defined]
-            reactor,
-        ).setServiceParent(top)
 
 
 def build_tls(
@@ -497,6 +459,34 @@ def expose_probes(front: Any, ops: Any, base_url: str) -> None:
     Let C{front} serve the health probes without authentication.
     """
     front.public_paths = ops.public_paths(base_url)
+
+
+def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, listener: Any) -> None:
+    """
+    The operator's controls: SIGUSR1 drains, SIGHUP reopens the log files
+    (and, in L{build_tls}, reloads certificates), /readyz watches the HTTP
+    listener, and the SSH manhole when configured.
+    """
+    import signal
+
+    from egateway.ops.signals import SignalAction
+
+    ops.readiness.listeners.append(listener)
+    SignalAction(reactor, signal.SIGUSR1, lambda: ops.drain.set(True, by="SIGUSR1")).setServiceParent(top)
+    SignalAction(reactor, signal.SIGHUP, top.reopen_logs).setServiceParent(top)
+    top.ops = ops  # type: ignore[attr-defined]
+    settings = config.ops
+    if settings.manhole_listen:
+        from egateway.ops.manhole import ManholeService, namespace
+
+        data_dir = top.getServiceNamed("data-dir")
+        ManholeService(
+            settings.manhole_listen,
+            settings.manhole_authorized_keys,
+            lambda: settings.manhole_host_key or os.path.join(data_dir.path, "manhole_host_key"),
+            lambda: namespace(top, top.manager),  # type: ignore[attr-defined]
+            reactor,
+        ).setServiceParent(top)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import sys
 from typing import Any, Callable, Iterable
 
 from twisted.application import strports
@@ -234,6 +235,14 @@ class ManholeService(MultiService):
         self._reactor = reactor
 
     def startService(self) -> None:
+        try:
+            self._start()
+        except ManholeSetupError as e:
+            # Unusable files or a busy port: one line, no traceback.
+            sys.stderr.write(f"egateway: {e}\n")
+            raise SystemExit(1) from None
+
+    def _start(self) -> None:
         keys = load_authorized_keys_blocking(self._authorized_keys)
         host_key = load_or_create_host_key_blocking(self._host_key())
         factory = manhole_ssh.ConchFactory(Portal(_Realm(self._namespace), [AuthorizedKeysChecker(keys)]))
