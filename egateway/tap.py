@@ -490,14 +490,15 @@ def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, 
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
-    top = build_service(options.gateway_config, reactor)
+    """
+    The gateway for twistd or twist, whose options are C{options.parent}:
+    egateway's main log replaces the runner's, and C{twistd -n} writes no
+    C{twistd.pid} unless told to.
+    """
+    top = _gateway_service(options, reactor)
     runner = getattr(options, "parent", None)
     try:
-        top.main_log = install_log(options.gateway_config.ops, runner, top)
+        top.main_log = install_log(options.gateway_config.ops, runner, top)  # type: ignore[attr-defined]
     except LogSetupError as e:
         sys.stderr.write(f"egateway: {e}\n")
         raise SystemExit(1) from None
@@ -508,3 +509,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         if runner["pidfile"] == os.path.abspath("twistd.pid"):
             runner["pidfile"] = ""
     return top
+
+
+def _gateway_service(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return build_service(options.gateway_config, reactor)

@@ -21,7 +21,6 @@ from zope.interface import implementer
 
 from egateway.api.auth import CorsPolicy
 from egateway.api.authenticators import AuthenticatorChain
-from egateway.api.identity import ANONYMOUS
 from egateway.errors import BadRequest, GatewayError, TooManyRequests, Unauthorized
 from egateway.ops import audit
 
@@ -181,9 +180,8 @@ class FrontResource:
 
     async def _serve(self, request: IRequest, gone: list[bool]) -> None:
         if request.path in self.public_paths:
-            # The health probes: no credentials, no Origin check; their
-            # bodies say nothing.
-            request.gateway_user = ANONYMOUS
+            # The health probes: no credentials (the caller is anonymous),
+            # no Origin check; their bodies say nothing.
             self._render(request)
             return
         try:
