@@ -25,7 +25,7 @@ from egateway.api.http import error_body, json_body, write_error, write_json
 from egateway.api.identity import ANONYMOUS, Identity, launch_username
 from egateway.api.openapi import openapi_document
 from egateway.api.websocket import ChannelsEndpoint
-from egateway.errors import BadRequest, Forbidden, GatewayError, NotFound
+from egateway.errors import BadRequest, Forbidden, GatewayError, NotFound, TooManyRequests
 from egateway.kernels.kernel import Kernel
 from egateway.kernels.manager import KernelManager
 from egateway.kernels.policy import Acl, Caller, caller_of
@@ -33,6 +33,7 @@ from egateway.kernels.profiles import ProfileRefusal
 from egateway.kernels.sessions import SessionManager
 from egateway.kernels.specs import KernelSpec
 from egateway.ops import audit
+from egateway.ops.health import Draining
 
 _log = Logger()
 
@@ -122,10 +123,8 @@ class GatewayAPI:
             # Every refusal a route or the kernel manager decides is audited
             # here, once.
             audit.refused(request, error.status, error.message)
-        retry_after = getattr(error, "retry_after", None)
-        if retry_after:
-            # 429s, and 503s from a draining gateway.
-            request.setHeader(b"retry-after", str(retry_after).encode("ascii"))
+        if isinstance(error, (TooManyRequests, Draining)) and error.retry_after:
+            request.setHeader(b"retry-after", str(error.retry_after).encode("ascii"))
         return write_error(request, error)
 
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:

@@ -322,7 +322,7 @@ class KernelManager(Service):
     ) -> dict[str, Any]:
         """
         Validate a start request's inputs; raises L{BadRequest} for
-        malformed ones, or what an admission check raises.
+        malformed ones.
         """
         for check in self.admission_checks:
             check()
