@@ -472,7 +472,7 @@ def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, 
     from egateway.ops.signals import SignalAction
 
     ops.readiness.listeners.append(listener)
-    SignalAction(reactor, signal.SIGUSR1, lambda: ops.drain.set(True, by="SIGUSR1")).setServiceParent(top)
+    SignalAction(reactor, signal.SIGUSR1, ops.drain_on_signal).setServiceParent(top)
     SignalAction(reactor, signal.SIGHUP, top.reopen_logs).setServiceParent(top)
     top.ops = ops  # type: ignore[attr-defined]
     settings = config.ops

@@ -171,7 +171,8 @@ class DaemonDrain(TestCase):
         SIGUSR1 drains a real daemon: /readyz turns 503, a new kernel is
         refused with 503 + Retry-After, an existing kernel still runs code.
         """
-        gateway = await start_gateway(self, token="s3cret")
+        audit_log = os.path.abspath(self.mktemp())
+        gateway = await start_gateway(self, token="s3cret", flags={"audit-log": audit_log})
         self.assertEqual((await status_of(gateway, "readyz")).code, 200)
         model = await gateway.api.call("POST", "api/kernels", {}, expect=201)
         os.kill(gateway.pid, signal.SIGUSR1)
@@ -189,6 +190,11 @@ class DaemonDrain(TestCase):
         result = await client.execute("6 * 7")
         self.assertEqual(result["result"]["text/plain"], "42")
         self.assertEqual((await status_of(gateway, "healthz")).code, 200)
+
+        async def audited() -> bool:
+            return any(json.loads(line)["kind"] == "gateway.drain" for line in read_lines(audit_log))
+
+        await until(audited, "the drain in the audit log")
 
 
 class StoreReadiness(TestCase):

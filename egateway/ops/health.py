@@ -220,6 +220,13 @@ class OpsRoutes:
         self._set(request, False)
         return _drain_body(request, self.drain)
 
+    def drain_on_signal(self) -> None:
+        """
+        SIGUSR1: drain, as an administrator's C{POST /api/admin/drain} would.
+        """
+        audit.event("gateway.drain", user="SIGUSR1", address="local")
+        self.drain.set(True, by="SIGUSR1")
+
     def _set(self, request: IRequest, draining: bool) -> None:
         fields = _admin_only(request)
         audit.event("gateway.drain" if draining else "gateway.undrain", **fields)
