@@ -97,7 +97,8 @@ class MainLog:
     """
 
     def __init__(self, log_format: str, path: str = "", stream: IO[str] | None = None) -> None:
-        self.path = path
+        # Absolute: twistd changes directory (--rundir) before a reopen.
+        self.path = os.path.abspath(path) if path else ""
         self._format = json_line if log_format == "json" else text_line
         self._stream = stream if stream is not None else sys.stdout
         self._file: IO[str] | None = None
@@ -182,6 +183,6 @@ def _install_twistd(settings: Any, options: Any, service: Any) -> MainLog:
         path = ""
     elif not path:
         path = "twistd.log"
-    main = MainLog(settings.log_format, os.path.abspath(path) if path else "")
+    main = MainLog(settings.log_format, path)
     service.log_observer = filtered(main, settings.log_level)
     return main
