@@ -16,6 +16,7 @@ from typing import Any, Callable
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -56,9 +57,9 @@ def as_user(user: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token_of(user)}"}
 
 
-def write_tokens(path: str) -> None:
+def write_tokens(path: str, users: dict[str, dict[str, Any]] = USERS) -> None:
     lines = []
-    for user, extra in USERS.items():
+    for user, extra in users.items():
         lines.append(f"[{token_hash(token_of(user))}]")
         lines.append(f"username = {json.dumps(user)}")
         for key, value in extra.items():
@@ -467,6 +468,79 @@ class AnonymousKernelspecs(TenancyTestCase):
         )
 
 
+class _Immediately:
+    """
+    A thread pool and reactor that run blocking calls at once, so that a
+    kernelspec resource is read within a synchronous test.
+    """
+
+    def callInThreadWithCallback(self, on_result: Callable[..., Any], f: Callable[..., Any], *args: Any) -> None:
+        try:
+            result = f(*args)
+        except Exception:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        f(*args)
+
+
+class KernelspecResources(TenancyTestCase):
+    def test_only_for_those_who_may_launch(self) -> None:
+        """
+        A kernelspec's files (kernel.json, logos) are served only to users
+        who may launch it; anyone else gets what an unknown kernelspec's
+        files get.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "kernel.json"), "w") as f:
+            f.write('{"argv": ["secret-launcher"]}')
+        spec = restricted_spec()
+        self.manager.specs._specs["restricted"] = type(spec).from_json("restricted", directory, {
+            "argv": list(spec.argv), "display_name": "R", "language": "python", "metadata": spec.metadata,
+        })
+        self.api._reactor = self.api._threadpool = _Immediately()
+        code, body, _ = self.call("GET", "/kernelspecs/restricted/kernel.json", user="bob")
+        self.assertEqual((code, body), (200, {"argv": ["secret-launcher"]}))
+        for user in ("erin", "bad_guy"):
+            theirs = self.refused(self.call("GET", "/kernelspecs/restricted/kernel.json", user=user), 404)
+            unknown = self.refused(self.call("GET", "/kernelspecs/nospec/kernel.json", user=user), 404)
+            self.assertEqual(theirs.replace("restricted", "nospec"), unknown)
+
+
+class ChosenKernelIds(TenancyTestCase):
+    def test_no_existence_oracle(self) -> None:
+        """
+        With hidden kernels, a user choosing KERNEL_ID gets the same refusal
+        whether the id is another user's kernel or free, and nothing
+        launches; an admin (who sees every kernel) may still choose one.
+        """
+        kid = self.start("alice")["id"]
+        taken = self.refused(self.call("POST", "/api/kernels", {"env": {"KERNEL_ID": kid}}, "bob"), 403)
+        free = self.refused(self.call("POST", "/api/kernels", {"env": {"KERNEL_ID": KID}}, "bob"), 403)
+        self.assertEqual(taken, free)
+        self.assertIn("omit it", free)
+        self.assertEqual(list(self.manager.kernels), [kid])
+        self.refused(self.call("POST", "/api/kernels", {"env": {"KERNEL_ID": kid}}, "carol"), 409)
+        self.assertEqual(self.start("carol", {"env": {"KERNEL_ID": KID}})["id"], KID)
+
+
+class ChosenKernelIdsNotHidden(TenancyTestCase):
+    flags = {"hide-kernels": "false"}
+    file_values = {"profiles": PROFILES}
+
+    def test_users_choose_ids(self) -> None:
+        """
+        With hide_kernels off (other users' kernels are 403s, not hidden), a
+        user may choose KERNEL_ID, which no profile rule restricts.
+        """
+        model = self.start("alice", {"env": {"KERNEL_ID": KID}})
+        self.assertEqual((model["id"], model["profile"]), (KID, "gpu"))
+        self.refused(self.call("POST", "/api/kernels", {"env": {"KERNEL_ID": KID}}, "bob"), 409)
+
+
 # -- quotas ----------------------------------------------------------------------
 
 
@@ -644,10 +718,9 @@ class Profiles(TenancyTestCase):
         replaces the profile's in the launcher config.
         """
         env = {"KERNEL_CPUS": "8", "KERNEL_MEMORY": "16G", "KERNEL_QUEUE": "long", "KERNEL_WORKING_DIR": "/w",
-               "KERNEL_IMAGE": "registry.example/py:2", "KERNEL_USERNAME": "alice", "KERNEL_ID": KID}
+               "KERNEL_IMAGE": "registry.example/py:2", "KERNEL_USERNAME": "alice"}
         model = self.start("alice", {"env": env})
         kernel = self.manager.kernels[model["id"]]
-        self.assertEqual(model["id"], KID)
         self.assertEqual((kernel.env["KERNEL_CPUS"], kernel.env["KERNEL_QUEUE"]), ("8", "long"))
         self.assertEqual(self.requests[0].config["image_name"], "registry.example/py:2")
 

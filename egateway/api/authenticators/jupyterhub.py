@@ -10,6 +10,10 @@ the Hub.
 
 A Hub that cannot be reached, or answers with an error, makes the request
 fail with 503 (the token is neither accepted nor counted as a wrong one).
+
+The tokens of open WebSockets are checked again every
+C{max(jupyterhub_cache_ttl, MIN_RECHECK_INTERVAL)} seconds (through the
+same cache); a WebSocket whose token the Hub refuses is closed.
 """
 
 from __future__ import annotations
@@ -43,6 +47,11 @@ Cached answers kept at once; beyond it the oldest go first.
 """
 
 MAX_ANSWER = 1 << 20
+
+MIN_RECHECK_INTERVAL = 60.0
+"""
+Seconds, at least, between checks of open WebSockets' tokens.
+"""
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ class JupyterHubAuthenticator(Service):
         self._on_stop = on_stop
         self._cache: dict[str, _Answer] = {}
         self._asking: dict[str, Operation[Identity | None]] = {}
+        self.recheck_interval = max(cache_ttl, MIN_RECHECK_INTERVAL)
 
     def stopService(self) -> Any:
         super().stopService()
@@ -109,6 +119,15 @@ class JupyterHubAuthenticator(Service):
         token = presented_token(request)
         if token is None:
             return succeed(None)
+        return self.recheck(token)
+
+    def recheck(self, token: str) -> Deferred[Identity | None]:
+        """
+        Whom the Hub says C{token} belongs to (cached): C{None} if it
+        refuses the token.
+
+        @raise Unavailable: (in the Deferred) no usable answer from the Hub.
+        """
         key = _digest(token)
         now = self._clock.seconds()
         cached = self._cache.get(key)
