@@ -7,6 +7,7 @@ test_tenancy_integration drives the same rules with real kernels.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from egateway.api.authenticators import build_authentication
 from egateway.api.authenticators.user_tokens import token_hash
 from egateway.api.http import FrontResource
 from egateway.config import ConfigError, build_config, load_toml
+from egateway.errors import Unavailable
 from egateway.kernels.manager import record_model
 from egateway.kernels.persistence import record_of
 from egateway.kernels.policy import Acl, Caller, TenancyPolicy, caller_of, split_names
@@ -340,6 +342,68 @@ class OpenGateway(TenancyTestCase):
         self.assertEqual((a["owner"], b["owner"]), ("alice", "bob"))
         self.assertEqual(len(self.call("GET", "/api/kernels")[1]), 2)
         self.assertEqual(self.call("DELETE", f"/api/kernels/{a['id']}")[0], 204)
+
+
+class _Connection:
+    """
+    An open channels WebSocket, as the endpoint's rechecks see it.
+    """
+
+    def __init__(self, kernel: Any, user: str, token: str) -> None:
+        from egateway.api.identity import Identity
+
+        self.kernel, self.token = kernel, token
+        groups = frozenset(USERS[user].get("groups", ()))
+        self.identity = Identity(user, groups, authenticated=True, method="user-tokens")
+        self.user = user
+        self.revoked: list[str] = []
+
+    @property
+    def caller(self) -> Caller | None:
+        return caller_of(self.identity)
+
+    def revoke(self, reason: str) -> None:
+        self.revoked.append(reason)
+
+
+class OpenConnections(TenancyTestCase):
+    def test_rechecks(self) -> None:
+        """
+        Unsharing revokes the connections of the users it excludes; a
+        credential recheck revokes those whose token is gone or whose new
+        groups exclude them, and leaves one alone when its authenticator
+        cannot answer (a Hub down).
+        """
+        kid = self.start("alice")["id"]
+        kernel = self.manager.kernels[kid]
+        self.call("PUT", f"/api/kernels/{kid}/acl", {"users": ["bob", "erin"], "groups": ["physics"]}, "alice")
+        channels = self.api.channels
+        people = {user: _Connection(kernel, user, token_of(user)) for user in ("alice", "bob", "dave", "erin")}
+        channels.connections[kid] = set(people.values())
+        self.call("PUT", f"/api/kernels/{kid}/acl", {"users": ["bob"], "groups": ["physics"]}, "alice")
+        self.assertEqual({u: c.revoked for u, c in people.items() if c.revoked},
+                         {"erin": [f"access to kernel {kid} was revoked"]})
+        channels.connections[kid].discard(people.pop("erin"))
+
+        answers: dict[str, Any] = {
+            "alice": Deferred(),
+            "bob": None,
+            "dave": dataclasses.replace(people["dave"].identity, groups=frozenset({"chem"})),
+        }
+        answers["alice"].errback(Unavailable("JupyterHub is down"))
+
+        class Chain:
+            on_change: list[Any] = []
+
+            def recheck(self, identity: Any, token: str) -> Any:
+                return answers[identity.username]
+
+        channels.watch_credentials(Chain())
+        channels.recheck_credentials()
+        self.assertEqual(
+            {u: c.revoked for u, c in people.items()},
+            {"alice": [], "bob": ["your credentials were revoked"], "dave": [f"access to kernel {kid} was revoked"]},
+        )
 
 
 class Callers(SynchronousTestCase):
