@@ -592,7 +592,7 @@ class CredentialRecheckTests(SynchronousTestCase):
 
     def test_jupyterhub_token_revoked(self) -> None:
         """
-        Every max(cache ttl, 60) s the chain asks for a recheck; a token the
+        Every recheck interval (60 s) the chain asks for a recheck; a token the
         Hub revoked then gives no identity, one it still accepts gives the
         user with admin_users applied.
         """

@@ -145,6 +145,7 @@ def _jupyterhub(settings: AuthConfig, reactor: Any, clock: Any, http: Any) -> IA
         reactor=reactor,
         cache_ttl=settings.jupyterhub_cache_ttl,
         on_stop=on_stop,
+        recheck_interval=settings.jupyterhub_recheck_interval,
     )
 
 

@@ -12,8 +12,8 @@ A Hub that cannot be reached, or answers with an error, makes the request
 fail with 503 (the token is neither accepted nor counted as a wrong one).
 
 The tokens of open WebSockets are checked again every
-C{max(jupyterhub_cache_ttl, MIN_RECHECK_INTERVAL)} seconds (through the
-same cache); a WebSocket whose token the Hub refuses is closed.
+C{jupyterhub_recheck_interval} seconds (through the same cache); a
+WebSocket whose token the Hub refuses is closed.
 """
 
 from __future__ import annotations
@@ -48,11 +48,6 @@ Cached answers kept at once; beyond it the oldest go first.
 
 MAX_ANSWER = 1 << 20
 
-MIN_RECHECK_INTERVAL = 60.0
-"""
-Seconds, at least, between checks of open WebSockets' tokens.
-"""
-
 
 @dataclass(frozen=True)
 class _Answer:
@@ -79,6 +74,7 @@ class JupyterHubAuthenticator(Service):
         timeout: float = REQUEST_TIMEOUT,
         max_cached: int = MAX_CACHED,
         on_stop: Any = None,
+        recheck_interval: float = 60.0,
     ) -> None:
         """
         @param api_url: the Hub's API root, e.g.
@@ -88,6 +84,8 @@ class JupyterHubAuthenticator(Service):
         @param reactor: the reactor the request timeout runs on.
         @param on_stop: called at stop, e.g. to close the connection pool;
             may return a Deferred.
+        @param recheck_interval: seconds between checks of the tokens open
+            WebSockets hold (0: none); see L{AuthenticatorChain.recheck}.
         """
         self._user_url = api_url.rstrip("/") + "/user"
         self._clock = clock
@@ -99,7 +97,7 @@ class JupyterHubAuthenticator(Service):
         self._on_stop = on_stop
         self._cache: dict[str, _Answer] = {}
         self._asking: dict[str, Operation[Identity | None]] = {}
-        self.recheck_interval = max(cache_ttl, MIN_RECHECK_INTERVAL)
+        self.recheck_interval = recheck_interval
 
     def stopService(self) -> Any:
         super().stopService()
