@@ -27,6 +27,7 @@ from egateway.wire.protocol import Message, WireError
 
 _log = Logger()
 
+
 class SessionTaken(Exception):
     """
     A client named a session that belongs to another user.
