@@ -246,6 +246,13 @@ class AuthConfig:
         env=("EG_JUPYTERHUB_CACHE_TTL",),
         minimum=0,
     )
+    jupyterhub_recheck_interval: float = setting(
+        60.0,
+        "Seconds between checks, with the Hub (through the cache), of the JupyterHub tokens open WebSockets "
+        "were opened with; a WebSocket whose token the Hub refuses is closed (0: never).",
+        env=("EG_JUPYTERHUB_RECHECK_INTERVAL",),
+        minimum=0,
+    )
     trusted_proxies: list = setting(
         [],
         "Addresses or CIDRs of trusted front ends: with the shared token they may name the user (in "

@@ -482,6 +482,7 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
 
     watch_kernels(manager)
     authentication = build_authentication(config.auth, reactor, threadpool)
+    api.channels.watch_credentials(authentication)
     front = FrontResource(
         api.resource(), authentication, cors, HostPolicy(config.listen_endpoint, config.auth.allowed_hosts)
     )

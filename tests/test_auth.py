@@ -592,6 +592,77 @@ class JupyterHubTests(SynchronousTestCase):
             self.assertIn("scope access:services!service=egateway", str(failure.value))
 
 
+class CredentialRecheckTests(SynchronousTestCase):
+    """
+    Credentials an open WebSocket was accepted with are checked again: a
+    user token file reload and, every recheck interval, JupyterHub tokens
+    are announced to the chain's listeners, and the chain says what each
+    credential gives now.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.changes = 0
+
+    def start(self, authenticator: Any) -> AuthenticatorChain:
+        chain = AuthenticatorChain([authenticator], clock=self.clock, admin_users=["hubuser"])
+
+        def changed() -> None:
+            self.changes += 1
+
+        chain.on_change.append(changed)
+        chain.startService()
+        self.addCleanup(chain.stopService)
+        return chain
+
+    def test_jupyterhub_token_revoked(self) -> None:
+        """
+        Every recheck interval (60 s) the chain asks for a recheck; a token the
+        Hub revoked then gives no identity, one it still accepts gives the
+        user with admin_users applied.
+        """
+        hub = FakeHub()
+        auth = JupyterHubAuthenticator("http://hub.example/hub/api", clock=self.clock, http=hub.stub, reactor=self.clock)
+        chain = self.start(auth)
+        identity = Identity("hubuser", authenticated=True, method="jupyterhub")
+        self.clock.advance(59)
+        self.assertEqual(self.changes, 0)
+        self.clock.advance(1)
+        self.assertEqual(self.changes, 1)
+        d = chain.recheck(identity, "hub-token-1")
+        hub.stub.flush()
+        now = self.successResultOf(d)
+        self.assertEqual((now.username, now.admin), ("hubuser", True))
+        del hub.users["hub-token-1"]
+        self.clock.advance(60)
+        self.assertEqual(self.changes, 2)
+        d = chain.recheck(identity, "hub-token-1")
+        hub.stub.flush()
+        self.assertIsNone(self.successResultOf(d))
+
+    def test_user_token_removed(self) -> None:
+        """
+        A reloaded token file is announced; a removed token gives no
+        identity, a kept one its new groups; credentials no authenticator
+        can recheck (the shared token) stand as they were.
+        """
+        directory = self.mktemp()
+        os.makedirs(directory)
+        path = os.path.join(directory, "tokens.toml")
+        token_file(path, {ALICE_TOKEN: {"username": "alice"}, BOB_TOKEN: {"username": "bob"}})
+        chain = self.start(UserTokensAuthenticator(path, clock=self.clock, blocking=run_now))
+        self.assertEqual(self.changes, 1)
+        alice = Identity("alice", authenticated=True, method="user-tokens")
+        self.assertEqual(self.successResultOf(chain.recheck(alice, ALICE_TOKEN)).groups, frozenset())
+        token_file(path, {ALICE_TOKEN: {"username": "alice", "groups": ["physics"]}})
+        self.clock.advance(5)
+        self.assertEqual(self.changes, 2)
+        self.assertEqual(self.successResultOf(chain.recheck(alice, ALICE_TOKEN)).groups, frozenset({"physics"}))
+        self.assertIsNone(self.successResultOf(chain.recheck(alice, BOB_TOKEN)))
+        shared = Identity("", authenticated=True, method="token")
+        self.assertIs(self.successResultOf(chain.recheck(shared, "whatever")), shared)
+
+
 # -- the chain --------------------------------------------------------------
 
 

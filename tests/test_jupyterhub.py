@@ -19,6 +19,7 @@ from typing import Any
 
 from treq.client import HTTPClient
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -199,6 +200,23 @@ class RealHubTests(TestCase):
         self.hub = await start_hub(self, reactor)
         self.token, self.token_id = await self.hub.create_user_token("hubtester", "physics")
 
+    async def gateway_with_hub(self, **flags: str) -> Any:
+        """
+        A gateway daemon that checks tokens with the Hub, caching answers
+        for one second, with more C{flags}.
+        """
+        return await start_gateway(
+            self,
+            token=self.token,
+            flags={
+                "authenticators": "jupyterhub",
+                "jupyterhub-api-url": self.hub.api_url,
+                "jupyterhub-cache-ttl": "1",
+                **flags,
+            },
+            reactor=self.reactor,
+        )
+
     async def test_token_accepted_then_revoked(self) -> None:
         """
         The Hub's token identifies its user and groups; once revoked at the
@@ -233,17 +251,7 @@ class RealHubTests(TestCase):
         revoked and its short cache entry has expired, and never logs it.
         """
         audit_path = os.path.join(os.path.abspath(self.mktemp()) + "-audit.jsonl")
-        gateway = await start_gateway(
-            self,
-            token=self.token,
-            flags={
-                "authenticators": "jupyterhub",
-                "jupyterhub-api-url": self.hub.api_url,
-                "jupyterhub-cache-ttl": "1",
-                "audit-log": audit_path,
-            },
-            reactor=self.reactor,
-        )
+        gateway = await self.gateway_with_hub(**{"audit-log": audit_path})
         model = await gateway.api.call("POST", "api/kernels", {}, expect=201)
         self.assertEqual(model["username"], "hubtester")
         # The WebSocket handshake goes through the same (network-bound)
@@ -287,3 +295,19 @@ class RealHubTests(TestCase):
         self.assertEqual([(e["user"], e["kernel_id"]) for e in launches], [("hubtester", model["id"])])
         self.assertIn("auth.failure", {e["kind"] for e in audit_lines})
         self.assertEqual([e["user"] for e in audit_lines if e["kind"] == "websocket.connect"], ["hubtester"])
+
+    async def test_websocket_closed_when_token_revoked(self) -> None:
+        """
+        A channels WebSocket opened with a Hub token is closed (4003, saying
+        why) once the Hub revokes the token: the gateway checks open
+        sockets' tokens every jupyterhub_recheck_interval seconds.
+        """
+        gateway = await self.gateway_with_hub(**{"jupyterhub-recheck-interval": "1"})
+        model = await gateway.api.call("POST", "api/kernels", {}, expect=201)
+        client = await ChannelsClient.connect(gateway.url, model["id"], token=self.token)
+        self.assertEqual((await client.execute("6 * 7"))["result"]["text/plain"], "42")
+        await self.hub.revoke("hubtester", self.token_id)
+        closed: Deferred[None] = Deferred()
+        client.closed.addBoth(lambda _: closed.callback(None) if not closed.called else None)
+        await closed.addTimeout(20, self.reactor)
+        self.assertEqual((client.close_code, client.close_reason), (4003, "your credentials were revoked"))

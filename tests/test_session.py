@@ -8,6 +8,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from egateway.kernels.kernel import SessionTaken
 from egateway.kernels.session import JournalLimits
 from egateway.wire.protocol import Message
 from tests.support.fakes import RecordingClient, make_manager
@@ -98,6 +99,31 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual((a.seqs, b.seqs), ([1], [1]))
         self.kernel.detach(anonymous, b)
         self.assertEqual(list(self.kernel.sessions), ["a"])
+
+    def test_sessions_belong_to_their_user(self) -> None:
+        """
+        Another user naming a session (connected or parked) neither takes it
+        over nor gets its journal; its own user resumes it; a revoked
+        client's session is dropped, journal and all.
+        """
+        alice = RecordingClient()
+        session = self.kernel.attach(alice, "s", user="alice")
+        self.kernel.on_iopub(output(0))
+        with self.assertRaises(SessionTaken):
+            self.kernel.attach(RecordingClient(), "s", resume_after=0, user="bob")
+        with self.assertRaises(SessionTaken):
+            self.kernel.attach(RecordingClient(), "s", resume_after=0)
+        self.assertEqual((alice.gone, session.client), ([], alice))
+        self.kernel.detach(session, alice)
+        bob = RecordingClient()
+        with self.assertRaises(SessionTaken):
+            self.kernel.attach(bob, "s", resume_after=0, user="bob")
+        self.assertEqual(bob.messages, [])
+        again = RecordingClient()
+        self.kernel.attach(again, "s", resume_after=0, user="alice")
+        self.assertEqual(self.texts(again), ["0\n"])
+        self.kernel.drop_session(session, again)
+        self.assertNotIn("s", self.kernel.sessions)
 
     def test_expiry(self) -> None:
         """

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -26,6 +27,7 @@ from egateway.api.authenticators.user_tokens import token_hash
 from egateway.api.http import FrontResource
 from egateway.clusters.interface import ExitStatus, LaunchError
 from egateway.config import ConfigError, build_config, load_toml
+from egateway.errors import Unavailable
 from egateway.kernels.manager import record_model
 from egateway.kernels.persistence import record_of
 from egateway.kernels.policy import Acl, Caller, TenancyPolicy, caller_of, split_names
@@ -58,9 +60,9 @@ def as_user(user: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token_of(user)}"}
 
 
-def write_tokens(path: str) -> None:
+def write_tokens(path: str, users: dict[str, dict[str, Any]] = USERS) -> None:
     lines = []
-    for user, extra in USERS.items():
+    for user, extra in users.items():
         lines.append(f"[{token_hash(token_of(user))}]")
         lines.append(f"username = {json.dumps(user)}")
         for key, value in extra.items():
@@ -343,6 +345,68 @@ class OpenGateway(TenancyTestCase):
         self.assertEqual(self.call("DELETE", f"/api/kernels/{a['id']}")[0], 204)
 
 
+class _Connection:
+    """
+    An open channels WebSocket, as the endpoint's rechecks see it.
+    """
+
+    def __init__(self, kernel: Any, user: str, token: str) -> None:
+        from egateway.api.identity import Identity
+
+        self.kernel, self.token = kernel, token
+        groups = frozenset(USERS[user].get("groups", ()))
+        self.identity = Identity(user, groups, authenticated=True, method="user-tokens")
+        self.user = user
+        self.revoked: list[str] = []
+
+    @property
+    def caller(self) -> Caller | None:
+        return caller_of(self.identity)
+
+    def revoke(self, reason: str) -> None:
+        self.revoked.append(reason)
+
+
+class OpenConnections(TenancyTestCase):
+    def test_rechecks(self) -> None:
+        """
+        Unsharing revokes the connections of the users it excludes; a
+        credential recheck revokes those whose token is gone or whose new
+        groups exclude them, and leaves one alone when its authenticator
+        cannot answer (a Hub down).
+        """
+        kid = self.start("alice")["id"]
+        kernel = self.manager.kernels[kid]
+        self.call("PUT", f"/api/kernels/{kid}/acl", {"users": ["bob", "erin"], "groups": ["physics"]}, "alice")
+        channels = self.api.channels
+        people = {user: _Connection(kernel, user, token_of(user)) for user in ("alice", "bob", "dave", "erin")}
+        channels.connections[kid] = set(people.values())
+        self.call("PUT", f"/api/kernels/{kid}/acl", {"users": ["bob"], "groups": ["physics"]}, "alice")
+        self.assertEqual({u: c.revoked for u, c in people.items() if c.revoked},
+                         {"erin": [f"access to kernel {kid} was revoked"]})
+        channels.connections[kid].discard(people.pop("erin"))
+
+        answers: dict[str, Any] = {
+            "alice": Deferred(),
+            "bob": None,
+            "dave": dataclasses.replace(people["dave"].identity, groups=frozenset({"chem"})),
+        }
+        answers["alice"].errback(Unavailable("JupyterHub is down"))
+
+        class Chain:
+            on_change: list[Any] = []
+
+            def recheck(self, identity: Any, token: str) -> Any:
+                return answers[identity.username]
+
+        channels.watch_credentials(Chain())
+        channels.recheck_credentials()
+        self.assertEqual(
+            {u: c.revoked for u, c in people.items()},
+            {"alice": [], "bob": ["your credentials were revoked"], "dave": [f"access to kernel {kid} was revoked"]},
+        )
+
+
 class Callers(SynchronousTestCase):
     def test_caller_of(self) -> None:
         """
@@ -467,6 +531,79 @@ class AnonymousKernelspecs(TenancyTestCase):
         self.refused(
             self.call("POST", "/api/kernels", {"name": "restricted", "env": {"KERNEL_USERNAME": "dave"}}), 403, "'dave'"
         )
+
+
+class _Immediately:
+    """
+    A thread pool and reactor that run blocking calls at once, so that a
+    kernelspec resource is read within a synchronous test.
+    """
+
+    def callInThreadWithCallback(self, on_result: Callable[..., Any], f: Callable[..., Any], *args: Any) -> None:
+        try:
+            result = f(*args)
+        except Exception:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        f(*args)
+
+
+class KernelspecResources(TenancyTestCase):
+    def test_only_for_those_who_may_launch(self) -> None:
+        """
+        A kernelspec's files (kernel.json, logos) are served only to users
+        who may launch it; anyone else gets what an unknown kernelspec's
+        files get.
+        """
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        with open(os.path.join(directory, "kernel.json"), "w") as f:
+            f.write('{"argv": ["secret-launcher"]}')
+        spec = restricted_spec()
+        self.manager.specs._specs["restricted"] = type(spec).from_json("restricted", directory, {
+            "argv": list(spec.argv), "display_name": "R", "language": "python", "metadata": spec.metadata,
+        })
+        self.api._reactor = self.api._threadpool = _Immediately()
+        code, body, _ = self.call("GET", "/kernelspecs/restricted/kernel.json", user="bob")
+        self.assertEqual((code, body), (200, {"argv": ["secret-launcher"]}))
+        for user in ("erin", "bad_guy"):
+            theirs = self.refused(self.call("GET", "/kernelspecs/restricted/kernel.json", user=user), 404)
+            unknown = self.refused(self.call("GET", "/kernelspecs/nospec/kernel.json", user=user), 404)
+            self.assertEqual(theirs.replace("restricted", "nospec"), unknown)
+
+
+class ChosenKernelIds(TenancyTestCase):
+    def test_no_existence_oracle(self) -> None:
+        """
+        With hidden kernels, a user choosing KERNEL_ID gets the same refusal
+        whether the id is another user's kernel or free, and nothing
+        launches; an admin (who sees every kernel) may still choose one.
+        """
+        kid = self.start("alice")["id"]
+        taken = self.refused(self.call("POST", "/api/kernels", {"env": {"KERNEL_ID": kid}}, "bob"), 403)
+        free = self.refused(self.call("POST", "/api/kernels", {"env": {"KERNEL_ID": KID}}, "bob"), 403)
+        self.assertEqual(taken, free)
+        self.assertIn("omit it", free)
+        self.assertEqual(list(self.manager.kernels), [kid])
+        self.refused(self.call("POST", "/api/kernels", {"env": {"KERNEL_ID": kid}}, "carol"), 409)
+        self.assertEqual(self.start("carol", {"env": {"KERNEL_ID": KID}})["id"], KID)
+
+
+class ChosenKernelIdsNotHidden(TenancyTestCase):
+    flags = {"hide-kernels": "false"}
+    file_values = {"profiles": PROFILES}
+
+    def test_users_choose_ids(self) -> None:
+        """
+        With hide_kernels off (other users' kernels are 403s, not hidden), a
+        user may choose KERNEL_ID, which no profile rule restricts.
+        """
+        model = self.start("alice", {"env": {"KERNEL_ID": KID}})
+        self.assertEqual((model["id"], model["profile"]), (KID, "gpu"))
+        self.refused(self.call("POST", "/api/kernels", {"env": {"KERNEL_ID": KID}}, "bob"), 409)
 
 
 # -- quotas ----------------------------------------------------------------------
@@ -715,10 +852,9 @@ class Profiles(TenancyTestCase):
         replaces the profile's in the launcher config.
         """
         env = {"KERNEL_CPUS": "8", "KERNEL_MEMORY": "16G", "KERNEL_QUEUE": "long", "KERNEL_WORKING_DIR": "/w",
-               "KERNEL_IMAGE": "registry.example/py:2", "KERNEL_USERNAME": "alice", "KERNEL_ID": KID}
+               "KERNEL_IMAGE": "registry.example/py:2", "KERNEL_USERNAME": "alice"}
         model = self.start("alice", {"env": env})
         kernel = self.manager.kernels[model["id"]]
-        self.assertEqual(model["id"], KID)
         self.assertEqual((kernel.env["KERNEL_CPUS"], kernel.env["KERNEL_QUEUE"]), ("8", "long"))
         self.assertEqual(self.requests[0].config["image_name"], "registry.example/py:2")
 

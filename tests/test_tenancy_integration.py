@@ -12,10 +12,12 @@ import os
 from typing import Any
 
 import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
 from tests.support.gateway import GatewayTestCase
 from tests.support.wsclient import ChannelsClient
-from tests.test_tenancy import token_of, write_tokens
+from tests.test_tenancy import USERS, token_of, write_tokens
 
 UNKNOWN = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
 
@@ -31,7 +33,7 @@ class TokensGatewayTestCase(GatewayTestCase):
     async def setUp(self) -> None:
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
-        path = os.path.join(directory, "tokens.toml")
+        path = self.tokens_file = os.path.join(directory, "tokens.toml")
         write_tokens(path)
         self.gateway_settings = {"user_tokens_file": path, "list_kernels": "true", **self.extra_settings}
         await super().setUp()
@@ -39,13 +41,13 @@ class TokensGatewayTestCase(GatewayTestCase):
     async def call(self, method: str, path: str, user: str, body: Any = None) -> tuple[int, Any]:
         return await self.gateway.request(method, path, body, token=token_of(user))
 
-    async def upgrade(self, kernel_id: str, user: str) -> tuple[int, bytes]:
+    async def upgrade(self, kernel_id: str, user: str, session: str = "s1") -> tuple[int, bytes]:
         """
         A WebSocket handshake for the kernel's channels, as a browser sends
         it; the status and body of the answer.
         """
         response = await treq.get(
-            f"{self.gateway.url}api/kernels/{kernel_id}/channels?session_id=s1",
+            f"{self.gateway.url}api/kernels/{kernel_id}/channels?session_id={session}",
             headers={
                 "Authorization": f"token {token_of(user)}",
                 "Connection": "Upgrade",
@@ -54,6 +56,7 @@ class TokensGatewayTestCase(GatewayTestCase):
                 "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
             },
             pool=self.gateway.pool,
+            timeout=10,
         )
         return response.code, await response.content()
 
@@ -154,3 +157,100 @@ class OtherUsersForbidden(TokensGatewayTestCase):
         self.assertEqual((code, model["state"]), (200, "running"))
         code, _ = await self.call("DELETE", f"api/kernels/{kid}", "alice")
         self.assertEqual(code, 204)
+
+
+class Revocation(TokensGatewayTestCase):
+    """
+    A WebSocket opened while its user had access is closed (code 4003, with
+    the reason) as soon as that access ends; other users' sockets carry on.
+    """
+
+    async def shared_with_bob(self) -> tuple[str, ChannelsClient, ChannelsClient]:
+        kid = (await self.gateway.start_kernel(token=token_of("alice")))["id"]
+        code, _ = await self.call("PUT", f"api/kernels/{kid}/acl", "alice", {"users": ["bob"], "groups": ["physics"]})
+        self.assertEqual(code, 200)
+        alice = await ChannelsClient.connect(self.gateway.url, kid, token=token_of("alice"))
+        bob = await ChannelsClient.connect(self.gateway.url, kid, token=token_of("bob"))
+        self.assertEqual((await bob.execute("y = 1; y"))["result"]["text/plain"], "1")
+        return kid, alice, bob
+
+    async def assert_revoked(self, client: ChannelsClient, reason: str) -> None:
+        closed: Deferred[None] = Deferred()
+        client.closed.addBoth(lambda _: closed.callback(None) if not closed.called else None)
+        await closed.addTimeout(10, reactor)
+        self.assertEqual(client.close_code, 4003)
+        self.assertIn(reason, client.close_reason)
+
+    async def test_unsharing(self) -> None:
+        """
+        alice unshares her kernel: bob's open socket is closed and his
+        session (with its journal) dropped; alice's keeps running code.
+        """
+        kid, alice, bob = await self.shared_with_bob()
+        code, _ = await self.call("PUT", f"api/kernels/{kid}/acl", "alice", {})
+        self.assertEqual(code, 200)
+        await self.assert_revoked(bob, f"access to kernel {kid} was revoked")
+        self.assertNotIn(bob.session, self.gateway.manager.kernels[kid].sessions)
+        self.assertEqual((await alice.execute("6 * 7"))["result"]["text/plain"], "42")
+        self.assertIsNone(alice.close_code)
+        with self.assertRaises(ConnectionError):
+            await ChannelsClient.connect(self.gateway.url, kid, token=token_of("bob"), session_id=bob.session)
+        await alice.close()
+
+    async def test_token_revoked(self) -> None:
+        """
+        bob's token removed from the token file, and dave taken out of the
+        group the kernel is shared with: once the file is reloaded, their
+        sockets are closed; alice's carries on.
+        """
+        kid, alice, bob = await self.shared_with_bob()
+        dave = await ChannelsClient.connect(self.gateway.url, kid, token=token_of("dave"))
+        users = {name: extra for name, extra in USERS.items() if name != "bob"}
+        users["dave"] = {}
+        write_tokens(self.tokens_file, users)
+        chain = self.gateway.service.getServiceNamed("authentication")
+        tokens = next(a for a in chain.authenticators if a.name == "user-tokens")
+        await tokens.check()
+        await self.assert_revoked(bob, "your credentials were revoked")
+        await self.assert_revoked(dave, f"access to kernel {kid} was revoked")
+        self.assertEqual((await alice.execute("6 * 7"))["result"]["text/plain"], "42")
+        self.assertIsNone(alice.close_code)
+        await alice.close()
+
+
+class SessionOwnership(TokensGatewayTestCase):
+    async def test_another_users_session_id(self) -> None:
+        """
+        bob, whom alice's kernel is shared with, presents alice's session id
+        (it is in every iopub parent header): he is refused (403 naming the
+        reason), alice's socket stays, and her journal is hers alone to
+        resume; with his own session id he connects.
+        """
+        kid = (await self.gateway.start_kernel(token=token_of("alice")))["id"]
+        code, _ = await self.call("PUT", f"api/kernels/{kid}/acl", "alice", {"users": ["bob"]})
+        self.assertEqual(code, 200)
+        alice = await ChannelsClient.connect(self.gateway.url, kid, token=token_of("alice"))
+        await alice.execute("print('secret')")
+        stolen = alice.session  # what bob sees in the parent headers of alice's output
+        code, body = await self.upgrade(kid, "bob", stolen)
+        self.assertEqual(code, 403, body)
+        self.assertIn(b"belongs to another user", body)
+        with self.assertRaises(ConnectionError):
+            await ChannelsClient.connect(self.gateway.url, kid, token=token_of("bob"), session_id=stolen)
+        self.assertIsNone(alice.close_code)
+        self.assertEqual((await alice.execute("6 * 7"))["result"]["text/plain"], "42")
+
+        await alice.close()
+        with self.assertRaises(ConnectionError):
+            await ChannelsClient.connect(
+                self.gateway.url, kid, token=token_of("bob"), session_id=stolen, resume_after=0
+            )
+        again = await ChannelsClient.connect(
+            self.gateway.url, kid, token=token_of("alice"), session_id=stolen, resume_after=0
+        )
+        await again.wait_for(lambda m: m["msg_type"] == "stream" and m["content"]["text"] == "secret\n")
+        await again.close()
+        bob = await ChannelsClient.connect(self.gateway.url, kid, token=token_of("bob"))
+        self.assertEqual((await bob.execute("6 * 7"))["result"]["text/plain"], "42")
+        self.assertEqual([m for m in bob.messages if m["msg_type"] == "stream"], [])
+        await bob.close()

@@ -171,7 +171,8 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                     ),
                     "403": _error(
                         "A kernel limit or quota is reached, the user may not launch this kernelspec or use "
-                        "this profile, or a profile is required (the message names the rule or limit)"
+                        "this profile, or a profile is required (the message names the rule or limit); a "
+                        "user who is not an admin chose KERNEL_ID while hide_kernels is on"
                     ),
                     "404": _error("No such kernelspec"),
                     "409": _error("KERNEL_ID names an existing kernel"),
@@ -293,7 +294,10 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
                 "responses": {
                     "101": {"description": "Switching to WebSocket"},
                     "400": _error("Not a WebSocket upgrade, or resume_after is not a number"),
-                    "403": _error("Origin not allowed, or another user's kernel when hide_kernels is off"),
+                    "403": _error(
+                        "Origin not allowed, another user's kernel when hide_kernels is off, or session_id names "
+                        "another user's session"
+                    ),
                     "404": _error("No such kernel, or another user's (hide_kernels)"),
                     **_AUTH,
                 },

@@ -26,7 +26,7 @@ from egateway.api.identity import ANONYMOUS, Identity, launch_username
 from egateway.api.openapi import openapi_document
 from egateway.api.websocket import ChannelsEndpoint
 from egateway.errors import BadRequest, Forbidden, GatewayError, NotFound, TooManyRequests
-from egateway.kernels.kernel import Kernel
+from egateway.kernels.kernel import Kernel, SessionTaken
 from egateway.kernels.manager import KernelManager
 from egateway.kernels.policy import Acl, Caller, caller_of
 from egateway.kernels.profiles import ProfileRefusal
@@ -182,15 +182,23 @@ class GatewayAPI:
             raise NotFound(f"Kernel spec {name} not found")
         return spec
 
-    async def get_kernelspec(self, request: IRequest, name: str) -> bytes:
+    async def _visible_spec(self, request: IRequest, name: str) -> KernelSpec:
+        """
+        The kernelspec, if the caller may launch it; else the 404 of an
+        unknown one (as C{/api/kernelspecs} leaves it out).
+        """
         spec = await self._spec(name)
         user = _launching_user(request)
         if user is not None and not self.kernels.policy.may_launch(user.username, user.groups, user.admin, spec):
             raise NotFound(f"Kernel spec {name} not found")
+        return spec
+
+    async def get_kernelspec(self, request: IRequest, name: str) -> bytes:
+        spec = await self._visible_spec(request, name)
         return write_json(request, spec.model(self.base_url))
 
     async def kernelspec_resource(self, request: IRequest, name: str, resource: str) -> bytes:
-        spec = await self._spec(name)
+        spec = await self._visible_spec(request, name)
         if "\0" in resource:
             # No file has one, and os.path refuses it with ValueError.
             raise NotFound(f"kernelspec {name} has no resource {resource!r}")
@@ -270,13 +278,19 @@ class GatewayAPI:
         kernel = await self._kernel(request, kernel_id)
         resource = self.channels.resource_for(request, kernel_id)
         session = request.args.get(b"session_id", [b""])[0].decode("utf-8", "replace")[:64]
+        caller = _caller(request)
+        user = caller.username if caller is not None else ""
+        try:
+            kernel.check_session_user(session, user)
+        except SessionTaken as e:
+            raise Forbidden(str(e)) from None
         if self.kernels.sharing is not None and session:
             resume = request.args.get(b"resume_after", [b""])[0]
             try:
                 resume_after = max(0, int(resume)) if resume else None
             except ValueError:
                 raise BadRequest("resume_after must be a message number") from None
-            await self.kernels.sharing.take_over_session(kernel, session, resume_after)
+            await self.kernels.sharing.take_over_session(kernel, session, resume_after, user)
         audit.event(
             "websocket.connect", **audit.actor(request), kernel_id=kernel_id, owner=kernel.username, session=session
         )

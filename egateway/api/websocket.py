@@ -16,16 +16,22 @@ from urllib.parse import parse_qs, urlsplit
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import ITCPTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from egateway.api.auth import CorsPolicy
+from egateway.api.authenticators.interface import presented_token
+from egateway.api.identity import Identity
 from egateway.errors import BadRequest, Forbidden
-from egateway.kernels.kernel import Kernel
+from egateway.kernels.kernel import Kernel, SessionTaken
 from egateway.kernels.session import KernelSession
 from egateway.kernels.manager import KernelManager
+from egateway.kernels.policy import Caller, caller_of, may_access
 from egateway.kernels.state import KernelState
+from egateway.ops import audit
 from egateway.wire.protocol import Message, WireError
 from egateway.wire.ws_formats import V1_PROTOCOL, legacy_chunks, legacy_decode, v1_chunks, v1_decode
 
@@ -39,6 +45,18 @@ DIRECT_FRAME_SIZE = 256 * 1024
 Payloads this large are written as their chunks, without being joined.
 """
 CLOSE_REPLACED = 4001
+CLOSE_REVOKED = 4003
+"""
+The client may no longer use this kernel (its access or credentials were
+revoked), or the session it named belongs to another user.
+"""
+
+
+ACCESS_EVENTS = frozenset({"shared"})
+"""
+Kernel manager events after which a kernel's connections are checked again
+(against its owner and ACL as they are then): its ACL changed.
+"""
 
 
 def parse_resume_after(params: Mapping[str, list[str]]) -> int | None:
@@ -60,6 +78,12 @@ def parse_resume_after(params: Mapping[str, list[str]]) -> int | None:
 class ChannelsProtocol(WebSocketServerProtocol):
     """
     One client connection to one kernel.
+
+    @ivar identity: who opened it (C{None}: built without a request, as in
+        unit tests; treated as a caller with no verified user).
+    @ivar token: the credential it was opened with, kept so that it can be
+        checked again when credentials change (see
+        L{ChannelsEndpoint.recheck_credentials}).
     """
 
     kernel: Kernel
@@ -67,6 +91,20 @@ class ChannelsProtocol(WebSocketServerProtocol):
     session_id = ""
     resume_after: int | None = None
     v1 = False
+    identity: Identity | None = None
+    token: str | None = None
+
+    @property
+    def caller(self) -> Caller | None:
+        return caller_of(self.identity)
+
+    @property
+    def user(self) -> str:
+        """
+        The user its sessions belong to (empty for a caller naming nobody).
+        """
+        caller = self.caller
+        return caller.username if caller is not None else ""
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         try:
@@ -89,7 +127,16 @@ class ChannelsProtocol(WebSocketServerProtocol):
             if self.kernel.state in (KernelState.GONE, KernelState.SHUTTING_DOWN):
                 self.sendClose(CLOSE_GOING_AWAY, "the kernel has been shut down")
                 return
-            self.session = self.kernel.attach(self, self.session_id or None, self.resume_after)
+            if not may_access(self.caller, self.kernel.owner, self.kernel.acl):
+                # Its access was revoked between the route's check and now.
+                self.sendClose(CLOSE_REVOKED, "access to this kernel was revoked")
+                return
+            try:
+                self.session = self.kernel.attach(self, self.session_id or None, self.resume_after, self.user)
+            except SessionTaken as e:
+                self.sendClose(CLOSE_REVOKED, str(e)[:120])
+                return
+            self.factory.connections.setdefault(self.kernel.id, set()).add(self)
             if not self.kernel.live:
                 self._ready_check = self.factory.clock.callLater(
                     self.factory.kernel_info_timeout, self._give_up_waiting
@@ -194,9 +241,36 @@ class ChannelsProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendClose(CLOSE_REPLACED, "replaced by a newer connection to the same session")
 
+    def revoke(self, reason: str) -> None:
+        """
+        This client may no longer use the kernel: close it, saying why, and
+        drop its session, so that no journal of it is left to resume.
+        """
+        session, self.session = self.session, None
+        if session is not None:
+            self.kernel.drop_session(session, self)
+        if self.state != self.STATE_OPEN:
+            return
+        audit.event(
+            "websocket.revoked",
+            user=self.identity.display_name if self.identity is not None else "anonymous",
+            kernel_id=self.kernel.id,
+            owner=self.kernel.owner,
+            session=self.session_id,
+            reason=reason,
+        )
+        self.sendClose(CLOSE_REVOKED, reason[:120])
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._ready_check is not None and self._ready_check.active():
             self._ready_check.cancel()
+        kernel = getattr(self, "kernel", None)
+        if kernel is not None:
+            open_here = self.factory.connections.get(kernel.id)
+            if open_here is not None:
+                open_here.discard(self)
+                if not open_here:
+                    del self.factory.connections[kernel.id]
         if self.session is not None:
             self.kernel.detach(self.session, self)
             self.session = None
@@ -246,8 +320,77 @@ class ChannelsEndpoint:
         if ping_interval > 0:
             options.update(autoPingInterval=ping_interval, autoPingTimeout=max(3 * ping_interval, 30))
         factory.setProtocolOptions(**options)
+        factory.connections = {}
         self._factory = factory
         self._manager = manager
+        self._authentication: Any = None
+        manager.listeners.append(self._kernel_event)
+
+    @property
+    def connections(self) -> dict[str, set[ChannelsProtocol]]:
+        """
+        The open connections, by kernel id.
+        """
+        return self._factory.connections
+
+    # -- revocation ----------------------------------------------------------
+
+    def _kernel_event(self, event: str, kernel: Kernel) -> None:
+        if event in ACCESS_EVENTS:
+            self.recheck_kernel(kernel)
+
+    def recheck_kernel(self, kernel: Kernel) -> None:
+        """
+        Close the connections to C{kernel} whose users may no longer see it
+        (its ACL or owner changed).
+        """
+        for connection in list(self.connections.get(kernel.id, ())):
+            if not may_access(connection.caller, kernel.owner, kernel.acl):
+                connection.revoke(f"access to kernel {kernel.id} was revoked")
+
+    def watch_credentials(self, authentication: Any) -> None:
+        """
+        Check open connections' credentials again whenever
+        C{authentication} (an L{AuthenticatorChain}) says they may have
+        changed: a token file reloaded, a token found revoked.
+        """
+        self._authentication = authentication
+        authentication.on_change.append(self.recheck_credentials)
+
+    def recheck_credentials(self) -> None:
+        """
+        Close every connection whose credentials no longer hold, or no
+        longer let its user see the kernel (groups or admin rights
+        removed); the others carry on with their refreshed identity.
+        """
+        for connections in list(self.connections.values()):
+            for connection in list(connections):
+                if connection.identity is None or not connection.identity.authenticated:
+                    continue
+                d = maybeDeferred(self._authentication.recheck, connection.identity, connection.token)
+                d.addCallbacks(
+                    lambda identity, c=connection: self._rechecked(c, identity),
+                    lambda failure, c=connection: self._recheck_failed(c, failure),
+                )
+
+    def _rechecked(self, connection: ChannelsProtocol, identity: Identity | None) -> None:
+        if identity is None:
+            connection.revoke("your credentials were revoked")
+            return
+        connection.identity = identity
+        kernel = connection.kernel
+        if not may_access(connection.caller, kernel.owner, kernel.acl):
+            connection.revoke(f"access to kernel {kernel.id} was revoked")
+
+    def _recheck_failed(self, connection: ChannelsProtocol, failure: Failure) -> None:
+        # An authenticator that cannot tell now (a JupyterHub down) leaves
+        # the connection as it is; the next check decides.
+        _log.warn(
+            "kernel {kernel_id}: could not check the credentials of {user} again: {error}",
+            kernel_id=connection.kernel.id,
+            user=connection.user or "(no user)",
+            error=failure.getErrorMessage(),
+        )
 
     def resource_for(self, request: IRequest, kernel_id: str) -> WebSocketResource:
         """
@@ -268,4 +411,24 @@ class ChannelsEndpoint:
             raise BadRequest(str(e)) from None
         if not self._cors.origin_allowed(request):
             raise Forbidden("WebSocket from a foreign origin refused; see allow_origin")
-        return WebSocketResource(self._factory)
+        identity = getattr(request, "gateway_user", None)
+        return WebSocketResource(_ForCaller(self._factory, identity, presented_token(request)))
+
+
+class _ForCaller:
+    """
+    The channels factory, as seen by one request's upgrade: the protocol it
+    builds knows who opened it.
+    """
+
+    def __init__(self, factory: WebSocketServerFactory, identity: Identity | None, token: str | None) -> None:
+        self._factory = factory
+        self._identity = identity
+        self._token = token
+
+    def buildProtocol(self, addr: Any) -> ChannelsProtocol | None:
+        protocol = self._factory.buildProtocol(addr)
+        if protocol is not None:
+            protocol.identity = self._identity
+            protocol.token = self._token
+        return protocol

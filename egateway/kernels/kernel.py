@@ -27,6 +27,13 @@ from egateway.wire.protocol import Message, WireError
 
 _log = Logger()
 
+
+class SessionTaken(Exception):
+    """
+    A client named a session that belongs to another user.
+    """
+
+
 def iso(timestamp: float) -> str:
     return (
         datetime.fromtimestamp(timestamp, timezone.utc)
@@ -183,26 +190,47 @@ class Kernel:
         for session in list(self.sessions.values()):
             session.deliver("iopub", message)
 
-    def adopt_session(self, session_id: str, entries: list[Any], known: int) -> KernelSession:
+    def adopt_session(self, session_id: str, entries: list[Any], known: int, user: str = "") -> KernelSession:
         """
-        A session first served by another gateway, with what it journaled.
+        A session first served by another gateway, with what it journaled,
+        for C{user}, who reconnects to it.
         """
-        session = KernelSession(session_id, self, self.journal_limits, resumable=True)
+        session = KernelSession(session_id, self, self.journal_limits, resumable=True, user=user)
         session.preload(entries, known)
         self.sessions[session_id] = session
         session.relink(self.link if self.live else None)
         return session
+
+    def check_session_user(self, session_id: str, user: str) -> None:
+        """
+        Sessions belong to the user who opened them: another user (even one
+        the kernel is shared with, or an admin) may neither take one over
+        nor read its journal.
+
+        @raise SessionTaken: C{session_id} is another user's session.
+        """
+        session = self.sessions.get(session_id) if session_id else None
+        if session is not None and session.user != user:
+            raise SessionTaken(
+                f"session {session_id[:64]} belongs to another user; connect with a session_id of your own"
+            )
 
     def attach(
         self,
         client: KernelClient,
         session_id: str | None = None,
         resume_after: int | None = None,
+        user: str = "",
     ) -> KernelSession:
         """
         Connect C{client} to its session (resuming it if it exists), or to
         a new anonymous one.
+
+        @param user: who connects (empty: a caller naming no user); a new
+            session belongs to them.
+        @raise SessionTaken: C{session_id} is another user's session.
         """
+        self.check_session_user(session_id or "", user)
         session = self.sessions.get(session_id) if session_id else None
         if session is None:
             session = KernelSession(
@@ -210,6 +238,7 @@ class Kernel:
                 self,
                 self.journal_limits,
                 resumable=bool(session_id),
+                user=user,
             )
             self.sessions[session.id] = session
             session.relink(self.link if self.live else None)
@@ -230,6 +259,15 @@ class Kernel:
         """
         session.disconnect(client, self._clock.seconds())
         if not session.resumable and session.client is None:
+            self._drop(session)
+
+    def drop_session(self, session: KernelSession, client: KernelClient) -> None:
+        """
+        C{client} lost its right to C{session}: close the session, journal
+        and all, unless another client has taken it over meanwhile.
+        """
+        if session.client is client or session.client is None:
+            session.client = None
             self._drop(session)
 
     def _drop(self, session: KernelSession) -> None:

@@ -319,10 +319,12 @@ class KernelManager(Service):
         spec_name: str | None,
         env: Any,
         username: str | None = None,
+        caller: Caller | None = None,
     ) -> dict[str, Any]:
         """
         Validate a start request's inputs; raises L{BadRequest} for
-        malformed ones.
+        malformed ones, L{Forbidden} for a C{KERNEL_ID} C{caller} may not
+        choose (see L{TenancyPolicy.check_kernel_id}).
         """
         for check in self.admission_checks:
             check()
@@ -336,6 +338,7 @@ class KernelManager(Service):
         if kernel_id is not None:
             if not _canonical_uuid(kernel_id):
                 raise BadRequest("KERNEL_ID must be a lower-case UUID like 8a3f...-...")
+            self.policy.check_kernel_id(caller)
             if kernel_id in self.kernels:
                 raise Conflict(f"a kernel with id {kernel_id} already exists")
         return {
@@ -363,14 +366,15 @@ class KernelManager(Service):
         @raise BadRequest: malformed inputs, or a profile's policy refuses
             the environment.
         @raise NotFound: unknown kernelspec.
-        @raise Forbidden: not authorized for the kernelspec or the profile.
+        @raise Forbidden: not authorized for the kernelspec or the profile,
+            or not allowed to choose C{KERNEL_ID}.
         @raise LimitReached: C{max_kernels} or a quota reached (launches in
             progress count).
         @raise TooManyRequests: too many launches in progress for the user.
         @raise LaunchFailed: the launch failed or timed out; the message
             names the cause and the last phase reached.
         """
-        request = self.admit(spec_name, env, username)
+        request = self.admit(spec_name, env, username, caller)
         try:
             spec = await self.specs.get(request["spec_name"])
         except NoSuchKernelSpec:

@@ -234,6 +234,23 @@ class TenancyPolicy:
             f"kernel {kernel.id} belongs to another user; its owner can share it (PUT /api/kernels/{kernel.id}/acl)"
         )
 
+    def check_kernel_id(self, caller: Caller | None) -> None:
+        """
+        Whether C{caller} may choose a new kernel's id (C{KERNEL_ID}).  With
+        C{hide_kernels}, a verified user who is not an admin may not:
+        whether an id is taken (409) would tell them that another user's
+        kernel exists where C{GET} answers 404.  Callers who see every
+        kernel anyway (admins, callers naming no user) may.
+
+        @raise Forbidden: saying to omit it.
+        """
+        if caller is None or caller.admin or not self.settings.hide_kernels:
+            return
+        raise Forbidden(
+            "KERNEL_ID may be chosen only by admins while hide_kernels is on (whether an id is taken would "
+            "reveal other users' kernels); omit it and use the id in the answer"
+        )
+
     def may_see_model(self, caller: Caller | None, model: Mapping[str, Any]) -> bool:
         """
         Whether C{caller} may see a kernel known by its REST model (a

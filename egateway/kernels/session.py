@@ -78,6 +78,8 @@ class KernelSession:
     @ivar seq: the number of the last message sent to this session.
     @ivar sent: the number of the last message handed to a connected client.
     @ivar parked_at: when the last client left (C{None} while connected).
+    @ivar user: who opened it (empty: a caller naming no user); only they
+        may resume it.
     """
 
     def __init__(
@@ -86,8 +88,10 @@ class KernelSession:
         kernel: Any,
         limits: JournalLimits,
         resumable: bool = True,
+        user: str = "",
     ) -> None:
         self.id = session_id
+        self.user = user
         self.kernel = kernel
         self.limits = limits
         self.resumable = resumable

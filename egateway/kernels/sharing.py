@@ -177,10 +177,13 @@ class SharedKernels:
             raise NotFound(f"Kernel does not exist: {kernel_id}")
         return kernel
 
-    async def take_over_session(self, kernel: Kernel, session_id: str, resume_after: int | None) -> None:
+    async def take_over_session(
+        self, kernel: Kernel, session_id: str, resume_after: int | None, user: str = ""
+    ) -> None:
         """
-        A client reconnects here with a session another gateway served: load
-        what that gateway journaled, so the client gets what it missed.
+        A client (of C{user}) reconnects here with a session another gateway
+        served: load what that gateway journaled, so the client gets what
+        it missed.
         """
         if not session_id or session_id in kernel.sessions:
             return
@@ -198,7 +201,7 @@ class SharedKernels:
             except ValueError:
                 continue
             entries.append((seq, channel, message))
-        kernel.adopt_session(session_id, entries, resume_after or 0)
+        kernel.adopt_session(session_id, entries, resume_after or 0, user)
         _log.info(
             "kernel {kernel_id} session {session}: taken over with {count} journaled messages",
             kernel_id=kernel.id,

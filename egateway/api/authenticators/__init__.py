@@ -146,6 +146,7 @@ def _jupyterhub(settings: AuthConfig, reactor: Any, clock: Any, http: Any) -> IA
         cache_ttl=settings.jupyterhub_cache_ttl,
         scope=settings.jupyterhub_scope,
         on_stop=on_stop,
+        recheck_interval=settings.jupyterhub_recheck_interval,
     )
 
 

@@ -15,15 +15,23 @@ audit trail.
 
 The identity then gets the administrator flag from C{admin_users} and
 C{admin_groups}.
+
+Credentials that outlive a request (an open WebSocket's) are checked again
+when they may have changed: L{AuthenticatorChain.on_change} listeners hear
+when an authenticator's credentials changed (a token file reloaded) and,
+for authenticators that can only tell by asking (a JupyterHub), every
+C{recheck_interval} seconds; L{AuthenticatorChain.recheck} answers whether
+a credential still holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -55,6 +63,8 @@ class AuthenticatorChain(MultiService):
     """
     @ivar authenticators: the configured authenticators, in the order they
         are asked.
+    @ivar on_change: called (with no arguments) when credentials accepted
+        earlier may no longer hold.
     """
 
     name = "authentication"
@@ -77,9 +87,14 @@ class AuthenticatorChain(MultiService):
         self._admin_users = frozenset(admin_users)
         self._admin_groups = frozenset(admin_groups)
         self._audited_successes: dict[tuple[str, str, str], float] = {}
+        self.on_change: list[Callable[[], None]] = []
+        self._rechecks: LoopingCall | None = None
         for authenticator in self.authenticators:
             if IService.providedBy(authenticator):
                 authenticator.setServiceParent(self)
+            changes = getattr(authenticator, "on_change", None)
+            if isinstance(changes, list):
+                changes.append(self.changed)
 
     @property
     def names(self) -> list[str]:
@@ -91,6 +106,49 @@ class AuthenticatorChain(MultiService):
             "authentication: {methods}",
             methods=", ".join(self.names) or "none (every caller is anonymous)",
         )
+        intervals = [getattr(a, "recheck_interval", 0) or 0 for a in self.authenticators]
+        interval = min((i for i in intervals if i > 0), default=0)
+        if interval:
+            self._rechecks = LoopingCall(self.changed)
+            self._rechecks.clock = self._clock
+            self._rechecks.start(interval, now=False)
+
+    def stopService(self) -> Any:
+        if self._rechecks is not None and self._rechecks.running:
+            self._rechecks.stop()
+        return super().stopService()
+
+    def changed(self) -> None:
+        """
+        Tell the L{on_change} listeners that credentials may have changed.
+        """
+        for listener in list(self.on_change):
+            try:
+                listener()
+            except Exception:
+                _log.failure("checking credentials again after a change")
+
+    def recheck(self, identity: Identity, token: str | None) -> Deferred[Identity | None]:
+        """
+        Whether credentials accepted earlier still hold.
+
+        @param identity: what they gave then.
+        @param token: the token presented then (C{None}: none).
+        @return: a Deferred firing with the identity they give now (with
+            admin rights applied), C{None} if they were revoked, or
+            C{identity} as it is when its authenticator cannot tell (the
+            shared token, a JWT until it expires); failing as
+            L{authenticate} does when its authenticator cannot answer now.
+        """
+        for authenticator in self.authenticators:
+            if authenticator.name != identity.method:
+                continue
+            check = getattr(authenticator, "recheck", None)
+            if check is None or token is None:
+                break
+            d = maybeDeferred(check, token)
+            return d.addCallback(lambda now: self._with_roles(now) if now is not None else None)
+        return succeed(identity)
 
     def authenticate(self, request: IRequest) -> Deferred[Identity]:
         """

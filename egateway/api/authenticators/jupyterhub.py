@@ -17,6 +17,10 @@ C{access:services!service=egateway}, what the Hub grants a user allowed to
 use the service C{egateway}) are accepted.  The Hub's answer lists the
 token's scopes (JupyterHub 2 and later); a token without it is refused like
 a wrong one.
+
+The tokens of open WebSockets are checked again every
+C{jupyterhub_recheck_interval} seconds (through the same cache); a
+WebSocket whose token the Hub refuses is closed.
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ class JupyterHubAuthenticator(Service):
         timeout: float = REQUEST_TIMEOUT,
         max_cached: int = MAX_CACHED,
         on_stop: Any = None,
+        recheck_interval: float = 60.0,
     ) -> None:
         """
         @param api_url: the Hub's API root, e.g.
@@ -101,6 +106,8 @@ class JupyterHubAuthenticator(Service):
         @param scope: the scope a token must hold (empty: none).
         @param on_stop: called at stop, e.g. to close the connection pool;
             may return a Deferred.
+        @param recheck_interval: seconds between checks of the tokens open
+            WebSockets hold (0: none); see L{AuthenticatorChain.recheck}.
         """
         self._user_url = api_url.rstrip("/") + "/user"
         self._clock = clock
@@ -113,6 +120,7 @@ class JupyterHubAuthenticator(Service):
         self._on_stop = on_stop
         self._cache: dict[str, _Answer] = {}
         self._asking: dict[str, Operation[Identity | None]] = {}
+        self.recheck_interval = recheck_interval
 
     def stopService(self) -> Any:
         super().stopService()
@@ -132,6 +140,15 @@ class JupyterHubAuthenticator(Service):
         token = presented_token(request)
         if token is None:
             return succeed(None)
+        return self.recheck(token)
+
+    def recheck(self, token: str) -> Deferred[Identity | None]:
+        """
+        Whom the Hub says C{token} belongs to (cached): C{None} if it
+        refuses the token.
+
+        @raise Unavailable: (in the Deferred) no usable answer from the Hub.
+        """
         key = _digest(token)
         now = self._clock.seconds()
         cached = self._cache.get(key)

@@ -16,7 +16,8 @@ makes a new random token and prints it with its entry.
 The file is watched: a change (new mtime, size or inode, as an editor's
 rename-into-place makes) is loaded in a thread and replaces the table
 whole; a file that does not parse is refused, with the reason logged, and
-the previous table stays.
+the previous table stays.  A new table is announced to C{on_change}
+listeners, so that open WebSockets of a removed token are closed.
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ class UserTokensAuthenticator(Service):
         self._table: TokenTable | None = None
         self._loading: Operation[None] | None = None
         self._watcher: LoopingCall | None = None
+        self.on_change: list[Callable[[], None]] = []
 
     # -- service -----------------------------------------------------------
 
@@ -210,7 +212,7 @@ class UserTokensAuthenticator(Service):
                         "user token file {path} does not exist; no user token is accepted until it does",
                         path=self.path,
                     )
-                self._table = TokenTable({}, None)
+                self._replace(TokenTable({}, None))
                 return
             signature, identities = await self._blocking(load_blocking, self.path)
         except (OSError, ValueError) as e:
@@ -229,13 +231,18 @@ class UserTokensAuthenticator(Service):
                 )
             return
         first = self._table is None
-        self._table = TokenTable(identities, signature)
         _log.info(
             "{verb} user token file {path}: {count} token(s)",
             verb="loaded" if first else "reloaded",
             path=self.path,
             count=len(identities),
         )
+        self._replace(TokenTable(identities, signature))
+
+    def _replace(self, table: TokenTable) -> None:
+        self._table = table
+        for listener in list(self.on_change):
+            listener()
 
     # -- authentication ------------------------------------------------------
 
@@ -246,6 +253,14 @@ class UserTokensAuthenticator(Service):
         if self._table is not None:
             return succeed(self._table.identities.get(token_hash(token)))
         return Deferred.fromCoroutine(self._after_load(token_hash(token)))
+
+    def recheck(self, token: str) -> Identity | None:
+        """
+        What C{token} (accepted earlier) stands for in the table as it is
+        now; C{None} once it was removed.
+        """
+        table = self._table
+        return table.identities.get(token_hash(token)) if table is not None else None
 
     async def _after_load(self, digest: str) -> Identity | None:
         await self.check()
