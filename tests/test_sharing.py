@@ -10,8 +10,9 @@ import signal
 import tempfile
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from egateway.store.crypto import SecretBox
@@ -19,6 +20,8 @@ from tests.fixtures import RedisServer
 from tests.fixtures.system import REDIS_PACKAGES, require_packages
 from tests.support.daemon import processes_mentioning, start_gateway
 from tests.support.wsclient import ChannelsClient
+
+_log = Logger()
 
 
 async def sleep(seconds: float) -> None:
@@ -193,3 +196,52 @@ class ActiveActiveTests(TestCase):
         await self.kill_a()
         text = await self.rest_on_b(client, model["id"], "moving-session", mine, timeout=30)
         self.assertEqual(text.splitlines(), [f"line {i:05d}" for i in range(3000)])
+
+    async def test_failover_of_the_serving_gateway(self) -> None:
+        """
+        A, the gateway serving a client that streams 10,000 numbered lines,
+        is killed; the client reconnects to B (attached to the kernel
+        before) with its session id: every line arrives exactly once, in
+        order, and so do the cell's execute_reply and idle.
+        """
+        model = await self.a.api.call("POST", "api/kernels", {}, expect=201)
+        await self.b.api.call("GET", f"api/kernels/{model['id']}")
+        client = await ChannelsClient.connect(self.a.url, model["id"], session_id="failover-session")
+        await client.execute("import time")
+        # Output flows steadily (10 lines every 2 ms), so some is on its way
+        # whenever A dies.
+        code = "for i in range(10000):\n    print(f'line {i:05d}', flush=(i % 10 == 9))\n    if i % 10 == 9: time.sleep(0.002)\n"
+        msg_id = client.request_execute(code)
+        mine = lambda m: m.get("parent_header", {}).get("msg_id") == msg_id  # noqa: E731
+        await client.wait_for(
+            lambda m: mine(m) and m.get("msg_type") == "stream" and "line 01000" in m["content"]["text"], timeout=30
+        )
+        await self.kill_a()
+        await client.closed
+        await sleep(0.01)
+        resumed = await ChannelsClient.connect(
+            self.b.url, model["id"], session_id="failover-session", resume_after=client.last_seq
+        )
+        idle = lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "idle"  # noqa: E731
+        await resumed.wait_for(idle, timeout=60)
+        replied = resumed.wait_for(lambda m: mine(m) and m.get("msg_type") == "execute_reply", timeout=10)
+        try:
+            await replied
+        except defer.TimeoutError:
+            pass  # counted below
+        await resumed.close()
+        messages = [m for m in client.messages + resumed.messages if mine(m)]
+        lines = "".join(m["content"]["text"] for m in messages if m.get("msg_type") == "stream").splitlines()
+        replies = [m for m in messages if m.get("msg_type") == "execute_reply"]
+        figures = {
+            "lines": len(lines),
+            "distinct": len(set(lines)),
+            "duplicates": len(lines) - len(set(lines)),
+            "replies": len(replies),
+            "idles": len([m for m in messages if idle(m)]),
+        }
+        _log.info("failover figures: {figures}", figures=figures)
+        self.assertEqual(
+            (figures["duplicates"], figures["replies"], figures["idles"]), (0, 1, 1), f"figures: {figures}"
+        )
+        self.assertEqual(lines, [f"line {i:05d}" for i in range(10000)], f"figures: {figures}")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from twisted.logger import Logger
 
 from egateway.clusters.interface import IKernelProcess, Phase, PhaseEvent
+from egateway.kernels.failover import IopubRing, gateway_session
 from egateway.kernels.policy import Acl
 from egateway.kernels.specs import KernelSpec
 from egateway.kernels.state import KernelState, check_transition
@@ -82,6 +83,12 @@ class Kernel:
         self.journal_sink: Callable[..., None] | None = None
         """
         Receives every journaled message too (a store shared by gateways).
+        """
+        self.iopub_ring: IopubRing | None = None
+        """
+        With a shared store, the kernel's last iopub messages, so this
+        gateway can take over a session another served (see
+        L{egateway.kernels.failover}).
         """
         self.journal_limits = journal or JournalLimits()
         self.on_iopub_observers: list[Callable[[Message], None]] = []
@@ -163,6 +170,8 @@ class Kernel:
                     self.execution_state = state
         except WireError:
             pass
+        if self.iopub_ring is not None:
+            self.iopub_ring.append(message)
         for session in list(self.sessions.values()):
             session.deliver("iopub", message)
         for observer in self.on_iopub_observers:
@@ -177,7 +186,7 @@ class Kernel:
         content: dict[str, Any] = {"execution_state": execution_state}
         if reason:
             content["reason"] = reason
-        message = Message.build("status", content, session=f"egateway-{self.id}")
+        message = Message.build("status", content, session=gateway_session(self.id))
         for session in list(self.sessions.values()):
             session.deliver("iopub", message)
 
@@ -228,9 +237,12 @@ class Kernel:
         """
         session.disconnect(client, self._clock.seconds())
         if not session.resumable and session.client is None:
-            self._drop(session)
+            self.drop_session(session)
 
-    def _drop(self, session: KernelSession) -> None:
+    def drop_session(self, session: KernelSession) -> None:
+        """
+        Close a session and forget it.
+        """
         session.close()
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
@@ -247,7 +259,7 @@ class Kernel:
         )
         for index, session in enumerate(parked):
             if now - session.parked_at >= retention or index < len(parked) - keep:
-                self._drop(session)
+                self.drop_session(session)
 
     def set_link(self, link: KernelLink | None) -> None:
         """

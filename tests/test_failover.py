@@ -1,0 +1,217 @@
+"""
+Failover without loss, piece by piece over fakes: the write-ahead journal
+(a client gets a message once the shared store has it), the per-kernel
+iopub ring, session identities, and taking a session over from what the
+store holds and what the ring saw after it.  tests/test_sharing.py kills a
+real gateway.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from egateway.kernels.failover import IopubRing, session_identity
+from egateway.kernels.session import JournalLimits, encode_entry
+from egateway.kernels.sharing import JournalSink, SharedKernels
+from egateway.store.interface import StoreUnavailable
+from egateway.wire.protocol import Message
+from tests.support.fakes import RecordingClient, make_manager
+
+
+def output(n: int) -> Message:
+    return Message.build("stream", {"name": "stdout", "text": f"{n}\n"}, "kernel")
+
+
+def busy() -> Message:
+    return Message.build("status", {"execution_state": "busy"}, "kernel")
+
+
+class FakeStore:
+    """
+    The journal half of a shared store: appends wait until the test answers
+    them; reads return what the test put there.
+    """
+
+    def __init__(self) -> None:
+        self.appends: list[tuple[str, list[tuple[int, bytes]], Deferred[None]]] = []
+        self.journal: list[tuple[int, bytes]] = []
+
+    def journal_append(self, kernel_id: str, session_id: str, entries: Any, max_entries: int) -> Deferred[None]:
+        answer: Deferred[None] = Deferred()
+        self.appends.append((session_id, list(entries), answer))
+        return answer
+
+    def journal_read(self, kernel_id: str, session_id: str, after: int) -> Deferred[list[tuple[int, bytes]]]:
+        return succeed([entry for entry in self.journal if entry[0] > after])
+
+
+class FakePersistence:
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.instance_id = "test"
+
+
+class Base(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        manager, _, _ = make_manager(self.clock)
+        self.kernel = self.successResultOf(Deferred.fromCoroutine(manager.start_kernel()))
+        self.kernel.journal_limits = JournalLimits(entries=100)
+        self.store = FakeStore()
+        self.sharing = SharedKernels(manager, FakePersistence(self.store), self.clock, lease_ttl=10, journal_entries=100)
+
+    def texts(self, client: RecordingClient) -> list[str]:
+        return [m.content()["text"] for _, m in client.messages if m.msg_type == "stream"]
+
+
+class WriteAheadTests(Base):
+    def setUp(self) -> None:
+        super().setUp()
+        self.sharing.equip(self.kernel)
+
+    def test_client_waits_for_the_store(self) -> None:
+        """
+        A message reaches the client once the shared store holds it; what
+        arrives while an append is in flight goes in the next one.
+        """
+        client = RecordingClient()
+        self.kernel.attach(client, "s")
+        for n in range(3):
+            self.kernel.on_iopub(output(n))
+        self.clock.advance(0)
+        self.assertEqual((client.seqs, len(self.store.appends)), ([], 1))
+        self.kernel.on_iopub(output(3))
+        self.clock.advance(0)
+        self.assertEqual(len(self.store.appends), 1)
+        self.store.appends[0][2].callback(None)
+        self.assertEqual(client.seqs, [1, 2, 3])
+        self.assertEqual([seq for seq, _ in self.store.appends[1][1]], [4])
+        self.store.appends[1][2].callback(None)
+        self.assertEqual(self.texts(client), ["0\n", "1\n", "2\n", "3\n"])
+
+    def test_store_refusal_releases(self) -> None:
+        """
+        A store that refuses an append costs failover, not output: the
+        client gets the messages anyway.
+        """
+        client = RecordingClient()
+        self.kernel.attach(client, "s")
+        self.kernel.on_iopub(output(0))
+        self.clock.advance(0)
+        self.store.appends[0][2].errback(StoreUnavailable("down"))
+        self.assertEqual(client.seqs, [1])
+
+    def test_resume_while_writing(self) -> None:
+        """
+        A client that resumes while messages are still on their way to the
+        store gets each once: the stored ones at once, the others when
+        stored.
+        """
+        first = RecordingClient()
+        session = self.kernel.attach(first, "s")
+        for n in range(2):
+            self.kernel.on_iopub(output(n))
+        self.clock.advance(0)
+        self.store.appends[0][2].callback(None)
+        self.kernel.on_iopub(output(2))
+        self.clock.advance(0)
+        self.kernel.detach(session, first)
+        second = RecordingClient()
+        self.kernel.attach(second, "s", resume_after=1)
+        self.assertEqual(second.seqs, [2])
+        self.store.appends[1][2].callback(None)
+        self.assertEqual(second.seqs, [2, 3])
+
+    def test_stop_writes_everything(self) -> None:
+        """
+        Stopping the sink writes what is pending and waits for the store.
+        """
+        self.kernel.attach(RecordingClient(), "s")
+        self.kernel.on_iopub(output(0))
+        stopped = self.sharing.sink.stop()
+        self.assertNoResult(stopped)
+        self.store.appends[0][2].callback(None)
+        self.successResultOf(stopped)
+
+
+class RingTests(SynchronousTestCase):
+    def test_after(self) -> None:
+        """
+        The ring gives what it received after a message, found by id; an
+        unknown id gives everything it holds, said not found.
+        """
+        ring = IopubRing(JournalLimits(entries=3))
+        messages = [output(n) for n in range(5)]
+        for message in messages:
+            ring.append(message)
+        self.assertEqual(len(ring), 3)
+        self.assertEqual(ring.after(messages[3].msg_id), ([messages[4]], True))
+        self.assertEqual(ring.after(messages[0].msg_id), (messages[2:], False))
+
+    def test_identity(self) -> None:
+        """
+        A named session's socket identity is the same on every gateway and
+        differs between sessions and kernels.
+        """
+        self.assertEqual(session_identity("k", "s"), session_identity("k", "s"))
+        self.assertEqual(len({session_identity("k", "s"), session_identity("k", "t"), session_identity("j", "s")}), 3)
+
+
+class TakeOverTests(Base):
+    def setUp(self) -> None:
+        super().setUp()
+        self.kernel.iopub_ring = IopubRing(self.kernel.journal_limits)
+
+    def take_over(self, resume_after: int) -> RecordingClient:
+        self.successResultOf(
+            Deferred.fromCoroutine(self.sharing.take_over_session(self.kernel, "s", resume_after))
+        )
+        client = RecordingClient()
+        self.kernel.attach(client, "s", resume_after=resume_after)
+        return client
+
+    def test_continues_from_store_then_ring(self) -> None:
+        """
+        The client saw 1-3 from the dead gateway, which had stored 1-5:
+        here it gets 4-5 from the store, then what this gateway's ring
+        received after 5, then new output, each once and in order.
+        """
+        messages = [output(n) for n in range(8)]
+        self.store.journal = [(n + 1, encode_entry("iopub", messages[n])) for n in range(5)]
+        for message in messages:
+            self.kernel.iopub_ring.append(message)
+        client = self.take_over(3)
+        self.kernel.on_iopub(output(8))
+        self.assertEqual(self.texts(client), [f"{n}\n" for n in range(3, 9)])
+        self.assertEqual(client.seqs, [4, 5, 6, 7, 8, 9])
+
+    def test_gap_while_busy_is_told(self) -> None:
+        """
+        A ring that began after the last stored message of a busy kernel
+        cannot know what came between: the client is told, then gets the
+        rest.
+        """
+        self.store.journal = [(1, encode_entry("iopub", busy())), (2, encode_entry("iopub", output(0)))]
+        self.kernel.iopub_ring.append(output(5))
+        client = self.take_over(2)
+        texts = self.texts(client)
+        self.assertIn("may be missing", texts[0])
+        self.assertEqual(texts[1:], ["5\n"])
+
+    def test_stale_local_copy_is_replaced(self) -> None:
+        """
+        A session this gateway served before, which the client then moved
+        elsewhere, is taken over from the store again.
+        """
+        old = RecordingClient()
+        self.kernel.detach(self.kernel.attach(old, "s"), old)
+        messages = [output(n) for n in range(4)]
+        self.store.journal = [(n + 1, encode_entry("iopub", messages[n])) for n in range(4)]
+        for message in messages:
+            self.kernel.iopub_ring.append(message)
+        client = self.take_over(2)
+        self.assertEqual(self.texts(client), ["2\n", "3\n"])
