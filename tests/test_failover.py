@@ -37,13 +37,21 @@ class FakeStore:
     """
 
     def __init__(self) -> None:
-        self.appends: list[tuple[str, list[tuple[int, bytes]], Deferred[None]]] = []
+        self.appends: list[tuple[str, list[tuple[int, bytes]], Deferred[bool]]] = []
         self.journal: list[tuple[int, bytes]] = []
+        self.holders: dict[str, str] = {}
 
-    def journal_append(self, kernel_id: str, session_id: str, entries: Any, max_entries: int) -> Deferred[None]:
-        answer: Deferred[None] = Deferred()
+    def journal_append(
+        self, kernel_id: str, session_id: str, entries: Any, max_entries: int, holder: str = ""
+    ) -> Deferred[bool]:
+        answer: Deferred[bool] = Deferred()
         self.appends.append((session_id, list(entries), answer))
         return answer
+
+    def claim_session(self, kernel_id: str, session_id: str, holder: str) -> Deferred[str | None]:
+        previous = self.holders.get(session_id)
+        self.holders[session_id] = holder
+        return succeed(previous)
 
     def journal_read(self, kernel_id: str, session_id: str, after: int) -> Deferred[list[tuple[int, bytes]]]:
         return succeed([entry for entry in self.journal if entry[0] > after])
@@ -58,7 +66,7 @@ class FakePersistence:
 class Base(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        manager, _, _ = make_manager(self.clock)
+        manager, _, self.channels = make_manager(self.clock)
         self.kernel = self.successResultOf(Deferred.fromCoroutine(manager.start_kernel()))
         self.kernel.journal_limits = JournalLimits(entries=100)
         self.store = FakeStore()
@@ -87,10 +95,10 @@ class WriteAheadTests(Base):
         self.kernel.on_iopub(output(3))
         self.clock.advance(0)
         self.assertEqual(len(self.store.appends), 1)
-        self.store.appends[0][2].callback(None)
+        self.store.appends[0][2].callback(True)
         self.assertEqual(client.seqs, [1, 2, 3])
         self.assertEqual([seq for seq, _ in self.store.appends[1][1]], [4])
-        self.store.appends[1][2].callback(None)
+        self.store.appends[1][2].callback(True)
         self.assertEqual(self.texts(client), ["0\n", "1\n", "2\n", "3\n"])
 
     def test_store_refusal_releases(self) -> None:
@@ -116,15 +124,46 @@ class WriteAheadTests(Base):
         for n in range(2):
             self.kernel.on_iopub(output(n))
         self.clock.advance(0)
-        self.store.appends[0][2].callback(None)
+        self.store.appends[0][2].callback(True)
         self.kernel.on_iopub(output(2))
         self.clock.advance(0)
         self.kernel.detach(session, first)
         second = RecordingClient()
         self.kernel.attach(second, "s", resume_after=1)
         self.assertEqual(second.seqs, [2])
-        self.store.appends[1][2].callback(None)
+        self.store.appends[1][2].callback(True)
         self.assertEqual(second.seqs, [2, 3])
+
+    def test_claimed_elsewhere(self) -> None:
+        """
+        An append refused because another gateway claimed the session
+        closes it here, and replaces its client.
+        """
+        client = RecordingClient()
+        self.kernel.attach(client, "s")
+        self.kernel.on_iopub(output(0))
+        self.clock.advance(0)
+        self.store.appends[0][2].callback(False)
+        self.assertEqual((client.seqs, client.gone, list(self.kernel.sessions)), ([], ["replaced"], []))
+
+    def identities(self) -> set[bytes]:
+        return {sock.identity for sock in self.channels.open_sockets()}
+
+    def test_parked_session_keeps_off_the_identity(self) -> None:
+        """
+        A parked session opens no sockets when the kernel is relinked (its
+        client may be on another gateway by now, with the same identity);
+        it opens them when its client comes back.
+        """
+        client = RecordingClient()
+        session = self.kernel.attach(client, "s")
+        self.assertIn(session.identity, self.identities())
+        self.kernel.detach(session, client)
+        self.kernel.set_link(self.kernel.link)
+        self.kernel.go_live()
+        self.assertNotIn(session.identity, self.identities())
+        self.kernel.attach(RecordingClient(), "s")
+        self.assertIn(session.identity, self.identities())
 
     def test_stop_writes_everything(self) -> None:
         """
@@ -134,7 +173,7 @@ class WriteAheadTests(Base):
         self.kernel.on_iopub(output(0))
         stopped = self.sharing.sink.stop()
         self.assertNoResult(stopped)
-        self.store.appends[0][2].callback(None)
+        self.store.appends[0][2].callback(True)
         self.successResultOf(stopped)
 
 
@@ -205,10 +244,11 @@ class TakeOverTests(Base):
     def test_stale_local_copy_is_replaced(self) -> None:
         """
         A session this gateway served before, which the client then moved
-        elsewhere, is taken over from the store again.
+        to another gateway, is taken over from the store again.
         """
         old = RecordingClient()
         self.kernel.detach(self.kernel.attach(old, "s"), old)
+        self.store.holders["s"] = "another-gateway"
         messages = [output(n) for n in range(4)]
         self.store.journal = [(n + 1, encode_entry("iopub", messages[n])) for n in range(4)]
         for message in messages:

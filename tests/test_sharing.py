@@ -245,3 +245,25 @@ class ActiveActiveTests(TestCase):
             (figures["duplicates"], figures["replies"], figures["idles"]), (0, 1, 1), f"figures: {figures}"
         )
         self.assertEqual(lines, [f"line {i:05d}" for i in range(10000)], f"figures: {figures}")
+
+    async def test_session_moves_between_live_gateways(self) -> None:
+        """
+        A client that moves its session from A to B while both run keeps
+        getting its replies on B, also after the kernel restarts (A's copy
+        of the session must not take its socket identity back).
+        """
+        model = await self.a.api.call("POST", "api/kernels", {}, expect=201)
+        await self.b.api.call("GET", f"api/kernels/{model['id']}")
+        on_a = await ChannelsClient.connect(self.a.url, model["id"], session_id="roaming-session")
+        self.assertEqual((await on_a.execute("1 + 1"))["result"]["text/plain"], "2")
+        on_a.drop()
+        await on_a.closed
+        on_b = await ChannelsClient.connect(
+            self.b.url, model["id"], session_id="roaming-session", resume_after=on_a.last_seq
+        )
+        self.assertEqual((await on_b.execute("2 + 2"))["result"]["text/plain"], "4")
+        await self.b.api.call("POST", f"api/kernels/{model['id']}/restart", {})
+        self.assertEqual((await on_b.execute("3 + 3", timeout=60))["result"]["text/plain"], "6")
+        await on_b.close()
+        ids = [m["header"]["msg_id"] for m in on_a.messages + on_b.messages]
+        self.assertEqual(sorted({i for i in ids if ids.count(i) > 1}), [], "messages received twice")

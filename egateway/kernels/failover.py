@@ -45,6 +45,19 @@ Three pieces, and why each:
      C{ROUTER_HANDOVER} gets the new connection once the old one is closed
      (at once when the old gateway's process died).
 
+  4. B{Claims.}  Every WebSocket connection to a named session claims it in
+     the store for its gateway (C{claim_session}), and a gateway's appends
+     to a session's journal are refused once another has claimed it: the
+     old gateway, if it still runs, then closes its copy (and its client, if
+     one is still connected there, is told it was replaced), so the journal
+     has one writer and the new gateway reads everything the old one wrote
+     before the claim.  A session is thus also handed over exactly once
+     when its client moves between two live gateways, which a load balancer
+     without sticky sessions does on every reconnect.  Until the old
+     gateway's next append tells it, its copy could still take the
+     identity back; so a parked named session opens no sockets when the
+     kernel is relinked (a restart) and opens them when its client returns.
+
 When is the new gateway attached?  Attachment stays on demand (a REST or
 WebSocket access, or the store's kernels at start-up): attaching every
 gateway to every kernel as soon as any gateway serves it would multiply

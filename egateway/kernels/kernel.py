@@ -197,7 +197,7 @@ class Kernel:
         session = KernelSession(session_id, self, self.journal_limits, resumable=True)
         session.preload(entries, known)
         self.sessions[session_id] = session
-        session.relink(self.link if self.live else None)
+        session.relink(self.link if self.live else None, claim=True)
         return session
 
     def attach(
@@ -238,6 +238,16 @@ class Kernel:
         session.disconnect(client, self._clock.seconds())
         if not session.resumable and session.client is None:
             self.drop_session(session)
+
+    def hand_over(self, session: KernelSession) -> None:
+        """
+        Another gateway serves C{session} now: close it here, and its client
+        if one is still connected (told it was replaced).
+        """
+        client = session.client
+        self.drop_session(session)
+        if client is not None:
+            client.replaced()
 
     def drop_session(self, session: KernelSession) -> None:
         """

@@ -108,6 +108,7 @@ class KernelSession:
         self._journal_bytes = 0
         self.parked_at: float | None = None
         self._link: ClientLink | None = None
+        self._kernel_link: KernelLink | None = None
         self.identity = session_identity(kernel.id, session_id) if resumable else None
         """
         The routing identity of this session's sockets: for a named
@@ -123,19 +124,33 @@ class KernelSession:
 
     # -- kernel side -------------------------------------------------------
 
-    def relink(self, link: KernelLink | None) -> None:
+    def relink(self, link: KernelLink | None, claim: bool = False) -> None:
         """
         Move this session's sockets to C{link} (a new launch), or close them
         (C{None}: messages are held until the next link).
+
+        A parked named session on a store shared by gateways opens them
+        only when its client comes back (or with C{claim}): its client may
+        have moved to another gateway, whose sockets have the same identity
+        and must keep the kernel's replies.
         """
         if self._link is not None:
             self._link.close()
             self._link = None
-        if link is not None:
-            self._link = link.client(self.deliver, self.identity)
-            held, self._held = self._held, deque(maxlen=HELD_WHILE_NOT_LIVE)
-            for channel, message in held:
-                self._link.send(channel, message)
+        self._kernel_link = link
+        if link is not None and (claim or self.client is not None or self._held or not self._shared):
+            self._open()
+
+    @property
+    def _shared(self) -> bool:
+        return self.identity is not None and self.kernel.journal_sink is not None
+
+    def _open(self) -> None:
+        assert self._kernel_link is not None
+        self._link = self._kernel_link.client(self.deliver, self.identity)
+        held, self._held = self._held, deque(maxlen=HELD_WHILE_NOT_LIVE)
+        for channel, message in held:
+            self._link.send(channel, message)
 
     def deliver(self, channel: str, message: Message) -> None:
         """
@@ -196,6 +211,8 @@ class KernelSession:
         A message from the client to the kernel (held while not live).
         """
         self.kernel.touch()
+        if self._link is None and self._kernel_link is not None:
+            self._open()
         if self._link is not None:
             self._link.send(channel, message)
         else:
@@ -215,6 +232,8 @@ class KernelSession:
         start = self.sent if resume_after is None else max(0, min(resume_after, self.seq))
         self.client = client
         self.parked_at = None
+        if self._link is None and self._kernel_link is not None:
+            self._open()
         first_kept = self.journal[0][0] if self.journal else self.seq + 1
         missing = max(0, first_kept - start - 1) if start < self.seq else 0
         upto = self.committed

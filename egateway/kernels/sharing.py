@@ -86,9 +86,10 @@ class JournalSink:
     clients get them (write-ahead, see L{egateway.kernels.failover}), so a
     client can resume its session on another gateway from any number it
     has seen.  One append per session is in flight at a time; what arrives
-    meanwhile goes in the next one.  A batch the store refuses is released
-    to the client all the same, with a warning: the local journal still
-    serves a client that comes back here.
+    meanwhile goes in the next one.  A batch the store cannot take is
+    released to the client all the same, with a warning: the local journal
+    still serves a client that comes back here.  A batch refused because
+    another gateway has claimed the session closes it here.
     """
 
     BATCH = 500
@@ -158,14 +159,27 @@ class JournalSink:
                 error=str(failure.value),
             )
 
-        def written(_: Any) -> None:
+        def written(appended: bool | None) -> None:
             self._in_flight.pop(session, None)
+            if appended is False:
+                # Claimed by the gateway the client moved to, which
+                # continues from what the store has.
+                self._pending.pop(session, None)
+                _log.info(
+                    "kernel {kernel_id} session {session}: another gateway serves it now",
+                    kernel_id=kernel_id,
+                    session=session_id,
+                )
+                session.kernel.hand_over(session)
+                return
             session.commit(upto)
             if session in self._pending:
                 self._send(session)
 
         store = self._persistence.store
-        appending = store.journal_append(kernel_id, session_id, batch, self._max_entries)
+        appending = store.journal_append(
+            kernel_id, session_id, batch, self._max_entries, self._persistence.instance_id
+        )
         self._in_flight[session] = appending
         appending.addErrback(failed)
         appending.addCallback(written)
@@ -236,8 +250,16 @@ class SharedKernels:
         store, then from this gateway's ring of the kernel's iopub, so the
         client gets what it missed once (see L{egateway.kernels.failover}).
         """
-        if not session_id or not self._served_elsewhere(kernel, session_id, resume_after):
+        if not session_id:
             return
+        try:
+            previous = await self._store.claim_session(kernel.id, session_id, self.holder)
+        except StoreError as e:
+            _log.warn("cannot claim session {session}: {error}", session=session_id, error=str(e))
+            return
+        here = kernel.sessions.get(session_id)
+        if previous in (None, self.holder) and (here is not None or resume_after is None):
+            return  # served here (or new)
         known = resume_after or 0
         after = max(0, known - CURSOR_WINDOW) if resume_after is not None else 0
         try:
@@ -247,10 +269,10 @@ class SharedKernels:
         except StoreError as e:
             _log.warn("cannot read the journal of session {session}: {error}", session=session_id, error=str(e))
             return
-        if not stored and resume_after is None:
+        if not stored and resume_after is None and here is None:
             return
-        if not self._served_elsewhere(kernel, session_id, resume_after):
-            return  # another connection took it over meanwhile
+        if kernel.sessions.get(session_id) is not here:
+            return  # another connection to this gateway took it over meanwhile
         entries = []
         for seq, data in stored:
             try:
@@ -261,9 +283,8 @@ class SharedKernels:
         cursor = next(
             (m for _, c, m in reversed(entries) if is_kernel_iopub(kernel.id, c, m)), None
         )
-        stale = kernel.sessions.get(session_id)
-        if stale is not None:
-            kernel.drop_session(stale)
+        if here is not None:
+            kernel.hand_over(here)  # a copy from before the client moved away
         unseen = [entry for entry in entries if entry[0] > known]
         session = kernel.adopt_session(session_id, unseen, known)
         ring = kernel.iopub_ring
@@ -283,16 +304,6 @@ class SharedKernels:
             count=len(unseen),
             missed=len(missed),
         )
-
-    @staticmethod
-    def _served_elsewhere(kernel: Kernel, session_id: str, resume_after: int | None) -> bool:
-        """
-        Whether the store, not this gateway, has the latest of a session:
-        it is not here, or the client has seen more than this gateway sent
-        (it moved away and came back).
-        """
-        here = kernel.sessions.get(session_id)
-        return here is None or (resume_after is not None and resume_after > here.seq and here.client is None)
 
     @staticmethod
     def _iopub_entry(kernel: Kernel, data: bytes) -> bool:
