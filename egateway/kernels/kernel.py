@@ -237,7 +237,7 @@ class Kernel:
         """
         session.disconnect(client, self._clock.seconds())
         if not session.resumable and session.client is None:
-            self.drop_session(session)
+            self._drop(session)
 
     def hand_over(self, session: KernelSession) -> None:
         """
@@ -245,14 +245,11 @@ class Kernel:
         if one is still connected (told it was replaced).
         """
         client = session.client
-        self.drop_session(session)
+        self._drop(session)
         if client is not None:
             client.replaced()
 
-    def drop_session(self, session: KernelSession) -> None:
-        """
-        Close a session and forget it.
-        """
+    def _drop(self, session: KernelSession) -> None:
         session.close()
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
@@ -269,7 +266,7 @@ class Kernel:
         )
         for index, session in enumerate(parked):
             if now - session.parked_at >= retention or index < len(parked) - keep:
-                self.drop_session(session)
+                self._drop(session)
 
     def set_link(self, link: KernelLink | None) -> None:
         """
