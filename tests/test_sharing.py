@@ -197,15 +197,18 @@ class ActiveActiveTests(TestCase):
         text = await self.rest_on_b(client, model["id"], "moving-session", mine, timeout=30)
         self.assertEqual(text.splitlines(), [f"line {i:05d}" for i in range(3000)])
 
-    async def test_failover_of_the_serving_gateway(self) -> None:
+    async def fail_over_mid_stream(self, attach_b: bool) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """
-        A, the gateway serving a client that streams 10,000 numbered lines,
-        is killed; the client reconnects to B (attached to the kernel
-        before) with its session id: every line arrives exactly once, in
-        order, and so do the cell's execute_reply and idle.
+        A client on A streams 10,000 numbered lines; A is killed mid-stream
+        and the client reconnects to B with its session id 0.01 s later.
+        B is attached to the kernel before if C{attach_b}.
+
+        @return: every message of the cell the client got, in order, and
+            the figures: lines, distinct lines, duplicates, replies, idles.
         """
         model = await self.a.api.call("POST", "api/kernels", {}, expect=201)
-        await self.b.api.call("GET", f"api/kernels/{model['id']}")
+        if attach_b:
+            await self.b.api.call("GET", f"api/kernels/{model['id']}")
         client = await ChannelsClient.connect(self.a.url, model["id"], session_id="failover-session")
         await client.execute("import time")
         # Output flows steadily (10 lines every 2 ms), so some is on its way
@@ -230,21 +233,50 @@ class ActiveActiveTests(TestCase):
         except defer.TimeoutError:
             pass  # counted below
         await resumed.close()
-        messages = [m for m in client.messages + resumed.messages if mine(m)]
-        lines = "".join(m["content"]["text"] for m in messages if m.get("msg_type") == "stream").splitlines()
-        replies = [m for m in messages if m.get("msg_type") == "execute_reply"]
+        messages = client.messages + resumed.messages
+        lines = "".join(m["content"]["text"] for m in messages if mine(m) and m["msg_type"] == "stream").splitlines()
         figures = {
             "lines": len(lines),
             "distinct": len(set(lines)),
             "duplicates": len(lines) - len(set(lines)),
-            "replies": len(replies),
+            "replies": len([m for m in messages if mine(m) and m["msg_type"] == "execute_reply"]),
             "idles": len([m for m in messages if idle(m)]),
         }
         _log.info("failover figures: {figures}", figures=figures)
+        return [m for m in messages if mine(m) or m.get("parent_header") == {}], figures
+
+    async def test_failover_of_the_serving_gateway(self) -> None:
+        """
+        A, the gateway serving a client that streams 10,000 numbered lines,
+        is killed; the client reconnects to B (attached to the kernel
+        before) with its session id: every line arrives exactly once, in
+        order, and so do the cell's execute_reply and idle.
+        """
+        messages, figures = await self.fail_over_mid_stream(attach_b=True)
+        lines = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream").splitlines()
         self.assertEqual(
             (figures["duplicates"], figures["replies"], figures["idles"]), (0, 1, 1), f"figures: {figures}"
         )
         self.assertEqual(lines, [f"line {i:05d}" for i in range(10000)], f"figures: {figures}")
+
+    async def test_failover_to_a_gateway_not_attached(self) -> None:
+        """
+        If B attaches to the kernel only when the client comes back, what
+        the kernel printed in between cannot be known: the client is told
+        so, then gets the rest once and in order.  (The execute_reply is
+        lost here: B is ready only once the kernel answers its kernel_info,
+        after the cell.)
+        """
+        messages, figures = await self.fail_over_mid_stream(attach_b=False)
+        notices = [m for m in messages if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"]
+        self.assertEqual(len(notices), 1, f"figures: {figures}")
+        self.assertIn("may be missing", notices[0]["content"]["text"])
+        lines = "".join(
+            m["content"]["text"] for m in messages if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
+        ).splitlines()
+        self.assertEqual(lines, sorted(set(lines)), f"figures: {figures}")
+        self.assertEqual(lines[-1], "line 09999")
+        self.assertEqual(figures["idles"], 1, f"figures: {figures}")
 
     async def test_session_moves_between_live_gateways(self) -> None:
         """
