@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from egateway.kernels.failover import IopubRing, session_identity
 from egateway.kernels.session import JournalLimits, encode_entry
-from egateway.kernels.sharing import JournalSink, SharedKernels
+from egateway.kernels.sharing import SharedKernels
 from egateway.store.interface import StoreUnavailable
 from egateway.wire.protocol import Message
 from tests.support.fakes import RecordingClient, make_manager
@@ -103,15 +104,24 @@ class WriteAheadTests(Base):
 
     def test_store_refusal_releases(self) -> None:
         """
-        A store that refuses an append costs failover, not output: the
-        client gets the messages anyway.
+        A store that refuses appends costs failover, not output: the client
+        gets the messages anyway, and the operator one warning per outage.
         """
+        warnings: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(warnings.append)
+        self.addCleanup(globalLogPublisher.removeObserver, warnings.append)
         client = RecordingClient()
         self.kernel.attach(client, "s")
         self.kernel.on_iopub(output(0))
         self.clock.advance(0)
         self.store.appends[0][2].errback(StoreUnavailable("down"))
         self.assertEqual(client.seqs, [1])
+        self.kernel.on_iopub(output(1))
+        self.clock.advance(0)
+        self.store.appends[1][2].errback(StoreUnavailable("down"))
+        self.assertEqual(client.seqs, [1, 2])
+        not_shared = [e for e in warnings if "not shared" in e.get("log_format", "")]
+        self.assertEqual(len(not_shared), 1)
 
     def test_resume_while_writing(self) -> None:
         """
@@ -227,6 +237,22 @@ class TakeOverTests(Base):
         self.kernel.on_iopub(output(8))
         self.assertEqual(self.texts(client), [f"{n}\n" for n in range(3, 9)])
         self.assertEqual(client.seqs, [4, 5, 6, 7, 8, 9])
+
+    def test_cursor_far_back(self) -> None:
+        """
+        When the last kernel iopub message is further back in the journal
+        than the client's position (a long run of replies since), it is
+        still found, and the ring continues after it.
+        """
+        outputs = [output(n) for n in range(13)]
+        reply = Message.build("execute_reply", {"status": "ok"}, "kernel")
+        self.store.journal = [(n + 1, encode_entry("iopub", outputs[n])) for n in range(10)]
+        self.store.journal += [(n, encode_entry("shell", reply)) for n in range(11, 301)]
+        for message in outputs:
+            self.kernel.iopub_ring.append(message)
+        client = self.take_over(300)
+        self.assertEqual(self.texts(client), ["10\n", "11\n", "12\n"])
+        self.assertEqual(client.seqs, [301, 302, 303])
 
     def test_gap_while_busy_is_told(self) -> None:
         """

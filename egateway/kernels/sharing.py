@@ -101,6 +101,7 @@ class JournalSink:
         self._pending: dict[Any, list[tuple[int, bytes]]] = {}
         self._in_flight: dict[Any, Deferred[None]] = {}
         self._scheduled: Any = None
+        self._failing = False
 
     def start(self) -> None:
         """
@@ -151,16 +152,24 @@ class JournalSink:
                     "journal of kernel {kernel_id} session {session}", failure, kernel_id=kernel_id, session=session_id
                 )
                 return
-            _log.warn(
-                "journal of kernel {kernel_id} session {session}: {count} entries not shared: {error}",
-                kernel_id=kernel_id,
-                session=session_id,
-                count=len(batch),
-                error=str(failure.value),
-            )
+            if not self._failing:
+                # Once per outage: during one, every batch fails.
+                self._failing = True
+                _log.warn(
+                    "journal of kernel {kernel_id} session {session}: {count} entries not shared: {error}; "
+                    "clients get their messages all the same, but sessions cannot move to another gateway "
+                    "without loss until the store takes journal writes again",
+                    kernel_id=kernel_id,
+                    session=session_id,
+                    count=len(batch),
+                    error=str(failure.value),
+                )
 
         def written(appended: bool | None) -> None:
             self._in_flight.pop(session, None)
+            if appended is not None and self._failing:
+                self._failing = False
+                _log.info("the shared store takes journal writes again")
             if appended is False:
                 # Claimed by the gateway the client moved to, which
                 # continues from what the store has.
