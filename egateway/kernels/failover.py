@@ -4,7 +4,7 @@ gateway sharing the store, with its C{session_id} and C{resume_after}, and
 gets every iopub message exactly once, in order, and the replies to its
 requests.
 
-Three pieces, and why each:
+Four pieces, and why each:
 
   1. B{Write-ahead journal.}  A resumable session's messages reach its
      client only once the shared store holds them (L{JournalSink} in
@@ -16,9 +16,12 @@ Three pieces, and why each:
      the same thing to every gateway, with no new protocol.  Batching
      behind the client's back (as before: a flush every 0.1 s) lost the
      last batch with the gateway, so a client could name numbers no
-     surviving gateway knew.  If the store refuses or cannot be reached,
-     the message goes to the client anyway (with a warning): a store
-     outage costs failover, not output.
+     surviving gateway knew.  The cost is one store round trip of latency
+     per batch.  If the store refuses or cannot be reached, the message
+     goes to the client anyway (with a warning): a store outage costs
+     failover, not output.  What the old gateway received in its last
+     instant and had not yet sent to the store is lost with it, unless
+     another gateway received it too: iopub (below), not replies.
 
   2. B{Per-kernel iopub ring on every attached gateway.}  What the dying
      gateway had not yet written is not lost if another gateway saw it:
@@ -63,8 +66,8 @@ WebSocket access, or the store's kernels at start-up): attaching every
 gateway to every kernel as soon as any gateway serves it would multiply
 every kernel's iopub traffic by the number of gateways, for the benefit of
 failovers only.  A deployment that wants loss-free failover for a kernel
-touches it through the other gateways once (any C{GET}); a load balancer's
-health check or a client's reconnect through a second gateway does that.
+touches it through the other gateways once (any C{GET} of the kernel, from
+a client or a proxy).
 A gateway that attaches only when the client comes back cannot know what
 the kernel published between the old gateway's last write and its own
 attachment: if the kernel was busy at that last write, the client is told
