@@ -10,8 +10,9 @@ import signal
 import tempfile
 from typing import Any
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.trial.unittest import TestCase
 
 from egateway.store.crypto import SecretBox
@@ -19,6 +20,8 @@ from tests.fixtures import RedisServer
 from tests.fixtures.system import REDIS_PACKAGES, require_packages
 from tests.support.daemon import processes_mentioning, start_gateway
 from tests.support.wsclient import ChannelsClient
+
+_log = Logger()
 
 
 async def sleep(seconds: float) -> None:
@@ -193,3 +196,106 @@ class ActiveActiveTests(TestCase):
         await self.kill_a()
         text = await self.rest_on_b(client, model["id"], "moving-session", mine, timeout=30)
         self.assertEqual(text.splitlines(), [f"line {i:05d}" for i in range(3000)])
+
+    async def fail_over_mid_stream(self, attach_b: bool) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """
+        A client on A streams 10,000 numbered lines; A is killed mid-stream
+        and the client reconnects to B with its session id 0.01 s later.
+        B is attached to the kernel before if C{attach_b}.
+
+        @return: every message of the cell the client got, in order, and
+            the figures: lines, distinct lines, duplicates, replies, idles.
+        """
+        model = await self.a.api.call("POST", "api/kernels", {}, expect=201)
+        if attach_b:
+            await self.b.api.call("GET", f"api/kernels/{model['id']}")
+        client = await ChannelsClient.connect(self.a.url, model["id"], session_id="failover-session")
+        await client.execute("import time")
+        # Output flows steadily (10 lines every 2 ms), so some is on its way
+        # whenever A dies.
+        code = "for i in range(10000):\n    print(f'line {i:05d}', flush=(i % 10 == 9))\n    if i % 10 == 9: time.sleep(0.002)\n"
+        msg_id = client.request_execute(code)
+        mine = lambda m: m.get("parent_header", {}).get("msg_id") == msg_id  # noqa: E731
+        await client.wait_for(
+            lambda m: mine(m) and m.get("msg_type") == "stream" and "line 01000" in m["content"]["text"], timeout=30
+        )
+        await self.kill_a()
+        await client.closed
+        await sleep(0.01)
+        resumed = await ChannelsClient.connect(
+            self.b.url, model["id"], session_id="failover-session", resume_after=client.last_seq
+        )
+        idle = lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "idle"  # noqa: E731
+        await resumed.wait_for(idle, timeout=60)
+        replied = resumed.wait_for(lambda m: mine(m) and m.get("msg_type") == "execute_reply", timeout=10)
+        try:
+            await replied
+        except defer.TimeoutError:
+            pass  # counted below
+        await resumed.close()
+        messages = client.messages + resumed.messages
+        lines = "".join(m["content"]["text"] for m in messages if mine(m) and m["msg_type"] == "stream").splitlines()
+        figures = {
+            "lines": len(lines),
+            "distinct": len(set(lines)),
+            "duplicates": len(lines) - len(set(lines)),
+            "replies": len([m for m in messages if mine(m) and m["msg_type"] == "execute_reply"]),
+            "idles": len([m for m in messages if idle(m)]),
+        }
+        _log.info("failover figures: {figures}", figures=figures)
+        return [m for m in messages if mine(m) or m.get("parent_header") == {}], figures
+
+    async def test_failover_of_the_serving_gateway(self) -> None:
+        """
+        A, the gateway serving a client that streams 10,000 numbered lines,
+        is killed; the client reconnects to B (attached to the kernel
+        before) with its session id: every line arrives exactly once, in
+        order, and so do the cell's execute_reply and idle.
+        """
+        messages, figures = await self.fail_over_mid_stream(attach_b=True)
+        lines = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream").splitlines()
+        self.assertEqual(
+            (figures["duplicates"], figures["replies"], figures["idles"]), (0, 1, 1), f"figures: {figures}"
+        )
+        self.assertEqual(lines, [f"line {i:05d}" for i in range(10000)], f"figures: {figures}")
+
+    async def test_failover_to_a_gateway_not_attached(self) -> None:
+        """
+        If B attaches to the kernel only when the client comes back, what
+        the kernel printed in between cannot be known: the client is told
+        so, then gets the rest once and in order.  (The execute_reply is
+        lost here: B is ready only once the kernel answers its kernel_info,
+        after the cell.)
+        """
+        messages, figures = await self.fail_over_mid_stream(attach_b=False)
+        notices = [m for m in messages if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"]
+        self.assertEqual(len(notices), 1, f"figures: {figures}")
+        self.assertIn("may be missing", notices[0]["content"]["text"])
+        lines = "".join(
+            m["content"]["text"] for m in messages if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
+        ).splitlines()
+        self.assertEqual(lines, sorted(set(lines)), f"figures: {figures}")
+        self.assertEqual(lines[-1], "line 09999")
+        self.assertEqual(figures["idles"], 1, f"figures: {figures}")
+
+    async def test_session_moves_between_live_gateways(self) -> None:
+        """
+        A client that moves its session from A to B while both run keeps
+        getting its replies on B, also after the kernel restarts (A's copy
+        of the session must not take its socket identity back).
+        """
+        model = await self.a.api.call("POST", "api/kernels", {}, expect=201)
+        await self.b.api.call("GET", f"api/kernels/{model['id']}")
+        on_a = await ChannelsClient.connect(self.a.url, model["id"], session_id="roaming-session")
+        self.assertEqual((await on_a.execute("1 + 1"))["result"]["text/plain"], "2")
+        on_a.drop()
+        await on_a.closed
+        on_b = await ChannelsClient.connect(
+            self.b.url, model["id"], session_id="roaming-session", resume_after=on_a.last_seq
+        )
+        self.assertEqual((await on_b.execute("2 + 2"))["result"]["text/plain"], "4")
+        await self.b.api.call("POST", f"api/kernels/{model['id']}/restart", {})
+        self.assertEqual((await on_b.execute("3 + 3", timeout=60))["result"]["text/plain"], "6")
+        await on_b.close()
+        ids = [m["header"]["msg_id"] for m in on_a.messages + on_b.messages]
+        self.assertEqual(sorted({i for i in ids if ids.count(i) > 1}), [], "messages received twice")

@@ -272,6 +272,24 @@ class StoreContract:
         self.assertEqual(await store.journal_read("k2", "s1", 0), [(1, b"c")])
         await store.journal_delete("never-journalled")
 
+    async def test_session_holder(self) -> None:
+        """
+        Claiming a session returns its previous holder; from then on only
+        the new holder's appends (or unconditional ones) are taken, until
+        the kernel's journals are deleted.
+        """
+        store = await self.open()
+        self.assertIsNone(await store.claim_session("k", "s", "gw-a"))
+        self.assertTrue(await store.journal_append("k", "s", [(1, b"a")], 10, "gw-a"))
+        self.assertEqual(await store.claim_session("k", "s", "gw-b"), "gw-a")
+        self.assertFalse(await store.journal_append("k", "s", [(2, b"stale")], 10, "gw-a"))
+        self.assertTrue(await store.journal_append("k", "s", [(2, b"b")], 10, "gw-b"))
+        self.assertTrue(await store.journal_append("k", "s", [(3, b"c")], 10))
+        self.assertEqual(await store.journal_read("k", "s", 0), [(1, b"a"), (2, b"b"), (3, b"c")])
+        self.assertIsNone(await store.claim_session("k", "other", "gw-a"))
+        await store.journal_delete("k")
+        self.assertIsNone(await store.claim_session("k", "s", "gw-a"))
+
     async def test_large_journal_read(self) -> None:
         """
         A full journal of thousands of frames reads back whole and in order.

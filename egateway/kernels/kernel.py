@@ -18,6 +18,7 @@ from typing import Any, Callable
 from twisted.logger import Logger
 
 from egateway.clusters.interface import IKernelProcess, Phase, PhaseEvent
+from egateway.kernels.failover import IopubRing, gateway_session
 from egateway.kernels.policy import Acl
 from egateway.kernels.specs import KernelSpec
 from egateway.kernels.state import KernelState, check_transition
@@ -89,6 +90,12 @@ class Kernel:
         self.journal_sink: Callable[..., None] | None = None
         """
         Receives every journaled message too (a store shared by gateways).
+        """
+        self.iopub_ring: IopubRing | None = None
+        """
+        With a shared store, the kernel's last iopub messages, so this
+        gateway can take over a session another served (see
+        L{egateway.kernels.failover}).
         """
         self.journal_limits = journal or JournalLimits()
         self.on_iopub_observers: list[Callable[[Message], None]] = []
@@ -172,6 +179,8 @@ class Kernel:
                     self.execution_state = state
         except WireError:
             pass
+        if self.iopub_ring is not None:
+            self.iopub_ring.append(message)
         for session in list(self.sessions.values()):
             session.deliver("iopub", message)
         for observer in self.on_iopub_observers:
@@ -186,7 +195,7 @@ class Kernel:
         content: dict[str, Any] = {"execution_state": execution_state}
         if reason:
             content["reason"] = reason
-        message = Message.build("status", content, session=f"egateway-{self.id}")
+        message = Message.build("status", content, session=gateway_session(self.id))
         for session in list(self.sessions.values()):
             session.deliver("iopub", message)
 
@@ -198,7 +207,7 @@ class Kernel:
         session = KernelSession(session_id, self, self.journal_limits, resumable=True, user=user)
         session.preload(entries, known)
         self.sessions[session_id] = session
-        session.relink(self.link if self.live else None)
+        session.relink(self.link if self.live else None, claim=True)
         return session
 
     def check_session_user(self, session_id: str, user: str) -> None:
@@ -269,6 +278,16 @@ class Kernel:
         if session.client is client or session.client is None:
             session.client = None
             self._drop(session)
+
+    def hand_over(self, session: KernelSession) -> None:
+        """
+        Another gateway serves C{session} now: close it here, and its client
+        if one is still connected (told it was replaced).
+        """
+        client = session.client
+        self._drop(session)
+        if client is not None:
+            client.replaced()
 
     def _drop(self, session: KernelSession) -> None:
         session.close()

@@ -422,7 +422,7 @@ class KernelManager(Service):
         kernel.profile = plan.profile.name if plan.profile is not None else None
         kernel.launcher_config = plan.launcher_config
         if self.sharing is not None:
-            kernel.journal_sink = self.sharing.sink
+            self.sharing.equip(kernel)
         kernel.report(Phase.QUEUED, f"launcher {launcher_name}")
         self.kernels[kernel_id] = kernel
         if self.persistence is not None:
@@ -521,7 +521,7 @@ class KernelManager(Service):
         kernel.profile = getattr(record, "profile", "") or None
         kernel.launcher_config = self.policy.launcher_config(spec, kernel.profile, kernel.env)
         if self.sharing is not None:
-            kernel.journal_sink = self.sharing.sink
+            self.sharing.equip(kernel)
         kernel.report(Phase.QUEUED, "restoring")
         self.kernels[kernel.id] = kernel
         await self._run(kernel, "restore", self._restore, record).observe()

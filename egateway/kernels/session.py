@@ -21,6 +21,11 @@ If what it missed has fallen off the journal, it is told how many messages
 were dropped (an iopub C{status} with a reason, and a C{stream} on stderr)
 before the rest is replayed.  Parked sessions expire after a retention
 period.
+
+With a store shared by gateways, a session's messages go to the store
+before its client gets them, and a named session's sockets have an
+identity every gateway derives alike, so another gateway can continue the
+session when this one dies (L{egateway.kernels.failover}).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any, Protocol
 
 from twisted.logger import Logger
 
+from egateway.kernels.failover import gateway_session, message_size, session_identity, shared_session_key
 from egateway.wire.link import ClientLink, KernelLink
 from egateway.wire.protocol import Message
 
@@ -106,46 +112,105 @@ class KernelSession:
         self._journal_bytes = 0
         self.parked_at: float | None = None
         self._link: ClientLink | None = None
+        self._kernel_link: KernelLink | None = None
+        self.shared_key = shared_session_key(session_id, user)
+        """
+        What the session is called in the shared store, for its user.
+        """
+        self.identity = session_identity(kernel.id, self.shared_key) if resumable else None
+        """
+        The routing identity of this session's sockets: for a named
+        session the same on every gateway, so replies follow it when
+        another gateway takes it over (see L{egateway.kernels.failover}).
+        """
+        self._uncommitted: deque[tuple[int, str, Message]] = deque()
+        """
+        Messages numbered and journaled but not yet in the shared store,
+        held from the client until they are (write-ahead).
+        """
         self._held: deque[tuple[str, Message]] = deque(maxlen=HELD_WHILE_NOT_LIVE)
 
     # -- kernel side -------------------------------------------------------
 
-    def relink(self, link: KernelLink | None) -> None:
+    def relink(self, link: KernelLink | None, claim: bool = False) -> None:
         """
         Move this session's sockets to C{link} (a new launch), or close them
         (C{None}: messages are held until the next link).
+
+        A parked named session on a store shared by gateways opens them
+        only when its client comes back (or with C{claim}): its client may
+        have moved to another gateway, whose sockets have the same identity
+        and must keep the kernel's replies.
         """
         if self._link is not None:
             self._link.close()
             self._link = None
-        if link is not None:
-            self._link = link.client(self.deliver)
-            held, self._held = self._held, deque(maxlen=HELD_WHILE_NOT_LIVE)
-            for channel, message in held:
-                self._link.send(channel, message)
+        self._kernel_link = link
+        if link is not None and (claim or self.client is not None or self._held or not self._shared):
+            self._open()
+
+    @property
+    def _shared(self) -> bool:
+        return self.identity is not None and self.kernel.journal_sink is not None
+
+    def _open(self) -> None:
+        assert self._kernel_link is not None
+        self._link = self._kernel_link.client(self.deliver, self.identity)
+        held, self._held = self._held, deque(maxlen=HELD_WHILE_NOT_LIVE)
+        for channel, message in held:
+            self._link.send(channel, message)
 
     def deliver(self, channel: str, message: Message) -> None:
         """
         Number, journal and (if connected) send one message to the client.
         """
         self.seq += 1
-        if self.resumable and self.limits.entries > 0:
-            self._record(self.seq, channel, message)
+        seq = self.seq
+        if self.resumable and self.limits.entries > 0 and self._record(seq, channel, message):
+            self._uncommitted.append((seq, channel, message))
+            return
         if self.client is not None:
-            self.sent = self.seq
-            self.client.deliver(channel, message, self.seq)
+            self.sent = seq
+            self.client.deliver(channel, message, seq)
 
-    def _record(self, seq: int, channel: str, message: Message) -> None:
+    @property
+    def committed(self) -> int:
+        """
+        The number of the last message the client may be given: every
+        earlier one is in the shared store (or there is none).
+        """
+        return self._uncommitted[0][0] - 1 if self._uncommitted else self.seq
+
+    def commit(self, upto: int) -> None:
+        """
+        The shared store holds (or refused) every message up to C{upto}:
+        hand them to the client.
+        """
+        uncommitted = self._uncommitted
+        while uncommitted and uncommitted[0][0] <= upto:
+            seq, channel, message = uncommitted.popleft()
+            if self.client is not None and seq > self.sent:
+                self.sent = seq
+                self.client.deliver(channel, message, seq)
+
+    def _record(self, seq: int, channel: str, message: Message) -> bool:
+        """
+        Journal one message.
+
+        @return: whether it went to a shared store first (write-ahead), so
+            the client must wait for L{commit}.
+        """
         sink = self.kernel.journal_sink
         if sink is not None:
-            sink(self.kernel.id, self.id, seq, channel, message)
+            sink(self, seq, channel, message)
         journal = self.journal
-        size = _size(message)
+        size = message_size(message)
         journal.append((seq, channel, message, size))
         self._journal_bytes += size
         limits = self.limits
         while len(journal) > limits.entries or (self._journal_bytes > limits.size and len(journal) > 1):
             self._journal_bytes -= journal.popleft()[3]
+        return sink is not None
 
     # -- client side -------------------------------------------------------
 
@@ -154,6 +219,8 @@ class KernelSession:
         A message from the client to the kernel (held while not live).
         """
         self.kernel.touch()
+        if self._link is None and self._kernel_link is not None:
+            self._open()
         if self._link is not None:
             self._link.send(channel, message)
         else:
@@ -173,14 +240,18 @@ class KernelSession:
         start = self.sent if resume_after is None else max(0, min(resume_after, self.seq))
         self.client = client
         self.parked_at = None
+        if self._link is None and self._kernel_link is not None:
+            self._open()
         first_kept = self.journal[0][0] if self.journal else self.seq + 1
         missing = max(0, first_kept - start - 1) if start < self.seq else 0
-        replay = [entry for entry in self.journal if entry[0] > start]
+        upto = self.committed
+        replay = [entry for entry in self.journal if start < entry[0] <= upto]
         if missing:
             self._notify_dropped(client, missing)
         for seq, channel, message, _ in replay:
             client.deliver(channel, message, seq)
-        self.sent = self.seq
+        # What is not yet in the shared store follows on commit.
+        self.sent = max(start, upto)
         return len(replay)
 
     def _notify_dropped(self, client: KernelClient, missing: int) -> None:
@@ -194,14 +265,28 @@ class KernelSession:
             session=self.id,
             missing=missing,
         )
+        for notice in self._notices(text):
+            client.deliver("iopub", notice, 0)
+
+    def note_gap(self, text: str) -> None:
+        """
+        Tell the client, in order with its messages, that some may be
+        missing here (L{egateway.kernels.failover}).
+        """
+        _log.warn("kernel {kernel_id} session {session}: {text}", kernel_id=self.kernel.id, session=self.id, text=text)
+        for notice in self._notices(text):
+            self.deliver("iopub", notice)
+
+    def _notices(self, text: str) -> list[Message]:
+        """
+        An iopub C{status} whose C{reason} is C{text}, and C{text} on stderr.
+        """
+        session = gateway_session(self.kernel.id)
         status = Message.build(
-            "status",
-            {"execution_state": self.kernel.execution_state, "reason": text},
-            session=f"egateway-{self.kernel.id}",
+            "status", {"execution_state": self.kernel.execution_state, "reason": text}, session=session
         )
-        stream = Message.build("stream", {"name": "stderr", "text": text + "\n"}, session=f"egateway-{self.kernel.id}")
-        client.deliver("iopub", status, 0)
-        client.deliver("iopub", stream, 0)
+        stream = Message.build("stream", {"name": "stderr", "text": text + "\n"}, session=session)
+        return [status, stream]
 
     def disconnect(self, client: KernelClient, now: float) -> None:
         """
@@ -215,6 +300,7 @@ class KernelSession:
     def close(self) -> None:
         self.relink(None)
         self.journal.clear()
+        self._uncommitted.clear()
         self._journal_bytes = 0
 
     def preload(self, entries: list[tuple[int, str, Message]], known: int) -> None:
@@ -224,7 +310,7 @@ class KernelSession:
         (C{known}), so numbers never repeat.
         """
         for seq, channel, message in entries:
-            size = _size(message)
+            size = message_size(message)
             self.journal.append((seq, channel, message, size))
             self._journal_bytes += size
         last = entries[-1][0] if entries else 0
@@ -260,10 +346,3 @@ def decode_entry(data: bytes) -> tuple[str, Message]:
     except (struct.error, UnicodeDecodeError) as e:
         raise ValueError(f"not a journal entry: {e}") from None
 
-
-def _size(message: Message) -> int:
-    parts = message.parts
-    size = len(parts[0]) + len(parts[1]) + len(parts[2]) + len(parts[3])
-    for buffer in message.buffers:
-        size += len(buffer)
-    return size

@@ -13,16 +13,23 @@ leases by expiry.
 
 With a shared store a gateway's graceful stop always keeps kernels: other
 gateways may be serving them.
+
+A client session outlives its gateway too: the journal is written ahead
+to the store, and a gateway taking a session over continues it from there
+and from its own ring of the kernel's iopub (L{egateway.kernels.failover}
+argues the design).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from egateway.errors import Conflict, NotFound, Unavailable
+from egateway.kernels.failover import CURSOR_WINDOW, IopubRing, is_kernel_iopub, shared_session_key
 from egateway.kernels.kernel import Kernel
 from egateway.kernels.session import decode_entry, encode_entry
 from egateway.kernels.state import KernelState
@@ -75,58 +82,118 @@ class Lease:
 
 class JournalSink:
     """
-    Copies journaled messages to the shared store in batches, so a client
-    can resume its session on another gateway.  Best effort: a batch the
-    store refuses is dropped with a warning (the local journal still
-    serves clients that come back here).
+    Writes resumable sessions' messages to the shared store before their
+    clients get them (write-ahead, see L{egateway.kernels.failover}), so a
+    client can resume its session on another gateway from any number it
+    has seen.  One append per session is in flight at a time; what arrives
+    meanwhile goes in the next one.  A batch the store cannot take is
+    released to the client all the same, with a warning: the local journal
+    still serves a client that comes back here.  A batch refused because
+    another gateway has claimed the session closes it here.
     """
 
-    FLUSH_INTERVAL = 0.1
     BATCH = 500
 
     def __init__(self, persistence: Any, clock: Any, max_entries: int) -> None:
         self._persistence = persistence
+        self._clock = clock
         self._max_entries = max_entries
-        self._pending: dict[tuple[str, str], list[tuple[int, bytes]]] = {}
-        self._loop = LoopingCall(self.flush)
-        self._loop.clock = clock
+        self._pending: dict[Any, list[tuple[int, bytes]]] = {}
+        self._in_flight: dict[Any, Deferred[None]] = {}
+        self._scheduled: Any = None
+        self._failing = False
 
     def start(self) -> None:
-        if not self._loop.running:
-            self._loop.start(self.FLUSH_INTERVAL, now=False)
+        """
+        Nothing to start: appends go out as messages arrive.
+        """
 
-    def stop(self) -> Any:
-        if self._loop.running:
-            self._loop.stop()
-        return self.flush()
+    def stop(self) -> Deferred[None]:
+        """
+        Write what is pending.  Fires once the store has answered for all.
+        """
+        return Deferred.fromCoroutine(self._drain())
 
-    def __call__(self, kernel_id: str, session_id: str, seq: int, channel: str, message: Any) -> None:
-        batch = self._pending.setdefault((kernel_id, session_id), [])
-        batch.append((seq, encode_entry(channel, message)))
-        if len(batch) >= self.BATCH:
-            self._send(kernel_id, session_id, self._pending.pop((kernel_id, session_id)))
+    async def _drain(self) -> None:
+        while self._pending or self._in_flight:
+            self._send_ready()
+            await DeferredList(list(self._in_flight.values()))
 
-    def flush(self) -> Any:
-        pending, self._pending = self._pending, {}
-        from twisted.internet.defer import DeferredList
+    def __call__(self, session: Any, seq: int, channel: str, message: Any) -> None:
+        """
+        Journal message C{seq} of C{session}; C{session.commit} is called
+        once the store has it.
+        """
+        self._pending.setdefault(session, []).append((seq, encode_entry(channel, message)))
+        if session not in self._in_flight and self._scheduled is None:
+            # Next turn: what the same read of the kernel's socket brought
+            # goes in one append.
+            self._scheduled = self._clock.callLater(0, self._send_ready)
 
-        return DeferredList(
-            [self._send(kid, sid, batch) for (kid, sid), batch in pending.items()], consumeErrors=True
-        )
+    def _send_ready(self) -> None:
+        if self._scheduled is not None and self._scheduled.active():
+            self._scheduled.cancel()
+        self._scheduled = None
+        for session in [s for s in self._pending if s not in self._in_flight]:
+            self._send(session)
 
-    def _send(self, kernel_id: str, session_id: str, batch: list[tuple[int, bytes]]) -> Any:
+    def _send(self, session: Any) -> None:
+        pending = self._pending.pop(session)
+        batch, rest = pending[: self.BATCH], pending[self.BATCH :]
+        if rest:
+            self._pending[session] = rest
+        kernel_id, session_id, upto = session.kernel.id, session.id, batch[-1][0]
+        shared_key = session.shared_key
+
         def failed(failure: Any) -> None:
-            failure.trap(StoreError)
-            _log.warn(
-                "journal of kernel {kernel_id} session {session}: {count} entries not shared: {error}",
-                kernel_id=kernel_id,
-                session=session_id,
-                count=len(batch),
-                error=str(failure.value),
-            )
+            # Whatever went wrong, the messages go to the client (below):
+            # holding them would stall the session for good.
+            if not failure.check(StoreError):
+                _log.failure(
+                    "journal of kernel {kernel_id} session {session}", failure, kernel_id=kernel_id, session=session_id
+                )
+                return
+            if not self._failing:
+                # Once per outage: during one, every batch fails.
+                self._failing = True
+                _log.warn(
+                    "journal of kernel {kernel_id} session {session}: {count} entries not shared: {error}; "
+                    "clients get their messages all the same, but sessions cannot move to another gateway "
+                    "without loss until the store takes journal writes again",
+                    kernel_id=kernel_id,
+                    session=session_id,
+                    count=len(batch),
+                    error=str(failure.value),
+                )
+
+        def written(appended: bool | None) -> None:
+            self._in_flight.pop(session, None)
+            if appended is not None and self._failing:
+                self._failing = False
+                _log.info("the shared store takes journal writes again")
+            if appended is False:
+                # Claimed by the gateway the client moved to, which
+                # continues from what the store has.
+                self._pending.pop(session, None)
+                _log.info(
+                    "kernel {kernel_id} session {session}: another gateway serves it now",
+                    kernel_id=kernel_id,
+                    session=session_id,
+                )
+                session.kernel.hand_over(session)
+                return
+            session.commit(upto)
+            if session in self._pending:
+                self._send(session)
 
         store = self._persistence.store
-        return store.journal_append(kernel_id, session_id, batch, self._max_entries).addErrback(failed)
+        appending = store.journal_append(
+            kernel_id, shared_key, batch, self._max_entries, self._persistence.instance_id
+        )
+        self._in_flight[session] = appending
+        appending.addErrback(failed)
+        appending.addCallback(written)
+        appending.addErrback(lambda f: _log.failure("releasing journaled messages", f))
 
 
 class SharedKernels:
@@ -177,23 +244,48 @@ class SharedKernels:
             raise NotFound(f"Kernel does not exist: {kernel_id}")
         return kernel
 
+    def equip(self, kernel: Kernel) -> None:
+        """
+        Give a kernel this gateway holds what failover needs: the
+        write-ahead journal and the ring of its iopub.
+        """
+        if self.sink is not None:
+            kernel.journal_sink = self.sink
+            kernel.iopub_ring = IopubRing(kernel.journal_limits)
+
     async def take_over_session(
         self, kernel: Kernel, session_id: str, resume_after: int | None, user: str = ""
     ) -> None:
         """
-        A client (of C{user}) reconnects here with a session another gateway
-        served: load what that gateway journaled, so the client gets what
-        it missed.
+        A client (of C{user}) reconnects here with a session another gateway served
+        (or served last): continue it from what that gateway wrote to the
+        store, then from this gateway's ring of the kernel's iopub, so the
+        client gets what it missed once (see L{egateway.kernels.failover}).
         """
-        if not session_id or session_id in kernel.sessions:
+        if not session_id:
             return
         try:
-            stored = await self._store.journal_read(kernel.id, session_id, resume_after or 0)
+            shared_key = shared_session_key(session_id, user)
+            previous = await self._store.claim_session(kernel.id, shared_key, self.holder)
+        except StoreError as e:
+            _log.warn("cannot claim session {session}: {error}", session=session_id, error=str(e))
+            return
+        here = kernel.sessions.get(session_id)
+        if previous in (None, self.holder) and (here is not None or resume_after is None):
+            return  # served here (or new)
+        known = resume_after or 0
+        after = max(0, known - CURSOR_WINDOW) if resume_after is not None else 0
+        try:
+            stored = await self._store.journal_read(kernel.id, shared_key, after)
+            if after and not any(self._iopub_entry(kernel, data) for _, data in stored):
+                stored = await self._store.journal_read(kernel.id, shared_key, 0)
         except StoreError as e:
             _log.warn("cannot read the journal of session {session}: {error}", session=session_id, error=str(e))
             return
-        if not stored and resume_after is None:
+        if not stored and resume_after is None and here is None:
             return
+        if kernel.sessions.get(session_id) is not here:
+            return  # another connection to this gateway took it over meanwhile
         entries = []
         for seq, data in stored:
             try:
@@ -201,13 +293,38 @@ class SharedKernels:
             except ValueError:
                 continue
             entries.append((seq, channel, message))
-        kernel.adopt_session(session_id, entries, resume_after or 0, user)
+        cursor = next(
+            (m for _, c, m in reversed(entries) if is_kernel_iopub(kernel.id, c, m)), None
+        )
+        if here is not None:
+            kernel.hand_over(here)  # a copy from before the client moved away
+        unseen = [entry for entry in entries if entry[0] > known]
+        session = kernel.adopt_session(session_id, unseen, known, user)
+        ring = kernel.iopub_ring
+        missed, found = ring.after(cursor.msg_id if cursor else None) if ring is not None else ([], False)
+        if not found and cursor is not None and _was_busy(cursor):
+            session.note_gap(
+                "[egateway] this session moved to another gateway: output the kernel sent while no "
+                "gateway was attached may be missing."
+            )
+        for message in missed:
+            session.deliver("iopub", message)
         _log.info(
-            "kernel {kernel_id} session {session}: taken over with {count} journaled messages",
+            "kernel {kernel_id} session {session}: taken over with {count} journaled and {missed} unjournaled "
+            "messages",
             kernel_id=kernel.id,
             session=session_id,
-            count=len(entries),
+            count=len(unseen),
+            missed=len(missed),
         )
+
+    @staticmethod
+    def _iopub_entry(kernel: Kernel, data: bytes) -> bool:
+        try:
+            channel, message = decode_entry(data)
+        except ValueError:
+            return False
+        return is_kernel_iopub(kernel.id, channel, message)
 
     async def records(self) -> list[KernelRecord]:
         try:
@@ -295,3 +412,14 @@ class SharedKernels:
                     await lease.release()
             await deferLater(self._clock, FOLLOW_INTERVAL, lambda: None)
         _log.warn("kernel {kernel_id}: no gateway relaunched it in time", kernel_id=kernel.id)
+
+
+def _was_busy(message: Any) -> bool:
+    """
+    Whether the kernel was busy after C{message}: the last kernel message a
+    session journaled, so whether output may have followed unseen.
+    """
+    try:
+        return not (message.msg_type == "status" and message.content().get("execution_state") == "idle")
+    except ValueError:
+        return True

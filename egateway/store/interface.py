@@ -223,12 +223,24 @@ class IKernelStore(Interface):
         """
 
     def journal_append(
-        kernel_id: str, session_id: str, entries: list[JournalEntry], max_entries: int
-    ) -> "Deferred[None]":
+        kernel_id: str, session_id: str, entries: list[JournalEntry], max_entries: int, holder: str = ""
+    ) -> "Deferred[bool]":
         """
         Add numbered frames to the journal of one client session of a kernel
         and keep only the newest C{max_entries}.  Appending a sequence number
         already present does not duplicate it.
+
+        @param holder: if given, append only while no other holder has
+            claimed the session (L{claim_session}).
+        @return: fires False when refused for that reason, else True.
+        """
+
+    def claim_session(kernel_id: str, session_id: str, holder: str) -> "Deferred[str | None]":
+        """
+        Record C{holder} as the gateway serving a client session of a kernel
+        from now on (forgotten with the kernel's journals).
+
+        @return: fires with the previous holder, or None.
         """
 
     def journal_read(kernel_id: str, session_id: str, after: int) -> "Deferred[list[JournalEntry]]":
@@ -239,5 +251,5 @@ class IKernelStore(Interface):
 
     def journal_delete(kernel_id: str) -> "Deferred[None]":
         """
-        Drop the journals of every session of a kernel.
+        Drop the journals, and the holders, of every session of a kernel.
         """

@@ -12,6 +12,7 @@ Keys (C{prefix} defaults to C{egateway:})::
                                          sorted set, score = sequence number,
                                          member = 8-byte big-endian sequence + frame
     {prefix}journals:{kernel_id}         set of the session ids that have a journal
+    {prefix}holders:{kernel_id}          hash  session id -> the gateway serving it now
 
 Redis Cluster is not supported (the scripts touch keys of several slots).
 The store talks to Redis through L{egateway.store.resp.RedisClient}, which
@@ -53,17 +54,22 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: journal, index.  ARGV: max entries, session id, then seq, member pairs.
-# A sequence number already journalled is not added again, so a retried
-# append does not duplicate frames.
+# KEYS: journal, index, holders.  ARGV: max entries, session id, holder (or
+# ''), then seq, member pairs.  Returns 1 when another holder has claimed the
+# session.  A sequence number already journalled is not added again, so a
+# retried append does not duplicate frames.
 _APPEND = """
 local journal = KEYS[1]
 local keep = tonumber(ARGV[1])
+if ARGV[3] ~= '' then
+  local holder = redis.call('HGET', KEYS[3], ARGV[2])
+  if holder and holder ~= ARGV[3] then return 1 end
+end
 if keep <= 0 then
   redis.call('DEL', journal)
   return 0
 end
-for i = 3, #ARGV, 2 do
+for i = 4, #ARGV, 2 do
   if redis.call('ZCOUNT', journal, ARGV[i], ARGV[i]) == 0 then
     redis.call('ZADD', journal, ARGV[i], ARGV[i + 1])
   end
@@ -73,13 +79,20 @@ redis.call('SADD', KEYS[2], ARGV[2])
 return 0
 """
 
-# KEYS: index.  ARGV: the journal key prefix of the kernel.
+# KEYS: index, holders.  ARGV: the journal key prefix of the kernel.
 _DELETE_JOURNALS = """
 for _, session in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   redis.call('DEL', ARGV[1] .. session)
 end
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 return 0
+"""
+
+# KEYS: holders.  ARGV: session id, holder.  Returns the previous holder.
+_CLAIM = """
+local previous = redis.call('HGET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return previous
 """
 
 
@@ -201,20 +214,28 @@ class RedisStore:
     def _journal(self, kernel_id: str, session_id: str) -> str:
         return f"{self.prefix}journal:{kernel_id}:{session_id}"
 
+    def _holders(self, kernel_id: str) -> str:
+        return f"{self.prefix}holders:{kernel_id}"
+
     def journal_append(
-        self, kernel_id: str, session_id: str, entries: list[JournalEntry], max_entries: int
-    ) -> Deferred[None]:
-        if not entries and max_entries > 0:
-            return succeed(None)
-        args: list[Any] = [int(max_entries), session_id]
+        self, kernel_id: str, session_id: str, entries: list[JournalEntry], max_entries: int, holder: str = ""
+    ) -> Deferred[bool]:
+        if not entries and max_entries > 0 and not holder:
+            return succeed(True)
+        args: list[Any] = [int(max_entries), session_id, holder]
         for seq, data in entries:
             seq = int(seq)
             args.append(seq)
             # The member is the number, then the entry: sent in two pieces,
             # so a large entry is not copied to prefix it.
             args.append([seq.to_bytes(8, "big", signed=True), bytes(data)])
-        keys = [self._journal(kernel_id, session_id), f"{self.prefix}journals:{kernel_id}"]
-        return self._client.eval_script(_APPEND, keys, args).addCallback(_none)
+        keys = [self._journal(kernel_id, session_id), f"{self.prefix}journals:{kernel_id}", self._holders(kernel_id)]
+        return self._client.eval_script(_APPEND, keys, args).addCallback(lambda refused: refused != 1)
+
+    def claim_session(self, kernel_id: str, session_id: str, holder: str) -> Deferred[str | None]:
+        return self._client.eval_script(_CLAIM, [self._holders(kernel_id)], [session_id, holder]).addCallback(
+            lambda previous: previous.decode("utf-8") if isinstance(previous, bytes) else None
+        )
 
     def journal_read(self, kernel_id: str, session_id: str, after: int) -> Deferred[list[JournalEntry]]:
         def decode(members: list[bytes]) -> list[JournalEntry]:
@@ -226,7 +247,9 @@ class RedisStore:
 
     def journal_delete(self, kernel_id: str) -> Deferred[None]:
         return self._client.eval_script(
-            _DELETE_JOURNALS, [f"{self.prefix}journals:{kernel_id}"], [f"{self.prefix}journal:{kernel_id}:"]
+            _DELETE_JOURNALS,
+            [f"{self.prefix}journals:{kernel_id}", self._holders(kernel_id)],
+            [f"{self.prefix}journal:{kernel_id}:"],
         ).addCallback(_none)
 
     def _all_ok(self, replies: list[Any], name: str) -> None:

@@ -91,6 +91,7 @@ class SQLiteStore:
         self._lock_fd: int | None = None
         # kernel_id -> (holder, expires at, in reactor seconds)
         self._leases: dict[str, tuple[str, float]] = {}
+        self._holders: dict[tuple[str, str], str] = {}
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {self.path}>"
@@ -346,10 +347,20 @@ class SQLiteStore:
     # -- journal ----------------------------------------------------------
 
     def journal_append(
-        self, kernel_id: str, session_id: str, entries: list[JournalEntry], max_entries: int
-    ) -> Deferred[None]:
+        self, kernel_id: str, session_id: str, entries: list[JournalEntry], max_entries: int, holder: str = ""
+    ) -> Deferred[bool]:
+        if holder and self._holders.get((kernel_id, session_id), holder) != holder:
+            return succeed(False)
         rows = [(kernel_id, session_id, int(seq), bytes(data)) for seq, data in entries]
-        return self._run(self._journal_append_blocking, kernel_id, session_id, rows, max_entries)
+        return self._run(self._journal_append_blocking, kernel_id, session_id, rows, max_entries).addCallback(
+            lambda _: True
+        )
+
+    def claim_session(self, kernel_id: str, session_id: str, holder: str) -> Deferred[str | None]:
+        # Like leases, in memory: one gateway process opens an SQLite store.
+        previous = self._holders.get((kernel_id, session_id))
+        self._holders[(kernel_id, session_id)] = holder
+        return succeed(previous)
 
     def _journal_append_blocking(
         self, kernel_id: str, session_id: str, rows: list[tuple[str, str, int, bytes]], max_entries: int
@@ -378,6 +389,8 @@ class SQLiteStore:
         return [(seq, bytes(data)) for seq, data in cursor]
 
     def journal_delete(self, kernel_id: str) -> Deferred[None]:
+        for key in [key for key in self._holders if key[0] == kernel_id]:
+            del self._holders[key]
         return self._run(self._journal_delete_blocking, kernel_id)
 
     def _journal_delete_blocking(self, kernel_id: str) -> None:

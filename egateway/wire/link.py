@@ -9,7 +9,9 @@ C{interrupt_request} and C{shutdown_request}.
 Each WebSocket client gets a L{ClientLink}: its own shell, control and stdin
 DEALER sockets under one routing identity.  The kernel's ROUTER sockets then
 deliver every reply, and every C{input_request}, to the client that asked,
-without the gateway parsing anything to route them.
+without the gateway parsing anything to route them.  A named session's
+identity is derived from its id, so that the gateway that takes it over
+gets its replies (L{egateway.kernels.failover}).
 """
 
 from __future__ import annotations
@@ -130,11 +132,12 @@ class KernelLink:
         if not self._closed:
             self._own[channel].send(join_frames(message, self.signer))
 
-    def client(self, on_message: MessageHandler) -> "ClientLink":
+    def client(self, on_message: MessageHandler, identity: bytes | None = None) -> "ClientLink":
         """
-        Sockets for one WebSocket client.
+        Sockets for one WebSocket client, under C{identity} (default: a
+        fresh one).
         """
-        return ClientLink(self, on_message)
+        return ClientLink(self, on_message, identity)
 
     def close(self) -> None:
         if self._closed:
@@ -164,9 +167,9 @@ class ClientLink:
     One client's shell, control and stdin sockets.
     """
 
-    def __init__(self, link: KernelLink, on_message: MessageHandler) -> None:
+    def __init__(self, link: KernelLink, on_message: MessageHandler, identity: bytes | None = None) -> None:
         self.link = link
-        self.identity = uuid.uuid4().hex.encode("ascii")
+        self.identity = identity or uuid.uuid4().hex.encode("ascii")
         self._on_message = on_message
         self._closed = False
         self._sockets: dict[str, IChannelSocket] = {
