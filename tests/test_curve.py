@@ -491,13 +491,14 @@ class EncryptionStatusTests(SynchronousTestCase):
     def test_encrypted_model(self) -> None:
         """
         A kernel with a CurveZMQ key is shown encrypted, without a reason;
-        the reason a launcher sent is kept only for kernels without keys and
-        never written into a connection file.
+        the reason a launcher sent is kept only for kernels without keys,
+        survives a snapshot, and is never written into a connection file.
         """
         public, secret = zmq.curve_keypair()
         data = {"ip": "127.0.0.1", "key": "k", **PORTS, "encryption_reason": "why"}
         self.assertEqual(ConnectionInfo.from_dict(data).cleartext_reason, "why")
         self.assertNotIn("encryption_reason", ConnectionInfo.from_dict(data).to_dict())
+        self.assertEqual(ConnectionInfo.from_dict(ConnectionInfo.from_dict(data).snapshot()).cleartext_reason, "why")
         keyed = ConnectionInfo.from_dict(dict(data, curve_publickey=public.decode()))
         self.assertEqual((keyed.encrypted, keyed.cleartext_reason), (True, ""))
         manager, launcher, _ = self.manager("auto")

@@ -578,7 +578,7 @@ class LocalKernelProcess:
             "pid": self.pid,
             "connection_file": self.connection_file,
             "log_file": self.log.path,
-            "connection_info": self.connection_info.to_dict(),
+            "connection_info": self.connection_info.snapshot(),
         }
 
 

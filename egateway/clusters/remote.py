@@ -374,7 +374,7 @@ class RemoteKernelProcess:
 
     def snapshot(self) -> dict:
         return {
-            "connection_info": self.connection_info.to_dict(),
+            "connection_info": self.connection_info.snapshot(),
             "host": self.placement.host,
             "ip": self.placement.ip,
             "pid": self.placement.pid,

@@ -132,6 +132,16 @@ class ConnectionInfo:
             data["curve_secretkey"] = self.curve_secretkey.decode("ascii")
         return data
 
+    def snapshot(self) -> dict[str, Any]:
+        """
+        What a launcher's snapshot keeps: the connection file's fields and
+        the C{encryption_reason} (both read back by L{from_dict}).
+        """
+        data = self.to_dict()
+        if self.encryption_reason:
+            data["encryption_reason"] = self.encryption_reason
+        return data
+
     @property
     def encrypted(self) -> bool:
         """
