@@ -354,6 +354,9 @@ def spawn_launcher(
     def environment(value: str | None) -> dict[str, str]:
         result = original(value)
         result.pop("EG_KERNEL_ENCRYPTION", None)
+        # trial -j hands its workers its own sys.path in PYTHONPATH, which
+        # would put this environment's ipykernel before C{python}'s.
+        result.pop("PYTHONPATH", None)
         result.update(env or {})
         return result
 
