@@ -495,13 +495,18 @@ class EncryptionStatusTests(SynchronousTestCase):
         """
         A kernel with a CurveZMQ key is shown encrypted, without a reason;
         the reason a launcher sent is kept only for kernels without keys,
-        survives a snapshot, and is never written into a connection file.
+        survives a snapshot, is never written into a connection file, and
+        reaches the model printable and bounded.
         """
         public, secret = zmq.curve_keypair()
         data = {"ip": "127.0.0.1", "key": "k", **PORTS, "encryption_reason": "why"}
         self.assertEqual(ConnectionInfo.from_dict(data).cleartext_reason, "why")
         self.assertNotIn("encryption_reason", ConnectionInfo.from_dict(data).to_dict())
         self.assertEqual(ConnectionInfo.from_dict(ConnectionInfo.from_dict(data).snapshot()).cleartext_reason, "why")
+        hostile = ConnectionInfo.from_dict(dict(data, encryption_reason="a\x1b[2J\nb" + "x" * 5000))
+        self.assertEqual(hostile.cleartext_reason[:8], "a [2J bx")
+        self.assertLessEqual(len(hostile.cleartext_reason), 500)
+        self.assertEqual(ConnectionInfo.from_dict(dict(data, encryption_reason=["no"])).encryption_reason, "")
         keyed = ConnectionInfo.from_dict(dict(data, curve_publickey=public.decode()))
         self.assertEqual((keyed.encrypted, keyed.cleartext_reason), (True, ""))
         manager, launcher, _ = self.manager("auto")

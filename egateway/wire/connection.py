@@ -31,6 +31,20 @@ def _curve_key(data: Mapping[str, Any], name: str) -> bytes | None:
     return value
 
 
+MAX_REASON = 500
+"""
+Characters of a launcher's C{encryption_reason} kept (it reaches the log and
+the kernel's model; a version 1 payload is not even authenticated).
+"""
+
+
+def _reason(data: Mapping[str, Any]) -> str:
+    value = data.get("encryption_reason")
+    if not isinstance(value, str):
+        return ""
+    return "".join(c if c.isprintable() else " " for c in value[:MAX_REASON]).strip()
+
+
 @dataclass(frozen=True)
 class ConnectionInfo:
     """
@@ -99,7 +113,7 @@ class ConnectionInfo:
                 transport=transport,
                 curve_publickey=curve_publickey,
                 curve_secretkey=curve_secretkey,
-                encryption_reason=str(data.get("encryption_reason") or "") if curve_publickey is None else "",
+                encryption_reason=_reason(data) if curve_publickey is None else "",
                 **ports,
             )
         except KeyError as e:
