@@ -412,6 +412,9 @@ class LauncherCurveTests(TestCase):
         for token, env in ((True, {"EG_KERNEL_ENCRYPTION": "off"}), (False, {})):
             harness, raw = await self.launch(token=token, env=env)
             self.assertNotIn("curve_publickey", raw)
+            # Said why when the gateway can show it; version 1 payloads stay as Enterprise Gateway's.
+            said = "--kernel-encryption off (EG_KERNEL_ENCRYPTION) on the kernel's host" if token else None
+            self.assertEqual(raw.get("encryption_reason"), said)
             info = ConnectionInfo.from_dict(dict(raw, ip="127.0.0.1"))
             reply = None
             deadline = reactor.seconds() + 30
@@ -473,7 +476,9 @@ class EncryptionStatusTests(SynchronousTestCase):
         self.assertIs(model["encrypted"], False)
         self.assertEqual(model["encryption_reason"], "ipykernel 6.29.5 bound the kernel's sockets without CurveZMQ")
         warnings = [event for event in logged if "channels not encrypted" in event.get("log_format", "")]
-        self.assertEqual([(w["kernel_id"], w["reason"]) for w in warnings], [(kernel.id, model["encryption_reason"])])
+        self.assertEqual(
+            [(w["kernel_id"], w["reason"]) for w in warnings], [(kernel.id, model["encryption_reason"])]
+        )
 
     def test_required_refuses_with_reason(self) -> None:
         """

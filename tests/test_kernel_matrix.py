@@ -52,7 +52,9 @@ NOT_CAPABLE = "bound the kernel's sockets without CurveZMQ"
 NO_KEYS_FROM_LAUNCHER = "provided no CurveZMQ key"
 NOT_DECLARED = "does not declare CurveZMQ support"
 
-WHICH = "import ipykernel, jupyter_client, sys; print(ipykernel.__version__, jupyter_client.__version__, sys.executable)"
+WHICH = (
+    "import ipykernel, jupyter_client, sys; print(ipykernel.__version__, jupyter_client.__version__, sys.executable)"
+)
 
 
 async def build_environments() -> None:

@@ -714,9 +714,9 @@ def curve_keys(policy: str, version_2: bool) -> tuple[str, str] | None:
 def offer_curve_keys(app, curve: tuple[str, str]) -> None:
     """
     Hand the key pair to the kernel application before it binds, as bytes
-    (the type its traits hold).  They do not go into the connection file
-    ourselves: ipykernel 6 under jupyter_client 8.10 merges such a file
-    into its own and dies writing it (the keys come back as text).  An
+    (the type its traits hold).  We do not write them into the connection
+    file ourselves: ipykernel 6 under jupyter_client 8.10 merges such a
+    file into its own and dies writing it (the keys come back as text).  An
     application without the traits (jupyter_client 7) simply gets none.
     """
     if app.has_trait("curve_secretkey") and app.has_trait("curve_publickey"):
@@ -827,6 +827,12 @@ def launch(args: argparse.Namespace) -> int:
                 info["encryption_reason"] = reason
             elif info.get("curve_publickey") != curve[0]:
                 raise LaunchFailed("the kernel encrypts, but its connection file lacks its CurveZMQ key")
+        elif args.launch_token:
+            info["encryption_reason"] = (
+                f"--kernel-encryption off ({ENCRYPTION_ENV}) on the kernel's host"
+                if args.kernel_encryption == "off"
+                else "the kernel host's libzmq cannot do CurveZMQ"
+            )
         info.update(pid=os.getpid(), pgid=os.getpgid(0), comm_port=comm_port, kernel_id=args.kernel_id)
         if args.response_address:
             send_connection_info(
