@@ -16,24 +16,28 @@ import shutil
 import signal
 import sys
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import zmq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from egateway.clusters.interface import LaunchError
 from egateway.clusters.local import curve_keys_for, supports_curve
 from egateway.errors import GatewayError
+from egateway.kernels.manager import LaunchFailed
 from egateway.kernels.specs import KernelSpec
 from egateway.wire.connection import ConnectionInfo
 from egateway.wire.link import KernelLink
 from egateway.wire.protocol import Message, Signer, join_frames, split_frames
+from tests.support.fakes import make_manager
 from tests.support.gateway import InProcessGateway, pid_alive
 from tests.support.wsclient import ChannelsClient
 from tests.test_kernel_launcher import KernelHarness, launcher_argv
@@ -333,31 +337,46 @@ class LocalKernelTests(TestCase):
 # -- remote kernels: egateway's launcher provisions keys for version 2 --------------------
 
 
+def spawn_launcher(
+    case: TestCase, token: bool, env: dict[str, str] | None = None, python: str = sys.executable
+) -> tuple[KernelHarness, Any]:
+    """
+    Start egateway's launcher with C{python} (a version 2 launch with
+    C{token}) and C{env} over the environment (without the caller's
+    C{EG_KERNEL_ENCRYPTION}); returns the harness and the pending launch.
+    The launcher is stopped (TERM) at the end of the test.
+    """
+    harness = KernelHarness(case)
+    kernel_id = str(uuid.uuid4())
+    pending = harness.listener.expect(kernel_id, accept_v1=not token, hosts=["127.0.0.1"])
+    original = harness.environment
+
+    def environment(value: str | None) -> dict[str, str]:
+        result = original(value)
+        result.pop("EG_KERNEL_ENCRYPTION", None)
+        # trial -j hands its workers its own sys.path in PYTHONPATH, which
+        # would put this environment's ipykernel before C{python}'s.
+        result.pop("PYTHONPATH", None)
+        result.update(env or {})
+        return result
+
+    async def stop() -> None:
+        if not harness.process.ended.called:
+            os.kill(harness.process.pid, signal.SIGTERM)
+            await harness.process.ended.addTimeout(30, reactor)
+
+    harness.environment = environment  # type: ignore[method-assign]
+    harness.spawn([python, *launcher_argv(harness.listener, kernel_id)[1:]], pending.token if token else None)
+    case.addCleanup(stop)
+    return harness, pending
+
+
 class LauncherCurveTests(TestCase):
     timeout = 180
 
     async def launch(self, token: bool, env: dict[str, str] | None = None) -> tuple[KernelHarness, dict[str, Any]]:
-        harness = KernelHarness(self)
-        kernel_id = str(uuid.uuid4())
-        pending = harness.listener.expect(kernel_id, accept_v1=not token, hosts=["127.0.0.1"])
-        original = harness.environment
-
-        def environment(value: str | None) -> dict[str, str]:
-            result = original(value)
-            result.pop("EG_KERNEL_ENCRYPTION", None)
-            result.update(env or {})
-            return result
-
-        harness.environment = environment  # type: ignore[method-assign]
-        harness.spawn(launcher_argv(harness.listener, kernel_id), pending.token if token else None)
-        info = await harness.receive(pending)
-        self.addCleanup(self.stop, harness)
-        return harness, info
-
-    async def stop(self, harness: KernelHarness) -> None:
-        if not harness.process.ended.called:
-            os.kill(harness.process.pid, signal.SIGTERM)
-            await harness.process.ended.addTimeout(30, reactor)
+        harness, pending = spawn_launcher(self, token, env)
+        return harness, await harness.receive(pending)
 
     async def test_version_2_kernel_is_encrypted(self) -> None:
         """
@@ -393,13 +412,17 @@ class LauncherCurveTests(TestCase):
         for token, env in ((True, {"EG_KERNEL_ENCRYPTION": "off"}), (False, {})):
             harness, raw = await self.launch(token=token, env=env)
             self.assertNotIn("curve_publickey", raw)
+            # Said why when the gateway can show it; version 1 payloads stay as Enterprise Gateway's.
+            said = "--kernel-encryption off (EG_KERNEL_ENCRYPTION) on the kernel's host" if token else None
+            self.assertEqual(raw.get("encryption_reason"), said)
             info = ConnectionInfo.from_dict(dict(raw, ip="127.0.0.1"))
             reply = None
             deadline = reactor.seconds() + 30
             while reply is None and reactor.seconds() < deadline:
                 reply = await deferToThread(ask_kernel_info_blocking, info, False, 2.0)
             self.assertIsNotNone(reply, harness.process.tail())
-            await self.stop(harness)
+            os.kill(harness.process.pid, signal.SIGTERM)
+            await harness.process.ended.addTimeout(30, reactor)
 
     def test_required_without_token_refused(self) -> None:
         """
@@ -417,3 +440,82 @@ class LauncherCurveTests(TestCase):
         self.assertIsNone(launch_ipykernel.curve_keys("off", version_2=True))
         public, secret = launch_ipykernel.curve_keys("auto", version_2=True) or ("", "")
         self.assertEqual(zmq.curve_public(secret.encode()), public.encode())
+
+
+# -- what the gateway does with a kernel that is not encrypted ---------------------------
+
+
+class EncryptionStatusTests(SynchronousTestCase):
+    """
+    The kernel manager with a fake launcher whose kernels report no
+    CurveZMQ key.
+    """
+
+    def manager(self, policy: str, reason: str = "") -> tuple[Any, Any, Clock]:
+        clock = Clock()
+        manager, launcher, _ = make_manager(clock, kernel_encryption=policy)
+        plain = launcher._new_info
+
+        def new_info() -> ConnectionInfo:
+            return replace(plain(), encryption_reason=reason)
+
+        launcher._new_info = new_info
+        return manager, launcher, clock
+
+    def test_auto_shows_reason_in_model(self) -> None:
+        """
+        With auto the kernel starts; its model says its channels are not
+        encrypted and gives the launcher's reason, and a warning names it.
+        """
+        manager, _, _ = self.manager("auto", "ipykernel 6.29.5 bound the kernel's sockets without CurveZMQ")
+        logged: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        kernel = self.successResultOf(Deferred.fromCoroutine(manager.start_kernel(None, None)))
+        model = kernel.model()
+        self.assertIs(model["encrypted"], False)
+        self.assertEqual(model["encryption_reason"], "ipykernel 6.29.5 bound the kernel's sockets without CurveZMQ")
+        warnings = [event for event in logged if "channels not encrypted" in event.get("log_format", "")]
+        self.assertEqual(
+            [(w["kernel_id"], w["reason"]) for w in warnings], [(kernel.id, model["encryption_reason"])]
+        )
+
+    def test_required_refuses_with_reason(self) -> None:
+        """
+        With required the launch fails with 403 and the reason (a generic
+        one when the launcher gave none), and the started process is
+        stopped.
+        """
+        for reason, expected in (("ipykernel 6 cannot", "ipykernel 6 cannot"), ("", "no CurveZMQ key")):
+            manager, launcher, clock = self.manager("required", reason)
+            failure = self.failureResultOf(Deferred.fromCoroutine(manager.start_kernel(None, None)), LaunchFailed)
+            self.assertEqual(failure.value.status, 403)
+            self.assertIn("kernel_encryption is required", str(failure.value))
+            self.assertIn(expected, str(failure.value))
+            clock.advance(10)
+            self.assertEqual([p.exited for p in launcher.processes], [True])
+            self.assertEqual(manager.kernels, {})
+
+    def test_encrypted_model(self) -> None:
+        """
+        A kernel with a CurveZMQ key is shown encrypted, without a reason;
+        the reason a launcher sent is kept only for kernels without keys,
+        survives a snapshot, is never written into a connection file, and
+        reaches the model printable and bounded.
+        """
+        public, secret = zmq.curve_keypair()
+        data = {"ip": "127.0.0.1", "key": "k", **PORTS, "encryption_reason": "why"}
+        self.assertEqual(ConnectionInfo.from_dict(data).cleartext_reason, "why")
+        self.assertNotIn("encryption_reason", ConnectionInfo.from_dict(data).to_dict())
+        self.assertEqual(ConnectionInfo.from_dict(ConnectionInfo.from_dict(data).snapshot()).cleartext_reason, "why")
+        hostile = ConnectionInfo.from_dict(dict(data, encryption_reason="a\x1b[2J\nb" + "x" * 5000))
+        self.assertEqual(hostile.cleartext_reason[:8], "a [2J bx")
+        self.assertLessEqual(len(hostile.cleartext_reason), 500)
+        self.assertEqual(ConnectionInfo.from_dict(dict(data, encryption_reason=["no"])).encryption_reason, "")
+        keyed = ConnectionInfo.from_dict(dict(data, curve_publickey=public.decode()))
+        self.assertEqual((keyed.encrypted, keyed.cleartext_reason), (True, ""))
+        manager, launcher, _ = self.manager("auto")
+        launcher._new_info = lambda: keyed
+        kernel = self.successResultOf(Deferred.fromCoroutine(manager.start_kernel(None, None)))
+        self.assertIs(kernel.model()["encrypted"], True)
+        self.assertNotIn("encryption_reason", kernel.model())

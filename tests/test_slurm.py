@@ -674,9 +674,7 @@ class SlurmGatewayTestCase(SlurmMixin, GatewayTestCase):
         self.start_slurm()
         self.addCleanup(self.no_kernel_jobs)
         self.specs = os.path.abspath(self.mktemp())
-        config = {"cpus": 1, "max_cpus": 16, "allowed_partitions": ["debug"]}
-        write_spec(self.specs, "slurm", launcher_argv(), "slurm", config=config)
-        write_spec(self.specs, "broken", [sys.executable, "/nonexistent/launch.py", "{kernel_id}"], "slurm")
+        self.write_specs()
         self.gateway_settings = {
             "kernelspec_path": self.specs,
             "response_ip": self.slurm.controller_ip,
@@ -690,6 +688,14 @@ class SlurmGatewayTestCase(SlurmMixin, GatewayTestCase):
             **self.extra_settings,
         }
         await super().setUp()
+
+    def write_specs(self) -> None:
+        """
+        The kernelspecs in C{self.specs}.
+        """
+        config = {"cpus": 1, "max_cpus": 16, "allowed_partitions": ["debug"]}
+        write_spec(self.specs, "slurm", launcher_argv(), "slurm", config=config)
+        write_spec(self.specs, "broken", [sys.executable, "/nonexistent/launch.py", "{kernel_id}"], "slurm")
 
     async def start(self, env: dict[str, str] | None = None) -> dict[str, Any]:
         body = {"name": "slurm", **({"env": env} if env else {})}

@@ -57,15 +57,7 @@ class SSHTestCase(GatewayTestCase):
         self.names = {h.ip: h.name for h in self.ssh.hosts}
         self.specs = os.path.abspath(self.mktemp())
         os.makedirs(self.specs)
-        hosts = ",".join(h.ip for h in self.ssh.hosts)
-        write_spec(self.specs, "remote", launcher_argv(), {"remote_hosts": hosts})
-        write_spec(
-            self.specs,
-            "broken",
-            [sys.executable, "/nonexistent/launch.py", "--kernel-id", "{kernel_id}"],
-            {"remote_hosts": hosts},
-        )
-        write_spec(self.specs, "silent", ["sleep", "600"], {"remote_hosts": hosts})
+        self.write_specs(",".join(h.ip for h in self.ssh.hosts))
         self.gateway_settings = {
             "kernelspec_path": self.specs,
             "response_ip": self.ssh.bridge_ip,
@@ -79,6 +71,19 @@ class SSHTestCase(GatewayTestCase):
             **self.extra_settings,
         }
         await super().setUp()
+
+    def write_specs(self, hosts: str) -> None:
+        """
+        The kernelspecs in C{self.specs}, run on C{hosts} (comma-separated).
+        """
+        write_spec(self.specs, "remote", launcher_argv(), {"remote_hosts": hosts})
+        write_spec(
+            self.specs,
+            "broken",
+            [sys.executable, "/nonexistent/launch.py", "--kernel-id", "{kernel_id}"],
+            {"remote_hosts": hosts},
+        )
+        write_spec(self.specs, "silent", ["sleep", "600"], {"remote_hosts": hosts})
 
     async def _check_hosts_clean(self) -> None:
         """
@@ -230,16 +235,7 @@ def write_jeg_spec(directory: str, name: str, argv_prefix: list[str], script: st
                         "config": {"remote_hosts": host, "kernel_launcher": "enterprise-gateway"},
                     }
                 },
-                "argv": [
-                    *argv_prefix,
-                    sys.executable,
-                    script,
-                    "--RemoteProcessProxy.kernel-id", "{kernel_id}",
-                    "--RemoteProcessProxy.response-address", "{response_address}",
-                    "--RemoteProcessProxy.public-key", "{public_key}",
-                    "--RemoteProcessProxy.port-range", "{port_range}",
-                    "--RemoteProcessProxy.spark-context-initialization-mode", "none",
-                ],
+                "argv": [*argv_prefix, *remote_kernels.jeg_launcher_argv(script)],
             },
             f,
         )

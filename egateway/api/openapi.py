@@ -473,6 +473,11 @@ _SCHEMAS: dict[str, Any] = {
             "restarts": {"type": "integer", "minimum": 0},
             "phases": {"type": "array", "items": {"type": "object"}},
             "placement": {"type": "object"},
+            "encrypted": {"type": "boolean", "description": "Whether the kernel's channels use CurveZMQ."},
+            "encryption_reason": {
+                "type": "string",
+                "description": "Why the kernel's channels are not encrypted (only when encrypted is false).",
+            },
             "reason": {"type": "string"},
         },
     },

@@ -156,6 +156,25 @@ def curve_keys_for(spec: Any, policy: str) -> tuple[bytes, bytes] | None:
     return zmq.curve_keypair()
 
 
+def cleartext_reason(spec: Any, policy: str) -> str:
+    """
+    Why L{curve_keys_for} gave a kernel of C{spec} no keys under C{policy},
+    for its model and the log.
+    """
+    import zmq
+
+    if policy == "off":
+        return "kernel_encryption is off"
+    if not supports_curve(spec.metadata):
+        return (
+            f"kernelspec {spec.name!r} does not declare CurveZMQ support "
+            "(metadata.supported_encryption: [\"curve\"], as ipykernel 7.4 or newer installs it)"
+        )
+    if not zmq.has("curve"):
+        return "this gateway's libzmq lacks CurveZMQ"
+    return ""
+
+
 def _pid_alive(pid: int, marker: str) -> bool:
     """
     Is C{pid} alive and still the process we started (its command line
@@ -559,7 +578,7 @@ class LocalKernelProcess:
             "pid": self.pid,
             "connection_file": self.connection_file,
             "log_file": self.log.path,
-            "connection_info": self.connection_info.to_dict(),
+            "connection_info": self.connection_info.snapshot(),
         }
 
 
@@ -642,6 +661,7 @@ class LocalLauncher:
             key=secrets.token_hex(32).encode("ascii"),
             curve_publickey=curve[0] if curve else None,
             curve_secretkey=curve[1] if curve else None,
+            encryption_reason="" if curve else cleartext_reason(request.spec, self._encryption),
         )
         connection_file = os.path.join(runtime_dir, f"kernel-{request.kernel_id}.json")
         try:

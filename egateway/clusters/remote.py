@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal as signals
 import sys
+from dataclasses import replace
 from typing import Any, Awaitable, Callable, Mapping
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -38,6 +39,14 @@ from egateway.observe import Operation, first
 from egateway.wire.connection import ConnectionInfo
 
 _log = Logger()
+
+UNKEYED_LAUNCHER = (
+    "the kernel's launcher provided no CurveZMQ key (Enterprise Gateway's launchers and version 1 launches "
+    "never do; egateway's launcher does with a launch token and ipykernel 7.4 or newer)"
+)
+"""
+Why a remote kernel is not encrypted when its launcher did not say.
+"""
 
 TERMINATE_POLL = 0.25
 """
@@ -201,9 +210,12 @@ def connection_info(info: Mapping[str, Any], ip: str) -> ConnectionInfo:
     @raise LaunchError: the launcher sent malformed connection info.
     """
     try:
-        return ConnectionInfo.from_dict({**info, "ip": ip})
+        parsed = ConnectionInfo.from_dict({**info, "ip": ip})
     except ValueError as e:
         raise LaunchError(f"the kernel launcher sent bad connection info: {e}") from None
+    if not parsed.encrypted and not parsed.encryption_reason:
+        parsed = replace(parsed, encryption_reason=UNKEYED_LAUNCHER)
+    return parsed
 
 
 def _int(value: Any) -> int:
@@ -442,7 +454,7 @@ class RemoteKernelProcess:
 
     def snapshot(self) -> dict:
         return {
-            "connection_info": self.connection_info.to_dict(),
+            "connection_info": self.connection_info.snapshot(),
             "host": self.placement.host,
             "ip": self.placement.ip,
             "pid": self.placement.pid,

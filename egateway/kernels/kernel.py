@@ -157,6 +157,10 @@ class Kernel:
         }
         if self.process is not None:
             model["placement"] = self.process.placement.to_dict()
+            info = self.process.connection_info
+            model["encrypted"] = info.encrypted
+            if not info.encrypted:
+                model["encryption_reason"] = info.cleartext_reason
         if self.reason:
             model["reason"] = self.reason
         return model

@@ -40,7 +40,7 @@ from egateway.kernels.sharing import LEASED_OPERATIONS
 from egateway.observe import Operation, first
 from egateway.kernels.specs import KernelSpecCatalog, NoSuchKernelSpec
 from egateway.kernels.state import KernelState
-from egateway.wire.connection import IChannelFactory
+from egateway.wire.connection import ConnectionInfo, IChannelFactory
 from egateway.wire.link import KernelLink
 from egateway.wire.protocol import Message
 
@@ -675,6 +675,7 @@ class KernelManager(Service):
             first.
         @raise LaunchTimedOut: at the deadline.
         """
+        self._check_encryption(kernel, process.connection_info)
         kernel.process = process
         link = KernelLink(
             process.connection_info, self.channels, self._clock, kernel.on_iopub, kernel.id
@@ -690,6 +691,30 @@ class KernelManager(Service):
                 self._timeout_message(kernel, timeout or self.settings.launch_timeout)
             ) from None
         return None if index == 0 else result
+
+    def _check_encryption(self, kernel: Kernel, info: ConnectionInfo) -> None:
+        """
+        A kernel reached over TCP without CurveZMQ: refused when
+        C{kernel_encryption} is required (before any socket is opened, with
+        the reason its launcher gave), otherwise a warning, since anyone on
+        its network can read its traffic.
+
+        @raise LaunchFailed: 403, encryption is required.
+        """
+        if info.encrypted or info.transport != "tcp":
+            return
+        reason = info.cleartext_reason
+        if self.settings.kernel_encryption == "required":
+            raise LaunchFailed(
+                f"kernel_encryption is required, but kernel {kernel.id}'s channels are not encrypted: {reason}",
+                status=403,
+            )
+        _log.warn(
+            "kernel {kernel_id}: channels not encrypted (messages signed only, readable on its network): "
+            "{reason}",
+            kernel_id=kernel.id,
+            reason=reason,
+        )
 
     async def _wait_ready(self, link: KernelLink, deadline: float) -> None:
         """

@@ -31,6 +31,20 @@ def _curve_key(data: Mapping[str, Any], name: str) -> bytes | None:
     return value
 
 
+MAX_REASON = 500
+"""
+Characters of a launcher's C{encryption_reason} kept (it reaches the log and
+the kernel's model; a version 1 payload is not even authenticated).
+"""
+
+
+def _reason(data: Mapping[str, Any]) -> str:
+    value = data.get("encryption_reason")
+    if not isinstance(value, str):
+        return ""
+    return "".join(c if c.isprintable() else " " for c in value[:MAX_REASON]).strip()
+
+
 @dataclass(frozen=True)
 class ConnectionInfo:
     """
@@ -42,6 +56,9 @@ class ConnectionInfo:
     @ivar curve_secretkey: the matching secret key, which the kernel reads
         from its connection file; known to the gateway only for kernels it
         provisioned (or whose launcher reported it).
+    @ivar encryption_reason: for a kernel whose channels are not
+        encrypted, why (a launcher's or the gateway's sentence for the
+        operator); not part of the connection file.
     """
 
     ip: str
@@ -55,6 +72,7 @@ class ConnectionInfo:
     transport: str = "tcp"
     curve_publickey: bytes | None = None
     curve_secretkey: bytes | None = None
+    encryption_reason: str = ""
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ConnectionInfo":
@@ -95,6 +113,7 @@ class ConnectionInfo:
                 transport=transport,
                 curve_publickey=curve_publickey,
                 curve_secretkey=curve_secretkey,
+                encryption_reason=_reason(data) if curve_publickey is None else "",
                 **ports,
             )
         except KeyError as e:
@@ -105,7 +124,9 @@ class ConnectionInfo:
     def to_dict(self) -> dict[str, Any]:
         """
         The connection file's fields; the CurveZMQ ones only when set, so a
-        kernel without encryption gets exactly the classic file.
+        kernel without encryption gets exactly the classic file (no
+        C{encryption_reason}: ipykernel 6 passes every field it finds there
+        back to jupyter_client, and version 7 of it refuses unknown ones).
         """
         data = {
             "ip": self.ip,
@@ -125,12 +146,33 @@ class ConnectionInfo:
             data["curve_secretkey"] = self.curve_secretkey.decode("ascii")
         return data
 
+    def snapshot(self) -> dict[str, Any]:
+        """
+        What a launcher's snapshot keeps: the connection file's fields and
+        the C{encryption_reason} (both read back by L{from_dict}).
+        """
+        data = self.to_dict()
+        if self.encryption_reason:
+            data["encryption_reason"] = self.encryption_reason
+        return data
+
     @property
     def encrypted(self) -> bool:
         """
         Whether the kernel's channels use CurveZMQ.
         """
         return self.curve_publickey is not None
+
+    @property
+    def cleartext_reason(self) -> str:
+        """
+        Why the kernel's channels are not encrypted (empty when they are).
+        """
+        if self.encrypted:
+            return ""
+        if self.transport != "tcp":
+            return f"{self.transport} transport (local sockets, not the network)"
+        return self.encryption_reason or "its connection info has no CurveZMQ key"
 
     def with_ip(self, ip: str) -> "ConnectionInfo":
         return replace(self, ip=ip)

@@ -252,7 +252,7 @@ def choose_kernel_ports(ip: str, low: int, high: int, avoid: set[int]) -> list[i
             probe.close()
 
 
-def write_connection_file(path: str, ip: str, ports: list[int], curve: tuple[str, str] | None = None) -> None:
+def write_connection_file(path: str, ip: str, ports: list[int]) -> None:
     info = {
         "shell_port": ports[0],
         "iopub_port": ports[1],
@@ -265,8 +265,6 @@ def write_connection_file(path: str, ip: str, ports: list[int], curve: tuple[str
         "signature_scheme": "hmac-sha256",
         "kernel_name": "",
     }
-    if curve is not None:
-        info["curve_publickey"], info["curve_secretkey"] = curve
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(info, f)
@@ -713,11 +711,11 @@ def _remove(path: str) -> None:
 
 def curve_keys(policy: str, version_2: bool) -> tuple[str, str] | None:
     """
-    A CurveZMQ key pair for the kernel's sockets (Z85 public, secret), or
+    A CurveZMQ key pair to offer the kernel (Z85 public, secret), or
     C{None} for clear text.  Only with version 2: a version 1 gateway
-    (Enterprise Gateway) would not know to use them.  ipykernel 7.4 and
-    newer read them from the connection file; older ones would ignore them
-    and leave the gateway unable to connect, so they get none.
+    (Enterprise Gateway) would not know to use them.  Whether the installed
+    ipykernel really encrypts with them is only known once it has bound its
+    sockets (L{curve_in_use}).
     """
     if policy == "off" or not version_2:
         if policy == "required" and not version_2:
@@ -725,21 +723,80 @@ def curve_keys(policy: str, version_2: bool) -> tuple[str, str] | None:
         return None
     try:
         import zmq
-        from ipykernel.kernelapp import IPKernelApp
 
-        supported = zmq.has("curve") and "curve_secretkey" in IPKernelApp.class_trait_names()
+        supported = bool(zmq.has("curve"))
     except ImportError:
         supported = False
     if not supported:
         if policy == "required":
-            raise LaunchFailed(
-                "--kernel-encryption required, but this ipykernel or libzmq cannot do CurveZMQ "
-                "(ipykernel 7.4 or newer with a libsodium libzmq is needed)"
-            )
-        LOG.info("kernel channels stay in clear text: this ipykernel or libzmq cannot do CurveZMQ")
+            raise LaunchFailed("--kernel-encryption required, but this libzmq cannot do CurveZMQ (no libsodium)")
+        LOG.info("kernel channels stay in clear text: this libzmq cannot do CurveZMQ")
         return None
     public, secret = zmq.curve_keypair()
     return public.decode("ascii"), secret.decode("ascii")
+
+
+def offer_curve_keys(app, curve: tuple[str, str]) -> None:
+    """
+    Hand the key pair to the kernel application before it binds, as bytes
+    (the type its traits hold).  We do not write them into the connection
+    file ourselves: ipykernel 6 under jupyter_client 8.10 merges such a
+    file into its own and dies writing it (the keys come back as text).  An
+    application without the traits (jupyter_client 7) simply gets none.
+    """
+    if app.has_trait("curve_secretkey") and app.has_trait("curve_publickey"):
+        app.curve_publickey = curve[0].encode("ascii")
+        app.curve_secretkey = curve[1].encode("ascii")
+
+
+def _kernel_sockets(app) -> list:
+    """
+    The kernel's bound ZMQ sockets that carry messages (not the heartbeat).
+    """
+    sockets = [getattr(app, name, None) for name in ("shell_socket", "stdin_socket", "control_socket")]
+    iopub_thread = getattr(app, "iopub_thread", None)
+    sockets.append(getattr(iopub_thread, "socket", None))
+    return [sock for sock in sockets if sock is not None]
+
+
+def curve_in_use(app) -> tuple[bool, str]:
+    """
+    Whether the initialised kernel bound every message socket as a CurveZMQ
+    server: what it really does, whatever traits it has.  Returns (True,
+    "") or (False, the reason for the kernel's log and the gateway).
+
+    @raise LaunchFailed: some sockets are encrypted and others are not, so
+        no client could use them all.
+    """
+    import zmq
+
+    flags = [bool(sock.getsockopt(zmq.CURVE_SERVER)) for sock in _kernel_sockets(app)]
+    if flags and all(flags):
+        return True, ""
+    if any(flags):
+        raise LaunchFailed("the kernel bound some of its sockets with CurveZMQ and others without")
+    versions = []
+    for name in ("ipykernel", "jupyter_client"):
+        try:
+            versions.append(f"{name} {importlib.import_module(name).__version__}")
+        except (ImportError, AttributeError):
+            versions.append(f"{name} (unknown version)")
+    return False, (
+        f"{' with '.join(versions)} bound the kernel's sockets without CurveZMQ "
+        "(ipykernel 7.4 or newer encrypts them)"
+    )
+
+
+def _forget_curve_keys(app, info: dict) -> None:
+    """
+    The kernel ignored its keys: report none, so the gateway connects in
+    clear text instead of waiting for a CurveZMQ handshake that never comes.
+    """
+    if app.has_trait("curve_secretkey"):
+        app.curve_publickey = None
+        app.curve_secretkey = None
+    info.pop("curve_publickey", None)
+    info.pop("curve_secretkey", None)
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -758,7 +815,7 @@ def launch(args: argparse.Namespace) -> int:
     comm_port = comm_socket.getsockname()[1]
     ports = choose_kernel_ports(args.ip, low, high, {comm_port})
     connection_file = connection_file_for(args.connection_file, args.kernel_id)
-    write_connection_file(connection_file, args.ip, ports, curve)
+    write_connection_file(connection_file, args.ip, ports)
     key = comm_key(args.launch_token, args.kernel_id) if args.launch_token else None
     listener = start_comm_listener(comm_socket, key, args.cluster_type)
 
@@ -780,11 +837,27 @@ def launch(args: argparse.Namespace) -> int:
         app = IPKernelApp.instance(
             kernel_class=kernel_class, user_ns=namespace, connection_file=connection_file, ip=args.ip
         )
+        if curve is not None:
+            offer_curve_keys(app, curve)
         app.initialize([])
         with open(connection_file) as f:
             info = json.load(f)
-        if curve is not None and getattr(app, "curve_secretkey", None) is None:
-            raise LaunchFailed("the kernel did not take its CurveZMQ keys")
+        if curve is not None:
+            encrypted, reason = curve_in_use(app)
+            if not encrypted:
+                if args.kernel_encryption == "required":
+                    raise LaunchFailed(f"--kernel-encryption required, but {reason}")
+                LOG.warning("kernel channels stay in clear text (signed, not encrypted): %s", reason)
+                _forget_curve_keys(app, info)
+                info["encryption_reason"] = reason
+            elif info.get("curve_publickey") != curve[0]:
+                raise LaunchFailed("the kernel encrypts, but its connection file lacks its CurveZMQ key")
+        elif args.launch_token:
+            info["encryption_reason"] = (
+                f"--kernel-encryption off ({ENCRYPTION_ENV}) on the kernel's host"
+                if args.kernel_encryption == "off"
+                else "the kernel host's libzmq cannot do CurveZMQ"
+            )
         info.update(pid=os.getpid(), pgid=os.getpgid(0), comm_port=comm_port, kernel_id=args.kernel_id)
         if args.response_address:
             send_connection_info(

@@ -20,18 +20,35 @@ LAUNCHER = os.path.join(
 )
 
 
-def launcher_argv(script: str = LAUNCHER) -> list[str]:
+def launcher_argv(script: str = LAUNCHER, python: str = sys.executable) -> list[str]:
     """
-    Run C{script} (by default the repository's launcher) with this
-    interpreter, reporting back to the gateway's response address.
+    Run C{script} (by default the repository's launcher) with C{python}
+    (by default this interpreter), reporting back to the gateway's response
+    address.
     """
     return [
-        sys.executable,
+        python,
         script,
         "--kernel-id", "{kernel_id}",
         "--response-address", "{response_address}",
         "--public-key", "{public_key}",
         "--port-range", "{port_range}",
+    ]
+
+
+def jeg_launcher_argv(script: str, python: str = sys.executable) -> list[str]:
+    """
+    Run Enterprise Gateway's launcher C{script} with C{python}, with the
+    arguments of Enterprise Gateway's sample kernelspecs.
+    """
+    return [
+        python,
+        script,
+        "--RemoteProcessProxy.kernel-id", "{kernel_id}",
+        "--RemoteProcessProxy.response-address", "{response_address}",
+        "--RemoteProcessProxy.public-key", "{public_key}",
+        "--RemoteProcessProxy.port-range", "{port_range}",
+        "--RemoteProcessProxy.spark-context-initialization-mode", "none",
     ]
 
 
