@@ -82,6 +82,7 @@ from egateway.clusters.interface import (
     substitute_argv,
 )
 from egateway.clusters.ports import PortAllocator, PortExhausted
+from egateway.observe import OneShotObserver
 from egateway.wire.connection import ConnectionInfo
 
 _log = Logger()
@@ -450,7 +451,7 @@ class LocalKernelProcess:
         self._reactor = reactor
         self._protocol = protocol
         self._exit: ExitStatus | None = None
-        self._exit_waiters: list[Deferred[ExitStatus]] = []
+        self._exited: OneShotObserver[ExitStatus] = OneShotObserver()
         self._watch: LoopingCall | None = None
         self._bind_failed = False
         if protocol is not None:
@@ -489,17 +490,11 @@ class LocalKernelProcess:
             if self._watch is not None and self._watch.running:
                 self._watch.stop()
             self._allocator.release(self._ports)
-            waiters, self._exit_waiters = self._exit_waiters, []
-            for waiter in waiters:
-                waiter.callback(status)
+            self._exited.fire(status)
         return status
 
     def when_exited(self) -> Deferred[ExitStatus]:
-        if self._exit is not None:
-            return succeed(self._exit)
-        waiter: Deferred[ExitStatus] = Deferred()
-        self._exit_waiters.append(waiter)
-        return waiter
+        return self._exited.when_fired()
 
     def poll(self) -> Deferred[Liveness]:
         if self._exit is not None:

@@ -34,9 +34,12 @@ from twisted.conch.ssh import channel, common, connection, keys, transport, user
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+
+from egateway.observe import OneShotObserver
 
 _log = Logger()
 
@@ -106,11 +109,7 @@ class _Transport(transport.SSHClientTransport):
         self.connection_service: _Connection | None = None
 
     def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred:
-        try:
-            self._pool.check_host_key(self._host, hostKey)
-        except SSHError as e:
-            return defer.fail(e)
-        return defer.succeed(True)
+        return self._pool.verify_host_key(self._host, hostKey).addCallback(lambda _: True)
 
     def connectionSecure(self) -> None:
         self.connection_service = _Connection(self._ready)
@@ -242,6 +241,11 @@ UserKeys = Callable[[str], Awaitable[list[keys.Key]]]
 Loads the private keys to log in as a user other than the configured one.
 """
 
+RunBlocking = Callable[..., defer.Deferred]
+"""
+Runs C{f(*args)} off the reactor thread; a Deferred of its result.
+"""
+
 
 class SSHPool:
     """
@@ -252,19 +256,34 @@ class SSHPool:
         the configured user may log in).
     """
 
-    def __init__(self, reactor: Any, settings: SSHSettings, user_keys: UserKeys | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        settings: SSHSettings,
+        user_keys: UserKeys | None = None,
+        run_blocking: RunBlocking | None = None,
+    ) -> None:
+        """
+        @param run_blocking: runs the key and C{known_hosts} file reads and
+            writes; default: the reactor's thread pool.
+        """
         self._reactor = reactor
         self.settings = settings
         self.user_keys = user_keys
+        self._run_blocking: RunBlocking = run_blocking or (
+            lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+        )
+        # One host key check at a time: they share the known_hosts file.
+        self._known_hosts_lock = defer.DeferredLock()
         self._connections: dict[tuple[str, str], _Connection] = {}
-        self._connecting: dict[tuple[str, str], list[defer.Deferred]] = {}
+        self._connecting: dict[tuple[str, str], OneShotObserver[_Connection]] = {}
         self._transports: dict[tuple[str, str], _Transport] = {}
         self._keys: list[keys.Key] | None = None
         self._known_hosts: KnownHostsFile | None = None
 
-    def private_keys(self) -> list[keys.Key]:
+    async def private_keys(self) -> list[keys.Key]:
         if self._keys is None:
-            self._keys = load_keys(self.settings.key_files)
+            self._keys = await self._run_blocking(load_keys, self.settings.key_files)
             if not self._keys:
                 _log.warn(
                     "no usable ssh key among {paths}; set ssh_key_files",
@@ -272,14 +291,22 @@ class SSHPool:
                 )
         return self._keys
 
+    def verify_host_key(self, host: str, blob: bytes) -> defer.Deferred[None]:
+        """
+        L{check_host_key_blocking} in the thread pool.
+        """
+        return self._known_hosts_lock.run(self._run_blocking, self.check_host_key_blocking, host, blob)
+
     def _known(self) -> KnownHostsFile:
         if self._known_hosts is None:
             path = os.path.expanduser(self.settings.known_hosts)
             self._known_hosts = KnownHostsFile.fromPath(FilePath(path))
         return self._known_hosts
 
-    def check_host_key(self, host: str, blob: bytes) -> None:
+    def check_host_key_blocking(self, host: str, blob: bytes) -> None:
         """
+        Reads C{known_hosts} (and writes it, with C{accept-new}).
+
         @raise HostKeyRejected: unknown or changed host key under the policy.
         """
         policy = self.settings.host_key_checking
@@ -320,18 +347,15 @@ class SSHPool:
         existing = self._connections.get(key)
         if existing is not None:
             return defer.succeed(existing)
-        waiter: defer.Deferred[_Connection] = defer.Deferred()
-        waiting = self._connecting.get(key)
-        if waiting is not None:
-            waiting.append(waiter)
-            return waiter
-        self._connecting[key] = [waiter]
-        defer.Deferred.fromCoroutine(self._connect(*key)).addBoth(self._connected, key)
-        return waiter
+        connecting = self._connecting.get(key)
+        if connecting is None:
+            connecting = self._connecting[key] = OneShotObserver()
+            defer.Deferred.fromCoroutine(self._connect(*key)).addBoth(self._connected, key, connecting)
+        return connecting.when_fired()
 
     async def _login_keys(self, user: str) -> list[keys.Key]:
         if user == self.settings.user:
-            return self.private_keys()
+            return await self.private_keys()
         if self.user_keys is None:
             raise SSHAuthError(f"no keys are configured for logging in as {user}")
         loaded = await self.user_keys(user)
@@ -347,6 +371,8 @@ class SSHPool:
         factory = Factory.forProtocol(lambda: _Transport(self, host, ready, user, private_keys))
         try:
             proto = await endpoint.connect(factory)
+        except defer.CancelledError:
+            raise
         except Exception as e:
             raise SSHError(f"cannot connect to {host}:{self.settings.port}: {e}") from None
         self._transports[(host, user)] = proto
@@ -359,19 +385,21 @@ class SSHPool:
         except SSHError:
             proto.transport.abortConnection()
             raise
+        except defer.CancelledError:
+            proto.transport.abortConnection()
+            raise
         except Exception as e:
             proto.transport.abortConnection()
             raise SSHError(f"ssh to {host}: {e}") from None
 
-    def _connected(self, result: Any, key: tuple[str, str]) -> None:
-        waiters = self._connecting.pop(key, [])
-        if isinstance(result, Failure):
-            for waiter in waiters:
-                waiter.errback(result)
-            return None
-        self._connections[key] = result
-        for waiter in waiters:
-            waiter.callback(result)
+    def _connected(
+        self, result: Any, key: tuple[str, str], connecting: OneShotObserver[_Connection]
+    ) -> None:
+        if self._connecting.get(key) is connecting:
+            del self._connecting[key]
+        if not isinstance(result, Failure):
+            self._connections[key] = result
+        connecting.fire(result)
         return None
 
     def _lost(self, key: tuple[str, str], transport: _Transport) -> None:
