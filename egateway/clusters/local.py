@@ -89,6 +89,10 @@ _log = Logger()
 
 PYTHON_NAMES = {"python", "python3"} | {f"python3.{n}" for n in range(6, 20)}
 TAIL_LINES = 20
+TAIL_BYTES = 64 * 1024
+"""
+How much of its output's end a stopping kernel's log reads at most.
+"""
 
 SPEC_ENV = "EGATEWAY_KERNELSPEC"
 """
@@ -328,11 +332,14 @@ class KernelLog:
 
     Kernels write to a file rather than to a pipe to the gateway: a kernel
     must outlive a gateway restart, and ipykernel wedges when its stdout pipe
-    breaks.  Reads are of a local file the kernel appends to, a few bytes at
-    a time.
+    breaks.  The file is opened once and kept open; each tick asks its size
+    (an C{fstat} of the open descriptor) and reads only the bytes appended
+    since the last tick, at most L{CHUNK} of them, so a quiet kernel costs no
+    read at all and the reactor never re-reads what it already logged.
     """
 
     INTERVAL = 1.0
+    CHUNK = 64 * 1024
 
     def __init__(self, kernel_id: str, path: str, clock: Any, from_end: bool = False) -> None:
         self.kernel_id = kernel_id
@@ -344,20 +351,38 @@ class KernelLog:
         """
         self._partial = b""
         self._offset = 0
-        if from_end:
-            try:
-                self._offset = os.path.getsize(path)
-            except OSError:
-                pass
+        self._fd: int | None = None
+        self._open()
+        if from_end and self._fd is not None:
+            self._offset = os.fstat(self._fd).st_size
         self._loop = LoopingCall(self.read)
         self._loop.clock = clock
         self._loop.start(self.INTERVAL, now=False)
 
-    def read(self) -> None:
+    def _open(self) -> None:
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read(1 << 20)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            # Not there (yet, or any more): the next tick tries again.
+            self._fd = None
+
+    def read(self, limit: int | None = None) -> None:
+        """
+        Log what the kernel appended since the last read (at most C{limit}
+        bytes; default L{CHUNK}).
+        """
+        if self._fd is None:
+            self._open()
+            if self._fd is None:
+                return
+        try:
+            size = os.fstat(self._fd).st_size
+            if size < self._offset:
+                # Truncated: start again from its beginning.
+                self._offset = 0
+            if size == self._offset:
+                return
+            data = os.pread(self._fd, min(size - self._offset, limit or self.CHUNK), self._offset)
         except OSError:
             return
         self._offset += len(data)
@@ -376,10 +401,24 @@ class KernelLog:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
-        self.read()
+        if self._fd is None and not self._partial:
+            return
+        # The last words of a kernel that exits explain why: read its end
+        # (a kernel that flooded its output is not read through here).
+        if self._fd is not None:
+            try:
+                size = os.fstat(self._fd).st_size
+            except OSError:
+                size = self._offset
+            if size - self._offset > TAIL_BYTES:
+                self._offset, self._partial = size - TAIL_BYTES, b""
+        self.read(limit=TAIL_BYTES)
         if self._partial:
             self._line(self._partial)
             self._partial = b""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _KernelProcessProtocol(ProcessProtocol):

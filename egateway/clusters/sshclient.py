@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from twisted.conch.client.knownhosts import KnownHostsFile
-from twisted.conch.error import HostKeyChanged
 from twisted.conch.ssh import channel, common, connection, keys, transport, userauth
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
@@ -67,6 +66,16 @@ def shell_command(argv: Sequence[str]) -> str:
     One shell command line running C{argv}, each argument quoted.
     """
     return " ".join(shlex.quote(arg) for arg in argv)
+
+
+def _known_host_entries_blocking(path: str) -> list[Any]:
+    return list(KnownHostsFile.fromPath(FilePath(path)).iterentries())
+
+
+def _add_known_host_blocking(path: str, name: bytes, key: keys.Key) -> None:
+    known = KnownHostsFile.fromPath(FilePath(path))
+    known.addHostKey(name, key)
+    known.save()
 
 
 def load_keys(paths: Iterable[str]) -> list[keys.Key]:
@@ -107,9 +116,16 @@ class _Transport(transport.SSHClientTransport):
         self._keys = private_keys
         self._disconnect_reason: int | None = None
         self.connection_service: _Connection | None = None
+        self.known_hosts: list[Any] = []
 
     def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred:
-        return self._pool.verify_host_key(self._host, hostKey).addCallback(lambda _: True)
+        # Synchronous, against entries read (in a thread) before connecting:
+        # conch must have the new keys before the server's next packet.
+        try:
+            self._pool.check_host_key(self._host, hostKey, self.known_hosts)
+        except SSHError as e:
+            return defer.fail(e)
+        return defer.succeed(True)
 
     def connectionSecure(self) -> None:
         self.connection_service = _Connection(self._ready)
@@ -279,7 +295,6 @@ class SSHPool:
         self._connecting: dict[tuple[str, str], OneShotObserver[_Connection]] = {}
         self._transports: dict[tuple[str, str], _Transport] = {}
         self._keys: list[keys.Key] | None = None
-        self._known_hosts: KnownHostsFile | None = None
 
     async def private_keys(self) -> list[keys.Key]:
         if self._keys is None:
@@ -291,21 +306,22 @@ class SSHPool:
                 )
         return self._keys
 
-    def verify_host_key(self, host: str, blob: bytes) -> defer.Deferred[None]:
+    async def known_host_entries(self) -> list[Any]:
         """
-        L{check_host_key_blocking} in the thread pool.
+        The C{known_hosts} entries, read in the thread pool (none when host
+        keys are not checked).
         """
-        return self._known_hosts_lock.run(self._run_blocking, self.check_host_key_blocking, host, blob)
+        if self.settings.host_key_checking == "off":
+            return []
+        path = os.path.expanduser(self.settings.known_hosts)
+        return await self._known_hosts_lock.run(self._run_blocking, _known_host_entries_blocking, path)
 
-    def _known(self) -> KnownHostsFile:
-        if self._known_hosts is None:
-            path = os.path.expanduser(self.settings.known_hosts)
-            self._known_hosts = KnownHostsFile.fromPath(FilePath(path))
-        return self._known_hosts
-
-    def check_host_key_blocking(self, host: str, blob: bytes) -> None:
+    def check_host_key(self, host: str, blob: bytes, entries: list[Any]) -> None:
         """
-        Reads C{known_hosts} (and writes it, with C{accept-new}).
+        Check C{host}'s key against C{known_hosts} C{entries} (as
+        L{KnownHostsFile.hasHostKey} does, without reading the file); under
+        C{accept-new} an unknown host's key is appended to the file in the
+        thread pool.
 
         @raise HostKeyRejected: unknown or changed host key under the policy.
         """
@@ -313,22 +329,30 @@ class SSHPool:
         if policy == "off":
             return
         key = keys.Key.fromString(blob)
-        known = self._known()
         names = {host.encode()}
         if self.settings.port != 22:
             names.add(f"[{host}]:{self.settings.port}".encode())
-        try:
-            if any(known.hasHostKey(name, key) for name in names):
-                return
-        except HostKeyChanged:
-            raise HostKeyRejected(
-                f"the host key of {host} does not match {self.settings.known_hosts}; "
-                "refusing to connect (possible man-in-the-middle)"
-            ) from None
+        for entry in entries:
+            if any(entry.matchesHost(name) for name in names) and entry.keyType == key.sshType():
+                if entry.matchesKey(key):
+                    return
+                raise HostKeyRejected(
+                    f"the host key of {host} does not match {self.settings.known_hosts}; "
+                    "refusing to connect (possible man-in-the-middle)"
+                )
         if policy == "accept-new":
-            known.addHostKey(sorted(names)[0], key)
-            known.save()
-            _log.info("learned the ssh host key of {host}", host=host)
+            path = os.path.expanduser(self.settings.known_hosts)
+            self._known_hosts_lock.run(
+                self._run_blocking, _add_known_host_blocking, path, sorted(names)[0], key
+            ).addCallbacks(
+                lambda _: _log.info("learned the ssh host key of {host}", host=host),
+                lambda f: _log.warn(
+                    "could not save the ssh host key of {host} to {path}: {error}",
+                    host=host,
+                    path=path,
+                    error=str(f.value),
+                ),
+            )
             return
         raise HostKeyRejected(
             f"the host key of {host} is not in {self.settings.known_hosts}; add it "
@@ -365,10 +389,17 @@ class SSHPool:
 
     async def _connect(self, host: str, user: str) -> _Connection:
         private_keys = await self._login_keys(user)
+        known_hosts = await self.known_host_entries()
         ready: defer.Deferred[_Connection] = defer.Deferred()
         timeout = self.settings.connect_timeout
         endpoint = HostnameEndpoint(self._reactor, host, self.settings.port, timeout=timeout)
-        factory = Factory.forProtocol(lambda: _Transport(self, host, ready, user, private_keys))
+
+        def transport() -> _Transport:
+            made = _Transport(self, host, ready, user, private_keys)
+            made.known_hosts = known_hosts
+            return made
+
+        factory = Factory.forProtocol(transport)
         try:
             proto = await endpoint.connect(factory)
         except defer.CancelledError:
