@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from egateway.clusters import local
 from egateway.clusters.sshclient import HostKeyRejected, SSHError, SSHPool, SSHSettings
+from tests.test_impersonation import LocalImpersonationTestCase
 
 
 class _Runner:
@@ -250,3 +251,25 @@ class KernelspecResourceTests(SynchronousTestCase):
         self.assertEqual(code, 404)
         self.assertEqual(self.on_reactor, [])
         self.assertEqual(self.runner.ran, ["_read_resource_blocking"] * 2)
+
+
+class ImpersonatedFilesTests(LocalImpersonationTestCase):
+    async def test_user_files_made_in_the_thread_pool(self) -> None:
+        """
+        A kernel started as another user has its files created (and given
+        to that user) by the thread pool, not on the reactor thread.
+        """
+        calls: list[bool] = []
+        real = local.open_private_blocking
+
+        def watched(*args: Any) -> int:
+            calls.append(threading.current_thread() is threading.main_thread())
+            return real(*args)
+
+        self.patch(local, "open_private_blocking", watched)
+        model = await self.start("nobody")
+        self.assertEqual(calls, [False, False])
+        process = self.process_of(model["id"])
+        self.assertEqual(os.stat(process.connection_file).st_uid, 65534)
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)

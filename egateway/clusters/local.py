@@ -315,13 +315,34 @@ def remove_kernel_files(kernel_id: str, paths: Sequence[str]) -> None:
             _log.warn("kernel {kernel_id}: could not remove {path}: {error}", kernel_id=kernel_id, path=path, error=str(e))
 
 
+def kernel_file_paths(runtime_dir: str, kernel_id: str) -> tuple[str, str]:
+    """
+    A kernel's connection file and output file.
+    """
+    return (
+        os.path.join(runtime_dir, f"kernel-{kernel_id}.json"),
+        os.path.join(runtime_dir, f"kernel-{kernel_id}.log"),
+    )
+
+
+def create_private_files_blocking(paths: Sequence[str], account: Account) -> None:
+    """
+    Create C{paths}, each C{account}'s alone (owner change and all, in the
+    thread pool before the launch opens them).
+    """
+    for path in paths:
+        os.close(open_private_blocking(path, os.O_WRONLY, account))
+
+
 def _open_kernel_file(path: str, flags: int, private_to: Account | None) -> int:
     """
-    Open (creating, mode 0600) one of a kernel's files: given to the
-    user C{private_to} alone when the kernel runs as that user.
+    Open (creating, mode 0600) one of a kernel's files.  When the kernel
+    runs as the user C{private_to}, the file was made theirs by
+    L{create_private_files_blocking}; it is opened as it is, never
+    through a symbolic link.
     """
     if private_to is not None:
-        return open_private_blocking(path, flags, private_to)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
     return os.open(path, flags | os.O_CREAT, 0o600)
 
 
@@ -649,7 +670,19 @@ class LocalLauncher:
                 prepare_runtime_dir_blocking,
                 self.impersonation.runtime_dir,
             )
-        return self._start(request, account, self._user_files_dir)
+        paths = kernel_file_paths(self._user_files_dir, request.kernel_id)
+        try:
+            await deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), create_private_files_blocking, paths, account
+            )
+        except OSError as e:
+            remove_kernel_files(request.kernel_id, paths)
+            raise LaunchError(f"cannot create the kernel's files in {self._user_files_dir}: {e.strerror}")
+        try:
+            return self._start(request, account, self._user_files_dir)
+        except BaseException:
+            remove_kernel_files(request.kernel_id, paths)
+            raise
 
     def _start(
         self, request: LaunchRequest, account: Account | None = None, user_files_dir: str | None = None
@@ -677,7 +710,7 @@ class LocalLauncher:
             curve_publickey=curve[0] if curve else None,
             curve_secretkey=curve[1] if curve else None,
         )
-        connection_file = os.path.join(runtime_dir, f"kernel-{request.kernel_id}.json")
+        connection_file, log_path = kernel_file_paths(runtime_dir, request.kernel_id)
         try:
             fd = _open_kernel_file(connection_file, os.O_WRONLY | os.O_TRUNC, private_to)
             with os.fdopen(fd, "w") as f:
@@ -699,7 +732,6 @@ class LocalLauncher:
         if self._setsid:
             argv = [self._setsid, *argv]
         protocol = _KernelProcessProtocol()
-        log_path = os.path.join(runtime_dir, f"kernel-{request.kernel_id}.log")
         try:
             output = _open_kernel_file(log_path, os.O_WRONLY | os.O_APPEND, private_to)
         except OSError as e:
