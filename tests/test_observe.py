@@ -101,3 +101,46 @@ class OperationTests(SynchronousTestCase):
 
         Operation("test", body(), observed=False)
         self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
+
+
+class _UnansweredHost:
+    """
+    A remote kernel whose host never answers liveness checks or signals.
+    """
+
+    @staticmethod
+    def make(clock):
+        from egateway.clusters.interface import Placement
+        from egateway.clusters.remote import RemoteKernelProcess
+        from egateway.wire.connection import ConnectionInfo
+
+        class Process(RemoteKernelProcess):
+            async def _check_alive(self):
+                return await Deferred()
+
+            async def _signal_directly(self, signum):
+                await Deferred()
+
+        info = ConnectionInfo(
+            ip="10.0.0.1", shell_port=1, iopub_port=2, stdin_port=3, control_port=4, hb_port=5, key=b"k"
+        )
+        return Process(
+            kernel_id="k", info=info, placement=Placement(host="h", ip="10.0.0.1", pid=7), reactor=clock,
+            poll_interval=1000.0,
+        )
+
+
+class RemoteCancellationTests(SynchronousTestCase):
+    def test_cancelled_poll_is_not_alive_unknown(self) -> None:
+        """
+        Cancelling a liveness poll cancels it; it is not reported as an
+        unreachable host whose kernel is presumed alive.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        process = _UnansweredHost.make(clock)
+        polling = process.poll()
+        polling.cancel()
+        self.failureResultOf(polling, CancelledError)
+        process._watch.stop()

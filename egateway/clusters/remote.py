@@ -313,6 +313,8 @@ class RemoteKernelProcess:
                 pass
         try:
             return await self._check_alive()
+        except CancelledError:
+            raise
         except Exception as e:
             # Cannot tell (host unreachable): a network problem is not a
             # dead kernel.
