@@ -1,10 +1,15 @@
 """
-Operations that several callers wait on without owning them.
+Outcomes that several callers wait on without owning them.
 
-A launch, restart or shutdown belongs to the kernel manager.  A request that
-asks for one gets an observer Deferred: if the client goes away, Klein
-cancels that observer and only that observer; the operation goes on.  A
-second request for an operation in progress observes the same one.
+L{OneShotObserver} is the one "one result, many waiters" helper (a kernel's
+exit, a kernelspec scan, a store or SSH connection attempt): each waiter is
+its own Deferred, and cancelling one detaches only that one.
+
+A launch, restart or shutdown belongs to the kernel manager, as an
+L{Operation}.  A request that asks for one gets an observer Deferred: if the
+client goes away, Klein cancels that observer and only that observer; the
+operation goes on.  A second request for an operation in progress observes
+the same one.
 """
 
 from __future__ import annotations
