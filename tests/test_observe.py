@@ -144,3 +144,25 @@ class RemoteCancellationTests(SynchronousTestCase):
         polling.cancel()
         self.failureResultOf(polling, CancelledError)
         process._watch.stop()
+
+
+class SpecScanTests(SynchronousTestCase):
+    def test_concurrent_callers_share_one_scan(self) -> None:
+        """
+        Callers asking while a scan runs share it; one that gives up (a
+        client gone) does not disturb the others.
+        """
+        from twisted.internet.task import Clock
+
+        from egateway.kernels import specs
+
+        scans: list[Deferred] = []
+        self.patch(specs, "deferToThreadPool", lambda reactor, pool, f, *args: scans.append(Deferred()) or scans[-1])
+        catalog = specs.KernelSpecCatalog(Clock(), None)
+        first, gone, second = catalog.all(), catalog.all(), catalog.all()
+        gone.cancel()
+        self.failureResultOf(gone, CancelledError)
+        self.assertEqual(len(scans), 1)
+        scans[0].callback({"python3": "spec"})
+        self.assertEqual(self.successResultOf(first), {"python3": "spec"})
+        self.assertEqual(self.successResultOf(second), {"python3": "spec"})
