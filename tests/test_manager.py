@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import signal
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -492,3 +492,136 @@ class CullingTests(SynchronousTestCase):
         self.culler()
         self.clock.advance(60)
         self.assertNotIn(kernel.id, self.manager.kernels)
+
+
+class _HeldStore:
+    """
+    A kernel store whose writes wait until the test lets them finish.
+    """
+
+    shared = False
+
+    def __init__(self) -> None:
+        self.saving: list[Deferred] = []
+        self.saved: list[str] = []
+
+    def save_kernel(self, record) -> Deferred:
+        d: Deferred = Deferred()
+        self.saving.append(d)
+        d.addCallback(lambda _: self.saved.append(record.kernel_id))
+        return d
+
+    def delete_kernel(self, kernel_id) -> Deferred:
+        return Deferred()
+
+    def journal_delete(self, kernel_id) -> Deferred:
+        return Deferred()
+
+    def finish(self) -> None:
+        saving, self.saving = self.saving, []
+        for d in saving:
+            if not d.called:
+                d.callback(None)
+
+
+class CancellationTests(SynchronousTestCase):
+    """
+    Operations belong to the manager: a request that goes away, or an
+    operation that is cancelled, never leaves a kernel half-done.
+    """
+
+    def setUp(self) -> None:
+        from egateway.kernels.persistence import KernelPersistence
+
+        self.clock = Clock()
+        self.manager, self.launcher, _ = make_manager(self.clock, max_kernels=1)
+        self.store = _HeldStore()
+        self.persistence = KernelPersistence(
+            lambda: self.store, False, self.manager, self.clock, "gw", "shutdown"
+        )
+        self.persistence.store = self.store
+        self.persistence.opened = True
+        self.manager.persistence = self.persistence
+
+    def test_client_gone_while_the_record_is_written(self) -> None:
+        """
+        A client that disconnects while its kernel's first record is being
+        written does not leave that kernel launching for ever: the launch
+        goes on and the kernel runs (and counts against max_kernels as a
+        running kernel, not a stuck one).
+        """
+        request = start(self.manager)
+        [kernel_id] = list(self.manager.kernels)
+        request.cancel()
+        self.failureResultOf(request)
+        self.store.finish()
+        kernel = self.manager.kernels[kernel_id]
+        self.assertEqual(kernel.state, KernelState.RUNNING)
+        shutdown = self.manager.shutdown(kernel_id)
+        self.clock.advance(1)
+        self.successResultOf(shutdown)
+        self.assertEqual(self.manager.kernels, {})
+        self.store.finish()
+        again = start(self.manager)
+        self.store.finish()
+        self.successResultOf(again)
+
+    def test_cancelled_admission_writes_nothing(self) -> None:
+        """
+        A launch cancelled while the store is still opening is not recorded
+        afterwards (its cancellation is not swallowed by the wait).
+        """
+        kernel = self.successResultOf(Deferred.fromCoroutine(self._kernel()))
+        self.store.saving.clear()
+        self.persistence.opened = False
+        self.persistence._opening = Deferred()
+        admitting = Deferred.fromCoroutine(self.persistence.admit(kernel))
+        admitting.cancel()
+        self.failureResultOf(admitting, CancelledError)
+        self.assertEqual(self.store.saving, [])
+
+    async def _kernel(self):
+        self.manager.persistence = None
+        kernel = await self.manager.start_kernel()
+        self.manager.persistence = self.persistence
+        return kernel
+
+    def test_cancelled_operation_does_not_run_after_its_turn(self) -> None:
+        """
+        An operation cancelled while it waits for the one before it to end
+        does not run its step once that one ends.
+        """
+        self.manager.persistence = None
+        self.launcher.hold = True
+        launching = start(self.manager)
+        [kernel_id] = list(self.manager.kernels)
+        kernel = self.manager.kernels[kernel_id]
+        ran = []
+
+        async def step(kernel):
+            ran.append(kernel.id)
+
+        queued = self.manager._run(kernel, "test", step)
+        queued.cancel()
+        self.launcher.release()
+        self.successResultOf(launching)
+        self.assertEqual(ran, [])
+        self.failureResultOf(queued.observe(), CancelledError)
+
+    def test_unobserved_failure_is_logged(self) -> None:
+        """
+        An automatic restart that fails (nobody waits on it) leaves a log
+        line with the error instead of vanishing.
+        """
+        self.manager.persistence = None
+        kernel = self.successResultOf(start(self.manager))
+
+        async def broken(kernel, status):
+            raise RuntimeError("restart step broke")
+
+        self.manager._auto_restart = broken
+        self.launcher.processes[0].exit(ExitStatus(code=1))
+        errors = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(len(errors), 1)
+        self.assertIn("restart step broke", str(errors[0].value))
+        self.assertNotIn(kernel.id, self.manager._operations)

@@ -49,9 +49,22 @@ def _uuid(name: str) -> str:
     return f"<uuidtext:{name}>"
 
 
-def _read_file_blocking(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+def _read_resource_blocking(resource_dir: str, resource: str) -> tuple[str, bytes] | None:
+    """
+    The path and content of C{resource} in C{resource_dir}; C{None} when
+    there is no such file inside it (a path leaving it included).  Every
+    step touches the disk (symlinks, stat, read): all of it runs in a
+    thread.
+    """
+    root = os.path.realpath(resource_dir)
+    path = os.path.realpath(os.path.join(root, resource))
+    if not path.startswith(root + os.sep) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            return path, f.read()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
 
 
 class GatewayAPI:
@@ -202,11 +215,12 @@ class GatewayAPI:
         if "\0" in resource:
             # No file has one, and os.path refuses it with ValueError.
             raise NotFound(f"kernelspec {name} has no resource {resource!r}")
-        root = os.path.realpath(spec.resource_dir)
-        path = os.path.realpath(os.path.join(root, resource))
-        if not path.startswith(root + os.sep) or not os.path.isfile(path):
+        found = await deferToThreadPool(
+            self._reactor, self._threadpool, _read_resource_blocking, spec.resource_dir, resource
+        )
+        if found is None:
             raise NotFound(f"kernelspec {name} has no resource {resource}")
-        data = await deferToThreadPool(self._reactor, self._threadpool, _read_file_blocking, path)
+        path, data = found
         kind, _ = mimetypes.guess_type(path)
         request.setHeader(b"content-type", (kind or "application/octet-stream").encode())
         request.setHeader(b"cache-control", b"max-age=300")

@@ -25,7 +25,7 @@ from twisted.web.iweb import IRequest
 from egateway.api.auth import CorsPolicy
 from egateway.api.authenticators.interface import presented_token
 from egateway.api.identity import Identity
-from egateway.errors import BadRequest, Forbidden
+from egateway.errors import BadRequest, Forbidden, NotFound
 from egateway.kernels.kernel import Kernel, SessionTaken
 from egateway.kernels.session import KernelSession
 from egateway.kernels.manager import KernelManager
@@ -110,8 +110,12 @@ class ChannelsProtocol(WebSocketServerProtocol):
         try:
             kernel_id = request.path.rstrip("/").split("/")[-2]
             self.kernel = self.factory.manager.get(kernel_id)
-        except Exception:
+        except (IndexError, NotFound):
             raise ConnectionDeny(404, "no such kernel")
+        except Exception:
+            # Our bug, not the client's: say so, and leave a trace.
+            _log.failure("accepting a channels connection to {path}", path=request.path)
+            raise ConnectionDeny(ConnectionDeny.INTERNAL_SERVER_ERROR, "internal error")
         self.session_id = (request.params.get("session_id") or [""])[0]
         try:
             self.resume_after = parse_resume_after(request.params)

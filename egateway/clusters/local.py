@@ -82,12 +82,17 @@ from egateway.clusters.interface import (
     substitute_argv,
 )
 from egateway.clusters.ports import PortAllocator, PortExhausted
+from egateway.observe import OneShotObserver
 from egateway.wire.connection import ConnectionInfo
 
 _log = Logger()
 
 PYTHON_NAMES = {"python", "python3"} | {f"python3.{n}" for n in range(6, 20)}
 TAIL_LINES = 20
+TAIL_BYTES = 64 * 1024
+"""
+How much of its output's end a stopping kernel's log reads at most.
+"""
 
 SPEC_ENV = "EGATEWAY_KERNELSPEC"
 """
@@ -329,13 +334,34 @@ def remove_kernel_files(kernel_id: str, paths: Sequence[str]) -> None:
             _log.warn("kernel {kernel_id}: could not remove {path}: {error}", kernel_id=kernel_id, path=path, error=str(e))
 
 
+def kernel_file_paths(runtime_dir: str, kernel_id: str) -> tuple[str, str]:
+    """
+    A kernel's connection file and output file.
+    """
+    return (
+        os.path.join(runtime_dir, f"kernel-{kernel_id}.json"),
+        os.path.join(runtime_dir, f"kernel-{kernel_id}.log"),
+    )
+
+
+def create_private_files_blocking(paths: Sequence[str], account: Account) -> None:
+    """
+    Create C{paths}, each C{account}'s alone (owner change and all, in the
+    thread pool before the launch opens them).
+    """
+    for path in paths:
+        os.close(open_private_blocking(path, os.O_WRONLY, account))
+
+
 def _open_kernel_file(path: str, flags: int, private_to: Account | None) -> int:
     """
-    Open (creating, mode 0600) one of a kernel's files: given to the
-    user C{private_to} alone when the kernel runs as that user.
+    Open (creating, mode 0600) one of a kernel's files.  When the kernel
+    runs as the user C{private_to}, the file was made theirs by
+    L{create_private_files_blocking}; it is opened as it is, never
+    through a symbolic link.
     """
     if private_to is not None:
-        return open_private_blocking(path, flags, private_to)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
     return os.open(path, flags | os.O_CREAT, 0o600)
 
 
@@ -346,11 +372,14 @@ class KernelLog:
 
     Kernels write to a file rather than to a pipe to the gateway: a kernel
     must outlive a gateway restart, and ipykernel wedges when its stdout pipe
-    breaks.  Reads are of a local file the kernel appends to, a few bytes at
-    a time.
+    breaks.  The file is opened once and kept open; each tick asks its size
+    (an C{fstat} of the open descriptor) and reads only the bytes appended
+    since the last tick, at most L{CHUNK} of them, so a quiet kernel costs no
+    read at all and the reactor never re-reads what it already logged.
     """
 
     INTERVAL = 1.0
+    CHUNK = 64 * 1024
 
     def __init__(self, kernel_id: str, path: str, clock: Any, from_end: bool = False) -> None:
         self.kernel_id = kernel_id
@@ -362,20 +391,38 @@ class KernelLog:
         """
         self._partial = b""
         self._offset = 0
-        if from_end:
-            try:
-                self._offset = os.path.getsize(path)
-            except OSError:
-                pass
+        self._fd: int | None = None
+        self._open()
+        if from_end and self._fd is not None:
+            self._offset = os.fstat(self._fd).st_size
         self._loop = LoopingCall(self.read)
         self._loop.clock = clock
         self._loop.start(self.INTERVAL, now=False)
 
-    def read(self) -> None:
+    def _open(self) -> None:
         try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                data = f.read(1 << 20)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            # Not there (yet, or any more): the next tick tries again.
+            self._fd = None
+
+    def read(self, limit: int | None = None) -> None:
+        """
+        Log what the kernel appended since the last read (at most C{limit}
+        bytes; default L{CHUNK}).
+        """
+        if self._fd is None:
+            self._open()
+            if self._fd is None:
+                return
+        try:
+            size = os.fstat(self._fd).st_size
+            if size < self._offset:
+                # Truncated: start again from its beginning.
+                self._offset = 0
+            if size == self._offset:
+                return
+            data = os.pread(self._fd, min(size - self._offset, limit or self.CHUNK), self._offset)
         except OSError:
             return
         self._offset += len(data)
@@ -394,10 +441,24 @@ class KernelLog:
     def stop(self) -> None:
         if self._loop.running:
             self._loop.stop()
-        self.read()
+        if self._fd is None and not self._partial:
+            return
+        # The last words of a kernel that exits explain why: read its end
+        # (a kernel that flooded its output is not read through here).
+        if self._fd is not None:
+            try:
+                size = os.fstat(self._fd).st_size
+            except OSError:
+                size = self._offset
+            if size - self._offset > TAIL_BYTES:
+                self._offset, self._partial = size - TAIL_BYTES, b""
+        self.read(limit=TAIL_BYTES)
         if self._partial:
             self._line(self._partial)
             self._partial = b""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class _KernelProcessProtocol(ProcessProtocol):
@@ -469,7 +530,7 @@ class LocalKernelProcess:
         self._reactor = reactor
         self._protocol = protocol
         self._exit: ExitStatus | None = None
-        self._exit_waiters: list[Deferred[ExitStatus]] = []
+        self._exited: OneShotObserver[ExitStatus] = OneShotObserver()
         self._watch: LoopingCall | None = None
         self._bind_failed = False
         if protocol is not None:
@@ -508,17 +569,11 @@ class LocalKernelProcess:
             if self._watch is not None and self._watch.running:
                 self._watch.stop()
             self._allocator.release(self._ports)
-            waiters, self._exit_waiters = self._exit_waiters, []
-            for waiter in waiters:
-                waiter.callback(status)
+            self._exited.fire(status)
         return status
 
     def when_exited(self) -> Deferred[ExitStatus]:
-        if self._exit is not None:
-            return succeed(self._exit)
-        waiter: Deferred[ExitStatus] = Deferred()
-        self._exit_waiters.append(waiter)
-        return waiter
+        return self._exited.when_fired()
 
     def poll(self) -> Deferred[Liveness]:
         if self._exit is not None:
@@ -634,7 +689,19 @@ class LocalLauncher:
                 prepare_runtime_dir_blocking,
                 self.impersonation.runtime_dir,
             )
-        return self._start(request, account, self._user_files_dir)
+        paths = kernel_file_paths(self._user_files_dir, request.kernel_id)
+        try:
+            await deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), create_private_files_blocking, paths, account
+            )
+        except OSError as e:
+            remove_kernel_files(request.kernel_id, paths)
+            raise LaunchError(f"cannot create the kernel's files in {self._user_files_dir}: {e.strerror}")
+        try:
+            return self._start(request, account, self._user_files_dir)
+        except BaseException:
+            remove_kernel_files(request.kernel_id, paths)
+            raise
 
     def _start(
         self, request: LaunchRequest, account: Account | None = None, user_files_dir: str | None = None
@@ -663,7 +730,7 @@ class LocalLauncher:
             curve_secretkey=curve[1] if curve else None,
             encryption_reason="" if curve else cleartext_reason(request.spec, self._encryption),
         )
-        connection_file = os.path.join(runtime_dir, f"kernel-{request.kernel_id}.json")
+        connection_file, log_path = kernel_file_paths(runtime_dir, request.kernel_id)
         try:
             fd = _open_kernel_file(connection_file, os.O_WRONLY | os.O_TRUNC, private_to)
             with os.fdopen(fd, "w") as f:
@@ -685,7 +752,6 @@ class LocalLauncher:
         if self._setsid:
             argv = [self._setsid, *argv]
         protocol = _KernelProcessProtocol()
-        log_path = os.path.join(runtime_dir, f"kernel-{request.kernel_id}.log")
         try:
             output = _open_kernel_file(log_path, os.O_WRONLY | os.O_APPEND, private_to)
         except OSError as e:

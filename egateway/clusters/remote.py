@@ -18,7 +18,7 @@ import sys
 from dataclasses import replace
 from typing import Any, Awaitable, Callable, Mapping
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -35,7 +35,7 @@ from egateway.clusters.interface import (
 )
 from egateway.clusters.local import PYTHON_NAMES
 from egateway.clusters.response import PendingLaunch, ResponseListener
-from egateway.observe import Operation, first
+from egateway.observe import OneShotObserver, Operation, first
 from egateway.wire.connection import ConnectionInfo
 
 _log = Logger()
@@ -269,7 +269,7 @@ class RemoteKernelProcess:
             else None
         )
         self._exit: ExitStatus | None = None
-        self._waiters: list[Deferred[ExitStatus]] = []
+        self._exited: OneShotObserver[ExitStatus] = OneShotObserver()
         self._watch = LoopingCall(self._poll_once)
         self._watch.clock = reactor
         self._watch.start(poll_interval, now=False).addErrback(
@@ -305,9 +305,7 @@ class RemoteKernelProcess:
         self._exit = status
         if self._watch.running:
             self._watch.stop()
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(status)
+        self._exited.fire(status)
 
     async def _poll_once(self) -> None:
         liveness = await self._liveness()
@@ -327,6 +325,8 @@ class RemoteKernelProcess:
                 pass
         try:
             return await self._check_alive()
+        except CancelledError:
+            raise
         except Exception as e:
             # Cannot tell (host unreachable): a network problem is not a
             # dead kernel.
@@ -336,11 +336,7 @@ class RemoteKernelProcess:
             return Liveness(True, f"unknown: {e}")
 
     def when_exited(self) -> Deferred[ExitStatus]:
-        if self._exit is not None:
-            return succeed(self._exit)
-        waiter: Deferred[ExitStatus] = Deferred()
-        self._waiters.append(waiter)
-        return waiter
+        return self._exited.when_fired()
 
     def poll(self) -> Deferred[Liveness]:
         return Deferred.fromCoroutine(self._liveness())

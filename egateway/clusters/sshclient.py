@@ -29,14 +29,16 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from twisted.conch.client.knownhosts import KnownHostsFile
-from twisted.conch.error import HostKeyChanged
 from twisted.conch.ssh import channel, common, connection, keys, transport, userauth
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
+
+from egateway.observe import OneShotObserver
 
 _log = Logger()
 
@@ -64,6 +66,16 @@ def shell_command(argv: Sequence[str]) -> str:
     One shell command line running C{argv}, each argument quoted.
     """
     return " ".join(shlex.quote(arg) for arg in argv)
+
+
+def _known_host_entries_blocking(path: str) -> list[Any]:
+    return list(KnownHostsFile.fromPath(FilePath(path)).iterentries())
+
+
+def _add_known_host_blocking(path: str, name: bytes, key: keys.Key) -> None:
+    known = KnownHostsFile.fromPath(FilePath(path))
+    known.addHostKey(name, key)
+    known.save()
 
 
 def load_keys(paths: Iterable[str]) -> list[keys.Key]:
@@ -104,10 +116,13 @@ class _Transport(transport.SSHClientTransport):
         self._keys = private_keys
         self._disconnect_reason: int | None = None
         self.connection_service: _Connection | None = None
+        self.known_hosts: list[Any] = []
 
     def verifyHostKey(self, hostKey: bytes, fingerprint: bytes) -> defer.Deferred:
+        # Synchronous, against entries read (in a thread) before connecting:
+        # conch must have the new keys before the server's next packet.
         try:
-            self._pool.check_host_key(self._host, hostKey)
+            self._pool.check_host_key(self._host, hostKey, self.known_hosts)
         except SSHError as e:
             return defer.fail(e)
         return defer.succeed(True)
@@ -242,6 +257,11 @@ UserKeys = Callable[[str], Awaitable[list[keys.Key]]]
 Loads the private keys to log in as a user other than the configured one.
 """
 
+RunBlocking = Callable[..., defer.Deferred]
+"""
+Runs C{f(*args)} off the reactor thread; a Deferred of its result.
+"""
+
 
 class SSHPool:
     """
@@ -252,19 +272,33 @@ class SSHPool:
         the configured user may log in).
     """
 
-    def __init__(self, reactor: Any, settings: SSHSettings, user_keys: UserKeys | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        settings: SSHSettings,
+        user_keys: UserKeys | None = None,
+        run_blocking: RunBlocking | None = None,
+    ) -> None:
+        """
+        @param run_blocking: runs the key and C{known_hosts} file reads and
+            writes; default: the reactor's thread pool.
+        """
         self._reactor = reactor
         self.settings = settings
         self.user_keys = user_keys
+        self._run_blocking: RunBlocking = run_blocking or (
+            lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+        )
+        # One host key check at a time: they share the known_hosts file.
+        self._known_hosts_lock = defer.DeferredLock()
         self._connections: dict[tuple[str, str], _Connection] = {}
-        self._connecting: dict[tuple[str, str], list[defer.Deferred]] = {}
+        self._connecting: dict[tuple[str, str], OneShotObserver[_Connection]] = {}
         self._transports: dict[tuple[str, str], _Transport] = {}
         self._keys: list[keys.Key] | None = None
-        self._known_hosts: KnownHostsFile | None = None
 
-    def private_keys(self) -> list[keys.Key]:
+    async def private_keys(self) -> list[keys.Key]:
         if self._keys is None:
-            self._keys = load_keys(self.settings.key_files)
+            self._keys = await self._run_blocking(load_keys, self.settings.key_files)
             if not self._keys:
                 _log.warn(
                     "no usable ssh key among {paths}; set ssh_key_files",
@@ -272,36 +306,53 @@ class SSHPool:
                 )
         return self._keys
 
-    def _known(self) -> KnownHostsFile:
-        if self._known_hosts is None:
-            path = os.path.expanduser(self.settings.known_hosts)
-            self._known_hosts = KnownHostsFile.fromPath(FilePath(path))
-        return self._known_hosts
-
-    def check_host_key(self, host: str, blob: bytes) -> None:
+    async def known_host_entries(self) -> list[Any]:
         """
+        The C{known_hosts} entries, read in the thread pool (none when host
+        keys are not checked).
+        """
+        if self.settings.host_key_checking == "off":
+            return []
+        path = os.path.expanduser(self.settings.known_hosts)
+        return await self._known_hosts_lock.run(self._run_blocking, _known_host_entries_blocking, path)
+
+    def check_host_key(self, host: str, blob: bytes, entries: list[Any]) -> None:
+        """
+        Check C{host}'s key against C{known_hosts} C{entries} (as
+        L{KnownHostsFile.hasHostKey} does, without reading the file); under
+        C{accept-new} an unknown host's key is appended to the file in the
+        thread pool.
+
         @raise HostKeyRejected: unknown or changed host key under the policy.
         """
         policy = self.settings.host_key_checking
         if policy == "off":
             return
         key = keys.Key.fromString(blob)
-        known = self._known()
         names = {host.encode()}
         if self.settings.port != 22:
             names.add(f"[{host}]:{self.settings.port}".encode())
-        try:
-            if any(known.hasHostKey(name, key) for name in names):
-                return
-        except HostKeyChanged:
-            raise HostKeyRejected(
-                f"the host key of {host} does not match {self.settings.known_hosts}; "
-                "refusing to connect (possible man-in-the-middle)"
-            ) from None
+        for entry in entries:
+            if any(entry.matchesHost(name) for name in names) and entry.keyType == key.sshType():
+                if entry.matchesKey(key):
+                    return
+                raise HostKeyRejected(
+                    f"the host key of {host} does not match {self.settings.known_hosts}; "
+                    "refusing to connect (possible man-in-the-middle)"
+                )
         if policy == "accept-new":
-            known.addHostKey(sorted(names)[0], key)
-            known.save()
-            _log.info("learned the ssh host key of {host}", host=host)
+            path = os.path.expanduser(self.settings.known_hosts)
+            self._known_hosts_lock.run(
+                self._run_blocking, _add_known_host_blocking, path, sorted(names)[0], key
+            ).addCallbacks(
+                lambda _: _log.info("learned the ssh host key of {host}", host=host),
+                lambda f: _log.warn(
+                    "could not save the ssh host key of {host} to {path}: {error}",
+                    host=host,
+                    path=path,
+                    error=str(f.value),
+                ),
+            )
             return
         raise HostKeyRejected(
             f"the host key of {host} is not in {self.settings.known_hosts}; add it "
@@ -320,18 +371,15 @@ class SSHPool:
         existing = self._connections.get(key)
         if existing is not None:
             return defer.succeed(existing)
-        waiter: defer.Deferred[_Connection] = defer.Deferred()
-        waiting = self._connecting.get(key)
-        if waiting is not None:
-            waiting.append(waiter)
-            return waiter
-        self._connecting[key] = [waiter]
-        defer.Deferred.fromCoroutine(self._connect(*key)).addBoth(self._connected, key)
-        return waiter
+        connecting = self._connecting.get(key)
+        if connecting is None:
+            connecting = self._connecting[key] = OneShotObserver()
+            defer.Deferred.fromCoroutine(self._connect(*key)).addBoth(self._connected, key, connecting)
+        return connecting.when_fired()
 
     async def _login_keys(self, user: str) -> list[keys.Key]:
         if user == self.settings.user:
-            return self.private_keys()
+            return await self.private_keys()
         if self.user_keys is None:
             raise SSHAuthError(f"no keys are configured for logging in as {user}")
         loaded = await self.user_keys(user)
@@ -341,12 +389,21 @@ class SSHPool:
 
     async def _connect(self, host: str, user: str) -> _Connection:
         private_keys = await self._login_keys(user)
+        known_hosts = await self.known_host_entries()
         ready: defer.Deferred[_Connection] = defer.Deferred()
         timeout = self.settings.connect_timeout
         endpoint = HostnameEndpoint(self._reactor, host, self.settings.port, timeout=timeout)
-        factory = Factory.forProtocol(lambda: _Transport(self, host, ready, user, private_keys))
+
+        def transport() -> _Transport:
+            made = _Transport(self, host, ready, user, private_keys)
+            made.known_hosts = known_hosts
+            return made
+
+        factory = Factory.forProtocol(transport)
         try:
             proto = await endpoint.connect(factory)
+        except defer.CancelledError:
+            raise
         except Exception as e:
             raise SSHError(f"cannot connect to {host}:{self.settings.port}: {e}") from None
         self._transports[(host, user)] = proto
@@ -359,19 +416,21 @@ class SSHPool:
         except SSHError:
             proto.transport.abortConnection()
             raise
+        except defer.CancelledError:
+            proto.transport.abortConnection()
+            raise
         except Exception as e:
             proto.transport.abortConnection()
             raise SSHError(f"ssh to {host}: {e}") from None
 
-    def _connected(self, result: Any, key: tuple[str, str]) -> None:
-        waiters = self._connecting.pop(key, [])
-        if isinstance(result, Failure):
-            for waiter in waiters:
-                waiter.errback(result)
-            return None
-        self._connections[key] = result
-        for waiter in waiters:
-            waiter.callback(result)
+    def _connected(
+        self, result: Any, key: tuple[str, str], connecting: OneShotObserver[_Connection]
+    ) -> None:
+        if self._connecting.get(key) is connecting:
+            del self._connecting[key]
+        if not isinstance(result, Failure):
+            self._connections[key] = result
+        connecting.fire(result)
         return None
 
     def _lost(self, key: tuple[str, str], transport: _Transport) -> None:

@@ -425,15 +425,23 @@ class KernelManager(Service):
             self.sharing.equip(kernel)
         kernel.report(Phase.QUEUED, f"launcher {launcher_name}")
         self.kernels[kernel_id] = kernel
+        # The launch, its first record included, belongs to the manager: a
+        # client that goes away cancels only its observer.
+        operation = self._run(kernel, "launch", self._admit_and_launch)
+        await operation.observe()
+        return kernel
+
+    async def _admit_and_launch(self, kernel: Kernel) -> Kernel:
         if self.persistence is not None:
             try:
                 await self.persistence.admit(kernel)
-            except GatewayError:
-                self.kernels.pop(kernel_id, None)
+            except BaseException as e:
+                # Never launched: nothing to record as failed.
+                self.kernels.pop(kernel.id, None)
+                if isinstance(e, CancelledError):
+                    raise LaunchFailed(f"kernel {kernel.id} was shut down while launching") from None
                 raise
-        operation = self._run(kernel, "launch", self._launch_new)
-        await operation.observe()
-        return kernel
+        return await self._launch_new(kernel)
 
     def _check_max_kernels(self) -> None:
         """
@@ -466,25 +474,29 @@ class KernelManager(Service):
         others = [k for k in self.kernels.values() if k is not kernel]
         self.policy.check_quotas(others, plan, self._clock.seconds(), self.settings.launch_timeout)
 
-    def _run(self, kernel: Kernel, name: str, step: Callable[..., Any], *args: Any) -> Operation[Any]:
+    def _run(
+        self, kernel: Kernel, name: str, step: Callable[..., Any], *args: Any, observed: bool = True
+    ) -> Operation[Any]:
         """
         Start operation C{name} on C{kernel}: C{step(kernel, *args)} runs once
         the operation in progress (if any) has ended, so operations on one
         kernel never overlap.
+
+        @param observed: C{False} when nobody will wait on it (an automatic
+            restart): its failure is then logged.
         """
         previous = self._operations.get(kernel.id)
 
         async def body() -> Any:
             if previous is not None and not previous.done:
-                try:
-                    await previous.observe()
-                except Exception:
-                    pass
+                # Its outcome is its observers'; this one only waits its
+                # turn (and its own cancellation still stops it here).
+                await previous.finished()
             if self.sharing is not None and name in LEASED_OPERATIONS:
                 return await self.sharing.leased(name, kernel, step, *args)
             return await step(kernel, *args)
 
-        operation: Operation[Any] = Operation(name, body())
+        operation: Operation[Any] = Operation(name, body(), subject=f"kernel {kernel.id}", observed=observed)
         if not operation.done:
             self._operations[kernel.id] = operation
 
@@ -763,7 +775,7 @@ class KernelManager(Service):
             if kernel.id in self._operations:
                 return
             self.last_exit[kernel.id] = status
-            self._run(kernel, "auto-restart", self._auto_restart, status)
+            self._run(kernel, "auto-restart", self._auto_restart, status, observed=False)
 
         process.when_exited().addCallback(exited)
 

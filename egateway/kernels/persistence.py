@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
@@ -186,8 +186,9 @@ class KernelPersistence:
             waiting.addTimeout(10, self._clock)
             try:
                 await waiting
-            except Exception:
-                pass
+            except TimeoutError:
+                # Still not open: the write below fails with the reason.
+                _log.warn("kernel {kernel_id}: the kernel store is still opening", kernel_id=kernel.id)
         try:
             await self.store.save_kernel(record_of(kernel, self.gateway_id))
         except StoreError as e:

@@ -22,6 +22,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from egateway.observe import OneShotObserver
+
 _log = Logger()
 
 ENTERPRISE_GATEWAY_CLASSES = {
@@ -227,8 +229,7 @@ class KernelSpecCatalog:
         self._ttl = ttl
         self._specs: dict[str, KernelSpec] | None = None
         self._scanned_at = float("-inf")
-        self._scanning: Deferred[dict[str, KernelSpec]] | None = None
-        self._waiters: list[Deferred[dict[str, KernelSpec]]] = []
+        self._scanning: OneShotObserver[dict[str, KernelSpec]] | None = None
 
     @property
     def default_name(self) -> str:
@@ -243,32 +244,25 @@ class KernelSpecCatalog:
             from twisted.internet.defer import succeed
 
             return succeed(self._specs)
-        waiter: Deferred[dict[str, KernelSpec]] = Deferred()
-        self._waiters.append(waiter)
-        if self._scanning is None:
-            self._scanning = deferToThreadPool(
-                self._reactor, self._threadpool, scan_blocking, self._extra_dirs
+        scanning = self._scanning
+        if scanning is None:
+            scanning = self._scanning = OneShotObserver()
+            deferToThreadPool(self._reactor, self._threadpool, scan_blocking, self._extra_dirs).addBoth(
+                self._scanned, scanning
             )
-            self._scanning.addBoth(self._scanned)
-        return waiter
+        return scanning.when_fired()
 
-    def _scanned(self, result: Any) -> None:
+    def _scanned(self, result: Any, scanning: OneShotObserver[dict[str, KernelSpec]]) -> None:
         self._scanning = None
-        waiters, self._waiters = self._waiters, []
         if isinstance(result, dict):
             if self._allowed:
                 result = {k: v for k, v in result.items() if k in self._allowed}
             self._specs = result
             self._scanned_at = self._clock.seconds()
-            for waiter in waiters:
-                waiter.callback(result)
+            scanning.fire(result)
         else:
             _log.failure("scanning kernelspecs failed", result)
-            for waiter in waiters:
-                if self._specs is not None:
-                    waiter.callback(self._specs)
-                else:
-                    waiter.errback(result)
+            scanning.fire(self._specs if self._specs is not None else result)
 
     async def get(self, name: str) -> KernelSpec:
         """

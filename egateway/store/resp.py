@@ -30,6 +30,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from egateway.observe import OneShotObserver
 from egateway.store.interface import StoreUnavailable
 
 
@@ -312,7 +313,8 @@ class RedisClient:
         self._retry: Any = None
         self._failures = 0
         self._last_error = "not connected yet"
-        self._first: list[Deferred[None]] = []
+        # The outcome of the attempt in progress, for start()'s callers.
+        self._first: OneShotObserver[None] = OneShotObserver()
         self._scripts: dict[str, str] = {}
 
     @property
@@ -329,8 +331,7 @@ class RedisClient:
         """
         if self._protocol is not None:
             return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._first.append(waiter)
+        waiter = self._first.when_fired()
         if not self._running:
             self._running = True
             self._connect()
@@ -454,12 +455,8 @@ class RedisClient:
         self._retry = self._reactor.callLater(self._min_backoff * random.uniform(0.5, 1.0), self._connect)
 
     def _release_waiters(self, error: Exception | None) -> None:
-        waiters, self._first = self._first, []
-        for w in waiters:
-            if error is None:
-                w.callback(None)
-            else:
-                w.errback(error)
+        first, self._first = self._first, OneShotObserver()
+        first.fire(error)
 
     # -- commands ---------------------------------------------------------
 

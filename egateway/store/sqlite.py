@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from egateway.observe import OneShotObserver
 from egateway.store.codec import decode_kernel, decode_session, encode_kernel, encode_session
 from egateway.store.crypto import SecretBox
 from egateway.store.interface import (
@@ -83,7 +84,7 @@ class SQLiteStore:
         self._reactor = reactor
         self._pool: ThreadPool | None = None
         self._shutdown_trigger: Any = None
-        self._waiters: list[Deferred[None]] = []
+        self._starting: OneShotObserver[None] | None = None
         self._generation = 0
         self._started = False
         # Touched only on the pool's thread.
@@ -106,10 +107,9 @@ class SQLiteStore:
         """
         if self._started:
             return succeed(None)
-        waiter: Deferred[None] = Deferred()
-        self._waiters.append(waiter)
-        if len(self._waiters) > 1:
-            return waiter
+        if self._starting is not None:
+            return self._starting.when_fired()
+        starting = self._starting = OneShotObserver()
         pool = ThreadPool(minthreads=1, maxthreads=1, name=f"egateway-store-sqlite:{self.path}")
         pool.start()
         self._pool = pool
@@ -120,24 +120,22 @@ class SQLiteStore:
         generation = self._generation
 
         def done(result: Any) -> None:
-            waiters, self._waiters = self._waiters, []
+            if self._starting is starting:
+                self._starting = None
             if generation != self._generation:
                 # stop() came first; it closes what was opened and stops the pool.
-                for w in waiters:
-                    w.errback(StoreUnavailable(f"SQLite store {self.path} was stopped while starting"))
+                starting.fire(StoreUnavailable(f"SQLite store {self.path} was stopped while starting"))
                 return
             if isinstance(result, Failure):
                 self._stop_pool()
-                for w in waiters:
-                    w.errback(result)
+                starting.fire(result)
                 return
             self._started = True
             self._log.info("kernel store: SQLite {path}", path=self.path)
-            for w in waiters:
-                w.callback(None)
+            starting.fire(None)
 
         self._call(self._open_blocking).addBoth(done)
-        return waiter
+        return starting.when_fired()
 
     def stop(self) -> Deferred[None]:
         """
