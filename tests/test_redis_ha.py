@@ -14,13 +14,15 @@ import tempfile
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from egateway.store import StoreUnavailable, parse_store_url
 from egateway.store.crypto import SecretBox
 from egateway.store.redis import RedisStore
-from egateway.store.resp import RedisAddress
+from egateway.store.resp import RedisAddress, ReplyParser, encode_command
 from tests.fixtures import RedisSentinelGroup, RedisServer, RedisTLS
 from tests.fixtures.system import REDIS_PACKAGES, require_packages
 from tests.support.daemon import ChildProcess, free_port
@@ -34,6 +36,20 @@ BOX = SecretBox.from_key(SecretBox.generate_key())
 
 async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
+
+
+def capture_log(case: TestCase) -> list[str]:
+    """
+    Every log line (formatted, with its fields) emitted until the test ends.
+    """
+    lines: list[str] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        lines.append(f"{formatEvent(event)} {event!r}")
+
+    globalLogPublisher.addObserver(observe)
+    case.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
 
 
 async def start_store(case: TestCase, url: str) -> RedisStore:
@@ -269,3 +285,89 @@ class SentinelFailoverTests(TestCase):
         self.assertEqual(stored, sorted([model["id"], body["id"]]))
         listed = sorted(k["id"] for k in (await gateway.request("GET", "api/kernels"))[1])
         self.assertEqual(listed, stored)
+
+
+class _ScriptedSentinel(Protocol):
+    """
+    Answers every question with the next address of a script (the last one
+    again once the script is used up), as a sentinel would.
+    """
+
+    def __init__(self, answers: list[tuple[str, int]]) -> None:
+        self._parser = ReplyParser()
+        self._answers = answers
+
+    def dataReceived(self, data: bytes) -> None:
+        for _ in self._parser.feed(data):
+            host, port = self._answers.pop(0) if len(self._answers) > 1 else self._answers[0]
+            self.transport.write(encode_command([host, str(port)]))
+
+
+class PrimaryAndReplicaTests(TestCase):
+    """
+    The client's own checks, with a real primary and replica: the server a
+    sentinel names must be a primary, a demoted server's READONLY drops the
+    connection, and writes no replica confirmed are logged.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        require_packages(*REDIS_PACKAGES)
+        self.primary = RedisServer(tempfile.mkdtemp(prefix="egw-", dir="/tmp"))
+        self.primary.up()
+        self.addCleanup(self.primary.down)
+        self.replica = RedisServer(
+            tempfile.mkdtemp(prefix="egw-", dir="/tmp"), config=[f"replicaof {self.primary.host} {self.primary.port}"]
+        )
+        self.replica.up()
+        self.addCleanup(self.replica.down)
+        self.replica.wait_in_sync()
+
+    def sentinel(self, answers: list[tuple[str, int]]) -> int:
+        port = reactor.listenTCP(0, Factory.forProtocol(lambda: _ScriptedSentinel(answers)), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    async def test_a_replica_named_as_primary_is_refused(self) -> None:
+        """
+        A sentinel that names a replica (as during a failover) is not
+        believed: the store refuses to start on it, saying why, and connects
+        to the primary once a sentinel names it; a sentinel that cannot be
+        reached is skipped.
+        """
+        host = self.primary.host
+        scripted = self.sentinel([(host, self.replica.port), (host, self.primary.port)])
+        url = f"redis+sentinel://{host}:{free_port()},{host}:{scripted}/egwmaster/0"
+        store = RedisStore(url, BOX, reactor, connect_timeout=2.0, command_timeout=3.0, min_backoff=0.05)
+        self.addCleanup(store.stop)
+        error = await self.assertFailure(store.start(), StoreUnavailable)
+        self.assertIn(f"{host}:{self.replica.port} is a slave, not the primary yet", str(error))
+        await store.start()
+        await store.save_kernel(kernel_record("k-primary"))
+        self.assertEqual(self.primary.command("HKEYS", "egateway:kernels"), [b"k-primary"])
+
+    async def test_readonly_drops_the_connection(self) -> None:
+        """
+        A write refused with READONLY (the server was demoted under us)
+        fails as unavailable and drops the connection, so the next one asks
+        the sentinels again.
+        """
+        store = await start_store(self, self.replica.url)
+        error = await self.assertFailure(store.save_kernel(kernel_record("k-ro")), StoreUnavailable)
+        self.assertIn("READONLY", str(error))
+        self.assertFalse(store.connected)
+
+    async def test_writes_no_replica_confirmed_are_logged(self) -> None:
+        """
+        With replicas=1 writes wait for the replica; once it is gone they
+        still succeed, and the log says they are at risk.
+        """
+        lines = capture_log(self)
+        store = await start_store(self, self.primary.url + "?replicas=1")
+        await store.save_kernel(kernel_record("k-1"))
+        self.assertEqual([line for line in lines if "not confirmed" in line], [])
+        self.replica.stop()
+        await store.save_kernel(kernel_record("k-2"))
+        self.assertEqual(len([line for line in lines if "not confirmed by 1 replica" in line]), 1)
+        self.assertEqual(sorted(self.primary.command("HKEYS", "egateway:kernels")), [b"k-1", b"k-2"])

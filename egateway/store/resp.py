@@ -739,6 +739,8 @@ class RedisClient:
         our C{WAIT}, logging a write no replica confirmed.
         """
         if any(isinstance(reply, RedisError) and reply.code == "READONLY" for reply in replies):
+            if self._protocol is protocol:
+                self._protocol = None  # nothing more is sent on it
             protocol.abort("the server is a replica now (READONLY)")
             raise ConnectionLost("the server is a replica now (READONLY)")
         if not wait:
