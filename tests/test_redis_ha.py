@@ -121,6 +121,7 @@ class TLSTests(TestCase):
         server = issue(self.certs, "server", ca=self.ca)
         self.client = issue(self.certs, "client", ca=self.ca, client=True)
         tls = RedisTLS(self.ca.cert_path, server.cert_path, server.key_path, self.client.cert_path, self.client.key_path)
+        self.files = f"ca={self.ca.cert_path}&cert={self.client.cert_path}&key={self.client.key_path}"
         self.redis = RedisServer(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), tls=tls)
         self.redis.up()
         self.addCleanup(self.redis.down)
@@ -130,8 +131,7 @@ class TLSTests(TestCase):
         A rediss:// store given the CA and a client certificate saves and
         reads kernel records on a server that requires client certificates.
         """
-        url = f"{self.redis.url}?ca={self.ca.cert_path}&cert={self.client.cert_path}&key={self.client.key_path}"
-        store = await start_store(self, url)
+        store = await start_store(self, f"{self.redis.url}?{self.files}")
         await store.save_kernel(kernel_record("k-tls"))
         self.assertEqual([r.kernel_id for r in await store.load_kernels()], ["k-tls"])
 
@@ -149,6 +149,18 @@ class TLSTests(TestCase):
             error = await self.assertFailure(store.start(), StoreUnavailable)
             await store.stop()
             self.assertIn("TLS", str(error), url)
+
+    async def test_sentinels_and_primary_over_tls(self) -> None:
+        """
+        rediss+sentinel:// asks sentinels that speak only TLS and writes to
+        the primary they name over TLS, with the client certificate.
+        """
+        group = RedisSentinelGroup(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), tls=self.redis.tls)
+        group.up()
+        self.addCleanup(group.down)
+        store = await start_store(self, f"{group.url}?{self.files}")
+        await store.save_kernel(kernel_record("k-tls-ha"))
+        self.assertEqual(group.primary().command("HKEYS", "egateway:kernels"), [b"k-tls-ha"])
 
     async def test_missing_ca_file(self) -> None:
         """

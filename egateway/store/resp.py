@@ -746,16 +746,18 @@ class RedisClient:
         if not wait:
             return replies
         replicas = replies.pop()
-        if isinstance(replicas, int) and replicas < self.address.replicas:
+        if not isinstance(replicas, int) or replicas < self.address.replicas:
+            # An error (an ACL user without WAIT) is as unconfirmed as a timeout.
             self._unconfirmed += 1
             if self._unconfirmed == 1 or self._unconfirmed % 1000 == 0:
                 self._log.warn(
-                    "store: {count} writes to {address} not confirmed by {replicas} replica(s) within {wait:g}s: "
-                    "a failover now would lose them; check the replicas (or set replicas= in store_url)",
+                    "store: {count} writes to {address} not confirmed by {replicas} replica(s) within {wait:g}s "
+                    "({answer}): a failover now would lose them; check the replicas (or set replicas= in store_url)",
                     count=self._unconfirmed,
                     address=str(self.address),
                     replicas=self.address.replicas,
                     wait=self._replica_wait,
+                    answer=f"WAIT answered {replicas}",
                 )
         elif self._unconfirmed:
             self._log.info("store: the replicas of {address} confirm writes again", address=str(self.address))
