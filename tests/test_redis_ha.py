@@ -14,6 +14,7 @@ import tempfile
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
@@ -301,18 +302,49 @@ class SentinelFailoverTests(TestCase):
 
 class _ScriptedSentinel(Protocol):
     """
-    Answers every question with the next address of a script (the last one
-    again once the script is used up), as a sentinel would.
+    Answers every question for the primary with the next address of a
+    script (the last one again once the script is used up), and takes
+    subscriptions, as a sentinel would.
     """
 
-    def __init__(self, answers: list[tuple[str, int]]) -> None:
+    def __init__(self, sentinel: "ScriptedSentinel") -> None:
         self._parser = ReplyParser()
-        self._answers = answers
+        self._sentinel = sentinel
 
     def dataReceived(self, data: bytes) -> None:
-        for _ in self._parser.feed(data):
-            host, port = self._answers.pop(0) if len(self._answers) > 1 else self._answers[0]
+        for request in self._parser.feed(data):
+            if request[0].upper() == b"SUBSCRIBE":
+                self.transport.write(encode_command(["subscribe", request[1], 1]))
+                self._sentinel.subscribed(self)
+                continue
+            answers = self._sentinel.answers
+            host, port = answers.pop(0) if len(answers) > 1 else answers[0]
             self.transport.write(encode_command([host, str(port)]))
+
+
+class ScriptedSentinel:
+    """
+    A stand-in sentinel on loopback: C{answers} is the script, L{announce}
+    publishes a C{+switch-master} to the subscribers.
+    """
+
+    def __init__(self, case: TestCase, answers: list[tuple[str, int]]) -> None:
+        self.answers = answers
+        self.subscribers: list[_ScriptedSentinel] = []
+        self.first_subscriber: Deferred[None] = Deferred()
+        self.listening = reactor.listenTCP(0, Factory.forProtocol(lambda: _ScriptedSentinel(self)), interface="127.0.0.1")
+        case.addCleanup(self.listening.stopListening)
+        self.port = self.listening.getHost().port
+
+    def subscribed(self, protocol: _ScriptedSentinel) -> None:
+        self.subscribers.append(protocol)
+        if not self.first_subscriber.called:
+            self.first_subscriber.callback(None)
+
+    def announce(self, name: str, old: tuple[str, int], new: tuple[str, int]) -> None:
+        text = f"{name} {old[0]} {old[1]} {new[0]} {new[1]}"
+        for protocol in self.subscribers:
+            protocol.transport.write(encode_command(["message", "+switch-master", text]))
 
 
 class PrimaryAndReplicaTests(TestCase):
@@ -336,11 +368,6 @@ class PrimaryAndReplicaTests(TestCase):
         self.addCleanup(self.replica.down)
         self.replica.wait_in_sync()
 
-    def sentinel(self, answers: list[tuple[str, int]]) -> int:
-        port = reactor.listenTCP(0, Factory.forProtocol(lambda: _ScriptedSentinel(answers)), interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        return port.getHost().port
-
     async def test_a_replica_named_as_primary_is_refused(self) -> None:
         """
         A sentinel that names a replica (as during a failover) is not
@@ -349,8 +376,8 @@ class PrimaryAndReplicaTests(TestCase):
         reached is skipped.
         """
         host = self.primary.host
-        scripted = self.sentinel([(host, self.replica.port), (host, self.primary.port)])
-        url = f"redis+sentinel://{host}:{free_port()},{host}:{scripted}/egwmaster/0"
+        scripted = ScriptedSentinel(self, [(host, self.replica.port), (host, self.primary.port)])
+        url = f"redis+sentinel://{host}:{free_port()},{host}:{scripted.port}/egwmaster/0"
         store = RedisStore(url, BOX, reactor, connect_timeout=2.0, command_timeout=3.0, min_backoff=0.05)
         self.addCleanup(store.stop)
         error = await self.assertFailure(store.start(), StoreUnavailable)
@@ -358,6 +385,29 @@ class PrimaryAndReplicaTests(TestCase):
         await store.start()
         await store.save_kernel(kernel_record("k-primary"))
         self.assertEqual(self.primary.command("HKEYS", "egateway:kernels"), [b"k-primary"])
+
+    async def test_switch_master_announcement_is_followed_at_once(self) -> None:
+        """
+        When the sentinels announce +switch-master, the store leaves the old
+        primary at once, though it still answers, and writes to the new one.
+        """
+        self.replica.command("REPLICAOF", "NO", "ONE")
+        host = self.primary.host
+        scripted = ScriptedSentinel(self, [(host, self.primary.port)])
+        url = f"redis+sentinel://{host}:{scripted.port}/egwmaster/0?replicas=0"
+        store = await start_store(self, url)
+        await scripted.first_subscriber
+        await store.save_kernel(kernel_record("k-before"))
+        left: Deferred[None] = Deferred()
+        store._client._protocol.lost.addCallback(lambda result: left.callback(result))
+        scripted.answers[:] = [(host, self.replica.port)]
+        scripted.announce("another-master", (host, self.primary.port), (host, 1))
+        scripted.announce("egwmaster", (host, self.primary.port), (host, self.replica.port))
+        await left.addTimeout(10, reactor)
+        await store.start()
+        await store.save_kernel(kernel_record("k-after"))
+        self.assertEqual(self.primary.command("HKEYS", "egateway:kernels"), [b"k-before"])
+        self.assertEqual(self.replica.command("HKEYS", "egateway:kernels"), [b"k-after"])
 
     async def test_readonly_drops_the_connection(self) -> None:
         """

@@ -16,10 +16,11 @@ replies can no longer be matched to requests).
 High availability (C{redis+sentinel://}): each connection starts by asking
 the sentinels, in turn, where the primary is (C{SENTINEL
 get-master-addr-by-name}), and checks with C{ROLE} that the server it
-reached is a primary.  A lost connection or a C{-READONLY} reply (the
-server was demoted) drops the connection, and the next one asks the
-sentinels again, so the client follows a failover by itself within about
-the sentinels' C{down-after-milliseconds} plus their election.
+reached is a primary.  A lost connection, a C{-READONLY} reply (the
+server was demoted) or a sentinel's C{+switch-master} announcement (the
+client stays subscribed on one sentinel) drops the connection, and the next
+one asks the sentinels again, so the client follows a failover by itself
+within about the sentinels' C{down-after-milliseconds} plus their election.
 
 What a failover can lose, and what the client does about it: Redis
 replicates asynchronously, so a write the old primary acknowledged but had
@@ -46,10 +47,10 @@ import ipaddress
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.protocol import Factory, Protocol
@@ -337,6 +338,8 @@ class RedisProtocol(Protocol):
         self.made: Deferred[RedisProtocol] = Deferred()
         self.failure_reason = ""
         self.closed = False
+        # Where messages nobody asked for go (a subscription); None: they are an error.
+        self.pushed: Callable[[Any], None] | None = None
 
     def connectionMade(self) -> None:
         self.made.callback(self)
@@ -365,6 +368,9 @@ class RedisProtocol(Protocol):
             return
         for reply in replies:
             if not self._pending:
+                if self.pushed is not None:
+                    self.pushed(reply)
+                    continue
                 self.abort("a reply nobody asked for")
                 return
             waiting = self._pending.popleft()
@@ -441,6 +447,9 @@ class RedisClient:
         self._server: tuple[str, int] = (address.host, address.port)
         self._tls_files: tuple[bytes | None, bytes | None] | None = None
         self._sockets: set[RedisProtocol] = set()
+        self._watching: Deferred[None] | None = None
+        self._watcher: RedisProtocol | None = None
+        self._watch_retry: Any = None
         self._reactor = reactor
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
@@ -475,6 +484,8 @@ class RedisClient:
         if not self._running:
             self._running = True
             self._connect()
+            if self.address.sentinels:
+                self._watch()
         return waiter
 
     def stop(self) -> Deferred[None]:
@@ -489,6 +500,13 @@ class RedisClient:
         self._connecting = None
         if self._attempt is not None:
             self._attempt.cancel()
+        if self._watch_retry is not None and self._watch_retry.active():
+            self._watch_retry.cancel()
+        if self._watching is not None:
+            self._watching.cancel()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.transport.loseConnection()  # type: ignore[union-attr]
         self._release_waiters(StoreUnavailable(f"{self.address}: the store was stopped"))
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
@@ -560,6 +578,90 @@ class RedisClient:
             else:
                 return reply[0].decode("ascii", "replace"), int(reply[1])
         raise NoPrimary("no sentinel named the primary (" + "; ".join(problems) + ")")
+
+    # -- following +switch-master ------------------------------------------
+
+    def _watch(self) -> None:
+        """
+        Subscribe to C{+switch-master} on a sentinel, so a failover is
+        followed as soon as the sentinels announce it, even when the old
+        primary is still reachable from here (cut off from the sentinels
+        only); without it, the switch is noticed at the next lost connection
+        or C{-READONLY}.
+        """
+        self._watch_retry = None
+        watching = self._watching = Deferred.fromCoroutine(self._subscribe())
+
+        def failed(f: Failure) -> None:
+            if watching is self._watching:
+                self._watching = None
+            if f.check(CancelledError) or not self._running:
+                return
+            self._log.warn(
+                "store: cannot follow the sentinels' announcements ({error}); retrying in {delay:g}s",
+                error=f.getErrorMessage(),
+                delay=self._max_backoff,
+            )
+            self._watch_retry = self._reactor.callLater(self._max_backoff, self._watch)
+
+        watching.addCallbacks(lambda _: setattr(self, "_watching", None), failed)
+
+    async def _subscribe(self) -> None:
+        """
+        Subscribe on the first sentinel that takes it; the subscription
+        lives on, and is made again when its connection is lost.
+        """
+        problems = []
+        for host, port in self.address.sentinels:
+            protocol = RedisProtocol()
+            protocol.pushed = self._announced
+            try:
+                await self._endpoint(host, port).connect(self._factory(protocol))
+                [reply] = await self._timed(protocol, [["SUBSCRIBE", "+switch-master"]])
+            except (ConnectError, DNSLookupError, ConnectionLost) as e:
+                problems.append(f"{host}:{port}: {e}")
+                continue
+            except BaseException:
+                if protocol.made.called and not protocol.closed:
+                    protocol.transport.abortConnection()  # type: ignore[union-attr]
+                raise
+            if isinstance(reply, RedisError):
+                problems.append(f"{host}:{port}: {reply}")
+                protocol.transport.loseConnection()  # type: ignore[union-attr]
+                continue
+            self._watcher = protocol
+            protocol.lost.addCallback(lambda _: self._watch_lost(protocol))
+            return
+        raise NoPrimary("no sentinel took the subscription (" + "; ".join(problems) + ")")
+
+    def _watch_lost(self, protocol: RedisProtocol) -> None:
+        if self._watcher is protocol:
+            self._watcher = None
+        if self._running:
+            self._watch_retry = self._reactor.callLater(self._min_backoff, self._watch)
+
+    def _announced(self, message: Any) -> None:
+        """
+        A sentinel's C{+switch-master} message: C{name old-ip old-port
+        new-ip new-port}.  Drop a connection to anything but the new
+        primary; the next connection asks the sentinels.
+        """
+        if not isinstance(message, list) or len(message) != 3 or message[0] != b"message":
+            return
+        fields = bytes(message[2]).decode("utf-8", "replace").split()
+        if len(fields) != 5 or fields[0] != self.address.master_name or not fields[4].isdigit():
+            return
+        new = (fields[3], int(fields[4]))
+        self._log.info(
+            "store: the sentinels switched the primary of {master} to {host}:{port}",
+            master=self.address.master_name,
+            host=new[0],
+            port=new[1],
+        )
+        protocol = self._protocol
+        if protocol is not None and self._server != new:
+            self._protocol = None
+            protocol.abort(f"the sentinels switched the primary to {new[0]}:{new[1]}")
 
     def _endpoint(self, host: str, port: int) -> Any:
         timeout = self._connect_timeout
