@@ -450,6 +450,7 @@ class RedisClient:
         self._watching: Deferred[None] | None = None
         self._watcher: RedisProtocol | None = None
         self._watch_retry: Any = None
+        self._watch_failures = 0
         self._reactor = reactor
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
@@ -597,14 +598,20 @@ class RedisClient:
                 self._watching = None
             if f.check(CancelledError) or not self._running:
                 return
-            self._log.warn(
-                "store: cannot follow the sentinels' announcements ({error}); retrying in {delay:g}s",
-                error=f.getErrorMessage(),
-                delay=self._max_backoff,
-            )
+            self._watch_failures += 1
+            if self._watch_failures == 1 or self._watch_failures % 30 == 0:
+                self._log.warn(
+                    "store: cannot follow the sentinels' announcements ({error}); retrying every {delay:g}s",
+                    error=f.getErrorMessage(),
+                    delay=self._max_backoff,
+                )
             self._watch_retry = self._reactor.callLater(self._max_backoff, self._watch)
 
-        watching.addCallbacks(lambda _: setattr(self, "_watching", None), failed)
+        def subscribed(_: None) -> None:
+            self._watching = None
+            self._watch_failures = 0
+
+        watching.addCallbacks(subscribed, failed)
 
     async def _subscribe(self) -> None:
         """
