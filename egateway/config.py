@@ -591,9 +591,10 @@ class SlurmConfig:
 class StoreConfig:
     store_url: str = setting(
         "",
-        "Where kernels, sessions and WebSocket journals are kept: redis://[:password@]host:port/db for gateways "
-        "sharing one Redis, sqlite:///path or a file path for one gateway (empty: an SQLite file in the data "
-        "directory).",
+        "Where kernels, sessions and WebSocket journals are kept: redis://[user:password@]host:port/db for gateways "
+        "sharing one Redis (rediss://...?ca=PATH&cert=PATH&key=PATH for TLS; "
+        "redis+sentinel://[user:password@]host:26379,host2:26379/master-name/db to follow a Sentinel failover), "
+        "sqlite:///path or a file path for one gateway (empty: an SQLite file in the data directory).",
         env=("EG_STORE_URL",),
         secret=True,
     )

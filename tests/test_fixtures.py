@@ -21,7 +21,7 @@ from twisted.trial import unittest
 from tests.fixtures import system
 from tests.fixtures._network import link_exists, netns_exists
 from tests.fixtures._processes import is_alive
-from tests.fixtures.redis import RedisServer
+from tests.fixtures.redis import RedisSentinelGroup, RedisServer
 from tests.fixtures.slurm import SlurmCluster
 from tests.fixtures.sshhosts import SSHHosts
 
@@ -310,6 +310,25 @@ class RedisServerTests(unittest.TestCase):
         self.assertEqual(self.redis.leftovers(), [])
         self.assertFalse(is_alive(pid))
         self.redis.down()
+
+
+class RedisSentinelGroupTests(unittest.TestCase):
+    timeout = 60
+
+    def test_up_and_down(self) -> None:
+        """A primary with a replica in sync and three sentinels naming it; down() leaves nothing behind."""
+        group = RedisSentinelGroup(_workdir())
+        self.addCleanup(group.down)
+        group.up()
+        primary = group.primary()
+        self.assertIs(primary, group.servers[0])
+        self.assertEqual(primary.command("ROLE")[0], b"master")
+        self.assertEqual(group.servers[1].command("ROLE")[0], b"slave")
+        self.assertTrue(group.url.startswith("redis+sentinel://127.0.0.1:"))
+        self.assertTrue(group.leftovers())
+        group.down()
+        self.assertEqual(group.leftovers(), [])
+        self.assertFalse(os.path.exists(group.workdir))
 
 
 class SystemPackagesTests(unittest.SynchronousTestCase):

@@ -2,7 +2,8 @@
 Persistence of kernels, sessions, leases and WebSocket journals.
 
 L{open_store} picks the implementation from the configured location:
-C{redis://...} for gateways sharing one Redis, C{sqlite:///path} or a plain
+C{redis://...} (or C{rediss://}, C{redis+sentinel://}, C{rediss+sentinel://})
+for gateways sharing one Redis, C{sqlite:///path} or a plain
 path for a gateway on its own.  Nothing is opened until the store's
 C{start()}.
 """
@@ -50,7 +51,7 @@ def parse_store_url(url_or_path: str) -> tuple[str, str]:
     if not text:
         raise ValueError("the store location is empty")
     scheme = urlsplit(text).scheme if "://" in text else ""
-    if scheme == "redis":
+    if scheme in ("redis", "rediss", "redis+sentinel", "rediss+sentinel"):
         from egateway.store.resp import RedisAddress
 
         RedisAddress.from_url(text)
@@ -66,7 +67,8 @@ def parse_store_url(url_or_path: str) -> tuple[str, str]:
         return "sqlite", os.path.abspath(path)
     if scheme:
         raise ValueError(
-            f"unknown store scheme {scheme!r}; use redis://host:port/db, sqlite:///path or a file path"
+            f"unknown store scheme {scheme!r}; use redis://host:port/db, rediss://host:port/db, "
+            "redis+sentinel://host:26379,host2:26379/master-name/db, sqlite:///path or a file path"
         )
     return "sqlite", os.path.abspath(os.path.expanduser(text))
 

@@ -12,6 +12,32 @@ L{RedisClient} keeps one connection, reconnecting with exponential back-off
 disconnected fails immediately; a command without a reply within
 C{command_timeout} fails, and the connection is dropped and remade (its
 replies can no longer be matched to requests).
+
+High availability (C{redis+sentinel://}): each connection starts by asking
+the sentinels, in turn, where the primary is (C{SENTINEL
+get-master-addr-by-name}), and checks with C{ROLE} that the server it
+reached is a primary.  A lost connection, a C{-READONLY} reply (the
+server was demoted) or a sentinel's C{+switch-master} announcement (the
+client stays subscribed on one sentinel) drops the connection, and the next
+one asks the sentinels again, so the client follows a failover by itself
+within about the sentinels' C{down-after-milliseconds} plus their election.
+
+What a failover can lose, and what the client does about it: Redis
+replicates asynchronously, so a write the old primary acknowledged but had
+not yet sent to a replica is gone once that replica is promoted.  With
+C{replicas=N} (the default for sentinel URLs is 1) every batch of commands
+that writes is followed by C{WAIT N}: its reply says how many replicas hold
+the write, and a write no replica confirmed within C{replica_wait} is
+logged as at risk (the gateway keeps working; refusing writes whenever the
+replica lags would turn a replica outage into a store outage).  A write in
+flight when the primary dies fails with L{StoreUnavailable}, as in any
+outage, and the caller deals with it as it already must: a kernel start
+answers 503, a refused record update is retried by the gateway's persistence
+loop, a journal batch is still served from the gateway's own journal.  We chose
+this over re-saving every record after a switch: C{WAIT} closes the window
+for every write in one place (the connection), without the store knowing
+what the gateway holds, and a gateway re-saving its copy could overwrite a
+newer record another gateway wrote since.
 """
 
 from __future__ import annotations
@@ -21,11 +47,12 @@ import ipaddress
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Sequence
-from urllib.parse import unquote, urlsplit
+from typing import Any, Callable, Sequence
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from twisted.internet.defer import Deferred, fail, gatherResults, succeed
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -47,7 +74,25 @@ class RedisError(Exception):
 @dataclass(frozen=True)
 class RedisAddress:
     """
-    Where Redis is and how to log in, from a C{redis://} URL.
+    Where Redis is and how to log in, from a store URL::
+
+        redis://[[user]:password@]host[:port][/db][?replicas=N]
+        rediss://[[user]:password@]host[:port][/db][?ca=PATH&cert=PATH&key=PATH&replicas=N]
+        redis+sentinel://[[user]:password@]host1[:port1],host2[:port2],.../master-name[/db][?replicas=N]
+        rediss+sentinel://...   (TLS to the sentinels and to the primary, same query parameters)
+
+    C{rediss} is TLS: C{ca} is the PEM file of the certificate authority the
+    server's certificate must chain to (default: the system's), C{cert} and
+    C{key} the client's certificate and key when the server checks them
+    (C{tls-auth-clients yes}).  The server's certificate must name the host
+    (or IP address) the gateway connects to.
+
+    With C{+sentinel}, the hosts are Redis Sentinels (port 26379 by default),
+    asked in turn where the primary of C{master-name} is; the user and
+    password are the primary's (the sentinels are asked without one).
+    C{replicas} (default 1 with sentinels, else 0) is how many replicas must
+    confirm each write (C{WAIT}) before the gateway counts it as safe; see
+    L{RedisClient}.
     """
 
     host: str
@@ -55,44 +100,114 @@ class RedisAddress:
     db: int = 0
     username: str = ""
     password: str = ""
+    tls: bool = False
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master_name: str = ""
+    replicas: int = 0
 
     @classmethod
     def from_url(cls, url: str) -> "RedisAddress":
         """
-        Parse C{redis://[[user]:password@]host[:port][/db]}.
+        Parse a C{redis://}, C{rediss://}, C{redis+sentinel://} or
+        C{rediss+sentinel://} URL.
 
         @raise ValueError: not such a URL (the message never contains the
             password).
         """
         parts = urlsplit(url)
-        if parts.scheme != "redis":
-            raise ValueError(f"expected a redis:// URL, got scheme {parts.scheme!r}")
-        if parts.query or parts.fragment:
-            raise ValueError("redis:// URLs take no query or fragment")
-        try:
-            port = parts.port or 6379
-        except ValueError:
-            raise ValueError("the port of the redis:// URL is not a number from 1 to 65535") from None
-        host = parts.hostname or ""
-        if not host:
-            raise ValueError("the redis:// URL names no host")
-        path = parts.path.strip("/")
-        if path and not path.isdigit():
-            raise ValueError(f"the database of a redis:// URL is a number (/0), not {path!r}")
+        scheme = parts.scheme
+        if scheme not in SCHEMES:
+            raise ValueError(f"expected a redis://, rediss://, redis+sentinel:// or rediss+sentinel:// URL, "
+                             f"got scheme {scheme!r}")
+        tls = scheme.startswith("rediss")
+        sentinel = scheme.endswith("+sentinel")
+        if parts.fragment:
+            raise ValueError(f"{scheme}:// URLs take no fragment")
+        options = _query(parts.query, scheme, tls)
+        credentials, _, hosts = parts.netloc.rpartition("@")
+        username, _, password = credentials.partition(":")
+        path = [piece for piece in parts.path.split("/") if piece]
+        if sentinel:
+            sentinels = tuple(_host_port(item, 26379, scheme) for item in hosts.split(","))
+            if not path:
+                raise ValueError(f"a {scheme}:// URL names the master after the hosts: {scheme}://host:26379/mymaster")
+            master_name, db_text = unquote(path[0]), "/".join(path[1:])
+            host, port = sentinels[0]
+        else:
+            sentinels, master_name, db_text = (), "", "/".join(path)
+            host, port = _host_port(hosts, 6379, scheme)
+        if db_text and not db_text.isdigit():
+            raise ValueError(f"the database of a {scheme}:// URL is a number (/0), not {db_text!r}")
+        replicas = options.pop("replicas", "1" if sentinel else "0")
+        if not replicas.isdigit():
+            raise ValueError(f"replicas= in a {scheme}:// URL is a number of replicas (0 turns WAIT off)")
         return cls(
             host=host,
             port=port,
-            db=int(path or 0),
-            username=unquote(parts.username or ""),
-            password=unquote(parts.password or ""),
+            db=int(db_text or 0),
+            username=unquote(username),
+            password=unquote(password),
+            tls=tls,
+            tls_ca=options.get("ca", ""),
+            tls_cert=options.get("cert", ""),
+            tls_key=options.get("key", ""),
+            sentinels=sentinels,
+            master_name=master_name,
+            replicas=int(replicas),
         )
 
+    @property
+    def scheme(self) -> str:
+        return ("rediss" if self.tls else "redis") + ("+sentinel" if self.sentinels else "")
+
     def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"redis://{host}:{self.port}/{self.db}"
+        if self.sentinels:
+            hosts = ",".join(_join_host_port(host, port) for host, port in self.sentinels)
+            return f"{self.scheme}://{hosts}/{quote(self.master_name, safe='')}/{self.db}"
+        return f"{self.scheme}://{_join_host_port(self.host, self.port)}/{self.db}"
 
     def __repr__(self) -> str:
         return f"<RedisAddress {self}>"
+
+
+SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
+"""
+The URL schemes of a Redis store.
+"""
+
+
+def _query(query: str, scheme: str, tls: bool) -> dict[str, str]:
+    allowed = {"replicas"} | ({"ca", "cert", "key"} if tls else set())
+    options: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        if name not in allowed:
+            raise ValueError(
+                f"unknown parameter {name!r} in the {scheme}:// URL; it takes {', '.join(sorted(allowed))}"
+                + ("" if tls else " (ca, cert and key are for rediss://)")
+            )
+        options[name] = value
+    if ("cert" in options) != ("key" in options):
+        raise ValueError(f"a {scheme}:// URL gives the client certificate with both cert= and key=")
+    return options
+
+
+def _host_port(text: str, default_port: int, scheme: str) -> tuple[str, int]:
+    parts = urlsplit("//" + text)
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        raise ValueError(f"a port in the {scheme}:// URL is not a number from 1 to 65535") from None
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError(f"the {scheme}:// URL names no host")
+    return host, port
+
+
+def _join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 Argument = bytes | str | int | float | list[bytes]
@@ -224,6 +339,8 @@ class RedisProtocol(Protocol):
         self.made: Deferred[RedisProtocol] = Deferred()
         self.failure_reason = ""
         self.closed = False
+        # Where messages nobody asked for go (a subscription); None: they are an error.
+        self.pushed: Callable[[Any], None] | None = None
 
     def connectionMade(self) -> None:
         self.made.callback(self)
@@ -252,6 +369,9 @@ class RedisProtocol(Protocol):
             return
         for reply in replies:
             if not self._pending:
+                if self.pushed is not None:
+                    self.pushed(reply)
+                    continue
                 self.abort("a reply nobody asked for")
                 return
             waiting = self._pending.popleft()
@@ -268,7 +388,7 @@ class RedisProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.closed = True
-        self.failure_reason = self.failure_reason or reason.getErrorMessage()
+        self.failure_reason = self.failure_reason or _describe_loss(reason)
         # The client forgets this connection before anyone hears of the
         # failure, so nothing is sent on it from an errback below.
         self.lost.callback(None)
@@ -279,6 +399,27 @@ class RedisProtocol(Protocol):
 
 class ConnectionLost(Exception):
     pass
+
+
+class NoPrimary(Exception):
+    """
+    The sentinels named no primary, or the server they named is not one.
+    """
+
+
+_READS = frozenset({"GET", "HGET", "HGETALL", "ZRANGEBYSCORE", "SMEMBERS", "EXISTS", "PING", "ROLE", "INFO"})
+"""
+Commands that write nothing: a batch of only these is not followed by C{WAIT}.
+Anything else counts as a write, so a command added later errs on the safe side.
+"""
+
+
+def _describe_loss(reason: Failure) -> str:
+    from OpenSSL.SSL import Error as TLSError
+
+    if reason.check(TLSError):
+        return f"TLS handshake failed ({reason.getErrorMessage()}); check ca=, cert= and key= in store_url"
+    return reason.getErrorMessage()
 
 
 class RedisClient:
@@ -299,8 +440,18 @@ class RedisClient:
         command_timeout: float = 5.0,
         min_backoff: float = 0.1,
         max_backoff: float = 2.0,
+        replica_wait: float = 0.5,
     ) -> None:
         self.address = address
+        self._replica_wait = replica_wait
+        self._unconfirmed = 0
+        self._server: tuple[str, int] = (address.host, address.port)
+        self._tls_files: tuple[bytes | None, bytes | None] | None = None
+        self._sockets: set[RedisProtocol] = set()
+        self._watching: Deferred[None] | None = None
+        self._watcher: RedisProtocol | None = None
+        self._watch_retry: Any = None
+        self._watch_failures = 0
         self._reactor = reactor
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
@@ -335,6 +486,8 @@ class RedisClient:
         if not self._running:
             self._running = True
             self._connect()
+            if self.address.sentinels:
+                self._watch()
         return waiter
 
     def stop(self) -> Deferred[None]:
@@ -346,39 +499,218 @@ class RedisClient:
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
-        closing: list[Deferred[None]] = []
-        connecting, self._connecting = self._connecting, None
+        self._connecting = None
         if self._attempt is not None:
-            if connecting is not None and connecting.made.called:
-                closing.append(connecting.lost)
             self._attempt.cancel()
+        if self._watch_retry is not None and self._watch_retry.active():
+            self._watch_retry.cancel()
+        if self._watching is not None:
+            self._watching.cancel()
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.transport.loseConnection()  # type: ignore[union-attr]
         self._release_waiters(StoreUnavailable(f"{self.address}: the store was stopped"))
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
             protocol.failure_reason = "the store was stopped"
-            closing.append(protocol.lost)
             protocol.transport.loseConnection()  # type: ignore[union-attr]
+        # Every socket this client opened: the connection, one being made,
+        # a question to a sentinel.
+        closing = [p.lost for p in self._sockets if not p.closed]
         return gatherResults(closing).addCallback(lambda _: None)
 
     def _connect(self) -> None:
         self._retry = None
         self._connecting = protocol = RedisProtocol()
-        factory = Factory.forProtocol(lambda: protocol)
-        factory.noisy = False  # one log line per reconnection attempt is enough
-        attempt = self._endpoint().connect(factory)
-        attempt.addCallback(self._handshake)
+        attempt = Deferred.fromCoroutine(self._open(protocol))
         self._attempt = attempt
         attempt.addCallbacks(self._connected, self._connect_failed)
 
-    def _endpoint(self) -> Any:
-        host, port, timeout = self.address.host, self.address.port, self._connect_timeout
+    async def _open(self, protocol: RedisProtocol) -> RedisProtocol:
+        """
+        Find the primary (asking the sentinels, if any), connect C{protocol}
+        to it and log in.
+        """
+        if self.address.sentinels:
+            server = await self._ask_sentinels()
+            if server != self._server:
+                self._log.info(
+                    "store: the sentinels name {host}:{port} as the primary of {master}",
+                    host=server[0],
+                    port=server[1],
+                    master=self.address.master_name,
+                )
+            self._server = server
+        await self._endpoint(*self._server).connect(self._factory(protocol))
+        return await self._handshake(protocol)
+
+    def _factory(self, protocol: RedisProtocol) -> Factory:
+        def build() -> RedisProtocol:
+            self._sockets.add(protocol)
+            protocol.lost.addCallback(lambda _: self._sockets.discard(protocol))
+            return protocol
+
+        factory = Factory.forProtocol(build)
+        factory.noisy = False  # one log line per reconnection attempt is enough
+        return factory
+
+    async def _ask_sentinels(self) -> tuple[str, int]:
+        """
+        The primary's address from the first sentinel that knows it.
+
+        @raise NoPrimary: no sentinel answered with an address; the message
+            says what each one did.
+        """
+        problems = []
+        for host, port in self.address.sentinels:
+            protocol = RedisProtocol()
+            try:
+                await self._endpoint(host, port).connect(self._factory(protocol))
+                [reply] = await self._timed(protocol, [["SENTINEL", "get-master-addr-by-name", self.address.master_name]])
+            except (ConnectError, DNSLookupError, ConnectionLost) as e:
+                problems.append(f"{host}:{port}: {e}")
+                continue
+            finally:
+                if protocol.made.called and not protocol.closed:
+                    protocol.transport.loseConnection()  # type: ignore[union-attr]
+            if isinstance(reply, RedisError):
+                problems.append(f"{host}:{port}: {reply}")
+            elif not reply:
+                problems.append(f"{host}:{port} knows no master named {self.address.master_name!r}")
+            else:
+                return reply[0].decode("ascii", "replace"), int(reply[1])
+        raise NoPrimary("no sentinel named the primary (" + "; ".join(problems) + ")")
+
+    # -- following +switch-master ------------------------------------------
+
+    def _watch(self) -> None:
+        """
+        Subscribe to C{+switch-master} on a sentinel, so a failover is
+        followed as soon as the sentinels announce it, even when the old
+        primary is still reachable from here (cut off from the sentinels
+        only); without it, the switch is noticed at the next lost connection
+        or C{-READONLY}.
+        """
+        self._watch_retry = None
+        watching = self._watching = Deferred.fromCoroutine(self._subscribe())
+
+        def failed(f: Failure) -> None:
+            if watching is self._watching:
+                self._watching = None
+            if f.check(CancelledError) or not self._running:
+                return
+            self._watch_failures += 1
+            if self._watch_failures == 1 or self._watch_failures % 30 == 0:
+                self._log.warn(
+                    "store: cannot follow the sentinels' announcements ({error}); retrying every {delay:g}s",
+                    error=f.getErrorMessage(),
+                    delay=self._max_backoff,
+                )
+            self._watch_retry = self._reactor.callLater(self._max_backoff, self._watch)
+
+        def subscribed(_: None) -> None:
+            self._watching = None
+            self._watch_failures = 0
+
+        watching.addCallbacks(subscribed, failed)
+
+    async def _subscribe(self) -> None:
+        """
+        Subscribe on the first sentinel that takes it; the subscription
+        lives on, and is made again when its connection is lost.
+        """
+        problems = []
+        for host, port in self.address.sentinels:
+            protocol = RedisProtocol()
+            protocol.pushed = self._announced
+            try:
+                await self._endpoint(host, port).connect(self._factory(protocol))
+                [reply] = await self._timed(protocol, [["SUBSCRIBE", "+switch-master"]])
+            except (ConnectError, DNSLookupError, ConnectionLost) as e:
+                problems.append(f"{host}:{port}: {e}")
+                continue
+            except BaseException:
+                if protocol.made.called and not protocol.closed:
+                    protocol.transport.abortConnection()  # type: ignore[union-attr]
+                raise
+            if isinstance(reply, RedisError):
+                problems.append(f"{host}:{port}: {reply}")
+                protocol.transport.loseConnection()  # type: ignore[union-attr]
+                continue
+            self._watcher = protocol
+            protocol.lost.addCallback(lambda _: self._watch_lost(protocol))
+            return
+        raise NoPrimary("no sentinel took the subscription (" + "; ".join(problems) + ")")
+
+    def _watch_lost(self, protocol: RedisProtocol) -> None:
+        if self._watcher is protocol:
+            self._watcher = None
+        if self._running:
+            self._watch_retry = self._reactor.callLater(self._min_backoff, self._watch)
+
+    def _announced(self, message: Any) -> None:
+        """
+        A sentinel's C{+switch-master} message: C{name old-ip old-port
+        new-ip new-port}.  Drop a connection to anything but the new
+        primary; the next connection asks the sentinels.
+        """
+        if not isinstance(message, list) or len(message) != 3 or message[0] != b"message":
+            return
+        fields = bytes(message[2]).decode("utf-8", "replace").split()
+        if len(fields) != 5 or fields[0] != self.address.master_name or not fields[4].isdigit():
+            return
+        new = (fields[3], int(fields[4]))
+        self._log.info(
+            "store: the sentinels switched the primary of {master} to {host}:{port}",
+            master=self.address.master_name,
+            host=new[0],
+            port=new[1],
+        )
+        protocol = self._protocol
+        if protocol is not None and self._server != new:
+            self._protocol = None
+            protocol.abort(f"the sentinels switched the primary to {new[0]}:{new[1]}")
+
+    def _endpoint(self, host: str, port: int) -> Any:
+        timeout = self._connect_timeout
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            return HostnameEndpoint(self._reactor, host, port, timeout=timeout)
-        if ip.version == 4:
-            return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
-        return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
+            endpoint: Any = HostnameEndpoint(self._reactor, host, port, timeout=timeout)
+        else:
+            if ip.version == 4:
+                endpoint = TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
+            else:
+                endpoint = TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        if self.address.tls:
+            endpoint = wrapClientTLS(self._tls_options(host), endpoint)
+        return endpoint
+
+    def _tls_options(self, host: str) -> Any:
+        """
+        TLS settings for a connection to C{host}: its certificate must chain
+        to C{ca=} (or the system's authorities) and name C{host}.  The files
+        are read once, at the first connection (a few kilobytes, read while
+        the reactor waits: not worth a thread), so a changed certificate
+        needs a restart.
+
+        @raise OSError: a file cannot be read.
+        """
+        from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+
+        if self._tls_files is None:
+            address = self.address
+            ca = _read_tls_file(address.tls_ca, "ca") if address.tls_ca else None
+            pair = None
+            if address.tls_cert:
+                pair = _read_tls_file(address.tls_cert, "cert") + b"\n" + _read_tls_file(address.tls_key, "key")
+            self._tls_files = (ca, pair)
+        ca, pair = self._tls_files
+        return optionsForClientTLS(
+            host,
+            trustRoot=Certificate.loadPEM(ca) if ca else None,
+            clientCertificate=PrivateCertificate.loadPEM(pair) if pair else None,
+        )
 
     async def _handshake_steps(self, protocol: RedisProtocol) -> None:
         commands: list[list[Any]] = []
@@ -392,9 +724,15 @@ class RedisClient:
             commands.append(["SELECT", self.address.db])
         # PING fails with -LOADING while Redis loads its data set.
         commands.append(["PING"])
-        for reply in await self._timed(protocol, commands):
+        if self.address.sentinels:
+            commands.append(["ROLE"])
+        replies = await self._timed(protocol, commands)
+        for reply in replies:
             if isinstance(reply, RedisError):
                 raise reply
+        if self.address.sentinels and replies[-1][0] != b"master":
+            host, port = self._server
+            raise NoPrimary(f"{host}:{port} is a {replies[-1][0].decode('ascii', 'replace')}, not the primary yet")
 
     def _handshake(self, protocol: RedisProtocol) -> Deferred[RedisProtocol]:
         d = Deferred.fromCoroutine(self._handshake_steps(protocol))
@@ -494,7 +832,43 @@ class RedisClient:
         protocol = self._protocol
         if protocol is None:
             return fail(self._unavailable())
-        return self._timed(protocol, commands).addErrback(self._translate)
+        wait = self.address.replicas > 0 and any(_name(command[0]) not in _READS for command in commands)
+        if wait:
+            commands = [*commands, ["WAIT", self.address.replicas, max(1, int(self._replica_wait * 1000))]]
+        d = self._timed(protocol, commands).addCallback(self._after, protocol, wait)
+        return d.addErrback(self._translate)
+
+    def _after(self, replies: list[Any], protocol: RedisProtocol, wait: bool) -> list[Any]:
+        """
+        Drop a connection to a server that was demoted (C{-READONLY}: the
+        next connection asks the sentinels again), and take off the reply to
+        our C{WAIT}, logging a write no replica confirmed.
+        """
+        if any(isinstance(reply, RedisError) and reply.code == "READONLY" for reply in replies):
+            if self._protocol is protocol:
+                self._protocol = None  # nothing more is sent on it
+            protocol.abort("the server is a replica now (READONLY)")
+            raise ConnectionLost("the server is a replica now (READONLY)")
+        if not wait:
+            return replies
+        replicas = replies.pop()
+        if not isinstance(replicas, int) or replicas < self.address.replicas:
+            # An error (an ACL user without WAIT) is as unconfirmed as a timeout.
+            self._unconfirmed += 1
+            if self._unconfirmed == 1 or self._unconfirmed % 1000 == 0:
+                self._log.warn(
+                    "store: {count} writes to {address} not confirmed by {replicas} replica(s) within {wait:g}s "
+                    "({answer}): a failover now would lose them; check the replicas (or set replicas= in store_url)",
+                    count=self._unconfirmed,
+                    address=str(self.address),
+                    replicas=self.address.replicas,
+                    wait=self._replica_wait,
+                    answer=f"WAIT answered {replicas}",
+                )
+        elif self._unconfirmed:
+            self._log.info("store: the replicas of {address} confirm writes again", address=str(self.address))
+            self._unconfirmed = 0
+        return replies
 
     def execute(self, *args: Any) -> Deferred[Any]:
         """
@@ -526,8 +900,7 @@ class RedisClient:
         naming the command (C{args[0]}).
         """
         if isinstance(reply, RedisError):
-            name = args[0] if isinstance(args[0], str) else bytes(args[0]).decode("ascii", "replace")
-            raise StoreUnavailable(f"{self.address} refused {name.upper()}: {reply}")
+            raise StoreUnavailable(f"{self.address} refused {_name(args[0])}: {reply}")
         return reply
 
     def _unavailable(self) -> StoreUnavailable:
@@ -548,3 +921,15 @@ def _describe(f: Failure) -> str:
             return f"authentication failed ({error}); check the user and password in store_url"
         return error
     return f.getErrorMessage()
+
+
+def _name(command: Any) -> str:
+    return (command if isinstance(command, str) else bytes(command).decode("ascii", "replace")).upper()
+
+
+def _read_tls_file(path: str, parameter: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise OSError(f"cannot read {parameter}={path} of store_url: {e.strerror}") from None
