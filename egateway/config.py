@@ -716,6 +716,58 @@ class TenancyConfig:
 
 
 @dataclass(frozen=True)
+class OpsConfig:
+    drain_retry_after: int = setting(
+        30,
+        "Seconds a draining gateway tells clients to wait (Retry-After) before asking again for a new kernel.",
+        env=("EG_DRAIN_RETRY_AFTER",),
+        minimum=1,
+    )
+    readiness_timeout: float = setting(
+        2.0,
+        "Seconds /readyz waits for the store to answer before calling the gateway not ready.",
+        env=("EG_READINESS_TIMEOUT",),
+        minimum=0.1,
+    )
+    log_format: str = setting(
+        "text",
+        "Main log format: text, or json (one object per line with time, level, namespace, message and "
+        "the event's fields, e.g. kernel_id, user, launcher).",
+        env=("EG_LOG_FORMAT",),
+        choices=("text", "json"),
+    )
+    log_level: str = setting(
+        "info",
+        "Least severe level logged: debug, info, warn, error or critical.",
+        env=("EG_LOG_LEVEL",),
+        choices=("debug", "info", "warn", "error", "critical"),
+    )
+    log_file: str = setting(
+        "",
+        "Main log file, reopened on SIGHUP for logrotate (empty: twistd's --logfile, or standard output).",
+        env=("EG_LOG_FILE",),
+    )
+    manhole_listen: str = setting(
+        "",
+        "Endpoint of the SSH manhole (a Python shell in the daemon for operators), loopback or unix: "
+        "only, e.g. tcp:2222:interface=127.0.0.1 or unix:/run/egateway/manhole (empty: off).",
+        env=("EG_MANHOLE_LISTEN",),
+    )
+    manhole_authorized_keys: str = setting(
+        "",
+        "authorized_keys file of the public keys allowed into the manhole (no passwords); required "
+        "with manhole_listen.",
+        env=("EG_MANHOLE_AUTHORIZED_KEYS",),
+    )
+    manhole_host_key: str = setting(
+        "",
+        "The manhole's SSH host key (PEM or OpenSSH private key); empty: manhole_host_key in the data "
+        "directory, created on first use.",
+        env=("EG_MANHOLE_HOST_KEY",),
+    )
+
+
+@dataclass(frozen=True)
 class ProfileConfig:
     """
     One admin-defined profile: a C{[profiles.<name>]} table of the config
@@ -817,6 +869,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     impersonation: ImpersonationConfig = field(default_factory=ImpersonationConfig)
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
     profiles: dict = field(default_factory=dict, hash=False, metadata={"tables": ProfileConfig})
     """
     The C{[profiles.<name>]} tables: L{ProfileConfig}s by name.
@@ -1118,6 +1171,11 @@ def _validate_cross_field(config: Config) -> None:
     _validate_tls(config)
     _validate_slurm(config.slurm)
     _validate_impersonation(config.impersonation)
+    from egateway.ops.manhole import check_settings
+
+    manhole_problem = check_settings(config.ops)
+    if manhole_problem:
+        raise ConfigError(manhole_problem)
 
 
 def _validate_slurm(slurm: "SlurmConfig") -> None:
@@ -1282,6 +1340,41 @@ def flag_table() -> list[tuple[str, None, None, str]]:
         env = f" [env: {', '.join(info.env)}]" if info.env else ""
         rows.append((info.flag, None, None, f"{info.help}{env}"))
     return rows
+
+
+def help_text(width: int = 100) -> str:
+    """
+    Every setting's flag for C{--help}, grouped by section (the TOML table
+    it lives in), each with its default and environment variables.
+    """
+    import textwrap
+
+    lines = []
+    for section in _SECTIONS:
+        lines.append(f"[{section}]")
+        for info in settings():
+            if info.section != section:
+                continue
+            default = info.default
+            if isinstance(default, bool):
+                default = str(default).lower()
+            elif isinstance(default, list):
+                default = ",".join(default)
+            shown = "(empty)" if default in ("", []) else default
+            if info.secret and default:
+                shown = "********"
+            env = f"; env {', '.join(info.env)}" if info.env else ""
+            lines.append(f"  --{info.flag}=  [default: {shown}{env}]")
+            lines.extend(
+                textwrap.wrap(
+                    info.help,
+                    width=width,
+                    initial_indent="      ",
+                    subsequent_indent="      ",
+                )
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 def reference_markdown() -> str:

@@ -39,7 +39,6 @@ REPLACEMENTS = {
     "EG_ENABLE_TUNNELING": "kernel_encryption (EG_KERNEL_ENCRYPTION) for encrypted kernel channels",
     "KG_FORCE_KERNEL_NAME": "default_kernel_name with allowed_kernelspecs (EG_DEFAULT_KERNEL_NAME, EG_ALLOWED_KERNELS)",
     "EG_ALTERNATE_SIGINT": "EG_ALTERNATE_SIGINT in the kernelspec's env",
-    "EG_LOG_LEVEL": "twistd's logging options",
 }
 """
 What replaces each variable egateway does not take, where something does.

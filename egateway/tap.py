@@ -23,8 +23,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from egateway import __version__
-from egateway.config import ConfigError, Config, build_config, describe, flag_table, load_toml
+from egateway.config import ConfigError, Config, build_config, describe, flag_table, help_text, load_toml
 from egateway.ops.audit import AuditFileError
+from egateway.ops.logs import LogSetupError
+from egateway.ops.logs import install as install_log
 from egateway.ops.tls import TLSSetupError
 
 _log = Logger()
@@ -54,6 +56,27 @@ class Options(usage.Options):
     def opt_version(self) -> None:
         print(f"egateway {__version__}")
         raise SystemExit(0)
+
+    command = ""
+    """
+    Set by the C{egateway} console script, whose usage line differs.
+    """
+
+    def getSynopsis(self) -> str:
+        if self.command:
+            return f"Usage: {self.command} [options]"
+        return super().getSynopsis()
+
+    def getUsage(self, width: int | None = None) -> str:
+        # Twisted's flat list of 150 flags hides which belong together and
+        # what they default to.
+        return (
+            f"{self.longdesc}\n\n"
+            "  -c, --config=FILE   TOML configuration file (its [section] tables are the groups below).\n"
+            "      --version       Print the version and exit.\n"
+            "      --help          This text.\n\n"
+            f"{help_text()}"
+        )
 
 
 def default_data_dir() -> str:
@@ -102,12 +125,22 @@ class DataDirectory(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self._temporary:
-            base = os.environ.get("XDG_RUNTIME_DIR") or None
-            self.path = tempfile.mkdtemp(prefix="egateway-", dir=base)
-        runtime = os.path.join(self.path, "runtime")
-        os.makedirs(runtime, mode=0o700, exist_ok=True)
-        os.chmod(self.path, 0o700)
+        try:
+            if self._temporary:
+                base = os.environ.get("XDG_RUNTIME_DIR") or None
+                self.path = tempfile.mkdtemp(prefix="egateway-", dir=base)
+            runtime = os.path.join(self.path, "runtime")
+            os.makedirs(runtime, mode=0o700, exist_ok=True)
+            os.chmod(self.path, 0o700)
+        except OSError as e:
+            # A service account without a home, typically: one line, no
+            # traceback.
+            where = e.filename or self.path or "a temporary directory"
+            sys.stderr.write(
+                f"egateway: cannot create the data directory {where}: {e.strerror or e}; "
+                "set data_dir (--data-dir, EG_DATA_DIR) to a directory this user may write\n"
+            )
+            raise SystemExit(1) from None
         self._on_ready(runtime)
 
     def stopService(self) -> None:
@@ -125,6 +158,31 @@ class GatewayService(MultiService):
         super().__init__()
         self.config = config
         self._clock = clock
+        self.main_log: Any = None
+        """
+        The L{egateway.ops.logs.MainLog} when egateway writes the log.
+        """
+        self.log_observer: Any = None
+        """
+        Given to twistd as the application's log observer.
+        """
+
+    def setServiceParent(self, parent: Any) -> Any:
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            parent.setComponent(ILogObserver, self.log_observer)
+        return super().setServiceParent(parent)
+
+    def reopen_logs(self) -> None:
+        """
+        Reopen the main and audit log files, for logrotate (on SIGHUP).
+        """
+        if self.main_log is not None:
+            self.main_log.reopen()
+        if "audit-log" in self.namedServices:
+            self.getServiceNamed("audit-log").reopen()
+        _log.info("log files reopened")
 
     def privilegedStartService(self) -> None:
         try:
@@ -290,6 +348,8 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     top.api = api  # type: ignore[attr-defined]
     top.manager = manager  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
+    expose_probes(front, api.ops, config.server.base_url)
+    build_operations(config, reactor, top, api.ops, listener)
     return top
 
 
@@ -420,6 +480,8 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
         reactor=reactor,
         threadpool=threadpool,
     )
+    # Health, readiness and drain; the front serves the probes unauthenticated.
+    api.ops = build_ops_routes(config, manager, reactor, api.app)  # type: ignore[attr-defined]
     from egateway.ops.audit import watch_kernels
 
     watch_kernels(manager)
@@ -456,7 +518,79 @@ def build_dashboard(config: Config, manager: Any, reactor: Any, threadpool: Any)
     )
 
 
+def build_ops_routes(config: Config, manager: Any, reactor: Any, app: Any) -> Any:
+    """
+    Health, readiness and drain (L{egateway.ops.health}), registered on the
+    API's Klein C{app}; the drain is one of C{manager}'s admission checks.
+    """
+    from egateway.ops.health import Drain, OpsRoutes, Readiness
+
+    drain = Drain(config.ops.drain_retry_after)
+    manager.admission_checks.append(drain.check)
+    readiness = Readiness(reactor, drain, lambda: manager.persistence, config.ops.readiness_timeout)
+    ops = OpsRoutes(drain, readiness)
+    ops.register(app, config.server.base_url)
+    return ops
+
+
+def expose_probes(front: Any, ops: Any, base_url: str) -> None:
+    """
+    Let C{front} serve the health probes without authentication.
+    """
+    front.public_paths = ops.public_paths(base_url)
+
+
+def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, listener: Any) -> None:
+    """
+    The operator's controls: SIGUSR1 drains, SIGHUP reopens the log files
+    (and, in L{build_tls}, reloads certificates), /readyz watches the HTTP
+    listener, and the SSH manhole when configured.
+    """
+    import signal
+
+    from egateway.ops.signals import SignalAction
+
+    ops.readiness.listeners.append(listener)
+    SignalAction(reactor, signal.SIGUSR1, ops.drain_on_signal).setServiceParent(top)
+    SignalAction(reactor, signal.SIGHUP, top.reopen_logs).setServiceParent(top)
+    top.ops = ops  # type: ignore[attr-defined]
+    settings = config.ops
+    if settings.manhole_listen:
+        from egateway.ops.manhole import ManholeService, namespace
+
+        data_dir = top.getServiceNamed("data-dir")
+        ManholeService(
+            settings.manhole_listen,
+            settings.manhole_authorized_keys,
+            lambda: settings.manhole_host_key or os.path.join(data_dir.path, "manhole_host_key"),
+            lambda: namespace(top, top.manager),  # type: ignore[attr-defined]
+            reactor,
+        ).setServiceParent(top)
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    The gateway for twistd or twist, whose options are C{options.parent}:
+    egateway's main log replaces the runner's, and C{twistd -n} writes no
+    C{twistd.pid} unless told to.
+    """
+    top = _gateway_service(options, reactor)
+    runner = getattr(options, "parent", None)
+    try:
+        top.main_log = install_log(options.gateway_config.ops, runner, top)  # type: ignore[attr-defined]
+    except LogSetupError as e:
+        sys.stderr.write(f"egateway: {e}\n")
+        raise SystemExit(1) from None
+    if runner is not None and "pidfile" in runner and runner.get("nodaemon"):
+        # twistd -n would leave twistd.pid wherever it was started; a
+        # foreground daemon's supervisor knows its pid.  An explicit
+        # --pidfile (another name) is kept.
+        if runner["pidfile"] == os.path.abspath("twistd.pid"):
+            runner["pidfile"] = ""
+    return top
+
+
+def _gateway_service(options: Options, reactor: Any = None) -> IService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 

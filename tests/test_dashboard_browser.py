@@ -43,8 +43,9 @@ class DashboardInBrowser(TestCase):
         """
         An admin's dashboard shows a kernel while it launches (with its
         launch phases), then running with its owner and placement, updated
-        live without reloading the list; "Shut down" removes it.  A user who
-        is not an admin is refused the page.
+        live without reloading the list; "Shut down" removes it; "Drain"
+        drains the gateway and "Undrain" ends it.  A user who is not an
+        admin is refused the page.
         """
         chromium_executable()
         workdir = os.path.abspath(self.mktemp())
@@ -131,6 +132,23 @@ class DashboardInBrowser(TestCase):
         self.assertEqual(await gateway.kernel_ids(), [])
         self.assertEqual(gateway.kernel_processes(), [])
         self.assertEqual(len(overviews), 1, "updates come from the event stream, not by reloading the list")
+
+        def drain() -> bool:
+            page.click("#drain:text-is('Drain')", timeout=WAIT_MS)
+            page.wait_for_selector("#draining:not([hidden])", timeout=WAIT_MS)
+            return page.is_visible("#drain:text-is('Undrain')")
+
+        self.assertTrue(await browser.run(drain))
+        status = await gateway.api.request("GET", "api/admin/drain", token=token_of("carol"))
+        self.assertEqual(status.json(), {"draining": True})
+
+        def undrain() -> None:
+            page.click("#drain:text-is('Undrain')", timeout=WAIT_MS)
+            page.wait_for_selector("#draining", state="hidden", timeout=WAIT_MS)
+
+        await browser.run(undrain)
+        status = await gateway.api.request("GET", "api/admin/drain", token=token_of("carol"))
+        self.assertEqual(status.json(), {"draining": False})
 
         refused = await gateway.api.request("GET", f"admin?token={token_of('alice')}", token=None)
         self.assertEqual(refused.code, 403)

@@ -165,7 +165,11 @@ class FrontResource:
 
     @ivar authentication: the chain deciding who each request is from; its
         identity is C{request.gateway_user}.
+    @ivar public_paths: exact request paths served without authentication
+        or Origin check (the health probes).
     """
+
+    public_paths: frozenset[bytes] = frozenset()
 
     isLeaf = True
 
@@ -220,6 +224,11 @@ class FrontResource:
             _log.failure("serving a request", failure)
 
     async def _serve(self, request: IRequest, gone: list[bool]) -> None:
+        if request.path in self.public_paths:
+            # The health probes: no credentials (the caller is anonymous),
+            # no Origin check; their bodies say nothing.
+            self._render(request)
+            return
         try:
             if self._hosts is not None and not self.authentication.authenticators:
                 self._hosts.check(request)
@@ -245,6 +254,9 @@ class FrontResource:
             return
         if gone:
             return
+        self._render(request)
+
+    def _render(self, request: IRequest) -> None:
         if not _utf8_url(request):
             # Klein would answer a plain-text 400 and log a traceback.
             _finish(request, error_body(request, 400, "Bad Request", "the URL or Host is not valid UTF-8"))

@@ -366,6 +366,9 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
         },
     }
     paths.update(_admin_paths(b))
+    paths.update(_operations_paths(b))
+    for path, method in ((f"{b}/api/kernels", "post"), (f"{b}/api/sessions", "post")):
+        paths[path][method]["responses"]["503"] = _DRAINING
     return {
         "openapi": "3.0.3",
         "info": {"title": "egateway", "version": __version__},
@@ -505,6 +508,49 @@ def _admin_paths(b: str) -> dict[str, Any]:
         f"{b}/api/admin/kernels/{{kernel_id}}/shutdown": _admin_action(
             "Shut down any user's kernel", {"204": {"description": "Shut down"}}
         ),
+    }
+
+
+_DRAINING = {
+    **_error("The gateway is draining and starts no new kernels (or is not ready)"),
+    "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+}
+_STATUS = {"type": "object", "properties": {"status": {"type": "string"}}}
+_DRAIN_STATE = {"type": "object", "properties": {"draining": {"type": "boolean"}}}
+
+
+def _operations_paths(b: str) -> dict[str, Any]:
+    """
+    Health probes (no authentication) and the administrators' drain switch.
+    """
+    admin = {"403": _error("The caller is not an administrator"), **_AUTH}
+    drain_state = _json("Whether the gateway is draining", _DRAIN_STATE)
+    return {
+        f"{b}/healthz": {
+            "get": {
+                "summary": "Liveness: the process runs and serves requests (no authentication)",
+                "security": [],
+                "responses": {"200": _json("Alive", _STATUS)},
+            }
+        },
+        f"{b}/readyz": {
+            "get": {
+                "summary": "Readiness: store reachable, listener up, not draining (no authentication)",
+                "security": [],
+                "responses": {"200": _json("Ready", _STATUS), "503": _DRAINING},
+            }
+        },
+        f"{b}/api/admin/drain": {
+            "get": {"summary": "Whether the gateway is draining", "responses": {"200": drain_state, **admin}},
+            "post": {
+                "summary": "Drain: refuse new kernels (503), keep serving existing ones; /readyz turns 503",
+                "responses": {"200": drain_state, **admin},
+            },
+            "delete": {"summary": "End the drain: admit new kernels again", "responses": {"200": drain_state, **admin}},
+        },
+        f"{b}/api/admin/undrain": {
+            "post": {"summary": "End the drain (as DELETE /api/admin/drain)", "responses": {"200": drain_state, **admin}},
+        },
     }
 
 

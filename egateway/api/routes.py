@@ -33,6 +33,7 @@ from egateway.kernels.profiles import ProfileRefusal
 from egateway.kernels.sessions import SessionManager
 from egateway.kernels.specs import KernelSpec
 from egateway.ops import audit
+from egateway.ops.health import Draining
 
 _log = Logger()
 
@@ -122,7 +123,7 @@ class GatewayAPI:
             # Every refusal a route or the kernel manager decides is audited
             # here, once.
             audit.refused(request, error.status, error.message)
-        if isinstance(error, TooManyRequests) and error.retry_after:
+        if isinstance(error, (TooManyRequests, Draining)) and error.retry_after:
             request.setHeader(b"retry-after", str(error.retry_after).encode("ascii"))
         return write_error(request, error)
 

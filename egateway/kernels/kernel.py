@@ -101,6 +101,8 @@ class Kernel:
             old=self.state.value,
             new=new.value,
             why=f" ({why})" if why else "",
+            user=self.username,
+            launcher=self.launcher_name,
         )
         self.state = new
         self._changed()

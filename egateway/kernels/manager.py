@@ -136,6 +136,11 @@ class KernelManager(Service):
         self.sharing: Any = None
         self.last_exit: dict[str, ExitStatus] = {}
         self.on_fatal: Callable[[str], None] = lambda message: _log.critical(message)
+        self.admission_checks: list[Callable[[], None]] = []
+        """
+        Called before each new kernel is admitted; one raising a
+        L{GatewayError} refuses it (a draining gateway does).
+        """
 
     # -- service -------------------------------------------------------
 
@@ -332,6 +337,8 @@ class KernelManager(Service):
         Validate a start request's inputs; raises L{BadRequest} for
         malformed ones.
         """
+        for check in self.admission_checks:
+            check()
         try:
             client_env = validate_client_env(env)
         except BadEnvironment as e:

@@ -287,3 +287,22 @@ class AuditFile(Service):
             self._file.flush()
         except OSError as e:
             _ops_log.error("cannot write the audit file {path}: {error}", path=self.path, error=str(e))
+
+    def reopen(self) -> None:
+        """
+        Open the file at L{path} again (logrotate moved the old one away,
+        then sent SIGHUP); on failure keep writing to the old one.
+        """
+        if self._file is None:
+            return
+        try:
+            fresh = self._opener(self.path)
+        except OSError as e:
+            _ops_log.error(
+                "cannot reopen the audit file {path} ({error}); still writing to the previous one",
+                path=self.path,
+                error=e.strerror or str(e),
+            )
+            return
+        old, self._file = self._file, fresh
+        old.close()

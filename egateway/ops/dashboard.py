@@ -23,9 +23,10 @@ reload or a bookmark of C{/admin} keeps working without the token staying in
 the address bar or the history.
 
 Who may use it: an admin (C{admin_users}/C{admin_groups}, or an
-authenticator that says so), or a credential that names no user (the
-shared token, or no authentication at all), which already acts on every
-kernel through the API.  Everyone else is answered 403.
+authenticator that says so), as for drain (L{egateway.ops.health}).  A
+credential naming no user (the shared token, or none at all) is no admin,
+so a gateway without user accounts has no dashboard.  Everyone else is
+answered 403.
 """
 
 from __future__ import annotations
@@ -89,14 +90,12 @@ def _read_blocking(name: str) -> bytes:
 
 def require_admin(request: IRequest) -> None:
     """
-    @raise Forbidden: the caller is a verified user who is not an admin.
+    @raise Forbidden: the caller is not a verified admin.
     """
     caller = caller_of(getattr(request, "gateway_user", None))
-    if caller is not None and not caller.admin:
-        raise Forbidden(
-            f"the admin dashboard is for admins; {caller.username!r} is not one "
-            "(admin_users, admin_groups)"
-        )
+    if caller is None or not caller.admin:
+        who = f"{caller.username!r} is not one" if caller is not None else "this credential names no user"
+        raise Forbidden(f"the admin dashboard is for admins (admin_users, admin_groups); {who}")
 
 
 class AdminDashboard(Service):

@@ -35,6 +35,8 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from egateway.ops.signals import SignalAction
+
 MODERN_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
 """
 The TLS 1.2 suites offered: forward secret, authenticated encryption.
@@ -321,8 +323,8 @@ class TLSService(Service):
     def __init__(self, reactor: Any, threadpool: Any, *, handle_sighup: bool = True) -> None:
         self._reactor = reactor
         self._threadpool = threadpool
-        self._handle_sighup = handle_sighup
-        self._previous_handler: Any = None
+        # The signal is shared: the main and audit logs reopen on it too.
+        self._sighup = SignalAction(reactor, signal.SIGHUP, self.reload) if handle_sighup else None
         self.listeners: list[ReloadableServerTLS] = []
         self.reloads = 0
 
@@ -353,21 +355,13 @@ class TLSService(Service):
         if not all(listener.loaded for listener in self.listeners):
             self._install(self._load_all_blocking(), "serves")
         super().startService()
-        if self._handle_sighup:
-            self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+        if self._sighup is not None:
+            self._sighup.startService()
 
     def stopService(self) -> Any:
-        if self._handle_sighup and self._previous_handler is not None:
-            signal.signal(signal.SIGHUP, self._previous_handler)
-            self._previous_handler = None
+        if self._sighup is not None:
+            self._sighup.stopService()
         return super().stopService()
-
-    def _on_sighup(self, signum: int, frame: Any) -> None:
-        # A signal handler may only hand work to the reactor.
-        self._reactor.callFromThread(self.reload)
-        previous = self._previous_handler
-        if callable(previous):
-            previous(signum, frame)
 
     def reload(self) -> Deferred[bool]:
         """

@@ -210,13 +210,33 @@
     source.addEventListener("summary", (event) => renderSummary(JSON.parse(event.data)));
   }
 
-  async function offerDrain() {
-    // Drain is its own route (POST); a gateway without it answers 404.
-    const response = await fetch(base + "api/admin/drain", { credentials: "same-origin" });
-    if (response.status === 404) return;
+  function showDrain(state) {
     const drain = $("#drain");
     drain.hidden = false;
-    drain.addEventListener("click", act("Drain", "api/admin/drain"));
+    drain.dataset.draining = state.draining ? "yes" : "no";
+    drain.textContent = state.draining ? "Undrain" : "Drain";
+    drain.title = state.draining ? "Draining: new kernels are refused; click to admit them again" : "Refuse new kernels";
+    $("#draining").hidden = !state.draining;
+  }
+
+  async function offerDrain() {
+    // Drain is the health module's route; a gateway without it answers 404.
+    const response = await fetch(base + "api/admin/drain", { credentials: "same-origin" });
+    if (!response.ok) return;
+    showDrain(await response.json());
+    $("#drain").addEventListener("click", async (event) => {
+      const button = event.currentTarget;
+      const draining = button.dataset.draining === "yes";
+      button.disabled = true;
+      try {
+        showDrain(await call(draining ? "DELETE" : "POST", "api/admin/drain"));
+        say(draining ? "Undrained: new kernels are admitted" : "Draining: new kernels are refused");
+      } catch (e) {
+        say("Drain: " + e.message, "error");
+      } finally {
+        button.disabled = false;
+      }
+    });
   }
 
   document.addEventListener("DOMContentLoaded", () => {
