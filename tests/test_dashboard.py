@@ -79,6 +79,18 @@ class AdminsOnly(DashboardTestCase):
         self.refused(self.call("GET", "/api/admin/overview"), 401)
 
 
+class SharedTokenIsNoAdmin(DashboardTestCase):
+    flags = {"auth-token": "shared-t0ken-Xk3"}
+
+    def test_refused(self) -> None:
+        """
+        The shared token names no user, so it is no admin (as for drain).
+        """
+        code, body, _ = self.send("GET", "/api/admin/overview", {"Authorization": "token shared-t0ken-Xk3"})
+        self.assertEqual(code, 403, body)
+        self.assertIn("names no user", body["message"])
+
+
 class Overview(DashboardTestCase):
     def test_kernels_users_quotas_store(self) -> None:
         """

@@ -198,11 +198,8 @@ class AdminDashboard(Service):
     async def overview(self, request: IRequest) -> bytes:
         require_admin(request)
         overview = self.summary()
-        overview["kernels"] = [self._with_ages(model) for model in await self._manager.list_models()]
+        overview["kernels"] = await self._manager.list_models()
         return write_json(request, overview)
-
-    def _with_ages(self, model: dict[str, Any]) -> dict[str, Any]:
-        return {**model, "now": iso(self._reactor.seconds())}
 
     def summary(self) -> dict[str, Any]:
         """
@@ -314,14 +311,14 @@ class AdminDashboard(Service):
             # A kernel still registering (its first phase) is shown too.
             if kernel.state != KernelState.LAUNCHING:
                 return
-        self._write_all(_event("kernel", self._with_ages(kernel.model())))
+        self._write_all(_event("kernel", kernel.model()))
         self._summary_soon()
 
     def _kernel_event(self, name: str, kernel: Kernel) -> None:
         if not self._streams:
             return
         if self._manager.kernels.get(kernel.id) is kernel and kernel.state != KernelState.GONE:
-            self._write_all(_event("kernel", self._with_ages(kernel.model())))
+            self._write_all(_event("kernel", kernel.model()))
         else:
             self._write_all(_event("removed", {"id": kernel.id, "reason": kernel.reason}))
         self._summary_soon()
@@ -419,7 +416,3 @@ class AdminCookie:
                 token = unquote(cookie.decode("ascii", "replace"))
                 request.requestHeaders.setRawHeaders(b"authorization", [f"token {token}".encode("utf-8")])
         return self._front.render(request)
-
-    def __getattr__(self, name: str) -> Any:
-        # The front resource's attributes (its authentication chain).
-        return getattr(self._front, name)
