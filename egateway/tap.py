@@ -514,7 +514,12 @@ def build_dashboard(config: Config, manager: Any, reactor: Any, threadpool: Any)
         return culled
 
     return AdminDashboard(
-        manager=manager, cull=cull_now, base_url=config.server.base_url, reactor=reactor, threadpool=threadpool
+        manager=manager,
+        cull=cull_now,
+        base_url=config.server.base_url,
+        reactor=reactor,
+        threadpool=threadpool,
+        remote_hosts=config.ssh.remote_hosts,
     )
 
 

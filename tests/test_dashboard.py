@@ -239,6 +239,28 @@ class Events(DashboardTestCase):
         self.refused(self.call("GET", "/api/admin/events", user="carol"), 406, "text/event-stream")
 
 
+class Hosts(DashboardTestCase):
+    flags = {"remote-hosts": "h1,h2"}
+
+    def test_remote_launcher_hosts(self) -> None:
+        """
+        A launcher that keeps host health (as the SSH launcher does) shows
+        its configured hosts and the hosts its kernels run on, with a backed
+        off host's failures and the back-off left.
+        """
+        self.launcher.health = HostHealth(self.clock, initial=5.0)
+        self.start("alice")
+        self.launcher.health.failed("h2", "connection refused")
+        code, overview, _ = self.call("GET", "/api/admin/overview", user="carol")
+        self.assertEqual(code, 200, overview)
+        hosts = {h["host"]: h for h in overview["hosts"]}
+        self.assertEqual(set(hosts), {"h1", "h2", "fakehost"})
+        self.assertEqual((hosts["h1"]["up"], hosts["h1"]["kernels"]), (True, 0))
+        self.assertEqual((hosts["fakehost"]["launcher"], hosts["fakehost"]["kernels"]), ("fake", 1))
+        self.assertEqual((hosts["h2"]["up"], hosts["h2"]["failures"]), (False, 1))
+        self.assertGreater(hosts["h2"]["backoff_remaining"], 0)
+
+
 class HostStatus(SynchronousTestCase):
     def test_backoff_reported(self) -> None:
         """

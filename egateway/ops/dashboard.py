@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.parse import quote, unquote
 
 from twisted.application.service import Service
@@ -116,14 +116,18 @@ class AdminDashboard(Service):
         base_url: str,
         reactor: Any,
         threadpool: Any,
+        remote_hosts: Sequence[str] = (),
     ) -> None:
         """
         @param cull: one culling pass now; returns how many kernels it
             culled.
+        @param remote_hosts: the configured SSH pool, shown with the hosts
+            of each remote launcher in use.
         """
         self._manager = manager
         self._cull = cull
         self._base_url = base_url
+        self._remote_hosts = list(remote_hosts)
         self._reactor = reactor
         self._threadpool = threadpool
         self._files: dict[str, bytes] = {}
@@ -238,22 +242,23 @@ class AdminDashboard(Service):
 
     def _hosts(self) -> list[dict[str, Any]]:
         """
-        Every host of the remote launchers built so far, with its health
-        and how many of this gateway's kernels it runs.
+        The hosts of each remote launcher built so far (those with a
+        L{HostHealth}): the configured pool, the hosts its kernels run on
+        and any host with a failure on record; with health, back-off and
+        how many of this gateway's kernels each runs.
         """
-        placed: dict[str, int] = {}
-        for kernel in self._manager.kernels.values():
-            if kernel.process is not None and kernel.state not in ENDED:
-                host = kernel.process.placement.to_dict().get("host")
-                if host:
-                    placed[host] = placed.get(host, 0) + 1
         hosts = []
         for launcher in self._manager.launchers.built():
             health = getattr(launcher, "health", None)
             if health is None:
                 continue
-            configured = list(getattr(getattr(launcher, "_settings", None), "remote_hosts", []) or [])
-            for entry in health.status(configured):
+            placed: dict[str, int] = {}
+            for kernel in self._manager.kernels.values():
+                if kernel.launcher_name == launcher.name and kernel.process is not None and kernel.state not in ENDED:
+                    host = kernel.process.placement.to_dict().get("host")
+                    if host:
+                        placed[host] = placed.get(host, 0) + 1
+            for entry in health.status([*self._remote_hosts, *placed]):
                 hosts.append({"launcher": launcher.name, **entry, "kernels": placed.get(entry["host"], 0)})
         return hosts
 
