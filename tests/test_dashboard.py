@@ -21,7 +21,6 @@ from egateway.api.http import FrontResource
 from egateway.clusters.balancing import HostHealth
 from egateway.kernels.state import KernelState
 from egateway.ops.dashboard import AdminCookie
-from tests.support.stubapi import json_body
 from tests.test_tenancy import TenancyTestCase, as_user, run_now, token_of
 
 KID = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"

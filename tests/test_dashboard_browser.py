@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
