@@ -13,14 +13,17 @@ from typing import Any
 import treq
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.test.requesthelper import DummyRequest
 
 from egateway.api.auth import CorsPolicy
 from egateway.api.authenticators import build_authentication
 from egateway.api.http import FrontResource
 from egateway.clusters.balancing import HostHealth
 from egateway.kernels.state import KernelState
-from egateway.ops.dashboard import AdminCookie
+from egateway.api.identity import Identity
+from egateway.ops.dashboard import AdminCookie, AdminDashboard
+from tests.support.fakes import make_manager
 from tests.test_tenancy import TenancyTestCase, as_user, run_now, token_of
 
 KID = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
@@ -277,3 +280,34 @@ class HostStatus(SynchronousTestCase):
                 {"host": "b", "up": False, "failures": 1, "backoff_remaining": 3.0},
             ],
         )
+
+
+class PageCookie(TestCase):
+    async def test_cookie_attributes(self) -> None:
+        """
+        The first load with C{?token=} sets the cookie HttpOnly, SameSite
+        Strict and, over TLS, Secure, and the page carries a strict
+        Content-Security-Policy; a load without a token sets none.
+        """
+        from twisted.internet import reactor
+
+        clock = Clock()
+        manager, _, _ = make_manager(clock)
+        dashboard = AdminDashboard(
+            manager=manager, cull=lambda: 0, base_url="/", reactor=reactor, threadpool=reactor.getThreadPool()
+        )
+        for secure in (False, True):
+            request = DummyRequest([b"admin"])
+            request.args = {b"token": [b"carol t0ken;x"]}
+            request.gateway_user = Identity("carol", admin=True, authenticated=True)
+            request.isSecure = lambda secure=secure: secure  # type: ignore[method-assign]
+            body = await dashboard.page(request)
+            self.assertIn(b"<title>egateway admin</title>", body)
+            cookie = request.responseHeaders.getRawHeaders(b"set-cookie")[0].decode()
+            expected = "egateway_admin=carol%20t0ken%3Bx; Path=/; HttpOnly; SameSite=Strict"
+            self.assertEqual(cookie, expected + ("; Secure" if secure else ""))
+            self.assertIn(b"script-src 'self'", request.responseHeaders.getRawHeaders(b"content-security-policy")[0])
+        request = DummyRequest([b"admin"])
+        request.gateway_user = Identity("carol", admin=True, authenticated=True)
+        await dashboard.page(request)
+        self.assertIsNone(request.responseHeaders.getRawHeaders(b"set-cookie"))
