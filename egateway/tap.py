@@ -334,13 +334,17 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     api, front = build_api(config, manager, reactor, threadpool)
     # Before the listener: token files and keys load as it starts.
     front.authentication.setServiceParent(top)
-    site = GatewaySite(front, max_body=config.server.max_request_body)
+    from egateway.ops.dashboard import AdminCookie
+
+    site = GatewaySite(AdminCookie(front, config.server.base_url), max_body=config.server.max_request_body)
     listen, served = build_tls(config, context, reactor, threadpool, top, site)
     listener = strports.service(listen, served, reactor=reactor)
     listener.setName("http")
     listener.setServiceParent(top)
     # After the listener: it starts once the port is bound, and stops first.
     systemd_notifier(manager, reactor).setServiceParent(top)
+    # After the listener, so it stops first and ends the open event streams.
+    api.dashboard.setServiceParent(top)
     top.api = api  # type: ignore[attr-defined]
     top.manager = manager  # type: ignore[attr-defined]
     top.site = site  # type: ignore[attr-defined]
@@ -481,12 +485,43 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
     from egateway.ops.audit import watch_kernels
 
     watch_kernels(manager)
+    api.dashboard = build_dashboard(config, manager, reactor, threadpool)
+    api.dashboard.register(api.app)
     authentication = build_authentication(config.auth, reactor, threadpool)
     api.channels.watch_credentials(authentication)
     front = FrontResource(
         api.resource(), authentication, cors, HostPolicy(config.listen_endpoint, config.auth.allowed_hosts)
     )
     return api, front
+
+
+def build_dashboard(config: Config, manager: Any, reactor: Any, threadpool: Any) -> Any:
+    """
+    The admin dashboard over C{manager}; its "cull now" runs one pass of
+    the configured culling (with culling off, it culls dead kernels only).
+    """
+    from egateway.kernels.culling import Culler
+    from egateway.ops.dashboard import AdminDashboard
+
+    culler = Culler(manager, config.culling, reactor)
+
+    def cull_now() -> int:
+        culled = 0
+        for kernel in list(manager.kernels.values()):
+            reason = culler.reason_to_cull(kernel)
+            if reason and (config.culling.cull_idle_timeout > 0 or kernel.state.value == "dead"):
+                culler.cull_one(kernel, reason)
+                culled += 1
+        return culled
+
+    return AdminDashboard(
+        manager=manager,
+        cull=cull_now,
+        base_url=config.server.base_url,
+        reactor=reactor,
+        threadpool=threadpool,
+        remote_hosts=config.ssh.remote_hosts,
+    )
 
 
 def build_ops_routes(config: Config, manager: Any, reactor: Any, app: Any) -> Any:

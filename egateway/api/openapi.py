@@ -369,6 +369,7 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
             },
         },
     }
+    paths.update(_admin_paths(b))
     paths.update(_operations_paths(b))
     for path, method in ((f"{b}/api/kernels", "post"), (f"{b}/api/sessions", "post")):
         paths[path][method]["responses"]["503"] = _DRAINING
@@ -383,6 +384,134 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
         },
         "security": [{"token": []}],
         "paths": paths,
+    }
+
+
+_NOT_ADMIN = {"403": _error("The caller is a user who is not an admin (admin_users, admin_groups)")}
+
+
+def _admin_action(summary: str, ok: dict[str, Any], *extra: tuple[str, str]) -> dict[str, Any]:
+    return {
+        "parameters": [_KERNEL_ID],
+        "post": {
+            "summary": summary,
+            "parameters": [_DASHBOARD_HEADER],
+            "responses": {
+                **ok,
+                **_NOT_ADMIN,
+                "404": _error("No such kernel"),
+                **{code: _error(text) for code, text in extra},
+                **_AUTH,
+            },
+        },
+    }
+
+
+_DASHBOARD_HEADER = {
+    "name": "X-Egateway-Dashboard",
+    "in": "header",
+    "required": False,
+    "description": "Required when the request is authenticated by the dashboard's cookie (set by GET /admin?token=)",
+    "schema": {"type": "string"},
+}
+
+
+def _admin_paths(b: str) -> dict[str, Any]:
+    """
+    The admin dashboard's page and routes (L{egateway.ops.dashboard}).
+    """
+    text = {"type": "string"}
+    return {
+        f"{b}/admin": {
+            "get": {
+                "summary": "The admin dashboard (a web page); ?token= on the first load sets its cookie",
+                "parameters": [{"name": "token", "in": "query", "required": False, "schema": text}],
+                "responses": {
+                    "200": {"description": "The page", "content": {"text/html": {"schema": text}}},
+                    **_NOT_ADMIN,
+                    **_AUTH,
+                },
+            }
+        },
+        f"{b}/admin/static/{{name}}": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": text}],
+            "get": {
+                "summary": "The dashboard's script and style sheet",
+                "responses": {
+                    "200": {
+                        "description": "The file",
+                        "content": {"text/css": {"schema": text}, "text/javascript": {"schema": text}},
+                    },
+                    **_NOT_ADMIN,
+                    "404": _error("No such file"),
+                    **_AUTH,
+                },
+            },
+        },
+        f"{b}/api/admin/overview": {
+            "get": {
+                "summary": "Everything the dashboard shows: kernels, users and quotas, hosts, the store",
+                "responses": {
+                    "200": _json(
+                        "The overview",
+                        {
+                            "type": "object",
+                            "required": ["gateway", "quotas", "users", "groups", "hosts", "store", "kernels"],
+                            "properties": {
+                                "gateway": {"type": "object"},
+                                "quotas": {"type": "object"},
+                                "users": {"type": "array", "items": {"type": "object"}},
+                                "groups": {"type": "array", "items": {"type": "object"}},
+                                "hosts": {"type": "array", "items": {"type": "object"}},
+                                "store": {"type": "object"},
+                                "kernels": {"type": "array", "items": _ref("Kernel")},
+                            },
+                        },
+                    ),
+                    **_NOT_ADMIN,
+                    **_AUTH,
+                },
+            }
+        },
+        f"{b}/api/admin/events": {
+            "get": {
+                "summary": "Live updates as Server-Sent Events: kernel (a kernel's model), removed ({id}), "
+                "summary (the overview without kernels); needs Accept: text/event-stream",
+                "responses": {
+                    "200": {"description": "The event stream", "content": {"text/event-stream": {"schema": text}}},
+                    **_NOT_ADMIN,
+                    "406": _error("The request does not accept text/event-stream"),
+                    **_AUTH,
+                },
+            }
+        },
+        f"{b}/api/admin/cull": {
+            "post": {
+                "summary": "Run one culling pass now (with culling off: dead kernels only)",
+                "parameters": [_DASHBOARD_HEADER],
+                "responses": {
+                    "200": _json(
+                        "How many kernels were culled",
+                        {"type": "object", "required": ["culled"], "properties": {"culled": {"type": "integer"}}},
+                    ),
+                    **_NOT_ADMIN,
+                    **_AUTH,
+                },
+            }
+        },
+        f"{b}/api/admin/kernels/{{kernel_id}}/interrupt": _admin_action(
+            "Interrupt any user's kernel", {"204": {"description": "Interrupted"}}, ("409", "The kernel is not running")
+        ),
+        f"{b}/api/admin/kernels/{{kernel_id}}/restart": _admin_action(
+            "Restart any user's kernel",
+            {"200": _json("The restarted kernel", _ref("Kernel"))},
+            ("409", "The kernel is shutting down"),
+            ("500", "The relaunch failed"),
+            ("504", "The relaunch timed out"),
+        ),
+        f"{b}/api/admin/kernels/{{kernel_id}}/shutdown": _admin_action(
+            "Shut down any user's kernel", {"204": {"description": "Shut down"}}
+        ),
     }
 
 

@@ -140,3 +140,20 @@ class HostHealth:
 
     def is_down(self, host: str) -> bool:
         return self._down_until.get(host, 0.0) > self._clock.seconds()
+
+    def status(self, hosts: Sequence[str]) -> list[dict[str, Any]]:
+        """
+        Each of C{hosts} (and any other host with a failure on record): up
+        or backed off, consecutive failures, seconds of back-off left.
+        """
+        now = self._clock.seconds()
+        names = list(dict.fromkeys([*hosts, *self._failures]))
+        return [
+            {
+                "host": host,
+                "up": self._down_until.get(host, 0.0) <= now,
+                "failures": self._failures.get(host, 0),
+                "backoff_remaining": max(0.0, round(self._down_until.get(host, 0.0) - now, 1)),
+            }
+            for host in names
+        ]

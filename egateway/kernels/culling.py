@@ -58,7 +58,7 @@ class Culler(Service):
             try:
                 reason = self.reason_to_cull(kernel)
                 if reason:
-                    self._cull(kernel, reason)
+                    self.cull_one(kernel, reason)
             except Exception:
                 _log.failure("culling kernel {kernel_id}", kernel_id=kernel.id)
 
@@ -80,7 +80,7 @@ class Culler(Service):
             return ""
         return f"culled: idle for {idle:.0f} s (limit {settings.cull_idle_timeout:g} s)"
 
-    def _cull(self, kernel: Kernel, reason: str) -> None:
+    def cull_one(self, kernel: Kernel, reason: str) -> None:
         _log.info("kernel {kernel_id} {reason}", kernel_id=kernel.id, reason=reason)
         kernel.broadcast_status("dead", reason)
         self._manager.shutdown(kernel.id, reason=reason).addErrback(

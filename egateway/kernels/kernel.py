@@ -99,6 +99,11 @@ class Kernel:
         """
         self.journal_limits = journal or JournalLimits()
         self.on_iopub_observers: list[Callable[[Message], None]] = []
+        self.on_change: Callable[[Kernel], None] | None = None
+        """
+        Called after each state transition, launch phase and client
+        connection or disconnection (the admin dashboard's live updates).
+        """
 
     # -- bookkeeping ---------------------------------------------------
 
@@ -114,6 +119,7 @@ class Kernel:
             launcher=self.launcher_name,
         )
         self.state = new
+        self._changed()
 
     def report(self, phase: Phase, detail: str = "") -> None:
         event = PhaseEvent(phase, self._clock.seconds(), detail)
@@ -123,6 +129,14 @@ class Kernel:
             kernel_id=self.id,
             phase=event.describe(),
         )
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(self)
+            except Exception:
+                _log.failure("kernel {kernel_id}: change observer failed", kernel_id=self.id)
 
     @property
     def last_phase(self) -> PhaseEvent | None:
@@ -264,6 +278,7 @@ class Kernel:
                 count=replayed,
             )
         self.touch()
+        self._changed()
         return session
 
     def detach(self, session: KernelSession, client: KernelClient) -> None:
@@ -273,6 +288,7 @@ class Kernel:
         session.disconnect(client, self._clock.seconds())
         if not session.resumable and session.client is None:
             self._drop(session)
+        self._changed()
 
     def drop_session(self, session: KernelSession, client: KernelClient) -> None:
         """

@@ -124,6 +124,12 @@ class KernelManager(Service):
         self._operations: dict[str, Operation[Any]] = {}
         self._recent_failures: dict[str, list[float]] = {}
         self.listeners: list[Callable[[str, Kernel], None]] = []
+        self.change_listeners: list[Callable[[Kernel], None]] = []
+        """
+        Told of every kernel's state transitions, launch phases and client
+        connections (see L{Kernel.on_change}); L{listeners} hear of launches
+        and removals only.
+        """
         self._housekeeping: LoopingCall | None = None
         self.journal_limits = JournalLimits(journal_entries, journal_bytes)
         self.persistence: Any = None
@@ -305,6 +311,13 @@ class KernelManager(Service):
             del self.kernels[kernel.id]
             self._emit("removed", kernel)
 
+    def _changed(self, kernel: Kernel) -> None:
+        for listener in self.change_listeners:
+            try:
+                listener(kernel)
+            except Exception:
+                _log.failure("kernel change listener failed on kernel {kernel_id}", kernel_id=kernel.id)
+
     def _emit(self, event: str, kernel: Kernel) -> None:
         for listener in self.listeners:
             try:
@@ -417,6 +430,7 @@ class KernelManager(Service):
             launcher_name,
             self.journal_limits,
         )
+        kernel.on_change = self._changed
         kernel.owner = plan.owner
         kernel.owner_groups = plan.groups
         kernel.profile = plan.profile.name if plan.profile is not None else None
@@ -523,6 +537,7 @@ class KernelManager(Service):
             record.launcher,
             self.journal_limits,
         )
+        kernel.on_change = self._changed
         kernel.started = record.created
         kernel.last_activity = record.updated
         kernel.restart_count = record.restarts
