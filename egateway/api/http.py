@@ -165,6 +165,7 @@ class FrontResource:
 
     @ivar authentication: the chain deciding who each request is from; its
         identity is C{request.gateway_user}.
+    @ivar refused: requests refused here, by status (for the metrics).
     """
 
     isLeaf = True
@@ -175,15 +176,21 @@ class FrontResource:
         authentication: AuthenticatorChain,
         cors: CorsPolicy,
         hosts: HostPolicy | None = None,
+        metrics: Any = None,
     ) -> None:
         """
         @param hosts: the names a request may give in C{Host} when no
             authenticator is configured (C{None}: any).
+        @param metrics: who may read C{/metrics} (a
+            L{egateway.ops.metrics.MetricsAccess}), instead of the API's
+            authentication; C{None}: it is not served here.
         """
         self._routes = routes
         self.authentication = authentication
         self._cors = cors
         self._hosts = hosts
+        self._metrics = metrics
+        self.refused: dict[int, int] = {}
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         return self
@@ -221,9 +228,14 @@ class FrontResource:
 
     async def _serve(self, request: IRequest, gone: list[bool]) -> None:
         try:
-            if self._hosts is not None and not self.authentication.authenticators:
-                self._hosts.check(request)
-            request.gateway_user = await self.authentication.authenticate(request)
+            if self._metrics is not None and self._metrics.addresses(request):
+                # Its own rule: the API's credentials do not open it.
+                self._metrics.check(request)
+                request.metrics_access = True
+            else:
+                if self._hosts is not None and not self.authentication.authenticators:
+                    self._hosts.check(request)
+                request.gateway_user = await self.authentication.authenticate(request)
             self._cors.check_origin(request)
         except CancelledError:
             return
@@ -254,6 +266,7 @@ class FrontResource:
             _finish(request, body)
 
     def _refuse(self, request: IRequest, error: GatewayError) -> None:
+        self.refused[error.status] = self.refused.get(error.status, 0) + 1
         if isinstance(error, Unauthorized):
             request.setHeader(b"www-authenticate", b'Bearer realm="egateway"')
         elif isinstance(error, TooManyRequests) and error.retry_after:
