@@ -374,9 +374,12 @@ def serve_metrics_apart(config: Config, metrics: Any, reactor: Any, top: MultiSe
     if not config.metrics.metrics_listen:
         return
     from egateway.api.http import GatewaySite
-    from egateway.ops.metrics import MetricsAccess, MetricsResource
+    from egateway.api.metrics import MetricsAccess, MetricsResource
 
-    access = MetricsAccess(config.metrics.metrics_token, config.metrics.metrics_networks)
+    from egateway.api.authenticators.limiter import FailureLimiter
+
+    limiter = FailureLimiter(reactor, config.auth.auth_failure_limit, config.auth.auth_failure_window)
+    access = MetricsAccess(config.metrics.metrics_token, config.metrics.metrics_networks, limiter=limiter)
     site = GatewaySite(MetricsResource(metrics, access), max_body=1024)
     listener = strports.service(config.metrics.metrics_listen, site, reactor=reactor)
     listener.setName("metrics-http")
@@ -469,21 +472,21 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any, metri
         authentication,
         cors,
         HostPolicy(config.listen_endpoint, config.auth.allowed_hosts),
-        metrics=main_listener_metrics(config),
+        metrics=main_listener_metrics(config, authentication.limiter),
     )
     return api, front
 
 
-def main_listener_metrics(config: Config) -> Any:
+def main_listener_metrics(config: Config, limiter: Any) -> Any:
     """
-    Who may read C{/metrics} on the main listener, or C{None} when it is
-    not served there.
+    Who may read C{/metrics} on the main listener (wrong tokens counted by
+    C{limiter}, the API's), or C{None} when it is not served there.
     """
     if not config.metrics.on_main_listener:
         return None
-    from egateway.ops.metrics import MetricsAccess
+    from egateway.api.metrics import MetricsAccess
 
-    return MetricsAccess.from_config(config.metrics, config.server.base_url)
+    return MetricsAccess.from_config(config.metrics, config.server.base_url, limiter)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

@@ -68,14 +68,15 @@ class ScrapeDaemon(TestCase):
         """
         Scraped from a real daemon, the figures move as a kernel starts,
         runs code over a WebSocket, restarts and stops, and as a kernel
-        whose process exits at once fails to launch.
+        whose process exits at once fails to launch; the kernel store's
+        operations are timed.
         """
         specs = os.path.abspath(self.mktemp())
         write_kernelspec(specs, "quitter", [sys.executable, "-c", "import sys; sys.exit(3)"])
         gateway = await start_gateway(
             self,
             token=API_TOKEN,
-            flags={"list-kernels": "true", "kernelspec-path": specs, "launch-timeout": "30"},
+            flags={"list-kernels": "true", "kernelspec-path": specs, "launch-timeout": "30", "persistence": "true"},
             env={"EG_METRICS_TOKEN": METRICS_TOKEN},
         )
         api = gateway.api
@@ -128,6 +129,9 @@ class ScrapeDaemon(TestCase):
         self.assertEqual(stopped.get_("egateway_kernels", **kernel), 0)
         self.assertEqual(stopped.get_("egateway_websocket_connections"), 0)
         self.assertGreaterEqual(stopped.get_("egateway_reactor_lag_seconds_count"), 1)
+        # The kernel store (SQLite here) is timed.
+        self.assertGreaterEqual(stopped.get_("egateway_store_operation_seconds_count", operation="save_kernel"), 2)
+        self.assertEqual(stopped.get_("egateway_store_errors_total", operation="save_kernel"), 0)
         self.assertEqual(stopped.get_("egateway_build_info", version=__import__("egateway").__version__), 1)
 
     async def test_refused_without_the_metrics_token(self) -> None:
@@ -244,6 +248,20 @@ class MainListenerRule(SynchronousTestCase):
             if "<" not in rule.rule
         }
         self.assertEqual({pair for pair in documented if "{" not in pair[1]}, served)
+
+    def test_wrong_tokens_limited(self) -> None:
+        """
+        Wrong metrics tokens count towards auth_failure_limit as the API's
+        do: past it that token from that address gets 429 with Retry-After,
+        while the right token still works.
+        """
+        _, stub = self.front(**{"auth-token": API_TOKEN, "metrics-token": METRICS_TOKEN, "auth-failure-limit": "2"})
+        codes = [self.get(stub, "/metrics", "Bearer guess")[0] for _ in range(3)]
+        self.assertEqual(codes, [401, 401, 429])
+        code, body, headers = self.get(stub, "/metrics", "Bearer guess")
+        self.assertEqual((code, json.loads(body)["reason"]), (429, "Too Many Requests"))
+        self.assertTrue(headers.getRawHeaders(b"retry-after"))
+        self.assertEqual(self.get(stub, "/metrics", f"Bearer {METRICS_TOKEN}")[0], 200)
 
 
 class ReactorLagProbeTests(SynchronousTestCase):

@@ -182,7 +182,7 @@ class FrontResource:
         @param hosts: the names a request may give in C{Host} when no
             authenticator is configured (C{None}: any).
         @param metrics: who may read C{/metrics} (a
-            L{egateway.ops.metrics.MetricsAccess}), instead of the API's
+            L{egateway.api.metrics.MetricsAccess}), instead of the API's
             authentication; C{None}: it is not served here.
         """
         self._routes = routes

@@ -169,7 +169,7 @@ class GatewayAPI:
         if not getattr(request, "metrics_access", False):
             # The front resource did not apply the metrics rule to it.
             raise NotFound(f"no such resource: {request.path.decode('utf-8', 'replace')}")
-        from egateway.ops.metrics import CONTENT_TYPE
+        from egateway.api.metrics import CONTENT_TYPE
 
         request.setHeader(b"content-type", CONTENT_TYPE)
         return self.metrics.exposition()

@@ -15,16 +15,14 @@ kinds of figures feed it:
     and turned into samples only when a scraper asks (L{_ScrapeCollector}):
     relaying a message costs an integer add, not a call into the library.
 
-Who may read C{/metrics} is decided by L{MetricsAccess}: the metrics token
-or an allowed network, never the API's own credentials.
+Who may read C{/metrics} is decided in L{egateway.api.metrics}.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter as Tally
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -33,27 +31,12 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
-from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
-from zope.interface import implementer
 
 from egateway import __version__
-from egateway.api.authenticators.interface import presented_token
-from egateway.api.authenticators.shared_token import token_matches
-from egateway.api.authenticators.trusted_proxy import ProxyNetworks, parse_networks
 from egateway.config import MetricsConfig
-from egateway.errors import Forbidden, GatewayError, NotFound, Unauthorized
-from egateway.ops.audit import client_address
 from egateway.store.interface import IKernelStore
 from egateway.wire.ws_formats import CHANNELS
 
-_log = Logger()
-
-CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-"""
-The text format every Prometheus version reads.
-"""
 
 LAG_INTERVAL = 1.0
 """
@@ -127,50 +110,6 @@ class ReactorLagProbe:
         # the interval after now (missed ones are skipped, not queued).
         intervals = math.floor((now - self._start) / self._interval) + 1
         self._due = self._start + intervals * self._interval
-
-
-class MetricsAccess:
-    """
-    Who may read C{/metrics}: requests from C{metrics_networks}, and those
-    presenting C{metrics_token}.  With neither configured (a listener of
-    its own, placed by the operator), everyone who can reach it.
-    """
-
-    def __init__(self, token: str, networks: Iterable[str], path: str = "/metrics") -> None:
-        self._token = token.encode("utf-8")
-        self._networks = ProxyNetworks(parse_networks(networks))
-        self.path = path.encode("utf-8")
-
-    @classmethod
-    def from_config(cls, settings: MetricsConfig, base_url: str = "/") -> "MetricsAccess":
-        return cls(settings.metrics_token, settings.metrics_networks, base_url + "metrics")
-
-    def addresses(self, request: IRequest) -> bool:
-        """
-        Whether C{request} is for C{/metrics}, as the routes will see its
-        path (percent-decoded segments).
-        """
-        return b"/" + b"/".join(request.postpath) == self.path
-
-    def check(self, request: IRequest) -> None:
-        """
-        @raise Unauthorized: a token is needed and the request has none, or
-            a wrong one.
-        @raise Forbidden: only networks are allowed and the request comes
-            from elsewhere.
-        """
-        peer = client_address(request)
-        if not self._token and not self._networks:
-            return
-        if self._networks.contains(peer):
-            return
-        if not self._token:
-            raise Forbidden(f"/metrics is not served to {peer}; its operator adds it to metrics_networks")
-        presented = presented_token(request)
-        if presented is None:
-            raise Unauthorized("/metrics requires the metrics token: send 'Authorization: Bearer <metrics_token>'")
-        if not token_matches(presented, self._token):
-            raise Unauthorized("the metrics token is not valid")
 
 
 class TimedStore:
@@ -455,45 +394,3 @@ def _counter(name: str, documentation: str, labels: list[str], values: dict[tupl
     for key, value in values.items():
         family.add_metric(list(key), value)
     return family
-
-
-def _json_error(request: IRequest, error: GatewayError) -> bytes:
-    request.setResponseCode(error.status)
-    request.setHeader(b"content-type", b"application/json")
-    if isinstance(error, Unauthorized):
-        request.setHeader(b"www-authenticate", b'Bearer realm="egateway-metrics"')
-    return json.dumps({"reason": error.reason, "message": error.message}).encode("utf-8")
-
-
-@implementer(IResource)
-class MetricsResource:
-    """
-    The whole of a listener of its own (C{metrics_listen}): C{GET /metrics}
-    for those L{MetricsAccess} admits; JSON errors for anything else.
-    """
-
-    isLeaf = True
-
-    def __init__(self, metrics: GatewayMetrics, access: MetricsAccess) -> None:
-        self._metrics = metrics
-        self._access = access
-
-    def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
-        return self
-
-    def putChild(self, path: bytes, child: IResource) -> None:
-        raise NotImplementedError()
-
-    def render(self, request: IRequest) -> bytes:
-        request.setHeader(b"x-content-type-options", b"nosniff")
-        try:
-            if not self._access.addresses(request):
-                raise NotFound("this listener serves /metrics only")
-            if request.method not in (b"GET", b"HEAD"):
-                request.setHeader(b"allow", b"GET")
-                raise GatewayError("use GET", status=405)
-            self._access.check(request)
-        except GatewayError as e:
-            return _json_error(request, e)
-        request.setHeader(b"content-type", CONTENT_TYPE)
-        return self._metrics.exposition()
