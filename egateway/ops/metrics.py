@@ -31,6 +31,7 @@ from prometheus_client.process_collector import ProcessCollector
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from egateway import __version__
 from egateway.config import MetricsConfig
@@ -134,7 +135,7 @@ class TimedStore:
 
             def record(result: Any) -> Any:
                 self._seconds.labels(name).observe(max(0.0, self._clock.seconds() - began))
-                if hasattr(result, "check") and not result.check(CancelledError):
+                if isinstance(result, Failure) and not result.check(CancelledError):
                     self._errors.labels(name).inc()
                 return result
 
