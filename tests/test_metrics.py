@@ -16,13 +16,14 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.python.threadpool import ThreadPool
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from egateway.config import build_config
 from egateway.ops.metrics import GatewayMetrics, ReactorLagProbe, TimedStore
 from egateway.tap import build_api
 from tests.support.daemon import HttpApi, free_port, start_gateway
 from tests.support.fakes import make_manager
+from tests import test_store as store_tests
 from tests.support.wsclient import ChannelsClient
 
 API_TOKEN = "api-t0ken"
@@ -413,3 +414,28 @@ class LifecycleCounts(SynchronousTestCase):
         self.assertEqual(samples.get_("egateway_kernels", user="ann", **labels), 2)
         self.assertEqual(samples.get_("egateway_kernels", user="(other)", **labels), 2)
         self.assertEqual(len([key for key in samples if key[0] == "egateway_kernels"]), 2)
+
+
+class _Timed:
+    """
+    The store contract over a store whose operations are timed: the
+    wrapper must change nothing the gateway relies on.
+    """
+
+    async def open(self, box: Any = None) -> Any:
+        store = await super().open(box)  # type: ignore[misc]
+        self.timed_metrics = GatewayMetrics(_config().metrics, reactor)
+        return self.timed_metrics.timed_store(store)
+
+
+class TimedSQLiteStoreTests(_Timed, store_tests.SQLiteStoreTests):
+    def test_reactor_free_while_writing(self) -> None:
+        """
+        (It patches a private method of the store itself; not the
+        wrapper's business.)
+        """
+        raise SkipTest("patches the SQLite store's own blocking method")
+
+
+class TimedRedisStoreTests(_Timed, store_tests.RedisStoreTests):
+    pass
