@@ -68,7 +68,7 @@ class ScrapeDaemon(TestCase):
     async def test_metrics_follow_kernels(self) -> None:
         """
         Scraped from a real daemon, the figures move as a kernel starts,
-        runs code over a WebSocket, restarts and stops, and as a kernel
+        runs code over WebSockets (both protocols), restarts and stops, and as a kernel
         whose process exits at once fails to launch; the kernel store's
         operations are timed.
         """
@@ -124,6 +124,12 @@ class ScrapeDaemon(TestCase):
         self.assertEqual(restarted.get_("egateway_restarts_total", launcher="local"), 1)
         self.assertEqual(restarted.get_("egateway_auto_restarts_total", launcher="local"), 0)
 
+        binary = await ChannelsClient.connect(gateway.url, model["id"], v1=True, token=API_TOKEN)
+        self.assertEqual((await binary.execute("6 * 7"))["result"]["text/plain"], "42")
+        both = await self.scrape(api)
+        self.assertEqual(both.get_("egateway_websocket_connections"), 2)
+        self.assertEqual(both.get_("egateway_websocket_connections_opened_total", protocol="v1"), 1)
+        await binary.close()
         await client.close()
         await api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
         stopped = await self.scrape(api)
