@@ -866,6 +866,49 @@ class ImpersonationConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    metrics_token: str = setting(
+        "",
+        "Token a Prometheus scraper presents (Authorization: Bearer) for GET /metrics on the main listener; "
+        "the API's credentials do not open it (empty, with metrics_networks empty: no /metrics there).",
+        env=("EG_METRICS_TOKEN",),
+        secret=True,
+    )
+    metrics_networks: list = setting(
+        [],
+        "Addresses or CIDRs whose requests may read /metrics without metrics_token (the peer address, "
+        "X-Forwarded-For is not believed).",
+        env=("EG_METRICS_NETWORKS",),
+    )
+    metrics_listen: str = setting(
+        "",
+        "Endpoint string for a listener of its own serving only /metrics (e.g. tcp:9464:interface=127.0.0.1); "
+        "metrics_token and metrics_networks apply there too when set (empty: none).",
+        env=("EG_METRICS_LISTEN",),
+    )
+    metrics_users: int = setting(
+        0,
+        "Label the egateway_kernels gauge with the user for this many users with most kernels, the "
+        "rest as user=\"(other)\" (0: no user label, the default; each user is a time series).",
+        env=("EG_METRICS_USERS",),
+        minimum=0,
+        maximum=1000,
+    )
+
+    @property
+    def on_main_listener(self) -> bool:
+        """
+        Whether the main listener serves C{/metrics}: only once the operator
+        has said who may read it.
+        """
+        return bool(self.metrics_token or self.metrics_networks)
+
+    @property
+    def enabled(self) -> bool:
+        return self.on_main_listener or bool(self.metrics_listen)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -878,6 +921,7 @@ class Config:
     impersonation: ImpersonationConfig = field(default_factory=ImpersonationConfig)
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     profiles: dict = field(default_factory=dict, hash=False, metadata={"tables": ProfileConfig})
     """
     The C{[profiles.<name>]} tables: L{ProfileConfig}s by name.
@@ -1184,6 +1228,7 @@ def _validate_cross_field(config: Config) -> None:
     manhole_problem = check_settings(config.ops)
     if manhole_problem:
         raise ConfigError(manhole_problem)
+    _validate_metrics(config.metrics)
 
 
 def _validate_slurm(slurm: "SlurmConfig") -> None:
@@ -1235,6 +1280,15 @@ def _validate_tls(config: "Config") -> None:
         raise ConfigError(
             "response.response_tls: needs a certificate: set certfile (EG_CERTFILE) or listen on ssl:"
         )
+
+
+def _validate_metrics(metrics: MetricsConfig) -> None:
+    from egateway.api.authenticators.trusted_proxy import parse_networks
+
+    try:
+        parse_networks(metrics.metrics_networks)
+    except ValueError as e:
+        raise ConfigError(f"metrics.metrics_networks: {e}") from None
 
 
 def _validate_auth(auth: "AuthConfig") -> None:

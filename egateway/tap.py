@@ -281,6 +281,8 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         reactor=reactor,
     )
 
+    metrics = build_metrics(config, reactor, top)
+
     def channels() -> Any:
         from egateway.wire.zmq import ZmqChannelFactory
 
@@ -298,7 +300,9 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         policy=TenancyPolicy.from_config(config),
     )
     if persistent:
-        manager.persistence = build_persistence(config, data_path, manager, reactor, gateway_id)
+        manager.persistence = build_persistence(
+            config, data_path, manager, reactor, gateway_id, metrics.timed_store if metrics else None
+        )
         if manager.persistence.shared:
             from egateway.kernels.sharing import SharedKernels
 
@@ -330,8 +334,13 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
             interval=config.store.reconcile_interval,
             clock=reactor,
         ).setServiceParent(top)
-    Culler(manager, config.culling, reactor).setServiceParent(top)
-    api, front = build_api(config, manager, reactor, threadpool)
+    culler = Culler(manager, config.culling, reactor)
+    culler.setServiceParent(top)
+    api, front = build_api(config, manager, reactor, threadpool, metrics)
+    if metrics is not None:
+        metrics.watch_manager(manager)
+        metrics.watch(relay=api.channels.relay, culler=culler, front=front)
+        serve_metrics_apart(config, metrics, reactor, top)
     # Before the listener: token files and keys load as it starts.
     front.authentication.setServiceParent(top)
     from egateway.ops.dashboard import AdminCookie
@@ -408,7 +417,42 @@ def build_tls(
     return plan.description, tls.add(plan.files, "HTTP").wrap(site)
 
 
-def build_persistence(config: Config, data_path: str, manager: Any, reactor: Any, gateway_id: str) -> Any:
+def build_metrics(config: Config, reactor: Any, top: MultiService) -> Any:
+    """
+    The gateway's metrics, when C{/metrics} is served anywhere; else
+    C{None}.
+    """
+    if not config.metrics.enabled:
+        return None
+    from egateway.ops.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics(config.metrics, reactor)
+    metrics.setServiceParent(top)
+    return metrics
+
+
+def serve_metrics_apart(config: Config, metrics: Any, reactor: Any, top: MultiService) -> None:
+    """
+    The listener of its own for C{/metrics} (C{metrics_listen}), if any.
+    """
+    if not config.metrics.metrics_listen:
+        return
+    from egateway.api.http import GatewaySite
+    from egateway.api.metrics import MetricsAccess, MetricsResource
+
+    from egateway.api.authenticators.limiter import FailureLimiter
+
+    limiter = FailureLimiter(reactor, config.auth.auth_failure_limit, config.auth.auth_failure_window)
+    access = MetricsAccess(config.metrics.metrics_token, config.metrics.metrics_networks, limiter=limiter)
+    site = GatewaySite(MetricsResource(metrics, access), max_body=1024)
+    listener = strports.service(config.metrics.metrics_listen, site, reactor=reactor)
+    listener.setName("metrics-http")
+    listener.setServiceParent(top)
+
+
+def build_persistence(
+    config: Config, data_path: str, manager: Any, reactor: Any, gateway_id: str, wrap: Any = None
+) -> Any:
     """
     Kernel persistence on the configured store: Redis when C{store_url}
     says so (its key must be given: every gateway sharing it needs the same
@@ -416,6 +460,7 @@ def build_persistence(config: Config, data_path: str, manager: Any, reactor: Any
     there on first use.
 
     @param gateway_id: the installation's id, written in its records.
+    @param wrap: applied to the store once opened (the metrics time it).
     """
     import uuid
 
@@ -435,7 +480,8 @@ def build_persistence(config: Config, data_path: str, manager: Any, reactor: Any
         else:
             key_file = settings.store_key_file or os.path.join(data_path, "store.key")
             box = await deferToThread(load_or_create_key_file_blocking, key_file, not shared)
-        return open_store(location, box, reactor)
+        store = open_store(location, box, reactor)
+        return wrap(store) if wrap is not None else store
 
     return KernelPersistence(
         open_configured,
@@ -448,7 +494,7 @@ def build_persistence(config: Config, data_path: str, manager: Any, reactor: Any
     )
 
 
-def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tuple[Any, Any]:
+def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any, metrics: Any = None) -> tuple[Any, Any]:
     """
     The REST and WebSocket routes over C{manager}, behind the front resource
     that applies authentication and CORS.
@@ -479,6 +525,7 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
         list_kernels=config.auth.list_kernels,
         reactor=reactor,
         threadpool=threadpool,
+        metrics=metrics if config.metrics.on_main_listener else None,
     )
     # Health, readiness and drain; the front serves the probes unauthenticated.
     api.ops = build_ops_routes(config, manager, reactor, api.app)  # type: ignore[attr-defined]
@@ -490,7 +537,11 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any) -> tu
     authentication = build_authentication(config.auth, reactor, threadpool)
     api.channels.watch_credentials(authentication)
     front = FrontResource(
-        api.resource(), authentication, cors, HostPolicy(config.listen_endpoint, config.auth.allowed_hosts)
+        api.resource(),
+        authentication,
+        cors,
+        HostPolicy(config.listen_endpoint, config.auth.allowed_hosts),
+        metrics=main_listener_metrics(config, authentication.limiter),
     )
     return api, front
 
@@ -572,6 +623,18 @@ def build_operations(config: Config, reactor: Any, top: MultiService, ops: Any, 
             lambda: namespace(top, top.manager),  # type: ignore[attr-defined]
             reactor,
         ).setServiceParent(top)
+
+
+def main_listener_metrics(config: Config, limiter: Any) -> Any:
+    """
+    Who may read C{/metrics} on the main listener (wrong tokens counted by
+    C{limiter}, the API's), or C{None} when it is not served there.
+    """
+    if not config.metrics.on_main_listener:
+        return None
+    from egateway.api.metrics import MetricsAccess
+
+    return MetricsAccess.from_config(config.metrics, config.server.base_url, limiter)
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:

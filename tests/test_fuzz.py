@@ -137,6 +137,8 @@ class SchemathesisFuzz(TestCase):
             flags={
                 "max-kernels": "3",
                 "list-kernels": "true",
+                # So the document lists /metrics, and it is fuzzed too.
+                "metrics-token": "metrics-t0ken",
                 # Wrong credentials keep reaching the authenticators instead
                 # of the 429 fast path; test_auth covers the limit.
                 "auth-failure-limit": "0",

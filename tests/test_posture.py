@@ -65,6 +65,20 @@ class WarningTests(SynchronousTestCase):
         hub = self.warnings({"jupyterhub-api-url": "http://hub:8081/hub/api", "jupyterhub-scope": ""})
         self.assertIn("jupyterhub_scope is empty", hub)
 
+    def test_metrics_open_or_guessable(self) -> None:
+        """
+        A metrics listener on an outside interface with no token and no
+        networks, and a short metrics token, are each warned about; one on
+        loopback, or with networks, is not.
+        """
+        outside = self.warnings({"metrics-listen": "tcp:9464:interface=0.0.0.0"})
+        self.assertIn("serves /metrics to whoever reaches it", outside)
+        self.assertIn("serves /metrics", self.warnings({"metrics-listen": "tcp:9464"}))
+        self.assertEqual(self.warnings({"metrics-listen": "tcp:9464:interface=127.0.0.1"}), "")
+        self.assertEqual(self.warnings({"metrics-listen": "tcp:9464", "metrics-networks": "10.0.0.0/8"}), "")
+        self.assertIn("metrics token is 5 characters long", self.warnings({"metrics-token": "short"}))
+        self.assertEqual(self.warnings({"metrics-token": LONG_TOKEN}), "")
+
     def test_files_readable_by_others(self) -> None:
         """
         The config file, the store key, the TLS key and the token file are

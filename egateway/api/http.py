@@ -167,6 +167,7 @@ class FrontResource:
         identity is C{request.gateway_user}.
     @ivar public_paths: exact request paths served without authentication
         or Origin check (the health probes).
+    @ivar refused: requests refused here, by status (for the metrics).
     """
 
     public_paths: frozenset[bytes] = frozenset()
@@ -179,15 +180,21 @@ class FrontResource:
         authentication: AuthenticatorChain,
         cors: CorsPolicy,
         hosts: HostPolicy | None = None,
+        metrics: Any = None,
     ) -> None:
         """
         @param hosts: the names a request may give in C{Host} when no
             authenticator is configured (C{None}: any).
+        @param metrics: who may read C{/metrics} (a
+            L{egateway.api.metrics.MetricsAccess}), instead of the API's
+            authentication; C{None}: it is not served here.
         """
         self._routes = routes
         self.authentication = authentication
         self._cors = cors
         self._hosts = hosts
+        self._metrics = metrics
+        self.refused: dict[int, int] = {}
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> IResource:
         return self
@@ -230,9 +237,14 @@ class FrontResource:
             self._render(request)
             return
         try:
-            if self._hosts is not None and not self.authentication.authenticators:
-                self._hosts.check(request)
-            request.gateway_user = await self.authentication.authenticate(request)
+            if self._metrics is not None and self._metrics.addresses(request):
+                # Its own rule: the API's credentials do not open it.
+                self._metrics.check(request)
+                request.metrics_access = True
+            else:
+                if self._hosts is not None and not self.authentication.authenticators:
+                    self._hosts.check(request)
+                request.gateway_user = await self.authentication.authenticate(request)
             self._cors.check_origin(request)
         except CancelledError:
             return
@@ -266,6 +278,7 @@ class FrontResource:
             _finish(request, body)
 
     def _refuse(self, request: IRequest, error: GatewayError) -> None:
+        self.refused[error.status] = self.refused.get(error.status, 0) + 1
         if isinstance(error, Unauthorized):
             request.setHeader(b"www-authenticate", b'Bearer realm="egateway"')
         elif isinstance(error, TooManyRequests) and error.retry_after:

@@ -58,7 +58,10 @@ _HIDDEN = {
 }
 
 
-def openapi_document(base_url: str = "/") -> dict[str, Any]:
+def openapi_document(base_url: str = "/", metrics: bool = False) -> dict[str, Any]:
+    """
+    @param metrics: whether C{/metrics} is served (behind its own token).
+    """
     b = base_url.rstrip("/")
     paths: dict[str, Any] = {
         f"{b}/api": {
@@ -373,12 +376,15 @@ def openapi_document(base_url: str = "/") -> dict[str, Any]:
     paths.update(_operations_paths(b))
     for path, method in ((f"{b}/api/kernels", "post"), (f"{b}/api/sessions", "post")):
         paths[path][method]["responses"]["503"] = _DRAINING
+    if metrics:
+        paths[f"{b}/metrics"] = _METRICS
     return {
         "openapi": "3.0.3",
         "info": {"title": "egateway", "version": __version__},
         "components": {
             "securitySchemes": {
-                "token": {"type": "apiKey", "in": "header", "name": "Authorization"}
+                "token": {"type": "apiKey", "in": "header", "name": "Authorization"},
+                **({"metricsToken": {"type": "http", "scheme": "bearer"}} if metrics else {}),
             },
             "schemas": _SCHEMAS,
         },
@@ -556,6 +562,20 @@ def _operations_paths(b: str) -> dict[str, Any]:
             "post": {"summary": "End the drain (as DELETE /api/admin/drain)", "responses": {"200": drain_state, **admin}},
         },
     }
+
+
+_METRICS = {
+    "get": {
+        "summary": "Prometheus metrics (text format); needs metrics_token or an address in metrics_networks, "
+        "not the API's credentials",
+        "security": [{"metricsToken": []}],
+        "responses": {
+            "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "401": _error("Missing or invalid metrics token"),
+            "403": _error("The address is not in metrics_networks and no metrics token is configured"),
+        },
+    }
+}
 
 
 _SCHEMAS: dict[str, Any] = {

@@ -82,8 +82,15 @@ class GatewayAPI:
         list_kernels: bool,
         reactor: Any,
         threadpool: Any,
+        metrics: Any = None,
     ) -> None:
+        """
+        @param metrics: the L{egateway.ops.metrics.GatewayMetrics} to serve
+            at C{/metrics} (behind the front resource's own rule for it), or
+            C{None}.
+        """
         self.kernels = kernels
+        self.metrics = metrics
         self.specs = kernels.specs
         self.sessions = sessions
         self.channels = channels
@@ -121,6 +128,8 @@ class GatewayAPI:
         app.route(session, methods=["GET"])(self.get_session)
         app.route(session, methods=["PATCH"])(self.update_session)
         app.route(session, methods=["DELETE"])(self.delete_session)
+        if self.metrics is not None:
+            app.route(b + "metrics", methods=["GET"])(self.metrics_page)
         app.handle_errors(GatewayError)(self._gateway_error)
         app.handle_errors(HTTPException)(self._http_error)
         app.handle_errors(Exception)(self._unexpected_error)
@@ -168,7 +177,16 @@ class GatewayAPI:
         return write_json(request, {"version": "2.0.0", "gateway_version": __version__})
 
     def openapi(self, request: IRequest) -> bytes:
-        return write_json(request, openapi_document(self.base_url))
+        return write_json(request, openapi_document(self.base_url, metrics=self.metrics is not None))
+
+    def metrics_page(self, request: IRequest) -> bytes:
+        if not getattr(request, "metrics_access", False):
+            # The front resource did not apply the metrics rule to it.
+            raise NotFound(f"no such resource: {request.path.decode('utf-8', 'replace')}")
+        from egateway.api.metrics import CONTENT_TYPE
+
+        request.setHeader(b"content-type", CONTENT_TYPE)
+        return self.metrics.exposition()
 
     # -- kernelspecs -------------------------------------------------------
 

@@ -32,6 +32,7 @@ from egateway.kernels.manager import KernelManager
 from egateway.kernels.policy import Caller, caller_of, may_access
 from egateway.kernels.state import KernelState
 from egateway.ops import audit
+from egateway.ops.metrics import RelayCounts
 from egateway.wire.protocol import Message, WireError
 from egateway.wire.ws_formats import V1_PROTOCOL, legacy_chunks, legacy_decode, v1_chunks, v1_decode
 
@@ -141,6 +142,7 @@ class ChannelsProtocol(WebSocketServerProtocol):
                 self.sendClose(CLOSE_REVOKED, str(e)[:120])
                 return
             self.factory.connections.setdefault(self.kernel.id, set()).add(self)
+            self.factory.relay.opened["v1" if self.v1 else "legacy"] += 1
             if not self.kernel.live:
                 self._ready_check = self.factory.clock.callLater(
                     self.factory.kernel_info_timeout, self._give_up_waiting
@@ -183,6 +185,9 @@ class ChannelsProtocol(WebSocketServerProtocol):
                 error=str(e),
             )
             return
+        tally = self.factory.relay.from_client[channel]
+        tally[0] += 1
+        tally[1] += len(payload)
         try:
             self.session.send(channel, message)
         except Exception:
@@ -201,7 +206,11 @@ class ChannelsProtocol(WebSocketServerProtocol):
                 chunks, binary = v1_chunks(message, channel, seq), True
             else:
                 chunks, binary = legacy_chunks(message, channel, seq)
-            self._send_frame(chunks, sum(len(chunk) for chunk in chunks), binary)
+            length = sum(len(chunk) for chunk in chunks)
+            tally = self.factory.relay.to_client[channel]
+            tally[0] += 1
+            tally[1] += length
+            self._send_frame(chunks, length, binary)
         except WireError as e:
             _log.warn(
                 "kernel {kernel_id}: could not relay a {channel} message: {error}",
@@ -305,6 +314,7 @@ class ChannelsEndpoint:
         factory.protocol = ChannelsProtocol
         factory.manager = manager
         factory.kernel_info_timeout = kernel_info_timeout
+        factory.relay = self.relay = RelayCounts()
         if clock is None:
             from twisted.internet import reactor as clock
         factory.clock = clock

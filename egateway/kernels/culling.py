@@ -31,6 +31,7 @@ class Culler(Service):
         self._settings = settings
         self._clock = clock
         self._loop: LoopingCall | None = None
+        self.culls = {"idle": 0, "dead": 0}
 
     def startService(self) -> None:
         super().startService()
@@ -82,6 +83,7 @@ class Culler(Service):
 
     def cull_one(self, kernel: Kernel, reason: str) -> None:
         _log.info("kernel {kernel_id} {reason}", kernel_id=kernel.id, reason=reason)
+        self.culls["dead" if kernel.state == KernelState.DEAD else "idle"] += 1
         kernel.broadcast_status("dead", reason)
         self._manager.shutdown(kernel.id, reason=reason).addErrback(
             lambda f: _log.failure("culling kernel {kernel_id}", f, kernel_id=kernel.id)

@@ -81,6 +81,10 @@ class Kernel:
         self.started = clock.seconds()
         self.last_activity = self.started
         self.reason = ""
+        self.launch_failure = ""
+        """
+        Why its launch failed, in one word (C{timeout}, C{exited}, ...).
+        """
         self.restart_count = 0
         self.phases: list[PhaseEvent] = []
         self.process: IKernelProcess | None = None

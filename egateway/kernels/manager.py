@@ -14,6 +14,7 @@ from __future__ import annotations
 import getpass
 import signal as signals
 import uuid
+from collections import Counter
 from typing import Any, Callable, Mapping
 
 from twisted.application.service import Service
@@ -72,10 +73,19 @@ C{Deferred.addTimeout} raises Twisted's own C{TimeoutError}, not the builtin.
 
 class LaunchFailed(GatewayError):
     status = 500
+    failure = "launcher"
+    """
+    The cause a launch failure is counted under (the metrics' C{reason}).
+    """
 
 
 class LaunchTimedOut(LaunchFailed):
     status = 504
+    failure = "timeout"
+
+
+class KernelExitedEarly(LaunchFailed):
+    failure = "exited"
 
 
 def _canonical_uuid(text: str) -> bool:
@@ -135,6 +145,7 @@ class KernelManager(Service):
         self.persistence: Any = None
         self.sharing: Any = None
         self.last_exit: dict[str, ExitStatus] = {}
+        self.launches_started: Counter[str] = Counter()
         self.on_fatal: Callable[[str], None] = lambda message: _log.critical(message)
         self.admission_checks: list[Callable[[], None]] = []
         """
@@ -455,6 +466,7 @@ class KernelManager(Service):
                 if isinstance(e, CancelledError):
                     raise LaunchFailed(f"kernel {kernel.id} was shut down while launching") from None
                 raise
+        self.launches_started[kernel.launcher_name] += 1
         return await self._launch_new(kernel)
 
     def _check_max_kernels(self) -> None:
@@ -590,6 +602,7 @@ class KernelManager(Service):
             await self._launch(kernel)
         except BaseException as e:
             kernel.reason = str(e) if not isinstance(e, CancelledError) else "launch cancelled"
+            kernel.launch_failure = "cancelled" if isinstance(e, CancelledError) else getattr(e, "failure", "error")
             if kernel.state == KernelState.LAUNCHING:
                 kernel.transition(KernelState.FAILED, kernel.reason)
                 kernel.transition(KernelState.GONE)
@@ -669,7 +682,7 @@ class KernelManager(Service):
                     status=status.describe(),
                 )
                 continue
-            raise LaunchFailed(
+            raise KernelExitedEarly(
                 f"the kernel {status.describe()} before answering kernel_info; "
                 f"last phase: {self._last_phase(kernel)}"
             )
@@ -836,7 +849,7 @@ class KernelManager(Service):
             return
         kernel.restart_count += 1
         kernel.transition(KernelState.RUNNING, "restarted")
-        self._emit("restarted", kernel)
+        self._emit("auto-restarted", kernel)
 
     async def _declare_dead(self, kernel: Kernel, reason: str) -> None:
         kernel.reason = reason

@@ -77,6 +77,14 @@ class JournalLimits:
     def __init__(self, entries: int = 20000, size: int = 64 << 20) -> None:
         self.entries = entries
         self.size = size
+        self.dropped = 0
+        """
+        Messages trimmed off journals with these bounds (for the metrics).
+        """
+        self.lost = 0
+        """
+        Messages reconnecting clients missed because they had been trimmed.
+        """
 
 
 class KernelSession:
@@ -210,6 +218,7 @@ class KernelSession:
         limits = self.limits
         while len(journal) > limits.entries or (self._journal_bytes > limits.size and len(journal) > 1):
             self._journal_bytes -= journal.popleft()[3]
+            limits.dropped += 1
         return sink is not None
 
     # -- client side -------------------------------------------------------
@@ -259,6 +268,7 @@ class KernelSession:
             f"[egateway] {missing} message(s) of output were dropped while you were "
             f"disconnected (the journal keeps the last {self.limits.entries} messages)."
         )
+        self.limits.lost += missing
         _log.warn(
             "kernel {kernel_id} session {session}: {missing} messages dropped past the journal bound",
             kernel_id=self.kernel.id,

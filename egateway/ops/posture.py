@@ -77,12 +77,35 @@ def posture_warnings(config: Any, config_file: str = "", data_dir: str = "") -> 
             "jupyterhub_scope is empty: any token the Hub accepts (whatever it was made for) is full access to "
             "the gateway; set it to access:services!service=<the gateway's service name>"
         )
+    warnings.extend(_metrics_warnings(config.metrics))
     for what, path in _secret_files(config, config_file, data_dir):
         mode = _mode(path)
         if mode is not None and mode & (stat.S_IRGRP | stat.S_IROTH):
             warnings.append(
                 f"{what} {path} is readable by other users (mode {stat.S_IMODE(mode):04o}); chmod 600 it"
             )
+    return warnings
+
+
+def _metrics_warnings(metrics: Any) -> list[str]:
+    """
+    A metrics listener anyone can read, and a guessable metrics token.
+    """
+    warnings = []
+    listen = metrics.metrics_listen
+    local = listen.startswith("unix:") or any(
+        f"interface={name}" in listen for name in ("127.", "localhost", "\\:\\:1", "::1")
+    )
+    if listen and not metrics.on_main_listener and not local:
+        warnings.append(
+            f"metrics_listen ({listen}) serves /metrics to whoever reaches it (kernel counts, kernelspec names, "
+            "launch failures); set metrics_token or metrics_networks, or listen on a loopback interface"
+        )
+    if metrics.metrics_token and len(metrics.metrics_token) < SHORT_TOKEN:
+        warnings.append(
+            f"the metrics token is {len(metrics.metrics_token)} characters long; use at least {SHORT_TOKEN} random "
+            "characters"
+        )
     return warnings
 
 
