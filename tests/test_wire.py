@@ -7,6 +7,7 @@ produce is what real clients and kernels read.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from jupyter_client.session import Session
 from jupyter_server.services.kernels.connection.base import (
@@ -185,3 +186,42 @@ class V1FormatTests(SynchronousTestCase):
             serialize_msg_to_ws_v1([b"{}"] * 3, "shell"),
         ):
             self.assertRaises(WireError, v1_decode, payload)
+
+
+class ResendReadsTests(SynchronousTestCase):
+    """
+    A ZMQ send can consume the edge of the socket's FD that says a message
+    arrived, so every send (the retried ones too) is followed by a read on
+    the next turn; otherwise replies can sit unread until the next
+    notification (seen as a stalled pipelined benchmark).
+    """
+
+    def socket_with_unsent(self) -> tuple[Any, Any]:
+        from collections import deque
+        from types import SimpleNamespace
+
+        from twisted.internet.task import Clock
+
+        from egateway.wire.zmq import _Socket
+
+        clock = Clock()
+        sent: list[Any] = []
+        sock = _Socket.__new__(_Socket)
+        sock.factory = SimpleNamespace(reactor=clock)  # type: ignore[assignment]
+        sock.socket = SimpleNamespace(send_multipart=lambda frames, flags, copy=True: sent.append(frames))  # type: ignore[assignment]
+        sock._closed = False
+        sock.read_scheduled = None
+        sock._unsent = deque([[b"a"], [b"b"]])
+        return sock, clock
+
+    def test_resend_schedules_a_read(self) -> None:
+        """
+        Once held messages are sent, the socket is read on the next turn.
+        """
+        sock, clock = self.socket_with_unsent()
+        reads: list[bool] = []
+        sock.doRead = lambda: reads.append(True)
+        sock._resend()
+        self.assertIsNone(sock._unsent)
+        clock.advance(0)
+        self.assertEqual(reads, [True])

@@ -118,22 +118,33 @@ class _Socket(ZmqConnection):
             # message, in order, and try again shortly rather than lose it.
             self._unsent = deque([frames])
             self.factory.reactor.callLater(RESEND_DELAY, self._resend)
-            return
-        if self.read_scheduled is None:
+        self._read_soon()
+
+    def _read_soon(self) -> None:
+        """
+        Any call on a ZMQ socket, a send included, may process its pending
+        events and so consume the edge of its FD that says a message
+        arrived: look for messages on the next turn rather than wait for a
+        notification that will not come.
+        """
+        if self.read_scheduled is None and self.factory is not None:
             self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
 
     def _resend(self) -> None:
         unsent = self._unsent
         if self._closed or not unsent:
             return
-        while unsent:
-            try:
-                self.socket.send_multipart(unsent[0], zmq.NOBLOCK)
-            except zmq.Again:
-                self.factory.reactor.callLater(RESEND_DELAY, self._resend)
-                return
-            unsent.popleft()
-        self._unsent = None
+        try:
+            while unsent:
+                try:
+                    self.socket.send_multipart(unsent[0], zmq.NOBLOCK)
+                except zmq.Again:
+                    self.factory.reactor.callLater(RESEND_DELAY, self._resend)
+                    return
+                unsent.popleft()
+            self._unsent = None
+        finally:
+            self._read_soon()
 
     def close(self) -> None:
         if self._closed:
