@@ -278,7 +278,7 @@ class RestartTests(SynchronousTestCase):
     def test_restart_keeps_id_and_clients(self) -> None:
         """
         A restart relaunches under the same id; the connected client stays
-        attached, sees 'restarting', and its messages sent meanwhile reach the
+        attached, sees 'starting', and its messages sent meanwhile reach the
         new kernel.
         """
         from egateway.wire.protocol import Message
@@ -287,7 +287,8 @@ class RestartTests(SynchronousTestCase):
         d = self.manager.restart(self.kernel.id)
         self.clock.advance(0.1)
         self.assertEqual(self.kernel.state, KernelState.RESTARTING)
-        self.assertIn({"execution_state": "restarting", "reason": "restart requested"}, self.client.statuses())
+        self.assertIn({"execution_state": "starting", "reason": "restart requested"}, self.client.statuses())
+        self.assertEqual(self.kernel.model()["execution_state"], "starting")
         self.attachment.send("shell", Message.build("execute_request", {"code": "1"}, "client"))
         self.launcher.release()
         kernel = self.successResultOf(d)
@@ -298,6 +299,19 @@ class RestartTests(SynchronousTestCase):
         self.assertIn("execute_request", [m.msg_type for ch, m in new.server.received if ch == "shell"])
         self.assertIn("idle", [s["execution_state"] for s in self.client.statuses()])
         self.assertTrue(self.launcher.processes[0].cleaned)
+
+    def test_requested_restart_is_not_reported_as_a_death(self) -> None:
+        """
+        A requested restart never sends 'restarting', which Jupyter clients
+        read as "the kernel died and the server restarted it" (JupyterLab
+        then shows its "appears to have died" dialog).
+        """
+        restarted = self.manager.restart(self.kernel.id)
+        self.clock.advance(0.1)
+        self.successResultOf(restarted)
+        states = [s["execution_state"] for s in self.client.statuses()]
+        self.assertNotIn("restarting", states)
+        self.assertEqual(states[-1], "idle", states)
 
     def test_concurrent_restarts_coalesce(self) -> None:
         """

@@ -748,7 +748,8 @@ class KernelManager(Service):
     def restart(self, kernel_id: str) -> Deferred[Kernel]:
         """
         Restart keeping the kernel id; connected clients stay connected and
-        see C{restarting}, then the new kernel's C{starting} and C{idle}.
+        see C{starting}, then the new kernel's C{idle} (no C{restarting}:
+        see L{_restart}).
 
         A restart requested while one is in progress waits on that one.
         """
@@ -764,7 +765,12 @@ class KernelManager(Service):
         if kernel.state == KernelState.LAUNCHING or kernel.id not in self.kernels:
             raise Conflict(f"kernel {kernel.id} is not running")
         kernel.transition(KernelState.RESTARTING, "restart requested")
-        kernel.broadcast_status("restarting", "restart requested")
+        # Not "restarting": Jupyter clients (JupyterLab, jupyter_server) read
+        # that as "the server auto-restarted a kernel that died", and
+        # JupyterLab then shows its "appears to have died" dialog.  A
+        # requested restart looks like jupyter_server's: the new kernel
+        # starting, then idle.
+        kernel.broadcast_status("starting", "restart requested")
         if kernel.process is not None:
             await self._stop_process(kernel, restart=True)
         try:
