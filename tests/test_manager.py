@@ -25,6 +25,20 @@ def start(manager, name=None, env=None) -> Deferred:
     return Deferred.fromCoroutine(manager.start_kernel(name, env))
 
 
+def shown_states(client: RecordingClient) -> list[str]:
+    """
+    The statuses JupyterLab acts on: not those answering a
+    C{kernel_info_request} (jupyter_server's C{untracked_message_types}).
+    """
+    return [
+        m.content()["execution_state"]
+        for channel, m in client.messages
+        if channel == "iopub"
+        and m.msg_type == "status"
+        and m.parent_header().get("msg_type") != "kernel_info_request"
+    ]
+
+
 class LaunchTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -309,9 +323,7 @@ class RestartTests(SynchronousTestCase):
         restarted = self.manager.restart(self.kernel.id)
         self.clock.advance(0.1)
         self.successResultOf(restarted)
-        states = [s["execution_state"] for s in self.client.statuses()]
-        self.assertNotIn("restarting", states)
-        self.assertEqual(states[-1], "idle", states)
+        self.assertEqual(shown_states(self.client), ["starting", "idle"])
 
     def test_concurrent_restarts_coalesce(self) -> None:
         """
@@ -338,6 +350,45 @@ class RestartTests(SynchronousTestCase):
         reasons = [s.get("reason", "") for s in self.client.statuses()]
         self.assertTrue(any("killed by signal 9 (SIGKILL)" in r for r in reasons), reasons)
         self.assertEqual(self.kernel.restart_count, 1)
+
+    def test_idle_after_auto_restart(self) -> None:
+        """
+        After an automatic restart clients see 'restarting', then 'idle'
+        once the new kernel is ready (JupyterLab otherwise shows the new
+        kernel's 'starting' until a cell runs).
+        """
+        self.launcher.processes[0].exit(ExitStatus(signal=9))
+        self.assertEqual(shown_states(self.client), ["restarting", "idle"])
+
+    def test_resumed_client_hears_the_state(self) -> None:
+        """
+        A client reconnecting to its session is told the kernel's state
+        after what it missed (JupyterLab otherwise shows 'Unknown' after a
+        reconnect), unnumbered; a new session is not.
+        """
+        self.kernel.detach(self.attachment, self.client)
+        back = RecordingClient()
+        self.kernel.attach(back, "session-1")
+        self.assertEqual(shown_states(back), ["idle"])
+        self.assertEqual(back.seqs, [0])
+        fresh = RecordingClient()
+        self.kernel.attach(fresh, "session-2")
+        self.assertEqual(fresh.messages, [])
+
+    def test_resumed_client_while_restarting(self) -> None:
+        """
+        A client reconnecting while the kernel restarts (as JupyterLab does
+        on 'restarting') hears nothing until the new kernel is ready, then
+        'idle'.
+        """
+        self.launcher.hold = True
+        self.launcher.processes[0].exit(ExitStatus(signal=9))
+        self.kernel.detach(self.attachment, self.client)
+        back = RecordingClient()
+        self.kernel.attach(back, "session-1")
+        self.assertEqual(shown_states(back), [])
+        self.launcher.release()
+        self.assertEqual(shown_states(back), ["idle"])
 
     def test_dead_when_restarts_run_out(self) -> None:
         """

@@ -287,6 +287,14 @@ class KernelManager(Service):
         kernel.go_live()
         self._watch(kernel, process)
         _log.info("kernel {kernel_id}: relinked after a restart elsewhere", kernel_id=kernel.id)
+        # Tell this gateway's clients what the other gateway's were told:
+        # an automatic restart keeps its reason in the record, a requested
+        # one clears it.
+        if record.reason:
+            kernel.broadcast_status("restarting", record.reason)
+        else:
+            kernel.broadcast_status("starting", "restarted through another gateway")
+        kernel.broadcast_status("idle")
 
     def forget_elsewhere(self, kernel: Kernel, reason: str) -> None:
         """
@@ -714,8 +722,19 @@ class KernelManager(Service):
         except Exception as e:
             await self._declare_dead(kernel, f"kernel {why}; restart failed: {e}")
             return
+        self._restarted(kernel)
+
+    def _restarted(self, kernel: Kernel) -> None:
+        """
+        A relaunched kernel is ready: running again, and its clients told
+        it is C{idle}.  Jupyter clients ignore the statuses that answer
+        C{kernel_info_request}s (jupyter_server's C{untracked_message_types}),
+        and the new kernel's C{starting} comes before anyone's request, so
+        without this JupyterLab shows C{Starting} until a cell runs.
+        """
         kernel.restart_count += 1
         kernel.transition(KernelState.RUNNING, "restarted")
+        kernel.broadcast_status("idle")
         self._emit("restarted", kernel)
 
     async def _declare_dead(self, kernel: Kernel, reason: str) -> None:
@@ -778,10 +797,8 @@ class KernelManager(Service):
         except Exception as e:
             await self._declare_dead(kernel, f"restart failed: {e}")
             raise
-        kernel.restart_count += 1
         kernel.reason = ""
-        kernel.transition(KernelState.RUNNING, "restarted")
-        self._emit("restarted", kernel)
+        self._restarted(kernel)
         return kernel
 
     def shutdown(self, kernel_id: str, reason: str = "shutdown requested") -> Deferred[None]:
