@@ -163,7 +163,7 @@ class Scenario:
         expect(confirm).to_contain_text("Restart Kernel?", timeout=self.ms)
         self.shot("restart-confirmation")
         confirm.locator("button.jp-mod-accept").click(timeout=self.ms)
-        expect(confirm).to_have_count(0, timeout=self.ms)
+        expect(page.locator(DIALOG, has_text="Restart Kernel?")).to_have_count(0, timeout=self.ms)
         expect(self.status()).not_to_have_text(re.compile(r"\| Idle$"), timeout=self.ms)
         self.expect_status("Idle")
         self.no_dialog("restart")
