@@ -521,3 +521,46 @@ class CullingTests(SynchronousTestCase):
         self.culler()
         self.clock.advance(60)
         self.assertNotIn(kernel.id, self.manager.kernels)
+
+
+class PendingPersistence:
+    """
+    A kernel store whose restore has not finished until the test says so.
+    """
+
+    keeps_kernels = False
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.store = SimpleNamespace(shared=False)
+        self.restored: Deferred[None] = Deferred()
+
+    async def start(self) -> None:
+        await self.restored
+
+    async def stop(self) -> None:
+        pass
+
+
+class RestoringTests(SynchronousTestCase):
+    def test_unknown_kernel_while_restoring(self) -> None:
+        """
+        While the store's kernels are being restored an unknown kernel id
+        is "try again" (503), not "no such kernel" (404): jupyter_server's
+        gateway client drops a kernel it is told is gone, with the notebook
+        open on it.  Once restored, it is a 404.
+        """
+        from egateway.errors import Unavailable
+
+        manager, _, _ = make_manager(Clock())
+        self.successResultOf(manager.stopService())
+        persistence = PendingPersistence()
+        manager.persistence = persistence
+        manager.startService()
+        unknown = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
+        self.assertRaises(Unavailable, manager.get, unknown)
+        self.failureResultOf(Deferred.fromCoroutine(manager.find(unknown)), Unavailable)
+        persistence.restored.callback(None)
+        self.assertRaises(NotFound, manager.get, unknown)
+        self.failureResultOf(Deferred.fromCoroutine(manager.find(unknown)), NotFound)
