@@ -150,7 +150,13 @@ class JupyterLabInChromiumTests(TestCase):
         self.kernels_dir = os.path.abspath(self.mktemp())
         os.makedirs(self.kernels_dir, mode=0o700)
         self.addCleanup(self._no_kernel_left)
-        self.flags = {"list-kernels": "true", "on-stop": "keep", "data-dir": self.kernels_dir}
+
+    async def start_servers(self, **flags: str) -> None:
+        """
+        Start egateway (with C{flags}) and a notebook server using it, with
+        a notebook to open.
+        """
+        self.flags = {"list-kernels": "true", "on-stop": "keep", "data-dir": self.kernels_dir, **flags}
         self.gateway = await start_gateway(self, token=GATEWAY_TOKEN, flags=self.flags, reactor=reactor)
         self.gateway.data_dir = self.kernels_dir
         settings = os.path.abspath(self.mktemp())
@@ -174,13 +180,10 @@ class JupyterLabInChromiumTests(TestCase):
             os.kill(pid, signal.SIGKILL)
         self.assertEqual(left, [], "kernel processes were left running (now killed)")
 
-    async def test_notebook_session(self) -> None:
+    async def drive(self, scenario: str) -> None:
         """
-        Open a notebook, run a cell, interrupt a sleeping cell, restart from
-        the Kernel menu (no dialog but the confirmation), see a SIGKILLed
-        kernel restarted automatically (with JupyterLab's "appears to have
-        died" dialog), keep working across a gateway restart, and shut the
-        kernel down.
+        Run the driver's C{scenario} on the notebook, answering what it
+        asks; fail with its output unless it passed.
         """
         shots = os.path.abspath(self.mktemp())
         print(f"\nscreenshots: {shots}", flush=True)
@@ -201,6 +204,7 @@ class JupyterLabInChromiumTests(TestCase):
         argv = [
             sys.executable,
             DRIVER,
+            f"--scenario={scenario}",
             f"--url={url}",
             f"--shots={shots}",
             f"--chromium={self.chromium}",
@@ -217,9 +221,32 @@ class JupyterLabInChromiumTests(TestCase):
         self.assertEqual(failures, [])
         self.assertEqual(code, 0, driver.describe())
         self.assertEqual(driver.lines[-1], "PASSED", driver.describe())
+
+    async def test_notebook_session(self) -> None:
+        """
+        Open a notebook, run a cell, interrupt a sleeping cell, restart from
+        the Kernel menu (no dialog but the confirmation), see a SIGKILLed
+        kernel restarted automatically (with JupyterLab's "appears to have
+        died" dialog), keep working across a gateway restart, and shut the
+        kernel down.
+        """
+        await self.start_servers()
+        await self.drive("session")
         # The shutdown from the Kernel menu reached the gateway.
         self.assertEqual(await self.gateway.kernel_ids(), [])
         self.assertEqual(self.gateway.kernel_processes(), [])
+
+    async def test_kernel_that_cannot_be_revived(self) -> None:
+        """
+        A kernel killed past the restart limit is 'dead': JupyterLab shows
+        no "will restart automatically" dialog and its connection ends;
+        reopening the notebook shows why.
+        """
+        await self.start_servers(**{"restart-limit": "0"})
+        await self.drive("dead")
+        [model] = await self.gateway.api.call("GET", "api/kernels")
+        self.assertEqual(model["execution_state"], "dead")
+        await self.gateway.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
 
     async def _do(self, action: str) -> None:
         """

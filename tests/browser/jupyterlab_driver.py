@@ -3,6 +3,10 @@ Drive JupyterLab 4 in headless Chromium through what a notebook user does,
 checking each step on the page as a person sees it (the status bar's kernel
 status, dialogs, cell outputs) and saving a screenshot of each.
 
+Two scenarios (C{--scenario}): C{session}, a user's session from opening
+the notebook to shutting its kernel down; C{dead}, a kernel that dies past
+the restart limit.
+
 Run by L{tests.test_browser} as a child process (Playwright's sync API owns
 its thread and event loop, which does not mix with trial's reactor).  It
 talks to the test over stdin/stdout, one line each:
@@ -128,15 +132,21 @@ class Scenario:
         self.say(f"PID {pid}")
         return pid
 
-    # -- the scenario ------------------------------------------------------
+    # -- the scenarios -----------------------------------------------------
 
-    def run(self, url: str) -> None:
-        page = self.page
+    def open(self, url: str) -> None:
         self.say("STEP open")
-        page.goto(url, timeout=self.ms)
-        expect(page.locator(".jp-Notebook")).to_be_visible(timeout=self.ms)
+        self.page.goto(url, timeout=self.ms)
+        expect(self.page.locator(".jp-Notebook")).to_be_visible(timeout=self.ms)
         self.expect_status("Idle")
         self.shot("opened")
+
+    def session(self, url: str) -> None:
+        """
+        Run, interrupt, restart, auto-restart, gateway restart, shutdown.
+        """
+        page = self.page
+        self.open(url)
 
         self.say("STEP run")
         first = self.pid("run")
@@ -206,6 +216,26 @@ class Scenario:
         self.no_dialog("shutdown")
         self.shot("shut-down")
 
+    def dead(self, url: str) -> None:
+        """
+        A kernel that dies past the restart limit: no "will restart
+        automatically" dialog (it will not), JupyterLab's connection ends;
+        reopened, the notebook says why.
+        """
+        self.open(url)
+        self.say("STEP kill")
+        self.ask(f"kill {self.pid('kill')}")
+        expect(self.status()).to_have_text(re.compile(r"\| Disconnected$"), timeout=self.ms)
+        self.no_dialog("kill")
+        self.shot("dead")
+
+        self.say("STEP reopen")
+        self.page.reload(timeout=self.ms)
+        error = self.page.locator(DIALOG)
+        expect(error).to_contain_text("Error Starting Kernel", timeout=self.ms)
+        expect(error).to_contain_text("restart limit (0) reached", timeout=self.ms)
+        self.shot("reopened-dead")
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
@@ -214,6 +244,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chromium", required=True, help="Chromium executable")
     parser.add_argument("--step-timeout", type=float, default=30.0)
     parser.add_argument("--marker", default="", help="put on Chromium's command line, to find leftovers")
+    parser.add_argument("--scenario", choices=("session", "dead"), default="session")
     options = parser.parse_args(argv)
 
     def terminated(signum: int, frame: Any) -> None:
@@ -233,7 +264,7 @@ def main(argv: list[str]) -> int:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             scenario = Scenario(page, options.shots, options.step_timeout)
             try:
-                scenario.run(options.url)
+                getattr(scenario, options.scenario)(options.url)
             except BaseException:
                 traceback.print_exc(file=sys.stdout)
                 try:
