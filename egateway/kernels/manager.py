@@ -31,7 +31,7 @@ from egateway.clusters.interface import (
 )
 from egateway.clusters.registry import LauncherRegistry
 from egateway.config import KernelsConfig
-from egateway.errors import BadRequest, Conflict, GatewayError, LimitReached, NotFound, Unavailable
+from egateway.errors import BadRequest, Conflict, GatewayError, LimitReached, NotFound
 from egateway.kernels.env import BadEnvironment, accepted_client_names, build_kernel_env, validate_client_env
 from egateway.kernels.kernel import Kernel
 from egateway.kernels.policy import Acl, Caller, TenancyPolicy
@@ -130,13 +130,6 @@ class KernelManager(Service):
         self.sharing: Any = None
         self.last_exit: dict[str, ExitStatus] = {}
         self.on_fatal: Callable[[str], None] = lambda message: _log.critical(message)
-        self.restoring = False
-        """
-        True while the kernels recorded in the store are being restored: an
-        unknown kernel id may be one of them, so it is "try again" (503),
-        not "no such kernel" (404).  jupyter_server's gateway client drops
-        a kernel it is told is gone, and the open notebook with it.
-        """
 
     # -- service -------------------------------------------------------
 
@@ -147,8 +140,7 @@ class KernelManager(Service):
         self._housekeeping.clock = self._clock
         self._housekeeping.start(SESSION_SWEEP, now=False)
         if self.persistence is not None:
-            self.restoring = True
-            self._start_persistence().addBoth(self._restored)
+            self._start_persistence()
 
     def _start_persistence(self) -> Deferred[None]:
         async def start() -> None:
@@ -169,10 +161,6 @@ class KernelManager(Service):
                     await deferLater(self._clock, 5.0, lambda: None)
 
         return Deferred.fromCoroutine(start())
-
-    def _restored(self, result: Any) -> Any:
-        self.restoring = False
-        return result
 
     def _expire_sessions(self) -> None:
         for kernel in list(self.kernels.values()):
@@ -235,19 +223,11 @@ class KernelManager(Service):
     def get(self, kernel_id: str) -> Kernel:
         """
         @raise NotFound: if no kernel has that id.
-        @raise Unavailable: none has it yet, while kernels are restored.
         """
         kernel = self.kernels.get(kernel_id)
         if kernel is None:
-            raise self._unknown(kernel_id)
+            raise NotFound(f"Kernel does not exist: {kernel_id}")
         return kernel
-
-    def _unknown(self, kernel_id: str) -> GatewayError:
-        if self.restoring:
-            return Unavailable(
-                f"Kernel {kernel_id} is not known yet: the gateway is restoring its kernels; try again"
-            )
-        return NotFound(f"Kernel does not exist: {kernel_id}")
 
     async def find(self, kernel_id: str) -> Kernel:
         """
@@ -255,14 +235,13 @@ class KernelManager(Service):
         started when the store is shared.
 
         @raise NotFound: no such kernel.
-        @raise Unavailable: it is not here and the store cannot be asked,
-            or kernels are being restored.
+        @raise Unavailable: it is not here and the store cannot be asked.
         """
         kernel = self.kernels.get(kernel_id)
         if kernel is not None:
             return kernel
         if self.sharing is None:
-            raise self._unknown(kernel_id)
+            raise NotFound(f"Kernel does not exist: {kernel_id}")
         return await self.sharing.attach(kernel_id)
 
     async def list_models(self) -> list[dict[str, Any]]:
