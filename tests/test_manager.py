@@ -7,6 +7,7 @@ kernels in test_integration.
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -359,6 +360,39 @@ class RestartTests(SynchronousTestCase):
         """
         self.launcher.processes[0].exit(ExitStatus(signal=9))
         self.assertEqual(shown_states(self.client), ["restarting", "idle"])
+
+    def test_idle_comes_after_the_new_kernel_starting(self) -> None:
+        """
+        The 'idle' that ends a restart comes after the new kernel's own
+        'starting', even when that reaches iopub after the kernel_info reply
+        (ipykernel 7 welcomes a subscriber on iopub first): JupyterLab shows
+        the last status it tracks.
+        """
+        from egateway.wire.protocol import split_frames
+        from tests.support.fakes import FakeKernelServer
+
+        answer = FakeKernelServer.handle
+        clock = self.clock
+
+        def iopub_late(server: FakeKernelServer, channel: str, identity: bytes, frames: Any) -> None:
+            _, message = split_frames(frames, server.signer)
+            if message.msg_type != "kernel_info_request":
+                return answer(server, channel, identity, frames)
+            server.publish("iopub_welcome", {})
+            server.reply(identity, channel, "kernel_info_reply", {"status": "ok"}, message)
+
+            def published() -> None:
+                server.publish("status", {"execution_state": "starting"})
+                server.publish("status", {"execution_state": "busy"}, message.header)
+                server.publish("status", {"execution_state": "idle"}, message.header)
+
+            clock.callLater(0.02, published)
+
+        self.patch(FakeKernelServer, "handle", iopub_late)
+        self.launcher.processes[0].exit(ExitStatus(signal=9))
+        self.clock.pump([0.01] * 20)
+        self.assertEqual(self.kernel.state, KernelState.RUNNING)
+        self.assertEqual(shown_states(self.client), ["restarting", "starting", "idle"])
 
     def test_resumed_client_hears_the_state(self) -> None:
         """

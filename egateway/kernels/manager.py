@@ -631,7 +631,7 @@ class KernelManager(Service):
         )
         kernel.set_link(link)
         kernel.report(Phase.CONNECTED, process.connection_info.ip)
-        ready = Deferred.fromCoroutine(self._wait_ready(link, deadline))
+        ready = Deferred.fromCoroutine(self._wait_ready(kernel, link, deadline))
         exited = process.when_exited()
         try:
             index, result = await first([ready, exited])
@@ -641,25 +641,44 @@ class KernelManager(Service):
             ) from None
         return None if index == 0 else result
 
-    async def _wait_ready(self, link: KernelLink, deadline: float) -> None:
+    async def _wait_ready(self, kernel: Kernel, link: KernelLink, deadline: float) -> None:
         """
         Send C{kernel_info_request} until a reply arrives and iopub has
-        delivered a message, so no output from the kernel can be lost to a
-        subscription that is not live yet.
+        delivered the status the kernel published for one of them, so no
+        output from the kernel can be lost to a subscription that is not
+        live yet, and what it published before (its own C{starting}) has
+        been relayed: the C{idle} that ends a restart must come after it
+        (JupyterLab shows the last status it tracks).  Any iopub message
+        would not do: ipykernel 7 welcomes a subscriber on iopub at once,
+        and the reply, on shell, can overtake what iopub still carries.
         """
-        while True:
-            remaining = deadline - self._clock.seconds()
-            if remaining <= 0:
-                raise TimeoutError()
-            try:
-                await link.request(
-                    "shell", "kernel_info_request", {}, min(READY_PROBE_INTERVAL, remaining)
-                )
-            except TIMEOUTS:
-                continue
-            if link.iopub_seen:
-                return
-            await deferLater(self._clock, min(0.05, max(remaining, 0)))
+        answered: set[str] = set()
+
+        def observe(message: Message) -> None:
+            if message.msg_type == "status":
+                answered.add(str(message.parent_header().get("msg_id")))
+
+        kernel.on_iopub_observers.append(observe)
+        probes: set[str] = set()
+        try:
+            while True:
+                remaining = deadline - self._clock.seconds()
+                if remaining <= 0:
+                    raise TimeoutError()
+                try:
+                    reply = await link.request(
+                        "shell", "kernel_info_request", {}, min(READY_PROBE_INTERVAL, remaining)
+                    )
+                except TIMEOUTS:
+                    continue
+                probes.add(str(reply.parent_header().get("msg_id")))
+                if probes & answered:
+                    return
+                await deferLater(self._clock, min(0.05, max(remaining, 0)))
+                if probes & answered:
+                    return
+        finally:
+            kernel.on_iopub_observers.remove(observe)
 
     async def _discard(self, kernel: Kernel, process: IKernelProcess) -> None:
         """
