@@ -555,3 +555,71 @@ class CullingTests(SynchronousTestCase):
         self.culler()
         self.clock.advance(60)
         self.assertNotIn(kernel.id, self.manager.kernels)
+
+
+class PendingPersistence:
+    """
+    A kernel store whose restore has not finished until the test says so.
+    """
+
+    keeps_kernels = False
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.store = SimpleNamespace(shared=False)
+        self.restored: Deferred[None] = Deferred()
+
+    async def start(self) -> None:
+        await self.restored
+
+    async def stop(self) -> None:
+        pass
+
+
+class RestoringTests(SynchronousTestCase):
+    """
+    A restarted gateway answers HTTP a moment before it knows the kernels
+    it restores from the store; jupyter_server's gateway client drops a
+    kernel missing from the list (with the notebook open on it), so
+    listings and lookups wait for the restore, for a bounded time.
+    """
+
+    kernel_id = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
+
+    def setUp(self) -> None:
+        from egateway.kernels.manager import RESTORE_WAIT
+
+        self.wait = RESTORE_WAIT
+        self.clock = Clock()
+        self.manager, _, _ = make_manager(self.clock)
+        self.successResultOf(self.manager.stopService())
+        self.persistence = PendingPersistence()
+        self.manager.persistence = self.persistence
+        self.manager.startService()
+        self.listing = Deferred.fromCoroutine(self.manager.list_models())
+        self.lookup = Deferred.fromCoroutine(self.manager.find(self.kernel_id))
+
+    def test_wait_for_the_restore(self) -> None:
+        """
+        A listing and a lookup made while the store's kernels are restored
+        answer once they are, with the restored kernel.
+        """
+        from types import SimpleNamespace
+
+        self.assertNoResult(self.listing)
+        self.assertNoResult(self.lookup)
+        restored = SimpleNamespace(id=self.kernel_id, model=lambda: {"id": self.kernel_id})
+        self.manager.kernels[self.kernel_id] = restored
+        self.persistence.restored.callback(None)
+        self.assertEqual(self.successResultOf(self.listing), [{"id": self.kernel_id}])
+        self.assertIs(self.successResultOf(self.lookup), restored)
+
+    def test_bounded(self) -> None:
+        """
+        A restore that takes longer than the bound does not hold requests
+        up: they answer with the kernels known so far.
+        """
+        self.clock.advance(self.wait)
+        self.assertEqual(self.successResultOf(self.listing), [])
+        self.failureResultOf(self.lookup, NotFound)

@@ -60,6 +60,12 @@ Seconds a restarted kernel must stay up before its failures are forgiven.
 RETRYABLE_ATTEMPTS = 3
 
 SESSION_SWEEP = 60.0
+
+RESTORE_WAIT = 10.0
+"""
+Seconds a kernel listing or lookup waits for the store's kernels to be
+restored after a start, before answering with the kernels known so far.
+"""
 """
 Seconds between sweeps for expired parked sessions.
 """
@@ -130,6 +136,7 @@ class KernelManager(Service):
         self.sharing: Any = None
         self.last_exit: dict[str, ExitStatus] = {}
         self.on_fatal: Callable[[str], None] = lambda message: _log.critical(message)
+        self._restoring: Operation[None] | None = None
 
     # -- service -------------------------------------------------------
 
@@ -140,27 +147,50 @@ class KernelManager(Service):
         self._housekeeping.clock = self._clock
         self._housekeeping.start(SESSION_SWEEP, now=False)
         if self.persistence is not None:
-            self._start_persistence()
+            self._restoring = Operation("restore", self._start_persistence())
 
-    def _start_persistence(self) -> Deferred[None]:
-        async def start() -> None:
-            store = self.persistence.store
-            while self.running:
-                try:
-                    await self.persistence.start()
+    async def _start_persistence(self) -> None:
+        """
+        Open the store and restore its kernels; with a shared store, retry
+        while it is unavailable.
+        """
+        store = self.persistence.store
+        while self.running:
+            try:
+                await self.persistence.start()
+                return
+            except Exception as e:
+                if not store.shared:
+                    self.on_fatal(f"cannot open the kernel store: {e}")
                     return
-                except Exception as e:
-                    if not store.shared:
-                        self.on_fatal(f"cannot open the kernel store: {e}")
-                        return
-                    _log.error(
-                        "the kernel store is unavailable ({error}); kernels will be restored "
-                        "when it returns",
-                        error=str(e),
-                    )
-                    await deferLater(self._clock, 5.0, lambda: None)
+                _log.error(
+                    "the kernel store is unavailable ({error}); kernels will be restored "
+                    "when it returns",
+                    error=str(e),
+                )
+                await deferLater(self._clock, 5.0, lambda: None)
 
-        return Deferred.fromCoroutine(start())
+    async def _restored(self) -> None:
+        """
+        Wait, at most L{RESTORE_WAIT} seconds, until the kernels recorded in
+        the store are restored.  A gateway answers HTTP a moment before it
+        has registered them, and jupyter_server's gateway client drops a
+        kernel missing from the list (and the notebook open on it loses
+        it): so nothing is said about kernels before they are known.
+        """
+        restoring = self._restoring
+        if restoring is None or restoring.done:
+            return
+        waiting = restoring.observe()
+        waiting.addTimeout(RESTORE_WAIT, self._clock)
+        try:
+            await waiting
+        except TIMEOUTS:
+            _log.warn(
+                "the store's kernels are still being restored after {wait:g} s; answering with "
+                "the kernels known so far",
+                wait=RESTORE_WAIT,
+            )
 
     def _expire_sessions(self) -> None:
         for kernel in list(self.kernels.values()):
@@ -238,6 +268,9 @@ class KernelManager(Service):
         @raise Unavailable: it is not here and the store cannot be asked.
         """
         kernel = self.kernels.get(kernel_id)
+        if kernel is None:
+            await self._restored()
+            kernel = self.kernels.get(kernel_id)
         if kernel is not None:
             return kernel
         if self.sharing is None:
@@ -249,6 +282,7 @@ class KernelManager(Service):
         Every kernel's model: this gateway's, and with a shared store the
         others' too (from their records).
         """
+        await self._restored()
         models = {kernel.id: kernel.model() for kernel in self.kernels.values()}
         if self.sharing is not None:
             for record in await self.sharing.records():
