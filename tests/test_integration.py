@@ -144,7 +144,8 @@ class LifecycleTests(GatewayTestCase):
     async def test_restart_with_connected_client(self) -> None:
         """
         A restart keeps the kernel id and the WebSocket: the client sees
-        'restarting', then the new kernel's states, and the old state is gone.
+        'starting', then the new kernel's states (never 'restarting', which
+        Jupyter clients read as a death), and the old state is gone.
         """
         kernel = await self.gateway.start_kernel()
         client = await ChannelsClient.connect(self.gateway.url, kernel["id"])
@@ -156,9 +157,10 @@ class LifecycleTests(GatewayTestCase):
         self.assertEqual(model["restarts"], 1)
         self.assertNotEqual(model["placement"]["pid"], kernel["placement"]["pid"])
         self.gateway.pids.add(model["placement"]["pid"])
-        await client.wait_for(is_status("restarting"), since=since)
+        await client.wait_for(is_status("starting"), since=since)
         result = await client.execute("'x' in dir()")
         self.assertEqual(result["result"]["text/plain"], "False")
+        self.assertFalse(any(is_status("restarting")(m) for m in client.messages[since:]))
         self.assertFalse(pid_alive(kernel["placement"]["pid"]))
         await client.close()
 

@@ -155,7 +155,8 @@ class JupyterServerThroughGatewayTests(TestCase):
         """
         Restarting through the notebook server replaces the kernel process
         under the same id: a variable set before is gone, code still runs
-        on the same WebSocket.
+        on the same WebSocket, and no 'restarting' status (which JupyterLab
+        reads as "the kernel died") reaches the notebook server's clients.
         """
         kernel_id = (await self.start_kernel())["id"]
         client = await self.connect(kernel_id)
@@ -167,13 +168,14 @@ class JupyterServerThroughGatewayTests(TestCase):
         mark = len(client.messages)
         model = await self.server.api.call("POST", f"api/kernels/{kernel_id}/restart")
         self.assertEqual(model["id"], kernel_id)
-        await client.wait_for(status_is("restarting"), timeout=10, since=mark)
+        await client.wait_for(status_is("starting"), timeout=10, since=mark)
 
         gone = await client.execute("x", timeout=15)
         self.assertEqual(gone["reply"]["status"], "error")
         self.assertEqual(gone["error"]["ename"], "NameError", gone)
         works = await client.execute("print(6 * 7)", timeout=15)
         self.assertEqual(works["stdout"], "42\n")
+        self.assertFalse(any(status_is("restarting")(m) for m in client.messages[mark:]))
 
         self.assertEqual(await self.gateway.kernel_ids(), [kernel_id])
         new_pids = {pid for pid, _ in self.gateway.kernel_processes(kernel_id)}

@@ -7,6 +7,7 @@ kernels in test_integration.
 from __future__ import annotations
 
 import signal
+from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
@@ -23,6 +24,20 @@ from tests.support.fakes import RecordingClient, fake_spec, make_manager
 
 def start(manager, name=None, env=None) -> Deferred:
     return Deferred.fromCoroutine(manager.start_kernel(name, env))
+
+
+def shown_states(client: RecordingClient) -> list[str]:
+    """
+    The statuses JupyterLab acts on: not those answering a
+    C{kernel_info_request} (jupyter_server's C{untracked_message_types}).
+    """
+    return [
+        m.content()["execution_state"]
+        for channel, m in client.messages
+        if channel == "iopub"
+        and m.msg_type == "status"
+        and m.parent_header().get("msg_type") != "kernel_info_request"
+    ]
 
 
 class LaunchTests(SynchronousTestCase):
@@ -298,7 +313,7 @@ class RestartTests(SynchronousTestCase):
     def test_restart_keeps_id_and_clients(self) -> None:
         """
         A restart relaunches under the same id; the connected client stays
-        attached, sees 'restarting', and its messages sent meanwhile reach the
+        attached, sees 'starting', and its messages sent meanwhile reach the
         new kernel.
         """
         from egateway.wire.protocol import Message
@@ -307,7 +322,8 @@ class RestartTests(SynchronousTestCase):
         d = self.manager.restart(self.kernel.id)
         self.clock.advance(0.1)
         self.assertEqual(self.kernel.state, KernelState.RESTARTING)
-        self.assertIn({"execution_state": "restarting", "reason": "restart requested"}, self.client.statuses())
+        self.assertIn({"execution_state": "starting", "reason": "restart requested"}, self.client.statuses())
+        self.assertEqual(self.kernel.model()["execution_state"], "starting")
         self.attachment.send("shell", Message.build("execute_request", {"code": "1"}, "client"))
         self.launcher.release()
         kernel = self.successResultOf(d)
@@ -318,6 +334,17 @@ class RestartTests(SynchronousTestCase):
         self.assertIn("execute_request", [m.msg_type for ch, m in new.server.received if ch == "shell"])
         self.assertIn("idle", [s["execution_state"] for s in self.client.statuses()])
         self.assertTrue(self.launcher.processes[0].cleaned)
+
+    def test_requested_restart_is_not_reported_as_a_death(self) -> None:
+        """
+        A requested restart never sends 'restarting', which Jupyter clients
+        read as "the kernel died and the server restarted it" (JupyterLab
+        then shows its "appears to have died" dialog).
+        """
+        restarted = self.manager.restart(self.kernel.id)
+        self.clock.advance(0.1)
+        self.successResultOf(restarted)
+        self.assertEqual(shown_states(self.client), ["starting", "idle"])
 
     def test_concurrent_restarts_coalesce(self) -> None:
         """
@@ -344,6 +371,78 @@ class RestartTests(SynchronousTestCase):
         reasons = [s.get("reason", "") for s in self.client.statuses()]
         self.assertTrue(any("killed by signal 9 (SIGKILL)" in r for r in reasons), reasons)
         self.assertEqual(self.kernel.restart_count, 1)
+
+    def test_idle_after_auto_restart(self) -> None:
+        """
+        After an automatic restart clients see 'restarting', then 'idle'
+        once the new kernel is ready (JupyterLab otherwise shows the new
+        kernel's 'starting' until a cell runs).
+        """
+        self.launcher.processes[0].exit(ExitStatus(signal=9))
+        self.assertEqual(shown_states(self.client), ["restarting", "idle"])
+
+    def test_idle_comes_after_the_new_kernel_starting(self) -> None:
+        """
+        The 'idle' that ends a restart comes after the new kernel's own
+        'starting', even when that reaches iopub after the kernel_info reply
+        (ipykernel 7 welcomes a subscriber on iopub first): JupyterLab shows
+        the last status it tracks.
+        """
+        from egateway.wire.protocol import split_frames
+        from tests.support.fakes import FakeKernelServer
+
+        answer = FakeKernelServer.handle
+        clock = self.clock
+
+        def iopub_late(server: FakeKernelServer, channel: str, identity: bytes, frames: Any) -> None:
+            _, message = split_frames(frames, server.signer)
+            if message.msg_type != "kernel_info_request":
+                return answer(server, channel, identity, frames)
+            server.publish("iopub_welcome", {})
+            server.reply(identity, channel, "kernel_info_reply", {"status": "ok"}, message)
+
+            def published() -> None:
+                server.publish("status", {"execution_state": "starting"})
+                server.publish("status", {"execution_state": "busy"}, message.header)
+                server.publish("status", {"execution_state": "idle"}, message.header)
+
+            clock.callLater(0.02, published)
+
+        self.patch(FakeKernelServer, "handle", iopub_late)
+        self.launcher.processes[0].exit(ExitStatus(signal=9))
+        self.clock.pump([0.01] * 20)
+        self.assertEqual(self.kernel.state, KernelState.RUNNING)
+        self.assertEqual(shown_states(self.client), ["restarting", "starting", "idle"])
+
+    def test_resumed_client_hears_the_state(self) -> None:
+        """
+        A client reconnecting to its session is told the kernel's state
+        after what it missed (JupyterLab otherwise shows 'Unknown' after a
+        reconnect), unnumbered; a new session is not.
+        """
+        self.kernel.detach(self.attachment, self.client)
+        back = RecordingClient()
+        self.kernel.attach(back, "session-1")
+        self.assertEqual(shown_states(back), ["idle"])
+        self.assertEqual(back.seqs, [0])
+        fresh = RecordingClient()
+        self.kernel.attach(fresh, "session-2")
+        self.assertEqual(fresh.messages, [])
+
+    def test_resumed_client_while_restarting(self) -> None:
+        """
+        A client reconnecting while the kernel restarts (as JupyterLab does
+        on 'restarting') hears nothing until the new kernel is ready, then
+        'idle'.
+        """
+        self.launcher.hold = True
+        self.launcher.processes[0].exit(ExitStatus(signal=9))
+        self.kernel.detach(self.attachment, self.client)
+        back = RecordingClient()
+        self.kernel.attach(back, "session-1")
+        self.assertEqual(shown_states(back), [])
+        self.launcher.release()
+        self.assertEqual(shown_states(back), ["idle"])
 
     def test_dead_when_restarts_run_out(self) -> None:
         """
@@ -625,3 +724,71 @@ class CancellationTests(SynchronousTestCase):
         self.assertEqual(len(errors), 1)
         self.assertIn("restart step broke", str(errors[0].value))
         self.assertNotIn(kernel.id, self.manager._operations)
+
+
+class PendingPersistence:
+    """
+    A kernel store whose restore has not finished until the test says so.
+    """
+
+    keeps_kernels = False
+
+    def __init__(self) -> None:
+        from types import SimpleNamespace
+
+        self.store = SimpleNamespace(shared=False)
+        self.restored: Deferred[None] = Deferred()
+
+    async def start(self) -> None:
+        await self.restored
+
+    async def stop(self) -> None:
+        pass
+
+
+class RestoringTests(SynchronousTestCase):
+    """
+    A restarted gateway answers HTTP a moment before it knows the kernels
+    it restores from the store; jupyter_server's gateway client drops a
+    kernel missing from the list (with the notebook open on it), so
+    listings and lookups wait for the restore, for a bounded time.
+    """
+
+    kernel_id = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
+
+    def setUp(self) -> None:
+        from egateway.kernels.manager import RESTORE_WAIT
+
+        self.wait = RESTORE_WAIT
+        self.clock = Clock()
+        self.manager, _, _ = make_manager(self.clock)
+        self.successResultOf(self.manager.stopService())
+        self.persistence = PendingPersistence()
+        self.manager.persistence = self.persistence
+        self.manager.startService()
+        self.listing = Deferred.fromCoroutine(self.manager.list_models())
+        self.lookup = Deferred.fromCoroutine(self.manager.find(self.kernel_id))
+
+    def test_wait_for_the_restore(self) -> None:
+        """
+        A listing and a lookup made while the store's kernels are restored
+        answer once they are, with the restored kernel.
+        """
+        from types import SimpleNamespace
+
+        self.assertNoResult(self.listing)
+        self.assertNoResult(self.lookup)
+        restored = SimpleNamespace(id=self.kernel_id, model=lambda: {"id": self.kernel_id})
+        self.manager.kernels[self.kernel_id] = restored
+        self.persistence.restored.callback(None)
+        self.assertEqual(self.successResultOf(self.listing), [{"id": self.kernel_id}])
+        self.assertIs(self.successResultOf(self.lookup), restored)
+
+    def test_bounded(self) -> None:
+        """
+        A restore that takes longer than the bound does not hold requests
+        up: they answer with the kernels known so far.
+        """
+        self.clock.advance(self.wait)
+        self.assertEqual(self.successResultOf(self.listing), [])
+        self.failureResultOf(self.lookup, NotFound)

@@ -28,6 +28,13 @@ async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
 
+def gateway_statuses(client: ChannelsClient) -> list[dict[str, Any]]:
+    """
+    The contents of the statuses the gateway itself sent C{client}.
+    """
+    return [m["content"] for m in client.messages if m["header"]["session"].startswith("egateway-")]
+
+
 class ActiveActiveTests(TestCase):
     timeout = 180
 
@@ -112,11 +119,38 @@ class ActiveActiveTests(TestCase):
         self.assertNotEqual(pids.pop(), model["placement"]["pid"])
         self.assertEqual((await client_a.execute("2 + 2", timeout=30))["result"]["text/plain"], "4")
         self.assertEqual((await client_b.execute("3 + 3", timeout=30))["result"]["text/plain"], "6")
+        for client in (client_a, client_b):
+            # Both gateways' clients hear of the death, as Jupyter clients do, then that it is ready.
+            told = gateway_statuses(client)
+            self.assertEqual([c["execution_state"] for c in told], ["restarting", "idle"], told)
+            self.assertIn("killed by signal 9", told[0]["reason"])
         await sleep(2)
         record = await self.b.api.call("GET", f"api/kernels/{model['id']}")
         self.assertEqual(record["restarts"], 1)
         await client_a.close()
         await client_b.close()
+
+    async def test_restart_through_b_seen_on_a(self) -> None:
+        """
+        A restart requested through B reaches A's client as a requested
+        one: 'starting' then 'idle', never 'restarting' (which Jupyter
+        clients read as a death); the client keeps working on the new
+        kernel.
+        """
+        model = await self.a.api.call("POST", "api/kernels", {}, expect=201)
+        client_a = await ChannelsClient.connect(self.a.url, model["id"])
+        await client_a.execute("x = 1")
+        restarted = await self.b.api.call("POST", f"api/kernels/{model['id']}/restart")
+        await client_a.wait_for(
+            lambda m: m["header"]["session"].startswith("egateway-") and m["content"]["execution_state"] == "idle",
+            timeout=30,
+        )
+        told = gateway_statuses(client_a)
+        self.assertEqual([c["execution_state"] for c in told], ["starting", "idle"], told)
+        self.assertEqual((await client_a.execute("'x' in dir()", timeout=30))["result"]["text/plain"], "False")
+        on_a = await self.a.api.call("GET", f"api/kernels/{model['id']}")
+        self.assertEqual(on_a["placement"]["pid"], restarted["placement"]["pid"])
+        await client_a.close()
 
     async def kill_a(self) -> None:
         """

@@ -214,12 +214,19 @@ class Kernel:
         (restarting, dead, culled), with the reason.
         """
         self.execution_state = execution_state
-        content: dict[str, Any] = {"execution_state": execution_state}
-        if reason:
-            content["reason"] = reason
-        message = Message.build("status", content, session=gateway_session(self.id))
+        message = self.status_message(reason)
         for session in list(self.sessions.values()):
             session.deliver("iopub", message)
+
+    def status_message(self, reason: str = "") -> Message:
+        """
+        An iopub C{status} with the current C{execution_state}, from the
+        gateway (no parent, so Jupyter clients always track it).
+        """
+        content: dict[str, Any] = {"execution_state": self.execution_state}
+        if reason:
+            content["reason"] = reason
+        return Message.build("status", content, session=gateway_session(self.id))
 
     def adopt_session(self, session_id: str, entries: list[Any], known: int, user: str = "") -> KernelSession:
         """
@@ -263,6 +270,7 @@ class Kernel:
         """
         self.check_session_user(session_id or "", user)
         session = self.sessions.get(session_id) if session_id else None
+        resumed = session is not None
         if session is None:
             session = KernelSession(
                 session_id or f"anonymous-{uuid.uuid4().hex}",
@@ -274,6 +282,13 @@ class Kernel:
             self.sessions[session.id] = session
             session.relink(self.link if self.live else None)
         replayed = session.connect(client, resume_after)
+        if resumed and self.live:
+            # A reconnecting Jupyter client shows "Unknown" until it hears a
+            # status it tracks (not one answering its kernel_info_request):
+            # tell it the state now, after what it missed.  Unnumbered: it
+            # is not part of the session's journal.  While the kernel
+            # (re)starts, the status that ends the restart does this.
+            client.deliver("iopub", self.status_message(), 0)
         if replayed:
             _log.info(
                 "kernel {kernel_id} session {session}: replayed {count} messages",

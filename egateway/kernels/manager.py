@@ -61,6 +61,12 @@ Seconds a restarted kernel must stay up before its failures are forgiven.
 RETRYABLE_ATTEMPTS = 3
 
 SESSION_SWEEP = 60.0
+
+RESTORE_WAIT = 10.0
+"""
+Seconds a kernel listing or lookup waits for the store's kernels to be
+restored after a start, before answering with the kernels known so far.
+"""
 """
 Seconds between sweeps for expired parked sessions.
 """
@@ -152,6 +158,7 @@ class KernelManager(Service):
         Called before each new kernel is admitted; one raising a
         L{GatewayError} refuses it (a draining gateway does).
         """
+        self._restoring: Operation[None] | None = None
 
     # -- service -------------------------------------------------------
 
@@ -162,27 +169,50 @@ class KernelManager(Service):
         self._housekeeping.clock = self._clock
         self._housekeeping.start(SESSION_SWEEP, now=False)
         if self.persistence is not None:
-            self._start_persistence()
+            self._restoring = Operation("restore", self._start_persistence())
 
-    def _start_persistence(self) -> Deferred[None]:
-        async def start() -> None:
-            store = self.persistence.store
-            while self.running:
-                try:
-                    await self.persistence.start()
+    async def _start_persistence(self) -> None:
+        """
+        Open the store and restore its kernels; with a shared store, retry
+        while it is unavailable.
+        """
+        store = self.persistence.store
+        while self.running:
+            try:
+                await self.persistence.start()
+                return
+            except Exception as e:
+                if not store.shared:
+                    self.on_fatal(f"cannot open the kernel store: {e}")
                     return
-                except Exception as e:
-                    if not store.shared:
-                        self.on_fatal(f"cannot open the kernel store: {e}")
-                        return
-                    _log.error(
-                        "the kernel store is unavailable ({error}); kernels will be restored "
-                        "when it returns",
-                        error=str(e),
-                    )
-                    await deferLater(self._clock, 5.0, lambda: None)
+                _log.error(
+                    "the kernel store is unavailable ({error}); kernels will be restored "
+                    "when it returns",
+                    error=str(e),
+                )
+                await deferLater(self._clock, 5.0, lambda: None)
 
-        return Deferred.fromCoroutine(start())
+    async def _restored(self) -> None:
+        """
+        Wait, at most L{RESTORE_WAIT} seconds, until the kernels recorded in
+        the store are restored.  A gateway answers HTTP a moment before it
+        has registered them, and jupyter_server's gateway client drops a
+        kernel missing from the list (and the notebook open on it loses
+        it): so nothing is said about kernels before they are known.
+        """
+        restoring = self._restoring
+        if restoring is None or restoring.done:
+            return
+        waiting = restoring.observe()
+        waiting.addTimeout(RESTORE_WAIT, self._clock)
+        try:
+            await waiting
+        except TIMEOUTS:
+            _log.warn(
+                "the store's kernels are still being restored after {wait:g} s; answering with "
+                "the kernels known so far",
+                wait=RESTORE_WAIT,
+            )
 
     def _expire_sessions(self) -> None:
         for kernel in list(self.kernels.values()):
@@ -260,6 +290,9 @@ class KernelManager(Service):
         @raise Unavailable: it is not here and the store cannot be asked.
         """
         kernel = self.kernels.get(kernel_id)
+        if kernel is None:
+            await self._restored()
+            kernel = self.kernels.get(kernel_id)
         if kernel is not None:
             return kernel
         if self.sharing is None:
@@ -271,6 +304,7 @@ class KernelManager(Service):
         Every kernel's model: this gateway's, and with a shared store the
         others' too (from their records).
         """
+        await self._restored()
         models = {kernel.id: kernel.model() for kernel in self.kernels.values()}
         if self.sharing is not None:
             for record in await self.sharing.records():
@@ -309,6 +343,14 @@ class KernelManager(Service):
         kernel.go_live()
         self._watch(kernel, process)
         _log.info("kernel {kernel_id}: relinked after a restart elsewhere", kernel_id=kernel.id)
+        # Tell this gateway's clients what the other gateway's were told:
+        # an automatic restart keeps its reason in the record, a requested
+        # one clears it.
+        if record.reason:
+            kernel.broadcast_status("restarting", record.reason)
+        else:
+            kernel.broadcast_status("starting", "restarted through another gateway")
+        kernel.broadcast_status("idle")
 
     def forget_elsewhere(self, kernel: Kernel, reason: str) -> None:
         """
@@ -722,7 +764,7 @@ class KernelManager(Service):
         )
         kernel.set_link(link)
         kernel.report(Phase.CONNECTED, process.connection_info.ip)
-        ready = Deferred.fromCoroutine(self._wait_ready(link, deadline))
+        ready = Deferred.fromCoroutine(self._wait_ready(kernel, link, deadline))
         exited = process.when_exited()
         try:
             index, result = await first([ready, exited])
@@ -756,25 +798,44 @@ class KernelManager(Service):
             reason=reason,
         )
 
-    async def _wait_ready(self, link: KernelLink, deadline: float) -> None:
+    async def _wait_ready(self, kernel: Kernel, link: KernelLink, deadline: float) -> None:
         """
         Send C{kernel_info_request} until a reply arrives and iopub has
-        delivered a message, so no output from the kernel can be lost to a
-        subscription that is not live yet.
+        delivered the status the kernel published for one of them, so no
+        output from the kernel can be lost to a subscription that is not
+        live yet, and what it published before (its own C{starting}) has
+        been relayed: the C{idle} that ends a restart must come after it
+        (JupyterLab shows the last status it tracks).  Any iopub message
+        would not do: ipykernel 7 welcomes a subscriber on iopub at once,
+        and the reply, on shell, can overtake what iopub still carries.
         """
-        while True:
-            remaining = deadline - self._clock.seconds()
-            if remaining <= 0:
-                raise TimeoutError()
-            try:
-                await link.request(
-                    "shell", "kernel_info_request", {}, min(READY_PROBE_INTERVAL, remaining)
-                )
-            except TIMEOUTS:
-                continue
-            if link.iopub_seen:
-                return
-            await deferLater(self._clock, min(0.05, max(remaining, 0)))
+        answered: set[str] = set()
+
+        def observe(message: Message) -> None:
+            if message.msg_type == "status":
+                answered.add(str(message.parent_header().get("msg_id")))
+
+        kernel.on_iopub_observers.append(observe)
+        probes: set[str] = set()
+        try:
+            while True:
+                remaining = deadline - self._clock.seconds()
+                if remaining <= 0:
+                    raise TimeoutError()
+                try:
+                    reply = await link.request(
+                        "shell", "kernel_info_request", {}, min(READY_PROBE_INTERVAL, remaining)
+                    )
+                except TIMEOUTS:
+                    continue
+                probes.add(str(reply.parent_header().get("msg_id")))
+                if probes & answered:
+                    return
+                await deferLater(self._clock, min(0.05, max(remaining, 0)))
+                if probes & answered:
+                    return
+        finally:
+            kernel.on_iopub_observers.remove(observe)
 
     async def _discard(self, kernel: Kernel, process: IKernelProcess) -> None:
         """
@@ -847,8 +908,19 @@ class KernelManager(Service):
         except Exception as e:
             await self._declare_dead(kernel, f"kernel {why}; restart failed: {e}")
             return
+        self._restarted(kernel)
+
+    def _restarted(self, kernel: Kernel) -> None:
+        """
+        A relaunched kernel is ready: running again, and its clients told
+        it is C{idle}.  Jupyter clients ignore the statuses that answer
+        C{kernel_info_request}s (jupyter_server's C{untracked_message_types}),
+        and the new kernel's C{starting} comes before anyone's request, so
+        without this JupyterLab shows C{Starting} until a cell runs.
+        """
         kernel.restart_count += 1
         kernel.transition(KernelState.RUNNING, "restarted")
+        kernel.broadcast_status("idle")
         self._emit("auto-restarted", kernel)
 
     async def _declare_dead(self, kernel: Kernel, reason: str) -> None:
@@ -881,7 +953,8 @@ class KernelManager(Service):
     def restart(self, kernel_id: str) -> Deferred[Kernel]:
         """
         Restart keeping the kernel id; connected clients stay connected and
-        see C{restarting}, then the new kernel's C{starting} and C{idle}.
+        see C{starting}, then the new kernel's C{idle} (no C{restarting}:
+        see L{_restart}).
 
         A restart requested while one is in progress waits on that one.
         """
@@ -899,7 +972,12 @@ class KernelManager(Service):
         if kernel.state in ENDED:
             self._admit_revival(kernel)
         kernel.transition(KernelState.RESTARTING, "restart requested")
-        kernel.broadcast_status("restarting", "restart requested")
+        # Not "restarting": Jupyter clients (JupyterLab, jupyter_server) read
+        # that as "the server auto-restarted a kernel that died", and
+        # JupyterLab then shows its "appears to have died" dialog.  A
+        # requested restart looks like jupyter_server's: the new kernel
+        # starting, then idle.
+        kernel.broadcast_status("starting", "restart requested")
         if kernel.process is not None:
             await self._stop_process(kernel, restart=True)
         try:
@@ -907,10 +985,8 @@ class KernelManager(Service):
         except Exception as e:
             await self._declare_dead(kernel, f"restart failed: {e}")
             raise
-        kernel.restart_count += 1
         kernel.reason = ""
-        kernel.transition(KernelState.RUNNING, "restarted")
-        self._emit("restarted", kernel)
+        self._restarted(kernel)
         return kernel
 
     def shutdown(self, kernel_id: str, reason: str = "shutdown requested") -> Deferred[None]:

@@ -462,6 +462,7 @@ async def start_gateway(
     env: Mapping[str, str] | None = None,
     reactor: Any = None,
     ready_timeout: float = 30,
+    port: int | None = None,
 ) -> GatewayDaemon:
     """
     Start C{twistd -n egateway} on a free loopback port and wait until
@@ -473,6 +474,8 @@ async def start_gateway(
     @param flags: more command-line settings, e.g. C{{"list-kernels": "true"}}.
     @param env: more environment; C{EG_*}/C{KG_*} from the test's own
         environment are dropped so a developer's settings do not leak in.
+    @param port: listen on this port (a gateway restarted where its clients
+        expect it) rather than on a free one.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -488,7 +491,7 @@ async def start_gateway(
     environ.update(env or {})
     last_error: Exception | None = None
     for attempt in range(3):
-        gateway = GatewayDaemon(reactor, workdir, free_port(), token)
+        gateway = GatewayDaemon(reactor, workdir, port or free_port(), token)
         os.makedirs(gateway.data_dir, mode=0o700, exist_ok=True)
         argv = [
             sys.executable,
@@ -508,7 +511,7 @@ async def start_gateway(
             await wait_until_answers(gateway.api, "api", gateway.process, ready_timeout, reactor)
         except RuntimeError as e:
             busy = "Address already in use" in gateway.process.log_tail()
-            if gateway.process.ended and busy:
+            if gateway.process.ended and busy and port is None:
                 # Judged here, so its cleanup does not fail the test.
                 await gateway.stop()
                 last_error = e
