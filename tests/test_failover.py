@@ -31,6 +31,14 @@ def busy() -> Message:
     return Message.build("status", {"execution_state": "busy"}, "kernel")
 
 
+
+def numbered(client: RecordingClient) -> list[int]:
+    """
+    The journal numbers a client got, without the unnumbered status a
+    resumed client is also told (the kernel's current state).
+    """
+    return [seq for seq in client.seqs if seq]
+
 class FakeStore:
     """
     The journal half of a shared store: appends wait until the test answers
@@ -140,9 +148,9 @@ class WriteAheadTests(Base):
         self.kernel.detach(session, first)
         second = RecordingClient()
         self.kernel.attach(second, "s", resume_after=1)
-        self.assertEqual(second.seqs, [2])
+        self.assertEqual(numbered(second), [2])
         self.store.appends[1][2].callback(True)
-        self.assertEqual(second.seqs, [2, 3])
+        self.assertEqual(numbered(second), [2, 3])
 
     def test_claimed_elsewhere(self) -> None:
         """
@@ -236,7 +244,7 @@ class TakeOverTests(Base):
         client = self.take_over(3)
         self.kernel.on_iopub(output(8))
         self.assertEqual(self.texts(client), [f"{n}\n" for n in range(3, 9)])
-        self.assertEqual(client.seqs, [4, 5, 6, 7, 8, 9])
+        self.assertEqual(numbered(client), [4, 5, 6, 7, 8, 9])
 
     def test_cursor_far_back(self) -> None:
         """
@@ -252,7 +260,7 @@ class TakeOverTests(Base):
             self.kernel.iopub_ring.append(message)
         client = self.take_over(300)
         self.assertEqual(self.texts(client), ["10\n", "11\n", "12\n"])
-        self.assertEqual(client.seqs, [301, 302, 303])
+        self.assertEqual(numbered(client), [301, 302, 303])
 
     def test_gap_while_busy_is_told(self) -> None:
         """
