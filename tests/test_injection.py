@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import uuid
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import reactor
@@ -316,7 +317,7 @@ class Refusals(InjectionTestCase):
             "/api/kernelspecs/probe%0d%0aX-Injected:%201",
         ]
         for path in paths:
-            reply = await raw_exchange(port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode("latin-1"))
+            reply = await raw_exchange(port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode("latin-1"))
             self.assertIn(reply.code, (400, 404, 405), (path, reply.raw[:300]))
             self.assertEqual(reply.headers.get("content-type"), "application/json", path)
             self.assertEqual(set(reply.json()), {"reason", "message"}, path)
@@ -414,15 +415,19 @@ class SSHRemoteCommand(TestCase):
                 report=lambda *a, **k: None, timeout=30,
             )
             listener = _Listener()
-            pid = await launcher._start_on("localhost", request, listener, "the-launch-token", RunAs())
-            self.assertGreater(pid, 1)
+            pending = SimpleNamespace(accept_v1=False, token="the-launch-token")
+            started = await launcher._start_on("localhost", request, listener, pending, RunAs())
+            self.assertGreater(started.pid, 1)
             dump = await eventually(lambda: _read_json(out), f"the kernel-side process under {shell} to report")
             self.assertEqual(
                 dump["argv"],
                 [out, kernel_id, "{KERNEL_QUOTES}", listener.response_address],
             )
             self.assertEqual({name: dump["env"].get(name) for name in values}, values)
-            self.assertEqual(dump["env"]["EG_LAUNCH_TOKEN"], "the-launch-token")
+            # The token reaches the kernel-side launcher on its stdin, never
+            # in its environment (nor on a command line).
+            self.assertNotIn("EG_LAUNCH_TOKEN", dump["env"])
+            self.assertEqual(dump["stdin"], "the-launch-token\n")
         self.assertFalse(os.path.exists(marker), "a hostile value ran a command")
         self.assertEqual([name for name in os.listdir(workdir) if not name.startswith(("dump-", "kernel-"))], [])
         await eventually(lambda: not processes_mentioning(workdir), "the kernel-side processes to exit")
@@ -430,7 +435,8 @@ class SSHRemoteCommand(TestCase):
 
 _DUMP_SCRIPT = (
     "import json, os, sys; out = sys.argv[1]; "
-    "open(out + '.tmp', 'w').write(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ)})); "
+    "stdin = sys.stdin.readline() if os.environ.get('EG_LAUNCH_TOKEN_STDIN') else None; "
+    "open(out + '.tmp', 'w').write(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ), 'stdin': stdin})); "
     "os.rename(out + '.tmp', out)"
 )
 
