@@ -908,20 +908,23 @@ class KernelManager(Service):
         except Exception as e:
             await self._declare_dead(kernel, f"kernel {why}; restart failed: {e}")
             return
-        self._restarted(kernel)
+        self._restarted(kernel, "auto-restarted")
 
-    def _restarted(self, kernel: Kernel) -> None:
+    def _restarted(self, kernel: Kernel, event: str) -> None:
         """
         A relaunched kernel is ready: running again, and its clients told
         it is C{idle}.  Jupyter clients ignore the statuses that answer
         C{kernel_info_request}s (jupyter_server's C{untracked_message_types}),
         and the new kernel's C{starting} comes before anyone's request, so
         without this JupyterLab shows C{Starting} until a cell runs.
+
+        @param event: what to tell the manager's watchers: C{restarted}
+            (requested) or C{auto-restarted} (after a death).
         """
         kernel.restart_count += 1
         kernel.transition(KernelState.RUNNING, "restarted")
         kernel.broadcast_status("idle")
-        self._emit("auto-restarted", kernel)
+        self._emit(event, kernel)
 
     async def _declare_dead(self, kernel: Kernel, reason: str) -> None:
         kernel.reason = reason
@@ -986,7 +989,7 @@ class KernelManager(Service):
             await self._declare_dead(kernel, f"restart failed: {e}")
             raise
         kernel.reason = ""
-        self._restarted(kernel)
+        self._restarted(kernel, "restarted")
         return kernel
 
     def shutdown(self, kernel_id: str, reason: str = "shutdown requested") -> Deferred[None]:
