@@ -98,7 +98,7 @@ from egateway.clusters.remote import (
 )
 from egateway.clusters.response import PendingLaunch
 from egateway.clusters.sshclient import SSHAuthError, SSHError, SSHPool, SSHSettings, load_keys, shell_command
-from egateway.kernels.env import NAME
+from egateway.clusters.interface import ENV_NAME as NAME
 
 _log = Logger()
 
