@@ -73,6 +73,7 @@ import os
 import shutil
 import signal as signals
 import socket
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
@@ -97,14 +98,14 @@ from egateway.clusters.interface import (
     check_gateway_id,
 )
 from egateway.clusters.remote import (
+    Placed,
     RemoteKernelProcess,
+    RemoteLaunch,
+    RemoteLauncher,
     _int,
-    await_connection_info,
     connection_info,
-    expect_launch,
     launcher_argv,
     reported_id,
-    response_listener,
 )
 from egateway.clusters.slurm_jobs import (
     _KERNEL_ID,
@@ -128,6 +129,7 @@ from egateway.clusters.slurm_jobs import (
     sbatch_arguments,
 )
 from egateway.observe import detached
+from egateway.wire.connection import ConnectionInfo
 
 _log = Logger()
 
@@ -273,8 +275,22 @@ class SlurmKernelProcess(RemoteKernelProcess):
         }
 
 
+@dataclass
+class _JobLaunch:
+    """
+    What a Slurm launch's steps keep: the checked request, then sbatch
+    under way and the job it submitted.
+    """
+
+    resources: JobResources
+    account: Account | None
+    log_path: str
+    submitting: Deferred[CommandResult] | None = None
+    job_id: str | None = None
+
+
 @implementer(ILauncher, ILauncherInventory)
-class SlurmLauncher:
+class SlurmLauncher(RemoteLauncher):
     """
     Starts kernels as Slurm batch jobs; see the module docstring.
     """
@@ -421,110 +437,114 @@ class SlurmLauncher:
     def log_path(self, kernel_id: str) -> str:
         return f"{self._settings.slurm_log_dir.rstrip('/')}/kernel-{kernel_id}.log"
 
-    def launch(self, request: LaunchRequest) -> Deferred[IKernelProcess]:
-        return Deferred.fromCoroutine(self._launch(request))
+    # -- the launch's steps (the sequence is RemoteLauncher's) ---------------
 
-    async def _launch(self, request: LaunchRequest) -> IKernelProcess:
+    @property
+    def _poll_interval(self) -> float:  # type: ignore[override]
+        return self._settings.slurm_poll_interval
+
+    async def _prepare(self, request: LaunchRequest) -> "_JobLaunch":
         if not _KERNEL_ID.match(request.kernel_id):
             raise LaunchError(f"kernel id {request.kernel_id[:80]!r} cannot name a Slurm job", status=400)
         resources = job_resources(request.env, request.config, self._settings)
         self.commands.executable("sbatch")
         account = await self._account(request.username) if self.impersonation.enabled else None
-        listener = response_listener(self._context)
-        pending = expect_launch(listener, request)
+        return _JobLaunch(resources, account, self.log_path(request.kernel_id))
+
+    async def _submit(self, launch: RemoteLaunch) -> None:
+        request, job = launch.request, launch.state
         argv = launcher_argv(
             request.spec,
             request.kernel_id,
-            listener,
+            launch.listener,
             str(request.config.get("port_range") or self._kernels.port_range),
             self._settings.slurm_python,
         )
-        log_path = self.log_path(request.kernel_id)
-        submitting: Deferred[CommandResult] | None = None
-        job_id: str | None = None
-        env = job_environment(request.env, pending.token, self.commands.slurm_conf)
+        env = job_environment(request.env, launch.pending.token, self.commands.slurm_conf)
         workdir = request.cwd
+        account = job.account
         if account is not None:
             env = self.impersonation.local_env(env, account)
             workdir = workdir or (account.home if account.home_exists else "/")
         else:
             env = self.impersonation.exported(env)
         submit_as = account if account is not None and account.uid != os.geteuid() else None
-        try:
-            submitting = self.commands.run(
-                "sbatch",
-                sbatch_arguments(
-                    resources,
-                    self.job_name(request.kernel_id),
-                    log_path,
-                    workdir,
-                    argv,
-                    submit_as=submit_as,
-                    comment=job_comment(self._gateway_id) if self._gateway_id else "",
-                ),
-                stdin=BATCH_SCRIPT,
-                env=env,
-            )
-            result = await detached(submitting)
-            job_id = self._submitted(result, resources)
+        job.submitting = self.commands.run(
+            "sbatch",
+            sbatch_arguments(
+                job.resources,
+                self.job_name(request.kernel_id),
+                job.log_path,
+                workdir,
+                argv,
+                submit_as=submit_as,
+                comment=job_comment(self._gateway_id) if self._gateway_id else "",
+            ),
+            stdin=BATCH_SCRIPT,
+            env=env,
+        )
+        result = await detached(job.submitting)
+        job.job_id = self._submitted(result, job.resources)
+        _log.info(
+            "kernel {kernel_id}: submitted as Slurm job {job_id} ({resources})",
+            kernel_id=request.kernel_id,
+            job_id=job.job_id,
+            resources=job.resources.describe() or "cluster defaults",
+        )
+        request.report(Phase.SUBMITTED, f"Slurm job {job.job_id}")
+
+    async def _await_placement(self, launch: RemoteLaunch) -> Placed:
+        job = launch.state
+        state = await self._wait_until_running(launch.request, job.job_id, job.resources, job.log_path)
+        address = await self.node_address(state.node)
+        return Placed(state.node, address, f"{state.node} ({address}), Slurm job {job.job_id}")
+
+    async def _launch_ended(self, launch: RemoteLaunch) -> str | None:
+        return await self._ended_before_reporting(launch.state.job_id or "", launch.state.log_path)
+
+    def _kernel(
+        self, launch: RemoteLaunch, placed: Placed, info: ConnectionInfo, payload: Mapping[str, Any]
+    ) -> IKernelProcess:
+        job = launch.state
+        return SlurmKernelProcess(
+            launcher=self,
+            job_id=job.job_id,
+            node=placed.host,
+            log_path=job.log_path,
+            kernel_id=launch.request.kernel_id,
+            info=info,
+            placement=Placement(
+                host=placed.host,
+                ip=placed.address,
+                # As the launcher reports them, for the model only: the
+                # gateway signals a job through Slurm, never by pid.
+                pid=reported_id(payload.get("pid")),
+                pgid=reported_id(payload.get("pgid")),
+                extra={"job_id": job.job_id},
+            ),
+            reactor=self._reactor,
+            poll_interval=self._kernels.poll_interval,
+            comm_port=_int(payload.get("comm_port")),
+            comm_token=launch.pending.comm_token,
+            pending=launch.pending,
+        )
+
+    async def _abandon(self, launch: RemoteLaunch) -> None:
+        job = launch.state
+        job_id = job.job_id
+        if job_id is None and job.submitting is not None:
+            # Cancelled while sbatch ran: it may still submit the job.
+            try:
+                job_id = parse_job_id((await job.submitting).stdout)
+            except Exception:
+                job_id = None
+        if job_id is not None:
             _log.info(
-                "kernel {kernel_id}: submitted as Slurm job {job_id} ({resources})",
-                kernel_id=request.kernel_id,
+                "kernel {kernel_id}: cancelling Slurm job {job_id} of a failed launch",
+                kernel_id=launch.request.kernel_id,
                 job_id=job_id,
-                resources=resources.describe() or "cluster defaults",
             )
-            request.report(Phase.SUBMITTED, f"Slurm job {job_id}")
-            state = await self._wait_until_running(request, job_id, resources, log_path)
-            node = state.node
-            address = await self.node_address(node)
-            pending.expect_from([address])
-            request.report(Phase.PLACED, f"{node} ({address}), Slurm job {job_id}")
-            info = await await_connection_info(
-                pending,
-                self._reactor,
-                lambda: self._ended_before_reporting(job_id or "", log_path),
-                interval=self._settings.slurm_poll_interval,
-            )
-            conn = connection_info(info, address)
-            request.report(Phase.CONNECTION_INFO, f"{address} (payload v{pending.version})")
-            return SlurmKernelProcess(
-                launcher=self,
-                job_id=job_id,
-                node=node,
-                log_path=log_path,
-                kernel_id=request.kernel_id,
-                info=conn,
-                placement=Placement(
-                    host=node,
-                    ip=address,
-                    # As the launcher reports them, for the model only: the
-                    # gateway signals a job through Slurm, never by pid.
-                    pid=reported_id(info.get("pid")),
-                    pgid=reported_id(info.get("pgid")),
-                    extra={"job_id": job_id},
-                ),
-                reactor=self._reactor,
-                poll_interval=self._kernels.poll_interval,
-                comm_port=_int(info.get("comm_port")),
-                comm_token=pending.comm_token,
-                pending=pending,
-            )
-        except BaseException:
-            pending.cancel()
-            if job_id is None and submitting is not None:
-                # Cancelled while sbatch ran: it may still submit the job.
-                try:
-                    job_id = parse_job_id((await submitting).stdout)
-                except Exception:
-                    job_id = None
-            if job_id is not None:
-                _log.info(
-                    "kernel {kernel_id}: cancelling Slurm job {job_id} of a failed launch",
-                    kernel_id=request.kernel_id,
-                    job_id=job_id,
-                )
-                await self.cancel_quietly(job_id)
-            raise
+            await self.cancel_quietly(job_id)
 
     async def _account(self, username: str) -> Account:
         """

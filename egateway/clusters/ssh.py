@@ -87,17 +87,18 @@ from egateway.clusters.interface import (
     check_gateway_id,
 )
 from egateway.clusters.remote import (
+    Placed,
     RemoteKernelProcess,
+    RemoteLaunch,
+    RemoteLauncher,
     _int,
-    await_connection_info,
     connection_info,
-    expect_launch,
     launcher_argv,
     reported_id,
-    response_listener,
 )
 from egateway.clusters.response import PendingLaunch
 from egateway.clusters.sshclient import SSHAuthError, SSHError, SSHPool, SSHSettings, load_keys, shell_command
+from egateway.wire.connection import ConnectionInfo
 from egateway.clusters.interface import ENV_NAME as NAME
 
 _log = Logger()
@@ -430,8 +431,21 @@ class SSHKernelProcess(RemoteKernelProcess):
         return {**super().snapshot(), "launcher": "ssh", "user": self.run_as.user, "start_time": self.start_time}
 
 
+@dataclass
+class _HostLaunch:
+    """
+    What an SSH launch's steps keep: the candidate hosts and whom to run
+    as, then the host and the process the start script reported.
+    """
+
+    hosts: list[str]
+    run_as: RunAs
+    host: str = ""
+    process: StartedProcess | None = None
+
+
 @implementer(ILauncher, ILauncherInventory)
-class SSHLauncher:
+class SSHLauncher(RemoteLauncher):
     name = "ssh"
 
     def __init__(self, context: LauncherContext) -> None:
@@ -502,49 +516,55 @@ class SSHLauncher:
             self._addresses[host] = address
         return address
 
-    def launch(self, request: LaunchRequest) -> Deferred[IKernelProcess]:
-        return Deferred.fromCoroutine(self._launch(request))
+    # -- the launch's steps (the sequence is RemoteLauncher's) ---------------
 
-    async def _launch(self, request: LaunchRequest) -> IKernelProcess:
-        hosts = self.hosts_for(request)
-        run_as = RunAs.for_user(self.impersonation, request.username)
-        listener = response_listener(self._context)
-        pending = expect_launch(listener, request)
-        started: tuple[str, StartedProcess] | None = None
-        try:
-            host, process = await self._start_somewhere(request, hosts, listener, pending, run_as)
-            started = (host, process)
-            pid = process.pid
-            self._hosts_used.add(host)
-            self.balancer.placed(host)
-            request.report(Phase.PLACED, f"{host} pid {pid}" + (f" as {run_as.user}" if run_as.user else ""))
-            info = await await_connection_info(
-                pending, self._reactor, lambda: self._launch_ended(host, process, request.kernel_id, run_as)
-            )
-            address = await self._address(host)
-            conn = connection_info(info, address)
-            request.report(Phase.CONNECTION_INFO, f"{address} (payload v{pending.version})")
-            return SSHKernelProcess(
-                launcher=self,
-                host=host,
-                run_as=run_as,
-                start_time=process.start_time,
-                kernel_id=request.kernel_id,
-                info=conn,
-                # What the gateway started, never the payload's pid/pgid.
-                placement=Placement(host=host, ip=address, pid=pid, pgid=pid),
-                reactor=self._reactor,
-                poll_interval=self._kernels.poll_interval,
-                comm_port=_int(info.get("comm_port")),
-                comm_token=pending.comm_token,
-                pending=pending,
-            )
-        except BaseException:
-            pending.cancel()
-            if started is not None:
-                self.balancer.released(started[0])
-                await self._kill_quietly(started[0], started[1], request.kernel_id, run_as)
-            raise
+    async def _prepare(self, request: LaunchRequest) -> "_HostLaunch":
+        return _HostLaunch(self.hosts_for(request), RunAs.for_user(self.impersonation, request.username))
+
+    async def _submit(self, launch: RemoteLaunch) -> None:
+        state = launch.state
+        host, process = await self._start_somewhere(
+            launch.request, state.hosts, launch.listener, launch.pending, state.run_as
+        )
+        state.host, state.process = host, process
+        self._hosts_used.add(host)
+        self.balancer.placed(host)
+
+    async def _await_placement(self, launch: RemoteLaunch) -> Placed:
+        state = launch.state
+        detail = f"{state.host} pid {state.process.pid}" + (f" as {state.run_as.user}" if state.run_as.user else "")
+        return Placed(state.host, await self._address(state.host), detail)
+
+    async def _launch_ended(self, launch: RemoteLaunch) -> str | None:
+        state = launch.state
+        return await self._launcher_exited(state.host, state.process, launch.request.kernel_id, state.run_as)
+
+    def _kernel(
+        self, launch: RemoteLaunch, placed: Placed, info: ConnectionInfo, payload: Mapping[str, Any]
+    ) -> IKernelProcess:
+        state = launch.state
+        pid = state.process.pid
+        return SSHKernelProcess(
+            launcher=self,
+            host=placed.host,
+            run_as=state.run_as,
+            start_time=state.process.start_time,
+            kernel_id=launch.request.kernel_id,
+            info=info,
+            # What the gateway started, never the payload's pid/pgid.
+            placement=Placement(host=placed.host, ip=placed.address, pid=pid, pgid=pid),
+            reactor=self._reactor,
+            poll_interval=self._kernels.poll_interval,
+            comm_port=_int(payload.get("comm_port")),
+            comm_token=launch.pending.comm_token,
+            pending=launch.pending,
+        )
+
+    async def _abandon(self, launch: RemoteLaunch) -> None:
+        state = launch.state
+        if state.process is not None:
+            self.balancer.released(state.host)
+            await self._kill_quietly(state.host, state.process, launch.request.kernel_id, state.run_as)
 
     async def _start_somewhere(
         self, request: LaunchRequest, hosts: list[str], listener: Any, pending: PendingLaunch, run_as: RunAs
@@ -626,7 +646,7 @@ class SSHLauncher:
         except (ValueError, IndexError):
             raise SSHError(f"the host did not report a pid: {result.describe()}") from None
 
-    async def _launch_ended(
+    async def _launcher_exited(
         self, host: str, process: StartedProcess, kernel_id: str, run_as: RunAs = RunAs()
     ) -> str | None:
         """
