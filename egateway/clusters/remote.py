@@ -326,6 +326,24 @@ class RemoteLauncher:
 
     _poll_interval: float = 1.0
 
+    def _kernel_arguments(
+        self, launch: RemoteLaunch, info: ConnectionInfo, payload: Mapping[str, Any], poll_interval: float
+    ) -> dict[str, Any]:
+        """
+        What every step's L{RemoteKernelProcess} is built with: the
+        connection info, the comm port the payload names and the comm token
+        the handshake agreed, and the pending handshake it releases.
+        """
+        return {
+            "kernel_id": launch.request.kernel_id,
+            "info": info,
+            "reactor": self._reactor,
+            "poll_interval": poll_interval,
+            "comm_port": _int(payload.get("comm_port")),
+            "comm_token": launch.pending.comm_token,
+            "pending": launch.pending,
+        }
+
     # -- the sequence ------------------------------------------------------
 
     def launch(self, request: LaunchRequest) -> Deferred[IKernelProcess]:

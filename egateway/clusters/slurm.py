@@ -511,8 +511,6 @@ class SlurmLauncher(RemoteLauncher):
             job_id=job.job_id,
             node=placed.host,
             log_path=job.log_path,
-            kernel_id=launch.request.kernel_id,
-            info=info,
             placement=Placement(
                 host=placed.host,
                 ip=placed.address,
@@ -522,11 +520,7 @@ class SlurmLauncher(RemoteLauncher):
                 pgid=reported_id(payload.get("pgid")),
                 extra={"job_id": job.job_id},
             ),
-            reactor=self._reactor,
-            poll_interval=self._kernels.poll_interval,
-            comm_port=_int(payload.get("comm_port")),
-            comm_token=launch.pending.comm_token,
-            pending=launch.pending,
+            **self._kernel_arguments(launch, info, payload, self._kernels.poll_interval),
         )
 
     async def _abandon(self, launch: RemoteLaunch) -> None:

@@ -141,14 +141,8 @@ class FakeLauncher(RemoteLauncher):
         pid = launch.state["pid"]
         return FakeKernelProcess(
             cluster=self.cluster,
-            kernel_id=launch.request.kernel_id,
-            info=info,
             placement=Placement(host=placed.host, ip=placed.address, pid=pid, pgid=pid),
-            reactor=self._reactor,
-            poll_interval=self._config.kernels.poll_interval,
-            comm_port=int(payload.get("comm_port") or 0),
-            comm_token=launch.pending.comm_token,
-            pending=launch.pending,
+            **self._kernel_arguments(launch, info, payload, self._config.kernels.poll_interval),
         )
 
     async def _abandon(self, launch: RemoteLaunch) -> None:
