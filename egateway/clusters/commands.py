@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -152,4 +153,74 @@ def run_command(
     return done
 
 
-__all__ = ["COMMAND_TIMEOUT", "MAX_OUTPUT", "CommandResult", "run_command"]
+class CommandSet:
+    """
+    A cluster's command-line tools, each found once (in C{bin_dir} when the
+    operator set one, else on C{path}) and run with a fixed environment
+    (C{PATH}, C{LC_ALL=C} and the tools' own settings, so nothing in the
+    gateway's environment changes what is parsed).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        owner: str,
+        bin_dir: str,
+        bin_dir_setting: str,
+        install_hint: str,
+        path: str,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._owner = owner
+        self._bin_dir = bin_dir
+        self._bin_dir_setting = bin_dir_setting
+        self._install_hint = install_hint
+        self._path = path
+        self._env = dict(env or {})
+        self._found: dict[str, str] = {}
+
+    def executable(self, name: str) -> str:
+        """
+        @raise LaunchError: the command is not installed where we look.
+        """
+        found = self._found.get(name)
+        if found is None:
+            if self._bin_dir:
+                candidate = os.path.join(self._bin_dir, name)
+                found = candidate if os.access(candidate, os.X_OK) else None
+                where = f"in {self._bin_dir_setting} {self._bin_dir}"
+            else:
+                found = shutil.which(name, path=self._path)
+                where = "on the gateway's PATH"
+            if found is None:
+                raise LaunchError(f"{self._owner} {name} was not found {where}; {self._install_hint}")
+            self._found[name] = found
+        return found
+
+    def environment(self) -> dict[str, str]:
+        return {"PATH": self._path, "LC_ALL": "C", **self._env}
+
+    def run(
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        stdin: bytes = b"",
+        env: Mapping[str, str] | None = None,
+        timeout: float = COMMAND_TIMEOUT,
+    ) -> Deferred[CommandResult]:
+        """
+        Run C{name} with C{args} (see L{run_command}); C{env} replaces the
+        fixed environment.
+
+        @raise LaunchError: synchronously, if the command is not installed.
+        """
+        return run_command(
+            self._reactor, [self.executable(name), *args], env=env if env is not None else self.environment(),
+            stdin=stdin, timeout=timeout,
+        )
+
+
+__all__ = ["COMMAND_TIMEOUT", "MAX_OUTPUT", "CommandResult", "CommandSet", "run_command"]

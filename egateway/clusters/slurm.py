@@ -70,7 +70,6 @@ what it finds can be reaped (C{scancel}) but not adopted.
 from __future__ import annotations
 
 import os
-import shutil
 import signal as signals
 import socket
 from dataclasses import dataclass
@@ -82,7 +81,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from egateway.clusters.commands import COMMAND_TIMEOUT, CommandResult, run_command
+from egateway.clusters.commands import CommandResult, CommandSet
 from egateway.clusters.impersonation import Account, Impersonation
 from egateway.clusters.interface import (
     Found,
@@ -167,66 +166,23 @@ class SlurmCommandError(Exception):
     """
 
 
-class SlurmCommands:
+class SlurmCommands(CommandSet):
     """
-    Runs Slurm's client commands as child processes with a fixed
-    environment (only C{PATH}, C{LC_ALL=C} and C{SLURM_CONF}, so no
-    C{SQUEUE_FORMAT} of the gateway's changes what we parse).
+    Slurm's client commands, with C{SLURM_CONF} in their fixed environment
+    (so no C{SQUEUE_FORMAT} of the gateway's changes what we parse).
     """
 
     def __init__(self, reactor: Any, bin_dir: str, slurm_conf: str, path: str) -> None:
-        self._reactor = reactor
-        self._bin_dir = bin_dir
-        self.slurm_conf = slurm_conf
-        self._path = path
-        self._found: dict[str, str] = {}
-
-    def executable(self, name: str) -> str:
-        """
-        @raise LaunchError: the command is not installed where we look.
-        """
-        found = self._found.get(name)
-        if found is None:
-            if self._bin_dir:
-                candidate = os.path.join(self._bin_dir, name)
-                found = candidate if os.access(candidate, os.X_OK) else None
-                where = f"in slurm_bin_dir {self._bin_dir}"
-            else:
-                found = shutil.which(name, path=self._path)
-                where = "on the gateway's PATH"
-            if found is None:
-                raise LaunchError(
-                    f"Slurm's {name} was not found {where}; install the Slurm client commands or set "
-                    "slurm_bin_dir (EG_SLURM_BIN_DIR)"
-                )
-            self._found[name] = found
-        return found
-
-    def environment(self) -> dict[str, str]:
-        env = {"PATH": self._path, "LC_ALL": "C"}
-        if self.slurm_conf:
-            env["SLURM_CONF"] = self.slurm_conf
-        return env
-
-    def run(
-        self,
-        name: str,
-        args: Sequence[str],
-        *,
-        stdin: bytes = b"",
-        env: Mapping[str, str] | None = None,
-        timeout: float = COMMAND_TIMEOUT,
-    ) -> Deferred[CommandResult]:
-        """
-        Run C{name} with C{args}.  Fires with a L{CommandResult} whatever
-        the exit status; cancelling kills the command.
-
-        @raise LaunchError: synchronously, if the command is not installed.
-        """
-        return run_command(
-            self._reactor, [self.executable(name), *args], env=env if env is not None else self.environment(),
-            stdin=stdin, timeout=timeout,
+        super().__init__(
+            reactor,
+            owner="Slurm's",
+            bin_dir=bin_dir,
+            bin_dir_setting="slurm_bin_dir",
+            install_hint="install the Slurm client commands or set slurm_bin_dir (EG_SLURM_BIN_DIR)",
+            path=path,
+            env={"SLURM_CONF": slurm_conf} if slurm_conf else {},
         )
+        self.slurm_conf = slurm_conf
 
 
 # -- the kernel ----------------------------------------------------------
