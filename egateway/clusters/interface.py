@@ -244,6 +244,12 @@ class ILauncher(Interface):
 
 
 GATEWAY_ID_ENV = "EGATEWAY_ID"
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+"""
+An environment variable name a remote launcher passes on (the same rule
+as the gateway's for client values); anything else is dropped.
+"""
 """
 The variable local and SSH kernels carry in their environment, naming the
 gateway installation that started them, so its reconciler finds them (and

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import signal as signals
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Mapping
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -28,8 +28,10 @@ from egateway.clusters.interface import (
     ExitStatus,
     IKernelProcess,
     LaunchError,
+    LaunchRequest,
     LauncherContext,
     Liveness,
+    Phase,
     Placement,
     substitute_argv,
 )
@@ -233,6 +235,140 @@ def reported_id(value: Any) -> int:
     """
     number = _int(value)
     return number if number > 1 else 0
+
+
+@dataclass
+class RemoteLaunch:
+    """
+    One launch in progress, as the skeleton (L{RemoteLauncher}) hands it
+    to a launcher's steps: the request, the response listener and the
+    pending handshake, and C{state}, whatever the launcher's own steps keep
+    (the result of L{RemoteLauncher._prepare}; the steps add to it).
+    """
+
+    request: LaunchRequest
+    listener: ResponseListener
+    pending: PendingLaunch
+    state: Any
+
+
+@dataclass(frozen=True)
+class Placed:
+    """
+    Where a submitted kernel landed: the host (node) name, the address the
+    gateway reaches it at (the only one version 1 connection info is taken
+    from), and the C{placed} phase's detail.
+    """
+
+    host: str
+    address: str
+    detail: str
+
+
+class RemoteLauncher:
+    """
+    The launch sequence every remote launcher shares; a launcher supplies
+    only its steps.
+
+    L{launch} runs: C{_prepare} (checks and reservations that need no
+    handshake: status 400/403 failures come before anything starts), the
+    response listener and the pending handshake, C{_submit} (start the
+    kernel-side launcher; reports C{submitted} itself, once per attempt or
+    pending reason), C{_await_placement}, then, with version 1 connection
+    info allowed from the placement's address only, the C{placed} phase, the
+    connection info (C{_launch_ended} is asked every C{_poll_interval}
+    seconds whether the launch died first), the C{connection-info} phase and
+    C{_kernel}.  On any failure or cancellation the handshake is cancelled
+    and C{_abandon} removes whatever the steps started.
+    """
+
+    _context: LauncherContext
+    _reactor: Any
+
+    # -- the steps ---------------------------------------------------------
+
+    async def _prepare(self, request: LaunchRequest) -> Any:
+        """
+        Check the request before anything starts; the launch's C{state}.
+        """
+        raise NotImplementedError()
+
+    async def _submit(self, launch: RemoteLaunch) -> None:
+        """
+        Start the kernel-side launcher (C{launcher_argv}) on the cluster.
+        """
+        raise NotImplementedError()
+
+    async def _await_placement(self, launch: RemoteLaunch) -> Placed:
+        """
+        Wait until the cluster says where the kernel runs.
+        """
+        raise NotImplementedError()
+
+    async def _launch_ended(self, launch: RemoteLaunch) -> str | None:
+        """
+        C{None} while the launch lives, else how it ended (with its log).
+        """
+        raise NotImplementedError()
+
+    def _kernel(
+        self, launch: RemoteLaunch, placed: Placed, info: ConnectionInfo, payload: Mapping[str, Any]
+    ) -> IKernelProcess:
+        """
+        The launched kernel, from its connection info and raw payload.
+        """
+        raise NotImplementedError()
+
+    async def _abandon(self, launch: RemoteLaunch) -> None:
+        """
+        The launch failed or was cancelled: remove what the steps started.
+        """
+
+    _poll_interval: float = 1.0
+
+    def _kernel_arguments(
+        self, launch: RemoteLaunch, info: ConnectionInfo, payload: Mapping[str, Any], poll_interval: float
+    ) -> dict[str, Any]:
+        """
+        What every step's L{RemoteKernelProcess} is built with: the
+        connection info, the comm port the payload names and the comm token
+        the handshake agreed, and the pending handshake it releases.
+        """
+        return {
+            "kernel_id": launch.request.kernel_id,
+            "info": info,
+            "reactor": self._reactor,
+            "poll_interval": poll_interval,
+            "comm_port": _int(payload.get("comm_port")),
+            "comm_token": launch.pending.comm_token,
+            "pending": launch.pending,
+        }
+
+    # -- the sequence ------------------------------------------------------
+
+    def launch(self, request: LaunchRequest) -> Deferred[IKernelProcess]:
+        return Deferred.fromCoroutine(self._launch(request))
+
+    async def _launch(self, request: LaunchRequest) -> IKernelProcess:
+        state = await self._prepare(request)
+        listener = response_listener(self._context)
+        pending = expect_launch(listener, request)
+        launch = RemoteLaunch(request, listener, pending, state)
+        try:
+            await self._submit(launch)
+            placed = await self._await_placement(launch)
+            pending.expect_from([placed.address])
+            request.report(Phase.PLACED, placed.detail)
+            payload = await await_connection_info(
+                pending, self._reactor, lambda: self._launch_ended(launch), interval=self._poll_interval
+            )
+            info = connection_info(payload, placed.address)
+            request.report(Phase.CONNECTION_INFO, f"{placed.address} (payload v{pending.version})")
+            return self._kernel(launch, placed, info, payload)
+        except BaseException:
+            pending.cancel()
+            await self._abandon(launch)
+            raise
 
 
 @implementer(IKernelProcess)
@@ -462,6 +598,9 @@ class RemoteKernelProcess:
 
 __all__ = [
     "ENTERPRISE_GATEWAY_LAUNCHER",
+    "Placed",
+    "RemoteLaunch",
+    "RemoteLauncher",
     "RemoteKernelProcess",
     "expect_launch",
     "runs_enterprise_gateway_launcher",

@@ -1,0 +1,222 @@
+"""
+The remote-launch skeleton (L{egateway.clusters.remote.RemoteLauncher})
+with a launcher whose steps are in memory: the sequence, its phases, the
+placement-only version 1 source, and the cleanup on failure and on
+cancellation, with time on a Clock.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import uuid
+from typing import Any, Mapping
+
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from egateway.clusters.interface import LaunchError, LauncherContext, Liveness, Phase, Placement
+from egateway.clusters.remote import Placed, RemoteKernelProcess, RemoteLaunch, RemoteLauncher
+from egateway.config import build_config
+from egateway.kernels.specs import KernelSpec
+from egateway.wire.connection import ConnectionInfo
+from tests.support.contract import LauncherContract, request_for
+from tests.support.fake_launcher import FakeCluster, FakeLauncher
+from tests.support.remote_kernels import launcher_argv
+from tests.test_slurm import FakeListener
+
+PAYLOAD = {
+    "shell_port": 5001, "iopub_port": 5002, "stdin_port": 5003, "control_port": 5004, "hb_port": 5005,
+    "key": "k", "signature_scheme": "hmac-sha256", "ip": "0.0.0.0",
+}
+
+
+class MemoryKernel(RemoteKernelProcess):
+    def __init__(self, *, cluster: "MemoryLauncher", job: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.cluster = cluster
+        self.job = job
+
+    async def _check_alive(self) -> Liveness:
+        return Liveness(self.job in self.cluster.jobs, "the job is gone")
+
+    async def _signal_directly(self, signum: int) -> None:
+        self.cluster.signals.append((self.job, signum))
+
+    async def _release(self) -> None:
+        self.cluster.jobs.pop(self.job, None)
+
+
+class MemoryLauncher(RemoteLauncher):
+    """
+    A launcher whose cluster is a dict: only its steps, nothing of the
+    sequence.
+    """
+
+    name = "memory"
+
+    def __init__(self, clock: Clock, refuse: bool = False) -> None:
+        config = build_config({}, {}, {})
+        self._reactor = clock
+        self._context = LauncherContext(
+            reactor=clock, runtime_dir="", ports=None, settings={"config": config},
+            services={"response": FakeListener()},
+        )
+        self.refuse = refuse
+        self.jobs: dict[str, str] = {}
+        self.signals: list[tuple[str, int]] = []
+        self.abandoned: list[str] = []
+
+    @property
+    def listener(self) -> FakeListener:
+        return self._context.services["response"]
+
+    async def _prepare(self, request: Any) -> dict[str, str]:
+        if self.refuse:
+            raise LaunchError("refused before anything started", status=400)
+        return {}
+
+    async def _submit(self, launch: RemoteLaunch) -> None:
+        job = str(len(self.jobs) + 1)
+        self.jobs[job] = "running"
+        launch.state["job"] = job
+        launch.request.report(Phase.SUBMITTED, f"job {job}")
+
+    async def _await_placement(self, launch: RemoteLaunch) -> Placed:
+        return Placed("node1", "10.0.0.5", f"node1, job {launch.state['job']}")
+
+    async def _launch_ended(self, launch: RemoteLaunch) -> str | None:
+        return None if launch.state["job"] in self.jobs else "the job ended before reporting"
+
+    def _kernel(self, launch: RemoteLaunch, placed: Placed, info: ConnectionInfo, payload: Mapping[str, Any]) -> Any:
+        return MemoryKernel(
+            cluster=self, job=launch.state["job"], kernel_id=launch.request.kernel_id, info=info,
+            placement=Placement(host=placed.host, ip=placed.address, pid=0, pgid=0),
+            reactor=self._reactor, poll_interval=1.0, pending=launch.pending,
+        )
+
+    async def _abandon(self, launch: RemoteLaunch) -> None:
+        job = launch.state.get("job")
+        if job is not None:
+            self.abandoned.append(job)
+            self.jobs.pop(job, None)
+
+
+def request() -> tuple[Any, list]:
+    spec = KernelSpec.from_json("s", "/nonexistent", {"argv": ["python", "-c", "pass"], "language": "python"})
+    return request_for(str(uuid.uuid4()), spec)
+
+
+class SkeletonTests(SynchronousTestCase):
+    def test_sequence_and_phases(self) -> None:
+        """
+        Submitted, placed, connection info, in that order; version 1 is
+        taken from the placement's address only; the kernel is reached at
+        the placement's address, not the payload's.
+        """
+        clock = Clock()
+        launcher = MemoryLauncher(clock)
+        req, phases = request()
+        d = launcher.launch(req)
+        [pending] = launcher.listener.pending
+        self.assertEqual(pending.hosts, ["10.0.0.5"])
+        pending.received.callback(dict(PAYLOAD))
+        process = self.successResultOf(d)
+        self.assertEqual([p for p, _ in phases], [Phase.SUBMITTED, Phase.PLACED, Phase.CONNECTION_INFO])
+        self.assertEqual(phases[1][1], "node1, job 1")
+        self.assertEqual(process.connection_info.ip, "10.0.0.5")
+        self.assertFalse(pending.cancelled)
+        self.successResultOf(process.cleanup())
+        self.assertEqual(launcher.jobs, {})
+
+    def test_launch_dies_before_reporting(self) -> None:
+        """
+        The step's account of an early death fails the launch; the
+        handshake is cancelled and the launcher's own cleanup runs.
+        """
+        clock = Clock()
+        launcher = MemoryLauncher(clock)
+        req, _ = request()
+        d = launcher.launch(req)
+        launcher.jobs.clear()
+        clock.advance(1.0)
+        failure = self.failureResultOf(d, LaunchError)
+        self.assertIn("the job ended before reporting", str(failure.value))
+        self.assertTrue(launcher.listener.pending[0].cancelled)
+        self.assertEqual(launcher.abandoned, ["1"])
+
+    def test_cancelled_launch_is_abandoned(self) -> None:
+        """
+        Cancelling a launch waiting for connection info (the manager's
+        timeout) cancels the handshake and removes what was submitted.
+        """
+        clock = Clock()
+        launcher = MemoryLauncher(clock)
+        req, _ = request()
+        d = launcher.launch(req)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(launcher.listener.pending[0].cancelled)
+        self.assertEqual(launcher.abandoned, ["1"])
+        self.assertEqual(launcher.jobs, {})
+
+    def test_refused_before_anything_starts(self) -> None:
+        """
+        A request the launcher's checks refuse never reaches the response
+        listener nor the cluster.
+        """
+        launcher = MemoryLauncher(Clock(), refuse=True)
+        req, phases = request()
+        failure = self.failureResultOf(launcher.launch(req), LaunchError)
+        self.assertEqual(failure.value.status, 400)
+        self.assertEqual(launcher.listener.pending, [])
+        self.assertEqual(phases, [])
+        self.assertEqual(launcher.jobs, {})
+
+
+class FakeLauncherContract(LauncherContract, TestCase):
+    """
+    The launcher contract against L{FakeLauncher}: the skeleton with
+    in-memory steps and real ipykernel kernels on this machine.
+    """
+
+    timeout = 120
+
+    async def setUp(self) -> None:
+        self.config = build_config({}, {}, {"response-ip": "127.0.0.1", "response-port": "0", "poll-interval": "1"})
+        self.services: dict[str, Any] = {}
+        self.cluster = FakeCluster()
+        self.addCleanup(self._stop)
+        self.working = KernelSpec.from_json("working", "/nonexistent", {"argv": launcher_argv(), "language": "python"})
+        self.broken = KernelSpec.from_json(
+            "broken", "/nonexistent", {"argv": [sys.executable, "/nonexistent/x.py"], "language": "python"}
+        )
+
+    async def _stop(self) -> None:
+        for pid in self.cluster.leftovers():
+            os.kill(pid, signal.SIGKILL)
+        listener = self.services.get("response")
+        if listener is not None and listener.running:
+            await listener.stopService()
+
+    async def make_launcher(self) -> Any:
+        return FakeLauncher(
+            LauncherContext(reactor=reactor, runtime_dir="", ports=None, settings={"config": self.config},
+                            services=self.services),
+            self.cluster,
+        )
+
+    def make_request(self, kernel_id: str, spec_name: str = "working") -> Any:
+        return request_for(kernel_id, self.working, env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+
+    def broken_request(self, kernel_id: str) -> Any:
+        return request_for(kernel_id, self.broken)
+
+    async def leftovers(self, process: Any) -> list:
+        return [pid for pid in self.cluster.leftovers() if pid == process.placement.pid]
+
+    async def placed_leftovers(self, phases: list) -> list:
+        return self.cluster.leftovers()
