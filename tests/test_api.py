@@ -205,6 +205,17 @@ class KernelRoutes(APITestCase):
         self.assertError(self.call("GET", f"/api/kernels/{model['id']}/channels"), 400, "WebSocket")
         self.assertError(self.call("GET", f"/api/kernels/{KID}/channels"), 404)
 
+    def test_channels_session_id_not_cut(self) -> None:
+        """
+        A session_id longer than the gateway keeps is refused (400) rather
+        than cut, since a cut id would name another session than the one the
+        WebSocket attaches to.
+        """
+        model = self.start()
+        upgrade = {"Upgrade": "websocket", "Connection": "Upgrade"}
+        path = f"/api/kernels/{model['id']}/channels?session_id={'s' * 129}"
+        self.assertError(self.call("GET", path, headers=upgrade), 400, "session_id")
+
 
 class ListingOff(APITestCase):
     flags = {"list-kernels": "false"}

@@ -24,7 +24,7 @@ from egateway import __version__
 from egateway.api.http import error_body, json_body, write_error, write_json
 from egateway.api.identity import ANONYMOUS, Identity, launch_username
 from egateway.api.openapi import openapi_document
-from egateway.api.websocket import ChannelsEndpoint
+from egateway.api.websocket import ChannelsEndpoint, channel_query
 from egateway.errors import BadRequest, Forbidden, GatewayError, NotFound, TooManyRequests
 from egateway.kernels.kernel import Kernel, SessionTaken
 from egateway.kernels.manager import KernelManager
@@ -309,7 +309,9 @@ class GatewayAPI:
     async def kernel_channels(self, request: IRequest, kernel_id: str) -> Any:
         kernel = await self._kernel(request, kernel_id)
         resource = self.channels.resource_for(request, kernel_id)
-        session = request.args.get(b"session_id", [b""])[0].decode("utf-8", "replace")[:64]
+        # As the WebSocket will see them (Twisted's request.args would also
+        # split on ';', and a cut id would name another session).
+        session, resume_after = channel_query(request.uri)
         caller = _caller(request)
         user = caller.username if caller is not None else ""
         try:
@@ -317,11 +319,6 @@ class GatewayAPI:
         except SessionTaken as e:
             raise Forbidden(str(e)) from None
         if self.kernels.sharing is not None and session:
-            resume = request.args.get(b"resume_after", [b""])[0]
-            try:
-                resume_after = max(0, int(resume)) if resume else None
-            except ValueError:
-                raise BadRequest("resume_after must be a message number") from None
             await self.kernels.sharing.take_over_session(kernel, session, resume_after, user)
         audit.event(
             "websocket.connect", **audit.actor(request), kernel_id=kernel_id, owner=kernel.username, session=session

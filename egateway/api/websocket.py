@@ -76,6 +76,34 @@ def parse_resume_after(params: Mapping[str, list[str]]) -> int | None:
         raise ValueError("resume_after must be a message number") from None
 
 
+MAX_SESSION_ID = 128
+"""
+Longest C{session_id} a channels request may name (Jupyter clients send
+UUIDs): a longer one is refused rather than cut, so that the session the
+route checks and takes over is the one the WebSocket attaches to.
+"""
+
+
+def channel_query(uri: bytes) -> tuple[str, int | None]:
+    """
+    The C{session_id} and C{resume_after} of a channels request, parsed as
+    Autobahn parses them for L{ChannelsProtocol.onConnect} (C{parse_qs}:
+    C{&} separates, C{;} does not), so the route and the protocol see the
+    same session.
+
+    @raise BadRequest: C{resume_after} is not a whole number, or
+        C{session_id} is longer than L{MAX_SESSION_ID}.
+    """
+    params = parse_qs(urlsplit(uri.decode("latin-1")).query)
+    session = (params.get("session_id") or [""])[0]
+    if len(session) > MAX_SESSION_ID:
+        raise BadRequest(f"session_id is longer than {MAX_SESSION_ID} characters")
+    try:
+        return session, parse_resume_after(params)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
 class ChannelsProtocol(WebSocketServerProtocol):
     """
     One client connection to one kernel.
@@ -418,11 +446,8 @@ class ChannelsEndpoint:
             raise BadRequest("this endpoint needs a WebSocket upgrade request")
         # Checked here, as Autobahn will parse the query for onConnect, so
         # that a bad value is a JSON error rather than Autobahn's bare status
-        # line (Twisted's request.args also splits on ';', Autobahn not).
-        try:
-            parse_resume_after(parse_qs(urlsplit(request.uri.decode("latin-1")).query))
-        except ValueError as e:
-            raise BadRequest(str(e)) from None
+        # line.
+        channel_query(request.uri)
         if not self._cors.origin_allowed(request):
             raise Forbidden("WebSocket from a foreign origin refused; see allow_origin")
         identity = getattr(request, "gateway_user", None)
