@@ -1107,6 +1107,7 @@ class Audit(FrontTestCase):
         self.assertEqual(code, 201)
         request_ = DummyRequest([])
         request_.requestHeaders.setRawHeaders(b"upgrade", [b"websocket"])
+        request_.uri = f"/api/kernels/{model['id']}/channels?session_id=s-1".encode()
         request_.args = {b"session_id": [b"s-1"]}
         request_.gateway_user = Identity("alice", authenticated=True, method="user-tokens")
         self.successResultOf(Deferred.fromCoroutine(self.api.kernel_channels(request_, model["id"])))

@@ -173,12 +173,18 @@ class DaemonDrain(TestCase):
         """
         audit_log = os.path.abspath(self.mktemp())
         gateway = await start_gateway(self, token="s3cret", flags={"audit-log": audit_log})
-        self.assertEqual((await status_of(gateway, "readyz")).code, 200)
-        model = await gateway.api.call("POST", "api/kernels", {}, expect=201)
-        os.kill(gateway.pid, signal.SIGUSR1)
+
+        async def ready() -> bool:
+            return (await status_of(gateway, "readyz")).code == 200
 
         async def not_ready() -> bool:
             return (await status_of(gateway, "readyz")).code == 503
+
+        # The API can answer a moment before the store is open, and /readyz
+        # is 503 until the store answers its probe.
+        await until(ready, "/readyz to answer 200 once started")
+        model = await gateway.api.call("POST", "api/kernels", {}, expect=201)
+        os.kill(gateway.pid, signal.SIGUSR1)
 
         await until(not_ready, "/readyz to answer 503 after SIGUSR1")
         refused = await gateway.api.request("POST", "api/kernels", {})
