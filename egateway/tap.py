@@ -501,7 +501,7 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any, metri
 
     @return: the L{GatewayAPI} and the resource to serve.
     """
-    from egateway.api.auth import CorsPolicy
+    from egateway.api.cors import CorsPolicy
     from egateway.api.authenticators import build_authentication
     from egateway.api.hosts import HostPolicy
     from egateway.api.http import FrontResource

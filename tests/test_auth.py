@@ -30,7 +30,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
-from egateway.api.auth import CorsPolicy
+from egateway.api.cors import CorsPolicy
 from egateway.api.authenticators import build_authentication, enabled_authenticators
 from egateway.api.authenticators.chain import NO_CREDENTIALS, AuthenticatorChain
 from egateway.api.authenticators.interface import IAuthenticator

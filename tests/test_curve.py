@@ -34,7 +34,7 @@ from egateway.clusters.local import curve_keys_for, supports_curve
 from egateway.errors import GatewayError
 from egateway.kernels.manager import LaunchFailed
 from egateway.kernels.specs import KernelSpec
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 from egateway.wire.link import KernelLink
 from egateway.wire.protocol import Message, Signer, join_frames, split_frames
 from tests.support.fakes import make_manager

@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.test.requesthelper import DummyRequest
 
-from egateway.api.auth import CorsPolicy
+from egateway.api.cors import CorsPolicy
 from egateway.api.authenticators import build_authentication
 from egateway.api.http import FrontResource
 from egateway.clusters.balancing import HostHealth

@@ -16,7 +16,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from egateway.kernels.failover import IopubRing, session_identity, shared_session_key
-from egateway.kernels.session import JournalLimits, encode_entry
+from egateway.kernels.journal import JournalLimits, encode_entry
 from egateway.kernels.sharing import SharedKernels
 from egateway.store.interface import StoreUnavailable
 from egateway.wire.protocol import Message

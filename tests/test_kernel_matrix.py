@@ -25,7 +25,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 from tests.fixtures.kernelenvs import (
     BUILD_TIMEOUT,
     IPYKERNEL_6_JUPYTER_CLIENT_8,

@@ -112,7 +112,7 @@ class _UnansweredHost:
     def make(clock):
         from egateway.clusters.interface import Placement
         from egateway.clusters.remote import RemoteKernelProcess
-        from egateway.wire.connection import ConnectionInfo
+        from egateway.wire.channels import ConnectionInfo
 
         class Process(RemoteKernelProcess):
             async def _check_alive(self):

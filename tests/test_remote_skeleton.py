@@ -22,7 +22,7 @@ from egateway.clusters.interface import LaunchError, LauncherContext, Liveness, 
 from egateway.clusters.remote import Placed, RemoteKernelProcess, RemoteLaunch, RemoteLauncher
 from egateway.config import build_config
 from egateway.kernels.specs import KernelSpec
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 from tests.support.contract import LauncherContract, request_for
 from tests.support.fake_launcher import FakeCluster, FakeLauncher
 from tests.support.remote_kernels import launcher_argv

@@ -41,7 +41,7 @@ from egateway.clusters.slurm import (
 )
 from egateway.config import build_config
 from egateway.kernels.specs import KernelSpec
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 from tests.fixtures import SlurmCluster
 from tests.fixtures.system import SLURM_PACKAGES, require_packages
 from tests.fixtures._network import BridgedNamespaces

@@ -38,7 +38,7 @@ from egateway.clusters.ssh import (
 from egateway.clusters.sshclient import CommandResult
 from egateway.config import build_config
 from egateway.kernels.specs import KernelSpec
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 from tests.support.contract import request_for
 from tests.test_handshake import INFO
 

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
-from egateway.api.auth import CorsPolicy
+from egateway.api.cors import CorsPolicy
 from egateway.api.authenticators import build_authentication
 from egateway.api.authenticators.user_tokens import token_hash
 from egateway.api.http import FrontResource

@@ -19,7 +19,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
-from egateway.api.auth import CorsPolicy
+from egateway.api.cors import CorsPolicy
 from egateway.api.authenticators import AuthenticatorChain
 from egateway.api.hosts import HostPolicy
 from egateway.errors import BadRequest, GatewayError, TooManyRequests, Unauthorized

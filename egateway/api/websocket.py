@@ -22,12 +22,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
-from egateway.api.auth import CorsPolicy
+from egateway.api.cors import CorsPolicy
 from egateway.api.authenticators.interface import presented_token
 from egateway.api.identity import Identity
 from egateway.errors import BadRequest, Forbidden, NotFound
 from egateway.kernels.kernel import Kernel, SessionTaken
-from egateway.kernels.session import KernelSession
+from egateway.kernels.journal import KernelSession
 from egateway.kernels.manager import KernelManager
 from egateway.kernels.policy import Caller, caller_of, may_access
 from egateway.kernels.state import KernelState

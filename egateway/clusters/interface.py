@@ -31,7 +31,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from egateway.errors import GatewayError
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 
 
 class Phase(str, enum.Enum):

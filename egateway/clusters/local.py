@@ -83,7 +83,7 @@ from egateway.clusters.interface import (
 )
 from egateway.clusters.ports import PortAllocator, PortExhausted
 from egateway.observe import OneShotObserver
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 
 _log = Logger()
 

@@ -38,7 +38,7 @@ from egateway.clusters.interface import (
 from egateway.clusters.local import PYTHON_NAMES
 from egateway.clusters.response import PendingLaunch, ResponseListener
 from egateway.observe import OneShotObserver, Operation, first
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 
 _log = Logger()
 

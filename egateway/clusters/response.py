@@ -59,7 +59,7 @@ from egateway.clusters.handshake import (
     parse_envelope,
 )
 from egateway.clusters.interface import LaunchError
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 
 DEFAULT_PORT = 8877
 

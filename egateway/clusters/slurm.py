@@ -128,7 +128,7 @@ from egateway.clusters.slurm_jobs import (
     sbatch_arguments,
 )
 from egateway.observe import detached
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 
 _log = Logger()
 

@@ -96,7 +96,7 @@ from egateway.clusters.remote import (
 )
 from egateway.clusters.response import PendingLaunch
 from egateway.clusters.sshclient import SSHAuthError, SSHError, SSHPool, SSHSettings, load_keys, shell_command
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 from egateway.clusters.interface import ENV_NAME as NAME
 from egateway.clusters.ssh_host import (
     CHECKED_KILL_SCRIPT,

@@ -88,7 +88,7 @@ from typing import TYPE_CHECKING
 from egateway.wire.protocol import Message, WireError
 
 if TYPE_CHECKING:
-    from egateway.kernels.session import JournalLimits
+    from egateway.kernels.journal import JournalLimits
 
 CURSOR_WINDOW = 256
 """

@@ -1,7 +1,7 @@
 """
 One kernel as the gateway holds it: its state, its activity, its launched
 process, its ZMQ link, and its client sessions (see
-L{egateway.kernels.session}).
+L{egateway.kernels.journal}).
 
 The L{KernelManager} drives the lifecycle; this class keeps the bookkeeping
 and does the message fan-out, which is the hot path: every iopub message is
@@ -22,7 +22,7 @@ from egateway.kernels.failover import IopubRing, gateway_session
 from egateway.kernels.policy import Acl
 from egateway.kernels.specs import KernelSpec
 from egateway.kernels.state import KernelState, check_transition
-from egateway.kernels.session import JournalLimits, KernelClient, KernelSession
+from egateway.kernels.journal import JournalLimits, KernelClient, KernelSession
 from egateway.wire.link import KernelLink
 from egateway.wire.protocol import Message, WireError
 

@@ -36,12 +36,12 @@ from egateway.errors import BadRequest, Conflict, GatewayError, LimitReached, No
 from egateway.kernels.env import BadEnvironment, accepted_client_names, build_kernel_env, validate_client_env
 from egateway.kernels.kernel import Kernel
 from egateway.kernels.policy import ENDED, Acl, Caller, TenancyPolicy
-from egateway.kernels.session import JournalLimits
+from egateway.kernels.journal import JournalLimits
 from egateway.kernels.sharing import LEASED_OPERATIONS
 from egateway.observe import Operation, first
 from egateway.kernels.specs import KernelSpecCatalog, NoSuchKernelSpec
 from egateway.kernels.state import KernelState
-from egateway.wire.connection import ConnectionInfo, IChannelFactory
+from egateway.wire.channels import ConnectionInfo, IChannelFactory
 from egateway.wire.link import KernelLink
 from egateway.wire.protocol import Message
 

@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from egateway.errors import Conflict, NotFound, Unavailable
 from egateway.kernels.failover import CURSOR_WINDOW, IopubRing, is_kernel_iopub, shared_session_key
 from egateway.kernels.kernel import Kernel
-from egateway.kernels.session import decode_entry, encode_entry
+from egateway.kernels.journal import decode_entry, encode_entry
 from egateway.kernels.state import KernelState
 from egateway.store.interface import KernelRecord, StoreError
 

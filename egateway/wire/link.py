@@ -23,7 +23,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from egateway.wire.connection import ConnectionInfo, IChannelFactory, IChannelSocket
+from egateway.wire.channels import ConnectionInfo, IChannelFactory, IChannelSocket
 from egateway.wire.protocol import Message, Signer, WireError, join_frames, split_frames
 
 _log = Logger()

@@ -31,7 +31,7 @@ from txzmq.connection import ZmqConnection
 from zope.interface import implementer
 
 from egateway.errors import GatewayError
-from egateway.wire.connection import FramesHandler, IChannelFactory, IChannelSocket
+from egateway.wire.channels import FramesHandler, IChannelFactory, IChannelSocket
 
 _log = Logger()
 

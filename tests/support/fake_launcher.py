@@ -35,7 +35,7 @@ from egateway.clusters.remote import (
     connection_info,
     launcher_argv,
 )
-from egateway.wire.connection import ConnectionInfo
+from egateway.wire.channels import ConnectionInfo
 
 
 class _Child(ProcessProtocol):

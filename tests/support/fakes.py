@@ -25,7 +25,7 @@ from egateway.clusters.interface import (
     Phase,
     Placement,
 )
-from egateway.wire.connection import ConnectionInfo, IChannelFactory, IChannelSocket
+from egateway.wire.channels import ConnectionInfo, IChannelFactory, IChannelSocket
 from egateway.wire.protocol import Message, Signer, join_frames, split_frames
 
 

@@ -1,10 +1,9 @@
 """
-Who may call the gateway, and from which origins.
+From which origins a browser page may call the gateway: the CORS policy.
 
 Authentication itself lives in L{egateway.api.authenticators} (the shared
 token, per-user tokens, JWTs, JupyterHub tokens, trusted front ends) and the
-resulting L{Identity} in L{egateway.api.identity}; both are re-exported here
-for older imports.  This module keeps the CORS policy.
+resulting identity in L{egateway.api.identity}.
 """
 
 from __future__ import annotations
@@ -13,12 +12,10 @@ from urllib.parse import urlsplit
 
 from twisted.web.iweb import IRequest
 
-from egateway.api.authenticators.interface import presented_token
-from egateway.api.identity import ANONYMOUS, Identity
 from egateway.config import AuthConfig
 from egateway.errors import Forbidden
 
-__all__ = ["ANONYMOUS", "CorsPolicy", "Identity", "presented_token"]
+__all__ = ["CorsPolicy"]
 
 
 class CorsPolicy:

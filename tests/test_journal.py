@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from egateway.kernels.kernel import SessionTaken
-from egateway.kernels.session import JournalLimits
+from egateway.kernels.journal import JournalLimits
 from egateway.wire.protocol import Message
 from tests.support.fakes import RecordingClient, make_manager
 
