@@ -17,7 +17,7 @@ from egateway.clusters.interface import ExitStatus, LaunchError
 from egateway.errors import BadRequest, Conflict, LimitReached, NotFound
 from egateway.kernels.culling import Culler
 from egateway.config import CullingConfig, KernelsConfig
-from egateway.kernels.manager import LaunchFailed, LaunchTimedOut
+from egateway.kernels.launching import LaunchFailed, LaunchTimedOut
 from egateway.kernels.state import KernelState
 from tests.support.fakes import RecordingClient, fake_spec, make_manager
 
@@ -633,14 +633,16 @@ class CancellationTests(SynchronousTestCase):
         from egateway.kernels.persistence import KernelPersistence
 
         self.clock = Clock()
-        self.manager, self.launcher, _ = make_manager(self.clock, max_kernels=1)
         self.store = _HeldStore()
-        self.persistence = KernelPersistence(
-            lambda: self.store, False, self.manager, self.clock, "gw", "shutdown"
-        )
-        self.persistence.store = self.store
-        self.persistence.opened = True
-        self.manager.persistence = self.persistence
+
+        def persistence(manager):
+            persistence = KernelPersistence(lambda: self.store, False, manager, self.clock, "gw", "shutdown")
+            persistence.store = self.store
+            persistence.opened = True
+            return persistence
+
+        self.manager, self.launcher, _ = make_manager(self.clock, max_kernels=1, persistence=persistence)
+        self.persistence = self.manager.persistence
 
     def test_client_gone_while_the_record_is_written(self) -> None:
         """
@@ -670,7 +672,9 @@ class CancellationTests(SynchronousTestCase):
         A launch cancelled while the store is still opening is not recorded
         afterwards (its cancellation is not swallowed by the wait).
         """
-        kernel = self.successResultOf(Deferred.fromCoroutine(self._kernel()))
+        starting = start(self.manager)
+        self.store.finish()
+        kernel = self.successResultOf(starting)
         self.store.saving.clear()
         self.persistence.opened = False
         self.persistence._opening = Deferred()
@@ -679,18 +683,12 @@ class CancellationTests(SynchronousTestCase):
         self.failureResultOf(admitting, CancelledError)
         self.assertEqual(self.store.saving, [])
 
-    async def _kernel(self):
-        self.manager.persistence = None
-        kernel = await self.manager.start_kernel()
-        self.manager.persistence = self.persistence
-        return kernel
-
     def test_cancelled_operation_does_not_run_after_its_turn(self) -> None:
         """
         An operation cancelled while it waits for the one before it to end
         does not run its step once that one ends.
         """
-        self.manager.persistence = None
+        self.manager, self.launcher, _ = make_manager(self.clock)
         self.launcher.hold = True
         launching = start(self.manager)
         [kernel_id] = list(self.manager.kernels)
@@ -700,7 +698,7 @@ class CancellationTests(SynchronousTestCase):
         async def step(kernel):
             ran.append(kernel.id)
 
-        queued = self.manager._run(kernel, "test", step)
+        queued = self.manager.start_operation(kernel, "test", step)
         queued.cancel()
         self.launcher.release()
         self.successResultOf(launching)
@@ -712,18 +710,18 @@ class CancellationTests(SynchronousTestCase):
         An automatic restart that fails (nobody waits on it) leaves a log
         line with the error instead of vanishing.
         """
-        self.manager.persistence = None
+        self.manager, self.launcher, _ = make_manager(self.clock)
         kernel = self.successResultOf(start(self.manager))
 
         async def broken(kernel, status):
             raise RuntimeError("restart step broke")
 
-        self.manager._auto_restart = broken
+        self.manager.restarts.auto_restart = broken
         self.launcher.processes[0].exit(ExitStatus(code=1))
         errors = self.flushLoggedErrors(RuntimeError)
         self.assertEqual(len(errors), 1)
         self.assertIn("restart step broke", str(errors[0].value))
-        self.assertNotIn(kernel.id, self.manager._operations)
+        self.assertIsNone(self.manager.current_operation(kernel.id))
 
 
 class PendingPersistence:
@@ -761,11 +759,8 @@ class RestoringTests(SynchronousTestCase):
 
         self.wait = RESTORE_WAIT
         self.clock = Clock()
-        self.manager, _, _ = make_manager(self.clock)
-        self.successResultOf(self.manager.stopService())
         self.persistence = PendingPersistence()
-        self.manager.persistence = self.persistence
-        self.manager.startService()
+        self.manager, _, _ = make_manager(self.clock, persistence=lambda manager: self.persistence)
         self.listing = Deferred.fromCoroutine(self.manager.list_models())
         self.lookup = Deferred.fromCoroutine(self.manager.find(self.kernel_id))
 
