@@ -5,9 +5,10 @@ Separate from the manager because it is the one part that talks to
 launchers and to the kernel's channels while a kernel starts: the launch
 with its retries, the readiness probe (C{kernel_info_request} until iopub
 has caught up), the encryption check, and the errors that name the phase a
-launch stopped in.  It knows nothing of the registry of kernels, of
-admission or of restarts; a new, restarted or restored kernel all go
-through the same L{Launching.launch} or L{Launching.connect}.
+launch stopped in.  It does not register kernels, admit them or decide
+on restarts: a new, restarted or restored kernel all go through the same
+L{Launching.launch} or L{Launching.connect}, and only a ready process is
+handed to the restart policy to watch.
 """
 
 from __future__ import annotations
