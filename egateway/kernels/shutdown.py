@@ -48,9 +48,7 @@ class Stopping:
     Shuts kernels down and interrupts them.
     """
 
-    def __init__(
-        self, *, manager: KernelManager, clock: IReactorTime, launching: Launching
-    ) -> None:
+    def __init__(self, *, manager: KernelManager, clock: IReactorTime, launching: Launching) -> None:
         """
         @param manager: whose kernels, operations and settings these are.
         """
