@@ -288,6 +288,18 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
 
         return ZmqChannelFactory(reactor, require_encryption=config.kernels.kernel_encryption == "required")
 
+    def persistence(manager: Any) -> Any:
+        return build_persistence(
+            config, data_path, manager, reactor, gateway_id, metrics.timed_store if metrics else None
+        )
+
+    def sharing(manager: Any, persistence: Any) -> Any:
+        from egateway.kernels.sharing import SharedKernels
+
+        if not persistence.shared:
+            return None
+        return SharedKernels(manager, persistence, reactor, config.store.lease_ttl, config.store.journal_entries)
+
     manager = KernelManager(
         clock=reactor,
         specs=specs,
@@ -298,21 +310,9 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         journal_entries=config.store.journal_entries,
         journal_bytes=config.store.journal_bytes,
         policy=TenancyPolicy.from_config(config),
+        persistence=persistence if persistent else None,
+        sharing=sharing,
     )
-    if persistent:
-        manager.persistence = build_persistence(
-            config, data_path, manager, reactor, gateway_id, metrics.timed_store if metrics else None
-        )
-        if manager.persistence.shared:
-            from egateway.kernels.sharing import SharedKernels
-
-            manager.sharing = SharedKernels(
-                manager,
-                manager.persistence,
-                reactor,
-                config.store.lease_ttl,
-                config.store.journal_entries,
-            )
 
     def fatal(message: str) -> None:
         _log.critical("egateway cannot run: {message}", message=message)

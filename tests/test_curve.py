@@ -32,7 +32,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from egateway.clusters.interface import LaunchError
 from egateway.clusters.local import curve_keys_for, supports_curve
 from egateway.errors import GatewayError
-from egateway.kernels.manager import LaunchFailed
+from egateway.kernels.launching import LaunchFailed
 from egateway.kernels.specs import KernelSpec
 from egateway.wire.channels import ConnectionInfo
 from egateway.wire.link import KernelLink

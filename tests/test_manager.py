@@ -6,6 +6,7 @@ kernels in test_integration.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from typing import Any
 
@@ -17,7 +18,8 @@ from egateway.clusters.interface import ExitStatus, LaunchError
 from egateway.errors import BadRequest, Conflict, LimitReached, NotFound
 from egateway.kernels.culling import Culler
 from egateway.config import CullingConfig, KernelsConfig
-from egateway.kernels.manager import LaunchFailed, LaunchTimedOut
+from egateway.kernels.admission import Admission
+from egateway.kernels.launching import LaunchFailed, LaunchTimedOut
 from egateway.kernels.state import KernelState
 from tests.support.fakes import RecordingClient, fake_spec, make_manager
 
@@ -633,14 +635,16 @@ class CancellationTests(SynchronousTestCase):
         from egateway.kernels.persistence import KernelPersistence
 
         self.clock = Clock()
-        self.manager, self.launcher, _ = make_manager(self.clock, max_kernels=1)
         self.store = _HeldStore()
-        self.persistence = KernelPersistence(
-            lambda: self.store, False, self.manager, self.clock, "gw", "shutdown"
-        )
-        self.persistence.store = self.store
-        self.persistence.opened = True
-        self.manager.persistence = self.persistence
+
+        def persistence(manager):
+            persistence = KernelPersistence(lambda: self.store, False, manager, self.clock, "gw", "shutdown")
+            persistence.store = self.store
+            persistence.opened = True
+            return persistence
+
+        self.manager, self.launcher, _ = make_manager(self.clock, max_kernels=1, persistence=persistence)
+        self.persistence = self.manager.persistence
 
     def test_client_gone_while_the_record_is_written(self) -> None:
         """
@@ -670,7 +674,9 @@ class CancellationTests(SynchronousTestCase):
         A launch cancelled while the store is still opening is not recorded
         afterwards (its cancellation is not swallowed by the wait).
         """
-        kernel = self.successResultOf(Deferred.fromCoroutine(self._kernel()))
+        starting = start(self.manager)
+        self.store.finish()
+        kernel = self.successResultOf(starting)
         self.store.saving.clear()
         self.persistence.opened = False
         self.persistence._opening = Deferred()
@@ -679,18 +685,12 @@ class CancellationTests(SynchronousTestCase):
         self.failureResultOf(admitting, CancelledError)
         self.assertEqual(self.store.saving, [])
 
-    async def _kernel(self):
-        self.manager.persistence = None
-        kernel = await self.manager.start_kernel()
-        self.manager.persistence = self.persistence
-        return kernel
-
     def test_cancelled_operation_does_not_run_after_its_turn(self) -> None:
         """
         An operation cancelled while it waits for the one before it to end
         does not run its step once that one ends.
         """
-        self.manager.persistence = None
+        self.manager, self.launcher, _ = make_manager(self.clock)
         self.launcher.hold = True
         launching = start(self.manager)
         [kernel_id] = list(self.manager.kernels)
@@ -700,7 +700,7 @@ class CancellationTests(SynchronousTestCase):
         async def step(kernel):
             ran.append(kernel.id)
 
-        queued = self.manager._run(kernel, "test", step)
+        queued = self.manager.start_operation(kernel, "test", step)
         queued.cancel()
         self.launcher.release()
         self.successResultOf(launching)
@@ -712,18 +712,18 @@ class CancellationTests(SynchronousTestCase):
         An automatic restart that fails (nobody waits on it) leaves a log
         line with the error instead of vanishing.
         """
-        self.manager.persistence = None
+        self.manager, self.launcher, _ = make_manager(self.clock)
         kernel = self.successResultOf(start(self.manager))
 
         async def broken(kernel, status):
             raise RuntimeError("restart step broke")
 
-        self.manager._auto_restart = broken
+        self.manager.restarts.auto_restart = broken
         self.launcher.processes[0].exit(ExitStatus(code=1))
         errors = self.flushLoggedErrors(RuntimeError)
         self.assertEqual(len(errors), 1)
         self.assertIn("restart step broke", str(errors[0].value))
-        self.assertNotIn(kernel.id, self.manager._operations)
+        self.assertIsNone(self.manager.current_operation(kernel.id))
 
 
 class PendingPersistence:
@@ -761,11 +761,8 @@ class RestoringTests(SynchronousTestCase):
 
         self.wait = RESTORE_WAIT
         self.clock = Clock()
-        self.manager, _, _ = make_manager(self.clock)
-        self.successResultOf(self.manager.stopService())
         self.persistence = PendingPersistence()
-        self.manager.persistence = self.persistence
-        self.manager.startService()
+        self.manager, _, _ = make_manager(self.clock, persistence=lambda manager: self.persistence)
         self.listing = Deferred.fromCoroutine(self.manager.list_models())
         self.lookup = Deferred.fromCoroutine(self.manager.find(self.kernel_id))
 
@@ -792,3 +789,194 @@ class RestoringTests(SynchronousTestCase):
         self.clock.advance(self.wait)
         self.assertEqual(self.successResultOf(self.listing), [])
         self.failureResultOf(self.lookup, NotFound)
+
+
+class AdmissionTests(SynchronousTestCase):
+    """
+    Admission hands the manager one typed, frozen decision, made against
+    the kernels registered at that moment.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.manager, self.launcher, _ = make_manager(
+            self.clock, max_kernels=1, launch_timeout=30, max_launch_timeout=100
+        )
+
+    def decide(self, env: dict[str, str]) -> Any:
+        admission = self.manager.admission
+        request = admission.check_request(None, env)
+        spec = self.successResultOf(Deferred.fromCoroutine(admission.kernelspec(request)))
+        return admission.decide(request, spec, None)
+
+    def test_one_frozen_decision(self) -> None:
+        """
+        The decision names the kernel, whom it runs for, its environment,
+        launcher and launch timeout; it cannot be changed, and deciding
+        registers nothing.
+        """
+        decision = self.decide({"KERNEL_USERNAME": "alice", "KERNEL_LAUNCH_TIMEOUT": "50"})
+        self.assertIsInstance(decision, Admission)
+        self.assertEqual(
+            (decision.username, decision.owner, decision.launcher_name, decision.timeout, decision.profile),
+            ("alice", "alice", "fake", 50.0, None),
+        )
+        self.assertEqual(decision.env["KERNEL_ID"], decision.kernel_id)
+        self.assertEqual(decision.env["KERNEL_USERNAME"], "alice")
+        self.assertRaises(dataclasses.FrozenInstanceError, setattr, decision, "owner", "mallory")
+        self.assertEqual(self.manager.kernels, {})
+
+    def test_counts_registered_kernels(self) -> None:
+        """
+        A decision made once max_kernels kernels are registered refuses.
+        """
+        self.successResultOf(start(self.manager))
+        self.assertRaises(LimitReached, self.decide, {})
+
+
+class FakeSharedPersistence:
+    """
+    Persistence on a store other gateways share, as far as leases and
+    records go.
+    """
+
+    shared = True
+    keeps_kernels = True
+    instance_id = "here"
+
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+        self.store = self
+        self.lease_holder = ""
+        self.lease_tries = 0
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    async def keep_all(self) -> None:
+        pass
+
+    async def admit(self, kernel: Any) -> None:
+        pass
+
+    def acquire_lease(self, kernel_id: str, holder: str, ttl: float) -> Deferred:
+        from twisted.internet.defer import succeed
+
+        self.lease_tries += 1
+        if self.lease_holder in ("", holder):
+            self.lease_holder = holder
+            return succeed(True)
+        return succeed(False)
+
+    def release_lease(self, kernel_id: str, holder: str) -> Deferred:
+        from twisted.internet.defer import succeed
+
+        if self.lease_holder == holder:
+            self.lease_holder = ""
+        return succeed(None)
+
+    def load_kernel(self, kernel_id: str) -> Deferred:
+        from types import SimpleNamespace
+
+        from twisted.internet.defer import succeed
+
+        kernel = self.manager.kernels[kernel_id]
+        return succeed(SimpleNamespace(restarts=kernel.restart_count, state="running", snapshot=kernel.process.snapshot()))
+
+
+class ConstructionTests(SynchronousTestCase):
+    """
+    Persistence and sharing come in through the manager's constructor.
+    """
+
+    def test_factories(self) -> None:
+        """
+        The persistence factory is given the manager, the sharing factory
+        the manager and that persistence; neither can be swapped afterwards,
+        and a sharing factory may decline (a store of this gateway's alone).
+        """
+        from egateway.kernels.sharing import SharedKernels
+
+        built: list[tuple[Any, ...]] = []
+
+        def persistence(manager: Any) -> Any:
+            built.append((manager,))
+            return FakeSharedPersistence(manager)
+
+        def sharing(manager: Any, persistence: Any) -> Any:
+            built.append((manager, persistence))
+            return SharedKernels(manager, persistence, Clock(), lease_ttl=10, journal_entries=0)
+
+        manager, _, _ = make_manager(Clock(), persistence=persistence, sharing=sharing)
+        self.assertEqual(built, [(manager,), (manager, manager.persistence)])
+        self.assertIsInstance(manager.sharing, SharedKernels)
+        self.assertRaises(AttributeError, setattr, manager, "persistence", None)
+        self.assertRaises(AttributeError, setattr, manager, "sharing", None)
+        alone, _, _ = make_manager(Clock(), persistence=persistence, sharing=lambda manager, persistence: None)
+        self.assertIsNone(alone.sharing)
+
+
+class SharedRestartTests(SynchronousTestCase):
+    """
+    A kernel that dies while another gateway holds its lease is restarted
+    here once that gateway is gone.
+    """
+
+    def test_restart_after_the_other_gateway_is_gone(self) -> None:
+        """
+        The dead kernel waits while the other gateway holds its lease,
+        then this gateway restarts it (counted against its restart limit)
+        when the lease is free and nobody else relaunched it.
+        """
+        from egateway.kernels.sharing import FOLLOW_INTERVAL, SharedKernels
+
+        clock = Clock()
+        manager, launcher, _ = make_manager(
+            clock,
+            persistence=FakeSharedPersistence,
+            sharing=lambda manager, persistence: SharedKernels(
+                manager, persistence, clock, lease_ttl=10, journal_entries=0
+            ),
+        )
+        store = manager.persistence
+        kernel = self.successResultOf(start(manager))
+        store.lease_holder = "elsewhere"
+        launcher.processes[0].exit(ExitStatus(code=1))
+        clock.advance(FOLLOW_INTERVAL)
+        self.assertEqual((kernel.state, len(launcher.processes)), (KernelState.RUNNING, 1))
+        store.lease_holder = ""
+        clock.advance(FOLLOW_INTERVAL)
+        self.assertEqual((kernel.state, kernel.restart_count), (KernelState.RUNNING, 1))
+        self.assertEqual(len(launcher.processes), 2)
+        self.assertEqual(store.lease_holder, "")
+
+
+class LayoutTests(SynchronousTestCase):
+    """
+    The manager's parts and its users go through its public interface.
+    """
+
+    def test_no_private_access_to_the_manager(self) -> None:
+        """
+        Outside manager.py, nothing reaches a private name of the manager.
+        """
+        import os
+        import re
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        private = re.compile(r"\bmanager\._[a-z]\w*")
+        found = []
+        for top in ("egateway", "tests"):
+            for directory, _, names in os.walk(os.path.join(root, top)):
+                for name in names:
+                    path = os.path.join(directory, name)
+                    if not name.endswith(".py") or path.endswith(os.path.join("kernels", "manager.py")):
+                        continue
+                    with open(path, encoding="utf-8") as f:
+                        for number, line in enumerate(f, 1):
+                            if private.search(line) and "private.search" not in line:
+                                found.append(f"{os.path.relpath(path, root)}:{number}: {line.strip()}")
+        self.assertEqual(found, [])

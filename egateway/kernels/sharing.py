@@ -407,7 +407,7 @@ class SharedKernels:
             if lease is not None:
                 # The other gateway is gone: restart here.
                 try:
-                    return await manager._auto_restart(kernel, manager.last_exit.get(kernel.id))
+                    return await manager.restarts.auto_restart(kernel, manager.last_exit.get(kernel.id))
                 finally:
                     await lease.release()
             await deferLater(self._clock, FOLLOW_INTERVAL, lambda: None)

@@ -357,9 +357,14 @@ class RecordingClient:
         ]
 
 
-def make_manager(clock: Any, *specs: Any, **settings: Any) -> tuple[Any, FakeLauncher, FakeChannels]:
+def make_manager(
+    clock: Any, *specs: Any, persistence: Any = None, sharing: Any = None, **settings: Any
+) -> tuple[Any, FakeLauncher, FakeChannels]:
     """
     A L{KernelManager} over fakes, started.
+
+    @param persistence: its persistence factory (default: none).
+    @param sharing: its sharing factory (default: none).
     """
     from egateway.clusters.interface import LauncherContext
     from egateway.clusters.registry import LauncherRegistry
@@ -380,6 +385,8 @@ def make_manager(clock: Any, *specs: Any, **settings: Any) -> tuple[Any, FakeLau
         settings=KernelsConfig(**settings),
         gateway_env={"PATH": "/usr/bin", "EG_AUTH_TOKEN": "secret", "OTHER": "x"},
         default_username="gatewayuser",
+        persistence=persistence,
+        sharing=sharing,
     )
     manager.startService()
     return manager, launcher, channels

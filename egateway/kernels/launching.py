@@ -1,0 +1,283 @@
+"""
+Launching a kernel's process and probing it until it is ready.
+
+Separate from the manager because it is the one part that talks to
+launchers and to the kernel's channels while a kernel starts: the launch
+with its retries, the readiness probe (C{kernel_info_request} until iopub
+has caught up), the encryption check, and the errors that name the phase a
+launch stopped in.  It does not register kernels, admit them or decide
+on restarts: a new, restarted or restored kernel all go through the same
+L{Launching.launch} or L{Launching.connect}, and only a ready process is
+handed to the restart policy to watch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Mapping
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from egateway.clusters.interface import ExitStatus, IKernelProcess, LaunchRequest, Phase
+from egateway.config import KernelsConfig
+from egateway.errors import BadRequest, GatewayError
+from egateway.kernels.kernel import Kernel
+from egateway.observe import first
+from egateway.wire.channels import ConnectionInfo
+from egateway.wire.link import KernelLink
+from egateway.wire.protocol import Message
+
+if TYPE_CHECKING:
+    from egateway.kernels.manager import KernelManager
+
+_log = Logger()
+
+READY_PROBE_INTERVAL = 1.0
+"""
+Seconds before an unanswered C{kernel_info_request} is sent again while a
+kernel starts.
+"""
+
+RETRYABLE_ATTEMPTS = 3
+
+TIMEOUTS = (TimeoutError, defer.TimeoutError)
+"""
+C{Deferred.addTimeout} raises Twisted's own C{TimeoutError}, not the builtin.
+"""
+
+
+class LaunchFailed(GatewayError):
+    status = 500
+    failure = "launcher"
+    """
+    The cause a launch failure is counted under (the metrics' C{reason}).
+    """
+
+
+class LaunchTimedOut(LaunchFailed):
+    status = 504
+    failure = "timeout"
+
+
+class KernelExitedEarly(LaunchFailed):
+    failure = "exited"
+
+
+def launch_timeout(env: Mapping[str, str], settings: KernelsConfig) -> float:
+    """
+    The launch timeout for a kernel with environment C{env}: its
+    C{KERNEL_LAUNCH_TIMEOUT} (a client's, as Enterprise Gateway honours
+    it) cut to C{max_launch_timeout}, else C{launch_timeout}.
+
+    @raise BadRequest: C{KERNEL_LAUNCH_TIMEOUT} is not a positive number.
+    """
+    text = env.get("KERNEL_LAUNCH_TIMEOUT")
+    if text is None or text == "":
+        return settings.launch_timeout
+    try:
+        asked = float(text)
+    except ValueError:
+        asked = float("nan")
+    if not asked > 0 or asked == float("inf"):
+        raise BadRequest(f"KERNEL_LAUNCH_TIMEOUT must be a positive number of seconds, not {text[:40]!r}")
+    return min(asked, settings.max_launch_timeout)
+
+
+def last_phase(kernel: Kernel) -> str:
+    """
+    The last launch phase C{kernel} reached, for an error message.
+    """
+    last = kernel.last_phase
+    return last.describe() if last else "none"
+
+
+def timeout_message(kernel: Kernel, timeout: float) -> str:
+    """
+    Why a launch timed out, named by what it was waiting for.
+    """
+    last = kernel.last_phase
+    waiting_for = {
+        Phase.QUEUED: "the launcher to start the kernel",
+        Phase.SUBMITTED: "the kernel to be placed",
+        Phase.PLACED: "connection info",
+        Phase.CONNECTION_INFO: "the kernel to answer kernel_info",
+        Phase.CONNECTED: "the kernel to answer kernel_info",
+    }.get(last.phase if last else Phase.QUEUED, "the kernel")
+    return f"timed out after {timeout:g} s waiting for {waiting_for}; last phase: {last_phase(kernel)}"
+
+
+class Launching:
+    """
+    Starts kernels' processes and links to them.
+    """
+
+    def __init__(self, *, manager: KernelManager, clock: IReactorTime) -> None:
+        """
+        @param manager: whose settings, launchers and channel factory apply
+            (read at each launch: they may be replaced), and whose restart
+            policy watches each process that became ready.
+        """
+        self._manager = manager
+        self._clock = clock
+
+    async def launch(self, kernel: Kernel) -> None:
+        """
+        Launch (or relaunch) C{kernel}'s process and wait until it is ready.
+        On any failure everything started is removed before raising.
+
+        @raise LaunchTimedOut: not ready within the launch timeout.
+        @raise KernelExitedEarly: the kernel exited before it was ready
+            (after the retries a retryable exit allows).
+        @raise LaunchFailed: the launcher refused or failed.
+        """
+        launcher = self._manager.launchers.get(kernel.launcher_name)
+        timeout = launch_timeout(kernel.env, self._manager.settings)
+        for attempt in range(1, RETRYABLE_ATTEMPTS + 1):
+            deadline = self._clock.seconds() + timeout
+            request = LaunchRequest(
+                kernel_id=kernel.id,
+                spec=kernel.spec,
+                env=kernel.env,
+                config=kernel.launcher_config,
+                username=kernel.username,
+                report=kernel.report,
+                timeout=timeout,
+            )
+            launching = launcher.launch(request)
+            launching.addTimeout(timeout, self._clock)
+            try:
+                process: IKernelProcess = await launching
+            except TIMEOUTS:
+                raise LaunchTimedOut(timeout_message(kernel, timeout)) from None
+            except GatewayError as e:
+                raise LaunchFailed(f"{e}; last phase: {last_phase(kernel)}", status=e.status) from None
+            try:
+                status = await self.connect(kernel, process, deadline, timeout)
+            except BaseException:
+                await self.discard(kernel, process)
+                raise
+            if status is None:
+                process.ready()
+                kernel.report(Phase.READY)
+                kernel.go_live()
+                self._manager.restarts.watch(kernel, process)
+                return
+            await self.discard(kernel, process)
+            if status.retryable and attempt < RETRYABLE_ATTEMPTS:
+                _log.warn(
+                    "kernel {kernel_id}: {status}; launching again",
+                    kernel_id=kernel.id,
+                    status=status.describe(),
+                )
+                continue
+            raise KernelExitedEarly(
+                f"the kernel {status.describe()} before answering kernel_info; last phase: {last_phase(kernel)}"
+            )
+
+    async def connect(
+        self, kernel: Kernel, process: IKernelProcess, deadline: float, timeout: float | None = None
+    ) -> ExitStatus | None:
+        """
+        Link to the kernel and wait for it to be ready.
+
+        @return: C{None} when ready, or how the kernel ended if it exited
+            first.
+        @raise LaunchTimedOut: at the deadline.
+        @raise LaunchFailed: 403, its channels are not encrypted and
+            C{kernel_encryption} is required.
+        """
+        self._check_encryption(kernel, process.connection_info)
+        kernel.process = process
+        link = KernelLink(process.connection_info, self._manager.channels, self._clock, kernel.on_iopub, kernel.id)
+        kernel.set_link(link)
+        kernel.report(Phase.CONNECTED, process.connection_info.ip)
+        ready = Deferred.fromCoroutine(self._wait_ready(kernel, link, deadline))
+        exited = process.when_exited()
+        try:
+            index, result = await first([ready, exited])
+        except TIMEOUTS:
+            raise LaunchTimedOut(timeout_message(kernel, timeout or self._manager.settings.launch_timeout)) from None
+        return None if index == 0 else result
+
+    def _check_encryption(self, kernel: Kernel, info: ConnectionInfo) -> None:
+        """
+        A kernel reached over TCP without CurveZMQ: refused when
+        C{kernel_encryption} is required (before any socket is opened, with
+        the reason its launcher gave), otherwise a warning, since anyone on
+        its network can read its traffic.
+
+        @raise LaunchFailed: 403, encryption is required.
+        """
+        if info.encrypted or info.transport != "tcp":
+            return
+        reason = info.cleartext_reason
+        if self._manager.settings.kernel_encryption == "required":
+            raise LaunchFailed(
+                f"kernel_encryption is required, but kernel {kernel.id}'s channels are not encrypted: {reason}",
+                status=403,
+            )
+        _log.warn(
+            "kernel {kernel_id}: channels not encrypted (messages signed only, readable on its network): "
+            "{reason}",
+            kernel_id=kernel.id,
+            reason=reason,
+        )
+
+    async def _wait_ready(self, kernel: Kernel, link: KernelLink, deadline: float) -> None:
+        """
+        Send C{kernel_info_request} until a reply arrives and iopub has
+        delivered the status the kernel published for one of them, so no
+        output from the kernel can be lost to a subscription that is not
+        live yet, and what it published before (its own C{starting}) has
+        been relayed: the C{idle} that ends a restart must come after it
+        (JupyterLab shows the last status it tracks).  Any iopub message
+        would not do: ipykernel 7 welcomes a subscriber on iopub at once,
+        and the reply, on shell, can overtake what iopub still carries.
+        """
+        answered: set[str] = set()
+
+        def observe(message: Message) -> None:
+            if message.msg_type == "status":
+                answered.add(str(message.parent_header().get("msg_id")))
+
+        kernel.on_iopub_observers.append(observe)
+        probes: set[str] = set()
+        try:
+            while True:
+                remaining = deadline - self._clock.seconds()
+                if remaining <= 0:
+                    raise TimeoutError()
+                try:
+                    reply = await link.request(
+                        "shell", "kernel_info_request", {}, min(READY_PROBE_INTERVAL, remaining)
+                    )
+                except TIMEOUTS:
+                    continue
+                probes.add(str(reply.parent_header().get("msg_id")))
+                if probes & answered:
+                    return
+                await deferLater(self._clock, min(0.05, max(remaining, 0)))
+                if probes & answered:
+                    return
+        finally:
+            kernel.on_iopub_observers.remove(observe)
+
+    async def discard(self, kernel: Kernel, process: IKernelProcess) -> None:
+        """
+        Remove a launched process that will not be used: unlink it,
+        terminate it and clean up after it, logging (not raising) what
+        fails.
+        """
+        if kernel.link is not None:
+            kernel.set_link(None)
+        try:
+            await process.terminate(self._manager.settings.terminate_wait)
+        except Exception:
+            _log.failure("kernel {kernel_id}: terminating failed", kernel_id=kernel.id)
+        try:
+            await process.cleanup()
+        except Exception:
+            _log.failure("kernel {kernel_id}: cleanup failed", kernel_id=kernel.id)
