@@ -23,11 +23,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from egateway import __version__
-from egateway.config import ConfigError, Config, build_config, describe, flag_table, help_text, load_toml
+from egateway.config import ConfigError, Config, describe, flag_table, help_text, load_toml
 from egateway.ops.audit import AuditFileError
 from egateway.ops.logs import LogSetupError
 from egateway.ops.logs import install as install_log
 from egateway.ops.tls import TLSSetupError
+from egateway.validation import load_config
 
 _log = Logger()
 
@@ -47,7 +48,7 @@ class Options(usage.Options):
         try:
             file_values = load_toml(self["config"]) if self["config"] else {}
             flags = {key: value for key, value in self.items() if key != "config"}
-            self.gateway_config = build_config(file_values, os.environ, flags)
+            self.gateway_config = load_config(file_values, os.environ, flags)
         except ConfigError as e:
             # The message names the key; twistd's full usage text would bury it.
             sys.stderr.write(f"egateway: configuration error: {e}\n")

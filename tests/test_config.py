@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from egateway.config import ConfigError, build_config, describe, load_toml, settings
 from egateway.tap import Options
+from egateway.validation import load_config
 
 
 def toml_file(test: SynchronousTestCase, text: str) -> str:
@@ -160,7 +161,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn("kernels.launch_timeout (config file)", str(error))
         error = self.assertRaises(ConfigError, build_config, {}, {}, {"max-kernels": "-1"})
         self.assertIn("--max-kernels", str(error))
-        error = self.assertRaises(ConfigError, build_config, {}, {"EG_PORT_RANGE": "10..20"}, {})
+        error = self.assertRaises(ConfigError, load_config, {}, {"EG_PORT_RANGE": "10..20"}, {})
         self.assertIn("kernels.port_range", str(error))
 
     def test_malformed_toml(self) -> None:

@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 from egateway.errors import GatewayError
+from egateway.names import ENV_NAME, check_gateway_id  # noqa: F401 (launchers import them from here)
 from egateway.wire.channels import ConnectionInfo
 
 
@@ -244,32 +245,11 @@ class ILauncher(Interface):
 
 
 GATEWAY_ID_ENV = "EGATEWAY_ID"
-
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
-"""
-An environment variable name a remote launcher passes on (the same rule
-as the gateway's for client values); anything else is dropped.
-"""
 """
 The variable local and SSH kernels carry in their environment, naming the
 gateway installation that started them, so its reconciler finds them (and
 never another installation's) after their store records are gone.
 """
-
-GATEWAY_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
-
-
-def check_gateway_id(gateway_id: str) -> str:
-    """
-    The id, checked: it reaches process environments, a remote command's
-    arguments and Slurm's job records, so it is held to a plain alphabet.
-
-    @raise ValueError: empty, too long, or another character than letters,
-        digits, C{.}, C{_} and C{-}.
-    """
-    if not GATEWAY_ID_PATTERN.match(gateway_id):
-        raise ValueError(f"gateway id {gateway_id[:80]!r} is not 1 to 64 letters, digits, . _ -")
-    return gateway_id
 
 
 @dataclass(frozen=True)
