@@ -265,9 +265,12 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         settings={"config": config, "gateway_id": gateway_id},
     )
     DataDirectory(data_path, lambda path: setattr(context, "runtime_dir", path)).setServiceParent(top)
+    from egateway.api.authenticators import enabled_authenticators
     from egateway.ops.posture import PostureWarnings
 
-    PostureWarnings(config, config_file, data_path).setServiceParent(top)
+    PostureWarnings(
+        config, config_file, data_path, authenticators=enabled_authenticators(config.auth)
+    ).setServiceParent(top)
     if config.auth.audit_log:
         from egateway.ops.audit import AuditFile
 
