@@ -245,7 +245,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         is checked at start-up).
     """
     from egateway.api.http import GatewaySite
-    from egateway.clusters.interface import LauncherContext
+    from egateway.clusters.interface import LauncherContext, LaunchSettings
     from egateway.clusters.ports import PortAllocator, PortRange
     from egateway.clusters.registry import LauncherRegistry
     from egateway.kernels.culling import Culler
@@ -262,7 +262,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         reactor=reactor,
         runtime_dir="",
         ports=PortAllocator(PortRange.parse(config.kernels.port_range)),
-        settings={"config": config, "gateway_id": gateway_id},
+        shared=LaunchSettings.from_config(config, gateway_id),
     )
     DataDirectory(data_path, lambda path: setattr(context, "runtime_dir", path)).setServiceParent(top)
     from egateway.api.authenticators import enabled_authenticators
@@ -295,7 +295,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     manager = KernelManager(
         clock=reactor,
         specs=specs,
-        launchers=LauncherRegistry(context),
+        launchers=LauncherRegistry(context, sections={"ssh": config.ssh, "slurm": config.slurm}),
         channels=channels,
         settings=config.kernels,
         gateway_env=os.environ,

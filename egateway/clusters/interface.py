@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from egateway.config import Config, ImpersonationConfig, KernelsConfig, ResponseConfig
 from egateway.errors import GatewayError
 from egateway.names import ENV_NAME, check_gateway_id  # noqa: F401 (launchers import them from here)
 from egateway.wire.channels import ConnectionInfo
@@ -302,20 +303,48 @@ class ILauncherInventory(Interface):
         """
 
 
+@dataclass(frozen=True)
+class LaunchSettings:
+    """
+    The settings every launcher shares, beside its own section.
+
+    @ivar gateway_id: this installation's id, which launchers tag the
+        kernels they start with (empty: no tag).
+    @ivar kernels: the C{[kernels]} section (port range, stop waits,
+        encryption).
+    @ivar impersonation: the C{[impersonation]} section.
+    @ivar response: the C{[response]} section, for the response listener
+        remote launchers share.
+    """
+
+    gateway_id: str = ""
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    impersonation: ImpersonationConfig = field(default_factory=ImpersonationConfig)
+    response: ResponseConfig = field(default_factory=ResponseConfig)
+
+    @classmethod
+    def from_config(cls, config: Config, gateway_id: str = "") -> "LaunchSettings":
+        return cls(gateway_id, config.kernels, config.impersonation, config.response)
+
+
 @dataclass
 class LauncherContext:
     """
-    What the gateway gives every launcher at construction.
+    What the gateway gives a launcher at construction: its own
+    configuration section and the shared launch settings, never the whole
+    configuration (L{egateway.clusters.registry} hands each launcher its
+    section).
 
-    C{settings} holds C{"config"} (the gateway's L{egateway.config.Config})
-    and C{"gateway_id"} (this installation's id, which launchers tag the
-    kernels they start with; absent or empty: no tag).
+    @ivar section: the launcher's own section (L{egateway.config.SSHConfig}
+        for C{ssh}, L{egateway.config.SlurmConfig} for C{slurm}); C{None}
+        for a launcher that has none.
     """
 
     reactor: Any
     runtime_dir: str
     ports: Any
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    section: Any = None
+    shared: LaunchSettings = field(default_factory=LaunchSettings)
     services: dict[str, Any] = field(default_factory=dict)
 
 
