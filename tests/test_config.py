@@ -194,7 +194,8 @@ class ErrorTests(SynchronousTestCase):
         import io
         import sys
 
-        for flags, key in ((["--port-range", "10..20"], "kernels.port_range"), (["--store-url", "mongodb://h/x"], "store.store_url")):
+        refused = ((["--port-range", "10..20"], "kernels.port_range"), (["--store-url", "mongodb://h/x"], "store.store_url"))
+        for flags, key in refused:
             stderr = io.StringIO()
             self.patch(sys, "stderr", stderr)
             error = self.assertRaises(SystemExit, Options().parseOptions, flags)

@@ -405,7 +405,10 @@ class SSHRemoteCommand(TestCase):
             )
             config = build_config({}, {}, {"kernel-log-dir": workdir, "remote-hosts": "localhost"})
             launcher = SSHLauncher(
-                LauncherContext(reactor=reactor, runtime_dir="", ports=None, section=config.ssh, shared=LaunchSettings.from_config(config))
+                LauncherContext(
+                    reactor=reactor, runtime_dir="", ports=None, section=config.ssh,
+                    shared=LaunchSettings.from_config(config),
+                )
             )
             self.addCleanup(launcher.stop)
             launcher.pool = _LocalShell(shell)

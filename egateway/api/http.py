@@ -22,15 +22,8 @@ from zope.interface import implementer
 from egateway.api.cors import CorsPolicy
 from egateway.api.authenticators import AuthenticatorChain
 from egateway.api.hosts import HostPolicy
-from egateway.errors import (
-    BadRequest,
-    GatewayError,
-    TooManyRequests,
-    Unauthorized,
-    error_body,
-    write_error,
-    write_json,
-)
+from egateway.errors import BadRequest, GatewayError, TooManyRequests, Unauthorized, error_body, write_error
+from egateway.errors import write_json  # noqa: F401 (the routes import the JSON helpers from here)
 from egateway.ops import audit
 
 _log = Logger()

@@ -23,7 +23,6 @@ the kernel store no longer knows.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 

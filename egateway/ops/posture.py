@@ -175,7 +175,9 @@ class PostureWarnings(Service):
 
     name = "posture"
 
-    def __init__(self, config: Any, config_file: str = "", data_dir: str = "", *, authenticators: Sequence[str]) -> None:
+    def __init__(
+        self, config: Any, config_file: str = "", data_dir: str = "", *, authenticators: Sequence[str]
+    ) -> None:
         self._config = config
         self._config_file = config_file
         self._data_dir = data_dir
