@@ -7,8 +7,8 @@ any of them ties the importer to the imported layer.  From those imports we
 build the module graph and the package graph and hold them to the gateway's
 layering:
 
-    api  ->  kernels  ->  clusters, wire  ->  store
-    api, ops  ->  kernels;  api  ->  ops
+    api  ->  kernels  ->  clusters, wire, store;  clusters  ->  wire
+    ops  ->  kernels;  api  ->  ops
     every layer  ->  the leaves (config, errors, observe, names)
     tap, cli, validation (the assembly)  ->  everything
 
