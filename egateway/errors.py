@@ -8,7 +8,13 @@ the person reading it: it says what happened and, where it can, what to do.
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
+from typing import Any
+
+from twisted.web.iweb import IRequest
+
+JSON = b"application/json"
 
 
 class GatewayError(Exception):
@@ -70,3 +76,21 @@ class TooManyRequests(GatewayError):
     def __init__(self, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+def write_json(request: IRequest, value: Any, status: int = 200) -> bytes:
+    """
+    C{value} as the JSON body of a response with C{status}: how the API
+    and the operator views (L{egateway.ops}) answer.
+    """
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", JSON)
+    return json.dumps(value).encode("utf-8")
+
+
+def error_body(request: IRequest, status: int, reason: str, message: str) -> bytes:
+    return write_json(request, {"reason": reason, "message": message}, status)
+
+
+def write_error(request: IRequest, error: GatewayError) -> bytes:
+    return error_body(request, error.status, error.reason, error.message)

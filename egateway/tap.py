@@ -23,11 +23,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from egateway import __version__
-from egateway.config import ConfigError, Config, build_config, describe, flag_table, help_text, load_toml
+from egateway.config import ConfigError, Config, describe, flag_table, help_text, load_toml
 from egateway.ops.audit import AuditFileError
 from egateway.ops.logs import LogSetupError
 from egateway.ops.logs import install as install_log
 from egateway.ops.tls import TLSSetupError
+from egateway.validation import load_config
 
 _log = Logger()
 
@@ -47,7 +48,7 @@ class Options(usage.Options):
         try:
             file_values = load_toml(self["config"]) if self["config"] else {}
             flags = {key: value for key, value in self.items() if key != "config"}
-            self.gateway_config = build_config(file_values, os.environ, flags)
+            self.gateway_config = load_config(file_values, os.environ, flags)
         except ConfigError as e:
             # The message names the key; twistd's full usage text would bury it.
             sys.stderr.write(f"egateway: configuration error: {e}\n")
@@ -244,7 +245,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         is checked at start-up).
     """
     from egateway.api.http import GatewaySite
-    from egateway.clusters.interface import LauncherContext
+    from egateway.clusters.interface import LauncherContext, LaunchSettings
     from egateway.clusters.ports import PortAllocator, PortRange
     from egateway.clusters.registry import LauncherRegistry
     from egateway.kernels.culling import Culler
@@ -261,12 +262,15 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         reactor=reactor,
         runtime_dir="",
         ports=PortAllocator(PortRange.parse(config.kernels.port_range)),
-        settings={"config": config, "gateway_id": gateway_id},
+        shared=LaunchSettings.from_config(config, gateway_id),
     )
     DataDirectory(data_path, lambda path: setattr(context, "runtime_dir", path)).setServiceParent(top)
+    from egateway.api.authenticators import enabled_authenticators
     from egateway.ops.posture import PostureWarnings
 
-    PostureWarnings(config, config_file, data_path).setServiceParent(top)
+    PostureWarnings(
+        config, config_file, data_path, authenticators=enabled_authenticators(config.auth)
+    ).setServiceParent(top)
     if config.auth.audit_log:
         from egateway.ops.audit import AuditFile
 
@@ -303,7 +307,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     manager = KernelManager(
         clock=reactor,
         specs=specs,
-        launchers=LauncherRegistry(context),
+        launchers=LauncherRegistry(context, sections={"ssh": config.ssh, "slurm": config.slurm}),
         channels=channels,
         settings=config.kernels,
         gateway_env=os.environ,

@@ -46,11 +46,12 @@ from egateway.api.authenticators.trusted_proxy import (
 from egateway.api.authenticators.user_tokens import UserTokensAuthenticator, new_entry, token_hash
 from egateway.api.http import FrontResource
 from egateway.api.identity import ANONYMOUS, Identity, launch_username, valid_username
-from egateway.config import ConfigError, build_config
+from egateway.config import ConfigError
 from egateway.errors import Forbidden, Unauthorized, Unavailable
 from egateway.ops import audit
 from egateway.ops.audit import AUDIT_NAMESPACE, AuditFile, is_audit_event
 from egateway.tap import build_api
+from egateway.validation import load_config
 from tests.support.fakes import make_manager
 from tests.support.stubapi import assert_json_error, json_body, stub_call
 from tests.test_api import ROUTES
@@ -734,7 +735,7 @@ class ChainTests(SynchronousTestCase):
         With nothing configured, every caller is anonymous, as before.
         """
         self.assertIs(self.successResultOf(self.chain().authenticate(request())), ANONYMOUS)
-        self.assertEqual(enabled_authenticators(build_config({}, {}, {}).auth), [])
+        self.assertEqual(enabled_authenticators(load_config({}, {}, {}).auth), [])
 
     def test_admins(self) -> None:
         """
@@ -765,7 +766,7 @@ class ChainTests(SynchronousTestCase):
         Left empty, the authenticators are those configured, proxies first
         and the network-bound JupyterHub last; listed, exactly those.
         """
-        config = build_config(
+        config = load_config(
             {},
             {},
             {
@@ -780,7 +781,7 @@ class ChainTests(SynchronousTestCase):
         self.assertEqual(
             enabled_authenticators(config.auth), ["trusted-proxy", "token", "user-tokens", "jwt", "jupyterhub"]
         )
-        config = build_config(
+        config = load_config(
             {}, {}, {"auth-token": SHARED, "jwt-secret": SECRET, "jwt-audience": "eg", "authenticators": "jwt,token"}
         )
         self.assertEqual(enabled_authenticators(config.auth), ["jwt", "token"])
@@ -842,7 +843,7 @@ class FrontTestCase(SynchronousTestCase):
             },
         )
         flags = {k: v.replace("{tokens}", self.tokens_path) for k, v in self.flags.items()}
-        self.config = build_config({}, {}, flags)
+        self.config = load_config({}, {}, flags)
         self.manager, self.launcher, _ = make_manager(self.clock)
         self.api, _ = build_api(self.config, self.manager, self.clock, ThreadPool())
         self.authentication = build_authentication(self.config.auth, self.clock, None, blocking=run_now)
@@ -1220,5 +1221,5 @@ class ConfigTests(SynchronousTestCase):
             ({"authenticators": "token,token", "auth-token": "x"}, "once"),
         ):
             with self.assertRaises(ConfigError) as caught:
-                build_config({}, {}, flags)
+                load_config({}, {}, flags)
             self.assertIn(text, str(caught.exception), flags)

@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from egateway.config import ConfigError, build_config, describe, load_toml, settings
 from egateway.tap import Options
+from egateway.validation import load_config
 
 
 def toml_file(test: SynchronousTestCase, text: str) -> str:
@@ -160,7 +161,7 @@ class ErrorTests(SynchronousTestCase):
         self.assertIn("kernels.launch_timeout (config file)", str(error))
         error = self.assertRaises(ConfigError, build_config, {}, {}, {"max-kernels": "-1"})
         self.assertIn("--max-kernels", str(error))
-        error = self.assertRaises(ConfigError, build_config, {}, {"EG_PORT_RANGE": "10..20"}, {})
+        error = self.assertRaises(ConfigError, load_config, {}, {"EG_PORT_RANGE": "10..20"}, {})
         self.assertIn("kernels.port_range", str(error))
 
     def test_malformed_toml(self) -> None:
@@ -183,3 +184,51 @@ class ErrorTests(SynchronousTestCase):
         error = self.assertRaises(SystemExit, Options().parseOptions, ["--launch-timeout", "soon"])
         self.assertEqual(error.code, 2)
         self.assertIn("kernels.launch_timeout", stderr.getvalue())
+
+    def test_options_run_the_layers_checks(self) -> None:
+        """
+        The twistd options run each layer's check of its section (here the
+        clusters layer's of the port range, the store's of its URL), so a
+        value the layer would refuse stops start-up with the key named.
+        """
+        import io
+        import sys
+
+        refused = ((["--port-range", "10..20"], "kernels.port_range"), (["--store-url", "mongodb://h/x"], "store.store_url"))
+        for flags, key in refused:
+            stderr = io.StringIO()
+            self.patch(sys, "stderr", stderr)
+            error = self.assertRaises(SystemExit, Options().parseOptions, flags)
+            self.assertEqual(error.code, 2)
+            self.assertIn(key, stderr.getvalue())
+
+
+class LeafTests(SynchronousTestCase):
+    def test_loading_imports_no_layer(self) -> None:
+        """
+        Reading, building and describing a configuration imports no other
+        part of the gateway: the configuration is a leaf every layer may
+        use, and its values' meanings are checked by their layers.
+        """
+        import json
+        import subprocess
+        import sys
+
+        script = (
+            "import json, sys\n"
+            "from egateway.config import build_config, describe, help_text, reference_markdown\n"
+            "config = build_config({'store': {'store_url': 'redis://h/0'}, 'profiles': {'p': {}}},"
+            " {'EG_PORT_RANGE': '20000..20100'}, {'authenticators': 'token', 'auth-token': 'x' * 32})\n"
+            "describe(config); help_text(); reference_markdown()\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('egateway.'))))\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        output = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONPATH": root},
+            capture_output=True,
+            check=True,
+            timeout=60,
+        ).stdout
+        loaded = json.loads(output)
+        self.assertEqual([m for m in loaded if not m.startswith("egateway.config")], [])

@@ -34,7 +34,8 @@ from egateway.clusters.interface import LaunchError
 from egateway.clusters.slurm import JobResources, sbatch_arguments
 from egateway.clusters.ssh import START_SCRIPT, RunAs
 from egateway.clusters.sshclient import shell_command
-from egateway.config import ConfigError, build_config
+from egateway.config import ConfigError
+from egateway.validation import load_config
 from tests.fixtures import SlurmCluster, SSHHosts
 from tests.fixtures.system import SLURM_PACKAGES, SSH_PACKAGES, require_packages, require_root
 from tests.support.gateway import GatewayTestCase, InProcessGateway, pid_alive
@@ -61,7 +62,7 @@ WHO_AM_I = (
 
 def settings(**overrides: Any) -> Any:
     flags = {key.replace("_", "-"): str(value) for key, value in overrides.items()}
-    return build_config({}, {}, flags).impersonation
+    return load_config({}, {}, flags).impersonation
 
 
 def expected(name: str) -> dict[str, Any]:

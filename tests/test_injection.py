@@ -381,7 +381,7 @@ class SSHRemoteCommand(TestCase):
         starts the kernelspec's argv exactly, with every hostile value in
         the environment verbatim and nothing run.
         """
-        from egateway.clusters.interface import LauncherContext, LaunchRequest
+        from egateway.clusters.interface import LauncherContext, LaunchRequest, LaunchSettings
         from egateway.clusters.ssh import RunAs, SSHLauncher
         from egateway.config import build_config
         from egateway.kernels.specs import KernelSpec
@@ -405,7 +405,10 @@ class SSHRemoteCommand(TestCase):
             )
             config = build_config({}, {}, {"kernel-log-dir": workdir, "remote-hosts": "localhost"})
             launcher = SSHLauncher(
-                LauncherContext(reactor=reactor, runtime_dir="", ports=None, settings={"config": config})
+                LauncherContext(
+                    reactor=reactor, runtime_dir="", ports=None, section=config.ssh,
+                    shared=LaunchSettings.from_config(config),
+                )
             )
             self.addCleanup(launcher.stop)
             launcher.pool = _LocalShell(shell)

@@ -11,9 +11,11 @@ import sys
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from egateway.clusters.interface import IKernelProcess, LauncherContext, Placement
+from egateway.clusters.interface import IKernelProcess, LauncherContext, LaunchSettings, Placement
 from egateway.clusters.local import LocalLauncher
 from egateway.clusters.ports import PortAllocator, PortExhausted, PortRange
+from egateway.clusters.registry import LauncherRegistry
+from egateway.config import build_config
 from egateway.kernels.specs import KernelSpec
 from tests.support.contract import KernelProbe, LauncherContract, request_for
 from tests.support.gateway import GatewayTestCase, pid_alive
@@ -135,6 +137,42 @@ if not os.path.exists(marker):
     time.sleep(600)
 os.execv(sys.executable, [sys.executable, "-m", "ipykernel_launcher", "-f", connection_file])
 """
+
+
+class RegistryTests(SynchronousTestCase):
+    def test_each_launcher_gets_only_its_section(self) -> None:
+        """
+        The registry hands each launcher its own configuration section
+        (SSH its C{[ssh]}, Slurm its C{[slurm]}, a launcher without one
+        C{None}) and the shared launch settings, never the whole
+        configuration; the context they share keeps its services.
+        """
+        config = build_config({}, {}, {"remote-hosts": "h1,h2", "slurm-partition": "batch", "terminate-wait": "2"})
+        context = LauncherContext(
+            reactor=reactor,
+            runtime_dir="/nonexistent",
+            ports=None,
+            shared=LaunchSettings.from_config(config, "gw-1"),
+        )
+        seen = {}
+
+        def probe(given: LauncherContext) -> LocalLauncher:
+            seen["probe"] = given
+            return LocalLauncher(given)
+
+        registry = LauncherRegistry(
+            context, extra={"probe": probe}, sections={"ssh": config.ssh, "slurm": config.slurm}
+        )
+        ssh = registry.get("ssh")
+        self.addCleanup(ssh.stop)
+        self.assertIs(ssh._settings, config.ssh)
+        self.assertIs(registry.get("slurm")._settings, config.slurm)
+        registry.get("probe")
+        self.assertIsNone(seen["probe"].section)
+        self.assertIs(seen["probe"].services, context.services)
+        self.assertEqual(seen["probe"].shared.gateway_id, "gw-1")
+        self.assertEqual(seen["probe"].shared.kernels.terminate_wait, 2.0)
+        self.assertFalse(hasattr(seen["probe"], "settings"))
 
 
 class PortTakenTests(GatewayTestCase):

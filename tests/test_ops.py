@@ -646,11 +646,12 @@ class Manhole(TestCase):
         The manhole listens on loopback or a UNIX socket only, and only with
         an authorized_keys file.
         """
-        from egateway.config import ConfigError, build_config
+        from egateway.config import ConfigError
+        from egateway.validation import load_config
 
         keys = {"manhole-authorized-keys": "/etc/egateway/manhole_keys"}
         for listen in ("tcp:2222", "tcp:2222:interface=0.0.0.0", "ssl:2222:interface=127.0.0.1"):
-            self.assertRaises(ConfigError, build_config, {}, {}, {"manhole-listen": listen, **keys})
-        self.assertRaises(ConfigError, build_config, {}, {}, {"manhole-listen": "unix:/run/m"})
+            self.assertRaises(ConfigError, load_config, {}, {}, {"manhole-listen": listen, **keys})
+        self.assertRaises(ConfigError, load_config, {}, {}, {"manhole-listen": "unix:/run/m"})
         for listen in ("tcp:2222:interface=127.0.0.1", "tcp6:2222:interface=\\:\\:1", "unix:/run/m"):
-            build_config({}, {}, {"manhole-listen": listen, **keys})
+            load_config({}, {}, {"manhole-listen": listen, **keys})

@@ -14,6 +14,7 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from egateway.api.authenticators import enabled_authenticators
 from egateway.config import build_config
 from egateway.ops.posture import posture_warnings
 from egateway.store import SecretBox
@@ -38,7 +39,9 @@ class WarningTests(SynchronousTestCase):
         self.tokens = write(os.path.join(self.dir, "tokens.toml"), "", 0o600)
 
     def warnings(self, flags: dict[str, str], config_file: str = "", data_dir: str = "") -> str:
-        return "\n".join(posture_warnings(build_config({}, {}, flags), config_file, data_dir))
+        config = build_config({}, {}, flags)
+        methods = enabled_authenticators(config.auth)
+        return "\n".join(posture_warnings(config, config_file, data_dir, authenticators=methods))
 
     def test_shared_token_and_shared_account(self) -> None:
         """

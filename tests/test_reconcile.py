@@ -30,11 +30,12 @@ from egateway.clusters.interface import Found, ILauncherInventory, LaunchError, 
 from egateway.clusters.local import find_local_kernels_blocking
 from egateway.clusters.slurm import job_comment, parse_inventory as parse_slurm_inventory, sbatch_arguments
 from egateway.clusters.ssh import parse_inventory as parse_ssh_inventory
-from egateway.config import ConfigError, build_config
+from egateway.config import ConfigError
 from egateway.kernels.reconcile import Action, Reconciler, decide
 from egateway.kernels.state import KernelState
 from egateway.store.interface import KernelRecord, RecordUnreadable, StoreUnavailable
 from egateway.tap import default_gateway_id
+from egateway.validation import load_config
 from tests.support.daemon import pid_alive
 from tests.support.gateway import InProcessGateway
 from tests.support.polling import eventually
@@ -408,11 +409,11 @@ class SettingsTests(SynchronousTestCase):
         shell or Slurm could read differently; reconcile takes its three
         modes.
         """
-        self.assertEqual(build_config({}, {"EG_GATEWAY_ID": "gw-1.prod_a"}, {}).store.gateway_id, "gw-1.prod_a")
+        self.assertEqual(load_config({}, {"EG_GATEWAY_ID": "gw-1.prod_a"}, {}).store.gateway_id, "gw-1.prod_a")
         for bad in ("gw 1", "gw;1", "gw$1", "x" * 65, "gw\n1", "g/w"):
-            self.assertRaises(ConfigError, build_config, {}, {"EG_GATEWAY_ID": bad}, {})
-        self.assertEqual(build_config({}, {}, {"reconcile": "adopt"}).store.reconcile, "adopt")
-        self.assertRaises(ConfigError, build_config, {}, {"EG_RECONCILE": "kill"}, {})
+            self.assertRaises(ConfigError, load_config, {}, {"EG_GATEWAY_ID": bad}, {})
+        self.assertEqual(load_config({}, {}, {"reconcile": "adopt"}).store.reconcile, "adopt")
+        self.assertRaises(ConfigError, load_config, {}, {"EG_RECONCILE": "kill"}, {})
         self.assertRaises(ValueError, check_gateway_id, "")
 
     def test_default_gateway_id(self) -> None:

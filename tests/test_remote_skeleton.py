@@ -18,7 +18,7 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from egateway.clusters.interface import LaunchError, LauncherContext, Liveness, Phase, Placement
+from egateway.clusters.interface import LaunchError, LauncherContext, LaunchSettings, Liveness, Phase, Placement
 from egateway.clusters.remote import Placed, RemoteKernelProcess, RemoteLaunch, RemoteLauncher
 from egateway.config import build_config
 from egateway.kernels.specs import KernelSpec
@@ -62,7 +62,7 @@ class MemoryLauncher(RemoteLauncher):
         config = build_config({}, {}, {})
         self._reactor = clock
         self._context = LauncherContext(
-            reactor=clock, runtime_dir="", ports=None, settings={"config": config},
+            reactor=clock, runtime_dir="", ports=None, shared=LaunchSettings.from_config(config),
             services={"response": FakeListener()},
         )
         self.refuse = refuse
@@ -204,7 +204,7 @@ class FakeLauncherContract(LauncherContract, TestCase):
 
     async def make_launcher(self) -> Any:
         return FakeLauncher(
-            LauncherContext(reactor=reactor, runtime_dir="", ports=None, settings={"config": self.config},
+            LauncherContext(reactor=reactor, runtime_dir="", ports=None, shared=LaunchSettings.from_config(self.config),
                             services=self.services),
             self.cluster,
         )

@@ -22,7 +22,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from egateway.clusters.interface import LaunchError, LauncherContext, Phase, Placement
+from egateway.clusters.interface import LaunchError, LauncherContext, LaunchSettings, Phase, Placement
 from egateway.clusters.slurm import (
     BATCH_SCRIPT,
     CommandResult,
@@ -337,7 +337,8 @@ class LaunchFlowTests(SynchronousTestCase):
     ) -> tuple[SlurmLauncher, ScriptedCommands, Clock]:
         clock = Clock()
         config = build_config({}, {}, {"slurm-poll-interval": "0.5", **flags})
-        context = LauncherContext(reactor=clock, runtime_dir="", ports=None, settings={"config": config},
+        context = LauncherContext(reactor=clock, runtime_dir="", ports=None, section=config.slurm,
+                                  shared=LaunchSettings.from_config(config),
                                   services={"response": FakeListener()})
         launcher = SlurmLauncher(context)
         commands = ScriptedCommands(answer)
@@ -505,9 +506,10 @@ class LaunchFlowTests(SynchronousTestCase):
         Slurm's commands missing from slurm_bin_dir fail the launch saying
         where the gateway looked and which setting to change.
         """
+        config = build_config({}, {}, {"slurm-bin-dir": "/nonexistent/bin"})
         launcher = SlurmLauncher(LauncherContext(
             reactor=Clock(), runtime_dir="", ports=None, services={"response": FakeListener()},
-            settings={"config": build_config({}, {}, {"slurm-bin-dir": "/nonexistent/bin"})},
+            section=config.slurm, shared=LaunchSettings.from_config(config),
         ))
         request, _ = self.request()
         failure = self.failureResultOf(launcher.launch(request), LaunchError)
@@ -601,7 +603,8 @@ class SlurmLauncherContract(SlurmMixin, LauncherContract, TestCase):
 
     async def make_launcher(self) -> Any:
         return SlurmLauncher(
-            LauncherContext(reactor=reactor, runtime_dir="", ports=None, settings={"config": self.config},
+            LauncherContext(reactor=reactor, runtime_dir="", ports=None, section=self.config.slurm,
+                            shared=LaunchSettings.from_config(self.config),
                             services=self.services)
         )
 

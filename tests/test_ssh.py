@@ -526,11 +526,12 @@ class SSHLauncherContract(LauncherContract, TestCase):
             launcher.stop()
 
     async def make_launcher(self) -> Any:
-        from egateway.clusters.interface import LauncherContext
+        from egateway.clusters.interface import LauncherContext, LaunchSettings
         from egateway.clusters.ssh import SSHLauncher
 
         launcher = SSHLauncher(
-            LauncherContext(reactor=reactor, runtime_dir="", ports=None, settings={"config": self.config}, services=self.services)
+            LauncherContext(reactor=reactor, runtime_dir="", ports=None, section=self.config.ssh,
+                            shared=LaunchSettings.from_config(self.config), services=self.services)
         )
         self._launchers = getattr(self, "_launchers", []) + [launcher]
         return launcher

@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from egateway.clusters.interface import LaunchError, LauncherContext, Placement
+from egateway.clusters.interface import LaunchError, LauncherContext, LaunchSettings, Placement
 from egateway.clusters.remote import reported_id
 from egateway.clusters.ssh import (
     CHECKED_KILL_SCRIPT,
@@ -216,7 +216,8 @@ class LauncherCommandTests(SynchronousTestCase):
     def launcher(self) -> tuple[SSHLauncher, FakePool]:
         config = build_config({}, {}, {"remote-hosts": "10.1.2.3"})
         launcher = SSHLauncher(
-            LauncherContext(reactor=None, runtime_dir="", ports=None, settings={"config": config}, services={})
+            LauncherContext(reactor=None, runtime_dir="", ports=None, section=config.ssh,
+                            shared=LaunchSettings.from_config(config), services={})
         )
         pool = FakePool()
         launcher.pool = pool  # type: ignore[assignment]

@@ -22,7 +22,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from egateway.config import ConfigError, build_config
+from egateway.config import ConfigError
 from egateway.store import open_store, parse_store_url
 from egateway.store.codec import decode_kernel, encode_kernel
 from egateway.store.crypto import SecretBox, SecretBoxError, load_or_create_key_file_blocking
@@ -30,6 +30,7 @@ from egateway.store.interface import IKernelStore, KernelRecord, RecordUnreadabl
 from egateway.store.redis import RedisStore
 from egateway.store.resp import RedisAddress, RedisClient, RedisError, ReplyParser, encode_command
 from egateway.store.sqlite import SQLiteStore
+from egateway.validation import load_config
 from tests.fixtures.redis import RedisServer
 
 KERNEL_KEY = "0b6c1f4e-kernel-hmac-key-d41d8cd98f00"
@@ -838,9 +839,9 @@ class StoreConfigTests(SynchronousTestCase):
         Persistence is on by default and keeps kernels on stop; Enterprise
         Gateway's and our environment variables set the store.
         """
-        default = build_config({}, {}, {}).store
+        default = load_config({}, {}, {}).store
         self.assertEqual((default.store_url, default.persistence, default.on_stop), ("", True, "keep"))
-        config = build_config(
+        config = load_config(
             {},
             {
                 "EG_STORE_URL": "redis://127.0.0.1:6390/0",
@@ -861,8 +862,8 @@ class StoreConfigTests(SynchronousTestCase):
         with a message naming the key.
         """
         with self.assertRaises(ConfigError) as caught:
-            build_config({}, {"EG_STORE_URL": "mongodb://h/x"}, {})
+            load_config({}, {"EG_STORE_URL": "mongodb://h/x"}, {})
         self.assertIn("store.store_url", str(caught.exception))
         with self.assertRaises(ConfigError) as caught:
-            build_config({}, {"EG_ON_STOP": "explode"}, {})
+            load_config({}, {"EG_ON_STOP": "explode"}, {})
         self.assertIn("store.on_stop", str(caught.exception))

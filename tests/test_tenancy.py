@@ -26,7 +26,7 @@ from egateway.api.authenticators import build_authentication
 from egateway.api.authenticators.user_tokens import token_hash
 from egateway.api.http import FrontResource
 from egateway.clusters.interface import ExitStatus, LaunchError
-from egateway.config import ConfigError, build_config, load_toml
+from egateway.config import ConfigError, load_toml
 from egateway.errors import Unavailable
 from egateway.kernels.manager import record_model
 from egateway.kernels.persistence import record_of
@@ -35,6 +35,7 @@ from egateway.kernels.profiles import OverrideRule, parse_size
 from egateway.kernels.state import KernelState
 from egateway.store.interface import KernelRecord
 from egateway.tap import build_api
+from egateway.validation import load_config
 from tests.support.fakes import StaticSpecs, fake_spec, make_manager
 from tests.support.stubapi import json_body, stub_call
 
@@ -143,7 +144,7 @@ class TenancyTestCase(SynchronousTestCase):
             path = os.path.join(directory, "tokens.toml")
             write_tokens(path)
             flags["user-tokens-file"] = path
-        self.config = build_config(self.file_values, {}, flags)
+        self.config = load_config(self.file_values, {}, flags)
         self.manager, self.launcher, _ = make_manager(
             self.clock, fake_spec(), restricted_spec(), client_envs=["OMP_NUM_THREADS"]
         )
@@ -429,7 +430,7 @@ class Callers(SynchronousTestCase):
 
 class AuthorizationRules(SynchronousTestCase):
     def policy(self, **settings: Any) -> TenancyPolicy:
-        config = build_config({"tenancy": settings}, {}, {})
+        config = load_config({"tenancy": settings}, {}, {})
         return TenancyPolicy.from_config(config)
 
     def spec(self, **config: Any) -> Any:
@@ -1031,7 +1032,7 @@ class OverrideRules(SynchronousTestCase):
 class ProfileConfiguration(SynchronousTestCase):
     def refused(self, profile: dict[str, Any], *texts: str) -> None:
         with self.assertRaises(ConfigError) as caught:
-            build_config({"profiles": {"p": profile}}, {}, {})
+            load_config({"profiles": {"p": profile}}, {}, {})
         for text in texts:
             self.assertIn(text, str(caught.exception))
 
@@ -1055,10 +1056,10 @@ class ProfileConfiguration(SynchronousTestCase):
         self.refused({"partition": "a b"}, "profiles.p.partition")
         self.refused({"users": ["a b"]}, "profiles.p.users")
         with self.assertRaises(ConfigError) as caught:
-            build_config({"profiles": {"p": "x"}}, {}, {})
+            load_config({"profiles": {"p": "x"}}, {}, {})
         self.assertIn("profiles.p must be a table", str(caught.exception))
         with self.assertRaises(ConfigError) as caught:
-            build_config({"profiles": {"bad name": {}}}, {}, {})
+            load_config({"profiles": {"bad name": {}}}, {}, {})
         self.assertIn("a name is", str(caught.exception))
 
     def test_tenancy_settings(self) -> None:
@@ -1066,14 +1067,14 @@ class ProfileConfiguration(SynchronousTestCase):
         The tenancy settings come from Enterprise Gateway's environment
         names, -1 meaning no per-user limit as there.
         """
-        config = build_config(
+        config = load_config(
             {}, {"EG_MAX_KERNELS_PER_USER": "-1", "EG_AUTHORIZED_USERS": "a, b", "EG_UNAUTHORIZED_USERS": "root"}, {}
         )
         self.assertEqual(
             (config.tenancy.max_kernels_per_user, config.tenancy.authorized_users, config.tenancy.unauthorized_users),
             (-1, ["a", "b"], ["root"]),
         )
-        self.assertEqual(build_config({}, {}, {}).tenancy.unauthorized_users, [])
+        self.assertEqual(load_config({}, {}, {}).tenancy.unauthorized_users, [])
 
     def test_file(self) -> None:
         """
@@ -1083,7 +1084,7 @@ class ProfileConfiguration(SynchronousTestCase):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write('[profiles.a]\ncpus = 2\n[profiles.a.overrides]\nKERNEL_CPUS = { max = 4 }\n')
-        config = build_config(load_toml(path), {}, {})
+        config = load_config(load_toml(path), {}, {})
         self.assertEqual(config.profiles["a"].overrides, {"KERNEL_CPUS": {"max": 4}})
         with open(path, "w") as f:
             f.write('[profiles.a]\ncpu = 2\n')
@@ -1103,12 +1104,12 @@ class ProfileConfiguration(SynchronousTestCase):
         """
         readme = open(os.path.join(ROOT, "README.md")).read()
         values = self.example(readme, "<!-- profile-example -->\n```toml\n", "```\n<!-- profile-example:end -->", "")
-        config = build_config(values, {}, {})
+        config = load_config(values, {}, {})
         self.assertTrue(config.profiles)
         TenancyPolicy.from_config(config)
         etc = open(os.path.join(ROOT, "etc", "egateway.toml")).read()
         values = self.example(etc, "# profile-example:start\n", "# profile-example:end", "#  ")
-        self.assertTrue(build_config(values, {}, {}).profiles)
+        self.assertTrue(load_config(values, {}, {}).profiles)
         block = etc[etc.index("# profile-example:start") : etc.index("# profile-example:end")]
         # test_docs uncomments "# key = value" lines into settings.
         self.assertFalse(re.search(r"^# \w+ = ", block, re.M))

@@ -42,7 +42,7 @@ from twisted.web.client import ResponseNeverReceived
 from treq.client import HTTPClient
 
 from egateway.clusters.response import ResponseListener
-from egateway.config import ConfigError, build_config
+from egateway.config import ConfigError
 from egateway.ops.tls import (
     CertificateFiles,
     TLSService,
@@ -51,6 +51,7 @@ from egateway.ops.tls import (
     plan_listener,
     split_description,
 )
+from egateway.validation import load_config
 from tests.support.daemon import REPO_ROOT, ChildProcess, free_port, pid_alive, processes_mentioning
 from tests.support.gateway import InProcessGateway
 from tests.support.wsclient import ChannelsClient
@@ -376,14 +377,14 @@ class PlanTests(SynchronousTestCase):
         Enterprise Gateway's EG_CERTFILE/EG_KEYFILE make the default listener
         TLS; response_tls without a certificate is refused.
         """
-        config = build_config({}, {"EG_CERTFILE": "/c.pem", "EG_KEYFILE": "/k.pem", "EG_CLIENT_CA": "/ca"}, {})
+        config = load_config({}, {"EG_CERTFILE": "/c.pem", "EG_KEYFILE": "/k.pem", "EG_CLIENT_CA": "/ca"}, {})
         self.assertEqual(config.server.certfile, "/c.pem")
         self.assertEqual(config.server.client_ca, "/ca")
         with self.assertRaises(ConfigError) as caught:
-            build_config({}, {"EG_RESPONSE_TLS": "true"}, {})
+            load_config({}, {"EG_RESPONSE_TLS": "true"}, {})
         self.assertIn("response.response_tls", str(caught.exception))
         with self.assertRaises(ConfigError):
-            build_config({}, {"EG_TLS_MIN_VERSION": "1.1"}, {})
+            load_config({}, {"EG_TLS_MIN_VERSION": "1.1"}, {})
 
     def test_bad_files(self) -> None:
         """

@@ -22,12 +22,11 @@ from zope.interface import implementer
 from egateway.api.cors import CorsPolicy
 from egateway.api.authenticators import AuthenticatorChain
 from egateway.api.hosts import HostPolicy
-from egateway.errors import BadRequest, GatewayError, TooManyRequests, Unauthorized
+from egateway.errors import BadRequest, GatewayError, TooManyRequests, Unauthorized, error_body, write_error
+from egateway.errors import write_json  # noqa: F401 (the routes import the JSON helpers from here)
 from egateway.ops import audit
 
 _log = Logger()
-
-JSON = b"application/json"
 
 MAX_JSON_DEPTH = 64
 """
@@ -77,20 +76,6 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
             return True
         stack.extend((child, depth + 1) for child in children)
     return False
-
-
-def write_json(request: IRequest, value: Any, status: int = 200) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", JSON)
-    return json.dumps(value).encode("utf-8")
-
-
-def error_body(request: IRequest, status: int, reason: str, message: str) -> bytes:
-    return write_json(request, {"reason": reason, "message": message}, status)
-
-
-def write_error(request: IRequest, error: GatewayError) -> bytes:
-    return error_body(request, error.status, error.reason, error.message)
 
 
 class GatewayRequest(Request):

@@ -16,7 +16,7 @@ from egateway.api.authenticators.interface import presented_token
 from egateway.api.authenticators.limiter import FailureLimiter, failure_key
 from egateway.api.authenticators.shared_token import token_matches
 from egateway.api.authenticators.trusted_proxy import ProxyNetworks, parse_networks
-from egateway.config import MetricsConfig
+from egateway.config import ConfigError, MetricsConfig
 from egateway.errors import Forbidden, GatewayError, NotFound, TooManyRequests, Unauthorized
 from egateway.ops import audit
 from egateway.ops.audit import client_address
@@ -133,3 +133,12 @@ class MetricsResource:
             return _json_error(request, e)
         request.setHeader(b"content-type", CONTENT_TYPE)
         return self._metrics.exposition()
+
+
+def check_config(metrics: MetricsConfig) -> None:
+    """
+    The C{[metrics]} section's networks, checked at start-up (the gateway's
+    assembly runs this).
+    """
+    with ConfigError.about("metrics.metrics_networks"):
+        parse_networks(metrics.metrics_networks)

@@ -159,13 +159,6 @@ class Impersonation:
         self.user_key_file: str = settings.ssh_user_key_file if settings is not None else "~{user}/.ssh/id_ed25519"
         self.runtime_dir: str = settings.impersonation_runtime_dir if settings is not None else "/run/egateway/kernels"
 
-    @classmethod
-    def from_config(cls, config: Any) -> "Impersonation":
-        """
-        From the whole gateway configuration (or C{None} in tests).
-        """
-        return cls(getattr(config, "impersonation", None))
-
     # -- checks -------------------------------------------------------------
 
     def check_name(self, username: str) -> str:

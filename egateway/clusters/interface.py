@@ -23,14 +23,15 @@ the kernel store no longer knows.
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
+from egateway.config import Config, ImpersonationConfig, KernelsConfig, ResponseConfig
 from egateway.errors import GatewayError
+from egateway.names import ENV_NAME, check_gateway_id  # noqa: F401 (launchers import them from here)
 from egateway.wire.channels import ConnectionInfo
 
 
@@ -244,32 +245,11 @@ class ILauncher(Interface):
 
 
 GATEWAY_ID_ENV = "EGATEWAY_ID"
-
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
-"""
-An environment variable name a remote launcher passes on (the same rule
-as the gateway's for client values); anything else is dropped.
-"""
 """
 The variable local and SSH kernels carry in their environment, naming the
 gateway installation that started them, so its reconciler finds them (and
 never another installation's) after their store records are gone.
 """
-
-GATEWAY_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")
-
-
-def check_gateway_id(gateway_id: str) -> str:
-    """
-    The id, checked: it reaches process environments, a remote command's
-    arguments and Slurm's job records, so it is held to a plain alphabet.
-
-    @raise ValueError: empty, too long, or another character than letters,
-        digits, C{.}, C{_} and C{-}.
-    """
-    if not GATEWAY_ID_PATTERN.match(gateway_id):
-        raise ValueError(f"gateway id {gateway_id[:80]!r} is not 1 to 64 letters, digits, . _ -")
-    return gateway_id
 
 
 @dataclass(frozen=True)
@@ -322,20 +302,48 @@ class ILauncherInventory(Interface):
         """
 
 
+@dataclass(frozen=True)
+class LaunchSettings:
+    """
+    The settings every launcher shares, beside its own section.
+
+    @ivar gateway_id: this installation's id, which launchers tag the
+        kernels they start with (empty: no tag).
+    @ivar kernels: the C{[kernels]} section (port range, stop waits,
+        encryption).
+    @ivar impersonation: the C{[impersonation]} section.
+    @ivar response: the C{[response]} section, for the response listener
+        remote launchers share.
+    """
+
+    gateway_id: str = ""
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    impersonation: ImpersonationConfig = field(default_factory=ImpersonationConfig)
+    response: ResponseConfig = field(default_factory=ResponseConfig)
+
+    @classmethod
+    def from_config(cls, config: Config, gateway_id: str = "") -> "LaunchSettings":
+        return cls(gateway_id, config.kernels, config.impersonation, config.response)
+
+
 @dataclass
 class LauncherContext:
     """
-    What the gateway gives every launcher at construction.
+    What the gateway gives a launcher at construction: its own
+    configuration section and the shared launch settings, never the whole
+    configuration (L{egateway.clusters.registry} hands each launcher its
+    section).
 
-    C{settings} holds C{"config"} (the gateway's L{egateway.config.Config})
-    and C{"gateway_id"} (this installation's id, which launchers tag the
-    kernels they start with; absent or empty: no tag).
+    @ivar section: the launcher's own section (L{egateway.config.SSHConfig}
+        for C{ssh}, L{egateway.config.SlurmConfig} for C{slurm}); C{None}
+        for a launcher that has none.
     """
 
     reactor: Any
     runtime_dir: str
     ports: Any
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    section: Any = None
+    shared: LaunchSettings = field(default_factory=LaunchSettings)
     services: dict[str, Any] = field(default_factory=dict)
 
 

@@ -650,11 +650,10 @@ class LocalLauncher:
         self._runtime_dir = context.runtime_dir
         self._ports: PortAllocator = context.ports
         self._setsid = shutil.which("setsid")
-        self._gateway_id = str(context.settings.get("gateway_id") or "")
-        config = context.settings.get("config")
-        self._encryption = config.kernels.kernel_encryption if config is not None else "auto"
-        self._terminate_wait = config.kernels.terminate_wait if config is not None else 5.0
-        self.impersonation = Impersonation.from_config(config)
+        self._gateway_id = context.shared.gateway_id
+        self._encryption = context.shared.kernels.kernel_encryption
+        self._terminate_wait = context.shared.kernels.terminate_wait
+        self.impersonation = Impersonation(context.shared.impersonation)
         self._user_files_dir: str | None = None
 
     def launch(self, request: LaunchRequest) -> Deferred[IKernelProcess]:

@@ -15,9 +15,10 @@ can hold connection pools and load-balancing state.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, Mapping
 
 from twisted.logger import Logger
 from zope.interface.verify import verifyObject
@@ -46,8 +47,16 @@ class UnknownLauncher(LaunchError):
 
 
 class LauncherRegistry:
-    def __init__(self, context: LauncherContext, extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, context: LauncherContext, extra: dict[str, Any] | None = None, sections: Mapping[str, Any] | None = None
+    ) -> None:
+        """
+        @param sections: each launcher's own configuration section, by
+            launcher name (C{{"ssh": config.ssh, ...}}); a launcher gets
+            only its own, as C{context.section}.
+        """
         self._context = context
+        self._sections = dict(sections or {})
         self._factories: dict[str, Any] = dict(BUILTIN)
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             self._factories.setdefault(ep.name, ep.value)
@@ -78,7 +87,7 @@ class LauncherRegistry:
                 factory = getattr(importlib.import_module(module_name), attribute)
             except (ImportError, AttributeError) as e:
                 raise UnknownLauncher(f"launcher {name!r} cannot be loaded: {e}") from None
-        launcher = factory(self._context)
+        launcher = factory(dataclasses.replace(self._context, section=self._sections.get(name)))
         verifyObject(ILauncher, launcher)
         self._launchers[name] = launcher
         return launcher

@@ -65,8 +65,7 @@ def response_listener(context: LauncherContext) -> ResponseListener:
     """
     listener = context.services.get("response")
     if listener is None:
-        config = context.settings["config"]
-        listener = ResponseListener.from_config(context.reactor, config.response)
+        listener = ResponseListener.from_config(context.reactor, context.shared.response)
         context.services["response"] = listener
     if not listener.running:
         try:

@@ -254,13 +254,12 @@ class SlurmLauncher(RemoteLauncher):
     name = "slurm"
 
     def __init__(self, context: LauncherContext) -> None:
-        config = context.settings["config"]
         self._context = context
         self._reactor = context.reactor
-        self._gateway_id = str(context.settings.get("gateway_id") or "")
-        self._settings = config.slurm
-        self._kernels = config.kernels
-        self.impersonation = Impersonation.from_config(config)
+        self._gateway_id = context.shared.gateway_id
+        self._settings = context.section
+        self._kernels = context.shared.kernels
+        self.impersonation = Impersonation(context.shared.impersonation)
         self.commands = SlurmCommands(
             context.reactor,
             self._settings.slurm_bin_dir,

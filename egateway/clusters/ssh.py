@@ -198,16 +198,15 @@ class SSHLauncher(RemoteLauncher):
     name = "ssh"
 
     def __init__(self, context: LauncherContext) -> None:
-        config = context.settings["config"]
         self._context = context
         self._reactor = context.reactor
-        self._gateway_id = str(context.settings.get("gateway_id") or "")
+        self._gateway_id = context.shared.gateway_id
         self._hosts_used: set[str] = set()
         self._stopped = False
-        self._settings = config.ssh
-        self._kernels = config.kernels
-        self.impersonation = Impersonation.from_config(config)
-        settings = config.ssh
+        self._settings = context.section
+        self._kernels = context.shared.kernels
+        self.impersonation = Impersonation(context.shared.impersonation)
+        settings = context.section
         self.pool = SSHPool(
             context.reactor,
             SSHSettings(

@@ -19,9 +19,10 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
+from egateway.names import ENV_NAME as NAME
+
 MAX_VALUE_LENGTH = 4096
 PROHIBITED_CHARACTERS = frozenset("$`\n\r\0")
-NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def _secret_variables() -> frozenset[str]:

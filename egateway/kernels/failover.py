@@ -83,12 +83,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from egateway.wire.protocol import Message, WireError
-
-if TYPE_CHECKING:
-    from egateway.kernels.journal import JournalLimits
 
 CURSOR_WINDOW = 256
 """
@@ -156,13 +153,24 @@ def message_size(message: Message) -> int:
     return size
 
 
+class Bounds(Protocol):
+    """
+    The bounds a ring keeps to: a session journal's
+    (L{egateway.kernels.journal.JournalLimits}), read on every append so a
+    change applies at once.
+    """
+
+    entries: int
+    size: int
+
+
 class IopubRing:
     """
     The last iopub messages of one kernel as this gateway received them,
     bounded by a session journal's limits.
     """
 
-    def __init__(self, limits: "JournalLimits") -> None:
+    def __init__(self, limits: Bounds) -> None:
         self._limits = limits
         self._messages: deque[tuple[Message, int]] = deque()
         self._bytes = 0

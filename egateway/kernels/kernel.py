@@ -18,8 +18,8 @@ from typing import Any, Callable
 from twisted.logger import Logger
 
 from egateway.clusters.interface import IKernelProcess, Phase, PhaseEvent
+from egateway.kernels.acl import Acl
 from egateway.kernels.failover import IopubRing, gateway_session
-from egateway.kernels.policy import Acl
 from egateway.kernels.specs import KernelSpec
 from egateway.kernels.state import KernelState, check_transition
 from egateway.kernels.journal import JournalLimits, KernelClient, KernelSession

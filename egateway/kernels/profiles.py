@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from egateway.config import ConfigError
 from egateway.errors import BadRequest
 from egateway.kernels.env import NAME
 
@@ -448,3 +449,17 @@ def load_profiles(configs: Mapping[str, Any]) -> dict[str, Profile]:
     @raise ProfileError: the first malformed one.
     """
     return {name: Profile.from_config(name, cfg) for name, cfg in configs.items()}
+
+
+def check_config(configs: Mapping[str, Any]) -> None:
+    """
+    The C{[profiles.<name>]} tables, checked at start-up (the gateway's
+    assembly runs this) rather than at the first launch.
+
+    @raise ConfigError: the first malformed profile; the message names it
+        and its key.
+    """
+    try:
+        load_profiles(configs)
+    except ProfileError as e:
+        raise ConfigError(str(e)) from None

@@ -46,8 +46,7 @@ from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from egateway import __version__
-from egateway.api.http import error_body, write_json
-from egateway.errors import Forbidden, GatewayError, NotFound
+from egateway.errors import Forbidden, GatewayError, NotFound, error_body, write_json
 from egateway.kernels.kernel import Kernel, iso
 from egateway.kernels.policy import ENDED, caller_of
 from egateway.kernels.state import KernelState

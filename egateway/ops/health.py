@@ -28,8 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
-from egateway.api.http import write_json
-from egateway.errors import Forbidden, Unavailable
+from egateway.errors import Forbidden, Unavailable, write_json
 from egateway.kernels.policy import caller_of
 from egateway.observe import Operation
 from egateway.ops import audit

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Any
+from typing import Any, Sequence
 
 from twisted.application.service import Service
 from twisted.logger import Logger
@@ -35,18 +35,20 @@ Authenticators that tell users apart.
 SHORT_TOKEN = 32
 
 
-def posture_warnings(config: Any, config_file: str = "", data_dir: str = "") -> list[str]:
+def posture_warnings(
+    config: Any, config_file: str = "", data_dir: str = "", *, authenticators: Sequence[str]
+) -> list[str]:
     """
     What to warn about for C{config}.  Reads the modes of the files it
     names (a few C{stat} calls on local files).
 
     @param config_file: the C{--config} file, if any.
     @param data_dir: the data directory (where the default store key is).
+    @param authenticators: the authenticators C{config} turns on, in order
+        (as the API decides them: L{egateway.api.authenticators.enabled_authenticators}).
     """
-    from egateway.api.authenticators import enabled_authenticators
-
     auth = config.auth
-    methods = enabled_authenticators(auth)
+    methods = list(authenticators)
     per_user = [name for name in methods if name in PER_USER]
     warnings = []
     if "token" in methods and per_user:
@@ -173,14 +175,19 @@ class PostureWarnings(Service):
 
     name = "posture"
 
-    def __init__(self, config: Any, config_file: str = "", data_dir: str = "") -> None:
+    def __init__(
+        self, config: Any, config_file: str = "", data_dir: str = "", *, authenticators: Sequence[str]
+    ) -> None:
         self._config = config
         self._config_file = config_file
         self._data_dir = data_dir
+        self._authenticators = authenticators
 
     def startService(self) -> None:
         super().startService()
         # Not "warning": the legacy log bridge takes an event with that key
         # for a Python warning.
-        for concern in posture_warnings(self._config, self._config_file, self._data_dir):
+        for concern in posture_warnings(
+            self._config, self._config_file, self._data_dir, authenticators=self._authenticators
+        ):
             _log.warn("security: {concern}", concern=concern)

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from egateway.config import ConfigError, ResponseConfig, ServerConfig
 from egateway.ops.signals import SignalAction
 
 MODERN_CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
@@ -404,6 +405,20 @@ def listener_files(description: str, settings: Any) -> ListenerPlan:
     )
 
 
+
+def check_config(listen_endpoint: str, server: ServerConfig, response: ResponseConfig) -> None:
+    """
+    The listener's TLS settings (C{[server]}) and the response listener's
+    need of them (C{[response]}), checked at start-up (the gateway's
+    assembly runs this) without reading the files.
+    """
+    with ConfigError.about("server.listen/certfile", TLSSetupError):
+        plan = listener_files(listen_endpoint, server)
+    if response.response_tls and plan.files is None:
+        raise ConfigError(
+            "response.response_tls: needs a certificate: set certfile (EG_CERTFILE) or listen on ssl:"
+        )
+
 __all__ = [
     "CertificateFiles",
     "ListenerPlan",
@@ -411,6 +426,7 @@ __all__ = [
     "TLSService",
     "TLSSetupError",
     "build_context_blocking",
+    "check_config",
     "listener_files",
     "plan_listener",
     "split_description",

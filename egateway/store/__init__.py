@@ -14,6 +14,8 @@ import os
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from egateway.config import ConfigError, StoreConfig
+from egateway.names import check_gateway_id
 from egateway.store.crypto import SecretBox, SecretBoxError, load_or_create_key_file_blocking
 from egateway.store.interface import (
     IKernelStore,
@@ -33,6 +35,7 @@ __all__ = [
     "SessionRecord",
     "StoreError",
     "StoreUnavailable",
+    "check_config",
     "load_or_create_key_file_blocking",
     "open_store",
     "parse_store_url",
@@ -87,3 +90,19 @@ def open_store(url_or_path: str, secret_box: SecretBox, reactor: Any) -> IKernel
     from egateway.store.sqlite import SQLiteStore
 
     return SQLiteStore(location, secret_box, reactor)
+
+
+def check_config(settings: StoreConfig) -> None:
+    """
+    The C{[store]} section's location, key and gateway id, checked without
+    opening anything (the gateway's assembly runs this at start-up).
+    """
+    if settings.store_url:
+        with ConfigError.about("store.store_url"):
+            parse_store_url(settings.store_url)
+    if settings.store_key:
+        with ConfigError.about("store.store_key", SecretBoxError):
+            SecretBox.from_key(settings.store_key)
+    if settings.gateway_id:
+        with ConfigError.about("store.gateway_id"):
+            check_gateway_id(settings.gateway_id)

@@ -107,7 +107,7 @@ class FakeLauncher(RemoteLauncher):
     def __init__(self, context: LauncherContext, cluster: FakeCluster) -> None:
         self._context = context
         self._reactor = context.reactor
-        self._config = context.settings["config"]
+        self._kernels = context.shared.kernels
         self.cluster = cluster
 
     async def _prepare(self, request: LaunchRequest) -> dict[str, Any]:
@@ -116,7 +116,7 @@ class FakeLauncher(RemoteLauncher):
     async def _submit(self, launch: RemoteLaunch) -> None:
         request = launch.request
         argv = launcher_argv(
-            request.spec, request.kernel_id, launch.listener, self._config.kernels.port_range, ""
+            request.spec, request.kernel_id, launch.listener, self._kernels.port_range, ""
         )
         child = _Child(f"{launch.pending.token}\n".encode())
         env = {**request.env, "EG_LAUNCH_TOKEN_STDIN": "1"}
@@ -142,7 +142,7 @@ class FakeLauncher(RemoteLauncher):
         return FakeKernelProcess(
             cluster=self.cluster,
             placement=Placement(host=placed.host, ip=placed.address, pid=pid, pgid=pid),
-            **self._kernel_arguments(launch, info, payload, self._config.kernels.poll_interval),
+            **self._kernel_arguments(launch, info, payload, self._kernels.poll_interval),
         )
 
     async def _abandon(self, launch: RemoteLaunch) -> None:
@@ -161,7 +161,7 @@ class FakeLauncher(RemoteLauncher):
             info=info,
             placement=Placement(host=str(snapshot["host"]), ip=info.ip, pid=pid, pgid=pid),
             reactor=self._reactor,
-            poll_interval=self._config.kernels.poll_interval,
+            poll_interval=self._kernels.poll_interval,
             comm_port=int(snapshot.get("comm_port") or 0),
             comm_token=snapshot.get("comm_token"),
         )

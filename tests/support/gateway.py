@@ -15,7 +15,7 @@ from twisted.internet import reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from egateway.config import build_config
+from egateway.validation import load_config
 from tests.support.daemon import pid_alive
 from egateway.tap import build_service
 
@@ -35,7 +35,7 @@ class InProcessGateway:
         values = {key.replace("_", "-"): str(value) for key, value in settings.items()}
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("EG_", "KG_"))}
         environ.update(env or {})
-        self.config = build_config({}, environ, values)
+        self.config = load_config({}, environ, values)
         self.service = build_service(self.config, reactor)
         self.manager = self.service.manager
         self.url = ""

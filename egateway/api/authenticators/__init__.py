@@ -16,6 +16,7 @@ L{build_authentication} makes the chain the configuration asks for.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -25,7 +26,7 @@ from egateway.api.authenticators.chain import AuthenticatorChain
 from egateway.api.authenticators.interface import IAuthenticator, presented_token
 from egateway.api.authenticators.limiter import FailureLimiter
 from egateway.api.authenticators.trusted_proxy import ProxyNetworks, parse_networks
-from egateway.config import AuthConfig
+from egateway.config import AuthConfig, ConfigError
 
 AUTHENTICATOR_NAMES = ("trusted-proxy", "token", "user-tokens", "jwt", "jupyterhub")
 """
@@ -52,6 +53,60 @@ def enabled_authenticators(settings: AuthConfig) -> list[str]:
     }
     return [name for name in AUTHENTICATOR_NAMES if configured[name]]
 
+
+
+def check_config(auth: AuthConfig) -> None:
+    """
+    The C{[auth]} section, checked at start-up (the gateway's assembly
+    runs this): known authenticators, each with the settings it needs,
+    parseable proxy networks, JWT algorithms and keys that can verify.
+    """
+    from egateway.api.authenticators.jwt_bearer import ALGORITHMS, HMAC_ALGORITHMS
+
+    for name in auth.authenticators:
+        if name not in AUTHENTICATOR_NAMES:
+            raise ConfigError(
+                f"auth.authenticators: unknown authenticator {name!r}; known: {', '.join(AUTHENTICATOR_NAMES)}"
+            )
+    if len(set(auth.authenticators)) != len(auth.authenticators):
+        raise ConfigError("auth.authenticators: each authenticator may be named once")
+    with ConfigError.about("auth.trusted_proxies"):
+        parse_networks(auth.trusted_proxies)
+    for algorithm in auth.jwt_algorithms:
+        if algorithm not in ALGORITHMS:
+            raise ConfigError(
+                f"auth.jwt_algorithms: {algorithm!r} is not supported; use some of {', '.join(sorted(ALGORITHMS))}"
+            )
+    if auth.jwt_secret and len(auth.jwt_secret.encode("utf-8")) < 32:
+        raise ConfigError("auth.jwt_secret: must be at least 32 bytes long (RFC 7518 for HS256)")
+    if auth.jupyterhub_api_url and not re.match(r"^https?://[^/\s]+", auth.jupyterhub_api_url):
+        raise ConfigError("auth.jupyterhub_api_url: must be an http:// or https:// URL, e.g. http://hub:8081/hub/api")
+    needs = {
+        "token": ("auth_token", auth.auth_token),
+        "trusted-proxy": ("auth_token and trusted_proxies", auth.auth_token and auth.trusted_proxies),
+        "user-tokens": ("user_tokens_file", auth.user_tokens_file),
+        "jupyterhub": ("jupyterhub_api_url", auth.jupyterhub_api_url),
+    }
+    for name in enabled_authenticators(auth):
+        if name in needs and not needs[name][1]:
+            raise ConfigError(f"auth.authenticators: {name} needs {needs[name][0]} to be set")
+        if name == "jwt":
+            usable = [
+                a
+                for a in auth.jwt_algorithms
+                if (a in HMAC_ALGORITHMS and auth.jwt_secret) or (a not in HMAC_ALGORITHMS and auth.jwt_public_key_file)
+            ]
+            if not usable:
+                raise ConfigError(
+                    "auth.authenticators: jwt needs jwt_secret (for HS*) or jwt_public_key_file (for RS*, ES*, ...) "
+                    "matching one of jwt_algorithms"
+                )
+            if not auth.jwt_audience and not auth.jwt_any_audience:
+                raise ConfigError(
+                    "auth.jwt_audience: required with the jwt authenticator, or a token the identity provider "
+                    "issued for another service is accepted here; set it to the aud claim of this gateway's "
+                    "tokens (or set jwt_any_audience = true if every token of this provider is meant for it)"
+                )
 
 def build_authentication(
     settings: AuthConfig,

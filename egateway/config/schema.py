@@ -1,25 +1,26 @@
 """
-The gateway's configuration: one frozen object with a section per concern.
+The gateway's configuration schema: one frozen object with a section per
+concern.
 
 Every leaf setting is declared once, as a dataclass field whose metadata names
 its environment variables (Enterprise Gateway's names first, where one
-exists) and its help text.  From that single declaration we derive the TOML
-schema, the environment mapping and one command-line flag per setting, so the
-three sources cannot drift apart.
+exists) and its help text.  From that single declaration the loader
+(L{egateway.config.loader}) derives the TOML schema, the environment mapping
+and one command-line flag per setting, so the three sources cannot drift
+apart.
 
-Precedence, lowest first: defaults, the TOML file, the environment, the
-command line.  An unknown key or a value that does not parse stops start-up
-with a L{ConfigError} that names the key and what is allowed.
+Only shapes, types and bounds are declared here.  What a value means to the
+layer that uses it (a store URL, an authenticator's keys, a Slurm time
+limit) is checked by that layer: the gateway's assembly runs those checks
+(L{egateway.validation}), so this package imports nothing above it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
-import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Sequence
 
 
 class ConfigError(ValueError):
@@ -27,6 +28,22 @@ class ConfigError(ValueError):
     A configuration value is missing, unknown or malformed.  The message
     names the offending key and says what would be accepted.
     """
+
+    @classmethod
+    @contextmanager
+    def about(cls, key: str, *errors: type[Exception]) -> Iterator[None]:
+        """
+        Report a layer's own complaint about a value (a C{ValueError}, or
+        any of C{errors}) as a L{ConfigError} naming the key, so each layer
+        checks its section with the parser it uses anyway::
+
+            with ConfigError.about("store.store_url"):
+                parse_store_url(settings.store_url)
+        """
+        try:
+            yield
+        except (errors or (ValueError,)) as e:
+            raise cls(f"{key}: {e}") from None
 
 
 def setting(default: Any, help: str, env: Sequence[str] = (), **extra: Any) -> Any:
@@ -1026,451 +1043,3 @@ def _leaves(section_name: str, section: type) -> Iterator[SettingInfo]:
             secret=f.metadata.get("secret", False),
             choices=f.metadata.get("choices"),
         )
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-def _from_text(info: SettingInfo, text: str, source: str) -> Any:
-    """
-    Parse a string from the environment or the command line.
-    """
-    if info.kind is str:
-        return text
-    if info.kind is bool:
-        lowered = text.strip().lower()
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-        raise ConfigError(
-            f"{info.key} ({source}): {text!r} is not a boolean; "
-            "use true/false, yes/no, on/off or 1/0"
-        )
-    if info.kind is list:
-        return [item.strip() for item in text.split(",") if item.strip()]
-    try:
-        return info.kind(text.strip())
-    except ValueError:
-        raise ConfigError(
-            f"{info.key} ({source}): {text!r} is not a valid {info.kind.__name__}"
-        ) from None
-
-
-def _checked(info: SettingInfo, value: Any, source: str) -> Any:
-    """
-    Validate a value of the right Python type against its declared bounds.
-    """
-    kind = info.kind
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{info.key} ({source}): expected a list of strings")
-    elif kind is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{info.key} ({source}): expected a table")
-    elif not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ConfigError(
-            f"{info.key} ({source}): expected {kind.__name__}, "
-            f"got {type(value).__name__}"
-        )
-    if info.choices is not None and value not in info.choices:
-        raise ConfigError(
-            f"{info.key} ({source}): {value!r} is not one of {', '.join(info.choices)}"
-        )
-    if info.minimum is not None and value < info.minimum:
-        raise ConfigError(f"{info.key} ({source}): {value} is below {info.minimum}")
-    if info.maximum is not None and value > info.maximum:
-        raise ConfigError(f"{info.key} ({source}): {value} is above {info.maximum}")
-    return value
-
-
-def load_toml(path: str) -> dict[str, dict[str, Any]]:
-    """
-    Read a TOML config file into C{{section: {name: value}}}, rejecting
-    unknown sections and keys.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"config file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {path}: {e}") from None
-    known = {(s.section, s.name) for s in settings()}
-    result: dict[str, dict[str, Any]] = {}
-    for section, values in data.items():
-        if section in _TABLES:
-            result[section] = _tables(section, values, f"config file {path}: ")
-            continue
-        if section not in _SECTIONS:
-            raise ConfigError(
-                f"config file {path}: unknown section [{section}]; "
-                f"known sections: {', '.join([*_SECTIONS, *_TABLES])}"
-            )
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path}: {section} must be a table")
-        for name, value in values.items():
-            if (section, name) not in known:
-                raise ConfigError(
-                    f"config file {path}: unknown key {section}.{name}"
-                )
-            result.setdefault(section, {})[name] = value
-    return result
-
-
-def _tables(section: str, values: Any, where: str = "") -> dict[str, dict[str, Any]]:
-    """
-    Check the shape of a table-of-tables section (C{[profiles.<name>]}):
-    a table per name, holding only known keys.
-    """
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{where}{section} must hold tables, one per name ([{section}.<name>])")
-    known = [info.name for info in table_settings(section)]
-    result: dict[str, dict[str, Any]] = {}
-    for name, table in values.items():
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", name):
-            raise ConfigError(
-                f"{where}[{section}.{name}]: a name is 1 to 64 letters, digits, _ . - (starting with a letter or digit)"
-            )
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"{where}{section}.{name} must be a table ([{section}.{name}])")
-        unknown = sorted(key for key in table if key not in known)
-        if unknown:
-            raise ConfigError(
-                f"{where}unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in "
-                f"[{section}.{name}]; known keys: {', '.join(known)}"
-            )
-        result[name] = dict(table)
-    return result
-
-
-def _build_tables(section: str, values: Any) -> dict[str, Any]:
-    """
-    The dataclasses of a table-of-tables section, each key type-checked.
-    """
-    kind = _TABLES[section]
-    infos = {info.name: info for info in table_settings(section)}
-    built: dict[str, Any] = {}
-    for name, table in _tables(section, values).items():
-        checked = {}
-        for key, value in table.items():
-            info = dataclasses.replace(infos[key], section=f"{section}.{name}")
-            checked[key] = _checked(info, value, "config file")
-        built[name] = kind(**checked)
-    return built
-
-
-def build_config(
-    file_values: Mapping[str, Mapping[str, Any]] | None = None,
-    environ: Mapping[str, str] | None = None,
-    flags: Mapping[str, str | None] | None = None,
-) -> Config:
-    """
-    Merge the sources in precedence order into a validated L{Config}.
-
-    @param file_values: parsed TOML, as from L{load_toml}.
-    @param environ: the process environment (defaults to C{os.environ}).
-    @param flags: command-line values keyed by flag name (C{max-kernels});
-        C{None} values are unset flags.
-    """
-    environ = os.environ if environ is None else environ
-    file_values = file_values or {}
-    flags = flags or {}
-    chosen: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
-    for info in settings():
-        value: Any = dataclasses.MISSING
-        if info.name in file_values.get(info.section, {}):
-            value = _checked(info, file_values[info.section][info.name], "config file")
-        for name in info.env:
-            if name in environ:
-                value = _checked(info, _from_text(info, environ[name], name), name)
-                break
-        flag_value = flags.get(info.flag)
-        if flag_value is not None:
-            value = _checked(
-                info, _from_text(info, flag_value, f"--{info.flag}"), f"--{info.flag}"
-            )
-        if value is not dataclasses.MISSING:
-            chosen[info.section][info.name] = value
-    if "base_url" in chosen["server"]:
-        chosen["server"]["base_url"] = _normalise_base_url(chosen["server"]["base_url"])
-    tables = {name: _build_tables(name, file_values.get(name, {})) for name in _TABLES}
-    config = Config(**{name: _SECTIONS[name](**values) for name, values in chosen.items()}, **tables)
-    _validate_cross_field(config)
-    return config
-
-
-def _normalise_base_url(base_url: str) -> str:
-    """
-    C{fake/path/} and C{/fake/path} both mean C{/fake/path/}.
-    """
-    return "/" + base_url.strip("/") + "/" if base_url.strip("/") else "/"
-
-
-def _validate_cross_field(config: Config) -> None:
-    from egateway.clusters.ports import PortRange
-
-    try:
-        PortRange.parse(config.kernels.port_range)
-    except ValueError as e:
-        raise ConfigError(f"kernels.port_range: {e}") from None
-    _validate_store(config.store)
-    _validate_profiles(config)
-    _validate_auth(config.auth)
-    _validate_tls(config)
-    _validate_slurm(config.slurm)
-    _validate_impersonation(config.impersonation)
-    from egateway.ops.manhole import check_settings
-
-    manhole_problem = check_settings(config.ops)
-    if manhole_problem:
-        raise ConfigError(manhole_problem)
-    _validate_metrics(config.metrics)
-
-
-def _validate_slurm(slurm: "SlurmConfig") -> None:
-    from egateway.clusters.slurm import check_name, parse_memory, parse_time_limit
-
-    checks = [
-        ("slurm_partition", check_name),
-        ("slurm_account", check_name),
-        ("slurm_qos", check_name),
-        ("slurm_time_limit", parse_time_limit),
-        ("slurm_max_time_limit", parse_time_limit),
-        ("slurm_max_memory", parse_memory),
-    ]
-    for name, check in checks:
-        value = getattr(slurm, name)
-        if value:
-            try:
-                check(value)
-            except ValueError as e:
-                raise ConfigError(f"slurm.{name}: {e}") from None
-    if not re.match(r"^[A-Za-z0-9_.\-]{0,64}$", slurm.slurm_job_name_prefix):
-        raise ConfigError(
-            f"slurm.slurm_job_name_prefix: {slurm.slurm_job_name_prefix!r} may hold only letters, digits, _ . -"
-        )
-
-
-
-def _validate_impersonation(impersonation: "ImpersonationConfig") -> None:
-    from egateway.clusters.impersonation import ImpersonationSetupError, command_template
-
-    try:
-        command_template(impersonation.sudo_command)
-    except ImpersonationSetupError as e:
-        raise ConfigError(f"impersonation.sudo_command: {e}") from None
-    if "{user}" not in impersonation.ssh_user_key_file:
-        raise ConfigError("impersonation.ssh_user_key_file: must contain {user}, e.g. ~{user}/.ssh/id_ed25519")
-    if not os.path.isabs(impersonation.impersonation_runtime_dir):
-        raise ConfigError("impersonation.impersonation_runtime_dir: must be an absolute path")
-
-
-def _validate_tls(config: "Config") -> None:
-    from egateway.ops.tls import TLSSetupError, listener_files
-
-    try:
-        plan = listener_files(config.listen_endpoint, config.server)
-    except TLSSetupError as e:
-        raise ConfigError(f"server.listen/certfile: {e}") from None
-    if config.response.response_tls and plan.files is None:
-        raise ConfigError(
-            "response.response_tls: needs a certificate: set certfile (EG_CERTFILE) or listen on ssl:"
-        )
-
-
-def _validate_metrics(metrics: MetricsConfig) -> None:
-    from egateway.api.authenticators.trusted_proxy import parse_networks
-
-    try:
-        parse_networks(metrics.metrics_networks)
-    except ValueError as e:
-        raise ConfigError(f"metrics.metrics_networks: {e}") from None
-
-
-def _validate_auth(auth: "AuthConfig") -> None:
-    from egateway.api.authenticators import AUTHENTICATOR_NAMES, enabled_authenticators
-    from egateway.api.authenticators.jwt_bearer import ALGORITHMS
-    from egateway.api.authenticators.trusted_proxy import parse_networks
-
-    for name in auth.authenticators:
-        if name not in AUTHENTICATOR_NAMES:
-            raise ConfigError(
-                f"auth.authenticators: unknown authenticator {name!r}; known: {', '.join(AUTHENTICATOR_NAMES)}"
-            )
-    if len(set(auth.authenticators)) != len(auth.authenticators):
-        raise ConfigError("auth.authenticators: each authenticator may be named once")
-    try:
-        parse_networks(auth.trusted_proxies)
-    except ValueError as e:
-        raise ConfigError(f"auth.trusted_proxies: {e}") from None
-    for algorithm in auth.jwt_algorithms:
-        if algorithm not in ALGORITHMS:
-            raise ConfigError(
-                f"auth.jwt_algorithms: {algorithm!r} is not supported; use some of {', '.join(sorted(ALGORITHMS))}"
-            )
-    if auth.jwt_secret and len(auth.jwt_secret.encode("utf-8")) < 32:
-        raise ConfigError("auth.jwt_secret: must be at least 32 bytes long (RFC 7518 for HS256)")
-    if auth.jupyterhub_api_url and not re.match(r"^https?://[^/\s]+", auth.jupyterhub_api_url):
-        raise ConfigError("auth.jupyterhub_api_url: must be an http:// or https:// URL, e.g. http://hub:8081/hub/api")
-    needs = {
-        "token": ("auth_token", auth.auth_token),
-        "trusted-proxy": ("auth_token and trusted_proxies", auth.auth_token and auth.trusted_proxies),
-        "user-tokens": ("user_tokens_file", auth.user_tokens_file),
-        "jupyterhub": ("jupyterhub_api_url", auth.jupyterhub_api_url),
-    }
-    for name in enabled_authenticators(auth):
-        if name in needs and not needs[name][1]:
-            raise ConfigError(f"auth.authenticators: {name} needs {needs[name][0]} to be set")
-        if name == "jwt":
-            from egateway.api.authenticators.jwt_bearer import HMAC_ALGORITHMS
-
-            usable = [
-                a
-                for a in auth.jwt_algorithms
-                if (a in HMAC_ALGORITHMS and auth.jwt_secret) or (a not in HMAC_ALGORITHMS and auth.jwt_public_key_file)
-            ]
-            if not usable:
-                raise ConfigError(
-                    "auth.authenticators: jwt needs jwt_secret (for HS*) or jwt_public_key_file (for RS*, ES*, ...) "
-                    "matching one of jwt_algorithms"
-                )
-            if not auth.jwt_audience and not auth.jwt_any_audience:
-                raise ConfigError(
-                    "auth.jwt_audience: required with the jwt authenticator, or a token the identity provider "
-                    "issued for another service is accepted here; set it to the aud claim of this gateway's "
-                    "tokens (or set jwt_any_audience = true if every token of this provider is meant for it)"
-                )
-
-
-def _validate_profiles(config: "Config") -> None:
-    from egateway.kernels.profiles import ProfileError, load_profiles
-
-    try:
-        load_profiles(config.profiles)
-    except ProfileError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _validate_store(store: "StoreConfig") -> None:
-    from egateway.store import parse_store_url
-    from egateway.store.crypto import SecretBox, SecretBoxError
-
-    if store.store_url:
-        try:
-            parse_store_url(store.store_url)
-        except ValueError as e:
-            raise ConfigError(f"store.store_url: {e}") from None
-    if store.store_key:
-        try:
-            SecretBox.from_key(store.store_key)
-        except SecretBoxError as e:
-            raise ConfigError(f"store.store_key: {e}") from None
-    if store.gateway_id:
-        from egateway.clusters.interface import check_gateway_id
-
-        try:
-            check_gateway_id(store.gateway_id)
-        except ValueError as e:
-            raise ConfigError(f"store.gateway_id: {e}") from None
-
-def describe(config: Config) -> dict[str, dict[str, Any]]:
-    """
-    The effective configuration as plain data, secrets masked, for logs.
-    """
-    result: dict[str, dict[str, Any]] = {}
-    for info in settings():
-        value = getattr(getattr(config, info.section), info.name)
-        if info.secret and value:
-            value = "********"
-        result.setdefault(info.section, {})[info.name] = value
-    for table in _TABLES:
-        # Names only: a profile's environment may hold credentials.
-        result[table] = {name: "defined" for name in getattr(config, table)}
-    return result
-
-
-def flag_table() -> list[tuple[str, None, None, str]]:
-    """
-    Rows for C{twisted.python.usage.Options.optParameters}: one per setting.
-    """
-    rows = []
-    for info in settings():
-        env = f" [env: {', '.join(info.env)}]" if info.env else ""
-        rows.append((info.flag, None, None, f"{info.help}{env}"))
-    return rows
-
-
-def help_text(width: int = 100) -> str:
-    """
-    Every setting's flag for C{--help}, grouped by section (the TOML table
-    it lives in), each with its default and environment variables.
-    """
-    import textwrap
-
-    lines = []
-    for section in _SECTIONS:
-        lines.append(f"[{section}]")
-        for info in settings():
-            if info.section != section:
-                continue
-            default = info.default
-            if isinstance(default, bool):
-                default = str(default).lower()
-            elif isinstance(default, list):
-                default = ",".join(default)
-            shown = "(empty)" if default in ("", []) else default
-            if info.secret and default:
-                shown = "********"
-            env = f"; env {', '.join(info.env)}" if info.env else ""
-            lines.append(f"  --{info.flag}=  [default: {shown}{env}]")
-            lines.extend(
-                textwrap.wrap(
-                    info.help,
-                    width=width,
-                    initial_indent="      ",
-                    subsequent_indent="      ",
-                )
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
-def reference_markdown() -> str:
-    """
-    The configuration reference as a Markdown table (the README embeds it;
-    a test keeps the two equal).
-    """
-    lines = [
-        "| setting (TOML `[section] key`) | flag | environment | default | meaning |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for info in settings():
-        default = info.default
-        if isinstance(default, list):
-            default = ",".join(default)
-        shown = f"`{default}`" if default not in ("", []) else "(empty)"
-        env = ", ".join(f"`{name}`" for name in info.env) or "-"
-        lines.append(
-            f"| `[{info.section}] {info.name}` | `--{info.flag}` | {env} | {shown} | {info.help} |"
-        )
-    for table in _TABLES:
-        lines += [
-            "",
-            f"Keys of each `[{table}.<name>]` table (config file only):",
-            "",
-            "| key | default | meaning |",
-            "| --- | --- | --- |",
-        ]
-        for info in table_settings(table):
-            default = info.default
-            shown = f"`{default}`" if default not in ("", [], {}) else "(empty)"
-            lines.append(f"| `{info.name}` | {shown} | {info.help} |")
-    return "\n".join(lines) + "\n"
-
-
-if __name__ == "__main__":
-    print(reference_markdown(), end="")
