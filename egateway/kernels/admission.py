@@ -30,7 +30,7 @@ from egateway.kernels.policy import ENDED, Caller
 from egateway.kernels.specs import KernelSpec, NoSuchKernelSpec
 
 if TYPE_CHECKING:
-    from egateway.kernels.manager import KernelManager
+    from egateway.kernels.interfaces import IKernelTable
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class AdmissionControl:
     def __init__(
         self,
         *,
-        manager: KernelManager,
+        manager: IKernelTable,
         clock: IReactorTime,
         gateway_env: Mapping[str, str],
         default_username: str | None = None,

@@ -1,5 +1,6 @@
 """
-What the kernel manager needs of persistence and of sharing.
+What the kernel manager needs of persistence and of sharing, and what its
+parts (admission, launching, restarts, shutdown) need of it.
 
 The manager is given both through its constructor and uses only what these
 protocols name, so it can be tested with small fakes and neither part can
@@ -13,9 +14,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
+    from egateway.clusters.interface import IKernelProcess
+    from egateway.clusters.registry import LauncherRegistry
+    from egateway.config import KernelsConfig
     from egateway.kernels.kernel import Kernel
-    from egateway.kernels.manager import KernelManager
+    from egateway.kernels.policy import TenancyPolicy
+    from egateway.kernels.specs import KernelSpecCatalog
     from egateway.store.interface import KernelRecord
+    from egateway.wire.channels import IChannelFactory
 
 
 class IKernelPersistence(Protocol):
@@ -87,12 +93,56 @@ class IKernelSharing(Protocol):
         """
 
 
-PersistenceFactory = Callable[["KernelManager"], IKernelPersistence]
+class IProcessWatch(Protocol):
+    """
+    What launching tells the restart policy: a kernel has a (new) process.
+    """
+
+    def watch(self, kernel: Kernel, process: IKernelProcess) -> None:
+        """
+        Follow C{process}, the running process of C{kernel}, until it ends.
+        """
+
+
+class IKernelTable(Protocol):
+    """
+    The manager as its parts see it: the kernels, what they are launched
+    with, and the two events a part may cause.  The parts take this rather
+    than L{egateway.kernels.manager.KernelManager}, which imports them.
+    """
+
+    kernels: dict[str, Kernel]
+    launchers: LauncherRegistry
+    settings: KernelsConfig
+    policy: TenancyPolicy
+    specs: KernelSpecCatalog
+    restarts: IProcessWatch
+
+    @property
+    def channels(self) -> IChannelFactory:
+        """
+        The transport to kernels' ZMQ channels.
+        """
+
+    def emit(self, event: str, kernel: Kernel) -> None:
+        """
+        Tell the manager's listeners of C{event} ("started", "removed", ...).
+        """
+
+    def remove(self, kernel: Kernel) -> None:
+        """
+        Forget C{kernel}: it is gone.
+        """
+
+
+# The factories are given the manager itself, typed loosely: naming its class
+# here would make the manager's module import cycle through this one.
+PersistenceFactory = Callable[[Any], IKernelPersistence]
 """
 Builds the persistence of a manager (it listens to the manager's events).
 """
 
-SharingFactory = Callable[["KernelManager", IKernelPersistence], "IKernelSharing | None"]
+SharingFactory = Callable[[Any, IKernelPersistence], "IKernelSharing | None"]
 """
 Builds the sharing of a manager over its persistence; C{None} when the
 store is this gateway's alone.

@@ -31,7 +31,7 @@ from egateway.wire.link import KernelLink
 from egateway.wire.protocol import Message
 
 if TYPE_CHECKING:
-    from egateway.kernels.manager import KernelManager
+    from egateway.kernels.interfaces import IKernelTable
 
 _log = Logger()
 
@@ -114,7 +114,7 @@ class Launching:
     Starts kernels' processes and links to them.
     """
 
-    def __init__(self, *, manager: KernelManager, clock: IReactorTime) -> None:
+    def __init__(self, *, manager: IKernelTable, clock: IReactorTime) -> None:
         """
         @param manager: whose settings, launchers and channel factory apply
             (read at each launch: they may be replaced), and whose restart

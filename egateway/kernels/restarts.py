@@ -28,7 +28,7 @@ from egateway.kernels.shutdown import Stopping
 from egateway.kernels.state import KernelState
 
 if TYPE_CHECKING:
-    from egateway.kernels.manager import KernelManager
+    from egateway.kernels.interfaces import IKernelTable
 
 _log = Logger()
 
@@ -46,7 +46,7 @@ class RestartPolicy:
     def __init__(
         self,
         *,
-        manager: KernelManager,
+        manager: IKernelTable,
         clock: IReactorTime,
         launching: Launching,
         admission: AdmissionControl,

@@ -25,7 +25,7 @@ from egateway.kernels.state import KernelState
 from egateway.wire.protocol import Message
 
 if TYPE_CHECKING:
-    from egateway.kernels.manager import KernelManager
+    from egateway.kernels.interfaces import IKernelTable
 
 _log = Logger()
 
@@ -48,7 +48,7 @@ class Stopping:
     Shuts kernels down and interrupts them.
     """
 
-    def __init__(self, *, manager: KernelManager, clock: IReactorTime, launching: Launching) -> None:
+    def __init__(self, *, manager: IKernelTable, clock: IReactorTime, launching: Launching) -> None:
         """
         @param manager: whose kernels, operations and settings these are.
         """
