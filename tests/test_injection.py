@@ -408,7 +408,7 @@ class SSHRemoteCommand(TestCase):
                 LauncherContext(reactor=reactor, runtime_dir="", ports=None, settings={"config": config})
             )
             self.addCleanup(launcher.stop)
-            launcher.pool = _LocalShell(shell)
+            launcher.processes.pool = _LocalShell(shell)
             kernel_id = str(uuid.uuid4())
             request = LaunchRequest(
                 kernel_id=kernel_id, spec=spec, env=values, config={}, username="u",
