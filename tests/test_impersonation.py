@@ -31,8 +31,8 @@ from egateway.clusters.impersonation import (
     prepare_runtime_dir_blocking,
 )
 from egateway.clusters.interface import LaunchError
-from egateway.clusters.slurm import JobResources, sbatch_arguments
-from egateway.clusters.ssh import START_SCRIPT, RunAs
+from egateway.clusters.slurm_jobs import JobResources, sbatch_arguments
+from egateway.clusters.ssh_host import START_SCRIPT, RunAs
 from egateway.clusters.sshclient import shell_command
 from egateway.config import ConfigError
 from egateway.validation import load_config

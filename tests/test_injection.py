@@ -411,7 +411,7 @@ class SSHRemoteCommand(TestCase):
                 )
             )
             self.addCleanup(launcher.stop)
-            launcher.pool = _LocalShell(shell)
+            launcher.processes.pool = _LocalShell(shell)
             kernel_id = str(uuid.uuid4())
             request = LaunchRequest(
                 kernel_id=kernel_id, spec=spec, env=values, config={}, username="u",

@@ -28,9 +28,9 @@ from zope.interface import implementer
 
 from egateway.clusters.interface import Found, ILauncherInventory, LaunchError, check_gateway_id
 from egateway.clusters.local import find_local_kernels_blocking
-from egateway.clusters.slurm import job_comment, parse_inventory as parse_slurm_inventory, sbatch_arguments
-from egateway.clusters.ssh import parse_inventory as parse_ssh_inventory
-from egateway.config import ConfigError
+from egateway.clusters.slurm_jobs import job_comment, parse_inventory as parse_slurm_inventory, sbatch_arguments
+from egateway.clusters.ssh_host import parse_inventory as parse_ssh_inventory
+from egateway.config import ConfigError, build_config
 from egateway.kernels.reconcile import Action, Reconciler, decide
 from egateway.kernels.state import KernelState
 from egateway.store.interface import KernelRecord, RecordUnreadable, StoreUnavailable
@@ -432,7 +432,7 @@ class SettingsTests(SynchronousTestCase):
         """
         sbatch gets the gateway id as the job's comment.
         """
-        from egateway.clusters.slurm import JobResources
+        from egateway.clusters.slurm_jobs import JobResources
 
         args = sbatch_arguments(JobResources(), "egateway-k", "/tmp/k.log", "", ["python"], comment=job_comment("gw-1"))
         self.assertIn("--comment=egateway:gw-1", args)

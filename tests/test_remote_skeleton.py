@@ -14,12 +14,20 @@ import uuid
 from typing import Any, Mapping
 
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from egateway.clusters.interface import LaunchError, LauncherContext, LaunchSettings, Liveness, Phase, Placement
-from egateway.clusters.remote import Placed, RemoteKernelProcess, RemoteLaunch, RemoteLauncher
+from egateway.clusters.remote import (
+    Placed,
+    RemoteKernelProcess,
+    RemoteLaunch,
+    RemoteLauncher,
+    signal_name,
+    wait_until,
+    with_log_tail,
+)
 from egateway.config import build_config
 from egateway.kernels.specs import KernelSpec
 from egateway.wire.channels import ConnectionInfo
@@ -59,16 +67,18 @@ class MemoryLauncher(RemoteLauncher):
     name = "memory"
 
     def __init__(self, clock: Clock, refuse: bool = False) -> None:
-        config = build_config({}, {}, {})
-        self._reactor = clock
-        self._context = LauncherContext(
-            reactor=clock, runtime_dir="", ports=None, shared=LaunchSettings.from_config(config),
-            services={"response": FakeListener()},
+        super().__init__(
+            LauncherContext(
+                reactor=clock, runtime_dir="", ports=None,
+                shared=LaunchSettings.from_config(build_config({}, {}, {})),
+                services={"response": FakeListener()},
+            )
         )
         self.refuse = refuse
         self.jobs: dict[str, str] = {}
         self.signals: list[tuple[str, int]] = []
         self.abandoned: list[str] = []
+        self.asked: list[str] = []
 
     @property
     def listener(self) -> FakeListener:
@@ -93,9 +103,8 @@ class MemoryLauncher(RemoteLauncher):
 
     def _kernel(self, launch: RemoteLaunch, placed: Placed, info: ConnectionInfo, payload: Mapping[str, Any]) -> Any:
         return MemoryKernel(
-            cluster=self, job=launch.state["job"], kernel_id=launch.request.kernel_id, info=info,
-            placement=Placement(host=placed.host, ip=placed.address, pid=0, pgid=0),
-            reactor=self._reactor, poll_interval=1.0, pending=launch.pending,
+            cluster=self, job=launch.state["job"], placement=Placement(host=placed.host, ip=placed.address),
+            **self._kernel_arguments(launch, info, payload),
         )
 
     async def _abandon(self, launch: RemoteLaunch) -> None:
@@ -103,6 +112,22 @@ class MemoryLauncher(RemoteLauncher):
         if job is not None:
             self.abandoned.append(job)
             self.jobs.pop(job, None)
+
+    async def _restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> Any:
+        arguments = self._restored_arguments(kernel_id, snapshot)
+        job = str(snapshot.get("job"))
+        if job not in self.jobs:
+            raise LaunchError(f"kernel {kernel_id} is no longer running")
+        placement = Placement(host=str(snapshot["host"]), ip=arguments["info"].ip)
+        return MemoryKernel(cluster=self, job=job, placement=placement, **arguments)
+
+    async def _find(self, gateway_id: str, hints: Any) -> list[Any]:
+        self.asked.append(gateway_id)
+
+        async def reap(job: str) -> None:
+            self.jobs.pop(job, None)
+
+        return [self._found(f"kernel-{job}", f"job {job}", lambda job=job: reap(job)) for job in sorted(self.jobs)]
 
 
 def request() -> tuple[Any, list]:
@@ -175,6 +200,93 @@ class SkeletonTests(SynchronousTestCase):
         self.assertEqual(launcher.listener.pending, [])
         self.assertEqual(phases, [])
         self.assertEqual(launcher.jobs, {})
+
+
+class SharedPartsTests(SynchronousTestCase):
+    """
+    What the skeleton does for every launcher besides the launch: restore
+    and the inventory around the launcher's steps, and the helpers SSH and
+    Slurm share.
+    """
+
+    def test_restore_reads_the_common_fields(self) -> None:
+        """
+        A snapshot's connection info, address, comm port and token come
+        back through the skeleton; a snapshot without connection info is
+        refused in the launcher's name.
+        """
+        clock = Clock()
+        launcher = MemoryLauncher(clock)
+        req, _ = request()
+        d = launcher.launch(req)
+        launcher.listener.pending[0].received.callback(dict(PAYLOAD, comm_port=7001))
+        process = self.successResultOf(d)
+        self.addCleanup(process.detach)
+        snapshot = {**process.snapshot(), "job": process.job}
+        restored = self.successResultOf(launcher.restore(req.kernel_id, snapshot))
+        self.addCleanup(restored.detach)
+        self.assertEqual(restored.connection_info, process.connection_info)
+        self.assertEqual((restored.comm_port, restored.comm_token), (7001, process.comm_token))
+        self.assertEqual(restored.kernel_id, req.kernel_id)
+        bad = {key: value for key, value in snapshot.items() if key != "connection_info"}
+        failure = self.failureResultOf(launcher.restore(req.kernel_id, bad), LaunchError)
+        self.assertEqual(str(failure.value), "bad memory snapshot: missing 'connection_info'")
+
+    def test_inventory_checks_the_id_then_finds(self) -> None:
+        """
+        A gateway id outside the plain alphabet is refused before the
+        launcher's C{_find} runs (it would reach a remote command); what
+        C{_find} returns carries the launcher's name and reaps through it.
+        """
+        launcher = MemoryLauncher(Clock())
+        launcher.jobs = {"1": "running", "2": "running"}
+        self.failureResultOf(launcher.inventory("gw 1; rm -rf /"), LaunchError)
+        self.assertEqual(launcher.asked, [])
+        found = self.successResultOf(launcher.inventory("gw-1"))
+        self.assertEqual(launcher.asked, ["gw-1"])
+        self.assertEqual([(f.kernel_id, f.launcher, f.description) for f in found],
+                         [("kernel-1", "memory", "job 1"), ("kernel-2", "memory", "job 2")])
+        self.successResultOf(found[0].reap())
+        self.assertEqual(launcher.jobs, {"2": "running"})
+
+    def test_wait_until(self) -> None:
+        """
+        C{done} is asked at once and every interval until it says yes, or
+        until the timeout has passed.
+        """
+        clock = Clock()
+        answers = [False, False, True]
+        asked: list[float] = []
+
+        async def done() -> bool:
+            asked.append(clock.seconds())
+            return answers.pop(0)
+
+        d = Deferred.fromCoroutine(wait_until(clock, done, 5.0, 0.5))
+        clock.advance(0.5)
+        self.assertNoResult(d)
+        clock.advance(0.5)
+        self.assertTrue(self.successResultOf(d))
+        self.assertEqual(asked, [0.0, 0.5, 1.0])
+
+        async def never() -> bool:
+            return False
+
+        d = Deferred.fromCoroutine(wait_until(clock, never, 1.0, 0.25))
+        clock.pump([0.25] * 4)
+        self.assertFalse(self.successResultOf(d))
+
+    def test_log_tail_and_signal_names(self) -> None:
+        """
+        A dead launch's story quotes the last lines of its log on one line,
+        or nothing when the log is empty; signals are named as kill -s and
+        scancel --signal take them.
+        """
+        log = "one\n  two\nthree\nfour\nfive\nsix\n"
+        self.assertEqual(with_log_tail("it died", "log h:/x.log", log),
+                         "it died; its log h:/x.log ends: two | three | four | five | six")
+        self.assertEqual(with_log_tail("it died", "log h:/x.log", " \n"), "it died")
+        self.assertEqual([signal_name(n) for n in (0, signal.SIGINT, signal.SIGKILL, 99)], ["0", "INT", "KILL", "99"])
 
 
 class FakeLauncherContract(LauncherContract, TestCase):

@@ -23,13 +23,12 @@ from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from egateway.clusters.interface import LaunchError, LauncherContext, LaunchSettings, Phase, Placement
-from egateway.clusters.slurm import (
+from egateway.clusters.commands import CommandResult
+from egateway.clusters.slurm import SlurmKernelProcess, SlurmLauncher
+from egateway.clusters.slurm_jobs import (
     BATCH_SCRIPT,
-    CommandResult,
     JobResources,
     JobState,
-    SlurmKernelProcess,
-    SlurmLauncher,
     job_environment,
     job_resources,
     never_starts,
@@ -342,7 +341,7 @@ class LaunchFlowTests(SynchronousTestCase):
                                   services={"response": FakeListener()})
         launcher = SlurmLauncher(context)
         commands = ScriptedCommands(answer)
-        launcher.commands = commands  # type: ignore[assignment]
+        launcher.slurm.commands = commands  # type: ignore[assignment]
         return launcher, commands, clock
 
     def request(self, env: dict[str, str] | None = None) -> tuple[Any, list]:
@@ -450,7 +449,7 @@ class LaunchFlowTests(SynchronousTestCase):
         launcher, commands, clock = self.launcher(answer)
 
         def told(state: JobState, by_gateway: bool = False) -> str:
-            return self.successResultOf(Deferred.fromCoroutine(launcher.describe_end(state.job_id, state, by_gateway)))
+            return self.successResultOf(Deferred.fromCoroutine(launcher.slurm.describe_end(state.job_id, state, by_gateway)))
 
         self.assertEqual(told(JobState("13", "FAILED", "n2", "NonZeroExitCode")),
                          "Slurm job 13 on n2 ended FAILED (reason NonZeroExitCode, exit code 2)")
@@ -461,11 +460,11 @@ class LaunchFlowTests(SynchronousTestCase):
         self.assertEqual(told(JobState("15", "TIMEOUT", "n1", "TimeLimit")),
                          "Slurm job 15 on n1 reached its time limit (TIMEOUT) (reason TimeLimit, signal 1)")
         self.assertEqual(told(JobState("16", "COMPLETED", "", "None")), "Slurm job 16 ended COMPLETED")
-        d = Deferred.fromCoroutine(launcher.describe_end("16", JobState("16", "COMPLETING", "n1", "None")))
+        d = Deferred.fromCoroutine(launcher.slurm.describe_end("16", JobState("16", "COMPLETING", "n1", "None")))
         self.assertNoResult(d)
         clock.advance(0.2)
         self.assertEqual(self.successResultOf(d), "Slurm job 16 on n1 ended COMPLETED")
-        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(launcher.describe_end("17", None))),
+        self.assertEqual(self.successResultOf(Deferred.fromCoroutine(launcher.slurm.describe_end("17", None))),
                          "Slurm job 17 is no longer known to Slurm")
 
     def test_only_an_outside_cancel_is_a_decision(self) -> None:

@@ -24,13 +24,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from egateway.clusters.interface import LaunchError, LauncherContext, LaunchSettings, Placement
 from egateway.clusters.remote import reported_id
-from egateway.clusters.ssh import (
+from egateway.clusters.ssh import SSHKernelProcess, SSHLauncher
+from egateway.clusters.ssh_host import (
     CHECKED_KILL_SCRIPT,
     NOT_THE_KERNEL,
     START_SCRIPT,
     RunAs,
-    SSHKernelProcess,
-    SSHLauncher,
     StartedProcess,
     checked_kill_argv,
     start_input,
@@ -220,7 +219,7 @@ class LauncherCommandTests(SynchronousTestCase):
                             shared=LaunchSettings.from_config(config), services={})
         )
         pool = FakePool()
-        launcher.pool = pool  # type: ignore[assignment]
+        launcher.processes.pool = pool  # type: ignore[assignment]
         return launcher, pool
 
     def test_command_line_carries_no_value(self) -> None:

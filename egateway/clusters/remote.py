@@ -6,17 +6,26 @@ death, and L{RemoteKernelProcess}, the kernel as a remote launcher controls
 it (comm port first, the cluster's own means as a fallback, liveness by
 polling).
 
-A concrete launcher (SSH, Slurm, ...) provides the cluster-specific parts
-by subclassing L{RemoteKernelProcess}: how to check liveness, how to signal
-without the comm port, how to stop the kernel for good.
+A concrete launcher (SSH, Slurm, ...) writes only its steps: subclassing
+L{RemoteLauncher}, how to start the kernel-side launcher, where it landed,
+whether it died first, the kernel it became and what to remove when a launch
+fails (C{_prepare}, C{_submit}, C{_await_placement}, C{_launch_ended},
+C{_kernel}, C{_abandon}), how to rebuild a kernel from its record
+(C{_restore}) and, for the inventory, how to find its leftovers (C{_find});
+subclassing L{RemoteKernelProcess}, how to check liveness, how to signal
+without the comm port, how to stop the kernel for good.  The rest (the
+sequence, the handshake, the settings every launcher reads, the snapshot's
+common fields, the inventory's checks, waiting with a deadline, log paths
+and their quotes, resolving a node's address) is here.
 """
 
 from __future__ import annotations
 
 import signal as signals
+import socket
 import sys
 from dataclasses import dataclass, replace
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import LoopingCall, deferLater
@@ -24,8 +33,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from egateway.clusters.comm import CommClient, CommError
+from egateway.clusters.impersonation import Impersonation
 from egateway.clusters.interface import (
     ExitStatus,
+    Found,
     IKernelProcess,
     LaunchError,
     LaunchRequest,
@@ -33,6 +44,7 @@ from egateway.clusters.interface import (
     Liveness,
     Phase,
     Placement,
+    check_gateway_id,
     substitute_argv,
 )
 from egateway.clusters.local import PYTHON_NAMES
@@ -236,6 +248,61 @@ def reported_id(value: Any) -> int:
     return number if number > 1 else 0
 
 
+def signal_name(signum: int) -> str:
+    """
+    The signal's name without C{SIG} (C{"INT"}), as C{kill -s} and
+    C{scancel --signal} take it, or its number when it has no name (0).
+    """
+    try:
+        return signals.Signals(signum).name.removeprefix("SIG")
+    except ValueError:
+        return str(int(signum))
+
+
+def kernel_log(directory: str, kernel_id: str) -> str:
+    """
+    Where a kernel-side launcher's output goes on its host (or shared file
+    system): C{<directory>/kernel-<id>.log}.
+    """
+    return f"{directory.rstrip('/')}/kernel-{kernel_id}.log"
+
+
+def with_log_tail(explanation: str, where: str, text: str, lines: int = 5) -> str:
+    """
+    C{explanation}, then the last C{lines} lines of a log (C{text}) on one
+    line: C{"...; its <where> ends: a | b"}, so a launch that died says why.
+    """
+    tail = " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+    return explanation + (f"; its {where} ends: {tail}" if tail else "")
+
+
+async def resolve_address(reactor: Any, name: str) -> str:
+    """
+    C{name} if it is an IPv4 or IPv6 address, else what it resolves to.
+
+    @raise twisted.internet.error.DNSLookupError: it does not resolve.
+    """
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in name else socket.AF_INET, name)
+        return name
+    except OSError:
+        return await reactor.resolve(name)
+
+
+async def wait_until(clock: Any, done: Callable[[], Awaitable[bool]], timeout: float, interval: float) -> bool:
+    """
+    Ask C{done} now and every C{interval} seconds until it says yes or
+    C{timeout} seconds have passed: whether it said yes.  (Stopping what a
+    cluster runs is asynchronous: a kill or a cancel is followed by this.)
+    """
+    deadline = clock.seconds() + timeout
+    while not await done():
+        if clock.seconds() >= deadline:
+            return False
+        await deferLater(clock, interval, lambda: None)
+    return True
+
+
 @dataclass
 class RemoteLaunch:
     """
@@ -279,10 +346,25 @@ class RemoteLauncher:
     seconds whether the launch died first), the C{connection-info} phase and
     C{_kernel}.  On any failure or cancellation the handshake is cancelled
     and C{_abandon} removes whatever the steps started.
+
+    L{restore} runs C{_restore} (L{_restored_arguments} reads what every
+    snapshot holds); L{inventory} checks the gateway id and runs C{_find}
+    (each entry made by L{_found}).  A launcher without an inventory leaves
+    C{_find} out and does not declare C{ILauncherInventory}.
     """
 
-    _context: LauncherContext
-    _reactor: Any
+    name: str
+
+    def __init__(self, context: LauncherContext) -> None:
+        """
+        The settings every launcher reads: the gateway id, the kernels'
+        settings, impersonation.  A launcher reads its own section after.
+        """
+        self._context = context
+        self._reactor = context.reactor
+        self._gateway_id = context.shared.gateway_id
+        self._kernels = context.shared.kernels
+        self.impersonation = Impersonation(context.shared.impersonation)
 
     # -- the steps ---------------------------------------------------------
 
@@ -323,10 +405,29 @@ class RemoteLauncher:
         The launch failed or was cancelled: remove what the steps started.
         """
 
+    async def _restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
+        """
+        The kernel a snapshot (L{RemoteKernelProcess.snapshot}) describes,
+        once the cluster confirms it still runs (L{_restored_arguments}
+        reads the common fields).
+
+        @raise LaunchError: a bad snapshot, or the kernel is gone.
+        """
+        raise NotImplementedError()
+
+    async def _find(self, gateway_id: str, hints: Sequence[Mapping[str, Any]]) -> list[Found]:
+        """
+        For the inventory: what of this gateway (C{gateway_id}, checked)
+        runs on the cluster, each with a way to reap it (L{_found}).
+        C{hints} are the launcher configs of the kernelspecs that name this
+        launcher.
+        """
+        raise NotImplementedError()
+
     _poll_interval: float = 1.0
 
     def _kernel_arguments(
-        self, launch: RemoteLaunch, info: ConnectionInfo, payload: Mapping[str, Any], poll_interval: float
+        self, launch: RemoteLaunch, info: ConnectionInfo, payload: Mapping[str, Any]
     ) -> dict[str, Any]:
         """
         What every step's L{RemoteKernelProcess} is built with: the
@@ -337,16 +438,69 @@ class RemoteLauncher:
             "kernel_id": launch.request.kernel_id,
             "info": info,
             "reactor": self._reactor,
-            "poll_interval": poll_interval,
+            "poll_interval": self._kernels.poll_interval,
             "comm_port": _int(payload.get("comm_port")),
             "comm_token": launch.pending.comm_token,
             "pending": launch.pending,
         }
 
+    def _restored_arguments(self, kernel_id: str, snapshot: Mapping[str, Any]) -> dict[str, Any]:
+        """
+        What a restored L{RemoteKernelProcess} is built with: the recorded
+        connection info at the recorded address, the comm port and token.
+
+        @raise LaunchError: the snapshot lacks them.
+        """
+        try:
+            info = connection_info(snapshot["connection_info"], str(snapshot["ip"]))
+        except (KeyError, TypeError) as e:
+            why = f"missing {e}" if isinstance(e, KeyError) else str(e)
+            raise LaunchError(f"bad {self.name} snapshot: {why}") from None
+        return {
+            "kernel_id": kernel_id,
+            "info": info,
+            "reactor": self._reactor,
+            "poll_interval": self._kernels.poll_interval,
+            "comm_port": _int(snapshot.get("comm_port")),
+            "comm_token": snapshot.get("comm_token"),
+        }
+
+    def _launcher_argv(self, request: LaunchRequest, listener: ResponseListener, python: str) -> list[str]:
+        """
+        The kernelspec's argv for the kernel-side launcher (L{launcher_argv})
+        with the kernelspec's or the gateway's port range.
+        """
+        port_range = str(request.config.get("port_range") or self._kernels.port_range)
+        return launcher_argv(request.spec, request.kernel_id, listener, port_range, python)
+
+    def _found(self, kernel_id: str, description: str, reap: Callable[[], Awaitable[None]]) -> Found:
+        """
+        An inventory entry of this launcher that C{reap} stops.
+        """
+        return Found(
+            kernel_id=kernel_id,
+            launcher=self.name,
+            description=description,
+            reap=lambda: Deferred.fromCoroutine(reap()),
+        )
+
     # -- the sequence ------------------------------------------------------
 
     def launch(self, request: LaunchRequest) -> Deferred[IKernelProcess]:
         return Deferred.fromCoroutine(self._launch(request))
+
+    def restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> Deferred[IKernelProcess]:
+        return Deferred.fromCoroutine(self._restore(kernel_id, snapshot))
+
+    def inventory(self, gateway_id: str, hints: Sequence[Mapping[str, Any]] = ()) -> Deferred[list[Found]]:
+        return Deferred.fromCoroutine(self._inventory(gateway_id, hints))
+
+    async def _inventory(self, gateway_id: str, hints: Sequence[Mapping[str, Any]]) -> list[Found]:
+        try:
+            check_gateway_id(gateway_id)
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
+        return await self._find(gateway_id, hints)
 
     async def _launch(self, request: LaunchRequest) -> IKernelProcess:
         state = await self._prepare(request)
@@ -605,9 +759,14 @@ __all__ = [
     "runs_enterprise_gateway_launcher",
     "await_connection_info",
     "connection_info",
+    "kernel_log",
     "launcher_argv",
     "reported_id",
+    "resolve_address",
+    "signal_name",
     "response_listener",
+    "wait_until",
+    "with_log_tail",
     "CancelledError",
     "_int",
 ]

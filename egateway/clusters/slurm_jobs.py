@@ -2,9 +2,9 @@
 Slurm's job output, parsed without running anything: what a kernel job
 asks for (C{job_resources}, checked and bounded), sbatch's arguments and
 environment, C{sbatch --parsable}, C{squeue} and C{scontrol} output, job
-states and pending reasons, and the inventory's job list.  The launcher
-(L{egateway.clusters.slurm}) runs the commands; this module only reads
-and writes their text, so all of it is testable without Slurm.
+states and pending reasons, and the inventory's job list.  The commands
+run in L{egateway.clusters.slurm_commands}; this module only reads and
+writes their text, so all of it is testable without Slurm.
 """
 
 from __future__ import annotations
@@ -426,6 +426,28 @@ def parse_inventory(stdout: bytes, gateway_id: str, name_prefix: str) -> list[Ke
     return jobs
 
 
+BATCH_SCRIPT = b"""#!/bin/sh
+# egateway kernel job: run the arguments, each as given, the launch token on their stdin.
+token="${EG_LAUNCH_TOKEN:-}"
+unset EG_LAUNCH_TOKEN
+if [ -z "$token" ]; then exec "$@"; fi
+EG_LAUNCH_TOKEN_STDIN=1
+export EG_LAUNCH_TOKEN_STDIN
+exec "$@" <<EOF
+$token
+EOF
+"""
+"""
+The whole batch script, piped to sbatch (which reads it from
+C{/dev/stdin}, see L{sbatch_arguments}).  No user-supplied value is part of
+it: the argv reaches it as arguments.  The token arrives in the job's
+environment and leaves it before the kernel-side launcher starts: it gets
+the token on its stdin instead (C{EG_LAUNCH_TOKEN_STDIN=1}), so the
+kernel's initial environment (C{/proc/<pid>/environ}, readable for the
+kernel's whole life) does not hold it.
+"""
+
+
 def sbatch_arguments(
     resources: JobResources,
     job_name: str,
@@ -471,6 +493,24 @@ def parse_job_id(stdout: bytes) -> str:
     if not job_id.isdigit():
         raise ValueError(f"sbatch printed no job id: {stdout[:200]!r}")
     return job_id
+
+
+def submitted_job_id(result: CommandResult, resources: JobResources) -> str:
+    """
+    The job id sbatch printed.
+
+    @raise LaunchError: sbatch refused the job (400 if the client's
+        values were part of the request).
+    """
+    if not result.ok:
+        status = 400 if resources.from_client and not result.timed_out and result.code is not None else 500
+        asked = f" (asked for {resources.describe()})" if resources.describe() else ""
+        raise LaunchError(f"Slurm refused the kernel job{asked}: {result.describe()}", status=status)
+    try:
+        return parse_job_id(result.stdout)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+
 
 @dataclass(frozen=True)
 class JobState:
@@ -519,7 +559,6 @@ def parse_squeue(stdout: bytes, job_id: str) -> JobState | None:
 def _field(text: str, key: str) -> str:
     match = re.search(rf"(?:^|\s){re.escape(key)}=(\S*)", text)
     return match.group(1) if match else ""
-
 
 
 def _already_gone(result: CommandResult) -> bool:

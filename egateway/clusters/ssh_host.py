@@ -10,13 +10,13 @@ launcher (L{egateway.clusters.ssh}) runs these over its SSH pool.
 from __future__ import annotations
 
 import json
-import signal as signals
 import uuid
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 from egateway.clusters.impersonation import Impersonation
 from egateway.clusters.interface import ENV_NAME as NAME, LaunchError
+from egateway.clusters.remote import signal_name
 from egateway.clusters.sshclient import shell_command
 
 START_SCRIPT = r"""
@@ -169,14 +169,7 @@ def kill_argv(signum: int, target: str) -> list[str]:
     take (C{kill -s NAME -- target}; dash refuses C{kill -N -- target}):
     the command runs under the login user's shell, or behind sudo.
     """
-    if signum == 0:
-        name = "0"
-    else:
-        try:
-            name = signals.Signals(signum).name.removeprefix("SIG")
-        except ValueError:
-            name = str(int(signum))
-    return ["kill", "-s", name, "--", target]
+    return ["kill", "-s", signal_name(signum), "--", target]
 
 
 def start_input(token: str, env: Mapping[str, str]) -> bytes:
@@ -234,14 +227,6 @@ class RunAs:
         if impersonation.ssh_mode == "login":
             return cls(login=user, user=user)
         return cls(prefix=tuple(impersonation.sudo_argv(user)), user=user)
-
-
-def _split_hosts(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [h.strip() for h in value.split(",") if h.strip()]
-    if isinstance(value, list):
-        return [str(h).strip() for h in value if str(h).strip()]
-    return []
 
 
 @dataclass(frozen=True)

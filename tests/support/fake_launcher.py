@@ -14,7 +14,6 @@ import os
 import signal as signals
 from typing import Any, Mapping
 
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
@@ -27,14 +26,7 @@ from egateway.clusters.interface import (
     Phase,
     Placement,
 )
-from egateway.clusters.remote import (
-    Placed,
-    RemoteKernelProcess,
-    RemoteLaunch,
-    RemoteLauncher,
-    connection_info,
-    launcher_argv,
-)
+from egateway.clusters.remote import Placed, RemoteKernelProcess, RemoteLaunch, RemoteLauncher
 from egateway.wire.channels import ConnectionInfo
 
 
@@ -105,9 +97,7 @@ class FakeLauncher(RemoteLauncher):
     name = "fake"
 
     def __init__(self, context: LauncherContext, cluster: FakeCluster) -> None:
-        self._context = context
-        self._reactor = context.reactor
-        self._kernels = context.shared.kernels
+        super().__init__(context)
         self.cluster = cluster
 
     async def _prepare(self, request: LaunchRequest) -> dict[str, Any]:
@@ -115,9 +105,7 @@ class FakeLauncher(RemoteLauncher):
 
     async def _submit(self, launch: RemoteLaunch) -> None:
         request = launch.request
-        argv = launcher_argv(
-            request.spec, request.kernel_id, launch.listener, self._kernels.port_range, ""
-        )
+        argv = self._launcher_argv(request, launch.listener, "")
         child = _Child(f"{launch.pending.token}\n".encode())
         env = {**request.env, "EG_LAUNCH_TOKEN_STDIN": "1"}
         transport = self._reactor.spawnProcess(child, argv[0], argv, env=env)
@@ -142,7 +130,7 @@ class FakeLauncher(RemoteLauncher):
         return FakeKernelProcess(
             cluster=self.cluster,
             placement=Placement(host=placed.host, ip=placed.address, pid=pid, pgid=pid),
-            **self._kernel_arguments(launch, info, payload, self._kernels.poll_interval),
+            **self._kernel_arguments(launch, info, payload),
         )
 
     async def _abandon(self, launch: RemoteLaunch) -> None:
@@ -150,29 +138,16 @@ class FakeLauncher(RemoteLauncher):
         if pid is not None:
             self.cluster.kill(pid, signals.SIGKILL)
 
-    def restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> Deferred[IKernelProcess]:
+    async def _restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
+        arguments = self._restored_arguments(kernel_id, snapshot)
         pid = int(snapshot["pid"])
         if not self.cluster.alive(pid):
             raise LaunchError(f"kernel {kernel_id} is no longer running")
-        info = connection_info(snapshot["connection_info"], str(snapshot["ip"]))
-        process = FakeKernelProcess(
-            cluster=self.cluster,
-            kernel_id=kernel_id,
-            info=info,
-            placement=Placement(host=str(snapshot["host"]), ip=info.ip, pid=pid, pgid=pid),
-            reactor=self._reactor,
-            poll_interval=self._kernels.poll_interval,
-            comm_port=int(snapshot.get("comm_port") or 0),
-            comm_token=snapshot.get("comm_token"),
-        )
-        return Deferred.fromCoroutine(_ready(process))
+        placement = Placement(host=str(snapshot["host"]), ip=arguments["info"].ip, pid=pid, pgid=pid)
+        return FakeKernelProcess(cluster=self.cluster, placement=placement, **arguments)
 
     def stop(self) -> None:
         pass
-
-
-async def _ready(process: IKernelProcess) -> IKernelProcess:
-    return process
 
 
 __all__ = ["FakeCluster", "FakeLauncher"]
