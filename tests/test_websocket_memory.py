@@ -26,11 +26,15 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 
+from egateway.api.authenticators import build_authentication
+from egateway.api.cors import CorsPolicy
+from egateway.api.http import FrontResource
 from egateway.api.websocket import ChannelsProtocol
 from egateway.config import build_config
 from egateway.tap import build_api
 from tests.support.fakes import make_manager
 from tests.support.stubapi import stub_call
+from tests.test_tenancy import TenancyTestCase, as_user, run_now, token_of
 
 V1 = "v1.kernel.websocket.jupyter.org"
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -43,7 +47,7 @@ UNKNOWN = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
 TEXT, BINARY, CLOSE = 0x1, 0x2, 0x8
 
 
-def handshake(path: str, *protocols: str, origin: str | None = None) -> bytes:
+def handshake(path: str, *protocols: str, origin: str | None = None, headers: dict[str, str] | None = None) -> bytes:
     lines = [
         f"GET {path} HTTP/1.1",
         "Host: gw.example",
@@ -56,6 +60,7 @@ def handshake(path: str, *protocols: str, origin: str | None = None) -> bytes:
         lines.append("Sec-WebSocket-Protocol: " + ", ".join(protocols))
     if origin is not None:
         lines.append(f"Origin: {origin}")
+    lines.extend(f"{name}: {value}" for name, value in (headers or {}).items())
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -140,6 +145,30 @@ def v1_frame_parts(message: dict[str, Any]) -> list[bytes]:
     return [json.dumps(message[key]).encode() for key in ("header", "parent_header", "metadata", "content")]
 
 
+def assert_refused(
+    case: SynchronousTestCase,
+    site: Site,
+    path: str,
+    status: int,
+    text: str,
+    origin: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """
+    A handshake at C{path} is answered, before any upgrade, with C{status}
+    and a JSON error whose message contains C{text}.
+    """
+    wire = Wire(site)
+    wire.send(handshake(path, origin=origin, headers=headers))
+    code, answer, body = wire.handshake_answer()
+    case.assertEqual(code, status, body)
+    case.assertEqual(answer[b"content-type"], b"application/json")
+    error = json.loads(body)
+    case.assertEqual(set(error), {"reason", "message"})
+    case.assertIn(text, error["message"])
+    case.assertNotIsInstance(wire.protocol, ChannelsProtocol)
+
+
 class Wire:
     """
     One in-memory TCP connection to the gateway: what the client writes goes
@@ -189,6 +218,23 @@ class Wire:
         self.protocol.connectionLost(Failure(ConnectionDone()))
 
 
+def upgrade(
+    case: SynchronousTestCase, site: Site, path: str, *protocols: str, headers: dict[str, str] | None = None
+) -> Wire:
+    """
+    An open WebSocket at C{path}: the handshake answered with 101, choosing
+    the first of C{protocols}.
+    """
+    wire = Wire(site)
+    wire.send(handshake(path, *protocols, headers=headers))
+    status, answer, body = wire.handshake_answer()
+    case.assertEqual(status, 101, body)
+    case.assertEqual(answer[b"sec-websocket-accept"], ACCEPT)
+    case.assertEqual(answer.get(b"sec-websocket-protocol"), protocols[0].encode() if protocols else None)
+    case.assertIsInstance(wire.protocol, ChannelsProtocol)
+    return wire
+
+
 class MemoryCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -207,17 +253,7 @@ class MemoryCase(SynchronousTestCase):
         self.kernel_side = self.launcher.processes[-1].server
 
     def connect(self, query: str = "", *protocols: str) -> Wire:
-        """
-        An open WebSocket to the kernel: the handshake answered with 101.
-        """
-        wire = Wire(self.site)
-        wire.send(handshake(f"/api/kernels/{self.kernel_id}/channels{query}", *protocols))
-        status, headers, body = wire.handshake_answer()
-        self.assertEqual(status, 101, body)
-        self.assertEqual(headers[b"sec-websocket-accept"], ACCEPT)
-        self.assertEqual(headers.get(b"sec-websocket-protocol"), protocols[0].encode() if protocols else None)
-        self.assertIsInstance(wire.protocol, ChannelsProtocol)
-        return wire
+        return upgrade(self, self.site, f"/api/kernels/{self.kernel_id}/channels{query}", *protocols)
 
     def received_by_kernel(self, msg_type: str) -> list[tuple[str, Any]]:
         return [(channel, m) for channel, m in self.kernel_side.received if m.msg_type == msg_type]
@@ -317,16 +353,25 @@ class RouteDecides(MemoryCase):
         self.assertIs(wire.protocol.kernel, self.kernel)
         self.assertEqual((wire.protocol.session_id, wire.protocol.v1), ("s-4", True))
 
+    def test_v1_among_other_offers(self) -> None:
+        """
+        The v1 protocol is chosen wherever the client lists it, in one
+        C{Sec-WebSocket-Protocol} header or across several, as Autobahn
+        reads the offer (a choice it did not read there fails the
+        handshake).
+        """
+        path = f"/api/kernels/{self.kernel_id}/channels"
+        for offers, chosen in (([f"chat, {V1}"], V1), ([f" {V1} ", "chat"], V1), (["chat"], None)):
+            wire = Wire(self.site)
+            lines = "".join(f"Sec-WebSocket-Protocol: {offer}\r\n" for offer in offers)
+            wire.send(handshake(path)[:-2] + lines.encode() + b"\r\n")
+            status, answer, body = wire.handshake_answer()
+            self.assertEqual(status, 101, body)
+            self.assertEqual(answer.get(b"sec-websocket-protocol"), chosen.encode() if chosen else None)
+            self.assertEqual(wire.protocol.v1, chosen == V1)
+
     def assertRefused(self, path: str, status: int, text: str, origin: str | None = None) -> None:
-        wire = Wire(self.site)
-        wire.send(handshake(path, origin=origin))
-        code, headers, body = wire.handshake_answer()
-        self.assertEqual(code, status, body)
-        self.assertEqual(headers[b"content-type"], b"application/json")
-        error = json.loads(body)
-        self.assertEqual(set(error), {"reason", "message"})
-        self.assertIn(text, error["message"])
-        self.assertNotIsInstance(wire.protocol, ChannelsProtocol)
+        assert_refused(self, self.site, path, status, text, origin=origin)
 
     def test_refusals_before_upgrade(self) -> None:
         """
@@ -339,3 +384,39 @@ class RouteDecides(MemoryCase):
         self.assertRefused(channels + "?resume_after=soon", 400, "resume_after")
         self.assertRefused(channels + "?session_id=" + "s" * 129, 400, "session_id")
         self.assertRefused(channels, 403, "origin", origin="http://elsewhere.example")
+
+
+class SharedKernel(TenancyTestCase):
+    """
+    Per-user tokens: who opened a connection is what the route decided, and
+    the endpoint's access checks close the connection it serves.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(txaio.config, "loop", self.clock)
+        authentication = build_authentication(self.config.auth, self.clock, None, blocking=run_now)
+        front = FrontResource(self.api.resource(), authentication, CorsPolicy(self.config.auth))
+        self.site = Site(front, reactor=self.clock)
+
+    def test_unshared_connection_closed(self) -> None:
+        """
+        Bob connects to a kernel alice shares with him, as himself; a user
+        it is not shared with is refused before the upgrade; when alice
+        stops sharing, bob's WebSocket is closed with 4003 saying why, and
+        his session is dropped.
+        """
+        kid = self.start("alice")["id"]
+        self.call("PUT", f"/api/kernels/{kid}/acl", {"users": ["bob"]}, "alice")
+        path = f"/api/kernels/{kid}/channels?session_id=b-1"
+        wire = upgrade(self, self.site, path, headers=as_user("bob"))
+        self.assertEqual((wire.protocol.identity.username, wire.protocol.token), ("bob", token_of("bob")))
+        assert_refused(self, self.site, path, 404, kid, headers=as_user("erin"))
+
+        self.call("PUT", f"/api/kernels/{kid}/acl", {"users": []}, "alice")
+        [(opcode, payload)] = server_frames(wire.received())
+        self.assertEqual(
+            (opcode, struct.unpack("!H", payload[:2])[0], payload[2:].decode()),
+            (CLOSE, 4003, f"access to kernel {kid} was revoked"),
+        )
+        self.assertNotIn("b-1", self.manager.kernels[kid].sessions)
