@@ -154,6 +154,11 @@ class ChannelsProtocol(WebSocketServerProtocol):
     channel_request: ChannelRequest | None = None
     session: KernelSession | None = None
     identity: Identity | None = None
+    v1 = False
+    """
+    The request's C{v1}, as a plain attribute: it is read for every
+    message relayed.
+    """
 
     def _accepted(self) -> ChannelRequest:
         if self.channel_request is None:
@@ -171,10 +176,6 @@ class ChannelsProtocol(WebSocketServerProtocol):
     @property
     def resume_after(self) -> int | None:
         return self._accepted().resume_after
-
-    @property
-    def v1(self) -> bool:
-        return self._accepted().v1
 
     @property
     def token(self) -> str | None:
@@ -203,7 +204,7 @@ class ChannelsProtocol(WebSocketServerProtocol):
         refusal here is our own bug.
         """
         try:
-            return V1_PROTOCOL if self.v1 else None
+            return V1_PROTOCOL if self._accepted().v1 else None
         except Exception:
             # Our bug, not the client's: say so (never as a 404, which
             # would hide it), and leave a trace.
@@ -536,4 +537,5 @@ class _ForRequest:
         if protocol is not None:
             protocol.channel_request = self._channel
             protocol.identity = self._channel.identity
+            protocol.v1 = self._channel.v1
         return protocol
