@@ -1,31 +1,37 @@
 """
 What a channels WebSocket handshake answers when accepting it goes wrong.
+
+The client's own errors (unknown kernel, access, a bad query) are answered
+by the route before the upgrade (see test_websocket_memory.RouteDecides);
+whatever fails in the protocol's C{onConnect} after that is the gateway's
+bug, and is answered as one.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import Any
 
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.trial.unittest import SynchronousTestCase
 
 from egateway.api.websocket import ChannelsProtocol
-from egateway.errors import NotFound
 
 KERNEL_ID = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
 
 
-class _Manager:
-    def __init__(self, error: Exception) -> None:
-        self.error = error
+class _Broken:
+    """
+    A channel request whose reading fails, as a bug in onConnect would.
+    """
 
-    def get(self, kernel_id: str):
-        raise self.error
+    @property
+    def v1(self) -> bool:
+        raise RuntimeError("manager broke")
 
 
-def _deny(error: Exception) -> ConnectionDeny:
+def _deny(channel_request: Any) -> ConnectionDeny:
     protocol = ChannelsProtocol()
-    protocol.factory = SimpleNamespace(manager=_Manager(error))
+    protocol.channel_request = channel_request
     request = ConnectionRequest(
         peer="tcp:127.0.0.1:5000",
         headers={},
@@ -45,18 +51,20 @@ def _deny(error: Exception) -> ConnectionDeny:
 
 
 class ConnectErrorTests(SynchronousTestCase):
-    def test_unknown_kernel_is_404(self) -> None:
-        """
-        A kernel that does not exist (any more) is a 404.
-        """
-        self.assertEqual(_deny(NotFound(f"Kernel does not exist: {KERNEL_ID}")).code, 404)
-
     def test_internal_error_is_500_and_logged(self) -> None:
         """
-        Any other error while accepting is the gateway's fault: a 500, and
-        the traceback in the log, not a 404 that hides it.
+        An error while accepting is the gateway's fault: a 500, and the
+        traceback in the log, not a 404 that hides it, nor its text.
         """
-        deny = _deny(RuntimeError("manager broke"))
+        deny = _deny(_Broken())
         self.assertEqual(deny.code, 500)
         self.assertNotIn("manager broke", deny.reason)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_without_route_is_500(self) -> None:
+        """
+        A protocol built without the route's checks (no channel request)
+        refuses to serve anything: a 500, logged, never a 404.
+        """
+        self.assertEqual(_deny(None).code, 500)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

@@ -24,7 +24,7 @@ from egateway import __version__
 from egateway.api.http import error_body, json_body, write_error, write_json
 from egateway.api.identity import ANONYMOUS, Identity, launch_username
 from egateway.api.openapi import openapi_document
-from egateway.api.websocket import ChannelsEndpoint, channel_query
+from egateway.api.websocket import ChannelsEndpoint
 from egateway.errors import BadRequest, Forbidden, GatewayError, NotFound, TooManyRequests
 from egateway.kernels.kernel import Kernel, SessionTaken
 from egateway.kernels.manager import KernelManager
@@ -307,11 +307,15 @@ class GatewayAPI:
         return write_json(request, kernel.model())
 
     async def kernel_channels(self, request: IRequest, kernel_id: str) -> Any:
+        """
+        Upgrade to the kernel's channels WebSocket.  The kernel is found and
+        the request read here, once; the WebSocket serves that
+        L{ChannelRequest} without looking either up again.  Every refusal
+        is a JSON error before the upgrade.
+        """
         kernel = await self._kernel(request, kernel_id)
-        resource = self.channels.resource_for(request, kernel_id)
-        # As the WebSocket will see them (Twisted's request.args would also
-        # split on ';', and a cut id would name another session).
-        session, resume_after = channel_query(request.uri)
+        channel = self.channels.accept(request, kernel)
+        session = channel.session_id
         caller = _caller(request)
         user = caller.username if caller is not None else ""
         try:
@@ -319,11 +323,11 @@ class GatewayAPI:
         except SessionTaken as e:
             raise Forbidden(str(e)) from None
         if self.kernels.sharing is not None and session:
-            await self.kernels.sharing.take_over_session(kernel, session, resume_after, user)
+            await self.kernels.sharing.take_over_session(kernel, session, channel.resume_after, user)
         audit.event(
             "websocket.connect", **audit.actor(request), kernel_id=kernel_id, owner=kernel.username, session=session
         )
-        return resource
+        return self.channels.resource_for(channel)
 
     async def set_kernel_acl(self, request: IRequest, kernel_id: str) -> bytes:
         """

@@ -3,13 +3,16 @@ The kernel channels WebSocket, C{/api/kernels/{id}/channels}.
 
 Both encodings are served: the legacy JSON protocol (what jupyter_server's
 gateway client speaks) and C{v1.kernel.websocket.jupyter.org}, chosen by
-C{Sec-WebSocket-Protocol}.  Each connection is one L{ChannelsProtocol},
-attached to its kernel; messages pass through as bytes.
+C{Sec-WebSocket-Protocol}.  The route checks a request and reads it, once,
+into a L{ChannelRequest}; the connection it upgrades to is one
+L{ChannelsProtocol} serving that request, attached to its kernel; messages
+pass through as bytes.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import parse_qs, urlsplit
 
@@ -25,7 +28,7 @@ from twisted.web.iweb import IRequest
 from egateway.api.cors import CorsPolicy
 from egateway.api.authenticators.interface import presented_token
 from egateway.api.identity import Identity
-from egateway.errors import BadRequest, Forbidden, NotFound
+from egateway.errors import BadRequest, Forbidden
 from egateway.kernels.kernel import Kernel, SessionTaken
 from egateway.kernels.journal import KernelSession
 from egateway.kernels.manager import KernelManager
@@ -86,10 +89,10 @@ route checks and takes over is the one the WebSocket attaches to.
 
 def channel_query(uri: bytes) -> tuple[str, int | None]:
     """
-    The C{session_id} and C{resume_after} of a channels request, parsed as
-    Autobahn parses them for L{ChannelsProtocol.onConnect} (C{parse_qs}:
-    C{&} separates, C{;} does not), so the route and the protocol see the
-    same session.
+    The C{session_id} and C{resume_after} of a channels request, read once,
+    by the route, for its L{ChannelRequest}.  C{parse_qs} reads them (C{&}
+    separates, C{;} does not: Twisted's C{request.args} would also split on
+    C{;}, and a cut id would name another session).
 
     @raise BadRequest: C{resume_after} is not a whole number, or
         C{session_id} is longer than L{MAX_SESSION_ID}.
@@ -104,24 +107,83 @@ def channel_query(uri: bytes) -> tuple[str, int | None]:
         raise BadRequest(str(e)) from None
 
 
-class ChannelsProtocol(WebSocketServerProtocol):
+def offers_v1(request: IRequest) -> bool:
     """
-    One client connection to one kernel.
+    Whether the client offers the v1 protocol in C{Sec-WebSocket-Protocol},
+    read as Autobahn reads it (its values joined with C{,}, split on C{,},
+    stripped), so that the choice made here is one Autobahn accepts.
+    """
+    offered = b",".join(request.requestHeaders.getRawHeaders(b"sec-websocket-protocol", []))
+    return V1_PROTOCOL in (p.strip() for p in offered.decode("latin-1").split(","))
 
-    @ivar identity: who opened it (C{None}: built without a request, as in
-        unit tests; treated as a caller with no verified user).
-    @ivar token: the credential it was opened with, kept so that it can be
-        checked again when credentials change (see
-        L{ChannelsEndpoint.recheck_credentials}).
+
+@dataclass(frozen=True)
+class ChannelRequest:
+    """
+    A channels request as the route accepted it, before the upgrade: the
+    kernel it found (its caller's access checked), the query parsed, the
+    subprotocol chosen.  The WebSocket protocol takes all of it from here
+    rather than look the kernel up or read the URL again, so that what was
+    checked is what it serves.
+
+    @ivar session_id: the client's session (empty: an anonymous one).
+    @ivar resume_after: the last message the client has, or C{None}.
+    @ivar v1: speak C{v1.kernel.websocket.jupyter.org} (else legacy JSON).
+    @ivar identity: who asked (C{None}: no authentication ran).
+    @ivar token: the credential presented, kept to check it again later.
     """
 
     kernel: Kernel
+    session_id: str
+    resume_after: int | None
+    v1: bool
+    identity: Identity | None
+    token: str | None
+
+
+class ChannelsProtocol(WebSocketServerProtocol):
+    """
+    One client connection to one kernel, as its L{ChannelRequest} says.
+
+    @ivar channel_request: what the route accepted (C{None} only for a
+        protocol built without the route, which refuses to connect).
+    @ivar identity: who opened it, refreshed when credentials are checked
+        again (C{None}: treated as a caller with no verified user).
+    """
+
+    channel_request: ChannelRequest | None = None
     session: KernelSession | None = None
-    session_id = ""
-    resume_after: int | None = None
-    v1 = False
     identity: Identity | None = None
-    token: str | None = None
+    v1 = False
+    """
+    The request's C{v1}, as a plain attribute: it is read for every
+    message relayed.
+    """
+
+    def _accepted(self) -> ChannelRequest:
+        if self.channel_request is None:
+            raise RuntimeError("a channels protocol built without its route's ChannelRequest")
+        return self.channel_request
+
+    @property
+    def kernel(self) -> Kernel:
+        return self._accepted().kernel
+
+    @property
+    def session_id(self) -> str:
+        return self._accepted().session_id
+
+    @property
+    def resume_after(self) -> int | None:
+        return self._accepted().resume_after
+
+    @property
+    def token(self) -> str | None:
+        """
+        The credential it was opened with (see
+        L{ChannelsEndpoint.recheck_credentials}).
+        """
+        return self._accepted().token
 
     @property
     def caller(self) -> Caller | None:
@@ -136,22 +198,18 @@ class ChannelsProtocol(WebSocketServerProtocol):
         return caller.username if caller is not None else ""
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
+        """
+        Accept what the route accepted: the client's errors (unknown
+        kernel, access, query) were answered before the upgrade, so any
+        refusal here is our own bug.
+        """
         try:
-            kernel_id = request.path.rstrip("/").split("/")[-2]
-            self.kernel = self.factory.manager.get(kernel_id)
-        except (IndexError, NotFound):
-            raise ConnectionDeny(404, "no such kernel")
+            return V1_PROTOCOL if self._accepted().v1 else None
         except Exception:
-            # Our bug, not the client's: say so, and leave a trace.
+            # Our bug, not the client's: say so (never as a 404, which
+            # would hide it), and leave a trace.
             _log.failure("accepting a channels connection to {path}", path=request.path)
             raise ConnectionDeny(ConnectionDeny.INTERNAL_SERVER_ERROR, "internal error")
-        self.session_id = (request.params.get("session_id") or [""])[0]
-        try:
-            self.resume_after = parse_resume_after(request.params)
-        except ValueError as e:
-            raise ConnectionDeny(400, str(e))
-        self.v1 = V1_PROTOCOL in request.protocols
-        return V1_PROTOCOL if self.v1 else None
 
     def onOpen(self) -> None:
         try:
@@ -305,8 +363,8 @@ class ChannelsProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._ready_check is not None and self._ready_check.active():
             self._ready_check.cancel()
-        kernel = getattr(self, "kernel", None)
-        if kernel is not None:
+        if self.channel_request is not None:
+            kernel = self.channel_request.kernel
             open_here = self.factory.connections.get(kernel.id)
             if open_here is not None:
                 open_here.discard(self)
@@ -340,7 +398,6 @@ class ChannelsEndpoint:
         self._cors = cors
         factory = WebSocketServerFactory(server=None)
         factory.protocol = ChannelsProtocol
-        factory.manager = manager
         factory.kernel_info_timeout = kernel_info_timeout
         factory.relay = self.relay = RelayCounts()
         if clock is None:
@@ -364,7 +421,6 @@ class ChannelsEndpoint:
         factory.setProtocolOptions(**options)
         factory.connections = {}
         self._factory = factory
-        self._manager = manager
         self._authentication: Any = None
         manager.listeners.append(self._kernel_event)
 
@@ -434,40 +490,52 @@ class ChannelsEndpoint:
             error=failure.getErrorMessage(),
         )
 
-    def resource_for(self, request: IRequest, kernel_id: str) -> WebSocketResource:
+    def accept(self, request: IRequest, kernel: Kernel) -> ChannelRequest:
         """
-        @raise NotFound: unknown kernel.
-        @raise BadRequest: not a WebSocket upgrade.
+        Check a channels request for C{kernel} (which the route found, and
+        whose access it checked) and read it, once, into the
+        L{ChannelRequest} its WebSocket will serve.  Refusals are JSON
+        errors, answered before the upgrade.
+
+        @raise BadRequest: not a WebSocket upgrade, or a bad query.
         @raise Forbidden: a cross-origin page not allowed by C{allow_origin}.
         """
-        self._manager.get(kernel_id)
         upgrade = (request.getHeader(b"upgrade") or b"").lower()
         if upgrade != b"websocket":
             raise BadRequest("this endpoint needs a WebSocket upgrade request")
-        # Checked here, as Autobahn will parse the query for onConnect, so
-        # that a bad value is a JSON error rather than Autobahn's bare status
-        # line.
-        channel_query(request.uri)
+        session_id, resume_after = channel_query(request.uri)
         if not self._cors.origin_allowed(request):
             raise Forbidden("WebSocket from a foreign origin refused; see allow_origin")
-        identity = getattr(request, "gateway_user", None)
-        return WebSocketResource(_ForCaller(self._factory, identity, presented_token(request)))
+        return ChannelRequest(
+            kernel=kernel,
+            session_id=session_id,
+            resume_after=resume_after,
+            v1=offers_v1(request),
+            identity=getattr(request, "gateway_user", None),
+            token=presented_token(request),
+        )
+
+    def resource_for(self, channel: ChannelRequest) -> WebSocketResource:
+        """
+        The resource that upgrades the accepted request to its WebSocket.
+        """
+        return WebSocketResource(_ForRequest(self._factory, channel))
 
 
-class _ForCaller:
+class _ForRequest:
     """
     The channels factory, as seen by one request's upgrade: the protocol it
-    builds knows who opened it.
+    builds serves what the route accepted.
     """
 
-    def __init__(self, factory: WebSocketServerFactory, identity: Identity | None, token: str | None) -> None:
+    def __init__(self, factory: WebSocketServerFactory, channel: ChannelRequest) -> None:
         self._factory = factory
-        self._identity = identity
-        self._token = token
+        self._channel = channel
 
     def buildProtocol(self, addr: Any) -> ChannelsProtocol | None:
         protocol = self._factory.buildProtocol(addr)
         if protocol is not None:
-            protocol.identity = self._identity
-            protocol.token = self._token
+            protocol.channel_request = self._channel
+            protocol.identity = self._channel.identity
+            protocol.v1 = self._channel.v1
         return protocol
