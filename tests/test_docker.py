@@ -1,0 +1,275 @@
+"""
+Kernels as Docker containers and Swarm services: the container plan's rules
+without an engine (synchronous), then a real private Docker engine with a
+one-node swarm (L{tests.support.docker_engine}) driven through an
+in-process gateway's REST API and WebSocket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from types import SimpleNamespace
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from egateway.clusters.docker_api import demultiplex
+from egateway.clusters.docker_plan import container_env, container_plan
+from egateway.clusters.interface import LaunchError
+from tests.fixtures.docker import DockerDaemon
+from tests.support.docker_engine import shared_docker
+from tests.support.gateway import GatewayTestCase, InProcessGateway
+from tests.support.polling import eventually
+from tests.support.remote_kernels import launcher_argv, write_spec
+from tests.support.wsclient import ChannelsClient
+
+KERNEL_LABEL = "org.egateway.kernel_id"
+
+
+def settings(**overrides: Any) -> Any:
+    values = {"docker_network": "kernels", "docker_max_cpus": "4", "docker_max_memory": "8G",
+              "docker_mounts": ""}
+    values.update(overrides)
+    return SimpleNamespace(**values)
+
+
+# -- no engine -------------------------------------------------------------
+
+
+class PlanTests(SynchronousTestCase):
+    config = {"image_name": "local/kernel:1", "mounts": ["/usr:/usr:ro"], "user": "1000:100",
+              "allowed_images": ["local/kernel:2"], "max_cpus": 2}
+
+    def test_config_decides(self) -> None:
+        """
+        Image, network, mounts and user come from the kernelspec config.
+        """
+        plan = container_plan({}, self.config, settings())
+        self.assertEqual((plan.image, plan.network, plan.user), ("local/kernel:1", "kernels", "1000:100"))
+        self.assertEqual([m.bind() for m in plan.mounts], ["/usr:/usr:ro"])
+        self.assertEqual((plan.cpus, plan.memory), (0.0, 0))
+
+    def test_client_values_inside_the_allow_lists(self) -> None:
+        """
+        A client may pick an allowed image and resources up to the bounds;
+        anything else is refused with 400 naming the variable.
+        """
+        plan = container_plan({"KERNEL_IMAGE": "local/kernel:2", "KERNEL_CPUS": "1.5", "KERNEL_MEMORY": "1G"},
+                              self.config, settings())
+        self.assertEqual((plan.image, plan.cpus, plan.memory), ("local/kernel:2", 1.5, 1024 ** 3))
+        for env, word in (
+            ({"KERNEL_IMAGE": "evil/miner:latest"}, "KERNEL_IMAGE"),
+            ({"KERNEL_CPUS": "3"}, "KERNEL_CPUS"),
+            ({"KERNEL_CPUS": "nan"}, "KERNEL_CPUS"),
+            ({"KERNEL_MEMORY": "9G"}, "KERNEL_MEMORY"),
+            ({"KERNEL_UID": "0"}, "KERNEL_UID"),
+        ):
+            with self.assertRaises(LaunchError) as caught:
+                container_plan(env, self.config, settings())
+            self.assertEqual(caught.exception.status, 400, env)
+            self.assertIn(word, str(caught.exception))
+
+    def test_bad_config_is_the_operators(self) -> None:
+        """
+        A kernelspec without an image, with a relative mount or a root user
+        fails with 500 naming the key.
+        """
+        for config, key in (({}, "image_name"), ({**self.config, "mounts": ["usr:/usr"]}, "mounts"),
+                            ({**self.config, "user": "0"}, "user")):
+            with self.assertRaises(LaunchError) as caught:
+                container_plan({}, config, settings())
+            self.assertEqual(caught.exception.status, 500)
+            self.assertIn(key, str(caught.exception))
+
+    def test_environment(self) -> None:
+        """
+        The gateway host's PATH and HOME stay out; the contract wins.
+        """
+        env = container_env({"PATH": "/x", "HOME": "/root", "KERNEL_ID": "client", "A": "1", "bad-name": "2"},
+                            {"KERNEL_ID": "k1"})
+        self.assertEqual(env, ["A=1", "KERNEL_ID=k1"])
+
+    def test_demultiplex(self) -> None:
+        """
+        The engine's log frames are removed.
+        """
+        framed = b"\x01\0\0\0\0\0\0\x06hello\n\x02\0\0\0\0\0\0\x05oops\n"
+        self.assertEqual(demultiplex(framed), "hello\noops\n")
+
+
+# -- the fixture itself ----------------------------------------------------------
+
+
+class FixtureTests(TestCase):
+    timeout = 120
+
+    def test_private_engine_leaves_nothing(self) -> None:
+        """
+        A private engine runs a container of the kernel image with the
+        host's /usr; down() leaves no process, mount, bridge or directory.
+        """
+        daemon = DockerDaemon(tempfile.mkdtemp(prefix="egw-", dir="/tmp"))
+        self.addCleanup(daemon.down)
+        daemon.up()
+        created = daemon.api("POST", "/containers/create", body={
+            "Image": daemon.image,
+            "Entrypoint": ["/usr/bin/python3", "-c", "import ipykernel, os; print(os.listdir('/opt/kernel-launchers'))"],
+            "HostConfig": {"Binds": ["/usr:/usr:ro"], "NetworkMode": daemon.network},
+        })
+        daemon.api("POST", f"/containers/{created['Id']}/start")
+        self.assertEqual(daemon.api("POST", f"/containers/{created['Id']}/wait")["StatusCode"], 0)
+        daemon.down()
+        self.assertEqual(daemon.leftovers(), [])
+
+
+# -- a gateway on the engine -----------------------------------------------------
+
+
+class DockerGatewayTestCase(GatewayTestCase):
+    """
+    A gateway whose kernelspecs run kernels as containers (and Swarm
+    services) on the shared engine; every test must leave no container or
+    service of its kernels.
+    """
+
+    timeout = 120
+    extra_settings: dict[str, Any] = {}
+
+    async def setUp(self) -> None:
+        self.docker = shared_docker()
+        self.specs = os.path.abspath(self.mktemp())
+        self.write_specs()
+        self.gateway_settings = self.settings()
+        await super().setUp()
+        self.addCleanup(self.nothing_left)
+
+    def settings(self, **more: Any) -> dict[str, Any]:
+        return {
+            "kernelspec_path": self.specs,
+            "response_ip": self.docker.gateway_ip,
+            "docker_host": self.docker.docker_host,
+            "docker_poll_interval": 0.2,
+            "list_kernels": "true",
+            "shutdown_wait": 3,
+            "terminate_wait": 3,
+            "poll_interval": 0.5,
+            **self.extra_settings,
+            **more,
+        }
+
+    def config(self, **more: Any) -> dict[str, Any]:
+        return {"image_name": self.docker.image, "network": self.docker.network, "mounts": ["/usr:/usr:ro"],
+                "user": "65534:65534", **more}
+
+    def write_specs(self) -> None:
+        write_spec(self.specs, "docker", launcher_argv(), "docker", config=self.config())
+        write_spec(self.specs, "missing", launcher_argv(), "docker", config=self.config(image_name="local/nope:1"))
+        write_spec(self.specs, "exits", launcher_argv(), "docker", config=self.config(), env={"KERNEL_LANGUAGE": "cobol"})
+
+    def kernel_containers(self) -> list[dict]:
+        return [c for c in self.docker.containers() if KERNEL_LABEL in (c.get("Labels") or {})]
+
+    def kernel_services(self) -> list[dict]:
+        return [s for s in self.docker.services() if KERNEL_LABEL in (s.get("Spec", {}).get("Labels") or {})]
+
+    async def nothing_left(self) -> None:
+        await eventually(lambda: not self.kernel_containers() and not self.kernel_services(),
+                         "kernel containers and services to be removed", timeout=20)
+
+    async def start(self, name: str = "docker", env: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"name": name, **({"env": env} if env else {})}
+        code, model = await self.gateway.request("POST", "api/kernels", body)
+        self.assertEqual(code, 201, model)
+        return model
+
+
+class ContainerKernelTests(DockerGatewayTestCase):
+    async def test_kernel_runs_code_interrupt_shutdown(self) -> None:
+        """
+        A kernel runs in its own labelled container as the kernelspec's
+        user, runs code through the WebSocket, is interrupted, and shutting
+        it down removes its container.
+        """
+        model = await self.start()
+        placement = model["placement"]
+        containers = self.kernel_containers()
+        self.assertEqual(len(containers), 1)
+        labels = containers[0]["Labels"]
+        self.assertEqual(labels[KERNEL_LABEL], model["id"])
+        self.assertEqual(containers[0]["Id"], placement["container_id"])
+        self.assertEqual(placement["ip"].rsplit(".", 1)[0], self.docker.prefix)
+        phases = [p["phase"] for p in model["phases"]]
+        self.assertEqual(phases[-4:], ["placed", "connection info received", "connected", "ready"])
+
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        result = await client.execute(
+            "import os, json, socket; print(json.dumps([os.getuid(), os.environ.get('KERNEL_ID'), "
+            "socket.gethostname(), 'EG_LAUNCH_TOKEN' in os.environ, os.environ.get('PATH')]))"
+        )
+        uid, kernel_id, hostname, token, path = json.loads(result["stdout"])
+        self.assertEqual((uid, kernel_id, token), (65534, model["id"], False))
+        self.assertEqual(hostname, f"egateway-{model['id']}"[:63])
+        self.assertEqual(path, "/usr/local/bin:/usr/bin:/bin")
+
+        async def interrupt() -> None:
+            code, _ = await self.gateway.request("POST", f"api/kernels/{model['id']}/interrupt")
+            self.assertEqual(code, 204)
+
+        reply = await client.interrupted_sleep(interrupt)
+        self.assertEqual(reply["ename"], "KeyboardInterrupt")
+        await client.close()
+
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        self.assertEqual(self.kernel_containers(), [])
+
+    async def test_missing_image_fails_fast_naming_it(self) -> None:
+        """
+        A kernelspec naming an image the engine does not have fails at once
+        with the image's name, and nothing is created.
+        """
+        started = reactor.seconds()
+        code, body = await self.gateway.request("POST", "api/kernels", {"name": "missing"})
+        self.assertEqual(code, 500, body)
+        self.assertIn("'local/nope:1' is not on the Docker engine", body["message"])
+        self.assertLess(reactor.seconds() - started, 5)
+        self.assertEqual(self.kernel_containers(), [])
+
+    async def test_container_exiting_before_the_handshake(self) -> None:
+        """
+        A container whose entry point exits before the kernel reports fails
+        the launch with its exit code and its last log lines; it is removed.
+        """
+        code, body = await self.gateway.request("POST", "api/kernels", {"name": "exits"})
+        self.assertEqual(code, 500, body)
+        self.assertIn("exited with code 1", body["message"])
+        self.assertIn("unknown KERNEL_LANGUAGE=cobol", body["message"])
+        await eventually(lambda: not self.kernel_containers(), "the container to be removed")
+
+    async def test_killed_from_outside_is_dead_with_exit_code(self) -> None:
+        """
+        A kernel container killed outside the gateway makes the kernel dead
+        (not restarted) with the container's exit code.
+        """
+        model = await self.start()
+        self.docker.api("POST", f"/containers/{model['placement']['container_id']}/kill", query={"signal": "KILL"})
+
+        async def state() -> Any:
+            code, now = await self.gateway.request("GET", f"api/kernels/{model['id']}")
+            return now
+
+        for _ in range(100):
+            now = await state()
+            if now["state"] == "dead":
+                break
+            from twisted.internet.task import deferLater
+
+            await deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual(now["state"], "dead", now)
+        self.assertIn("exited with code 137", now["reason"])
+        self.assertIn("stopped outside the gateway", now["reason"])
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertIn(code, (204, 404))
