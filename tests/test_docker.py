@@ -273,3 +273,49 @@ class ContainerKernelTests(DockerGatewayTestCase):
         self.assertIn("stopped outside the gateway", now["reason"])
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertIn(code, (204, 404))
+
+
+class SwarmKernelTests(DockerGatewayTestCase):
+    def write_specs(self) -> None:
+        config = self.config(network="host")
+        write_spec(self.specs, "swarm", launcher_argv(), "docker-swarm", config=config)
+        write_spec(self.specs, "nowhere", launcher_argv(), "docker-swarm",
+                   config={**config, "constraints": ["node.labels.egateway-test==never"]})
+
+    async def test_service_kernel_runs_code_and_is_removed(self) -> None:
+        """
+        A Swarm kernel runs as a one-replica service without Swarm's own
+        restarts, on the swarm's node, runs code, and its service is
+        removed on shutdown.
+        """
+        model = await self.start("swarm")
+        services = self.kernel_services()
+        self.assertEqual(len(services), 1)
+        spec = services[0]["Spec"]
+        self.assertEqual(spec["Labels"][KERNEL_LABEL], model["id"])
+        self.assertEqual(spec["TaskTemplate"]["RestartPolicy"]["Condition"], "none")
+        self.assertEqual(spec["Mode"]["Replicated"]["Replicas"], 1)
+        self.assertEqual(model["placement"]["service_id"], services[0]["ID"])
+        self.assertEqual(model["placement"]["ip"], self.docker.gateway_ip)
+        self.assertIn("Swarm node", [p["detail"] for p in model["phases"] if p["phase"] == "placed"][0])
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        result = await client.execute("import os; print(os.environ['KERNEL_ID'], os.getuid())")
+        self.assertEqual(result["stdout"].split(), [model["id"], "65534"])
+        await client.close()
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        self.assertEqual(self.kernel_services(), [])
+
+    async def test_pending_task_fails_with_swarms_reason(self) -> None:
+        """
+        A service whose constraints no node meets fails at once with
+        Swarm's reason, and the service is removed.
+        """
+        started = reactor.seconds()
+        code, body = await self.gateway.request("POST", "api/kernels", {"name": "nowhere"})
+        self.assertEqual(code, 500, body)
+        self.assertIn("can never start", body["message"])
+        self.assertIn("no suitable node", body["message"])
+        self.assertIn("node.labels.egateway-test==never", body["message"])
+        self.assertLess(reactor.seconds() - started, 10)
+        self.assertEqual(self.kernel_services(), [])

@@ -257,6 +257,8 @@ class DockerLauncher(RemoteLauncher):
         """
         @raise LaunchError: the engine refused (not for a container gone).
         """
+        if not container_id:
+            raise LaunchError("the kernel's container is not known yet")
         try:
             await self.engine.call(
                 "POST", f"/containers/{quote(container_id)}/kill", query={"signal": int(signum)}, what="kill"
