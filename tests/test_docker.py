@@ -319,3 +319,145 @@ class SwarmKernelTests(DockerGatewayTestCase):
         self.assertIn("node.labels.egateway-test==never", body["message"])
         self.assertLess(reactor.seconds() - started, 10)
         self.assertEqual(self.kernel_services(), [])
+
+
+async def wait_state(gateway: InProcessGateway, kernel_id: str, state: str, timeout: float = 20) -> dict:
+    """
+    The kernel's model once it is in C{state} (bounded).
+    """
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while True:
+        code, model = await gateway.request("GET", f"api/kernels/{kernel_id}")
+        if code == 200 and model["state"] == state:
+            return model
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"kernel {kernel_id} not {state} after {timeout:g} s: {code} {model}")
+        await deferLater(reactor, 0.1, lambda: None)
+
+
+class LifecycleTests(DockerGatewayTestCase):
+    async def test_restart_makes_a_new_container_for_the_same_kernel(self) -> None:
+        """
+        A restart replaces the container (new container, same kernel id,
+        state lost) and removes the old one.
+        """
+        model = await self.start()
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        await client.execute("x = 1")
+        code, restarted = await self.gateway.request("POST", f"api/kernels/{model['id']}/restart")
+        self.assertEqual(code, 200, restarted)
+        old, new = model["placement"]["container_id"], restarted["placement"]["container_id"]
+        self.assertNotEqual(old, new)
+        self.assertEqual([c["Id"] for c in self.kernel_containers()], [new])
+        self.assertEqual(self.kernel_containers()[0]["Labels"][KERNEL_LABEL], model["id"])
+        self.assertEqual((await client.execute("'x' in dir()"))["result"]["text/plain"], "False")
+        await client.close()
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+
+    async def test_restarted_gateway_reattaches(self) -> None:
+        """
+        A gateway that keeps its kernels when it stops, and a new one on the
+        same data directory, reattaches to the running container: same
+        kernel, same container, state kept.
+        """
+        data_dir = os.path.abspath(self.mktemp())
+        settings = {**self.settings(), "persistence": "true", "data_dir": data_dir}
+        first = InProcessGateway(**{**settings, "on_stop": "keep"})
+        await first.start()
+        code, model = await first.request("POST", "api/kernels", {"name": "docker"})
+        self.assertEqual(code, 201, model)
+        client = await ChannelsClient.connect(first.url, model["id"])
+        await client.execute("x = 42")
+        await client.close()
+        await first.stop()
+        container = model["placement"]["container_id"]
+        self.assertEqual([c["State"] for c in self.kernel_containers()], ["running"])
+
+        second = InProcessGateway(**{**settings, "on_stop": "shutdown"})
+        await second.start()
+        self.addCleanup(second.stop)
+        again = await wait_state(second, model["id"], "running")
+        self.assertEqual(again["placement"]["container_id"], container)
+        client = await ChannelsClient.connect(second.url, model["id"])
+        self.assertEqual((await client.execute("x"))["result"]["text/plain"], "42")
+        await client.close()
+        code, _ = await second.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+
+    async def test_reconciler_removes_an_orphan(self) -> None:
+        """
+        A running container labelled with this gateway's id and a kernel id
+        the store does not know is removed by the reconciler; one of another
+        gateway is left alone.
+        """
+        import uuid
+
+        def orphan(gateway_id: str) -> str:
+            created = self.docker.api("POST", "/containers/create", body={
+                "Image": self.docker.image,
+                "Entrypoint": ["/usr/bin/sleep", "300"],
+                "Labels": {KERNEL_LABEL: str(uuid.uuid4()), "org.egateway.gateway_id": gateway_id},
+                "HostConfig": {"Binds": ["/usr:/usr:ro"], "NetworkMode": self.docker.network},
+            })
+            self.docker.api("POST", f"/containers/{created['Id']}/start")
+            return created["Id"]
+
+        mine, theirs = orphan("egw-docker-test"), orphan("egw-someone-else")
+        self.addCleanup(self.docker.api, "DELETE", f"/containers/{theirs}", {"force": 1}, None, None, 30.0, (404,))
+        settings = {**self.settings(), "persistence": "true", "data_dir": os.path.abspath(self.mktemp()),
+                    "gateway_id": "egw-docker-test", "reconcile": "reap"}
+        gateway = InProcessGateway(**settings)
+        await gateway.start()
+        self.addCleanup(gateway.stop)
+        await eventually(lambda: mine not in [c["Id"] for c in self.docker.containers()],
+                         "the reconciler to remove the orphan", timeout=30)
+        self.assertIn(theirs, [c["Id"] for c in self.docker.containers()])
+        self.docker.api("DELETE", f"/containers/{theirs}", query={"force": 1})
+
+
+class EnterpriseGatewaySpecTests(DockerGatewayTestCase):
+    extra_settings = {"docker_mounts": "/usr:/usr:ro"}
+
+    def write_specs(self) -> None:
+        # Enterprise Gateway's python_docker kernelspec, unchanged but for
+        # the image: its argv runs launch_docker.py, which egateway does
+        # not need (it creates the container itself).
+        os.makedirs(os.path.join(self.specs, "python_docker"))
+        with open(os.path.join(self.specs, "python_docker", "kernel.json"), "w") as f:
+            json.dump({
+                "display_name": "Python on Docker",
+                "language": "python",
+                "metadata": {
+                    "process_proxy": {
+                        "class_name": "enterprise_gateway.services.processproxies.docker_swarm.DockerProcessProxy",
+                        "config": {"image_name": self.docker.image},
+                    },
+                    "debugger": True,
+                },
+                "env": {},
+                "argv": ["python", "/usr/local/share/jupyter/kernels/python_docker/scripts/launch_docker.py",
+                         "--RemoteProcessProxy.kernel-id", "{kernel_id}",
+                         "--RemoteProcessProxy.response-address", "{response_address}",
+                         "--RemoteProcessProxy.public-key", "{public_key}",
+                         "--RemoteProcessProxy.port-range", "{port_range}"],
+            }, f)
+
+    async def setUp(self) -> None:
+        self.gateway_env = {"EG_DOCKER_NETWORK": shared_docker().network}
+        await super().setUp()
+
+    async def test_jeg_docker_kernelspec_runs(self) -> None:
+        """
+        Enterprise Gateway's Docker kernelspec launches a container kernel
+        that runs code, the network coming from EG_DOCKER_NETWORK.
+        """
+        model = await self.start("python_docker")
+        self.assertEqual(self.kernel_containers()[0]["Labels"]["kernel_id"], model["id"])
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        self.assertEqual((await client.execute("6 * 7"))["result"]["text/plain"], "42")
+        await client.close()
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
