@@ -16,14 +16,26 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from egateway.clusters.docker_api import demultiplex
+from dataclasses import replace
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from egateway.clusters.docker import ContainerWatch, DockerLauncher
+from egateway.clusters.docker_api import Stream, _Lines, demultiplex
+from egateway.clusters.docker_events import EngineEvents
 from egateway.clusters.docker_plan import container_env, container_plan
-from egateway.clusters.interface import LaunchError
+from egateway.clusters.interface import LaunchError, LauncherContext
+from egateway.clusters.swarm import SwarmLauncher
+from egateway.config import build_config
+from egateway.kernels.specs import KernelSpec
 from tests.fixtures.docker import DockerDaemon
 from tests.support.docker_engine import shared_docker
 from tests.support.gateway import GatewayTestCase, InProcessGateway
 from tests.support.polling import eventually
-from tests.support.remote_kernels import launcher_argv, write_spec
+from tests.support.contract import LauncherContract, request_for
+from tests.support.remote_kernels import kernelspec, launcher_argv, write_spec
 from tests.support.wsclient import ChannelsClient
 
 KERNEL_LABEL = "org.egateway.kernel_id"
@@ -98,6 +110,111 @@ class PlanTests(SynchronousTestCase):
         """
         framed = b"\x01\0\0\0\0\0\0\x06hello\n\x02\0\0\0\0\0\0\x05oops\n"
         self.assertEqual(demultiplex(framed), "hello\noops\n")
+
+
+class WatchTests(SynchronousTestCase):
+    """
+    How a container's events become the kernel's exit status.
+    """
+
+    def ended(self, *events: tuple[str, dict], stopping: bool = False) -> Any:
+        watch = ContainerWatch("c1", "egateway-k1")
+        watch.gateway_stopping = stopping
+        fired = []
+        watch.when_ended().addCallback(fired.append)
+        for action, attributes in events:
+            watch.on_event(action, attributes)
+        return fired[0] if fired else None
+
+    def test_killed_outside_is_a_decision(self) -> None:
+        """
+        A TERM or KILL the gateway did not send, then death: a decision,
+        with the exit code.
+        """
+        status = self.ended(("kill", {"signal": "9"}), ("die", {"exitCode": "137"}))
+        self.assertEqual((status.code, status.decision), (137, True))
+        self.assertIn("stopped outside the gateway (signal 9) and exited with code 137", status.describe())
+
+    def test_gateway_stop_and_crashes_are_not(self) -> None:
+        """
+        The gateway's own stop, an exit of the kernel's own, the OOM killer
+        and an interrupt are not decisions.
+        """
+        self.assertFalse(self.ended(("kill", {"signal": "15"}), ("die", {"exitCode": "143"}), stopping=True).decision)
+        self.assertFalse(self.ended(("kill", {"signal": "2"}), ("die", {"exitCode": "3"})).decision)
+        oom = self.ended(("oom", {}), ("die", {"exitCode": "137"}))
+        self.assertFalse(oom.decision)
+        self.assertIn("OOM killer", oom.describe())
+
+    def test_removed_outside(self) -> None:
+        """
+        A container removed without a death seen first ends the kernel as a
+        decision; a death is reported once.
+        """
+        self.assertTrue(self.ended(("destroy", {})).decision)
+        self.assertEqual(self.ended(("die", {"exitCode": "1"}), ("destroy", {})).code, 1)
+
+
+class FakeStreamingEngine:
+    path = "/nonexistent/docker.sock"
+
+    def __init__(self) -> None:
+        self.queries: list[dict] = []
+        self.protocols: list[Any] = []
+
+    async def stream(self, path: str, query: dict, on_line: Any) -> Stream:
+        self.queries.append(query)
+        protocol = _Lines(on_line)
+        self.protocols.append(protocol)
+        return Stream(protocol)
+
+
+class EventStreamTests(SynchronousTestCase):
+    def test_one_stream_dispatch_and_reopen(self) -> None:
+        """
+        One stream serves every watched container (split across chunks);
+        when it breaks it is reopened from the last event's time.
+        """
+        clock = Clock()
+        engine = FakeStreamingEngine()
+        events = EngineEvents(clock, engine)
+        seen: dict[str, list] = {"a": [], "b": []}
+        events.watch("a", lambda action, attrs: seen["a"].append((action, attrs.get("exitCode"))))
+        events.watch("b", lambda action, attrs: seen["b"].append(action))
+        clock.advance(0)
+        self.assertEqual(len(engine.queries), 1)
+        self.assertEqual(engine.queries[0]["filters"]["label"], [KERNEL_LABEL])
+        self.assertTrue(events.connected)
+        line = json.dumps({"Action": "die", "Actor": {"ID": "a", "Attributes": {"exitCode": "3"}}, "time": 17})
+        engine.protocols[0].dataReceived(line[:10].encode())
+        engine.protocols[0].dataReceived((line[10:] + "\n" + json.dumps(
+            {"Action": "kill", "Actor": {"ID": "b", "Attributes": {}}, "time": 18}) + "\n").encode())
+        self.assertEqual(seen, {"a": [("die", "3")], "b": ["kill"]})
+        engine.protocols[0].connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(events.connected)
+        clock.advance(1)
+        self.assertEqual(len(engine.queries), 2)
+        self.assertEqual(engine.queries[1]["since"], 18)
+        events.stop()
+
+
+class UnreachableEngineTests(TestCase):
+    async def test_no_engine_fails_the_launch_saying_so(self) -> None:
+        """
+        Without an engine at docker_host the launch fails (500) saying
+        which socket it could not reach, before anything else.
+        """
+        config = build_config({}, {}, {"docker-host": "unix:///nonexistent/docker.sock", "docker-network": "n"})
+        launcher = DockerLauncher(LauncherContext(reactor=reactor, runtime_dir="", ports=None,
+                                                  settings={"config": config}))
+        self.addCleanup(launcher.stop)
+        spec = KernelSpec.from_json("s", "/nonexistent", kernelspec("s", launcher_argv(), "docker",
+                                                                     config={"image_name": "local/k:1"}))
+        request, _ = request_for("k1", spec)
+        with self.assertRaises(LaunchError) as caught:
+            await launcher.launch(request)
+        self.assertEqual(caught.exception.status, 500)
+        self.assertIn("cannot reach the Docker engine at /nonexistent/docker.sock", str(caught.exception))
 
 
 # -- the fixture itself ----------------------------------------------------------
@@ -461,3 +578,91 @@ class EnterpriseGatewaySpecTests(DockerGatewayTestCase):
         await client.close()
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)
+
+
+# -- the launcher contract on the engine ----------------------------------------
+
+
+class DockerLauncherContract(LauncherContract, TestCase):
+    """
+    The Docker launcher against the launcher contract, on the shared engine.
+    """
+
+    timeout = 120
+    launcher_class: Any = DockerLauncher
+    network_of_kernels = ""
+
+    async def setUp(self) -> None:
+        self.docker = shared_docker()
+        self.config = build_config({}, {}, {
+            "response-ip": self.docker.gateway_ip,
+            "response-port": "0",
+            "docker-host": self.docker.docker_host,
+            "docker-poll-interval": "0.2",
+            "poll-interval": "1",
+        })
+        self.services: dict[str, Any] = {}
+        self.addCleanup(self._stop_services)
+        config = {"image_name": self.docker.image, "network": self.network_of_kernels or self.docker.network,
+                  "mounts": ["/usr:/usr:ro"], "user": "65534:65534"}
+        launcher = "docker-swarm" if self.launcher_class is SwarmLauncher else "docker"
+        self.working = KernelSpec.from_json("working", "/nonexistent",
+                                            kernelspec("working", launcher_argv(), launcher, config=config))
+        self.broken = KernelSpec.from_json("broken", "/nonexistent", kernelspec(
+            "broken", launcher_argv(), launcher, config=config, env={"KERNEL_LANGUAGE": "cobol"}))
+
+    async def _stop_services(self) -> None:
+        listener = self.services.get("response")
+        if listener is not None and listener.running:
+            await listener.stopService()
+        if "docker" in self.services:
+            engine, events = self.services["docker"]
+            events.stop()
+            await engine.close()
+
+    async def make_launcher(self) -> Any:
+        return self.launcher_class(
+            LauncherContext(reactor=reactor, runtime_dir="", ports=None, settings={"config": self.config},
+                            services=self.services)
+        )
+
+    def make_request(self, kernel_id: str, spec_name: str = "working") -> Any:
+        request, phases = request_for(kernel_id, self.working, timeout=30)
+        return replace(request, env={**request.env, "KERNEL_LANGUAGE": "python"}), phases
+
+    def broken_request(self, kernel_id: str) -> Any:
+        request, phases = request_for(kernel_id, self.broken, timeout=30)
+        return replace(request, env={**request.env, "KERNEL_LANGUAGE": "cobol"}), phases
+
+    def kernel_objects(self, kernel_id: str) -> list[str]:
+        containers = [c["Id"] for c in self.docker.containers(**{KERNEL_LABEL: kernel_id})]
+        services = [s["ID"] for s in self.docker.services()
+                    if (s["Spec"].get("Labels") or {}).get(KERNEL_LABEL) == kernel_id]
+        return containers + services
+
+    async def leftovers(self, process: Any) -> list:
+        try:
+            await eventually(lambda: not self.kernel_objects(process.kernel_id), "the container to go", timeout=15)
+        except AssertionError:
+            pass
+        return self.kernel_objects(process.kernel_id)
+
+    async def placed_leftovers(self, phases: list) -> list:
+        try:
+            await eventually(lambda: not self.all_kernel_objects(), "the container to go", timeout=15)
+        except AssertionError:
+            pass
+        return self.all_kernel_objects()
+
+    def all_kernel_objects(self) -> list[str]:
+        return [c["Id"] for c in self.docker.containers() if KERNEL_LABEL in (c.get("Labels") or {})] + [
+            s["ID"] for s in self.docker.services() if KERNEL_LABEL in (s["Spec"].get("Labels") or {})]
+
+
+class SwarmLauncherContract(DockerLauncherContract):
+    """
+    The Swarm launcher against the launcher contract, on the shared swarm.
+    """
+
+    launcher_class = SwarmLauncher
+    network_of_kernels = "host"

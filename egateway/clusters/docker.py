@@ -197,7 +197,7 @@ class DockerKernelProcess(RemoteKernelProcess):
     async def _terminate(self, grace: float) -> ExitStatus:
         if self._exit is None:
             self.watch.gateway_stopping = True
-            await self._launcher.stop(self.watch, grace)
+            await self._launcher.stop_container(self.watch, grace)
         return self._exit or self.watch.status or ExitStatus(reason="could not be confirmed stopped")
 
     async def _release(self) -> None:
@@ -268,7 +268,7 @@ class DockerLauncher(RemoteLauncher):
                 return
             raise LaunchError(f"cannot signal container {container_id[:12]}: {e}") from None
 
-    async def stop(self, watch: ContainerWatch, grace: float) -> None:
+    async def stop_container(self, watch: ContainerWatch, grace: float) -> None:
         """
         Stop the container (the engine sends SIGTERM, then SIGKILL after
         C{grace} seconds) and wait for its death to arrive.
@@ -339,6 +339,13 @@ class DockerLauncher(RemoteLauncher):
         return how + (f"; its last log lines: {' | '.join(tail.splitlines()[-LOG_LINES:])}" if tail else "")
 
     # -- the launch's steps ----------------------------------------------
+
+    async def _launch(self, request: LaunchRequest) -> IKernelProcess:
+        try:
+            return await super()._launch(request)
+        except DockerAPIError as e:
+            # A step's query the engine did not answer (it went away mid-launch).
+            raise LaunchError(f"the Docker engine at {self.engine.path} failed during the launch: {e}") from None
 
     async def _prepare(self, request: LaunchRequest) -> _ContainerLaunch:
         if not _KERNEL_ID.match(request.kernel_id):
@@ -501,7 +508,13 @@ class DockerLauncher(RemoteLauncher):
     # -- restoring ----------------------------------------------------------
 
     def restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> Deferred[IKernelProcess]:
-        return Deferred.fromCoroutine(self._restore(kernel_id, snapshot))
+        return Deferred.fromCoroutine(self._restoring(kernel_id, snapshot))
+
+    async def _restoring(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
+        try:
+            return await self._restore(kernel_id, snapshot)
+        except DockerAPIError as e:
+            raise LaunchError(f"kernel {kernel_id}: cannot ask the Docker engine at {self.engine.path}: {e}") from None
 
     async def _restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
         try:
