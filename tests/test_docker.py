@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
+import uuid
 from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dataclasses import replace
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 
 from egateway.clusters.docker import ContainerWatch, DockerLauncher
@@ -373,19 +376,7 @@ class ContainerKernelTests(DockerGatewayTestCase):
         """
         model = await self.start()
         self.docker.api("POST", f"/containers/{model['placement']['container_id']}/kill", query={"signal": "KILL"})
-
-        async def state() -> Any:
-            code, now = await self.gateway.request("GET", f"api/kernels/{model['id']}")
-            return now
-
-        for _ in range(100):
-            now = await state()
-            if now["state"] == "dead":
-                break
-            from twisted.internet.task import deferLater
-
-            await deferLater(reactor, 0.1, lambda: None)
-        self.assertEqual(now["state"], "dead", now)
+        now = await wait_state(self.gateway, model["id"], "dead")
         self.assertIn("exited with code 137", now["reason"])
         self.assertIn("stopped outside the gateway", now["reason"])
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
@@ -442,8 +433,6 @@ async def wait_state(gateway: InProcessGateway, kernel_id: str, state: str, time
     """
     The kernel's model once it is in C{state} (bounded).
     """
-    from twisted.internet.task import deferLater
-
     deadline = reactor.seconds() + timeout
     while True:
         code, model = await gateway.request("GET", f"api/kernels/{kernel_id}")
@@ -510,8 +499,6 @@ class LifecycleTests(DockerGatewayTestCase):
         the store does not know is removed by the reconciler; one of another
         gateway is left alone.
         """
-        import uuid
-
         def orphan(gateway_id: str) -> str:
             created = self.docker.api("POST", "/containers/create", body={
                 "Image": self.docker.image,
@@ -658,6 +645,26 @@ class DockerLauncherContract(LauncherContract, TestCase):
         return [c["Id"] for c in self.docker.containers() if KERNEL_LABEL in (c.get("Labels") or {})] + [
             s["ID"] for s in self.docker.services() if KERNEL_LABEL in (s["Spec"].get("Labels") or {})]
 
+    async def test_interrupt_through_the_engine(self) -> None:
+        """
+        Without the comm port, the engine's kill with SIGINT (forwarded by
+        bootstrap-kernel.sh to the kernel's process group) interrupts a
+        running cell; the kernel lives on.
+        """
+        _, process, _, probe = await self.launched()
+        running = Deferred.fromCoroutine(probe.execute("import time; time.sleep(60)", timeout=30))
+        await deferLater(reactor, 1.0, lambda: None)
+        await process._signal_directly(signal.SIGINT)
+        self.assertEqual((await running).get("ename"), "KeyboardInterrupt")
+        # ipykernel aborts requests for a moment after an error.
+        for _ in range(20):
+            if (await probe.execute("1 + 1"))["status"] == "ok":
+                break
+            await deferLater(reactor, 0.2, lambda: None)
+        else:
+            self.fail("the kernel kept aborting requests after the interrupt")
+        self.assertTrue((await process.poll()).alive)
+
 
 class SwarmLauncherContract(DockerLauncherContract):
     """
@@ -666,3 +673,26 @@ class SwarmLauncherContract(DockerLauncherContract):
 
     launcher_class = SwarmLauncher
     network_of_kernels = "host"
+
+
+class OutOfMemoryTests(DockerGatewayTestCase):
+    def write_specs(self) -> None:
+        write_spec(self.specs, "small", launcher_argv(), "docker", config=self.config(memory="150M"))
+
+    async def test_oom_killed_kernel_is_restarted(self) -> None:
+        """
+        A kernel killed by the OOM killer at its container's memory limit is
+        a crash, not a decision: the gateway restarts it in a new container.
+        """
+        model = await self.start("small")
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        client.request_execute("x = bytearray(400 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096])")
+        restarted = await eventually(lambda: [c for c in self.kernel_containers()
+                                              if c["Id"] != model["placement"]["container_id"]],
+                                     "a new container", timeout=30)
+        self.assertEqual(restarted[0]["Labels"][KERNEL_LABEL], model["id"])
+        await client.close()
+        now = await wait_state(self.gateway, model["id"], "running", timeout=30)
+        self.assertNotEqual(now["placement"]["container_id"], model["placement"]["container_id"])
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
