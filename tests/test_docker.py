@@ -414,6 +414,19 @@ class SwarmKernelTests(DockerGatewayTestCase):
         self.assertEqual(code, 204)
         self.assertEqual(self.kernel_services(), [])
 
+    async def test_service_removed_outside_is_dead(self) -> None:
+        """
+        A kernel whose service is removed outside the gateway is dead (not
+        restarted), saying so.
+        """
+        model = await self.start("swarm")
+        self.docker.api("DELETE", f"/services/{model['placement']['service_id']}")
+        now = await wait_state(self.gateway, model["id"], "dead")
+        self.assertIn("outside the gateway", now["reason"])
+        self.assertEqual(self.kernel_services(), [])
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertIn(code, (204, 404))
+
     async def test_pending_task_fails_with_swarms_reason(self) -> None:
         """
         A service whose constraints no node meets fails at once with
