@@ -940,6 +940,11 @@ class DockerConfig:
         "Most memory a client may ask for with KERNEL_MEMORY, e.g. 8G (a kernelspec's max_memory overrides).",
         env=("EG_DOCKER_MAX_MEMORY",),
     )
+    docker_max_gpus: str = setting(
+        "0",
+        "Most GPUs a client may ask for with KERNEL_GPUS (a kernelspec's max_gpus overrides).",
+        env=("EG_DOCKER_MAX_GPUS",),
+    )
     docker_name_prefix: str = setting(
         "egateway-",
         "Kernel containers and Swarm services are named this prefix followed by the kernel id.",

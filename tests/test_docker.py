@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from egateway.clusters.docker import ContainerWatch, DockerLauncher
 from egateway.clusters.docker_api import Stream, _Lines, demultiplex
 from egateway.clusters.docker_events import EngineEvents
-from egateway.clusters.docker_plan import container_env, container_plan
+from egateway.clusters.docker_plan import container_body, container_env, container_plan, service_body
 from egateway.clusters.interface import LaunchError, LauncherContext
 from egateway.clusters.swarm import SwarmLauncher
 from egateway.config import build_config
@@ -46,7 +46,7 @@ KERNEL_LABEL = "org.egateway.kernel_id"
 
 def settings(**overrides: Any) -> Any:
     values = {"docker_network": "kernels", "docker_max_cpus": "4", "docker_max_memory": "8G",
-              "docker_mounts": ""}
+              "docker_mounts": "", "docker_max_gpus": "0"}
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -98,6 +98,49 @@ class PlanTests(SynchronousTestCase):
                 container_plan({}, config, settings())
             self.assertEqual(caught.exception.status, 500)
             self.assertIn(key, str(caught.exception))
+
+    def test_gpus_within_bounds(self) -> None:
+        """
+        GPUs: the kernelspec's count, a client's only up to max_gpus (none
+        by default); requested from the engine as devices (Docker) or
+        generic resources (Swarm).
+        """
+        self.assertEqual(container_plan({}, {**self.config, "gpus": 1}, settings()).gpus, 1)
+        with self.assertRaises(LaunchError) as caught:
+            container_plan({"KERNEL_GPUS": "1"}, self.config, settings())
+        self.assertEqual(caught.exception.status, 400)
+        plan = container_plan({"KERNEL_GPUS": "2"}, {**self.config, "max_gpus": 2}, settings())
+        body = container_body(plan, "egateway-k", [], {})
+        self.assertEqual(body["HostConfig"]["DeviceRequests"],
+                         [{"Driver": "nvidia", "Count": 2, "Capabilities": [["gpu"]]}])
+        service = service_body(plan, "egateway-k", [], {}, 3)
+        self.assertEqual(service["TaskTemplate"]["Resources"]["Reservations"]["GenericResources"],
+                         [{"DiscreteResourceSpec": {"Kind": "gpu", "Value": 2}}])
+
+    def test_bodies(self) -> None:
+        """
+        The container has no restart policy, the plan's limits, read-only
+        binds and the labels; the service one replica, no restart policy of
+        Swarm's, the constraints, and the labels on its container too.
+        """
+        plan = container_plan({"KERNEL_CPUS": "1.5", "KERNEL_MEMORY": "1G"},
+                              {**self.config, "constraints": ["node.role==worker"]}, settings())
+        body = container_body(plan, "egateway-k", ["A=1"], {"l": "v"})
+        self.assertEqual((body["Image"], body["Env"], body["Labels"], body["User"]),
+                         ("local/kernel:1", ["A=1"], {"l": "v"}, "1000:100"))
+        self.assertEqual(body["HostConfig"]["RestartPolicy"], {"Name": "no"})
+        self.assertEqual((body["HostConfig"]["NanoCpus"], body["HostConfig"]["Memory"]), (1_500_000_000, 1024 ** 3))
+        self.assertEqual(body["HostConfig"]["Binds"], ["/usr:/usr:ro"])
+        self.assertNotIn("DeviceRequests", body["HostConfig"])
+        service = service_body(plan, "egateway-k", ["A=1"], {"l": "v"}, 3)
+        task = service["TaskTemplate"]
+        self.assertEqual(service["Mode"], {"Replicated": {"Replicas": 1}})
+        self.assertEqual(task["RestartPolicy"], {"Condition": "none"})
+        self.assertEqual(task["Placement"], {"Constraints": ["node.role==worker"]})
+        self.assertEqual((service["Labels"], task["ContainerSpec"]["Labels"]), ({"l": "v"}, {"l": "v"}))
+        self.assertEqual(task["ContainerSpec"]["Mounts"],
+                         [{"Type": "bind", "Source": "/usr", "Target": "/usr", "ReadOnly": True}])
+        self.assertEqual(service["EndpointSpec"], {"Mode": "dnsrr"})
 
     def test_environment(self) -> None:
         """

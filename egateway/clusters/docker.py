@@ -54,6 +54,7 @@ from egateway.clusters.docker_plan import (
     SPEC_LABEL,
     USER_LABEL,
     ContainerPlan,
+    container_body,
     container_env,
     container_plan,
     kernel_labels,
@@ -401,20 +402,8 @@ class DockerLauncher(RemoteLauncher):
     async def _submit(self, launch: RemoteLaunch) -> None:
         request, state = launch.request, launch.state
         plan: ContainerPlan = state.plan
-        body = {
-            "Image": plan.image,
-            "Env": container_env(request.env, self._contract(launch)),
-            "Labels": self._labels(request),
-            "Hostname": state.name[:63],
-            "User": plan.user,
-            "HostConfig": {
-                "NetworkMode": plan.network,
-                "Binds": [m.bind() for m in plan.mounts],
-                "NanoCpus": int(plan.cpus * 1e9),
-                "Memory": plan.memory,
-                "RestartPolicy": {"Name": "no"},
-            },
-        }
+        body = container_body(plan, state.name, container_env(request.env, self._contract(launch)),
+                              self._labels(request))
         await self.events.started()
         state.creating = Deferred.fromCoroutine(
             self.engine.call("POST", "/containers/create", query={"name": state.name}, body=body, what="create")

@@ -11,6 +11,8 @@ inside what the kernelspec or profile allows:
   - C{KERNEL_CPUS}: more than 0, at most C{max_cpus} (config, else the
     setting C{docker_max_cpus}); C{KERNEL_MEMORY}: at most C{max_memory}
     (config, else C{docker_max_memory});
+  - C{KERNEL_GPUS}: at most C{max_gpus} (config, else C{docker_max_gpus},
+    default 0);
   - C{KERNEL_UID}: one of the config's C{allowed_uids}.
 Mounts, network and constraints come from the config only.  A bad client
 value fails the launch with 400 before anything is created; a bad config
@@ -80,6 +82,7 @@ class ContainerPlan:
     mounts: tuple[Mount, ...] = ()
     user: str = ""
     constraints: tuple[str, ...] = ()
+    gpus: int = 0
     from_client: tuple[str, ...] = field(default_factory=tuple)
 
     def describe(self) -> str:
@@ -88,6 +91,8 @@ class ContainerPlan:
             parts.append(f"{self.cpus:g} CPUs")
         if self.memory:
             parts.append(f"{self.memory // (1024 * 1024)} MB")
+        if self.gpus:
+            parts.append(f"{self.gpus} GPUs")
         if self.user:
             parts.append(f"user {self.user}")
         return ", ".join(parts)
@@ -223,12 +228,20 @@ def container_plan(env: Mapping[str, str], config: Mapping[str, Any], settings: 
     if user.split(":")[0] == "0" and not config.get("allow_root"):
         raise broken("user", "kernels do not run as root in their container unless allow_root is set")
 
+    gpus = _count(config.get("gpus"), "gpus", broken)
+    asked = client("KERNEL_GPUS")
+    if asked:
+        gpus = _count(asked, "KERNEL_GPUS", refuse)
+        limit = bound("max_gpus", lambda text: _count(text, "max_gpus", broken))
+        if gpus > limit:
+            raise refuse("KERNEL_GPUS", f"{asked} GPUs is more than the {limit} allowed")
+
     constraints = tuple(str(c) for c in _list(config.get("constraints")))
     for constraint in constraints:
         if not CONSTRAINT.match(constraint):
             raise broken("constraints", f"{constraint!r} is not a Swarm placement constraint (node.x==y)")
 
-    return ContainerPlan(image, network, cpus, memory, mounts, user, constraints, tuple(used))
+    return ContainerPlan(image, network, cpus, memory, mounts, user, constraints, gpus, tuple(used))
 
 
 def _parse_cpus(text: str) -> float:
@@ -248,6 +261,72 @@ def _cpus(value: Any, key: str, broken: Any) -> float:
         return _parse_cpus(str(value))
     except ValueError as e:
         raise broken(key, str(e)) from None
+
+
+def _count(value: Any, key: str, fail: Any) -> int:
+    if value is None or value == "":
+        return 0
+    text = str(value).strip()
+    if not text.isdigit() or int(text) > 64:
+        raise fail(key, f"{text!r} is not a number of GPUs (0 to 64)")
+    return int(text)
+
+
+def container_body(plan: ContainerPlan, name: str, env: list[str], labels: Mapping[str, str]) -> dict[str, Any]:
+    """
+    The Engine API's C{POST /containers/create} body of a kernel container.
+    GPUs are requested from the engine's C{nvidia} device driver.
+    """
+    host: dict[str, Any] = {
+        "NetworkMode": plan.network,
+        "Binds": [m.bind() for m in plan.mounts],
+        "NanoCpus": int(plan.cpus * 1e9),
+        "Memory": plan.memory,
+        "RestartPolicy": {"Name": "no"},
+    }
+    if plan.gpus:
+        host["DeviceRequests"] = [{"Driver": "nvidia", "Count": plan.gpus, "Capabilities": [["gpu"]]}]
+    return {"Image": plan.image, "Env": env, "Labels": dict(labels), "Hostname": name[:63], "User": plan.user,
+            "HostConfig": host}
+
+
+def service_body(
+    plan: ContainerPlan, name: str, env: list[str], labels: Mapping[str, str], stop_grace: float
+) -> dict[str, Any]:
+    """
+    The Engine API's C{POST /services/create} body of a kernel's Swarm
+    service: one replica, no restart policy of Swarm's own, the plan's
+    constraints and limits, the kernel's labels on the service and on its
+    container (so the engine's events name it), GPUs as generic resources.
+    """
+    container: dict[str, Any] = {
+        "Image": plan.image,
+        "Env": env,
+        "Labels": dict(labels),
+        "Hostname": name[:63],
+        "User": plan.user,
+        "Mounts": [{"Type": "bind", "Source": m.source, "Target": m.target, "ReadOnly": m.read_only}
+                   for m in plan.mounts],
+        "StopGracePeriod": int(stop_grace * 1e9),
+    }
+    resources: dict[str, Any] = {"Limits": {"NanoCPUs": int(plan.cpus * 1e9), "MemoryBytes": plan.memory}}
+    if plan.gpus:
+        resources["Reservations"] = {"GenericResources": [{"DiscreteResourceSpec": {"Kind": "gpu",
+                                                                                   "Value": plan.gpus}}]}
+    task = {
+        "ContainerSpec": container,
+        "RestartPolicy": {"Condition": "none"},
+        "Placement": {"Constraints": list(plan.constraints)},
+        "Resources": resources,
+        "Networks": [{"Target": plan.network}],
+    }
+    body: dict[str, Any] = {"Name": name, "Labels": dict(labels), "TaskTemplate": task,
+                            "Mode": {"Replicated": {"Replicas": 1}}}
+    if plan.network != "host":
+        # Enterprise Gateway's choice too: no virtual IP (it needs the
+        # iptables/IPVS set-up), the task's own address.
+        body["EndpointSpec"] = {"Mode": "dnsrr"}
+    return body
 
 
 def container_env(
@@ -286,7 +365,9 @@ __all__ = [
     "GATEWAY_LABEL",
     "Mount",
     "USER_LABEL",
+    "container_body",
     "container_env",
     "container_plan",
+    "service_body",
     "kernel_labels",
 ]

@@ -39,7 +39,7 @@ from zope.interface import implementer
 from egateway.clusters.docker import ContainerWatch, DockerKernelProcess, DockerLauncher, _ContainerLaunch
 from egateway.clusters.docker_api import DockerAPIError, label_filter
 from egateway.clusters.docker_events import KERNEL_LABEL
-from egateway.clusters.docker_plan import GATEWAY_LABEL, SPEC_LABEL, ContainerPlan, container_env
+from egateway.clusters.docker_plan import GATEWAY_LABEL, SPEC_LABEL, ContainerPlan, container_env, service_body
 from egateway.clusters.interface import (
     ExitStatus,
     Found,
@@ -194,28 +194,8 @@ class SwarmLauncher(DockerLauncher):
     async def _submit(self, launch: RemoteLaunch) -> None:
         request, state = launch.request, launch.state
         plan: ContainerPlan = state.plan
-        labels = self._labels(request)
-        container: dict[str, Any] = {
-            "Image": plan.image,
-            "Env": container_env(request.env, self._contract(launch)),
-            "Labels": labels,
-            "Hostname": state.name[:63],
-            "User": plan.user,
-            "Mounts": [{"Type": "bind", "Source": m.source, "Target": m.target, "ReadOnly": m.read_only}
-                       for m in plan.mounts],
-            "StopGracePeriod": int(self._kernels.terminate_wait * 1e9),
-        }
-        task: dict[str, Any] = {
-            "ContainerSpec": container,
-            "RestartPolicy": {"Condition": "none"},
-            "Placement": {"Constraints": list(plan.constraints)},
-            "Resources": {"Limits": {"NanoCPUs": int(plan.cpus * 1e9), "MemoryBytes": plan.memory}},
-            "Networks": [{"Target": plan.network}],
-        }
-        body: dict[str, Any] = {"Name": state.name, "Labels": labels, "TaskTemplate": task,
-                                "Mode": {"Replicated": {"Replicas": 1}}}
-        if plan.network != "host":
-            body["EndpointSpec"] = {"Mode": "dnsrr"}
+        body = service_body(plan, state.name, container_env(request.env, self._contract(launch)),
+                            self._labels(request), self._kernels.terminate_wait)
         await self.events.started()
         state.creating = Deferred.fromCoroutine(
             self.engine.call("POST", "/services/create", body=body, what="create service")
