@@ -244,6 +244,30 @@ class EventStreamTests(SynchronousTestCase):
         events.stop()
 
 
+class SharedStreamTests(SynchronousTestCase):
+    def test_concurrent_starts_open_one_stream(self) -> None:
+        """
+        Launches that start at once share one attempt to open the stream.
+        """
+        engine = FakeStreamingEngine()
+        gate: Deferred[None] = Deferred()
+        opened = engine.stream
+
+        async def slow(path: str, query: dict, on_line: Any) -> Stream:
+            await gate
+            return await opened(path, query, on_line)
+
+        engine.stream = slow  # type: ignore[method-assign]
+        events = EngineEvents(Clock(), engine)
+        first = Deferred.fromCoroutine(events.started())
+        second = Deferred.fromCoroutine(events.started())
+        gate.callback(None)
+        self.successResultOf(first)
+        self.successResultOf(second)
+        self.assertEqual(len(engine.queries), 1)
+        events.stop()
+
+
 class UnreachableEngineTests(TestCase):
     async def test_no_engine_fails_the_launch_saying_so(self) -> None:
         """

@@ -43,7 +43,6 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import quote
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -52,7 +51,6 @@ from egateway.clusters.docker_events import KERNEL_LABEL, EngineEvents
 from egateway.clusters.docker_plan import (
     GATEWAY_LABEL,
     SPEC_LABEL,
-    USER_LABEL,
     ContainerPlan,
     container_body,
     container_env,
@@ -605,4 +603,4 @@ class DockerLauncher(RemoteLauncher):
         return Deferred.fromCoroutine(self.engine.close())
 
 
-__all__ = ["ContainerWatch", "DockerKernelProcess", "DockerLauncher", "engine_for", "USER_LABEL"]
+__all__ = ["ContainerWatch", "DockerKernelProcess", "DockerLauncher", "engine_for"]

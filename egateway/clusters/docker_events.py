@@ -20,6 +20,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from egateway.clusters.docker_api import DockerAPIError, DockerEngine, Stream
+from egateway.observe import Operation
 
 _log = Logger()
 
@@ -53,6 +54,7 @@ class EngineEvents:
         self._stream: Stream | None = None
         self._since: int | None = None
         self._running = False
+        self._opening: Operation[None] | None = None
         self.connected = False
 
     def watch(self, container_id: str, watcher: Watcher) -> Callable[[], None]:
@@ -82,13 +84,34 @@ class EngineEvents:
         @raise DockerAPIError: the engine cannot be reached.
         """
         self._running = True
-        if self._stream is None:
-            await self._open()
+        try:
+            await self._open_once()
+        except BaseException:
+            # Not following: the next watch() or started() tries again.
+            self._running = False
+            raise
 
     def _run(self) -> None:
         Deferred.fromCoroutine(self._follow()).addErrback(
             lambda f: _log.failure("Docker event stream of {path} failed", f, path=self._engine.path)
         )
+
+    async def _open_once(self) -> None:
+        """
+        Open the stream unless it is open; concurrent callers share one
+        attempt, so there is never more than one stream.
+        """
+        if self._stream is not None:
+            return
+        opening = self._opening
+        if opening is None:
+            opening = self._opening = Operation("open the Docker event stream", self._open(), self._engine.path)
+            opening.running.addBoth(self._forget_opening)
+        await opening.observe()
+
+    def _forget_opening(self, result: Any) -> Any:
+        self._opening = None
+        return result
 
     async def _open(self) -> None:
         query: dict[str, Any] = {
@@ -110,7 +133,7 @@ class EngineEvents:
     async def _follow(self) -> None:
         while self._running and self._stream is None:
             try:
-                await self._open()
+                await self._open_once()
                 return
             except CancelledError:
                 raise

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from egateway.clusters.docker_events import KERNEL_LABEL
 from egateway.clusters.interface import ENV_NAME, LaunchError
@@ -329,9 +329,7 @@ def service_body(
     return body
 
 
-def container_env(
-    env: Mapping[str, str], contract: Mapping[str, str], passed_through: Sequence[str] = ()
-) -> list[str]:
+def container_env(env: Mapping[str, str], contract: Mapping[str, str]) -> list[str]:
     """
     The container's C{NAME=value} list: the kernel's environment (valid
     names, without L{NOT_PASSED}) and the launch contract over it.
@@ -363,6 +361,7 @@ def kernel_labels(kernel_id: str, gateway_id: str, username: str, spec_name: str
 __all__ = [
     "ContainerPlan",
     "GATEWAY_LABEL",
+    "SPEC_LABEL",
     "Mount",
     "USER_LABEL",
     "container_body",
