@@ -32,6 +32,8 @@ from egateway.clusters.docker_plan import container_body, container_env, contain
 from egateway.clusters.interface import LaunchError, LauncherContext
 from egateway.clusters.swarm import SwarmLauncher
 from egateway.config import build_config
+from egateway.errors import BadRequest
+from egateway.kernels.policy import TenancyPolicy
 from egateway.kernels.specs import KernelSpec
 from tests.fixtures.docker import DockerDaemon
 from tests.support.docker_engine import shared_docker
@@ -141,6 +143,29 @@ class PlanTests(SynchronousTestCase):
         self.assertEqual(task["ContainerSpec"]["Mounts"],
                          [{"Type": "bind", "Source": "/usr", "Target": "/usr", "ReadOnly": True}])
         self.assertEqual(service["EndpointSpec"], {"Mode": "dnsrr"})
+
+    def test_profile_allow_list(self) -> None:
+        """
+        Through a profile: its image and resources apply, a client picks only
+        an image on the profile's list, and nothing else.
+        """
+        config = build_config({"profiles": {"images": {
+            "kernelspecs": ["docker"], "image": "local/kernel:1", "cpus": 1, "memory": "2G",
+            "allowed_images": ["local/kernel:1", "local/kernel:gpu"]}}}, {}, {})
+        spec = KernelSpec.from_json("docker", "/nonexistent", kernelspec(
+            "docker", launcher_argv(), "docker", config={"image_name": "local/other:1", "mounts": ["/usr:/usr:ro"]}))
+        policy = TenancyPolicy.from_config(config)
+
+        def planned(env: dict[str, str]) -> Any:
+            launch = policy.plan(None, "alice", spec, env, env, requested="images")
+            return container_plan(env, launch.launcher_config, settings())
+
+        self.assertEqual((planned({}).image, planned({}).cpus, planned({}).memory),
+                         ("local/kernel:1", 1.0, 2 * 1024 ** 3))
+        self.assertEqual(planned({"KERNEL_IMAGE": "local/kernel:gpu"}).image, "local/kernel:gpu")
+        for env in ({"KERNEL_IMAGE": "local/other:1"}, {"KERNEL_IMAGE": "evil/miner:1"}):
+            with self.assertRaises((BadRequest, LaunchError)):
+                planned(env)
 
     def test_environment(self) -> None:
         """
