@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import tempfile
+import time
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -405,6 +406,7 @@ class ContainerKernelTests(DockerGatewayTestCase):
         user, runs code through the WebSocket, is interrupted, and shutting
         it down removes its container.
         """
+        started = time.time() - 1
         model = await self.start()
         placement = model["placement"]
         containers = self.kernel_containers()
@@ -437,6 +439,11 @@ class ContainerKernelTests(DockerGatewayTestCase):
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)
         self.assertEqual(self.kernel_containers(), [])
+        # It ended (stopped or shut down by its kernel) before it was removed.
+        actions = [action for action, _ in self.docker.events(placement["container_id"], started)]
+        self.assertIn("die", actions)
+        self.assertEqual(actions[-1], "destroy")
+        self.assertLess(actions.index("die"), actions.index("destroy"))
 
     async def test_missing_image_fails_fast_naming_it(self) -> None:
         """
@@ -518,6 +525,27 @@ class SwarmKernelTests(DockerGatewayTestCase):
         self.assertEqual(self.kernel_services(), [])
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertIn(code, (204, 404))
+
+    async def test_reconciler_removes_an_orphan_service(self) -> None:
+        """
+        A kernel service labelled with this gateway's id that the store does
+        not know is removed by the reconciler.
+        """
+        created = self.docker.api("POST", "/services/create", body={
+            "Name": f"egw-orphan-{uuid.uuid4().hex[:8]}",
+            "Labels": {KERNEL_LABEL: str(uuid.uuid4()), "org.egateway.gateway_id": "egw-swarm-test"},
+            "TaskTemplate": {"ContainerSpec": {"Image": self.docker.image, "Command": ["/usr/bin/sleep", "300"],
+                                               "Mounts": [{"Type": "bind", "Source": "/usr", "Target": "/usr",
+                                                           "ReadOnly": True}]},
+                             "RestartPolicy": {"Condition": "none"}, "Networks": [{"Target": "host"}]},
+        })
+        settings = {**self.settings(), "persistence": "true", "data_dir": os.path.abspath(self.mktemp()),
+                    "gateway_id": "egw-swarm-test", "reconcile": "reap"}
+        gateway = InProcessGateway(**settings)
+        await gateway.start()
+        self.addCleanup(gateway.stop)
+        await eventually(lambda: created["ID"] not in [s["ID"] for s in self.docker.services()],
+                         "the reconciler to remove the orphan service", timeout=30)
 
     async def test_pending_task_fails_with_swarms_reason(self) -> None:
         """
