@@ -657,6 +657,7 @@ class LifecycleTests(DockerGatewayTestCase):
 
 class EnterpriseGatewaySpecTests(DockerGatewayTestCase):
     extra_settings = {"docker_mounts": "/usr:/usr:ro"}
+    process_proxy = "enterprise_gateway.services.processproxies.docker_swarm.DockerProcessProxy"
 
     def write_specs(self) -> None:
         # Enterprise Gateway's python_docker kernelspec, unchanged but for
@@ -669,7 +670,7 @@ class EnterpriseGatewaySpecTests(DockerGatewayTestCase):
                 "language": "python",
                 "metadata": {
                     "process_proxy": {
-                        "class_name": "enterprise_gateway.services.processproxies.docker_swarm.DockerProcessProxy",
+                        "class_name": self.process_proxy,
                         "config": {"image_name": self.docker.image},
                     },
                     "debugger": True,
@@ -682,8 +683,11 @@ class EnterpriseGatewaySpecTests(DockerGatewayTestCase):
                          "--RemoteProcessProxy.port-range", "{port_range}"],
             }, f)
 
+    def network(self) -> str:
+        return shared_docker().network
+
     async def setUp(self) -> None:
-        self.gateway_env = {"EG_DOCKER_NETWORK": shared_docker().network}
+        self.gateway_env = {"EG_DOCKER_NETWORK": self.network()}
         await super().setUp()
 
     async def test_jeg_docker_kernelspec_runs(self) -> None:
@@ -693,6 +697,7 @@ class EnterpriseGatewaySpecTests(DockerGatewayTestCase):
         """
         model = await self.start("python_docker")
         self.assertEqual(self.kernel_containers()[0]["Labels"]["kernel_id"], model["id"])
+        self.assertEqual(model["placement"].get("service_id") is not None, "Swarm" in self.process_proxy)
         client = await ChannelsClient.connect(self.gateway.url, model["id"])
         self.assertEqual((await client.execute("6 * 7"))["result"]["text/plain"], "42")
         await client.close()
@@ -797,6 +802,18 @@ class DockerLauncherContract(LauncherContract, TestCase):
         else:
             self.fail("the kernel kept aborting requests after the interrupt")
         self.assertTrue((await process.poll()).alive)
+
+
+class EnterpriseGatewaySwarmSpecTests(EnterpriseGatewaySpecTests):
+    """
+    The same with Enterprise Gateway's DockerSwarmProcessProxy: a service
+    on the host network (EG_DOCKER_NETWORK=host).
+    """
+
+    process_proxy = "enterprise_gateway.services.processproxies.docker_swarm.DockerSwarmProcessProxy"
+
+    def network(self) -> str:
+        return "host"
 
 
 class SwarmLauncherContract(DockerLauncherContract):
