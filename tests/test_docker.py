@@ -492,8 +492,8 @@ class SwarmKernelTests(DockerGatewayTestCase):
     async def test_service_kernel_runs_code_and_is_removed(self) -> None:
         """
         A Swarm kernel runs as a one-replica service without Swarm's own
-        restarts, on the swarm's node, runs code, and its service is
-        removed on shutdown.
+        restarts, on the swarm's node, runs code; a restart replaces the
+        service, and the service is removed on shutdown.
         """
         model = await self.start("swarm")
         services = self.kernel_services()
@@ -508,6 +508,12 @@ class SwarmKernelTests(DockerGatewayTestCase):
         client = await ChannelsClient.connect(self.gateway.url, model["id"])
         result = await client.execute("import os; print(os.environ['KERNEL_ID'], os.getuid())")
         self.assertEqual(result["stdout"].split(), [model["id"], "65534"])
+        code, restarted = await self.gateway.request("POST", f"api/kernels/{model['id']}/restart")
+        self.assertEqual(code, 200, restarted)
+        self.assertNotEqual(restarted["placement"]["service_id"], model["placement"]["service_id"])
+        await eventually(lambda: [s["ID"] for s in self.kernel_services()] == [restarted["placement"]["service_id"]],
+                         "the old service to be removed")
+        self.assertEqual((await client.execute("1 + 1"))["result"]["text/plain"], "2")
         await client.close()
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)
