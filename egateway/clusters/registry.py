@@ -31,6 +31,8 @@ BUILTIN = {
     "local": "egateway.clusters.local:LocalLauncher",
     "ssh": "egateway.clusters.ssh:SSHLauncher",
     "slurm": "egateway.clusters.slurm:SlurmLauncher",
+    "docker": "egateway.clusters.docker:DockerLauncher",
+    "docker-swarm": "egateway.clusters.swarm:SwarmLauncher",
 }
 
 ENTRY_POINT_GROUP = "egateway.launchers"

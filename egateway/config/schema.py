@@ -925,6 +925,56 @@ class MetricsConfig:
         return self.on_main_listener or bool(self.metrics_listen)
 
 
+# -- Docker and Docker Swarm (issue 15): a self-contained block, easy to move --
+
+
+@dataclass(frozen=True)
+class DockerConfig:
+    docker_host: str = setting(
+        "unix:///var/run/docker.sock",
+        "Docker engine socket the docker and docker-swarm launchers talk to (unix:///path only).",
+        env=("EG_DOCKER_HOST", "DOCKER_HOST"),
+    )
+    docker_network: str = setting(
+        "",
+        "Docker network of kernel containers when the kernelspec names none (Enterprise Gateway's "
+        "EG_DOCKER_NETWORK).",
+        env=("EG_DOCKER_NETWORK",),
+    )
+    docker_mounts: str = setting(
+        "",
+        "Comma-separated /source:/target[:ro|rw] bind mounts of kernel containers whose kernelspec names none "
+        "(read-only unless :rw).",
+        env=("EG_DOCKER_MOUNTS",),
+    )
+    docker_max_cpus: str = setting(
+        "4",
+        "Most CPUs a client may ask for with KERNEL_CPUS (a kernelspec's max_cpus overrides).",
+        env=("EG_DOCKER_MAX_CPUS",),
+    )
+    docker_max_memory: str = setting(
+        "8G",
+        "Most memory a client may ask for with KERNEL_MEMORY, e.g. 8G (a kernelspec's max_memory overrides).",
+        env=("EG_DOCKER_MAX_MEMORY",),
+    )
+    docker_max_gpus: str = setting(
+        "0",
+        "Most GPUs a client may ask for with KERNEL_GPUS (a kernelspec's max_gpus overrides).",
+        env=("EG_DOCKER_MAX_GPUS",),
+    )
+    docker_name_prefix: str = setting(
+        "egateway-",
+        "Kernel containers and Swarm services are named this prefix followed by the kernel id.",
+        env=("EG_DOCKER_NAME_PREFIX",),
+    )
+    docker_poll_interval: float = setting(
+        0.5,
+        "Seconds between checks while a container or Swarm task starts (deaths come from the event stream).",
+        env=("EG_DOCKER_POLL_INTERVAL",),
+        minimum=0.05,
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -934,6 +984,7 @@ class Config:
     response: ResponseConfig = field(default_factory=ResponseConfig)
     ssh: SSHConfig = field(default_factory=SSHConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    docker: DockerConfig = field(default_factory=DockerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     impersonation: ImpersonationConfig = field(default_factory=ImpersonationConfig)
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)
