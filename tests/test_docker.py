@@ -30,7 +30,7 @@ from egateway.clusters.docker import ContainerWatch, DockerLauncher
 from egateway.clusters.docker_api import Stream, _Lines, demultiplex
 from egateway.clusters.docker_events import EngineEvents
 from egateway.clusters.docker_plan import container_body, container_env, container_plan, service_body
-from egateway.clusters.interface import LaunchError, LauncherContext
+from egateway.clusters.interface import LaunchError, LauncherContext, LaunchSettings
 from egateway.clusters.swarm import SwarmLauncher
 from egateway.config import build_config
 from egateway.errors import BadRequest
@@ -302,7 +302,7 @@ class UnreachableEngineTests(TestCase):
         """
         config = build_config({}, {}, {"docker-host": "unix:///nonexistent/docker.sock", "docker-network": "n"})
         launcher = DockerLauncher(LauncherContext(reactor=reactor, runtime_dir="", ports=None,
-                                                  settings={"config": config}))
+                                                  section=config.docker, shared=LaunchSettings.from_config(config)))
         self.addCleanup(launcher.stop)
         spec = KernelSpec.from_json("s", "/nonexistent", kernelspec("s", launcher_argv(), "docker",
                                                                      config={"image_name": "local/k:1"}))
@@ -753,8 +753,8 @@ class DockerLauncherContract(LauncherContract, TestCase):
 
     async def make_launcher(self) -> Any:
         return self.launcher_class(
-            LauncherContext(reactor=reactor, runtime_dir="", ports=None, settings={"config": self.config},
-                            services=self.services)
+            LauncherContext(reactor=reactor, runtime_dir="", ports=None, section=self.config.docker,
+                            shared=LaunchSettings.from_config(self.config), services=self.services)
         )
 
     def make_request(self, kernel_id: str, spec_name: str = "working") -> Any:

@@ -107,7 +107,7 @@ def engine_for(context: LauncherContext) -> tuple[DockerEngine, EngineEvents]:
     shared = context.services.get("docker")
     if shared is None:
         try:
-            path = socket_path(context.settings["config"].docker.docker_host)
+            path = socket_path(context.section.docker_host)
         except ValueError as e:
             raise LaunchError(f"docker_host (EG_DOCKER_HOST): {e}") from None
         engine = DockerEngine(context.reactor, path)
@@ -235,12 +235,8 @@ class DockerLauncher(RemoteLauncher):
     name = "docker"
 
     def __init__(self, context: LauncherContext) -> None:
-        config = context.settings["config"]
-        self._context = context
-        self._reactor = context.reactor
-        self._gateway_id = str(context.settings.get("gateway_id") or "")
-        self._settings = config.docker
-        self._kernels = config.kernels
+        super().__init__(context)
+        self._settings = context.section
         self.engine, self.events = engine_for(context)
 
     @property
@@ -470,7 +466,7 @@ class DockerLauncher(RemoteLauncher):
                 pid=state.extra.get("pid", 0),
                 extra={"container_id": state.watch.container_id, "image": state.plan.image},
             ),
-            **self._kernel_arguments(launch, info, payload, self._kernels.poll_interval),
+            **self._kernel_arguments(launch, info, payload),
         )
 
     async def _abandon(self, launch: RemoteLaunch) -> None:

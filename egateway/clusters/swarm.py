@@ -295,7 +295,7 @@ class SwarmLauncher(DockerLauncher):
                 extra={"service_id": state.extra["service_id"], "container_id": state.watch.container_id,
                        "image": state.plan.image},
             ),
-            **self._kernel_arguments(launch, info, payload, self._kernels.poll_interval),
+            **self._kernel_arguments(launch, info, payload),
         )
 
     async def _abandon(self, launch: RemoteLaunch) -> None:
