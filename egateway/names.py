@@ -1,6 +1,7 @@
 """
-Name rules several layers share: what an environment variable may be called
-and what an installation's gateway id may hold.
+Name rules several layers share: what an environment variable may be called,
+what a kernel id placed in a cluster's names and an installation's gateway
+id may hold.
 
 A leaf, so the configuration checks of any layer, the launchers and the
 kernel manager can all hold names to one rule without importing each other.
@@ -14,6 +15,12 @@ ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 """
 An environment variable name a client may set for its kernel and a remote
 launcher passes on; anything else is refused or dropped.
+"""
+
+KERNEL_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}\Z")
+"""
+A kernel id a launcher may put into a cluster's object names (Slurm job
+names, container and service names): clients may choose kernel ids.
 """
 
 GATEWAY_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}\Z")

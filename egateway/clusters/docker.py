@@ -69,17 +69,15 @@ from egateway.clusters.interface import (
     Liveness,
     Phase,
     Placement,
-    check_gateway_id,
 )
 from egateway.clusters.remote import (
     Placed,
     RemoteKernelProcess,
     RemoteLaunch,
     RemoteLauncher,
-    _int,
-    connection_info,
+    as_int,
 )
-from egateway.clusters.slurm_jobs import _KERNEL_ID
+from egateway.names import KERNEL_ID_PATTERN
 from egateway.observe import OneShotObserver
 from egateway.wire.channels import ConnectionInfo
 
@@ -136,11 +134,11 @@ class ContainerWatch:
         if action == "oom":
             self.oom = True
         elif action == "kill":
-            signum = _int(attributes.get("signal"))
+            signum = as_int(attributes.get("signal"))
             if signum in (signals.SIGTERM, signals.SIGKILL) and not self.gateway_stopping:
                 self.outside_kill = signum
         elif action == "die":
-            self.end(_int(attributes.get("exitCode")))
+            self.end(as_int(attributes.get("exitCode")))
         elif action == "destroy" and self.status is None:
             self._fire(ExitStatus(reason=f"container {self.name} was removed outside the gateway", decision=True))
 
@@ -305,7 +303,7 @@ class DockerLauncher(RemoteLauncher):
         state = found.get("State") or {}
         if state.get("Running"):
             return Liveness(True)
-        watch.end(_int(state.get("ExitCode")))
+        watch.end(as_int(state.get("ExitCode")))
         assert watch.status is not None
         return Liveness(False, watch.status.describe(), decision=watch.status.decision)
 
@@ -328,7 +326,7 @@ class DockerLauncher(RemoteLauncher):
         """
         if code is None:
             found = await self.inspect(container_id)
-            code = _int(((found or {}).get("State") or {}).get("ExitCode")) if found else None
+            code = as_int(((found or {}).get("State") or {}).get("ExitCode")) if found else None
         tail = await self.engine.logs(container_id, LOG_LINES)
         how = f"container {name} exited with code {code}" if code is not None else f"container {name} is gone"
         return how + (f"; its last log lines: {' | '.join(tail.splitlines()[-LOG_LINES:])}" if tail else "")
@@ -343,7 +341,7 @@ class DockerLauncher(RemoteLauncher):
             raise LaunchError(f"the Docker engine at {self.engine.path} failed during the launch: {e}") from None
 
     async def _prepare(self, request: LaunchRequest) -> _ContainerLaunch:
-        if not _KERNEL_ID.match(request.kernel_id):
+        if not KERNEL_ID_PATTERN.match(request.kernel_id):
             raise LaunchError(f"kernel id {request.kernel_id[:80]!r} cannot name a container", status=400)
         plan = container_plan(request.env, request.config, self._settings)
         await self._check_engine_has(plan)
@@ -436,7 +434,7 @@ class DockerLauncher(RemoteLauncher):
                 f"container {state.name} has no address on network {state.plan.network!r} "
                 "(the gateway connects to kernels at their container's address)"
             )
-        state.extra["pid"] = _int(((found or {}).get("State") or {}).get("Pid"))
+        state.extra["pid"] = as_int(((found or {}).get("State") or {}).get("Pid"))
         return Placed(state.name, address, f"container {state.name} at {address} on {state.plan.network}")
 
     async def _ended_story(self, watch: ContainerWatch) -> str:
@@ -490,24 +488,15 @@ class DockerLauncher(RemoteLauncher):
 
     # -- restoring ----------------------------------------------------------
 
-    def restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> Deferred[IKernelProcess]:
-        return Deferred.fromCoroutine(self._restoring(kernel_id, snapshot))
-
-    async def _restoring(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
-        try:
-            return await self._restore(kernel_id, snapshot)
-        except DockerAPIError as e:
-            raise LaunchError(f"kernel {kernel_id}: cannot ask the Docker engine at {self.engine.path}: {e}") from None
-
     async def _restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
+        arguments = self._restored_arguments(kernel_id, snapshot)
         try:
             container_id = str(snapshot["container_id"])
-            name = str(snapshot.get("container_name") or self.object_name(kernel_id))
-            info = connection_info(snapshot["connection_info"], str(snapshot["ip"]))
-        except (KeyError, TypeError) as e:
+        except KeyError as e:
             raise LaunchError(f"bad {self.name} snapshot: missing {e}") from None
-        await self.events.started()
+        name = str(snapshot.get("container_name") or self.object_name(kernel_id))
         try:
+            await self.events.started()
             found = await self.inspect(container_id)
         except DockerAPIError as e:
             raise LaunchError(f"kernel {kernel_id}: cannot ask the Docker engine about {name}: {e}") from None
@@ -520,40 +509,28 @@ class DockerLauncher(RemoteLauncher):
         if not state.get("Running"):
             raise LaunchError(
                 f"kernel {kernel_id} is no longer running: container {name} exited with code "
-                f"{_int(state.get('ExitCode'))}"
+                f"{as_int(state.get('ExitCode'))}"
             )
         watch = ContainerWatch(container_id, name)
         watch.unwatch = self.events.watch(container_id, watch.on_event)
         return DockerKernelProcess(
             launcher=self,
             watch=watch,
-            kernel_id=kernel_id,
-            info=info,
             placement=Placement(
                 host=str(snapshot.get("host") or name),
-                ip=info.ip,
-                pid=_int(state.get("Pid")),
+                ip=arguments["info"].ip,
+                pid=as_int(state.get("Pid")),
                 extra={"container_id": container_id, "image": str((found.get("Config") or {}).get("Image", ""))},
             ),
-            reactor=self._reactor,
-            poll_interval=self._kernels.poll_interval,
-            comm_port=_int(snapshot.get("comm_port")),
-            comm_token=snapshot.get("comm_token"),
+            **arguments,
         )
 
     # -- inventory -----------------------------------------------------------
 
-    def inventory(self, gateway_id: str, hints: Sequence[Mapping[str, Any]] = ()) -> Deferred[list[Found]]:
-        return Deferred.fromCoroutine(self._inventory(gateway_id))
-
-    async def _inventory(self, gateway_id: str) -> list[Found]:
+    async def _find(self, gateway_id: str, hints: Sequence[Mapping[str, Any]]) -> list[Found]:
         """
         @raise LaunchError: the engine cannot be asked.
         """
-        try:
-            check_gateway_id(gateway_id)
-        except ValueError as e:
-            raise LaunchError(str(e)) from None
         try:
             listed = await self.engine.call(
                 "GET",
@@ -571,11 +548,10 @@ class DockerLauncher(RemoteLauncher):
             container_id = str(item.get("Id"))
             name = str((item.get("Names") or [container_id[:12]])[0]).lstrip("/")
             found.append(
-                Found(
-                    kernel_id=str(labels.get(KERNEL_LABEL)),
-                    launcher=self.name,
-                    description=f"container {name} ({item.get('State')}, {item.get('Image')})",
-                    reap=lambda container_id=container_id: Deferred.fromCoroutine(self._reap(container_id)),
+                self._found(
+                    str(labels.get(KERNEL_LABEL)),
+                    f"container {name} ({item.get('State')}, {item.get('Image')})",
+                    lambda container_id=container_id: self._reap(container_id),
                     spec_name=str(labels.get(SPEC_LABEL) or ""),
                 )
             )

@@ -231,7 +231,11 @@ def connection_info(info: Mapping[str, Any], ip: str) -> ConnectionInfo:
     return parsed
 
 
-def _int(value: Any) -> int:
+def as_int(value: Any) -> int:
+    """
+    C{value} as an int, 0 when it is none (a field a payload, snapshot or
+    engine answer may lack or garble).
+    """
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -244,7 +248,7 @@ def reported_id(value: Any) -> int:
     it is none: 0, 1 and negative numbers name no single kernel
     (C{kill -- -1} signals every process the user may signal).
     """
-    number = _int(value)
+    number = as_int(value)
     return number if number > 1 else 0
 
 
@@ -439,7 +443,7 @@ class RemoteLauncher:
             "info": info,
             "reactor": self._reactor,
             "poll_interval": self._kernels.poll_interval,
-            "comm_port": _int(payload.get("comm_port")),
+            "comm_port": as_int(payload.get("comm_port")),
             "comm_token": launch.pending.comm_token,
             "pending": launch.pending,
         }
@@ -461,7 +465,7 @@ class RemoteLauncher:
             "info": info,
             "reactor": self._reactor,
             "poll_interval": self._kernels.poll_interval,
-            "comm_port": _int(snapshot.get("comm_port")),
+            "comm_port": as_int(snapshot.get("comm_port")),
             "comm_token": snapshot.get("comm_token"),
         }
 
@@ -473,7 +477,9 @@ class RemoteLauncher:
         port_range = str(request.config.get("port_range") or self._kernels.port_range)
         return launcher_argv(request.spec, request.kernel_id, listener, port_range, python)
 
-    def _found(self, kernel_id: str, description: str, reap: Callable[[], Awaitable[None]]) -> Found:
+    def _found(
+        self, kernel_id: str, description: str, reap: Callable[[], Awaitable[None]], spec_name: str = ""
+    ) -> Found:
         """
         An inventory entry of this launcher that C{reap} stops.
         """
@@ -482,6 +488,7 @@ class RemoteLauncher:
             launcher=self.name,
             description=description,
             reap=lambda: Deferred.fromCoroutine(reap()),
+            spec_name=spec_name,
         )
 
     # -- the sequence ------------------------------------------------------
@@ -768,5 +775,5 @@ __all__ = [
     "wait_until",
     "with_log_tail",
     "CancelledError",
-    "_int",
+    "as_int",
 ]

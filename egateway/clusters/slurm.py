@@ -100,25 +100,21 @@ from egateway.clusters.remote import (
     RemoteKernelProcess,
     RemoteLaunch,
     RemoteLauncher,
-    _int,
+    as_int,
     kernel_log,
     reported_id,
 )
 from egateway.clusters.slurm_commands import SlurmClient, SlurmCommandError, SlurmCommands
 from egateway.clusters.slurm_jobs import (
-    _KERNEL_ID,
     JobResources,
-    # Read from here by the configuration's checks.
-    check_name,
     job_comment,
     job_environment,
     job_resources,
     parse_job_id,
-    parse_memory,
-    parse_time_limit,
     sbatch_arguments,
     submitted_job_id,
 )
+from egateway.names import KERNEL_ID_PATTERN
 from egateway.observe import detached
 from egateway.wire.channels import ConnectionInfo
 
@@ -214,7 +210,7 @@ class SlurmLauncher(RemoteLauncher):
         return self._settings.slurm_poll_interval
 
     async def _prepare(self, request: LaunchRequest) -> "_JobLaunch":
-        if not _KERNEL_ID.match(request.kernel_id):
+        if not KERNEL_ID_PATTERN.match(request.kernel_id):
             raise LaunchError(f"kernel id {request.kernel_id[:80]!r} cannot name a Slurm job", status=400)
         resources = job_resources(request.env, request.config, self._settings)
         self.slurm.commands.executable("sbatch")
@@ -349,8 +345,8 @@ class SlurmLauncher(RemoteLauncher):
             placement=Placement(
                 host=node,
                 ip=arguments["info"].ip,
-                pid=_int(snapshot.get("pid")),
-                pgid=_int(snapshot.get("pgid")),
+                pid=as_int(snapshot.get("pid")),
+                pgid=as_int(snapshot.get("pgid")),
                 extra={"job_id": job_id},
             ),
             **arguments,
@@ -368,11 +364,4 @@ class SlurmLauncher(RemoteLauncher):
         ]
 
 
-__all__ = [
-    "JobResources",
-    "SlurmKernelProcess",
-    "SlurmLauncher",
-    "check_name",
-    "parse_memory",
-    "parse_time_limit",
-]
+__all__ = ["SlurmKernelProcess", "SlurmLauncher"]

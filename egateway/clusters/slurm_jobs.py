@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 from egateway.clusters.commands import CommandResult
 from egateway.clusters.impersonation import Account
 from egateway.clusters.interface import ENV_NAME as NAME, LaunchError
+from egateway.names import KERNEL_ID_PATTERN
 
 RUNNING_STATES = frozenset({"RUNNING", "SUSPENDED", "STOPPED", "SIGNALING", "RESIZING", "STAGE_OUT"})
 """
@@ -65,7 +66,6 @@ from a kernel's environment.
 TOKEN_ENV = "EG_LAUNCH_TOKEN"
 
 _NAME_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_KERNEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _MEMORY = re.compile(r"^([0-9]{1,12})\s*([KMGT]?)B?$", re.IGNORECASE)
 _TIME = re.compile(
     r"^(?:(?P<days>[0-9]{1,4})-(?P<dh>[0-9]{1,4})(?::(?P<dm>[0-9]{1,4})(?::(?P<ds>[0-9]{1,4}))?)?"
@@ -418,7 +418,7 @@ def parse_inventory(stdout: bytes, gateway_id: str, name_prefix: str) -> list[Ke
         if found_comment != comment or not job_id.isdigit() or not name.startswith(name_prefix):
             continue
         kernel_id = name[len(name_prefix):]
-        if not _KERNEL_ID.match(kernel_id):
+        if not KERNEL_ID_PATTERN.match(kernel_id):
             continue
         if state not in RUNNING_STATES and state not in WAITING_STATES:
             continue

@@ -50,9 +50,8 @@ from egateway.clusters.interface import (
     Liveness,
     Phase,
     Placement,
-    check_gateway_id,
 )
-from egateway.clusters.remote import Placed, RemoteLaunch, _int, connection_info
+from egateway.clusters.remote import Placed, RemoteLaunch, as_int
 from egateway.wire.channels import ConnectionInfo
 
 _log = Logger()
@@ -152,7 +151,7 @@ class SwarmLauncher(DockerLauncher):
         state = str(status.get("State") or "")
         if state not in ENDED:
             return Liveness(True)
-        code = _int((status.get("ContainerStatus") or {}).get("ExitCode"))
+        code = as_int((status.get("ContainerStatus") or {}).get("ExitCode"))
         why = f"Swarm task of service {watch.name} is {state}" + (f" ({status['Err']})" if status.get("Err") else "")
         return Liveness(False, f"{why}, exit code {code}", decision=False)
 
@@ -256,7 +255,7 @@ class SwarmLauncher(DockerLauncher):
                 address = str(addresses[0]).split("/")[0]
         if not address:
             raise LaunchError(f"cannot find the address of Swarm node {hostname}")
-        state.extra["pid"] = _int(((task.get("Status") or {}).get("ContainerStatus") or {}).get("PID"))
+        state.extra["pid"] = as_int(((task.get("Status") or {}).get("ContainerStatus") or {}).get("PID"))
         state.extra["node"] = hostname
         return Placed(hostname, address, f"Swarm node {hostname} ({address}), service {state.name}")
 
@@ -266,7 +265,7 @@ class SwarmLauncher(DockerLauncher):
             story += f": {status['Err']}"
         if state.watch is not None and state.watch.container_id:
             tail = await self.engine.logs(state.watch.container_id)
-            code = _int((status.get("ContainerStatus") or {}).get("ExitCode"))
+            code = as_int((status.get("ContainerStatus") or {}).get("ExitCode"))
             story += f" (exit code {code})" + (f"; its last log lines: {' | '.join(tail.splitlines())}" if tail else "")
         return story
 
@@ -320,14 +319,14 @@ class SwarmLauncher(DockerLauncher):
     # -- restoring and inventory ---------------------------------------------
 
     async def _restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
+        arguments = self._restored_arguments(kernel_id, snapshot)
         try:
             service_id = str(snapshot["service_id"])
-            name = str(snapshot.get("container_name") or self.object_name(kernel_id))
-            info = connection_info(snapshot["connection_info"], str(snapshot["ip"]))
-        except (KeyError, TypeError) as e:
+        except KeyError as e:
             raise LaunchError(f"bad {self.name} snapshot: missing {e}") from None
-        await self.events.started()
+        name = str(snapshot.get("container_name") or self.object_name(kernel_id))
         try:
+            await self.events.started()
             service = await self.engine.call("GET", f"/services/{quote(service_id)}", what="service")
         except DockerAPIError as e:
             if e.not_found:
@@ -345,25 +344,16 @@ class SwarmLauncher(DockerLauncher):
             launcher=self,
             watch=watch,
             service_id=service_id,
-            kernel_id=kernel_id,
-            info=info,
             placement=Placement(
                 host=str(snapshot.get("host") or ""),
-                ip=info.ip,
-                pid=_int(snapshot.get("pid")),
+                ip=arguments["info"].ip,
+                pid=as_int(snapshot.get("pid")),
                 extra={"service_id": service_id, "container_id": watch.container_id},
             ),
-            reactor=self._reactor,
-            poll_interval=self._kernels.poll_interval,
-            comm_port=_int(snapshot.get("comm_port")),
-            comm_token=snapshot.get("comm_token"),
+            **arguments,
         )
 
-    async def _inventory(self, gateway_id: str) -> list[Found]:
-        try:
-            check_gateway_id(gateway_id)
-        except ValueError as e:
-            raise LaunchError(str(e)) from None
+    async def _find(self, gateway_id: str, hints: Sequence[Mapping[str, Any]]) -> list[Found]:
         try:
             listed = await self.engine.call(
                 "GET", "/services", query={"filters": label_filter({GATEWAY_LABEL: gateway_id})}, what="services"
@@ -377,18 +367,14 @@ class SwarmLauncher(DockerLauncher):
                 continue
             service_id = str(service.get("ID"))
             found.append(
-                Found(
-                    kernel_id=str(labels[KERNEL_LABEL]),
-                    launcher=self.name,
-                    description=f"Swarm service {(service.get('Spec') or {}).get('Name')} ({service_id[:12]})",
-                    reap=lambda service_id=service_id: Deferred.fromCoroutine(self.remove_service(service_id)),
+                self._found(
+                    str(labels[KERNEL_LABEL]),
+                    f"Swarm service {(service.get('Spec') or {}).get('Name')} ({service_id[:12]})",
+                    lambda service_id=service_id: self.remove_service(service_id),
                     spec_name=str(labels.get(SPEC_LABEL) or ""),
                 )
             )
         return found
-
-    def inventory(self, gateway_id: str, hints: Sequence[Mapping[str, Any]] = ()) -> Deferred[list[Found]]:
-        return Deferred.fromCoroutine(self._inventory(gateway_id))
 
 
 __all__ = ["SwarmKernelProcess", "SwarmLauncher", "never_starts"]
