@@ -38,6 +38,7 @@ from twisted.trial.unittest import TestCase
 from tests.support.daemon import _bounded, processes_mentioning
 from tests.support.gateway import GatewayTestCase
 from tests.support.polling import eventually
+from tests.support.threads import started_pool
 from tests.test_hardening import RawReply, raw_exchange
 
 KERNEL_SCRIPT = (
@@ -405,7 +406,9 @@ class SSHRemoteCommand(TestCase):
             )
             config = build_config({}, {}, {"kernel-log-dir": workdir, "remote-hosts": "localhost"})
             launcher = SSHLauncher(
-                LauncherContext(reactor=reactor, runtime_dir="", ports=None, settings={"config": config})
+                LauncherContext(
+                    reactor=reactor, runtime_dir="", ports=None, settings={"config": config}, threadpool=started_pool(self)
+                )
             )
             self.addCleanup(launcher.stop)
             launcher.pool = _LocalShell(shell)

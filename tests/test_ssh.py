@@ -26,6 +26,7 @@ from tests.support.polling import eventually
 from tests.support import remote_kernels
 from tests.support.remote_kernels import launcher_argv
 from tests.support.wsclient import ChannelsClient
+from tests.support.threads import started_pool
 
 
 
@@ -530,7 +531,10 @@ class SSHLauncherContract(LauncherContract, TestCase):
         from egateway.clusters.ssh import SSHLauncher
 
         launcher = SSHLauncher(
-            LauncherContext(reactor=reactor, runtime_dir="", ports=None, settings={"config": self.config}, services=self.services)
+            LauncherContext(
+                reactor=reactor, runtime_dir="", ports=None, settings={"config": self.config}, services=self.services,
+                threadpool=started_pool(self),
+            )
         )
         self._launchers = getattr(self, "_launchers", []) + [launcher]
         return launcher

@@ -329,7 +329,8 @@ class LauncherContext:
 
     C{settings} holds C{"config"} (the gateway's L{egateway.config.Config})
     and C{"gateway_id"} (this installation's id, which launchers tag the
-    kernels they start with; absent or empty: no tag).
+    kernels they start with; absent or empty: no tag).  C{threadpool} is
+    the gateway's pool for blocking work (see L{egateway.blocking}).
     """
 
     reactor: Any
@@ -337,6 +338,19 @@ class LauncherContext:
     ports: Any
     settings: Mapping[str, Any] = field(default_factory=dict)
     services: dict[str, Any] = field(default_factory=dict)
+    threadpool: Any = None
+
+    def run_blocking(self, f: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+        """
+        C{f(*args)} in the gateway's thread pool, never on the reactor.
+
+        @raise RuntimeError: the context was built without a pool.
+        """
+        from twisted.internet.threads import deferToThreadPool
+
+        if self.threadpool is None:
+            raise RuntimeError("this launcher context has no thread pool for blocking work")
+        return deferToThreadPool(self.reactor, self.threadpool, f, *args)
 
 
 LauncherFactory = Callable[[LauncherContext], ILauncher]

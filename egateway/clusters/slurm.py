@@ -77,7 +77,6 @@ from typing import Any, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -503,7 +502,7 @@ class SlurmLauncher(RemoteLauncher):
         @raise LaunchError: 403 for a user who may not be impersonated; 500
             when the gateway, not being root, cannot submit for another user.
         """
-        account = await self.impersonation.local_account(self._reactor, username)
+        account = await self.impersonation.local_account(self._context.run_blocking, username)
         euid = os.geteuid()
         if account.uid != euid and euid != 0:
             raise LaunchError(
@@ -595,7 +594,7 @@ class SlurmLauncher(RemoteLauncher):
                 return ""
             return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
 
-        return await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), read_blocking)
+        return await self._context.run_blocking(read_blocking)
 
     # -- restoring --------------------------------------------------------
 

@@ -64,7 +64,6 @@ from twisted.conch.ssh import keys
 from twisted.internet.defer import Deferred
 from twisted.internet.error import DNSLookupError
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -219,6 +218,7 @@ class SSHLauncher(RemoteLauncher):
                 connect_timeout=settings.ssh_connect_timeout,
             ),
             user_keys=self._user_keys,
+            run_blocking=context.run_blocking,
         )
         self.balancer = balancer(settings.load_balancing_algorithm)
         self.health = HostHealth(context.reactor, settings.host_backoff, settings.host_backoff_max)
@@ -233,7 +233,7 @@ class SSHLauncher(RemoteLauncher):
         thread (C{~user} is an account lookup).
         """
         path = self.impersonation.key_file(user)
-        return await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), load_keys, [path])
+        return await self._context.run_blocking(load_keys, [path])
 
     def hosts_for(self, request: LaunchRequest) -> list[str]:
         """
