@@ -561,7 +561,8 @@ class RedisClient:
         self._scripts: dict[str, str] = {}
         # The outcome of the attempt in progress, for start()'s callers.
         self._attempt: OneShotObserver[None] = OneShotObserver()
-        self._service = self._keeping(self._open, "the Redis primary")
+        # Made at each start: a stopped ClientService cannot start again.
+        self._service: ClientService | None = None
         self._watch: ClientService | None = None
 
     def _keeping(self, prepare: Callable[[], Any], what: str) -> ClientService:
@@ -589,7 +590,6 @@ class RedisClient:
         # a connection whose loss it has not yet been told of.
         waiter = self._attempt.when_fired()
         if not self._running:
-            # Fresh services: a stopped one cannot be started again.
             self._running = True
             self._service = self._keeping(self._open, "the Redis primary")
             if self.address.sentinels:
