@@ -327,12 +327,12 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         journal_bytes=config.store.journal_bytes,
         policy=TenancyPolicy.from_config(config),
     )
+
     def fatal(message: str) -> None:
         _log.critical("egateway cannot run: {message}", message=message)
         if reactor.running:
             reactor.stop()
 
-    manager.on_fatal = fatal
     if persistent:
         manager.persistence = build_persistence(
             config, data_path, manager, reactor, gateway_id, blocking, metrics.timed_store if metrics else None
