@@ -304,3 +304,41 @@ def record(child: Any, log: list[str]) -> None:
 
     child.startService = recording_start
     child.stopService = recording_stop
+
+
+class StoreDownAtStartTests(TestCase):
+    timeout = 90
+
+    async def test_gateway_waits_for_its_redis(self) -> None:
+        """
+        A gateway started while its Redis is down keeps running, trying
+        again with back-off, and opens the store once Redis is up.
+        """
+        import tempfile
+
+        from twisted.internet import reactor
+        from twisted.internet.threads import deferToThread
+
+        from egateway.store.crypto import SecretBox
+        from tests.fixtures.redis import RedisServer
+        from tests.support.polling import eventually
+
+        redis = RedisServer(tempfile.mkdtemp(prefix="egw-", dir="/tmp"))
+        redis.up()
+        self.addCleanup(redis.down)
+        await deferToThread(redis.stop)
+        gateway = InProcessGateway(
+            persistence="true",
+            data_dir=os.path.abspath(self.mktemp()),
+            store_url=redis.url,
+            store_key=SecretBox.generate_key(),
+        )
+        await gateway.start()
+        self.addCleanup(gateway.stop)
+        persistence = gateway.manager.persistence
+        await eventually(lambda: persistence._backoff is not None, "a failed attempt to open the store")
+        self.assertTrue(reactor.running)
+        self.assertFalse(persistence.opened)
+        await deferToThread(redis.start)
+        await eventually(lambda: persistence.opened and persistence.restoring.done, "the store to open", timeout=40)
+        self.assertEqual(self.flushLoggedErrors(), [])
