@@ -268,6 +268,33 @@ class PersistenceStartTests(SynchronousTestCase):
         self.assertTrue(self.persistence.restoring.done)
 
 
+class PersistenceStopWhileOpeningTests(SynchronousTestCase):
+    def test_what_opens_after_the_stop_is_closed(self) -> None:
+        """
+        A gateway stopped while its store is still opening waits for the
+        opening and then closes the store, rather than leave it open (with
+        its retry loop running) behind the stopped gateway.
+        """
+        from egateway.kernels.persistence import KernelPersistence
+        from tests.support.fakes import make_manager
+
+        clock = Clock()
+        manager, _, _ = make_manager(clock)
+        store = _DownStore(clock)
+        store.up = True
+        stopped: list[bool] = []
+        store.stop = lambda: stopped.append(True) or succeed(None)  # type: ignore[method-assign]
+        opening: Deferred[Any] = Deferred()
+        persistence = KernelPersistence(lambda: opening, False, manager, clock, "gw", "shutdown")
+        persistence.startService()
+        stopping = persistence.stopService()
+        self.assertNoResult(stopping)
+        opening.callback(store)
+        self.successResultOf(stopping)
+        self.assertEqual(stopped, [True])
+        self.assertEqual([call for call in clock.getDelayedCalls() if "KernelPersistence" in repr(call)], [])
+
+
 class GatewayOrderTests(TestCase):
     async def test_start_and_stop_order(self) -> None:
         """

@@ -201,14 +201,22 @@ class KernelPersistence(Service):
     def stopService(self) -> Deferred[None]:
         """
         Stop retrying to open the store; write what is unsaved and close it.
-        A restore in progress is not cancelled half-way.
+        An attempt in progress (opening, restoring) is not cancelled
+        half-way but waited for, so what it opens is closed, not left
+        behind.
         """
         super().stopService()
         if self._backoff is not None:
             self._backoff.cancel()
-        return Deferred.fromCoroutine(self.stop()).addErrback(
+        return Deferred.fromCoroutine(self._stop_after_start()).addErrback(
             lambda f: _log.failure("closing the kernel store", f)
         )
+
+    async def _stop_after_start(self) -> None:
+        restoring = self.restoring
+        if restoring is not None and not restoring.done:
+            await restoring.finished()
+        await self.stop()
 
     @property
     def keeps_kernels(self) -> bool:
