@@ -3,8 +3,28 @@ Building the gateway service for C{twistd egateway} / C{twist egateway}.
 
 C{makeService} is synchronous and does no I/O: it parses and validates the
 configuration and constructs the services.  Each service does its own I/O
-when started.  The HTTP listener is added last, so on shutdown it stops first
-and no request reaches a manager that is stopping its kernels.
+when started.  Children start in the order they are added and stop in the
+reverse order, each once the one after it has stopped
+(L{egateway.services.OrderedMultiService}):
+
+  - C{threads} (the pool for blocking work), C{data-dir}, C{posture},
+    C{audit-log}, C{metrics}: first up, last down;
+  - C{launchers}: the launcher registry, whose children are C{response}
+    (the response listener, bound on first use) and each launcher built
+    (an SSH launcher's connection pool);
+  - C{persistence} (opens the store, restores its kernels, retries a shared
+    store with back-off) and C{sharing} (the journal written ahead to a
+    shared store), when kernels persist;
+  - C{kernels}: the kernel manager, which on stop shuts kernels down or
+    leaves them running with their records saved;
+  - C{reconciler} and C{culler}, which start actions on kernels;
+  - the API: authentication, TLS, the HTTP listener, the systemd
+    notification, the dashboard, signals and the manhole.
+
+So on stop the API stops taking requests first; then no new reconcile or
+cull begins; then kernels are shut down (or kept); then the journal and
+the store are written and closed; then launchers release their connections
+and the response listener closes; the thread pool goes last.
 """
 
 from __future__ import annotations
@@ -28,6 +48,7 @@ from egateway.ops.audit import AuditFileError
 from egateway.ops.logs import LogSetupError
 from egateway.ops.logs import install as install_log
 from egateway.ops.tls import TLSSetupError
+from egateway.services import BlockingPool, OrderedMultiService
 from egateway.validation import load_config
 
 _log = Logger()
@@ -150,7 +171,7 @@ class DataDirectory(Service):
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-class GatewayService(MultiService):
+class GatewayService(OrderedMultiService):
     """
     The whole gateway.  A graceful stop is bounded by C{stop_timeout}.
     """
@@ -254,7 +275,10 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     from egateway.kernels.specs import KernelSpecCatalog
 
     top = GatewayService(config, reactor)
-    threadpool = reactor.getThreadPool()
+    # First: started before anything submits work, stopped after all.
+    blocking = BlockingPool(reactor)
+    blocking.setServiceParent(top)
+    threadpool = blocking.pool
     persistent = config.store.persistence
     data_path = config.server.data_dir or (default_data_dir() if persistent else "")
     gateway_id = config.store.gateway_id or default_gateway_id(data_path)
@@ -263,6 +287,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         runtime_dir="",
         ports=PortAllocator(PortRange.parse(config.kernels.port_range)),
         shared=LaunchSettings.from_config(config, gateway_id),
+        threadpool=threadpool,
     )
     DataDirectory(data_path, lambda path: setattr(context, "runtime_dir", path)).setServiceParent(top)
     from egateway.api.authenticators import enabled_authenticators
@@ -292,22 +317,40 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
 
         return ZmqChannelFactory(reactor, require_encryption=config.kernels.kernel_encryption == "required")
 
+    def fatal(message: str) -> None:
+        _log.critical("egateway cannot run: {message}", message=message)
+        if reactor.running:
+            reactor.stop()
+
     def persistence(manager: Any) -> Any:
-        return build_persistence(
-            config, data_path, manager, reactor, gateway_id, metrics.timed_store if metrics else None
+        built = build_persistence(
+            config, data_path, manager, reactor, gateway_id, blocking, metrics.timed_store if metrics else None
         )
+        built.on_fatal = fatal
+        # Before the manager: open (and restored from) before it takes
+        # requests, closed after its kernels' last records are written.
+        built.setServiceParent(top)
+        return built
 
     def sharing(manager: Any, persistence: Any) -> Any:
         from egateway.kernels.sharing import SharedKernels
 
         if not persistence.shared:
             return None
-        return SharedKernels(manager, persistence, reactor, config.store.lease_ttl, config.store.journal_entries)
+        shared = SharedKernels(manager, persistence, reactor, config.store.lease_ttl, config.store.journal_entries)
+        shared.setServiceParent(top)
+        return shared
 
+    launchers = LauncherRegistry(
+        context,
+        sections={"ssh": config.ssh, "slurm": config.slurm, "docker": config.docker, "docker-swarm": config.docker},
+    )
+    # Before the store and the manager: stopped once kernels are down.
+    launchers.setServiceParent(top)
     manager = KernelManager(
         clock=reactor,
         specs=specs,
-        launchers=LauncherRegistry(context, sections={"ssh": config.ssh, "slurm": config.slurm, "docker": config.docker, "docker-swarm": config.docker}),
+        launchers=launchers,
         channels=channels,
         settings=config.kernels,
         gateway_env=os.environ,
@@ -318,12 +361,6 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         sharing=sharing,
     )
 
-    def fatal(message: str) -> None:
-        _log.critical("egateway cannot run: {message}", message=message)
-        if reactor.running:
-            reactor.stop()
-
-    manager.on_fatal = fatal
     manager.setServiceParent(top)
     if persistent:
         from egateway.kernels.reconcile import Reconciler
@@ -455,7 +492,7 @@ def serve_metrics_apart(config: Config, metrics: Any, reactor: Any, top: MultiSe
 
 
 def build_persistence(
-    config: Config, data_path: str, manager: Any, reactor: Any, gateway_id: str, wrap: Any = None
+    config: Config, data_path: str, manager: Any, reactor: Any, gateway_id: str, blocking: Any, wrap: Any = None
 ) -> Any:
     """
     Kernel persistence on the configured store: Redis when C{store_url}
@@ -464,11 +501,10 @@ def build_persistence(
     there on first use.
 
     @param gateway_id: the installation's id, written in its records.
+    @param blocking: the L{BlockingPool} that reads the key file.
     @param wrap: applied to the store once opened (the metrics time it).
     """
     import uuid
-
-    from twisted.internet.threads import deferToThread
 
     from egateway.kernels.persistence import KernelPersistence
     from egateway.store import SecretBox, load_or_create_key_file_blocking, open_store, parse_store_url
@@ -483,7 +519,7 @@ def build_persistence(
             box = SecretBox.from_key(settings.store_key)
         else:
             key_file = settings.store_key_file or os.path.join(data_path, "store.key")
-            box = await deferToThread(load_or_create_key_file_blocking, key_file, not shared)
+            box = await blocking.run(load_or_create_key_file_blocking, key_file, not shared)
         store = open_store(location, box, reactor)
         return wrap(store) if wrap is not None else store
 

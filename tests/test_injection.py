@@ -38,6 +38,7 @@ from twisted.trial.unittest import TestCase
 from tests.support.daemon import _bounded, processes_mentioning
 from tests.support.gateway import GatewayTestCase
 from tests.support.polling import eventually
+from tests.support.threads import started_pool
 from tests.test_hardening import RawReply, raw_exchange
 
 KERNEL_SCRIPT = (
@@ -407,7 +408,7 @@ class SSHRemoteCommand(TestCase):
             launcher = SSHLauncher(
                 LauncherContext(
                     reactor=reactor, runtime_dir="", ports=None, section=config.ssh,
-                    shared=LaunchSettings.from_config(config),
+                    shared=LaunchSettings.from_config(config), threadpool=started_pool(self),
                 )
             )
             self.addCleanup(launcher.stop)

@@ -21,6 +21,7 @@ from tests.support.contract import KernelProbe, LauncherContract, request_for
 from tests.support.gateway import GatewayTestCase, pid_alive
 from tests.support.remote_kernels import write_spec
 from tests.support.wsclient import ChannelsClient
+from tests.support.threads import started_pool
 
 
 def spec(name: str, argv: list[str]) -> KernelSpec:
@@ -37,7 +38,9 @@ class LocalLauncherContract(LauncherContract, TestCase):
     async def make_launcher(self) -> LocalLauncher:
         runtime = os.path.abspath(self.mktemp())
         os.makedirs(runtime, mode=0o700)
-        return LocalLauncher(LauncherContext(reactor=reactor, runtime_dir=runtime, ports=PortAllocator()))
+        return LocalLauncher(
+            LauncherContext(reactor=reactor, runtime_dir=runtime, ports=PortAllocator(), threadpool=started_pool(self))
+        )
 
     def make_request(self, kernel_id: str, spec_name: str = "working"):
         return request_for(kernel_id, WORKING)
@@ -60,7 +63,9 @@ class LocalLauncherDetails(TestCase):
         """
         runtime = os.path.abspath(self.mktemp())
         os.makedirs(runtime)
-        launcher = LocalLauncher(LauncherContext(reactor=reactor, runtime_dir=runtime, ports=PortAllocator()))
+        launcher = LocalLauncher(
+            LauncherContext(reactor=reactor, runtime_dir=runtime, ports=PortAllocator(), threadpool=started_pool(self))
+        )
         request, _ = request_for("11111111-2222-4333-8444-555555555555", BROKEN)
         process = await launcher.launch(request)
         status = await process.when_exited()

@@ -736,8 +736,11 @@ class PendingPersistence:
     def __init__(self) -> None:
         from types import SimpleNamespace
 
+        from egateway.observe import Operation
+
         self.store = SimpleNamespace(shared=False)
         self.restored: Deferred[None] = Deferred()
+        self.restoring = Operation("restore", self.start())
 
     async def start(self) -> None:
         await self.restored

@@ -220,17 +220,18 @@ class StoreReadiness(TestCase):
             flags={"persistence": "true", "store-url": redis.url, "readiness-timeout": "1"},
             env={"EG_STORE_KEY": SecretBox.generate_key()},
         )
-        self.assertEqual((await status_of(gateway, "readyz")).code, 200)
+
+        async def ready() -> bool:
+            return (await status_of(gateway, "readyz")).code == 200
+
+        # The API answers a moment before the store is open.
+        await until(ready, "/readyz to answer 200 once the store is open")
         redis.stop()
         reply = await status_of(gateway, "readyz")
         self.assertEqual(reply.code, 503, reply.body)
         self.assertEqual(reply.json(), {"reason": "Service Unavailable", "message": "not ready"})
         self.assertEqual((await status_of(gateway, "healthz")).code, 200)
         redis.start()
-
-        async def ready() -> bool:
-            return (await status_of(gateway, "readyz")).code == 200
-
         await until(ready, "/readyz to answer 200 once Redis is back")
 
 

@@ -34,6 +34,7 @@ from egateway.wire.channels import ConnectionInfo
 from tests.support.contract import LauncherContract, request_for
 from tests.support.fake_launcher import FakeCluster, FakeLauncher
 from tests.support.remote_kernels import launcher_argv
+from tests.support.threads import started_pool
 from tests.test_slurm import FakeListener
 
 PAYLOAD = {
@@ -317,7 +318,7 @@ class FakeLauncherContract(LauncherContract, TestCase):
     async def make_launcher(self) -> Any:
         return FakeLauncher(
             LauncherContext(reactor=reactor, runtime_dir="", ports=None, shared=LaunchSettings.from_config(self.config),
-                            services=self.services),
+                            services=self.services, threadpool=started_pool(self)),
             self.cluster,
         )
 

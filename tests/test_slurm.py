@@ -50,6 +50,7 @@ from tests.support.gateway import GatewayTestCase, pid_alive
 from tests.support.polling import eventually
 from tests.support.remote_kernels import kernelspec, launcher_argv, write_spec
 from tests.support.wsclient import ChannelsClient
+from tests.support.threads import started_pool
 
 ACTIVE = "PD,CF,R,CG,S,ST,SI,RS,RQ,RH,RF,RD,SO"
 """
@@ -604,7 +605,7 @@ class SlurmLauncherContract(SlurmMixin, LauncherContract, TestCase):
         return SlurmLauncher(
             LauncherContext(reactor=reactor, runtime_dir="", ports=None, section=self.config.slurm,
                             shared=LaunchSettings.from_config(self.config),
-                            services=self.services)
+                            services=self.services, threadpool=started_pool(self))
         )
 
     def make_request(self, kernel_id: str, spec_name: str = "working"):

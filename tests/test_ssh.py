@@ -26,6 +26,7 @@ from tests.support.polling import eventually
 from tests.support import remote_kernels
 from tests.support.remote_kernels import launcher_argv
 from tests.support.wsclient import ChannelsClient
+from tests.support.threads import started_pool
 
 
 
@@ -531,7 +532,7 @@ class SSHLauncherContract(LauncherContract, TestCase):
 
         launcher = SSHLauncher(
             LauncherContext(reactor=reactor, runtime_dir="", ports=None, section=self.config.ssh,
-                            shared=LaunchSettings.from_config(self.config), services=self.services)
+                            shared=LaunchSettings.from_config(self.config), services=self.services, threadpool=started_pool(self))
         )
         self._launchers = getattr(self, "_launchers", []) + [launcher]
         return launcher

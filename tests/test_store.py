@@ -867,3 +867,86 @@ class StoreConfigTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             load_config({}, {"EG_ON_STOP": "explode"}, {})
         self.assertIn("store.on_stop", str(caught.exception))
+
+
+class ReconnectTests(SynchronousTestCase):
+    """
+    The client's connection is kept by a ClientService that backs off
+    between failed attempts and starts over after a connection it had.
+    """
+
+    def setUp(self) -> None:
+        from twisted.application.internet import backoffPolicy
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.reactor = MemoryReactorClock()
+        self.client = RedisClient(
+            self.reactor,
+            RedisAddress.from_url("redis://127.0.0.1:6390/0"),
+            retry_policy=backoffPolicy(initialDelay=1.0, maxDelay=8.0, factor=2.0, jitter=lambda: 0.0),
+        )
+
+    def attempts(self) -> int:
+        return len(self.reactor.tcpClients)
+
+    def refuse_latest(self) -> None:
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.python.failure import Failure
+
+        factory = self.reactor.tcpClients[-1][2]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+
+    def accept_latest(self) -> Any:
+        from twisted.internet.testing import StringTransport
+
+        protocol = self.reactor.tcpClients[-1][2].buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIn(b"PING", transport.value())
+        protocol.dataReceived(b"+PONG\r\n")
+        return protocol
+
+    def test_backs_off_then_starts_over(self) -> None:
+        """
+        Refused attempts are made again after 2, 4, 8, then 8 seconds; once
+        connected, a lost connection is made again after the first delay.
+        """
+        starting = self.client.start()
+        self.assertEqual(self.attempts(), 1)
+        self.refuse_latest()
+        self.reactor.advance(0)
+        self.assertIn("unreachable", str(self.failureResultOf(starting, StoreUnavailable).value))
+        times = []
+        while self.reactor.seconds() < 30:
+            before = self.attempts()
+            self.reactor.advance(1)
+            if self.attempts() > before:
+                times.append(self.reactor.seconds())
+                self.refuse_latest()
+        self.assertEqual(times, [2, 6, 14, 22, 30])
+        self.flushLoggedErrors()
+        self.reactor.advance(8)
+        connection = self.accept_latest()
+        self.assertTrue(self.client.connected)
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        connection.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(self.client.connected)
+        before = self.attempts()
+        self.reactor.advance(1.9)
+        self.assertEqual(self.attempts(), before)
+        self.reactor.advance(0.1)
+        self.assertEqual(self.attempts(), before + 1)
+        self.client.stop()
+
+    def test_default_policy_grows_to_the_maximum(self) -> None:
+        """
+        Without a policy of its own, the first reconnection comes within
+        about C{min_backoff} and the delays grow to C{max_backoff} (each
+        with at most C{min_backoff} of jitter).
+        """
+        client = RedisClient(self.reactor, RedisAddress.from_url("redis://127.0.0.1:6390/0"), min_backoff=0.1, max_backoff=2.0)
+        self.assertTrue(0.1 <= client.retry_policy(1) <= 0.2)
+        self.assertTrue(0.4 <= client.retry_policy(3) <= 0.5)
+        self.assertTrue(2.0 <= client.retry_policy(30) <= 2.1)

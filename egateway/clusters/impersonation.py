@@ -37,9 +37,9 @@ import re
 import shlex
 import stat
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred
 
 from egateway.clusters.interface import LaunchError
 
@@ -194,16 +194,17 @@ class Impersonation:
             return
         raise LaunchError(f"cannot run the kernel as {username!r}: {reason}", status=403)
 
-    async def local_account(self, reactor: Any, username: str) -> Account:
+    async def local_account(self, run_blocking: Callable[..., Deferred[Any]], username: str) -> Account:
         """
         The checked local account of C{username}.
+
+        @param run_blocking: runs the passwd lookup in the gateway's pool
+            (L{egateway.clusters.interface.LauncherContext.run_blocking}).
 
         @raise LaunchError: 403, refused (see the module docstring).
         """
         self.check_name(username)
-        account: Account = await deferToThreadPool(
-            reactor, reactor.getThreadPool(), lookup_account_blocking, username
-        )
+        account: Account = await run_blocking(lookup_account_blocking, username)
         self.check_ids(account.name, account.uid, account.gid)
         return account
 

@@ -337,6 +337,8 @@ class LauncherContext:
     @ivar section: the launcher's own section (L{egateway.config.SSHConfig}
         for C{ssh}, L{egateway.config.SlurmConfig} for C{slurm}); C{None}
         for a launcher that has none.
+    @ivar threadpool: the gateway's pool for blocking work (see
+        L{egateway.blocking}); use it through L{run_blocking}.
     """
 
     reactor: Any
@@ -345,6 +347,19 @@ class LauncherContext:
     section: Any = None
     shared: LaunchSettings = field(default_factory=LaunchSettings)
     services: dict[str, Any] = field(default_factory=dict)
+    threadpool: Any = None
+
+    def run_blocking(self, f: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+        """
+        C{f(*args)} in the gateway's thread pool, never on the reactor.
+
+        @raise RuntimeError: the context was built without a pool.
+        """
+        from twisted.internet.threads import deferToThreadPool
+
+        if self.threadpool is None:
+            raise RuntimeError("this launcher context has no thread pool for blocking work")
+        return deferToThreadPool(self.reactor, self.threadpool, f, *args)
 
 
 LauncherFactory = Callable[[LauncherContext], ILauncher]

@@ -53,7 +53,6 @@ from twisted.internet import error as twisted_errors
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -647,6 +646,7 @@ class LocalLauncher:
 
     def __init__(self, context: LauncherContext) -> None:
         self._reactor = context.reactor
+        self._run_blocking = context.run_blocking
         self._runtime_dir = context.runtime_dir
         self._ports: PortAllocator = context.ports
         self._setsid = shutil.which("setsid")
@@ -671,7 +671,7 @@ class LocalLauncher:
         @raise LaunchError: 403 for a user who may not be impersonated; 500
             when the gateway cannot switch users (it does not run as root).
         """
-        account = await self.impersonation.local_account(self._reactor, request.username)
+        account = await self.impersonation.local_account(self._run_blocking, request.username)
         euid = os.geteuid()
         if account.uid == euid:
             # The gateway already runs as this user: nothing to switch.
@@ -682,17 +682,12 @@ class LocalLauncher:
                 f"root, and it runs as uid {euid}"
             )
         if self._user_files_dir is None:
-            self._user_files_dir = await deferToThreadPool(
-                self._reactor,
-                self._reactor.getThreadPool(),
-                prepare_runtime_dir_blocking,
-                self.impersonation.runtime_dir,
+            self._user_files_dir = await self._run_blocking(
+                prepare_runtime_dir_blocking, self.impersonation.runtime_dir
             )
         paths = kernel_file_paths(self._user_files_dir, request.kernel_id)
         try:
-            await deferToThreadPool(
-                self._reactor, self._reactor.getThreadPool(), create_private_files_blocking, paths, account
-            )
+            await self._run_blocking(create_private_files_blocking, paths, account)
         except OSError as e:
             remove_kernel_files(request.kernel_id, paths)
             raise LaunchError(f"cannot create the kernel's files in {self._user_files_dir}: {e.strerror}")
@@ -840,9 +835,7 @@ class LocalLauncher:
         directories = [self._runtime_dir]
         if self.impersonation.enabled:
             directories.append(self.impersonation.runtime_dir)
-        scanning = deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), find_local_kernels_blocking, directories, gateway_id
-        )
+        scanning = self._run_blocking(find_local_kernels_blocking, directories, gateway_id)
         return scanning.addCallback(lambda kernels: [self._found(kernel) for kernel in kernels])
 
     def _found(self, kernel: LocalKernelFound) -> Found:

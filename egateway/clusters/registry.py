@@ -11,6 +11,13 @@ C{egateway.launchers} entry-point group::
 
 A launcher is built on first use and kept for the life of the gateway, so it
 can hold connection pools and load-balancing state.
+
+The registry is the C{launchers} service of the gateway's tree: each launcher
+it builds becomes a child service (named as the launcher), started when
+built and stopped, newest first, when the registry stops, which is after
+every kernel is down (see L{egateway.tap}).  Its first child, C{response},
+stops the response listener remote launchers open on first use, last: no
+launcher waits on it any more by then.
 """
 
 from __future__ import annotations
@@ -20,10 +27,13 @@ import importlib
 from importlib.metadata import entry_points
 from typing import Any, Mapping
 
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.logger import Logger
 from zope.interface.verify import verifyObject
 
 from egateway.clusters.interface import ILauncher, LaunchError, LauncherContext
+from egateway.services import OrderedMultiService
 
 _log = Logger()
 
@@ -48,7 +58,50 @@ class UnknownLauncher(LaunchError):
     status = 500
 
 
-class LauncherRegistry:
+class LauncherService(Service):
+    """
+    One built launcher as a service: stopping it releases what the launcher
+    holds (C{stop}: an SSH connection pool); launchers holding nothing have
+    no C{stop}.
+    """
+
+    def __init__(self, name: str, launcher: ILauncher) -> None:
+        self.name = name
+        self.launcher = launcher
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        stop = getattr(self.launcher, "stop", None)
+        if stop is None:
+            return succeed(None)
+        return maybeDeferred(stop).addErrback(
+            lambda f: _log.failure("stopping the {launcher} launcher", f, launcher=self.name)
+        )
+
+
+class ResponseListenerKeeper(Service):
+    """
+    Stops the response listener, if a remote launcher (or the TLS set-up)
+    made one: remote launchers bind it on first use, so a gateway that runs
+    only local kernels never opens its port.
+    """
+
+    name = "response"
+
+    def __init__(self, context: LauncherContext) -> None:
+        self._context = context
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        listener = self._context.services.get("response")
+        if listener is None or not listener.running:
+            return succeed(None)
+        return maybeDeferred(listener.stopService)
+
+
+class LauncherRegistry(OrderedMultiService):
+    name = "launchers"
+
     def __init__(
         self, context: LauncherContext, extra: dict[str, Any] | None = None, sections: Mapping[str, Any] | None = None
     ) -> None:
@@ -57,8 +110,10 @@ class LauncherRegistry:
             launcher name (C{{"ssh": config.ssh, ...}}); a launcher gets
             only its own, as C{context.section}.
         """
+        super().__init__()
         self._context = context
         self._sections = dict(sections or {})
+        ResponseListenerKeeper(context).setServiceParent(self)
         self._factories: dict[str, Any] = dict(BUILTIN)
         for ep in entry_points(group=ENTRY_POINT_GROUP):
             self._factories.setdefault(ep.name, ep.value)
@@ -92,24 +147,8 @@ class LauncherRegistry:
         launcher = factory(dataclasses.replace(self._context, section=self._sections.get(name)))
         verifyObject(ILauncher, launcher)
         self._launchers[name] = launcher
+        LauncherService(name, launcher).setServiceParent(self)
         return launcher
 
     def built(self) -> list[ILauncher]:
         return list(self._launchers.values())
-
-    def stop(self) -> Any:
-        """
-        Release what launchers hold (connection pools, the response
-        listener); called once every kernel is down.
-        """
-        from twisted.internet.defer import DeferredList, maybeDeferred
-
-        stops = [
-            maybeDeferred(launcher.stop)
-            for launcher in self._launchers.values()
-            if hasattr(launcher, "stop")
-        ]
-        listener = self._context.services.get("response")
-        if listener is not None and listener.running:
-            stops.append(maybeDeferred(listener.stopService))
-        return DeferredList(stops)

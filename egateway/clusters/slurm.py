@@ -195,7 +195,7 @@ class SlurmLauncher(RemoteLauncher):
             settings.slurm_conf or os.environ.get("SLURM_CONF", ""),
             os.environ.get("PATH", os.defpath),
         )
-        self.slurm = SlurmClient(context.reactor, commands, settings.slurm_poll_interval)
+        self.slurm = SlurmClient(context.reactor, commands, settings.slurm_poll_interval, context.run_blocking)
 
     def job_name(self, kernel_id: str) -> str:
         return f"{self._settings.slurm_job_name_prefix}{kernel_id}"
@@ -307,7 +307,7 @@ class SlurmLauncher(RemoteLauncher):
         @raise LaunchError: 403 for a user who may not be impersonated; 500
             when the gateway, not being root, cannot submit for another user.
         """
-        account = await self.impersonation.local_account(self._reactor, username)
+        account = await self.impersonation.local_account(self._context.run_blocking, username)
         euid = os.geteuid()
         if account.uid != euid and euid != 0:
             raise LaunchError(

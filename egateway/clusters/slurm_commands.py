@@ -16,7 +16,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from egateway.clusters.commands import CommandResult, CommandSet
@@ -78,10 +77,21 @@ class SlurmClient:
     (a L{SlurmCommands}), polling every C{poll_interval} seconds.
     """
 
-    def __init__(self, reactor: Any, commands: SlurmCommands, poll_interval: float) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        commands: SlurmCommands,
+        poll_interval: float,
+        run_blocking: Callable[..., Deferred[Any]],
+    ) -> None:
+        """
+        @param run_blocking: runs a blocking call in the gateway's thread
+            pool (L{LauncherContext.run_blocking}).
+        """
         self._reactor = reactor
         self.commands = commands
         self._poll_interval = poll_interval
+        self._run_blocking = run_blocking
 
     # -- one job ------------------------------------------------------------
 
@@ -221,7 +231,7 @@ class SlurmClient:
             except OSError:
                 return ""
 
-        return await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), read_blocking)
+        return await self._run_blocking(read_blocking)
 
     async def signal_job(self, job_id: str, signum: int) -> None:
         """

@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from twisted.conch.ssh import keys
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -176,6 +175,7 @@ class SSHLauncher(RemoteLauncher):
                 connect_timeout=settings.ssh_connect_timeout,
             ),
             user_keys=self._user_keys,
+            run_blocking=context.run_blocking,
         )
         self.hosts = HostPlacement(context.reactor, settings)
         self.processes = HostProcesses(pool, context.reactor, self.impersonation, settings.kernel_log_dir)
@@ -197,7 +197,7 @@ class SSHLauncher(RemoteLauncher):
         thread (C{~user} is an account lookup).
         """
         path = self.impersonation.key_file(user)
-        return await deferToThreadPool(self._reactor, self._reactor.getThreadPool(), load_keys, [path])
+        return await self._context.run_blocking(load_keys, [path])
 
     # -- the launch's steps (the sequence is RemoteLauncher's) ---------------
 

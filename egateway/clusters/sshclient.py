@@ -33,7 +33,6 @@ from twisted.conch.ssh import channel, common, connection, keys, transport, user
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -276,19 +275,17 @@ class SSHPool:
         self,
         reactor: Any,
         settings: SSHSettings,
+        run_blocking: RunBlocking,
         user_keys: UserKeys | None = None,
-        run_blocking: RunBlocking | None = None,
     ) -> None:
         """
         @param run_blocking: runs the key and C{known_hosts} file reads and
-            writes; default: the reactor's thread pool.
+            writes in the gateway's thread pool.
         """
         self._reactor = reactor
         self.settings = settings
         self.user_keys = user_keys
-        self._run_blocking: RunBlocking = run_blocking or (
-            lambda f, *args: deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
-        )
+        self._run_blocking: RunBlocking = run_blocking
         # One host key check at a time: they share the known_hosts file.
         self._known_hosts_lock = defer.DeferredLock()
         self._connections: dict[tuple[str, str], _Connection] = {}

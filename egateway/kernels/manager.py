@@ -120,8 +120,6 @@ class KernelManager(Service):
         self.journal_limits = JournalLimits(journal_entries, journal_bytes)
         self.last_exit: dict[str, ExitStatus] = {}
         self.launches_started: Counter[str] = Counter()
-        self.on_fatal: Callable[[str], None] = lambda message: _log.critical(message)
-        self._restoring: Operation[None] | None = None
         self.admission = AdmissionControl(
             manager=self, clock=clock, gateway_env=gateway_env, default_username=default_username
         )
@@ -167,29 +165,6 @@ class KernelManager(Service):
         self._housekeeping = LoopingCall(self._expire_sessions)
         self._housekeeping.clock = self._clock
         self._housekeeping.start(SESSION_SWEEP, now=False)
-        if self.persistence is not None:
-            self._restoring = Operation("restore", self._start_persistence())
-
-    async def _start_persistence(self) -> None:
-        """
-        Open the store and restore its kernels; with a shared store, retry
-        while it is unavailable.
-        """
-        store = self.persistence.store
-        while self.running:
-            try:
-                await self.persistence.start()
-                return
-            except Exception as e:
-                if not store.shared:
-                    self.on_fatal(f"cannot open the kernel store: {e}")
-                    return
-                _log.error(
-                    "the kernel store is unavailable ({error}); kernels will be restored "
-                    "when it returns",
-                    error=str(e),
-                )
-                await deferLater(self._clock, 5.0, lambda: None)
 
     async def _restored(self) -> None:
         """
@@ -197,9 +172,10 @@ class KernelManager(Service):
         the store are restored.  A gateway answers HTTP a moment before it
         has registered them, and jupyter_server's gateway client drops a
         kernel missing from the list (and the notebook open on it loses
-        it): so nothing is said about kernels before they are known.
+        it): so nothing is said about kernels before they are known.  The
+        persistence service (started before this one) restores them.
         """
-        restoring = self._restoring
+        restoring = self.persistence.restoring if self.persistence is not None else None
         if restoring is None or restoring.done:
             return
         waiting = restoring.observe()
@@ -224,7 +200,8 @@ class KernelManager(Service):
         """
         Shut down every kernel, gracefully, in parallel; or, when kernels
         are kept across restarts, leave them running with their records
-        saved.
+        saved.  The store, the launchers and the response listener are
+        services stopped after this one (see L{egateway.tap}).
         """
         super().stopService()
         if self._housekeeping is not None and self._housekeeping.running:
@@ -252,16 +229,8 @@ class KernelManager(Service):
                     for kernel_id in list(self.kernels)
                 ]
             )
-        try:
-            await self.launchers.stop()
-        finally:
-            if persistence is not None:
-                try:
-                    await persistence.stop()
-                except Exception:
-                    _log.failure("closing the kernel store")
-            if self._channels is not None:
-                self._channels.close()
+        if self._channels is not None:
+            self._channels.close()
 
     @property
     def channels(self) -> IChannelFactory:

@@ -12,13 +12,21 @@ Writes that fail because the store is down are retried every few seconds;
 attached kernels keep working meanwhile.  Starting a kernel needs the store:
 if its first record cannot be written the start fails with 503 rather than
 create a kernel a restart would lose.
+
+L{KernelPersistence} is the C{persistence} service of the gateway's tree:
+started before the kernel manager and stopped after it (so the kernels'
+final records are written before the store closes).  Starting, it opens the
+store and restores its kernels; a shared store that is down is tried again
+with exponential back-off until it answers or the gateway stops.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList, TimeoutError
+from twisted.application.internet import backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
@@ -26,13 +34,21 @@ from egateway.errors import Unavailable
 from egateway.kernels.kernel import Kernel
 from egateway.kernels.specs import KernelSpec, NoSuchKernelSpec
 from egateway.kernels.state import KernelState
-from egateway.store.interface import IKernelStore, KernelRecord, SessionRecord, StoreError
+from egateway.observe import Operation
+from egateway.store.interface import IKernelStore, KernelRecord, SessionRecord, StoreError, StoreRefused
 
 _log = Logger()
 
 RETRY_INTERVAL = 5.0
 """
 Seconds between retries of writes the store refused.
+"""
+
+OPEN_RETRY = backoffPolicy(initialDelay=1.0, maxDelay=30.0, factor=2.0)
+"""
+Seconds before the next attempt to open a shared store that is down, by the
+number of failed attempts: 2, 4, 8 ... up to 30, plus up to a second of
+jitter so gateways restarted together do not knock in step.
 """
 
 LAUNCH_POLL = 0.5
@@ -75,14 +91,20 @@ def placeholder_spec(name: str) -> KernelSpec:
     )
 
 
-class KernelPersistence:
+class KernelPersistence(Service):
     """
     @ivar on_stop: C{"keep"} (kernels outlive a graceful stop) or
         C{"shutdown"}.
     @ivar gateway_id: the installation's id, in every record it writes.
     @ivar instance_id: this gateway process's own id, unique to it (the
         holder of its leases in a shared store).
+    @ivar restoring: the start-up (opening the store, restoring its
+        kernels), once started; what a listing waits on.
+    @ivar on_fatal: told why the gateway cannot run (a store of its own
+        that cannot be opened).
     """
+
+    name = "persistence"
 
     def __init__(
         self,
@@ -93,6 +115,7 @@ class KernelPersistence:
         gateway_id: str,
         on_stop: str,
         instance_id: str = "",
+        retry_policy: Callable[[int], float] = OPEN_RETRY,
     ) -> None:
         """
         @param open_store: returns (a Deferred of) the L{IKernelStore}, not
@@ -101,6 +124,8 @@ class KernelPersistence:
         @param shared: whether the store is one several gateways share.
         @param instance_id: default: C{gateway_id} (enough for a store
             only one gateway process opens).
+        @param retry_policy: seconds to wait after the n-th failed attempt
+            to open a shared store.
         """
         self._open_store = open_store
         self.store: IKernelStore = _NotOpen()
@@ -121,7 +146,77 @@ class KernelPersistence:
         """
         self._retry = LoopingCall(self._flush)
         self._retry.clock = clock
+        self._retry_policy = retry_policy
+        self.restoring: Operation[None] | None = None
+        self._backoff: Deferred[None] | None = None
+        self.on_fatal: Callable[[str], None] = lambda message: _log.critical(message)
         manager.listeners.append(self._event)
+
+    # -- service -----------------------------------------------------------
+
+    def startService(self) -> None:
+        """
+        Open the store and restore its kernels, in the background (twistd
+        does not wait); L{restoring} says when that is done.
+        """
+        super().startService()
+        self.restoring = Operation("restore", self._start_until_open(), subject="the kernel store")
+
+    async def _start_until_open(self) -> None:
+        """
+        L{start}; with a shared store, again after a back-off while the
+        store is unavailable.  A store of this gateway's own that cannot
+        be opened, or one that refuses it (L{StoreRefused}), is fatal.
+        """
+        failures = 0
+        while self.running:
+            try:
+                await self.start()
+                return
+            except CancelledError:
+                raise
+            except Exception as e:
+                if not self.running:
+                    # Stopped while opening: the store was closed under it.
+                    return
+                if not self.shared or isinstance(e, StoreRefused):
+                    self.on_fatal(f"cannot open the kernel store: {e}")
+                    return
+                failures += 1
+                delay = self._retry_policy(failures)
+                _log.error(
+                    "the kernel store is unavailable ({error}); trying again in {delay:.1f}s, and kernels "
+                    "will be restored when it returns",
+                    error=str(e),
+                    delay=delay,
+                )
+                self._backoff = deferLater(self._clock, delay, lambda: None)
+                try:
+                    await self._backoff
+                except CancelledError:
+                    return
+                finally:
+                    self._backoff = None
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop retrying to open the store; write what is unsaved and close it.
+        An attempt in progress (opening, restoring) is not cancelled
+        half-way but waited for, so what it opens is closed, not left
+        behind.
+        """
+        super().stopService()
+        if self._backoff is not None:
+            self._backoff.cancel()
+        return Deferred.fromCoroutine(self._stop_after_start()).addErrback(
+            lambda f: _log.failure("closing the kernel store", f)
+        )
+
+    async def _stop_after_start(self) -> None:
+        restoring = self.restoring
+        if restoring is not None and not restoring.done:
+            await restoring.finished()
+        await self.stop()
 
     @property
     def keeps_kernels(self) -> bool:
@@ -142,9 +237,6 @@ class KernelPersistence:
             self._opening = None
         if not self._retry.running:
             self._retry.start(RETRY_INTERVAL, now=False)
-        sharing = getattr(self._manager, "sharing", None)
-        if sharing is not None and sharing.sink is not None:
-            sharing.sink.start()
         await self.restore_all()
         for after in self.restored:
             try:
@@ -163,9 +255,6 @@ class KernelPersistence:
             self._retry.stop()
         if isinstance(self.store, _NotOpen):
             return
-        sharing = getattr(self._manager, "sharing", None)
-        if sharing is not None and sharing.sink is not None:
-            await sharing.sink.stop()
         try:
             await self._flush()
         finally:

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
@@ -196,10 +197,16 @@ class JournalSink:
         appending.addErrback(lambda f: _log.failure("releasing journaled messages", f))
 
 
-class SharedKernels:
+class SharedKernels(Service):
     """
     The on-demand attachment, leases and following for one gateway.
+
+    The C{sharing} service of the gateway's tree: it stops after the kernel
+    manager (whose kernels' last messages it still journals) and before the
+    store closes, so the journal's pending appends reach the store.
     """
+
+    name = "sharing"
 
     def __init__(
         self, manager: Any, persistence: Any, clock: Any, lease_ttl: float, journal_entries: int = 20000
@@ -209,6 +216,20 @@ class SharedKernels:
         self._clock = clock
         self.lease_ttl = lease_ttl
         self.sink = JournalSink(persistence, clock, journal_entries) if journal_entries > 0 else None
+
+    def startService(self) -> None:
+        super().startService()
+        if self.sink is not None:
+            self.sink.start()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Fires once the journal's pending appends are written (or refused).
+        """
+        super().stopService()
+        if self.sink is None:
+            return succeed(None)
+        return self.sink.stop().addErrback(lambda f: _log.failure("writing the last journal entries", f))
 
     @property
     def _store(self) -> Any:

@@ -37,6 +37,14 @@ class StoreUnavailable(StoreError):
     """
 
 
+class StoreRefused(StoreUnavailable):
+    """
+    The store answered but will not have this gateway (a wrong password, a
+    certificate it refuses, a file that cannot be read): trying again
+    cannot help, the configuration must change.
+    """
+
+
 class RecordUnreadable(StoreError):
     """
     A stored record exists but cannot be read: it was encrypted with another

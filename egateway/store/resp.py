@@ -8,8 +8,10 @@ returns, and to reconnect by itself; it needs only a dozen commands,
 pipelined, and Lua scripts.  RESP2 is a small protocol.
 
 L{RedisClient} keeps one connection, reconnecting with exponential back-off
-(with jitter) for as long as it is started.  A command sent while
-disconnected fails immediately; a command without a reply within
+(with jitter) for as long as it is started: a Twisted L{ClientService} with a
+L{backoffPolicy} keeps it, over an endpoint that fires only once the
+connection is logged in (and, with sentinels, on the primary).  A command
+sent while disconnected fails immediately; a command without a reply within
 C{command_timeout} fails, and the connection is dropped and remade (its
 replies can no longer be matched to requests).
 
@@ -50,15 +52,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
+from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet.defer import CancelledError, Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from egateway.observe import OneShotObserver
-from egateway.store.interface import StoreUnavailable
+from egateway.store.interface import StoreRefused, StoreUnavailable
 
 
 class RedisError(Exception):
@@ -343,7 +348,9 @@ class RedisProtocol(Protocol):
         self.pushed: Callable[[Any], None] | None = None
 
     def connectionMade(self) -> None:
-        self.made.callback(self)
+        # Made once, and again when handed to the ClientService (L{_Handover}).
+        if not self.made.called:
+            self.made.callback(self)
 
     def send(self, commands: Sequence[Sequence[Any]]) -> list[Deferred[Any]]:
         """
@@ -401,6 +408,12 @@ class ConnectionLost(Exception):
     pass
 
 
+class UnreadableFile(OSError):
+    """
+    A file C{store_url} names (C{ca=}, C{cert=}, C{key=}) cannot be read.
+    """
+
+
 class NoPrimary(Exception):
     """
     The sentinels named no primary, or the server they named is not one.
@@ -422,11 +435,87 @@ def _describe_loss(reason: Failure) -> str:
     return reason.getErrorMessage()
 
 
+class _Handover(Protocol):
+    """
+    What a connection's transport talks to: the L{RedisProtocol} while it
+    is being logged in, then the L{ClientService}'s proxy of it, so the
+    service hears of its loss only once it holds it.
+    """
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.target.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.target.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.target.connectionLost(reason)
+
+
+class _Adopting(Factory):
+    """
+    The L{ClientService}'s factory: its "new" protocol is the connection
+    L{_ReadyEndpoint} has just made ready.
+    """
+
+    noisy = False
+
+    def __init__(self) -> None:
+        self.ready: RedisProtocol | None = None
+
+    def buildProtocol(self, addr: Any) -> RedisProtocol | None:
+        protocol, self.ready = self.ready, None
+        return protocol
+
+
+@implementer(IStreamClientEndpoint)
+class _ReadyEndpoint:
+    """
+    Connects and prepares a connection (finds the primary, logs in, or
+    subscribes), and only then gives it to the L{ClientService}: a failed
+    preparation is a failed connection attempt, backed off like one.
+
+    (Not C{ClientService}'s C{prepareConnection}: a connection it rejects is
+    left open, and closing it breaks the service's state machine.)
+    """
+
+    def __init__(self, prepare: Callable[[], Any], what: str) -> None:
+        """
+        @param prepare: a coroutine function connecting a L{RedisProtocol}
+            (through a L{_Handover}) and preparing it; returns both.
+        @param what: for the service's log lines.
+        """
+        self._prepare = prepare
+        self._what = what
+        self.factory = _Adopting()
+
+    def __repr__(self) -> str:
+        return self._what
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        return Deferred.fromCoroutine(self._connect(factory))
+
+    async def _connect(self, factory: IProtocolFactory) -> IProtocol:
+        protocol, handover = await self._prepare()
+        self.factory.ready = protocol
+        proxy = factory.buildProtocol(protocol.transport.getPeer())  # type: ignore[union-attr]
+        assert proxy is not None
+        proxy.makeConnection(protocol.transport)  # type: ignore[arg-type]
+        handover.target = proxy
+        return proxy
+
+
 class RedisClient:
     """
     A self-healing connection to one Redis.
 
     @param reactor: provides C{IReactorTime} and C{IReactorTCP}.
+    @ivar retry_policy: seconds before the next connection attempt, by the
+        number of failed attempts in a row (L{backoffPolicy}).
     """
 
     _log = Logger()
@@ -441,32 +530,47 @@ class RedisClient:
         min_backoff: float = 0.1,
         max_backoff: float = 2.0,
         replica_wait: float = 0.5,
+        retry_policy: Callable[[int], float] | None = None,
     ) -> None:
+        """
+        @param min_backoff: seconds before the first reconnection (plus up
+            to as much jitter).
+        @param max_backoff: seconds between attempts at most (plus jitter).
+        @param retry_policy: overrides C{min_backoff} and C{max_backoff}.
+        """
         self.address = address
         self._replica_wait = replica_wait
         self._unconfirmed = 0
         self._server: tuple[str, int] = (address.host, address.port)
         self._tls_files: tuple[bytes | None, bytes | None] | None = None
         self._sockets: set[RedisProtocol] = set()
-        self._watching: Deferred[None] | None = None
-        self._watcher: RedisProtocol | None = None
-        self._watch_retry: Any = None
         self._watch_failures = 0
         self._reactor = reactor
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
-        self._min_backoff = min_backoff
-        self._max_backoff = max_backoff
+        self.retry_policy = retry_policy or backoffPolicy(
+            initialDelay=min_backoff / 2,
+            maxDelay=max_backoff,
+            factor=2.0,
+            jitter=lambda: random.uniform(0, min_backoff),
+        )
         self._running = False
         self._protocol: RedisProtocol | None = None
-        self._attempt: Deferred[Any] | None = None
-        self._connecting: RedisProtocol | None = None
-        self._retry: Any = None
         self._failures = 0
         self._last_error = "not connected yet"
-        # The outcome of the attempt in progress, for start()'s callers.
-        self._first: OneShotObserver[None] = OneShotObserver()
         self._scripts: dict[str, str] = {}
+        # The outcome of the attempt in progress, for start()'s callers.
+        self._attempt: OneShotObserver[None] = OneShotObserver()
+        # Made at each start: a stopped ClientService cannot start again.
+        self._service: ClientService | None = None
+        self._watch: ClientService | None = None
+
+    def _keeping(self, prepare: Callable[[], Any], what: str) -> ClientService:
+        """
+        A service keeping one connection that C{prepare} makes ready.
+        """
+        endpoint = _ReadyEndpoint(prepare, f"{what} of {self.address}")
+        return ClientService(endpoint, endpoint.factory, retryPolicy=self.retry_policy, clock=self._reactor)
 
     @property
     def connected(self) -> bool:
@@ -477,18 +581,40 @@ class RedisClient:
     def start(self) -> Deferred[None]:
         """
         Connect, and keep reconnecting until L{stop}.  Fires once connected,
-        or fails with L{StoreUnavailable} when the first attempt fails; the
+        or fails with L{StoreUnavailable} when the next attempt fails; the
         client keeps trying in the background either way.
         """
         if self._protocol is not None:
             return succeed(None)
-        waiter = self._first.when_fired()
+        # Our own waiters, not the service's whenConnected: it still offers
+        # a connection whose loss it has not yet been told of.
+        waiter = self._attempt.when_fired()
         if not self._running:
             self._running = True
-            self._connect()
+            self._service = self._keeping(self._open, "the Redis primary")
             if self.address.sentinels:
-                self._watch()
-        return waiter
+                self._watch = self._keeping(self._subscribe, "the sentinels")
+            self._service.startService()
+            if self._watch is not None:
+                self._watch.startService()
+        return waiter.addBoth(self._next_turn).addCallbacks(lambda _: None, self._start_failed)
+
+    def _next_turn(self, result: Any) -> Deferred[Any]:
+        """
+        C{result}, on the reactor's next turn: an attempt ends in the
+        middle of the service's state change, when whoever waits may not
+        call it again (stop it, typically).
+        """
+        later: Deferred[Any] = Deferred()
+        self._reactor.callLater(0, later.callback, result)
+        return later
+
+    def _start_failed(self, f: Failure) -> Failure:
+        if f.check(CancelledError):
+            return Failure(StoreUnavailable(f"{self.address}: the store was stopped"))
+        if _refused(f):
+            return Failure(StoreRefused(f"{self.address} refuses this gateway: {_describe(f)}"))
+        return Failure(StoreUnavailable(f"{self.address} is unreachable: {_describe(f)}"))
 
     def stop(self) -> Deferred[None]:
         """
@@ -496,59 +622,53 @@ class RedisClient:
         this client opened is closed.
         """
         self._running = False
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        self._connecting = None
-        if self._attempt is not None:
-            self._attempt.cancel()
-        if self._watch_retry is not None and self._watch_retry.active():
-            self._watch_retry.cancel()
-        if self._watching is not None:
-            self._watching.cancel()
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.transport.loseConnection()  # type: ignore[union-attr]
-        self._release_waiters(StoreUnavailable(f"{self.address}: the store was stopped"))
-        protocol, self._protocol = self._protocol, None
+        protocol = self._protocol
         if protocol is not None:
             protocol.failure_reason = "the store was stopped"
-            protocol.transport.loseConnection()  # type: ignore[union-attr]
+        self._end_attempt(Failure(CancelledError()))
+        # Not a second time: its state machine may be the one running now.
+        stopping = [service.stopService() for service in (self._service, self._watch) if service and service.running]
         # Every socket this client opened: the connection, one being made,
         # a question to a sentinel.
-        closing = [p.lost for p in self._sockets if not p.closed]
-        return gatherResults(closing).addCallback(lambda _: None)
+        for socket in list(self._sockets):
+            if not socket.closed and socket.made.called:
+                socket.transport.loseConnection()  # type: ignore[union-attr]
+        stopping += [p.lost for p in self._sockets if not p.closed]
+        return gatherResults(stopping).addCallback(lambda _: None)
 
-    def _connect(self) -> None:
-        self._retry = None
-        self._connecting = protocol = RedisProtocol()
-        attempt = Deferred.fromCoroutine(self._open(protocol))
-        self._attempt = attempt
-        attempt.addCallbacks(self._connected, self._connect_failed)
-
-    async def _open(self, protocol: RedisProtocol) -> RedisProtocol:
+    async def _open(self) -> tuple[RedisProtocol, _Handover]:
         """
-        Find the primary (asking the sentinels, if any), connect C{protocol}
-        to it and log in.
+        Find the primary (asking the sentinels, if any), connect to it and
+        log in: one connection attempt of the L{ClientService}.
         """
-        if self.address.sentinels:
-            server = await self._ask_sentinels()
-            if server != self._server:
-                self._log.info(
-                    "store: the sentinels name {host}:{port} as the primary of {master}",
-                    host=server[0],
-                    port=server[1],
-                    master=self.address.master_name,
-                )
-            self._server = server
-        await self._endpoint(*self._server).connect(self._factory(protocol))
-        return await self._handshake(protocol)
+        try:
+            if self.address.sentinels:
+                server = await self._ask_sentinels()
+                if server != self._server:
+                    self._log.info(
+                        "store: the sentinels name {host}:{port} as the primary of {master}",
+                        host=server[0],
+                        port=server[1],
+                        master=self.address.master_name,
+                    )
+                self._server = server
+            protocol = RedisProtocol()
+            handover = _Handover(protocol)
+            await self._endpoint(*self._server).connect(self._factory(protocol, handover))
+            await self._handshake(protocol)
+        except CancelledError:
+            raise
+        except Exception as e:
+            self._connect_failed(Failure(e))
+            raise
+        self._connected(protocol)
+        return protocol, handover
 
-    def _factory(self, protocol: RedisProtocol) -> Factory:
-        def build() -> RedisProtocol:
+    def _factory(self, protocol: RedisProtocol, handover: Protocol | None = None) -> Factory:
+        def build() -> Protocol:
             self._sockets.add(protocol)
             protocol.lost.addCallback(lambda _: self._sockets.discard(protocol))
-            return protocol
+            return handover or protocol
 
         factory = Factory.forProtocol(build)
         factory.noisy = False  # one log line per reconnection attempt is enough
@@ -583,48 +703,22 @@ class RedisClient:
 
     # -- following +switch-master ------------------------------------------
 
-    def _watch(self) -> None:
+    async def _subscribe(self) -> tuple[RedisProtocol, _Handover]:
         """
-        Subscribe to C{+switch-master} on a sentinel, so a failover is
-        followed as soon as the sentinels announce it, even when the old
-        primary is still reachable from here (cut off from the sentinels
-        only); without it, the switch is noticed at the next lost connection
-        or C{-READONLY}.
-        """
-        self._watch_retry = None
-        watching = self._watching = Deferred.fromCoroutine(self._subscribe())
-
-        def failed(f: Failure) -> None:
-            if watching is self._watching:
-                self._watching = None
-            if f.check(CancelledError) or not self._running:
-                return
-            self._watch_failures += 1
-            if self._watch_failures == 1 or self._watch_failures % 30 == 0:
-                self._log.warn(
-                    "store: cannot follow the sentinels' announcements ({error}); retrying every {delay:g}s",
-                    error=f.getErrorMessage(),
-                    delay=self._max_backoff,
-                )
-            self._watch_retry = self._reactor.callLater(self._max_backoff, self._watch)
-
-        def subscribed(_: None) -> None:
-            self._watching = None
-            self._watch_failures = 0
-
-        watching.addCallbacks(subscribed, failed)
-
-    async def _subscribe(self) -> None:
-        """
-        Subscribe on the first sentinel that takes it; the subscription
-        lives on, and is made again when its connection is lost.
+        Subscribe to C{+switch-master} on the first sentinel that takes it,
+        so a failover is followed as soon as the sentinels announce it, even
+        when the old primary is still reachable from here (cut off from the
+        sentinels only); without it, the switch is noticed at the next lost
+        connection or C{-READONLY}.  One connection attempt of the
+        subscription's L{ClientService}, which makes it again when lost.
         """
         problems = []
         for host, port in self.address.sentinels:
             protocol = RedisProtocol()
             protocol.pushed = self._announced
+            handover = _Handover(protocol)
             try:
-                await self._endpoint(host, port).connect(self._factory(protocol))
+                await self._endpoint(host, port).connect(self._factory(protocol, handover))
                 [reply] = await self._timed(protocol, [["SUBSCRIBE", "+switch-master"]])
             except (ConnectError, DNSLookupError, ConnectionLost) as e:
                 problems.append(f"{host}:{port}: {e}")
@@ -637,16 +731,16 @@ class RedisClient:
                 problems.append(f"{host}:{port}: {reply}")
                 protocol.transport.loseConnection()  # type: ignore[union-attr]
                 continue
-            self._watcher = protocol
-            protocol.lost.addCallback(lambda _: self._watch_lost(protocol))
-            return
-        raise NoPrimary("no sentinel took the subscription (" + "; ".join(problems) + ")")
-
-    def _watch_lost(self, protocol: RedisProtocol) -> None:
-        if self._watcher is protocol:
-            self._watcher = None
-        if self._running:
-            self._watch_retry = self._reactor.callLater(self._min_backoff, self._watch)
+            self._watch_failures = 0
+            return protocol, handover
+        self._watch_failures += 1
+        error = "no sentinel took the subscription (" + "; ".join(problems) + ")"
+        if self._watch_failures == 1 or self._watch_failures % 30 == 0:
+            self._log.warn(
+                "store: cannot follow the sentinels' announcements ({error}); retrying",
+                error=error,
+            )
+        raise NoPrimary(error)
 
     def _announced(self, message: Any) -> None:
         """
@@ -744,10 +838,6 @@ class RedisClient:
         return d.addCallbacks(lambda _: protocol, failed)
 
     def _connected(self, protocol: RedisProtocol) -> None:
-        self._attempt = self._connecting = None
-        if not self._running:
-            protocol.transport.loseConnection()  # type: ignore[union-attr]
-            return
         if self._failures:
             self._log.info(
                 "store: connected to {address} again after {failures} failed attempts",
@@ -757,26 +847,25 @@ class RedisClient:
         self._failures = 0
         self._protocol = protocol
         protocol.lost.addCallback(lambda _: self._disconnected(protocol))
-        self._release_waiters(None)
+        self._end_attempt(None)
 
     def _connect_failed(self, f: Failure) -> None:
-        self._attempt = self._connecting = None
-        if not self._running:
-            return
+        """
+        One attempt failed; the service tries again after its back-off.
+        """
         self._last_error = _describe(f)
         self._failures += 1
-        delay = min(self._max_backoff, self._min_backoff * 2 ** min(self._failures - 1, 20))
-        delay *= random.uniform(0.8, 1.2)
         if self._failures == 1 or self._failures % 30 == 0:
             self._log.warn(
-                "store: cannot reach {address}: {error}; retrying every {max_backoff:.0f}s at most",
+                "store: cannot reach {address}: {error}; retrying with back-off",
                 address=str(self.address),
                 error=self._last_error,
-                max_backoff=self._max_backoff,
             )
-        self._retry = self._reactor.callLater(delay, self._connect)
-        # Last: a waiter's errback may run anything, stop() included.
-        self._release_waiters(StoreUnavailable(f"{self.address} is unreachable: {self._last_error}"))
+        self._end_attempt(f)
+
+    def _end_attempt(self, outcome: Failure | None) -> None:
+        attempt, self._attempt = self._attempt, OneShotObserver()
+        attempt.fire(outcome)
 
     def _disconnected(self, protocol: RedisProtocol) -> None:
         if self._protocol is protocol:
@@ -790,11 +879,6 @@ class RedisClient:
             why=protocol.failure_reason or "closed by the server",
         )
         self._failures = 1
-        self._retry = self._reactor.callLater(self._min_backoff * random.uniform(0.5, 1.0), self._connect)
-
-    def _release_waiters(self, error: Exception | None) -> None:
-        first, self._first = self._first, OneShotObserver()
-        first.fire(error)
 
     # -- commands ---------------------------------------------------------
 
@@ -914,10 +998,22 @@ class RedisClient:
         return f
 
 
+def _authentication_failed(error: str) -> bool:
+    return error.startswith(("NOAUTH", "WRONGPASS")) or "AUTH" in error.split(" ", 1)[0]
+
+
+def _refused(f: Failure) -> bool:
+    """
+    Whether the attempt failed on the configuration (the password, a TLS
+    file), which no retry mends.
+    """
+    return bool(f.check(UnreadableFile)) or bool(f.check(RedisError) and _authentication_failed(str(f.value)))
+
+
 def _describe(f: Failure) -> str:
     if f.check(RedisError):
         error = str(f.value)
-        if error.startswith(("NOAUTH", "WRONGPASS")) or "AUTH" in error.split(" ", 1)[0]:
+        if _authentication_failed(error):
             return f"authentication failed ({error}); check the user and password in store_url"
         return error
     return f.getErrorMessage()
@@ -932,4 +1028,4 @@ def _read_tls_file(path: str, parameter: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise OSError(f"cannot read {parameter}={path} of store_url: {e.strerror}") from None
+        raise UnreadableFile(f"cannot read {parameter}={path} of store_url: {e.strerror}") from None
