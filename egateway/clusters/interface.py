@@ -338,7 +338,7 @@ class LauncherContext:
         for C{ssh}, L{egateway.config.SlurmConfig} for C{slurm}); C{None}
         for a launcher that has none.
     @ivar threadpool: the gateway's pool for blocking work (see
-        L{egateway.blocking}); use it through L{run_blocking}.
+        L{egateway.services.BlockingPool}); use it through L{run_blocking}.
     """
 
     reactor: Any
