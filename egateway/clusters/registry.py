@@ -30,6 +30,7 @@ BUILTIN = {
     "local": "egateway.clusters.local:LocalLauncher",
     "ssh": "egateway.clusters.ssh:SSHLauncher",
     "slurm": "egateway.clusters.slurm:SlurmLauncher",
+    "kubernetes": "egateway.clusters.kubernetes:KubernetesLauncher",
 }
 
 ENTRY_POINT_GROUP = "egateway.launchers"

@@ -1,0 +1,723 @@
+"""
+Kernels as Kubernetes pods.
+
+A launch renders the kernel's pod from a template written for Enterprise
+Gateway (the kernelspec's C{scripts/kernel-pod.yaml.j2}, the operator's
+C{kubernetes_pod_template}, or the built-in one; see
+L{egateway.clusters.kube_pods}), creates a Secret holding the launch token
+and the pod, and follows the pod through the namespace's watch
+(L{egateway.clusters.kube_watch}) until it runs.  The image's entry point
+(Enterprise Gateway's C{bootstrap-kernel.sh} contract: C{KERNEL_ID},
+C{RESPONSE_ADDRESS}, C{PUBLIC_KEY}, C{PORT_RANGE}, C{KERNEL_LANGUAGE}, ...
+in its environment) starts the kernel-side launcher, which reports the
+connection info to the response listener like any remote kernel; the
+gateway connects to the pod's IP.
+
+The pod is named C{<user>-<kernel id>} and labelled with the kernel id
+(C{kernel_id}, as Enterprise Gateway does), C{component: kernel}, this
+gateway's id (C{egateway/gateway-id}) and the user (C{egateway/user}).  The
+launch token reaches the container from the Secret (C{secretKeyRef}), so it
+is not in the pod's spec, which everyone who may list pods can read; the
+Secret is owned by the pod and deleted with it.
+
+What the client may choose: C{KERNEL_*} values become the template's
+variables (C{KERNEL_CPUS} is C{kernel_cpus}), but none of them can change
+the pod's structure (the rendering refuses such values with 400), resource
+quantities must be quantities, and the values that choose the image, the
+namespace, the service account, the user and group ids and the volumes come
+from the kernelspec and the gateway's settings only: a client that sends a
+different C{KERNEL_IMAGE} (unless the kernelspec's C{allowed_images} lists
+it), C{KERNEL_NAMESPACE}, C{KERNEL_VOLUMES} or C{KERNEL_VOLUME_MOUNTS} is
+refused with 403.
+
+Failures carry Kubernetes' reason: a container waiting with
+C{ErrImagePull}, C{ImagePullBackOff}, C{CrashLoopBackOff}, ...; a pod the
+scheduler cannot place (C{FailedScheduling} and the scheduler's message); a
+container that exits before the handshake (its exit code and reason, and
+the end of its log).  The launch then fails at once and the pod is deleted.
+A kernel whose pod is deleted by someone else, or whose container ends, is
+dead with that reason (a deletion outside the gateway is a decision, so the
+kernel is not restarted).  Stopping a kernel deletes its pod with a grace
+period, then forcibly.
+
+Every API call blocks, so all of them run in the launcher's own thread
+pool (one thread per watched namespace stays busy with its watch), never
+on the reactor.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal as signals
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from egateway.clusters.interface import (
+    GATEWAY_ID_ENV,
+    ExitStatus,
+    IKernelProcess,
+    ILauncher,
+    LaunchError,
+    LaunchRequest,
+    LauncherContext,
+    Liveness,
+    Phase,
+    Placement,
+)
+from egateway.clusters.kube_pods import (
+    DEFAULT_TEMPLATE,
+    IMAGE,
+    POD_NAME,
+    check_quantity,
+    finish_pod,
+    launch_problem,
+    pod_document,
+    pod_name,
+    progress,
+    render,
+    running_address,
+    terminated,
+    values_for,
+)
+from egateway.clusters.kube_watch import NamespaceWatch, PodApi
+from egateway.clusters.remote import Placed, RemoteKernelProcess, RemoteLaunch, RemoteLauncher, _int, connection_info
+from egateway.observe import OneShotObserver
+from egateway.wire.channels import ConnectionInfo
+
+_log = Logger()
+
+TOKEN_KEY = "launch-token"
+
+QUANTITIES = ("KERNEL_CPUS", "KERNEL_MEMORY", "KERNEL_GPUS", "KERNEL_CPUS_LIMIT", "KERNEL_MEMORY_LIMIT",
+              "KERNEL_GPUS_LIMIT")
+
+CLIENT_REFUSED = {
+    "KERNEL_NAMESPACE": "the gateway decides the namespace (kubernetes_namespace)",
+    "KERNEL_VOLUMES": "volumes come from the kernelspec's configuration only",
+    "KERNEL_VOLUME_MOUNTS": "volume mounts come from the kernelspec's configuration only",
+    "KERNEL_SERVICE_ACCOUNT_NAME": "the service account comes from the kernelspec or kubernetes_service_account",
+    "KERNEL_POD_NAME": "the gateway names kernel pods",
+}
+"""
+C{KERNEL_*} values a client may not set to anything but what the gateway
+decides, and why (Enterprise Gateway lets clients choose them).
+"""
+
+CONTROLLED = ("kernel_uid", "kernel_gid", "kernel_volumes", "kernel_volume_mounts", "kernel_working_dir")
+"""
+Template variables set only from the kernelspec: a client's value is not
+passed on.
+"""
+
+KERNEL_ID = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?\Z")
+
+SECRET_SUFFIX = "-launch"
+
+
+class KubeClient:
+    """
+    The blocking Kubernetes calls of the launcher (a kubernetes client
+    C{CoreV1Api}); every method runs in a worker thread.
+    """
+
+    def __init__(self, kubeconfig: str, timeout: float) -> None:
+        self._kubeconfig = kubeconfig
+        self.timeout = timeout
+        self._core: Any = None
+
+    def core_blocking(self) -> Any:
+        if self._core is None:
+            from kubernetes import client, config
+
+            if self._kubeconfig:
+                api_client = config.new_client_from_config(config_file=self._kubeconfig)
+            elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+                configuration = client.Configuration()
+                config.load_incluster_config(client_configuration=configuration)
+                api_client = client.ApiClient(configuration)
+            else:
+                api_client = config.new_client_from_config()
+            self._core = client.CoreV1Api(api_client)
+        return self._core
+
+    def create_blocking(self, kind: str, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        core = self.core_blocking()
+        create = {"pod": core.create_namespaced_pod, "secret": core.create_namespaced_secret}[kind]
+        response = create(namespace, body=body, _preload_content=False, _request_timeout=self.timeout)
+        return json.loads(response.data)
+
+    def own_secret_blocking(self, namespace: str, secret: str, pod: Mapping[str, Any]) -> None:
+        """
+        Make the pod the Secret's owner, so Kubernetes deletes it with the pod.
+        """
+        owner = {"apiVersion": "v1", "kind": "Pod", "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]}
+        self.core_blocking().patch_namespaced_secret(
+            secret, namespace, body={"metadata": {"ownerReferences": [owner]}}, _preload_content=False,
+            _request_timeout=self.timeout,
+        )
+
+    def delete_blocking(self, kind: str, namespace: str, name: str, grace: int | None = None) -> bool:
+        """
+        Delete; C{False} if it was not there.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        core = self.core_blocking()
+        delete = {"pod": core.delete_namespaced_pod, "secret": core.delete_namespaced_secret}[kind]
+        options: dict[str, Any] = {}
+        if grace is not None:
+            options["grace_period_seconds"] = grace
+        try:
+            delete(name, namespace, _preload_content=False, _request_timeout=self.timeout, **options)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    def log_tail_blocking(self, namespace: str, name: str, lines: int = 5) -> str:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            response = self.core_blocking().read_namespaced_pod_log(
+                name, namespace, tail_lines=lines, _preload_content=False, _request_timeout=self.timeout
+            )
+        except ApiException:
+            return ""
+        text = response.data.decode("utf-8", "replace")
+        return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+def api_error(e: Exception) -> str:
+    """
+    An API exception's message as Kubernetes wrote it (its Status body).
+    """
+    body = getattr(e, "body", None)
+    if body:
+        try:
+            return str(json.loads(body).get("message") or body)
+        except (ValueError, AttributeError):
+            return str(body)[:500]
+    return str(e)
+
+
+@dataclass
+class _PodLaunch:
+    """
+    What a pod launch's steps keep.
+    """
+
+    namespace: str
+    name: str
+    pod: dict[str, Any]
+    from_client: bool
+    created: bool = False
+    state: dict[str, Any] | None = None
+    gone: bool = False
+    changed: OneShotObserver[None] = field(default_factory=OneShotObserver)
+    unfollow: Callable[[], None] | None = None
+
+    @property
+    def secret(self) -> str:
+        return self.name + SECRET_SUFFIX
+
+    def update(self, pod: Mapping[str, Any] | None) -> None:
+        if pod is None:
+            self.gone = True
+        else:
+            self.state = dict(pod)
+        changed, self.changed = self.changed, OneShotObserver()
+        changed.fire(None)
+
+
+class KubernetesKernelProcess(RemoteKernelProcess):
+    """
+    A kernel running in pod C{name} of C{namespace}, followed through the
+    namespace's watch.
+    """
+
+    def __init__(
+        self, *, launcher: "KubernetesLauncher", namespace: str, name: str, watch: NamespaceWatch, **kw: Any
+    ) -> None:
+        super().__init__(**kw)
+        self._launcher = launcher
+        self.namespace = namespace
+        self.name = name
+        self._deleting = False
+        self._pods = watch
+        self._unfollow = watch.follow(name, self._pod_changed)
+        pod = watch.pods.get(name)
+        self._pod_changed(pod)
+
+    def _pod_changed(self, pod: Mapping[str, Any] | None) -> None:
+        if self._exit is not None:
+            return
+        end = self._end_of(pod)
+        if end is not None:
+            self._ended(end)
+
+    def _end_of(self, pod: Mapping[str, Any] | None) -> ExitStatus | None:
+        where = f"pod {self.namespace}/{self.name}"
+        if pod is None:
+            if self._deleting:
+                return ExitStatus(reason=f"{where} was deleted")
+            return ExitStatus(reason=f"{where} was deleted outside the gateway", decision=True)
+        if (pod.get("metadata") or {}).get("deletionTimestamp") and not self._deleting:
+            return ExitStatus(reason=f"{where} was deleted outside the gateway", decision=True)
+        ended = terminated(pod)
+        if ended:
+            return ExitStatus(reason=f"{where}: {ended}")
+        status = pod.get("status") or {}
+        if status.get("phase") in ("Failed", "Succeeded"):
+            why = " ".join(str(status.get(k) or "") for k in ("reason", "message")).strip()
+            return ExitStatus(reason=f"{where} {status['phase'].lower()}" + (f": {why}" if why else ""))
+        return None
+
+    async def _check_alive(self) -> Liveness:
+        if self._exit is not None:
+            return Liveness(False, self._exit.describe(), self._exit.decision)
+        end = self._end_of(self._pods.pods.get(self.name))
+        if end is not None:
+            return Liveness(False, end.reason, end.decision)
+        return Liveness(True)
+
+    async def _signal_directly(self, signum: int) -> None:
+        if signum == signals.SIGTERM:
+            self._deleting = True
+            await self._launcher.delete_pod(self.namespace, self.name, wait=False)
+        elif signum == signals.SIGKILL:
+            self._deleting = True
+            await self._launcher.delete_pod(self.namespace, self.name, grace=0, wait=False)
+        else:
+            raise LaunchError(
+                f"cannot send signal {signum} to pod {self.namespace}/{self.name}: its comm port does not answer"
+            )
+
+    async def _release(self) -> None:
+        self._deleting = True
+        self._unfollow()
+        await self._launcher.delete_pod(self.namespace, self.name)
+
+    def detach(self) -> None:
+        super().detach()
+        self._unfollow()
+
+    def snapshot(self) -> dict:
+        return {**super().snapshot(), "launcher": "kubernetes", "namespace": self.namespace, "pod": self.name}
+
+
+@implementer(ILauncher)
+class KubernetesLauncher(RemoteLauncher):
+    """
+    Starts kernels as pods; see the module docstring.
+    """
+
+    name = "kubernetes"
+    _poll_interval = 0.25  # reads the watch's cache, not the API
+
+    def __init__(self, context: LauncherContext) -> None:
+        config = context.settings["config"]
+        self._context = context
+        self._reactor = context.reactor
+        self._settings = config.kubernetes
+        self._kernels = config.kernels
+        self._gateway_id = str(context.settings.get("gateway_id") or "")
+        self.client = KubeClient(self._settings.kubernetes_config, self._settings.kubernetes_api_timeout)
+        self._pool = ThreadPool(minthreads=0, maxthreads=self._settings.kubernetes_threads, name="kubernetes")
+        self._watches: dict[str, NamespaceWatch] = {}
+
+    # -- threads and watches ------------------------------------------------
+
+    def _call(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        if not self._pool.started:
+            self._pool.start()
+        return deferToThreadPool(self._reactor, self._pool, f, *args, **kwargs)
+
+    async def watch(self, namespace: str) -> NamespaceWatch:
+        """
+        The namespace's watch, started on first use, once it has listed.
+
+        @raise LaunchError: the API cannot be reached.
+        """
+        watch = self._watches.get(namespace)
+        if watch is None:
+            try:
+                core = await self._call(self.client.core_blocking)
+            except CancelledError:
+                raise
+            except Exception as e:
+                raise LaunchError(
+                    f"cannot use the Kubernetes API: {e}; set kubernetes_config (EG_KUBERNETES_CONFIG) to a "
+                    "kubeconfig, or run the gateway in the cluster"
+                ) from None
+            if not self._pool.started:
+                self._pool.start()
+            watch = NamespaceWatch(self._reactor, self._pool, PodApi(core, self.client.timeout), namespace, "kernel_id")
+            self._watches[namespace] = watch
+            watch.start()
+        await watch.synced()
+        return watch
+
+    def stop(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        watches, self._watches = list(self._watches.values()), {}
+        for watch in watches:
+            stopping = watch.stop()
+            if stopping is not None:
+                try:
+                    await stopping
+                except Exception:
+                    _log.failure("stopping the watch of namespace {namespace}", namespace=watch.namespace)
+        if self._pool.started:
+            self._pool.stop()
+
+    # -- pods ------------------------------------------------------------------
+
+    async def delete_pod(self, namespace: str, name: str, grace: float | None = None, wait: bool = True) -> None:
+        """
+        Delete the pod with a grace period (C{kubernetes_delete_grace}), then,
+        if it is still there once that has passed, forcibly; its Secret with it.
+        Tolerates a pod already gone; logs rather than raises.
+        """
+        grace = self._settings.kubernetes_delete_grace if grace is None else grace
+        try:
+            await self._call(self.client.delete_blocking, "pod", namespace, name, int(grace))
+        except CancelledError:
+            raise
+        except Exception as e:
+            _log.warn("cannot delete pod {namespace}/{pod}: {error}", namespace=namespace, pod=name, error=api_error(e))
+        await self._delete_secret(namespace, name)
+        watch = self._watches.get(namespace)
+        if not wait or watch is None:
+            return
+        deadline = self._reactor.seconds() + grace + 2.0
+        forced = grace == 0
+        while name in watch.pods:
+            if self._reactor.seconds() >= deadline:
+                if forced:
+                    _log.warn("pod {namespace}/{pod} is still there after a forced delete",
+                              namespace=namespace, pod=name)
+                    return
+                forced = True
+                deadline = self._reactor.seconds() + 10.0
+                try:
+                    await self._call(self.client.delete_blocking, "pod", namespace, name, 0)
+                except CancelledError:
+                    raise
+                except Exception as e:
+                    _log.warn("cannot force the deletion of pod {namespace}/{pod}: {error}",
+                              namespace=namespace, pod=name, error=api_error(e))
+            await _pod_event(watch, name, 0.5, self._reactor)
+
+    async def _delete_secret(self, namespace: str, name: str) -> None:
+        try:
+            await self._call(self.client.delete_blocking, "secret", namespace, name + SECRET_SUFFIX)
+        except CancelledError:
+            raise
+        except Exception as e:
+            _log.warn("cannot delete secret {namespace}/{secret}: {error}", namespace=namespace,
+                      secret=name + SECRET_SUFFIX, error=api_error(e))
+
+    # -- the launch's steps ----------------------------------------------------
+
+    async def _prepare(self, request: LaunchRequest) -> _PodLaunch:
+        if not KERNEL_ID.match(request.kernel_id):
+            raise LaunchError(f"kernel id {request.kernel_id[:80]!r} cannot name a pod", status=400)
+        config = request.config
+        env = request.env
+        for variable, why in CLIENT_REFUSED.items():
+            if env.get(variable):
+                raise LaunchError(f"{variable} is not accepted from clients: {why}", status=403)
+        image = str(config.get("image_name") or config.get("image") or self._settings.kubernetes_image)
+        asked = env.get("KERNEL_IMAGE", "")
+        if asked and asked != image:
+            allowed = config.get("allowed_images") or []
+            if not isinstance(allowed, list) or asked not in allowed:
+                raise LaunchError(
+                    f"KERNEL_IMAGE {asked[:120]!r} is not allowed for kernelspec "
+                    f"{getattr(request.spec, 'name', '')!r} (its allowed_images lists the images a client may choose)",
+                    status=403,
+                )
+            image = asked
+        if not image:
+            raise LaunchError(
+                "no kernel image: set the kernelspec's image_name or kubernetes_image (EG_KUBERNETES_IMAGE)"
+            )
+        if not IMAGE.match(image):
+            raise LaunchError(f"kernel image {image[:120]!r} is not an image name", status=400 if asked else 500)
+        for variable in QUANTITIES:
+            if env.get(variable):
+                check_quantity(variable, env[variable])
+        namespace = str(config.get("namespace") or self._settings.kubernetes_namespace)
+        name = pod_name(request.username, request.kernel_id)
+        if not POD_NAME.match(name):
+            raise LaunchError(f"cannot name a pod for kernel {request.kernel_id!r}", status=400)
+        template, source = await self._template(request)
+        values: dict[str, Any] = {k: v for k, v in values_for(env).items() if k not in CONTROLLED}
+        values.update(
+            kernel_id=request.kernel_id,
+            kernel_namespace=namespace,
+            kernel_pod_name=name,
+            kernel_image=image,
+            kernel_username=request.username,
+            kernel_service_account_name=str(
+                config.get("service_account_name") or self._settings.kubernetes_service_account
+            ),
+            kernel_image_pull_policy=str(config.get("image_pull_policy") or self._settings.kubernetes_image_pull_policy),
+            kernel_volumes=list(config.get("volumes") or []),
+            kernel_volume_mounts=list(config.get("volume_mounts") or []),
+        )
+        for key in ("uid", "gid"):
+            if config.get(key) is not None:
+                values[f"kernel_{key}"] = str(config[key])
+        if request.cwd and config.get("mirror_working_dirs"):
+            values["kernel_working_dir"] = request.cwd
+        pod = pod_document(render(template, values, source), source)
+        from_client = any(env.get(v) for v in QUANTITIES)
+        return _PodLaunch(namespace=namespace, name=name, pod=pod, from_client=from_client)
+
+    async def _template(self, request: LaunchRequest) -> tuple[str, str]:
+        """
+        The pod template's text and where it came from: the kernelspec's
+        C{pod_template} (relative to its directory), else its
+        C{scripts/kernel-pod.yaml.j2} (Enterprise Gateway's layout), else
+        C{kubernetes_pod_template}, else the built-in one.
+        """
+        resource_dir = str(getattr(request.spec, "resource_dir", "") or "")
+        candidates = []
+        named = request.config.get("pod_template")
+        if named:
+            candidates.append((os.path.join(resource_dir, str(named)), True))
+        if resource_dir:
+            candidates.append((os.path.join(resource_dir, "scripts", "kernel-pod.yaml.j2"), False))
+        if self._settings.kubernetes_pod_template:
+            candidates.append((self._settings.kubernetes_pod_template, True))
+
+        def read_blocking() -> tuple[str, str] | None:
+            for path, required in candidates:
+                try:
+                    with open(path, encoding="utf-8") as f:
+                        return f.read(), f"pod template {path}"
+                except FileNotFoundError:
+                    if required:
+                        raise LaunchError(f"pod template {path} does not exist") from None
+                except OSError as e:
+                    raise LaunchError(f"cannot read pod template {path}: {e}") from None
+            return None
+
+        found = await self._call(read_blocking)
+        return found or (DEFAULT_TEMPLATE, "built-in pod template")
+
+    def _pod_env(self, launch: RemoteLaunch) -> dict[str, str]:
+        """
+        The container's environment: the kernel's C{KERNEL_*} variables and
+        the kernelspec's own, then Enterprise Gateway's contract.
+        """
+        request, state = launch.request, launch.state
+        spec_env = getattr(request.spec, "env", None) or {}
+        env = {k: str(v) for k, v in request.env.items() if k.startswith("KERNEL_") or k in spec_env}
+        language = str(getattr(request.spec, "language", "") or "python").lower()
+        container = state.pod["spec"]["containers"][0]
+        env.update(
+            KERNEL_ID=request.kernel_id,
+            KERNEL_USERNAME=request.username,
+            KERNEL_LANGUAGE=env.get("KERNEL_LANGUAGE") or language,
+            KERNEL_NAMESPACE=state.namespace,
+            KERNEL_POD_NAME=state.name,
+            KERNEL_IMAGE=str(container.get("image", "")),
+            RESPONSE_ADDRESS=launch.listener.response_address,
+            PUBLIC_KEY=launch.listener.public_key,
+            PORT_RANGE=str(request.config.get("port_range") or self._kernels.port_range),
+        )
+        if self._gateway_id:
+            env[GATEWAY_ID_ENV] = self._gateway_id
+        return env
+
+    async def _submit(self, launch: RemoteLaunch) -> None:
+        request, state = launch.request, launch.state
+        watch = await self.watch(state.namespace)
+        state.unfollow = watch.follow(state.name, state.update)
+        pod = finish_pod(
+            state.pod,
+            name=state.name,
+            namespace=state.namespace,
+            kernel_id=request.kernel_id,
+            gateway_id=self._gateway_id,
+            username=request.username,
+            env=self._pod_env(launch),
+            secret=state.secret,
+            token_key=TOKEN_KEY,
+            pull_policy=self._settings.kubernetes_image_pull_policy,
+        )
+        secret = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": state.secret, "namespace": state.namespace,
+                         "labels": {"kernel_id": request.kernel_id, "component": "kernel-launch"}},
+            "type": "Opaque",
+            "data": {TOKEN_KEY: base64.b64encode(launch.pending.token.encode()).decode()},
+        }
+        try:
+            await self._call(self.client.create_blocking, "secret", state.namespace, secret)
+            state.created = True
+            created = await self._call(self.client.create_blocking, "pod", state.namespace, pod)
+        except CancelledError:
+            raise
+        except LaunchError:
+            raise
+        except Exception as e:
+            status = getattr(e, "status", None)
+            raise LaunchError(
+                f"Kubernetes refused the kernel pod {state.namespace}/{state.name}: {api_error(e)}",
+                status=400 if status in (400, 422) and state.from_client else 500,
+            ) from None
+        try:
+            await self._call(self.client.own_secret_blocking, state.namespace, state.secret, created)
+        except CancelledError:
+            raise
+        except Exception as e:
+            _log.warn("kernel {kernel_id}: the launch secret stays until the kernel ends: {error}",
+                      kernel_id=request.kernel_id, error=api_error(e))
+        _log.info("kernel {kernel_id}: created pod {namespace}/{pod}", kernel_id=request.kernel_id,
+                  namespace=state.namespace, pod=state.name)
+        request.report(Phase.SUBMITTED, f"pod {state.namespace}/{state.name}")
+        if state.state is None and state.name in watch.pods:
+            state.update(watch.pods[state.name])
+
+    async def _await_placement(self, launch: RemoteLaunch) -> Placed:
+        request, state = launch.request, launch.state
+        reported = ""
+        while True:
+            if state.gone:
+                raise LaunchError(f"pod {state.namespace}/{state.name} was deleted before its kernel started")
+            pod = state.state
+            if pod is not None:
+                problem = launch_problem(pod)
+                if problem is not None:
+                    raise LaunchError(
+                        f"kernel pod {state.namespace}/{state.name} cannot start: {problem}"
+                        + await self._log_suffix(state),
+                        status=400 if state.from_client and problem.startswith("FailedScheduling") else 500,
+                    )
+                address = running_address(pod)
+                node = str((pod.get("spec") or {}).get("nodeName") or "")
+                if address:
+                    return Placed(node, address, f"pod {state.namespace}/{state.name} on {node} ({address})")
+                now = progress(pod)
+                if now != reported:
+                    reported = now
+                    request.report(Phase.SUBMITTED, f"pod {state.namespace}/{state.name}: {now}")
+            await state.changed.when_fired()
+
+    async def _log_suffix(self, state: _PodLaunch) -> str:
+        if state.state is None or not terminated(state.state):
+            return ""
+        tail = await self._call(self.client.log_tail_blocking, state.namespace, state.name)
+        return f"; its log ends: {tail}" if tail else ""
+
+    async def _launch_ended(self, launch: RemoteLaunch) -> str | None:
+        state = launch.state
+        if state.gone:
+            return f"pod {state.namespace}/{state.name} was deleted before its kernel reported"
+        if state.state is None:
+            return None
+        problem = launch_problem(state.state)
+        if problem is None:
+            return None
+        return (
+            f"kernel pod {state.namespace}/{state.name} ended before the kernel sent its connection info: "
+            f"{problem}" + await self._log_suffix(state)
+        )
+
+    def _kernel(
+        self, launch: RemoteLaunch, placed: Placed, info: ConnectionInfo, payload: Mapping[str, Any]
+    ) -> IKernelProcess:
+        state = launch.state
+        if state.unfollow is not None:
+            state.unfollow()
+        return KubernetesKernelProcess(
+            launcher=self,
+            namespace=state.namespace,
+            name=state.name,
+            watch=self._watches[state.namespace],
+            placement=Placement(host=placed.host, ip=placed.address,
+                                extra={"namespace": state.namespace, "pod": state.name}),
+            **self._kernel_arguments(launch, info, payload, self._kernels.poll_interval),
+        )
+
+    async def _abandon(self, launch: RemoteLaunch) -> None:
+        state = launch.state
+        if state.unfollow is not None:
+            state.unfollow()
+        if state.created:
+            _log.info("kernel {kernel_id}: deleting pod {namespace}/{pod} of a failed launch",
+                      kernel_id=launch.request.kernel_id, namespace=state.namespace, pod=state.name)
+            await self.delete_pod(state.namespace, state.name, grace=0)
+
+    # -- restoring ---------------------------------------------------------------
+
+    def restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> Deferred[IKernelProcess]:
+        return Deferred.fromCoroutine(self._restore(kernel_id, snapshot))
+
+    async def _restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
+        try:
+            namespace = str(snapshot["namespace"])
+            name = str(snapshot["pod"])
+            info = connection_info(snapshot["connection_info"], str(snapshot["ip"]))
+        except (KeyError, TypeError) as e:
+            raise LaunchError(f"bad kubernetes snapshot: missing {e}") from None
+        watch = await self.watch(namespace)
+        pod = watch.pods.get(name)
+        if pod is None or running_address(pod) is None:
+            raise LaunchError(f"kernel {kernel_id} is no longer running: pod {namespace}/{name} is "
+                              + ("gone" if pod is None else progress(pod)))
+        if (pod.get("metadata") or {}).get("labels", {}).get("kernel_id") != kernel_id:
+            raise LaunchError(f"pod {namespace}/{name} is not the pod of kernel {kernel_id}")
+        return KubernetesKernelProcess(
+            launcher=self,
+            namespace=namespace,
+            name=name,
+            watch=watch,
+            kernel_id=kernel_id,
+            info=info,
+            placement=Placement(host=str(snapshot.get("host") or ""), ip=info.ip,
+                                extra={"namespace": namespace, "pod": name}),
+            reactor=self._reactor,
+            poll_interval=self._kernels.poll_interval,
+            comm_port=_int(snapshot.get("comm_port")),
+            comm_token=snapshot.get("comm_token"),
+        )
+
+
+async def _pod_event(watch: NamespaceWatch, name: str, seconds: float, clock: Any) -> None:
+    """
+    Wait until the pod changes or C{seconds} pass, whichever is first.
+    """
+    from egateway.observe import first
+
+    changed: Deferred[None] = Deferred()
+
+    def follower(pod: Any) -> None:
+        if not changed.called:
+            changed.callback(None)
+
+    unfollow = watch.follow(name, follower)
+    try:
+        await first([changed, deferLater(clock, seconds, lambda: None)])
+    finally:
+        unfollow()
+
+
+__all__ = ["KubeClient", "KubernetesKernelProcess", "KubernetesLauncher", "api_error"]

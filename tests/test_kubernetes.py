@@ -1,0 +1,299 @@
+"""
+Kernels as Kubernetes pods, on a real single-node Kubernetes v1.20 (etcd,
+kube-apiserver, controller-manager, scheduler, kubelet, containerd, a CNI
+bridge; L{tests.fixtures.kubecluster}) shared by the tests of this process,
+with a gateway inside the test's reactor.
+
+The kernel image is built from this checkout: its entry point is
+C{launchers/bootstrap/bootstrap-kernel.sh} (Enterprise Gateway's
+environment contract), and the pod mounts this machine's Python with
+ipykernel read-only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SkipTest
+
+from tests.fixtures.kubecluster import KubeCluster, shared_cluster
+from tests.fixtures.system import NotRoot
+from tests.support.gateway import GatewayTestCase
+from tests.support.polling import eventually
+from tests.support.remote_kernels import interrupt_sleeping_cell, launcher_argv, write_spec
+from tests.support.wsclient import ChannelsClient
+
+NAMESPACE = "default"
+
+
+def cluster() -> KubeCluster:
+    """
+    The shared cluster; a skip only where the machine cannot run one at all
+    (not root, as CI is).
+    """
+    try:
+        return shared_cluster()
+    except NotRoot as e:
+        if os.environ.get("CI"):
+            raise
+        raise SkipTest(f"Kubernetes tests need root: {e}") from None
+
+
+JEG_STYLE_TEMPLATE = """\
+# A pod template written the way Enterprise Gateway's kernel-pod.yaml.j2 is, plus a client-chosen note.
+apiVersion: v1
+kind: Pod
+metadata:
+  name: "{{ kernel_pod_name }}"
+  namespace: "{{ kernel_namespace }}"
+  labels:
+    kernel_id: "{{ kernel_id }}"
+    app: enterprise-gateway
+    component: kernel
+  annotations:
+    note: "{{ kernel_note }}"
+spec:
+  restartPolicy: Never
+  serviceAccountName: "{{ kernel_service_account_name }}"
+  containers:
+  - image: "{{ kernel_image }}"
+    name: "{{ kernel_pod_name }}"
+    env:
+    - name: NOTE
+      value: "{{ kernel_note }}"
+    volumeMounts:
+    {% for volume_mount in kernel_volume_mounts %}
+    - {{ volume_mount }}
+    {% endfor %}
+  volumes:
+  {% for volume in kernel_volumes %}
+  - {{ volume }}
+  {% endfor %}
+"""
+
+
+class KubernetesGatewayTestCase(GatewayTestCase):
+    """
+    A gateway whose kernelspecs run kernels as pods on the shared cluster.
+    """
+
+    timeout = 180
+
+    async def setUp(self) -> None:
+        self.cluster = await deferToThread(cluster)
+        self.core = self.cluster.api()
+        self.specs = os.path.abspath(self.mktemp())
+        volumes, mounts = self.cluster.kernel_volumes()
+        base = {
+            "image_name": self.cluster.kernel_image,
+            "image_pull_policy": "Never",
+            "volumes": volumes,
+            "volume_mounts": mounts,
+        }
+        write_spec(self.specs, "pod", launcher_argv(), "kubernetes", config=base)
+        write_spec(self.specs, "missing-image", launcher_argv(), "kubernetes",
+                   config={**base, "image_name": "127.0.0.1:1/egateway/missing:1", "image_pull_policy": "Always"})
+        write_spec(self.specs, "bad-language", launcher_argv(), "kubernetes", config=base,
+                   env={"KERNEL_LANGUAGE": "cobol"})
+        write_spec(self.specs, "jeg-style", launcher_argv(), "kubernetes", config=base)
+        os.makedirs(os.path.join(self.specs, "jeg-style", "scripts"))
+        with open(os.path.join(self.specs, "jeg-style", "scripts", "kernel-pod.yaml.j2"), "w") as f:
+            f.write(JEG_STYLE_TEMPLATE)
+        self.gateway_settings = {
+            "kernelspec_path": self.specs,
+            "response_ip": self.cluster.host_ip,
+            "kubernetes_config": self.cluster.kubeconfig,
+            "kubernetes_namespace": NAMESPACE,
+            "kubernetes_delete_grace": 2,
+            "list_kernels": "true",
+            "shutdown_wait": 3,
+            "terminate_wait": 3,
+            "poll_interval": 0.5,
+        }
+        self.addCleanup(self.nothing_left)
+        await super().setUp()
+
+    async def nothing_left(self) -> None:
+        """
+        No kernel pod or launch secret of this gateway remains (checked
+        after the gateway stopped).
+        """
+        await eventually(lambda: not self.kernel_objects(), "kernel pods and secrets to be deleted", timeout=30)
+
+    def kernel_objects(self) -> list[str]:
+        pods = self.core.list_namespaced_pod(NAMESPACE, label_selector="kernel_id", _request_timeout=10).items
+        secrets = self.core.list_namespaced_secret(NAMESPACE, label_selector="kernel_id", _request_timeout=10).items
+        return [f"pod {p.metadata.name}" for p in pods] + [f"secret {s.metadata.name}" for s in secrets]
+
+    def pod(self, name: str) -> Any:
+        return json.loads(self.core.read_namespaced_pod(name, NAMESPACE, _preload_content=False).data)
+
+    async def start(self, name: str = "pod", env: dict[str, str] | None = None, expect: int = 201) -> Any:
+        body: dict[str, Any] = {"name": name, **({"env": env} if env else {})}
+        code, model = await self.gateway.request("POST", "api/kernels", body)
+        self.assertEqual(code, expect, model)
+        return model
+
+
+class PodKernelTests(KubernetesGatewayTestCase):
+    async def test_pod_kernel_runs_code_is_interrupted_and_leaves_nothing(self) -> None:
+        """
+        A kernel started through the API runs in a pod named and labelled
+        for it, runs code through the WebSocket with Enterprise Gateway's
+        environment contract (and no launch token in its environment), is
+        interrupted through its comm port, and shutting it down deletes
+        its pod and its launch secret.
+        """
+        model = await self.start()
+        kernel_id = model["id"]
+        placement = model["placement"]
+        self.assertEqual(placement["namespace"], NAMESPACE)
+        pod = self.pod(placement["pod"])
+        self.assertTrue(placement["pod"].endswith(f"-{kernel_id}"), placement)
+        labels = pod["metadata"]["labels"]
+        self.assertEqual(labels["kernel_id"], kernel_id)
+        self.assertEqual(labels["component"], "kernel")
+        self.assertIn("egateway/gateway-id", labels)
+        self.assertEqual(placement["ip"], pod["status"]["podIP"])
+        env_names = [e["name"] for e in pod["spec"]["containers"][0]["env"]]
+        self.assertIn("RESPONSE_ADDRESS", env_names)
+        token_entry = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "EG_LAUNCH_TOKEN"]
+        self.assertEqual(list(token_entry[0]), ["name", "valueFrom"], "the token is not in the pod's spec")
+        phases = [p["phase"] for p in model["phases"]]
+        self.assertEqual(phases[-4:], ["placed", "connection info received", "connected", "ready"])
+        self.assertEqual(model["phases"][1]["detail"], f"pod {NAMESPACE}/{placement['pod']}")
+
+        client = await ChannelsClient.connect(self.gateway.url, kernel_id)
+        self.addCleanup(client.close)
+        result = await client.execute(
+            "import os, socket, json; print(json.dumps([socket.gethostname(), os.environ.get('KERNEL_ID'), "
+            "os.environ.get('KERNEL_LANGUAGE'), 'EG_LAUNCH_TOKEN' in os.environ, "
+            "b'EG_LAUNCH_TOKEN=' in open('/proc/self/environ', 'rb').read()]))"
+        )
+        self.assertEqual(json.loads(result["stdout"]), [placement["pod"], kernel_id, "python", False, False])
+
+        code, reply = await interrupt_sleeping_cell(client, self.gateway, kernel_id)
+        self.assertEqual(code, 204)
+        self.assertEqual(reply["ename"], "KeyboardInterrupt")
+
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel_id}")
+        self.assertEqual(code, 204)
+        self.assertEqual(await deferToThread(self.kernel_objects), [])
+
+    async def test_pod_deleted_outside_the_gateway(self) -> None:
+        """
+        A kernel whose pod someone deletes is dead with that reason, and is
+        not restarted.
+        """
+        model = await self.start()
+        pod = model["placement"]["pod"]
+        await deferToThread(self.core.delete_namespaced_pod, pod, NAMESPACE, grace_period_seconds=1)
+
+        deadline = reactor.seconds() + 30
+        while True:
+            code, now = await self.gateway.request("GET", f"api/kernels/{model['id']}")
+            if code == 200 and now["execution_state"] == "dead":
+                break
+            self.assertLess(reactor.seconds(), deadline, f"the kernel is not declared dead: {now}")
+            await deferLater(reactor, 0.2, lambda: None)
+        self.assertIn(f"pod {NAMESPACE}/{pod} was deleted outside the gateway", now["reason"])
+        self.assertIn("not restarted", now["reason"])
+        self.assertEqual(now["restarts"], 0)
+
+
+class LaunchFailureTests(KubernetesGatewayTestCase):
+    async def test_missing_image(self) -> None:
+        """
+        An image that cannot be pulled fails the launch within 10 seconds,
+        naming ErrImagePull, and the pod is deleted.
+        """
+        started = reactor.seconds()
+        model = await self.start("missing-image", expect=500)
+        self.assertLess(reactor.seconds() - started, 10)
+        self.assertIn("ErrImagePull", model["message"])
+        self.assertIn("127.0.0.1:1/egateway/missing:1", model["message"])
+        self.assertEqual(await deferToThread(self.kernel_objects), [])
+
+    async def test_unschedulable(self) -> None:
+        """
+        A resource request no node can meet fails the launch at once with
+        the scheduler's message (400: the client asked for it).
+        """
+        model = await self.start(env={"KERNEL_CPUS": "64"}, expect=400)
+        self.assertIn("FailedScheduling", model["message"])
+        self.assertIn("Insufficient cpu", model["message"])
+        self.assertEqual(await deferToThread(self.kernel_objects), [])
+
+    async def test_container_exits_before_the_handshake(self) -> None:
+        """
+        A container that exits before sending connection info fails the
+        launch within seconds with its exit code and the end of its log.
+        """
+        started = reactor.seconds()
+        model = await self.start("bad-language", expect=500)
+        self.assertLess(reactor.seconds() - started, 15)
+        self.assertIn("exited with code 1", model["message"])
+        self.assertIn("unknown KERNEL_LANGUAGE=cobol", model["message"])
+        self.assertEqual(await deferToThread(self.kernel_objects), [])
+
+    async def test_bad_quantity_refused_before_anything_starts(self) -> None:
+        """
+        A resource value that is not a Kubernetes quantity is refused with
+        400 before any pod is created.
+        """
+        model = await self.start(env={"KERNEL_MEMORY": '1Gi"\n    image: evil'}, expect=400)
+        self.assertIn("KERNEL_MEMORY", model["message"])
+        self.assertEqual(await deferToThread(self.kernel_objects), [])
+
+    async def test_values_that_choose_placement_are_refused(self) -> None:
+        """
+        KERNEL_IMAGE, KERNEL_NAMESPACE and KERNEL_VOLUMES from a client are
+        refused (403): the kernelspec and the gateway choose them.
+        """
+        for env in ({"KERNEL_IMAGE": "docker.io/library/evil:1"}, {"KERNEL_NAMESPACE": "kube-system"},
+                    {"KERNEL_VOLUMES": "[{name: root, hostPath: {path: /}}]"}):
+            model = await self.start(env=env, expect=403)
+            self.assertIn(next(iter(env)), model["message"])
+        self.assertEqual(await deferToThread(self.kernel_objects), [])
+
+
+class YamlInjectionTests(KubernetesGatewayTestCase):
+    """
+    Client values in an Enterprise Gateway style template land as plain
+    strings or are refused; they never add keys, containers or volumes.
+    """
+
+    async def test_injection_refused(self) -> None:
+        """
+        Values that would close the quoted string and add keys or list items
+        are refused with 400 naming the variable; nothing is created.
+        """
+        for value in ('a", "b', 'x" # the rest is a comment', 'x", "image": "evil'):
+            model = await self.start("jeg-style", env={"KERNEL_NOTE": value}, expect=400)
+            self.assertIn("kernel_note", model["message"])
+            self.assertIn("would change the structure", model["message"])
+        # Line breaks never get this far: the API refuses them in any environment value.
+        for value in ('x"\n    image: "evil', 'x"\n  - name: sidecar\n    image: "evil', "x\n  hostNetwork: true"):
+            await self.start("jeg-style", env={"KERNEL_NOTE": value}, expect=400)
+        self.assertEqual(await deferToThread(self.kernel_objects), [])
+
+    async def test_odd_values_land_as_plain_strings(self) -> None:
+        """
+        Values with YAML and Jinja syntax that fit where they are put are
+        taken as the text they are.
+        """
+        value = "{{ 7*7 }} [a] #x: y' ] , { 'hostNetwork': true"
+        model = await self.start("jeg-style", env={"KERNEL_NOTE": value})
+        pod = self.pod(model["placement"]["pod"])
+        self.assertEqual(pod["metadata"]["annotations"]["note"], value)
+        self.assertEqual(len(pod["spec"]["containers"]), 1)
+        self.assertEqual(len(pod["spec"]["volumes"]), len(self.cluster.kernel_volumes()[0]) + 1)  # + the token
+        note = [e for e in pod["spec"]["containers"][0]["env"] if e["name"] == "NOTE"]
+        self.assertEqual(note, [{"name": "NOTE", "value": value}])
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
