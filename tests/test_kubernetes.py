@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.fixtures.kubecluster import KubeCluster, shared_cluster
 from tests.fixtures.system import NotRoot
@@ -185,6 +186,28 @@ class PodKernelTests(KubernetesGatewayTestCase):
         self.assertEqual(code, 204)
         self.assertEqual(await deferToThread(self.kernel_objects), [])
 
+    async def test_restart_makes_a_new_pod_under_the_same_id(self) -> None:
+        """
+        Restarting a pod kernel replaces its pod (a new pod, the same kernel
+        id and pod name) and the kernel's state is fresh.
+        """
+        model = await self.start()
+        kernel_id, name = model["id"], model["placement"]["pod"]
+        old_uid = (await deferToThread(self.pod, name))["metadata"]["uid"]
+        client = await ChannelsClient.connect(self.gateway.url, kernel_id)
+        self.addCleanup(client.close)
+        await client.execute("x = 1")
+        code, restarted = await self.gateway.request("POST", f"api/kernels/{kernel_id}/restart")
+        self.assertEqual(code, 200, restarted)
+        self.assertEqual(restarted["id"], kernel_id)
+        self.assertEqual(restarted["placement"]["pod"], name)
+        pod = await deferToThread(self.pod, name)
+        self.assertNotEqual(pod["metadata"]["uid"], old_uid)
+        self.assertEqual(restarted["placement"]["ip"], pod["status"]["podIP"])
+        self.assertEqual((await client.execute("'x' in dir()"))["result"]["text/plain"], "False")
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel_id}")
+        self.assertEqual(code, 204)
+
     async def test_pod_deleted_outside_the_gateway(self) -> None:
         """
         A kernel whose pod someone deletes is dead with that reason, and is
@@ -297,3 +320,43 @@ class YamlInjectionTests(KubernetesGatewayTestCase):
         self.assertEqual(note, [{"name": "NOTE", "value": value}])
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)
+
+
+class ClusterFixtureTests(TestCase):
+    """
+    The cluster fixture itself: a private cluster that ran a pod leaves
+    nothing behind.
+    """
+
+    timeout = 240
+
+    async def test_down_leaves_nothing(self) -> None:
+        """
+        After a pod ran (a network namespace, mounts, containerd shims),
+        down() leaves no process naming the cluster's directory, no mount,
+        no pod network namespace, no bridge and no directory.
+        """
+        await deferToThread(cluster)  # skips where the machine cannot run one
+        private = KubeCluster(tempfile.mkdtemp(prefix="egk-", dir="/tmp"))
+        self.addCleanup(deferToThread, private.down)
+        await deferToThread(private.up)
+        core = private.api()
+        volumes, mounts = private.kernel_volumes()
+        body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sleeper"},
+                "spec": {"containers": [{"name": "c", "image": private.kernel_image, "imagePullPolicy": "Never",
+                                         "command": ["/bin/sleep", "600"], "volumeMounts": mounts}],
+                         "volumes": volumes, "terminationGracePeriodSeconds": 0}}
+        await deferToThread(core.create_namespaced_pod, "default", body=body, _preload_content=False)
+
+        def running() -> bool:
+            return core.read_namespaced_pod("sleeper", "default").status.phase == "Running"
+
+        await eventually(running, "the pod to run", timeout=60)
+        netns = await deferToThread(private._sandbox_netns)
+        self.assertTrue(netns, "the pod has a network namespace")
+        self.assertTrue(private._mounts(), "the pod has mounts under the cluster's directory")
+        await deferToThread(private.down)
+        self.assertEqual(private.leftovers(), [])
+        self.assertFalse(any(os.path.exists(p) for p in netns))
+        self.assertFalse(os.path.exists(private.work.path))
+        self.assertFalse(os.path.exists(f"/sys/class/net/{private.bridge}"))
