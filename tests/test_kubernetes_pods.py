@@ -8,11 +8,15 @@ watch (list, watch from the resource version, resume, list again after
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Callable
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from egateway.clusters.interface import LaunchError
 from egateway.clusters.kube_pods import (
@@ -337,3 +341,74 @@ class NamespaceWatchTests(SynchronousTestCase):
         clock.advance(0.5)
         self.assertEqual(api.calls[-1], ("watch", "9"))
         self.assertEqual(len(api.calls), 6)
+
+
+class PrepareTests(TestCase):
+    """
+    What a launch decides before anything is created: the launcher's checks
+    of the client's values and what the kernelspec (or its profile) asks for.
+    """
+
+    def setUp(self) -> None:
+        from egateway.clusters.interface import LauncherContext
+        from egateway.clusters.kubernetes import KubernetesLauncher
+        from egateway.config import build_config
+
+        context = LauncherContext(reactor=reactor, runtime_dir="", ports=None,
+                                  settings={"config": build_config({}, {}, {"kubernetes-image": "local/kernel:1"}),
+                                            "gateway_id": "gw"})
+        self.launcher = KubernetesLauncher(context)
+        self.addCleanup(self.launcher.stop)
+
+    def prepare(self, config: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Any:
+        from egateway.clusters.interface import LaunchRequest
+
+        spec = SimpleNamespace(name="pod", resource_dir="", env={}, language="python")
+        request = LaunchRequest(kernel_id="0d0c2f6e-0f1b-4bd5-9a4c-2b8b3c8c6f7a", spec=spec,
+                                env={"KERNEL_ID": "x", **(env or {})}, config=config or {}, username="alice",
+                                report=lambda *a: None, timeout=30)
+        return Deferred.fromCoroutine(self.launcher._prepare(request))
+
+    async def refused(self, status: int, config: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> str:
+        with self.assertRaises(LaunchError) as caught:
+            await self.prepare(config, env)
+        self.assertEqual(caught.exception.status, status, str(caught.exception))
+        return str(caught.exception)
+
+    async def test_kernelspec_resources(self) -> None:
+        """
+        The kernelspec's (or its profile's) cpus, memory and image are the
+        pod's unless the client's allowed value replaces them.
+        """
+        launch = await self.prepare({"cpus": "2", "memory": "1Gi", "image_name": "local/other:2"},
+                                    {"KERNEL_MEMORY": "512Mi"})
+        container = launch.pod["spec"]["containers"][0]
+        self.assertEqual(container["resources"], {"requests": {"cpu": "2", "memory": "512Mi"}})
+        self.assertEqual(container["image"], "local/other:2")
+        self.assertEqual(launch.name, "alice-0d0c2f6e-0f1b-4bd5-9a4c-2b8b3c8c6f7a")
+
+    async def test_client_choices_refused(self) -> None:
+        """
+        Image (unless allowed), namespace, volumes, GPUs beyond max_gpus:
+        refused with 403; a malformed quantity with 400.
+        """
+        self.assertIn("KERNEL_IMAGE", await self.refused(403, env={"KERNEL_IMAGE": "evil/image:1"}))
+        launch = await self.prepare({"allowed_images": ["local/ok:1"]}, {"KERNEL_IMAGE": "local/ok:1"})
+        self.assertEqual(launch.pod["spec"]["containers"][0]["image"], "local/ok:1")
+        for name in ("KERNEL_NAMESPACE", "KERNEL_VOLUMES", "KERNEL_VOLUME_MOUNTS", "KERNEL_POD_NAME"):
+            self.assertIn(name, await self.refused(403, env={name: "x"}))
+        self.assertIn("max_gpus", await self.refused(403, env={"KERNEL_GPUS": "1"}))
+        launch = await self.prepare({"max_gpus": 2}, {"KERNEL_GPUS": "2"})
+        self.assertEqual(launch.pod["spec"]["containers"][0]["resources"]["requests"], {"nvidia.com/gpu": "2"})
+        self.assertIn("KERNEL_CPUS", await self.refused(400, env={"KERNEL_CPUS": "2; rm"}))
+        self.assertIn("config cpus", await self.refused(500, config={"cpus": "lots"}))
+
+    async def test_client_uid_and_volumes_not_passed(self) -> None:
+        """
+        KERNEL_UID from a client does not reach the template; the
+        kernelspec's uid does.
+        """
+        launch = await self.prepare({}, {"KERNEL_UID": "0"})
+        self.assertNotIn("securityContext", launch.pod["spec"])
+        launch = await self.prepare({"uid": 1000})
+        self.assertEqual(launch.pod["spec"]["securityContext"], {"runAsUser": 1000})

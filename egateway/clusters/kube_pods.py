@@ -133,12 +133,13 @@ def label_value(text: str) -> str:
     return text if LABEL_VALUE.match(text) else ""
 
 
-def check_quantity(name: str, value: str) -> str:
+def check_quantity(name: str, value: str, status: int = 400) -> str:
     """
-    @raise LaunchError: 400 unless C{value} is a Kubernetes quantity.
+    @raise LaunchError: C{status} (400: a client's value) unless C{value} is
+        a Kubernetes quantity.
     """
     if not QUANTITY.match(value):
-        raise LaunchError(f"{name} {value[:80]!r} is not a Kubernetes quantity (e.g. 500m, 2, 4Gi)", status=400)
+        raise LaunchError(f"{name} {value[:80]!r} is not a Kubernetes quantity (e.g. 500m, 2, 4Gi)", status=status)
     return value
 
 

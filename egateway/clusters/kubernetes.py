@@ -460,6 +460,15 @@ class KubernetesLauncher(RemoteLauncher):
         for variable in QUANTITIES:
             if env.get(variable):
                 check_quantity(variable, env[variable])
+        for variable in ("KERNEL_GPUS", "KERNEL_GPUS_LIMIT"):
+            asked_gpus = env.get(variable, "")
+            most = _int(config.get("max_gpus"))
+            if asked_gpus and (not asked_gpus.isdigit() or int(asked_gpus) > most):
+                raise LaunchError(
+                    f"{variable}={asked_gpus[:20]!r} is more GPUs than kernelspec "
+                    f"{getattr(request.spec, 'name', '')!r} allows (its max_gpus: {most})",
+                    status=403,
+                )
         namespace = str(config.get("namespace") or self._settings.kubernetes_namespace)
         name = pod_name(request.username, request.kernel_id)
         if not POD_NAME.match(name):
@@ -479,6 +488,10 @@ class KubernetesLauncher(RemoteLauncher):
             kernel_volumes=list(config.get("volumes") or []),
             kernel_volume_mounts=list(config.get("volume_mounts") or []),
         )
+        for key in ("cpus", "memory", "gpus"):
+            # The kernelspec's (or its profile's) request, unless the client's value replaces it.
+            if config.get(key) is not None and f"kernel_{key}" not in values:
+                values[f"kernel_{key}"] = check_quantity(f"kernelspec config {key}", str(config[key]), 500)
         for key in ("uid", "gid"):
             if config.get(key) is not None:
                 values[f"kernel_{key}"] = str(config[key])
