@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from typing import Any
 
@@ -28,6 +29,7 @@ from tests.support.gateway import GatewayTestCase
 from tests.support.polling import eventually
 from tests.support.remote_kernels import interrupt_sleeping_cell, launcher_argv, write_spec
 from tests.support.wsclient import ChannelsClient
+from tests.test_reconcile import ReconcileTestCase, forget
 
 NAMESPACE = "default"
 
@@ -360,3 +362,120 @@ class ClusterFixtureTests(TestCase):
         self.assertFalse(any(os.path.exists(p) for p in netns))
         self.assertFalse(os.path.exists(private.work.path))
         self.assertFalse(os.path.exists(f"/sys/class/net/{private.bridge}"))
+
+
+class ReattachTests(TestCase):
+    """
+    A gateway daemon killed with SIGKILL and started again reattaches to
+    its running pod kernels.
+    """
+
+    timeout = 240
+
+    async def test_kill_9_and_restart_reattaches(self) -> None:
+        """
+        A pod kernel holding x = 42 outlives its gateway's SIGKILL; the next
+        gateway on the same data directory lists it, x is still 42 in the
+        same pod, and shutting it down deletes the pod.
+        """
+        from tests.support.daemon import start_gateway
+        from tests.test_persistence import get_x, set_x
+
+        kube = await deferToThread(cluster)
+        core = kube.api()
+        specs = os.path.abspath(self.mktemp())
+        volumes, mounts = kube.kernel_volumes()
+        write_spec(specs, "pod", launcher_argv(), "kubernetes",
+                   config={"image_name": kube.kernel_image, "image_pull_policy": "Never", "volumes": volumes,
+                           "volume_mounts": mounts})
+        flags = {
+            "list-kernels": "true",
+            "persistence": "true",
+            "kernelspec-path": specs,
+            "response-ip": kube.host_ip,
+            "kubernetes-config": kube.kubeconfig,
+            "kubernetes-namespace": NAMESPACE,
+            "kubernetes-delete-grace": "2",
+        }
+        first = await start_gateway(self, flags={**flags, "on-stop": "keep"})
+        model = await first.api.call("POST", "api/kernels", {"name": "pod"}, expect=201)
+        name = model["placement"]["pod"]
+        await set_x(first.url, model["id"], 42)
+        uid = core.read_namespaced_pod(name, NAMESPACE).metadata.uid
+        first.process.send_signal(signal.SIGKILL)
+        await first.process.when_ended()
+        first.process.report = "killed"  # judged here: its kernel must stay
+        await first.api.close()
+
+        second = await start_gateway(self, flags={**flags, "on-stop": "shutdown", "data-dir": first.data_dir})
+        second.data_dir = first.data_dir
+        deadline = reactor.seconds() + 30
+        while True:
+            listed = await second.api.call("GET", "api/kernels")
+            if [k["state"] for k in listed] == ["running"]:
+                break
+            self.assertLess(reactor.seconds(), deadline, f"the kernel is not restored: {listed}")
+            await deferLater(reactor, 0.2, lambda: None)
+        self.assertEqual(listed[0]["id"], model["id"])
+        self.assertEqual(await get_x(second.url, model["id"]), "42")
+        self.assertEqual(core.read_namespaced_pod(name, NAMESPACE).metadata.uid, uid)
+        await second.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
+        pods = core.list_namespaced_pod(NAMESPACE, label_selector=f"kernel_id={model['id']}").items
+        self.assertEqual(pods, [])
+
+
+class PodReconcileTests(ReconcileTestCase):
+    """
+    The reconciler and pods: an orphan kernel pod (its record lost) of this
+    gateway is deleted; a recorded one is restored and left running.
+    """
+
+    async def setUp(self) -> None:
+        super().setUp()
+        kube = await deferToThread(cluster)
+        self.core = kube.api()
+        specs = os.path.abspath(self.mktemp())
+        volumes, mounts = kube.kernel_volumes()
+        write_spec(specs, "pod", launcher_argv(), "kubernetes",
+                   config={"image_name": kube.kernel_image, "image_pull_policy": "Never", "volumes": volumes,
+                           "volume_mounts": mounts})
+        self.extra = {
+            "kernelspec_path": specs,
+            "response_ip": kube.host_ip,
+            "kubernetes_config": kube.kubeconfig,
+            "kubernetes_namespace": NAMESPACE,
+            "kubernetes_delete_grace": 2,
+            "poll_interval": 0.5,
+        }
+
+    def pods(self) -> dict[str, str]:
+        pods = self.core.list_namespaced_pod(NAMESPACE, label_selector=f"egateway/gateway-id={self.gateway_id}").items
+        return {p.metadata.labels["kernel_id"]: p.metadata.uid for p in pods}
+
+    async def test_orphan_pod_deleted_recorded_one_restored(self) -> None:
+        """
+        With reconcile = adopt, the orphan pod is reaped (a pod cannot be
+        reattached without its connection info), the recorded kernel is
+        listed running in the same pod, and stopping the gateway with
+        on_stop = shutdown deletes it.
+        """
+        first = await self.gateway(on_stop="keep")
+        kept = orphan = None
+        for _ in range(2):
+            code, model = await first.request("POST", "api/kernels", {"name": "pod"})
+            self.assertEqual(code, 201, model)
+            kept, orphan = orphan, model
+        assert kept is not None and orphan is not None
+        await first.stop()
+        before = self.pods()
+        self.assertEqual(set(before), {kept["id"], orphan["id"]})
+        forget(self.data_dir, orphan["id"])
+
+        second = await self.gateway(on_stop="shutdown", reconcile="adopt")
+        outcomes = await self.first_pass(second)
+        self.assertEqual([(o.kernel_id, o.done) for o in outcomes], [(orphan["id"], "reaped")])
+        self.assertEqual(self.pods(), {kept["id"]: before[kept["id"]]})
+        listed = await self.listed(second)
+        self.assertEqual((list(listed), listed[kept["id"]]["state"]), ([kept["id"]], "running"))
+        await second.stop()
+        self.assertEqual(self.pods(), {})

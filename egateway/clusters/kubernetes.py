@@ -53,7 +53,7 @@ import os
 import re
 import signal as signals
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import deferLater
@@ -65,17 +65,21 @@ from zope.interface import implementer
 from egateway.clusters.interface import (
     GATEWAY_ID_ENV,
     ExitStatus,
+    Found,
     IKernelProcess,
     ILauncher,
+    ILauncherInventory,
     LaunchError,
     LaunchRequest,
     LauncherContext,
     Liveness,
     Phase,
     Placement,
+    check_gateway_id,
 )
 from egateway.clusters.kube_pods import (
     DEFAULT_TEMPLATE,
+    GATEWAY_LABEL,
     IMAGE,
     POD_NAME,
     check_quantity,
@@ -184,6 +188,12 @@ class KubeClient:
                 return False
             raise
         return True
+
+    def list_blocking(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        response = self.core_blocking().list_namespaced_pod(
+            namespace, label_selector=selector, _preload_content=False, _request_timeout=self.timeout
+        )
+        return list(json.loads(response.data).get("items") or [])
 
     def log_tail_blocking(self, namespace: str, name: str, lines: int = 5) -> str:
         from kubernetes.client.exceptions import ApiException
@@ -316,7 +326,7 @@ class KubernetesKernelProcess(RemoteKernelProcess):
         return {**super().snapshot(), "launcher": "kubernetes", "namespace": self.namespace, "pod": self.name}
 
 
-@implementer(ILauncher)
+@implementer(ILauncher, ILauncherInventory)
 class KubernetesLauncher(RemoteLauncher):
     """
     Starts kernels as pods; see the module docstring.
@@ -712,6 +722,61 @@ class KubernetesLauncher(RemoteLauncher):
             comm_port=_int(snapshot.get("comm_port")),
             comm_token=snapshot.get("comm_token"),
         )
+
+
+    # -- inventory ---------------------------------------------------------------
+
+    def inventory(self, gateway_id: str, hints: Sequence[Mapping[str, Any]] = ()) -> Deferred[list[Found]]:
+        return Deferred.fromCoroutine(self._inventory(gateway_id, hints))
+
+    async def _inventory(self, gateway_id: str, hints: Sequence[Mapping[str, Any]]) -> list[Found]:
+        """
+        The kernel pods labelled with this gateway's id in the namespaces
+        kernels go to (the setting's and those the kernelspecs name).  They
+        can be reaped (deleted) but not adopted: a pod does not keep its
+        kernel's connection info.
+
+        @raise LaunchError: the API cannot be reached.
+        """
+        try:
+            check_gateway_id(gateway_id)
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
+        namespaces = [self._settings.kubernetes_namespace]
+        for config in hints:
+            if config.get("namespace") and str(config["namespace"]) not in namespaces:
+                namespaces.append(str(config["namespace"]))
+        found: list[Found] = []
+        seen: set[str] = set()
+        for namespace in namespaces:
+            try:
+                pods = await self._call(self.client.list_blocking, namespace, f"{GATEWAY_LABEL}={gateway_id}")
+            except CancelledError:
+                raise
+            except Exception as e:
+                raise LaunchError(f"cannot list kernel pods in namespace {namespace}: {api_error(e)}") from None
+            for pod in pods:
+                metadata = pod.get("metadata") or {}
+                kernel_id = str((metadata.get("labels") or {}).get("kernel_id") or "")
+                name = str(metadata.get("name") or "")
+                if not kernel_id or not name or kernel_id in seen:
+                    continue
+                seen.add(kernel_id)
+                found.append(
+                    Found(
+                        kernel_id=kernel_id,
+                        launcher=self.name,
+                        description=f"pod {namespace}/{name} ({progress(pod)})",
+                        reap=lambda namespace=namespace, name=name: Deferred.fromCoroutine(
+                            self._reap(namespace, name)
+                        ),
+                    )
+                )
+        return found
+
+    async def _reap(self, namespace: str, name: str) -> None:
+        await self.watch(namespace)
+        await self.delete_pod(namespace, name)
 
 
 async def _pod_event(watch: NamespaceWatch, name: str, seconds: float, clock: Any) -> None:
