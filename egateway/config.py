@@ -603,6 +603,18 @@ class KubernetesConfig:
         "Namespace kernel pods run in.",
         env=("EG_KUBERNETES_NAMESPACE", "EG_NAMESPACE"),
     )
+    kubernetes_namespace_mode: str = setting(
+        "shared",
+        "shared: every kernel pod in kubernetes_namespace; user: each user's pods in their own namespace, "
+        "kubernetes_namespace_prefix + user name, created on first use and kept.",
+        env=("EG_KUBERNETES_NAMESPACE_MODE",),
+        choices=("shared", "user"),
+    )
+    kubernetes_namespace_prefix: str = setting(
+        "kernels-",
+        "Prefix of per-user namespaces (kubernetes_namespace_mode = user).",
+        env=("EG_KUBERNETES_NAMESPACE_PREFIX",),
+    )
     kubernetes_image: str = setting(
         "",
         "Kernel image when the kernelspec names none (its image_name).",

@@ -86,6 +86,7 @@ class KubernetesGatewayTestCase(GatewayTestCase):
     """
 
     timeout = 180
+    extra_settings: dict[str, Any] = {}
 
     async def setUp(self) -> None:
         self.cluster = await deferToThread(cluster)
@@ -117,6 +118,7 @@ class KubernetesGatewayTestCase(GatewayTestCase):
             "shutdown_wait": 3,
             "terminate_wait": 3,
             "poll_interval": 0.5,
+            **self.extra_settings,
         }
         self.addCleanup(self.nothing_left)
         await super().setUp()
@@ -229,6 +231,49 @@ class PodKernelTests(KubernetesGatewayTestCase):
         self.assertIn(f"pod {NAMESPACE}/{pod} was deleted outside the gateway", now["reason"])
         self.assertIn("not restarted", now["reason"])
         self.assertEqual(now["restarts"], 0)
+
+
+class UserNamespaceTests(KubernetesGatewayTestCase):
+    """
+    kubernetes_namespace_mode = user: each user's kernels in their own
+    namespace, created on first use.
+    """
+
+    extra_settings = {"kubernetes_namespace_mode": "user", "kubernetes_namespace_prefix": "egw-test-"}
+
+    def delete_namespace(self, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.delete_namespace(name, _preload_content=False)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    async def test_two_users_two_namespaces(self) -> None:
+        """
+        Alice's and Bob's kernels run in egw-test-alice and egw-test-bob,
+        each namespace created for them; shutdown deletes the pods.
+        """
+        for user in ("alice", "bob"):
+            self.addCleanup(deferToThread, self.delete_namespace, f"egw-test-{user}")
+        models = {}
+        for user in ("alice", "bob"):
+            models[user] = await self.start(env={"KERNEL_USERNAME": user})
+            self.assertEqual(models[user]["placement"]["namespace"], f"egw-test-{user}")
+            self.assertEqual(models[user]["placement"]["pod"], f"{user}-{models[user]['id']}")
+        for user, model in models.items():
+            pod = json.loads(self.core.read_namespaced_pod(model["placement"]["pod"], f"egw-test-{user}",
+                                                           _preload_content=False).data)
+            self.assertEqual(pod["metadata"]["labels"]["egateway/user"], user)
+            client = await ChannelsClient.connect(self.gateway.url, model["id"])
+            self.addCleanup(client.close)
+            result = await client.execute("import os; print(os.environ['KERNEL_NAMESPACE'])")
+            self.assertEqual(result["stdout"].strip(), f"egw-test-{user}")
+            code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+            self.assertEqual(code, 204)
+            pods = self.core.list_namespaced_pod(f"egw-test-{user}", label_selector="kernel_id").items
+            self.assertEqual(pods, [])
 
 
 class LaunchFailureTests(KubernetesGatewayTestCase):

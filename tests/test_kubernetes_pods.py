@@ -412,3 +412,21 @@ class PrepareTests(TestCase):
         self.assertNotIn("securityContext", launch.pod["spec"])
         launch = await self.prepare({"uid": 1000})
         self.assertEqual(launch.pod["spec"]["securityContext"], {"runAsUser": 1000})
+
+    async def test_user_namespaces(self) -> None:
+        """
+        With kubernetes_namespace_mode = user, a user's kernels go to the
+        prefix plus their name as a DNS label; a kernelspec's namespace
+        still wins.
+        """
+        from egateway.clusters.interface import LauncherContext
+        from egateway.clusters.kubernetes import KubernetesLauncher
+        from egateway.config import build_config
+
+        config = build_config({}, {}, {"kubernetes-image": "local/kernel:1", "kubernetes-namespace-mode": "user"})
+        self.launcher = KubernetesLauncher(LauncherContext(reactor=reactor, runtime_dir="", ports=None,
+                                                           settings={"config": config}))
+        self.addCleanup(self.launcher.stop)
+        self.assertEqual((await self.prepare()).namespace, "kernels-alice")
+        self.assertEqual((await self.prepare({"namespace": "team"})).namespace, "team")
+        self.assertIn("namespace", await self.refused(400, {"namespace": "Not_A_Name"}))

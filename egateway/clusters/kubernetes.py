@@ -82,8 +82,11 @@ from egateway.clusters.kube_pods import (
     GATEWAY_LABEL,
     IMAGE,
     POD_NAME,
+    USER_LABEL,
     check_quantity,
+    dns_label,
     finish_pod,
+    label_value,
     launch_problem,
     pod_document,
     pod_name,
@@ -126,6 +129,11 @@ passed on.
 KERNEL_ID = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?\Z")
 
 SECRET_SUFFIX = "-launch"
+
+NAMESPACE_READY = 20.0
+"""
+Seconds a new namespace's service account may take to get its token.
+"""
 
 
 class KubeClient:
@@ -189,10 +197,59 @@ class KubeClient:
             raise
         return True
 
+    def ensure_namespace_blocking(self, namespace: str, labels: Mapping[str, str]) -> bool:
+        """
+        Create the namespace unless it exists; C{True} if this call created it.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        core = self.core_blocking()
+        try:
+            core.read_namespace(namespace, _preload_content=False, _request_timeout=self.timeout)
+            return False
+        except ApiException as e:
+            if e.status != 404:
+                raise
+        body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": dict(labels)}}
+        try:
+            core.create_namespace(body=body, _preload_content=False, _request_timeout=self.timeout)
+        except ApiException as e:
+            if e.status != 409:  # created meanwhile by another gateway
+                raise
+            return False
+        return True
+
+    def service_account_ready_blocking(self, namespace: str, name: str) -> bool:
+        """
+        Whether the service account exists with its token (pods using it
+        are refused by admission until then).
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            response = self.core_blocking().read_namespaced_service_account(
+                name, namespace, _preload_content=False, _request_timeout=self.timeout
+            )
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return bool(json.loads(response.data).get("secrets"))
+
     def list_blocking(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        response = self.core_blocking().list_namespaced_pod(
-            namespace, label_selector=selector, _preload_content=False, _request_timeout=self.timeout
-        )
+        """
+        The pods matching C{selector} in C{namespace}, or in every namespace
+        for C{""}.
+        """
+        core = self.core_blocking()
+        if namespace:
+            response = core.list_namespaced_pod(
+                namespace, label_selector=selector, _preload_content=False, _request_timeout=self.timeout
+            )
+        else:
+            response = core.list_pod_for_all_namespaces(
+                label_selector=selector, _preload_content=False, _request_timeout=self.timeout
+            )
         return list(json.loads(response.data).get("items") or [])
 
     def log_tail_blocking(self, namespace: str, name: str, lines: int = 5) -> str:
@@ -345,6 +402,7 @@ class KubernetesLauncher(RemoteLauncher):
         self.client = KubeClient(self._settings.kubernetes_config, self._settings.kubernetes_api_timeout)
         self._pool = ThreadPool(minthreads=0, maxthreads=self._settings.kubernetes_threads, name="kubernetes")
         self._watches: dict[str, NamespaceWatch] = {}
+        self._namespaces: set[str] = set()
 
     # -- threads and watches ------------------------------------------------
 
@@ -479,7 +537,9 @@ class KubernetesLauncher(RemoteLauncher):
                     f"{getattr(request.spec, 'name', '')!r} allows (its max_gpus: {most})",
                     status=403,
                 )
-        namespace = str(config.get("namespace") or self._settings.kubernetes_namespace)
+        namespace = str(config.get("namespace") or self._namespace_for(request.username))
+        if not POD_NAME.match(namespace):
+            raise LaunchError(f"{namespace[:80]!r} cannot name a Kubernetes namespace", status=400)
         name = pod_name(request.username, request.kernel_id)
         if not POD_NAME.match(name):
             raise LaunchError(f"cannot name a pod for kernel {request.kernel_id!r}", status=400)
@@ -510,6 +570,46 @@ class KubernetesLauncher(RemoteLauncher):
         pod = pod_document(render(template, values, source), source)
         from_client = any(env.get(v) for v in QUANTITIES)
         return _PodLaunch(namespace=namespace, name=name, pod=pod, from_client=from_client)
+
+    def _namespace_for(self, username: str) -> str:
+        """
+        The namespace a user's kernels go to when the kernelspec names none.
+        """
+        if self._settings.kubernetes_namespace_mode == "user":
+            prefix = self._settings.kubernetes_namespace_prefix
+            return (prefix + (dns_label(username) or "anonymous"))[:63].strip("-")
+        return self._settings.kubernetes_namespace
+
+    async def _ensure_namespace(self, namespace: str, username: str, service_account: str) -> None:
+        """
+        A per-user namespace, created on first use, once pods may be created
+        in it (its service account has a token).
+
+        @raise LaunchError: it cannot be created, or stays unusable.
+        """
+        if namespace in self._namespaces:
+            return
+        labels = {"app": "egateway", "component": "kernel-namespace"}
+        if label_value(username):
+            labels[USER_LABEL] = username
+        try:
+            created = await self._call(self.client.ensure_namespace_blocking, namespace, labels)
+            if created:
+                _log.info("created namespace {namespace} for the kernels of {user}", namespace=namespace,
+                          user=username)
+            deadline = self._reactor.seconds() + NAMESPACE_READY
+            while not await self._call(self.client.service_account_ready_blocking, namespace, service_account):
+                if self._reactor.seconds() >= deadline:
+                    raise LaunchError(
+                        f"service account {service_account!r} of namespace {namespace} has no token after "
+                        f"{NAMESPACE_READY:.0f}s: is the controller-manager running?"
+                    )
+                await deferLater(self._reactor, 0.2, lambda: None)
+        except (CancelledError, LaunchError):
+            raise
+        except Exception as e:
+            raise LaunchError(f"cannot create namespace {namespace} for {username!r}: {api_error(e)}") from None
+        self._namespaces.add(namespace)
 
     async def _template(self, request: LaunchRequest) -> tuple[str, str]:
         """
@@ -570,6 +670,10 @@ class KubernetesLauncher(RemoteLauncher):
 
     async def _submit(self, launch: RemoteLaunch) -> None:
         request, state = launch.request, launch.state
+        if state.namespace != self._settings.kubernetes_namespace:
+            spec = state.pod.get("spec") or {}
+            await self._ensure_namespace(state.namespace, request.username,
+                                         str(spec.get("serviceAccountName") or "default"))
         watch = await self.watch(state.namespace)
         state.unfollow = watch.follow(state.name, state.update)
         pod = finish_pod(
@@ -742,7 +846,8 @@ class KubernetesLauncher(RemoteLauncher):
             check_gateway_id(gateway_id)
         except ValueError as e:
             raise LaunchError(str(e)) from None
-        namespaces = [self._settings.kubernetes_namespace]
+        # Per-user namespaces are many: look in all (the mode needs cluster-wide rights anyway).
+        namespaces = [self._settings.kubernetes_namespace if self._settings.kubernetes_namespace_mode == "shared" else ""]
         for config in hints:
             if config.get("namespace") and str(config["namespace"]) not in namespaces:
                 namespaces.append(str(config["namespace"]))
@@ -754,11 +859,13 @@ class KubernetesLauncher(RemoteLauncher):
             except CancelledError:
                 raise
             except Exception as e:
-                raise LaunchError(f"cannot list kernel pods in namespace {namespace}: {api_error(e)}") from None
+                where = f"namespace {namespace}" if namespace else "any namespace"
+                raise LaunchError(f"cannot list kernel pods in {where}: {api_error(e)}") from None
             for pod in pods:
                 metadata = pod.get("metadata") or {}
                 kernel_id = str((metadata.get("labels") or {}).get("kernel_id") or "")
                 name = str(metadata.get("name") or "")
+                namespace = str(metadata.get("namespace") or namespace)
                 if not kernel_id or not name or kernel_id in seen:
                     continue
                 seen.add(kernel_id)
