@@ -18,12 +18,13 @@ import signal
 import tempfile
 from typing import Any
 
+import yaml
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.fixtures.kubecluster import KubeCluster, shared_cluster
+from tests.fixtures.kubecluster import REPO_ROOT, KubeCluster, shared_cluster
 from tests.fixtures.system import NotRoot
 from tests.support.gateway import GatewayTestCase
 from tests.support.polling import eventually
@@ -135,6 +136,15 @@ class KubernetesGatewayTestCase(GatewayTestCase):
         secrets = self.core.list_namespaced_secret(NAMESPACE, label_selector="kernel_id", _request_timeout=10).items
         return [f"pod {p.metadata.name}" for p in pods] + [f"secret {s.metadata.name}" for s in secrets]
 
+    def delete_namespace(self, name: str) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.delete_namespace(name, _preload_content=False)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
     def pod(self, name: str) -> Any:
         return json.loads(self.core.read_namespaced_pod(name, NAMESPACE, _preload_content=False).data)
 
@@ -241,15 +251,6 @@ class UserNamespaceTests(KubernetesGatewayTestCase):
 
     extra_settings = {"kubernetes_namespace_mode": "user", "kubernetes_namespace_prefix": "egw-test-"}
 
-    def delete_namespace(self, name: str) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            self.core.delete_namespace(name, _preload_content=False)
-        except ApiException as e:
-            if e.status != 404:
-                raise
-
     async def test_two_users_two_namespaces(self) -> None:
         """
         Alice's and Bob's kernels run in egw-test-alice and egw-test-bob,
@@ -274,6 +275,69 @@ class UserNamespaceTests(KubernetesGatewayTestCase):
             self.assertEqual(code, 204)
             pods = self.core.list_namespaced_pod(f"egw-test-{user}", label_selector="kernel_id").items
             self.assertEqual(pods, [])
+
+
+class LeastRightsTests(KubernetesGatewayTestCase):
+    """
+    The rights etc/kubernetes/rbac-shared.yaml grants are enough for a pod
+    kernel's whole life, and no more than the README says.
+    """
+
+    manifest = "rbac-shared.yaml"
+
+    async def setUp(self) -> None:
+        self.cluster = await deferToThread(cluster)
+        with open(os.path.join(REPO_ROOT, "etc", "kubernetes", self.manifest)) as f:
+            docs = [d for d in yaml.safe_load_all(f) if d]
+        created = await deferToThread(self.cluster.apply, docs)
+        self.addCleanup(deferToThread, self.cluster.delete, created)
+        self.kubeconfig = await deferToThread(self.cluster.account_kubeconfig, "default", "egateway",
+                                              os.path.abspath(self.mktemp()))
+        self.extra_settings = {**self.extra_settings, "kubernetes_config": self.kubeconfig}
+        await super().setUp()
+
+    async def test_kernel_with_the_gateway_account(self) -> None:
+        """
+        With the ServiceAccount's token only, a kernel starts, runs code and
+        is shut down, leaving nothing; the account cannot list namespaces.
+        """
+        from kubernetes import client, config
+        from kubernetes.client.exceptions import ApiException
+
+        model = await self.start()
+        ws = await ChannelsClient.connect(self.gateway.url, model["id"])
+        self.addCleanup(ws.close)
+        self.assertEqual((await ws.execute("6 * 7"))["result"]["text/plain"], "42")
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        limited = client.CoreV1Api(config.new_client_from_config(config_file=self.kubeconfig))
+        with self.assertRaises(ApiException) as caught:
+            await deferToThread(limited.list_namespace)
+        self.assertEqual(caught.exception.status, 403)
+
+
+class PerUserLeastRightsTests(LeastRightsTests):
+    """
+    The rights etc/kubernetes/rbac-per-user.yaml grants are enough for
+    per-user namespaces.
+    """
+
+    manifest = "rbac-per-user.yaml"
+    extra_settings = {"kubernetes_namespace_mode": "user", "kubernetes_namespace_prefix": "egw-rights-"}
+
+    async def test_kernel_with_the_gateway_account(self) -> None:
+        """
+        With the ServiceAccount's token only, a user's namespace is created
+        and a kernel runs code in it.
+        """
+        self.addCleanup(deferToThread, self.delete_namespace, "egw-rights-carol")
+        model = await self.start(env={"KERNEL_USERNAME": "carol"})
+        self.assertEqual(model["placement"]["namespace"], "egw-rights-carol")
+        ws = await ChannelsClient.connect(self.gateway.url, model["id"])
+        self.addCleanup(ws.close)
+        self.assertEqual((await ws.execute("6 * 7"))["result"]["text/plain"], "42")
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
 
 
 class LaunchFailureTests(KubernetesGatewayTestCase):
