@@ -651,7 +651,7 @@ class KubernetesConfig:
     )
     kubernetes_threads: int = setting(
         16,
-        "Threads for blocking Kubernetes API calls (each watched namespace holds one).",
+        "Threads for blocking Kubernetes API calls, besides the one each watched namespace holds.",
         env=("EG_KUBERNETES_THREADS",),
         minimum=2,
     )

@@ -222,6 +222,32 @@ class PodKernelTests(KubernetesGatewayTestCase):
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel_id}")
         self.assertEqual(code, 204)
 
+    async def test_oom_killed_kernel_is_restarted_in_a_new_pod(self) -> None:
+        """
+        A kernel whose container is killed for exceeding its memory limit
+        is restarted in a new pod (a crash, not a decision), and the reason
+        names OOMKilled.
+        """
+        model = await self.start(env={"KERNEL_MEMORY_LIMIT": "200Mi"})
+        kernel_id, name = model["id"], model["placement"]["pod"]
+        old_uid = (await deferToThread(self.pod, name))["metadata"]["uid"]
+        client = await ChannelsClient.connect(self.gateway.url, kernel_id)
+        self.addCleanup(client.close)
+        client.send("execute_request", {"code": "x = bytearray(1024 ** 3)", "silent": False, "store_history": False,
+                                        "user_expressions": {}, "allow_stdin": False})
+        deadline = reactor.seconds() + 60
+        while True:
+            code, now = await self.gateway.request("GET", f"api/kernels/{kernel_id}")
+            if now.get("restarts") == 1 and now["state"] == "running":
+                break
+            self.assertLess(reactor.seconds(), deadline, f"the kernel was not restarted: {now}")
+            await deferLater(reactor, 0.2, lambda: None)
+        pod = await deferToThread(self.pod, name)
+        self.assertNotEqual(pod["metadata"]["uid"], old_uid)
+        self.assertIn("OOMKilled", now.get("reason", "") + json.dumps(now["phases"]))
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel_id}")
+        self.assertEqual(code, 204)
+
     async def test_pod_deleted_outside_the_gateway(self) -> None:
         """
         A kernel whose pod someone deletes is dead with that reason, and is

@@ -432,6 +432,8 @@ class KubernetesLauncher(RemoteLauncher):
                 self._pool.start()
             watch = NamespaceWatch(self._reactor, self._pool, PodApi(core, self.client.timeout), namespace, "kernel_id")
             self._watches[namespace] = watch
+            # Each watch holds a thread for good: grow the pool so API calls never wait behind watches.
+            self._pool.adjustPoolsize(maxthreads=self._settings.kubernetes_threads + len(self._watches))
             watch.start()
         await watch.synced()
         return watch
