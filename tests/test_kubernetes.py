@@ -105,6 +105,10 @@ class KubernetesGatewayTestCase(GatewayTestCase):
                    config={**base, "image_name": "127.0.0.1:1/egateway/missing:1", "image_pull_policy": "Always"})
         write_spec(self.specs, "bad-language", launcher_argv(), "kubernetes", config=base,
                    env={"KERNEL_LANGUAGE": "cobol"})
+        write_spec(self.specs, "bad-volume", launcher_argv(), "kubernetes",
+                   config={**base, "volumes": [*volumes, {"name": "gone", "hostPath": {"path": "/nonexistent/egw",
+                                                                                      "type": "Directory"}}],
+                           "volume_mounts": [*mounts, {"name": "gone", "mountPath": "/gone"}]})
         write_spec(self.specs, "jeg-style", launcher_argv(), "kubernetes", config=base)
         os.makedirs(os.path.join(self.specs, "jeg-style", "scripts"))
         with open(os.path.join(self.specs, "jeg-style", "scripts", "kernel-pod.yaml.j2"), "w") as f:
@@ -399,6 +403,17 @@ class LaunchFailureTests(KubernetesGatewayTestCase):
         self.assertLess(reactor.seconds() - started, 15)
         self.assertIn("exited with code 1", model["message"])
         self.assertIn("unknown KERNEL_LANGUAGE=cobol", model["message"])
+        self.assertEqual(await deferToThread(self.kernel_objects), [])
+
+    async def test_launch_timeout_while_the_pod_cannot_start(self) -> None:
+        """
+        A pod that never gets its volume stays ContainerCreating: the launch
+        times out (504) quoting the pod's last warning event (FailedMount
+        and kubelet's message), and the pod is deleted.
+        """
+        model = await self.start("bad-volume", env={"KERNEL_LAUNCH_TIMEOUT": "6"}, expect=504)
+        self.assertIn("Warning FailedMount", model["message"])
+        self.assertIn("/nonexistent/egw", model["message"])
         self.assertEqual(await deferToThread(self.kernel_objects), [])
 
     async def test_bad_quantity_refused_before_anything_starts(self) -> None:

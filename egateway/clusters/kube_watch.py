@@ -55,16 +55,20 @@ class Gone(Exception):
 class PodApi:
     """
     The two blocking calls a namespace watch needs, on a kubernetes client
-    C{CoreV1Api}.  Only ever called in a worker thread.
+    C{CoreV1Api}: for pods (C{selector} a label selector), or with
+    C{kind="event"} for events (C{selector} a field selector).  Only ever
+    called in a worker thread.
     """
 
-    def __init__(self, core: Any, request_timeout: float) -> None:
+    def __init__(self, core: Any, request_timeout: float, kind: str = "pod") -> None:
         self.core = core
         self.request_timeout = request_timeout
+        self._list = core.list_namespaced_event if kind == "event" else core.list_namespaced_pod
+        self._selector = "field_selector" if kind == "event" else "label_selector"
 
     def list_blocking(self, namespace: str, selector: str) -> tuple[list[dict[str, Any]], str]:
-        response = self.core.list_namespaced_pod(
-            namespace, label_selector=selector, _preload_content=False, _request_timeout=self.request_timeout
+        response = self._list(
+            namespace, _preload_content=False, _request_timeout=self.request_timeout, **{self._selector: selector}
         )
         body = json.loads(response.data)
         return list(body.get("items") or []), str((body.get("metadata") or {}).get("resourceVersion") or "")
@@ -85,9 +89,9 @@ class PodApi:
             the connection to stop the watch.
         @raise Gone: the version is too old.
         """
-        response = self.core.list_namespaced_pod(
+        response = self._list(
             namespace,
-            label_selector=selector,
+            **{self._selector: selector},
             watch=True,
             resource_version=version,
             allow_watch_bookmarks=True,
@@ -139,7 +143,16 @@ class NamespaceWatch:
     L{follow} a pod by name, L{stop} at the end.
     """
 
-    def __init__(self, reactor: Any, pool: Any, api: PodApi, namespace: str, selector: str) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        pool: Any,
+        api: PodApi,
+        namespace: str,
+        selector: str,
+        key: Callable[[Mapping[str, Any]], str] | None = None,
+    ) -> None:
+        self._key = key or (lambda obj: str((obj.get("metadata") or {}).get("name") or ""))
         self._reactor = reactor
         self._pool = pool
         self._api = api
@@ -241,7 +254,7 @@ class NamespaceWatch:
         items, version = await deferToThreadPool(
             self._reactor, self._pool, self._api.list_blocking, self.namespace, self._selector
         )
-        current = {str(p["metadata"]["name"]): p for p in items}
+        current = {str((p.get("metadata") or {}).get("name") or ""): p for p in items}
         for name in set(self.pods) - set(current):
             self._changed("DELETED", self.pods[name])
         for pod in current.values():
@@ -259,14 +272,15 @@ class NamespaceWatch:
         self._reactor.callFromThread(self._changed, kind, pod)
 
     def _changed(self, kind: str, pod: dict[str, Any]) -> None:
-        name = str((pod.get("metadata") or {}).get("name") or "")
-        if not name:
+        own = str((pod.get("metadata") or {}).get("name") or "")
+        name = self._key(pod)
+        if not own or not name:
             return
         if kind == "DELETED":
-            self.pods.pop(name, None)
+            self.pods.pop(own, None)
             state: dict[str, Any] | None = None
         else:
-            self.pods[name] = pod
+            self.pods[own] = pod
             state = pod
         for follower in list(self._followers.get(name, [])):
             try:

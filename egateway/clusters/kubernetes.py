@@ -293,6 +293,14 @@ class _PodLaunch:
     gone: bool = False
     changed: OneShotObserver[None] = field(default_factory=OneShotObserver)
     unfollow: Callable[[], None] | None = None
+    unfollow_events: Callable[[], None] | None = None
+    warning: str = ""
+
+    def stop_following(self) -> None:
+        for unfollow in (self.unfollow, self.unfollow_events):
+            if unfollow is not None:
+                unfollow()
+        self.unfollow = self.unfollow_events = None
 
     @property
     def secret(self) -> str:
@@ -402,6 +410,7 @@ class KubernetesLauncher(RemoteLauncher):
         self.client = KubeClient(self._settings.kubernetes_config, self._settings.kubernetes_api_timeout)
         self._pool = ThreadPool(minthreads=0, maxthreads=self._settings.kubernetes_threads, name="kubernetes")
         self._watches: dict[str, NamespaceWatch] = {}
+        self._event_watches: dict[str, NamespaceWatch] = {}
         self._namespaces: set[str] = set()
 
     # -- threads and watches ------------------------------------------------
@@ -431,10 +440,16 @@ class KubernetesLauncher(RemoteLauncher):
             if not self._pool.started:
                 self._pool.start()
             watch = NamespaceWatch(self._reactor, self._pool, PodApi(core, self.client.timeout), namespace, "kernel_id")
+            events = NamespaceWatch(
+                self._reactor, self._pool, PodApi(core, self.client.timeout, kind="event"), namespace,
+                "involvedObject.kind=Pod", key=lambda event: str((event.get("involvedObject") or {}).get("name") or ""),
+            )
             self._watches[namespace] = watch
+            self._event_watches[namespace] = events
             # Each watch holds a thread for good: grow the pool so API calls never wait behind watches.
-            self._pool.adjustPoolsize(maxthreads=self._settings.kubernetes_threads + len(self._watches))
+            self._pool.adjustPoolsize(maxthreads=self._settings.kubernetes_threads + 2 * len(self._watches))
             watch.start()
+            events.start()
         await watch.synced()
         return watch
 
@@ -442,7 +457,8 @@ class KubernetesLauncher(RemoteLauncher):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        watches, self._watches = list(self._watches.values()), {}
+        watches = [*self._watches.values(), *self._event_watches.values()]
+        self._watches, self._event_watches = {}, {}
         for watch in watches:
             stopping = watch.stop()
             if stopping is not None:
@@ -722,8 +738,25 @@ class KubernetesLauncher(RemoteLauncher):
         _log.info("kernel {kernel_id}: created pod {namespace}/{pod}", kernel_id=request.kernel_id,
                   namespace=state.namespace, pod=state.name)
         request.report(Phase.SUBMITTED, f"pod {state.namespace}/{state.name}")
+        uid = str((created.get("metadata") or {}).get("uid") or "")
+        events = self._event_watches.get(state.namespace)
+        if events is not None:
+            state.unfollow_events = events.follow(state.name, lambda event: self._pod_event(request, state, uid, event))
         if state.state is None and state.name in watch.pods:
             state.update(watch.pods[state.name])
+
+    def _pod_event(self, request: LaunchRequest, state: _PodLaunch, uid: str, event: Mapping[str, Any] | None) -> None:
+        """
+        A Kubernetes event about the launching pod: warnings (FailedMount,
+        FailedScheduling, BackOff ...) are reported as the C{submitted}
+        phase's detail, so a launch that times out says why.
+        """
+        if event is None or (event.get("involvedObject") or {}).get("uid") != uid or event.get("type") != "Warning":
+            return
+        warning = f"{event.get('reason', '')}: {str(event.get('message') or '').strip()[:300]}"
+        if warning != state.warning:
+            state.warning = warning
+            request.report(Phase.SUBMITTED, f"pod {state.namespace}/{state.name}: Warning {warning}")
 
     async def _await_placement(self, launch: RemoteLaunch) -> Placed:
         request, state = launch.request, launch.state
@@ -774,8 +807,7 @@ class KubernetesLauncher(RemoteLauncher):
         self, launch: RemoteLaunch, placed: Placed, info: ConnectionInfo, payload: Mapping[str, Any]
     ) -> IKernelProcess:
         state = launch.state
-        if state.unfollow is not None:
-            state.unfollow()
+        state.stop_following()
         return KubernetesKernelProcess(
             launcher=self,
             namespace=state.namespace,
@@ -788,8 +820,7 @@ class KubernetesLauncher(RemoteLauncher):
 
     async def _abandon(self, launch: RemoteLaunch) -> None:
         state = launch.state
-        if state.unfollow is not None:
-            state.unfollow()
+        state.stop_following()
         if state.created:
             _log.info("kernel {kernel_id}: deleting pod {namespace}/{pod} of a failed launch",
                       kernel_id=launch.request.kernel_id, namespace=state.namespace, pod=state.name)
