@@ -113,6 +113,7 @@ class KubernetesGatewayTestCase(GatewayTestCase):
         os.makedirs(os.path.join(self.specs, "jeg-style", "scripts"))
         with open(os.path.join(self.specs, "jeg-style", "scripts", "kernel-pod.yaml.j2"), "w") as f:
             f.write(JEG_STYLE_TEMPLATE)
+        await self.more_specs(base)
         self.gateway_settings = {
             "kernelspec_path": self.specs,
             "response_ip": self.cluster.host_ip,
@@ -127,6 +128,11 @@ class KubernetesGatewayTestCase(GatewayTestCase):
         }
         self.addCleanup(self.nothing_left)
         await super().setUp()
+
+    async def more_specs(self, base: dict[str, Any]) -> None:
+        """
+        Write more kernelspecs into C{self.specs} before the gateway starts.
+        """
 
     async def nothing_left(self) -> None:
         """
@@ -368,6 +374,100 @@ class PerUserLeastRightsTests(LeastRightsTests):
         self.assertEqual((await ws.execute("6 * 7"))["result"]["text/plain"], "42")
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)
+
+
+JEG_IMAGE = "docker.io/elyra/kernel-py:3.3.0"
+JEG_MEMBERS = {
+    "kernel.json": "etc/kernelspecs/python_kubernetes/kernel.json",
+    "kernel-pod.yaml.j2": "etc/kernel-launchers/kubernetes/scripts/kernel-pod.yaml.j2",
+    "bootstrap-kernel.sh": "etc/kernel-launchers/bootstrap/bootstrap-kernel.sh",
+    "launch_ipykernel.py": "etc/kernel-launchers/python/scripts/launch_ipykernel.py",
+}
+
+
+def extract_jeg_blocking(destination: str) -> dict[str, str]:
+    """
+    Enterprise Gateway 3.3.0's Kubernetes kernelspec, pod template,
+    bootstrap-kernel.sh and launcher, from its (cached, checksummed) source
+    distribution.
+    """
+    import tarfile
+
+    from tests.test_jeg_launcher_compat import JEG_VERSION, SDIST, cache_dir
+
+    paths = {}
+    with tarfile.open(os.path.join(cache_dir(), SDIST)) as archive:
+        for name, member in JEG_MEMBERS.items():
+            source = archive.extractfile(f"jupyter_enterprise_gateway-{JEG_VERSION}/{member}")
+            assert source is not None
+            paths[name] = os.path.join(destination, name)
+            with source, open(paths[name], "wb") as out:
+                out.write(source.read())
+    return paths
+
+
+class EnterpriseGatewayKernelspecTests(KubernetesGatewayTestCase):
+    """
+    Enterprise Gateway 3.3's python_kubernetes kernelspec with its
+    kernel-pod.yaml.j2 (unchanged), and an image running its
+    bootstrap-kernel.sh and launch_ipykernel.py (version 1 connection info,
+    which the operator allows with response_accept_v1).
+    """
+
+    extra_settings = {"response_accept_v1": "true"}
+
+    async def more_specs(self, base: dict[str, Any]) -> None:
+        from tests.test_jeg_launcher_compat import jeg_launcher
+
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        await jeg_launcher(workdir)  # downloads the source distribution once, checksummed
+        files = await deferToThread(extract_jeg_blocking, workdir)
+        # Like Enterprise Gateway's image: its bootstrap and launchers, run by a Python with pycryptodomex. This
+        # machine's /usr and Python are mounted into the pod, so the files live under /opt instead of /usr/local/bin.
+        await deferToThread(
+            self.cluster.import_image,
+            JEG_IMAGE,
+            {"/opt/jeg/bootstrap-kernel.sh": files["bootstrap-kernel.sh"],
+             "/opt/jeg/kernel-launchers/python/scripts/launch_ipykernel.py": files["launch_ipykernel.py"]},
+            ["/bin/bash", "/opt/jeg/bootstrap-kernel.sh"],
+            {"KERNEL_LANGUAGE": "python", "KERNEL_LAUNCHERS_DIR": "/opt/jeg/kernel-launchers"},
+        )
+        spec_dir = os.path.join(self.specs, "python_kubernetes")
+        os.makedirs(os.path.join(spec_dir, "scripts"))
+        with open(files["kernel.json"]) as f:
+            spec = json.load(f)
+        config = spec["metadata"]["process_proxy"]["config"]
+        # What Enterprise Gateway's build does to its kernelspecs (VERSION), and this machine's Python for the pod.
+        config["image_name"] = config["image_name"].replace("VERSION", "3.3.0")
+        config.update(volumes=base["volumes"], volume_mounts=base["volume_mounts"])
+        with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
+            json.dump(spec, f)
+        os.replace(files["kernel-pod.yaml.j2"], os.path.join(spec_dir, "scripts", "kernel-pod.yaml.j2"))
+
+    async def test_enterprise_gateway_kernelspec_and_image(self) -> None:
+        """
+        The kernel starts in a pod rendered from Enterprise Gateway's own
+        template, reports version 1 connection info from Enterprise
+        Gateway's launcher, runs code, is interrupted through that
+        launcher's comm port, and shutting it down deletes the pod.
+        """
+        model = await self.start("python_kubernetes")
+        self.assertEqual(model["launcher"], "kubernetes")
+        self.assertIn("payload v1", json.dumps(model["phases"]))
+        pod = await deferToThread(self.pod, model["placement"]["pod"])
+        self.assertEqual(pod["metadata"]["labels"]["source"], "kernel-pod.yaml")
+        self.assertEqual(pod["spec"]["containers"][0]["image"], "elyra/kernel-py:3.3.0")
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        self.addCleanup(client.close)
+        result = await client.execute("import sys; print(sys.argv[0].rsplit('/', 1)[-1])")
+        self.assertEqual(result["stdout"].strip(), "launch_ipykernel.py")
+        code, reply = await interrupt_sleeping_cell(client, self.gateway, model["id"])
+        self.assertEqual(code, 204)
+        self.assertEqual(reply["ename"], "KeyboardInterrupt")
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        self.assertEqual(await deferToThread(self.kernel_objects), [])
 
 
 class LaunchFailureTests(KubernetesGatewayTestCase):

@@ -145,6 +145,19 @@ class TemplateTests(SynchronousTestCase):
             self.assertEqual(pod["spec"]["containers"][0]["image"], value)
             self.assertEqual(len(pod["spec"]["containers"]), 1)
 
+    def test_yaml_safe_filter(self) -> None:
+        """
+        Enterprise Gateway 3.3's templates pass values through yaml_safe:
+        values that would inject there are quoted and land as the text they
+        are; volumes stay mappings.
+        """
+        template = JEG_STYLE.replace('"{{ kernel_image }}"', "{{ kernel_image | yaml_safe }}").replace(
+            "- {{ volume }}", "- {{ volume | yaml_safe }}")
+        for value in ('x", "command": ["sh"], "y": "', "a: b", "[1, 2]", "x # y", "'", "1000", "null"):
+            pod = render(template, {**VALUES, "kernel_image": value})[0]
+            self.assertEqual(pod["spec"]["containers"][0]["image"], value)
+        self.assertEqual(pod["spec"]["volumes"], VALUES["kernel_volumes"])
+
     def test_broken_template(self) -> None:
         """
         A template that does not render or parse with harmless values is
