@@ -27,6 +27,7 @@ from egateway.clusters.kube_pods import (
     launch_problem,
     pod_document,
     pod_name,
+    progress,
     render,
     running_address,
     values_for,
@@ -246,6 +247,16 @@ class StatusTests(SynchronousTestCase):
             self.assertEqual(launch_problem(pod), f"{reason}: no such image x")
 
     def test_still_starting(self) -> None:
+        """
+        A pod being created, or one whose container configuration kubelet
+        is still retrying (a passing failure under load), may still start.
+        """
+        retrying = pod_with({"phase": "Pending", "containerStatuses": [{"name": "kernel", "state": {"waiting": {
+            "reason": "CreateContainerConfigError", "message": "failed to sync secret cache: timed out"}}}]},
+            node="n1")
+        self.assertIsNone(launch_problem(retrying))
+        self.assertEqual(progress(retrying),
+                         "Pending, on n1, kernel: CreateContainerConfigError (failed to sync secret cache: timed out)")
         for status in ({}, {"phase": "Pending"}, {"phase": "Pending", "containerStatuses": [
                 {"name": "kernel", "state": {"waiting": {"reason": "ContainerCreating"}}}]},
                 {"phase": "Running", "podIP": "10.1.0.5"}):

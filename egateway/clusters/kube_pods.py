@@ -365,15 +365,17 @@ FATAL_WAITING = frozenset(
         "ImagePullBackOff",
         "ErrImageNeverPull",
         "InvalidImageName",
-        "CreateContainerConfigError",
-        "CreateContainerError",
         "RunContainerError",
         "CrashLoopBackOff",
     }
 )
 """
 Container waiting reasons after which the kernel will not start by
-itself: the launch fails at once, quoting the reason.
+itself: the launch fails at once, quoting the reason.  Not among them:
+C{CreateContainerConfigError} and C{CreateContainerError}, which kubelet
+also reports for passing trouble (C{failed to sync secret cache} under
+load) and retries; the launch waits, showing the message in its phase,
+until they clear or the launch times out.
 """
 
 
@@ -454,7 +456,8 @@ def progress(pod: Mapping[str, Any]) -> str:
     for container in container_statuses(pod):
         waiting = (container.get("state") or {}).get("waiting") or {}
         if waiting.get("reason"):
-            parts.append(f"{container.get('name', '?')}: {waiting['reason']}")
+            message = (waiting.get("message") or "").strip()[:200]
+            parts.append(f"{container.get('name', '?')}: {waiting['reason']}" + (f" ({message})" if message else ""))
     return ", ".join(parts)
 
 

@@ -207,8 +207,10 @@ class NamespaceWatch:
             cut(self._response)
         running, self._running = self._running, None
         if running is not None and not running.called:
-            return running
-        return None
+            # Waiting out a backoff, or a list call that cannot be cut: stop now (the thread, if any, ends by
+            # itself, its result dropped).
+            running.cancel()
+        return running
 
     # -- the loop ----------------------------------------------------------
 
