@@ -258,6 +258,31 @@ class PodKernelTests(KubernetesGatewayTestCase):
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel_id}")
         self.assertEqual(code, 204)
 
+    async def test_watch_resumes_after_a_drop(self) -> None:
+        """
+        When the namespace watch's connection drops, it resumes from the
+        last resource version, and a pod deleted afterwards still ends its
+        kernel.
+        """
+        from egateway.clusters.kube_watch import cut
+
+        model = await self.start()
+        watch = self.gateway.manager.launchers.get("kubernetes")._watches[NAMESPACE]
+        await eventually(lambda: watch._response is not None, "the watch to be streaming")
+        before = watch.opened
+        cut(watch._response)
+        await eventually(lambda: watch.opened > before, "the watch to resume")
+        await deferToThread(self.core.delete_namespaced_pod, model["placement"]["pod"], NAMESPACE,
+                            grace_period_seconds=0)
+        deadline = reactor.seconds() + 30
+        while True:
+            code, now = await self.gateway.request("GET", f"api/kernels/{model['id']}")
+            if now["execution_state"] == "dead":
+                break
+            self.assertLess(reactor.seconds(), deadline, f"the kernel is not declared dead: {now}")
+            await deferLater(reactor, 0.2, lambda: None)
+        self.assertIn("deleted outside the gateway", now["reason"])
+
     async def test_pod_deleted_outside_the_gateway(self) -> None:
         """
         A kernel whose pod someone deletes is dead with that reason, and is

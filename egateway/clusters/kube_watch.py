@@ -165,7 +165,10 @@ class NamespaceWatch:
         self._response: Any = None
         self._stopping = False
         self._running: Deferred[None] | None = None
-        self.restarts = 0
+        self.opened = 0
+        """
+        How many watch requests have been opened (one more after each drop).
+        """
 
     def start(self) -> None:
         if self._running is None:
@@ -231,7 +234,6 @@ class NamespaceWatch:
                     self._opened,
                 )
                 delay = BACKOFF_FIRST
-                self.restarts += 1
             except CancelledError:
                 raise
             except Gone:
@@ -267,6 +269,7 @@ class NamespaceWatch:
 
     def _opened(self, response: Any) -> None:
         self._response = response
+        self.opened += 1
         if self._stopping:
             cut(response)
 
