@@ -454,3 +454,39 @@ class PrepareTests(TestCase):
         self.assertEqual((await self.prepare()).namespace, "kernels-alice")
         self.assertEqual((await self.prepare({"namespace": "team"})).namespace, "team")
         self.assertIn("namespace", await self.refused(400, {"namespace": "Not_A_Name"}))
+
+
+class UnreachableApiTests(TestCase):
+    """
+    A gateway whose Kubernetes API cannot be reached fails a pod launch at
+    once, saying so, instead of at its launch timeout.
+    """
+
+    async def test_launch_fails_fast(self) -> None:
+        import json
+        import os
+
+        from tests.support.gateway import InProcessGateway
+        from tests.support.remote_kernels import launcher_argv, write_spec
+
+        workdir = os.path.abspath(self.mktemp())
+        os.makedirs(workdir)
+        kubeconfig = os.path.join(workdir, "kubeconfig")
+        with open(kubeconfig, "w") as f:
+            json.dump({"apiVersion": "v1", "kind": "Config", "current-context": "c",
+                       "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1",
+                                                             "insecure-skip-tls-verify": True}}],
+                       "users": [{"name": "u", "user": {"token": "t"}}],
+                       "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}, f)
+        specs = os.path.join(workdir, "specs")
+        write_spec(specs, "pod", launcher_argv(), "kubernetes", config={"image_name": "local/kernel:1"})
+        gateway = InProcessGateway(kernelspec_path=specs, kubernetes_config=kubeconfig, launch_timeout=60,
+                                   kubernetes_api_timeout=5)
+        await gateway.start()
+        self.addCleanup(gateway.stop)
+        began = reactor.seconds()
+        code, reply = await gateway.request("POST", "api/kernels", {"name": "pod"})
+        self.assertEqual(code, 500, reply)
+        self.assertIn("cannot list kernel pods in namespace default", reply["message"])
+        self.assertIn("kubernetes_config", reply["message"])
+        self.assertLess(reactor.seconds() - began, 20)

@@ -46,6 +46,13 @@ Called with the pod's latest state, or C{None} once it is deleted.
 """
 
 
+class WatchFailed(Exception):
+    """
+    The watch could not list its namespace at all (the API unreachable,
+    the rights missing); it has stopped.
+    """
+
+
 class Gone(Exception):
     """
     The watch's resource version is too old (410): list again.
@@ -181,7 +188,8 @@ class NamespaceWatch:
 
     def synced(self) -> Deferred[None]:
         """
-        Fires once the pods have been listed (the cache is complete).
+        Fires once the pods have been listed (the cache is complete); fails
+        with L{WatchFailed} if the first list failed (the watch then stops).
         """
         return self._synced.when_fired()
 
@@ -243,6 +251,10 @@ class NamespaceWatch:
             except Exception as e:
                 if self._stopping:
                     break
+                if not self._synced.fired:
+                    # The first list failed: whoever waits for it learns why now, not at its timeout.
+                    self._synced.fire(WatchFailed(f"cannot list kernel pods in namespace {self.namespace}: {e}"))
+                    break
                 _log.warn(
                     "watch of kernel pods in namespace {namespace} failed: {error}; retrying in {delay:.1f}s",
                     namespace=self.namespace,
@@ -294,4 +306,4 @@ class NamespaceWatch:
                 _log.failure("pod {pod}: a follower failed", pod=name)
 
 
-__all__ = ["Gone", "NamespaceWatch", "PodApi", "PodFollower", "WATCH_SECONDS", "cut"]
+__all__ = ["Gone", "WatchFailed", "NamespaceWatch", "PodApi", "PodFollower", "WATCH_SECONDS", "cut"]

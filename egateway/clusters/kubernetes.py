@@ -96,7 +96,7 @@ from egateway.clusters.kube_pods import (
     terminated,
     values_for,
 )
-from egateway.clusters.kube_watch import NamespaceWatch, PodApi
+from egateway.clusters.kube_watch import NamespaceWatch, PodApi, WatchFailed
 from egateway.clusters.remote import Placed, RemoteKernelProcess, RemoteLaunch, RemoteLauncher, _int, connection_info
 from egateway.observe import OneShotObserver
 from egateway.wire.channels import ConnectionInfo
@@ -450,7 +450,18 @@ class KubernetesLauncher(RemoteLauncher):
             self._pool.adjustPoolsize(maxthreads=self._settings.kubernetes_threads + 2 * len(self._watches))
             watch.start()
             events.start()
-        await watch.synced()
+        try:
+            await watch.synced()
+        except WatchFailed as e:
+            # Forgotten, so the next launch tries again.
+            if self._watches.get(namespace) is watch:
+                del self._watches[namespace]
+                stale = self._event_watches.pop(namespace, None)
+                if stale is not None:
+                    stale.stop()
+            raise LaunchError(
+                f"{e}; check kubernetes_config (EG_KUBERNETES_CONFIG) and the gateway's rights in that namespace"
+            ) from None
         return watch
 
     def stop(self) -> Deferred[None]:
