@@ -606,13 +606,14 @@ class KubernetesConfig:
     kubernetes_namespace_mode: str = setting(
         "shared",
         "shared: every kernel pod in kubernetes_namespace; user: each user's pods in their own namespace, "
-        "kubernetes_namespace_prefix + user name, created on first use and kept.",
+        "kubernetes_namespace_prefix + user name, created on first use and kept; kernel: each pod in its own "
+        "namespace, kubernetes_namespace_prefix + pod name, deleted with the kernel.",
         env=("EG_KUBERNETES_NAMESPACE_MODE",),
-        choices=("shared", "user"),
+        choices=("shared", "user", "kernel"),
     )
     kubernetes_namespace_prefix: str = setting(
         "kernels-",
-        "Prefix of per-user namespaces (kubernetes_namespace_mode = user).",
+        "Prefix of per-user and per-kernel namespaces (kubernetes_namespace_mode = user or kernel).",
         env=("EG_KUBERNETES_NAMESPACE_PREFIX",),
     )
     kubernetes_image: str = setting(

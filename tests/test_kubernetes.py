@@ -338,6 +338,39 @@ class UserNamespaceTests(KubernetesGatewayTestCase):
             self.assertEqual(pods, [])
 
 
+class KernelNamespaceTests(KubernetesGatewayTestCase):
+    """
+    kubernetes_namespace_mode = kernel: each kernel's pod in a namespace of
+    its own, deleted with the kernel.
+    """
+
+    extra_settings = {"kubernetes_namespace_mode": "kernel", "kubernetes_namespace_prefix": "egw-k-"}
+
+    async def test_namespace_per_kernel(self) -> None:
+        """
+        The kernel runs in egw-k-<pod name>, created for it; shutting the
+        kernel down deletes the namespace too.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        model = await self.start()
+        namespace = model["placement"]["namespace"]
+        self.addCleanup(deferToThread, self.delete_namespace, namespace)
+        self.assertEqual(namespace, f"egw-k-{model['placement']['pod']}"[:63].strip("-"))
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        self.addCleanup(client.close)
+        self.assertEqual((await client.execute("import os; print(os.environ['KERNEL_NAMESPACE'])"))["stdout"].strip(),
+                         namespace)
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        try:
+            phase = (await deferToThread(self.core.read_namespace, namespace)).status.phase
+        except ApiException as e:
+            self.assertEqual(e.status, 404)
+        else:
+            self.assertEqual(phase, "Terminating")
+
+
 class LeastRightsTests(KubernetesGatewayTestCase):
     """
     The rights etc/kubernetes/rbac-shared.yaml grants are enough for a pod

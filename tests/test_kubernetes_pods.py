@@ -454,6 +454,14 @@ class PrepareTests(TestCase):
         self.assertEqual((await self.prepare()).namespace, "kernels-alice")
         self.assertEqual((await self.prepare({"namespace": "team"})).namespace, "team")
         self.assertIn("namespace", await self.refused(400, {"namespace": "Not_A_Name"}))
+        config = build_config({}, {}, {"kubernetes-image": "local/kernel:1", "kubernetes-namespace-mode": "kernel"})
+        self.launcher = KubernetesLauncher(LauncherContext(reactor=reactor, runtime_dir="", ports=None,
+                                                           settings={"config": config}))
+        self.addCleanup(self.launcher.stop)
+        launch = await self.prepare()
+        self.assertEqual((launch.namespace, launch.own_namespace),
+                         ("kernels-alice-0d0c2f6e-0f1b-4bd5-9a4c-2b8b3c8c6f7a", True))
+        self.assertFalse((await self.prepare({"namespace": "team"})).own_namespace)
 
 
 class UnreachableApiTests(TestCase):

@@ -95,6 +95,18 @@ class KubeClient:
             return False
         return True
 
+    def delete_namespace_blocking(self, namespace: str) -> None:
+        """
+        Delete the namespace (Kubernetes then removes what is left in it); gone already is fine.
+        """
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core_blocking().delete_namespace(namespace, _preload_content=False, _request_timeout=self.timeout)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
     def service_account_ready_blocking(self, namespace: str, name: str) -> bool:
         """
         Whether the service account exists with its token (pods using it

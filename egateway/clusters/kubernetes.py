@@ -153,6 +153,7 @@ class _PodLaunch:
     unfollow: Callable[[], None] | None = None
     unfollow_events: Callable[[], None] | None = None
     warning: str = ""
+    own_namespace: bool = False
 
     def stop_following(self) -> None:
         for unfollow in (self.unfollow, self.unfollow_events):
@@ -180,12 +181,20 @@ class KubernetesKernelProcess(RemoteKernelProcess):
     """
 
     def __init__(
-        self, *, launcher: "KubernetesLauncher", namespace: str, name: str, watch: NamespaceWatch, **kw: Any
+        self,
+        *,
+        launcher: "KubernetesLauncher",
+        namespace: str,
+        name: str,
+        watch: NamespaceWatch,
+        own_namespace: bool = False,
+        **kw: Any,
     ) -> None:
         super().__init__(**kw)
         self._launcher = launcher
         self.namespace = namespace
         self.name = name
+        self.own_namespace = own_namespace
         self._deleting = False
         self._pods = watch
         self._unfollow = watch.follow(name, self._pod_changed)
@@ -240,13 +249,16 @@ class KubernetesKernelProcess(RemoteKernelProcess):
         self._deleting = True
         self._unfollow()
         await self._launcher.delete_pod(self.namespace, self.name)
+        if self.own_namespace:
+            await self._launcher.forget_namespace(self.namespace)
 
     def detach(self) -> None:
         super().detach()
         self._unfollow()
 
     def snapshot(self) -> dict:
-        return {**super().snapshot(), "launcher": "kubernetes", "namespace": self.namespace, "pod": self.name}
+        return {**super().snapshot(), "launcher": "kubernetes", "namespace": self.namespace, "pod": self.name,
+                "own_namespace": self.own_namespace}
 
 
 @implementer(ILauncher, ILauncherInventory)
@@ -424,12 +436,13 @@ class KubernetesLauncher(RemoteLauncher):
                     f"{getattr(request.spec, 'name', '')!r} allows (its max_gpus: {most})",
                     status=403,
                 )
-        namespace = str(config.get("namespace") or self._namespace_for(request.username))
-        if not POD_NAME.match(namespace):
-            raise LaunchError(f"{namespace[:80]!r} cannot name a Kubernetes namespace", status=400)
         name = pod_name(request.username, request.kernel_id)
         if not POD_NAME.match(name):
             raise LaunchError(f"cannot name a pod for kernel {request.kernel_id!r}", status=400)
+        own_namespace = not config.get("namespace") and self._settings.kubernetes_namespace_mode == "kernel"
+        namespace = str(config.get("namespace") or self._namespace_for(request.username, name))
+        if not POD_NAME.match(namespace):
+            raise LaunchError(f"{namespace[:80]!r} cannot name a Kubernetes namespace", status=400)
         template, source = await self._template(request)
         values: dict[str, Any] = {k: v for k, v in values_for(env).items() if k not in CONTROLLED}
         values.update(
@@ -456,16 +469,38 @@ class KubernetesLauncher(RemoteLauncher):
             values["kernel_working_dir"] = request.cwd
         pod = pod_document(render(template, values, source), source)
         from_client = any(env.get(v) for v in QUANTITIES)
-        return _PodLaunch(namespace=namespace, name=name, pod=pod, from_client=from_client)
+        return _PodLaunch(namespace=namespace, name=name, pod=pod, from_client=from_client,
+                          own_namespace=own_namespace)
 
-    def _namespace_for(self, username: str) -> str:
+    def _namespace_for(self, username: str, pod: str) -> str:
         """
-        The namespace a user's kernels go to when the kernelspec names none.
+        The namespace a kernel goes to when the kernelspec names none.
         """
-        if self._settings.kubernetes_namespace_mode == "user":
-            prefix = self._settings.kubernetes_namespace_prefix
+        prefix = self._settings.kubernetes_namespace_prefix
+        mode = self._settings.kubernetes_namespace_mode
+        if mode == "user":
             return (prefix + (dns_label(username) or "anonymous"))[:63].strip("-")
+        if mode == "kernel":
+            return (prefix + pod)[:63].strip("-")
         return self._settings.kubernetes_namespace
+
+    async def forget_namespace(self, namespace: str) -> None:
+        """
+        A kernel's own namespace is done with: stop its watches and delete it
+        (logged, not raised, when that fails).
+        """
+        self._namespaces.discard(namespace)
+        for watches in (self._watches, self._event_watches):
+            watch = watches.pop(namespace, None)
+            if watch is not None:
+                watch.stop()
+        try:
+            await self._call(self.client.delete_namespace_blocking, namespace)
+        except CancelledError:
+            raise
+        except Exception as e:
+            _log.warn("cannot delete namespace {namespace}: {error}; delete it by hand", namespace=namespace,
+                      error=api_error(e))
 
     async def _ensure_namespace(self, namespace: str, username: str, service_account: str) -> None:
         """
@@ -682,6 +717,7 @@ class KubernetesLauncher(RemoteLauncher):
             namespace=state.namespace,
             name=state.name,
             watch=self._watches[state.namespace],
+            own_namespace=state.own_namespace,
             placement=Placement(host=placed.host, ip=placed.address,
                                 extra={"namespace": state.namespace, "pod": state.name}),
             **self._kernel_arguments(launch, info, payload, self._kernels.poll_interval),
@@ -694,6 +730,8 @@ class KubernetesLauncher(RemoteLauncher):
             _log.info("kernel {kernel_id}: deleting pod {namespace}/{pod} of a failed launch",
                       kernel_id=launch.request.kernel_id, namespace=state.namespace, pod=state.name)
             await self.delete_pod(state.namespace, state.name, grace=0)
+        if state.own_namespace:
+            await self.forget_namespace(state.namespace)
 
     # -- restoring ---------------------------------------------------------------
 
@@ -719,6 +757,7 @@ class KubernetesLauncher(RemoteLauncher):
             namespace=namespace,
             name=name,
             watch=watch,
+            own_namespace=bool(snapshot.get("own_namespace")),
             kernel_id=kernel_id,
             info=info,
             placement=Placement(host=str(snapshot.get("host") or ""), ip=info.ip,
