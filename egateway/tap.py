@@ -343,7 +343,13 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
 
     launchers = LauncherRegistry(
         context,
-        sections={"ssh": config.ssh, "slurm": config.slurm, "docker": config.docker, "docker-swarm": config.docker},
+        sections={
+            "ssh": config.ssh,
+            "slurm": config.slurm,
+            "docker": config.docker,
+            "docker-swarm": config.docker,
+            "kubernetes": config.kubernetes,
+        },
     )
     # Before the store and the manager: stopped once kernels are down.
     launchers.setServiceParent(top)

@@ -84,4 +84,4 @@ class ExampleFilesTests(SynchronousTestCase):
         for name in names:
             with open(os.path.join(root, name, "kernel.json")) as f:
                 spec = KernelSpec.from_json(name, os.path.join(root, name), json.load(f))
-            self.assertIn(spec.launcher_name, ("local", "ssh", "slurm"))
+            self.assertIn(spec.launcher_name, ("local", "ssh", "slurm", "kubernetes"))

@@ -43,6 +43,7 @@ BUILTIN = {
     "slurm": "egateway.clusters.slurm:SlurmLauncher",
     "docker": "egateway.clusters.docker:DockerLauncher",
     "docker-swarm": "egateway.clusters.swarm:SwarmLauncher",
+    "kubernetes": "egateway.clusters.kubernetes:KubernetesLauncher",
 }
 
 ENTRY_POINT_GROUP = "egateway.launchers"

@@ -604,6 +604,77 @@ class SlurmConfig:
     )
 
 
+# -- Kubernetes (issue 13): a self-contained block, kept apart so it moves easily ---------------
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    kubernetes_config: str = setting(
+        "",
+        "kubeconfig file for the Kubernetes API (empty: the in-cluster service account when "
+        "KUBERNETES_SERVICE_HOST is set, else KUBECONFIG or ~/.kube/config).",
+        env=("EG_KUBERNETES_CONFIG",),
+    )
+    kubernetes_namespace: str = setting(
+        "default",
+        "Namespace kernel pods run in.",
+        env=("EG_KUBERNETES_NAMESPACE", "EG_NAMESPACE"),
+    )
+    kubernetes_namespace_mode: str = setting(
+        "shared",
+        "shared: every kernel pod in kubernetes_namespace; user: each user's pods in their own namespace, "
+        "kubernetes_namespace_prefix + user name, created on first use and kept; kernel: each pod in its own "
+        "namespace, kubernetes_namespace_prefix + pod name, deleted with the kernel.",
+        env=("EG_KUBERNETES_NAMESPACE_MODE",),
+        choices=("shared", "user", "kernel"),
+    )
+    kubernetes_namespace_prefix: str = setting(
+        "kernels-",
+        "Prefix of per-user and per-kernel namespaces (kubernetes_namespace_mode = user or kernel).",
+        env=("EG_KUBERNETES_NAMESPACE_PREFIX",),
+    )
+    kubernetes_image: str = setting(
+        "",
+        "Kernel image when the kernelspec names none (its image_name).",
+        env=("EG_KUBERNETES_IMAGE",),
+    )
+    kubernetes_image_pull_policy: str = setting(
+        "IfNotPresent",
+        "imagePullPolicy of kernel containers whose pod template sets none.",
+        env=("EG_KUBERNETES_IMAGE_PULL_POLICY",),
+        choices=("Always", "IfNotPresent", "Never"),
+    )
+    kubernetes_pod_template: str = setting(
+        "",
+        "Jinja2 pod template (Enterprise Gateway's kernel-pod.yaml.j2 variables) for kernelspecs that carry none "
+        "(empty: the built-in one).",
+        env=("EG_KUBERNETES_POD_TEMPLATE",),
+    )
+    kubernetes_service_account: str = setting(
+        "default",
+        "Service account of kernel pods.",
+        env=("EG_DEFAULT_KERNEL_SERVICE_ACCOUNT_NAME",),
+    )
+    kubernetes_delete_grace: float = setting(
+        10.0,
+        "Seconds a deleted kernel pod gets to stop before it is deleted forcibly.",
+        env=("EG_KUBERNETES_DELETE_GRACE",),
+        minimum=0.0,
+    )
+    kubernetes_api_timeout: float = setting(
+        30.0,
+        "Seconds one Kubernetes API request may take.",
+        env=("EG_KUBERNETES_API_TIMEOUT",),
+        minimum=1.0,
+    )
+    kubernetes_threads: int = setting(
+        16,
+        "Threads for blocking Kubernetes API calls, besides the one each watched namespace holds.",
+        env=("EG_KUBERNETES_THREADS",),
+        minimum=2,
+    )
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     store_url: str = setting(
@@ -985,6 +1056,7 @@ class Config:
     ssh: SSHConfig = field(default_factory=SSHConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
+    kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     impersonation: ImpersonationConfig = field(default_factory=ImpersonationConfig)
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)

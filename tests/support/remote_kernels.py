@@ -86,3 +86,27 @@ def write_spec(
     os.makedirs(os.path.join(directory, name), exist_ok=True)
     with open(os.path.join(directory, name, "kernel.json"), "w") as f:
         json.dump(kernelspec(name, argv, launcher, config, **options), f)
+
+
+async def interrupt_sleeping_cell(client: Any, gateway: Any, kernel_id: str) -> tuple[int, dict[str, Any]]:
+    """
+    Start a cell that sleeps a minute on C{client}, interrupt the kernel
+    through the gateway's API once it is busy, and return the interrupt's
+    HTTP status and the cell's C{execute_reply} content (its C{ename} is
+    C{KeyboardInterrupt} when the interrupt reached the kernel).
+    """
+    since = len(client.messages)
+    sleeper = client.send(
+        "execute_request",
+        {"code": "import time; time.sleep(60)", "silent": False, "store_history": False,
+         "user_expressions": {}, "allow_stdin": False},
+    )
+    await client.wait_for(
+        lambda m: m.get("msg_type") == "status" and m["content"]["execution_state"] == "busy", since=since
+    )
+    code, _ = await gateway.request("POST", f"api/kernels/{kernel_id}/interrupt")
+    reply = await client.wait_for(
+        lambda m: m.get("msg_type") == "execute_reply" and m["parent_header"].get("msg_id") == sleeper,
+        timeout=15,
+    )
+    return code, reply["content"]
