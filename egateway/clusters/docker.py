@@ -223,6 +223,26 @@ class _ContainerLaunch:
     creating: Deferred[Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    async def created_id(self, key: str) -> str | None:
+        """
+        The id of what the launch made (a container's C{Id}, a service's
+        C{ID}), waiting for a creation still under way; C{None} when nothing
+        was made.  Stops following the container's events: the launch is
+        being abandoned.
+        """
+        made: str | None = None
+        if self.creating is not None:
+            try:
+                made = str((await self.creating)[key])
+            except Exception:
+                # The creation failed or was cancelled with the launch:
+                # nothing to remove.
+                made = None
+        if self.watch is not None:
+            self.watch.gateway_stopping = True
+            self.watch.unwatch()
+        return made
+
 
 @implementer(ILauncher, ILauncherInventory)
 class DockerLauncher(RemoteLauncher):
@@ -470,14 +490,8 @@ class DockerLauncher(RemoteLauncher):
     async def _abandon(self, launch: RemoteLaunch) -> None:
         state = launch.state
         container_id = state.watch.container_id if state.watch is not None else None
-        if container_id is None and state.creating is not None:
-            try:
-                container_id = str((await state.creating)["Id"])
-            except Exception:
-                container_id = None
-        if state.watch is not None:
-            state.watch.gateway_stopping = True
-            state.watch.unwatch()
+        created = await state.created_id("Id")
+        container_id = container_id or created
         if container_id is not None:
             _log.info(
                 "kernel {kernel_id}: removing container {name} of a failed launch",
@@ -490,10 +504,7 @@ class DockerLauncher(RemoteLauncher):
 
     async def _restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
         arguments = self._restored_arguments(kernel_id, snapshot)
-        try:
-            container_id = str(snapshot["container_id"])
-        except KeyError as e:
-            raise LaunchError(f"bad {self.name} snapshot: missing {e}") from None
+        [container_id] = self._snapshot_fields(snapshot, "container_id")
         name = str(snapshot.get("container_name") or self.object_name(kernel_id))
         try:
             await self.events.started()

@@ -736,11 +736,7 @@ class KubernetesLauncher(RemoteLauncher):
 
     async def _restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
         arguments = self._restored_arguments(kernel_id, snapshot)
-        try:
-            namespace = str(snapshot["namespace"])
-            name = str(snapshot["pod"])
-        except KeyError as e:
-            raise LaunchError(f"bad kubernetes snapshot: missing {e}") from None
+        namespace, name = self._snapshot_fields(snapshot, "namespace", "pod")
         watch = await self.watch(namespace)
         pod = watch.pods.get(name)
         if pod is None or running_address(pod) is None:

@@ -469,6 +469,18 @@ class RemoteLauncher:
             "comm_token": snapshot.get("comm_token"),
         }
 
+    def _snapshot_fields(self, snapshot: Mapping[str, Any], *keys: str) -> list[str]:
+        """
+        The launcher's own fields of a snapshot (job id, container id, pod
+        name...), as text.
+
+        @raise LaunchError: one is missing.
+        """
+        try:
+            return [str(snapshot[key]) for key in keys]
+        except KeyError as e:
+            raise LaunchError(f"bad {self.name} snapshot: missing {e}") from None
+
     def _launcher_argv(self, request: LaunchRequest, listener: ResponseListener, python: str) -> list[str]:
         """
         The kernelspec's argv for the kernel-side launcher (L{launcher_argv})

@@ -318,11 +318,7 @@ class SlurmLauncher(RemoteLauncher):
 
     async def _restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
         arguments = self._restored_arguments(kernel_id, snapshot)
-        try:
-            job_id = str(snapshot["job_id"])
-            node = str(snapshot["node"])
-        except KeyError as e:
-            raise LaunchError(f"bad slurm snapshot: missing {e}") from None
+        job_id, node = self._snapshot_fields(snapshot, "job_id", "node")
         if not job_id.isdigit():
             raise LaunchError(f"bad slurm snapshot: job id {job_id!r}")
         try:

@@ -299,15 +299,8 @@ class SwarmLauncher(DockerLauncher):
 
     async def _abandon(self, launch: RemoteLaunch) -> None:
         state = launch.state
-        service_id = state.extra.get("service_id")
-        if service_id is None and state.creating is not None:
-            try:
-                service_id = str((await state.creating)["ID"])
-            except Exception:
-                service_id = None
-        if state.watch is not None:
-            state.watch.gateway_stopping = True
-            state.watch.unwatch()
+        created = await state.created_id("ID")
+        service_id = state.extra.get("service_id") or created
         if service_id is not None:
             _log.info(
                 "kernel {kernel_id}: removing Swarm service {name} of a failed launch",
@@ -320,10 +313,7 @@ class SwarmLauncher(DockerLauncher):
 
     async def _restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> IKernelProcess:
         arguments = self._restored_arguments(kernel_id, snapshot)
-        try:
-            service_id = str(snapshot["service_id"])
-        except KeyError as e:
-            raise LaunchError(f"bad {self.name} snapshot: missing {e}") from None
+        [service_id] = self._snapshot_fields(snapshot, "service_id")
         name = str(snapshot.get("container_name") or self.object_name(kernel_id))
         try:
             await self.events.started()
