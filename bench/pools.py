@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     specs = tempfile.mkdtemp(prefix="egw-pool-specs-")
     hosts: Any = None
+    fixture_dir = ""
     try:
         write_local_spec(specs)
         kinds = ["local"]
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ssh:
             from tests.fixtures import SSHHosts
 
-            hosts = SSHHosts(tempfile.mkdtemp(prefix="egw-pool-ssh-", dir="/tmp"), ("h1",))
+            fixture_dir = tempfile.mkdtemp(prefix="egw-pool-ssh-", dir="/tmp")
+            hosts = SSHHosts(fixture_dir, ("h1",))
             hosts.up()
             write_spec(specs, "ssh", launcher_argv(), "ssh", config={"remote_hosts": hosts.hosts[0].ip})
             kinds.append("ssh")
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         if hosts is not None:
             hosts.down()
         shutil.rmtree(specs, ignore_errors=True)
+        if fixture_dir:
+            shutil.rmtree(fixture_dir, ignore_errors=True)
     if not isinstance(result, dict):
         print(f"benchmark failed: {result}", file=sys.stderr)
         return 1

@@ -26,6 +26,7 @@ from egateway.kernels.state import KernelState
 from tests.support.fakes import fake_spec, make_manager
 from tests.support.gateway import GatewayTestCase
 from tests.support.wsclient import ChannelsClient
+from tests.test_ssh import SSHTestCase
 
 
 def start(manager: Any, env: Any = None, caller: Caller | None = None, name: str | None = None) -> Deferred:
@@ -381,3 +382,49 @@ class PoolsAcrossRestartTests(TestCase):
         self.assertEqual(kinds, [(False, "alice"), (True, "")])
         state = await kernel_state(second, bound["id"])
         self.assertEqual(state["env"]["KERNEL_USERNAME"], "alice")
+
+
+class SSHPoolTests(SSHTestCase):
+    """
+    A pool of one kernel on a real SSH host.
+    """
+
+    hosts = ("h1",)
+    gateway_file = {"pools": {"remote": {"size": 1}}}
+
+    async def test_bound_on_the_host(self) -> None:
+        """
+        The pooled kernel on the SSH host is handed over bound: the
+        caller's KERNEL_USERNAME and working directory, on that host.
+        """
+        pools = self.gateway.service.getServiceNamed("pools")
+        await pools.when_ready("remote").addTimeout(90, reactor)
+        [pooled] = [k.id for k in self.gateway.manager.kernels.values() if k.pooled]
+        model = await self.start_remote("remote", {"KERNEL_USERNAME": "alice", "KERNEL_WORKING_DIR": "/tmp"})
+        self.assertEqual((model["id"], model["pool"]), (pooled, "remote"))
+        state = await kernel_state(self.gateway, model["id"])
+        self.assertEqual((state["env"]["KERNEL_USERNAME"], state["cwd"]), ("alice", "/tmp"))
+        self.assertEqual(await self.hostname_of(model["id"]), "h1")
+
+
+class BenchmarkSmokeTests(SynchronousTestCase):
+    def test_quick_run(self) -> None:
+        """
+        bench/pools.py runs end to end: both temperatures measured, a warm
+        start served from the pool and bound (it checks that itself), and
+        the figures written; nothing asserted about speed.
+        """
+        import subprocess
+        import sys
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        out = os.path.abspath(self.mktemp())
+        done = subprocess.run(
+            [sys.executable, os.path.join(root, "bench", "pools.py"), "--starts", "1", "--json", out],
+            capture_output=True, text=True, timeout=300, cwd=root,
+        )
+        self.assertIn(done.returncode, (0, 2), done.stderr[-2000:])
+        with open(out) as f:
+            summary = json.load(f)["summary"]["local"]
+        self.assertGreater(summary["cold_p50_s"], 0)
+        self.assertGreater(summary["warm_p50_s"], 0)

@@ -103,9 +103,13 @@ class GatewayTestCase(TestCase):
     timeout = 120
     gateway_settings: dict[str, Any] = {}
     gateway_env: dict[str, str] = {}
+    gateway_file: dict[str, Any] = {}
+    """
+    What a config file would hold (its tables, such as C{pools}).
+    """
 
     async def setUp(self) -> None:
-        self.gateway = InProcessGateway(env=self.gateway_env, **self.gateway_settings)
+        self.gateway = InProcessGateway(env=self.gateway_env, file_values=self.gateway_file, **self.gateway_settings)
         await self.gateway.start()
         self.addCleanup(self._stop_and_check)
 
