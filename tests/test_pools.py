@@ -84,6 +84,29 @@ class PoolLogicTests(SynchronousTestCase):
         self.assertEqual(len(self.pools.pools["fake"].ready()), 2)
         self.assertEqual(self.pools.takes["fake"], 1)
 
+    def test_audited_when_bound(self) -> None:
+        """
+        The audit trail records a bound kernel's launch for its user, with
+        its pool, and nothing of pooled kernels before.
+        """
+        from twisted.logger import globalLogPublisher
+
+        from egateway.ops.audit import is_audit_event, watch_kernels
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        watch_kernels(self.manager)
+        victim = self.pooled()[0]
+        victim.process.exit(ExitStatus(code=1))
+        self.clock.advance(10)
+        kernel = self.successResultOf(start(self.manager, None, Caller("alice")))
+        audited = [(e["audit_kind"], e["audit_fields"]) for e in events if is_audit_event(e)]
+        self.assertEqual(
+            [(kind, f["kernel_id"], f["user"], f.get("pool")) for kind, f in audited],
+            [("kernel.launch", kernel.id, "alice", "fake")],
+        )
+
     def test_launch_values_start_fresh(self) -> None:
         """
         A client KERNEL_* value the launcher consumes (an image) or a chosen
