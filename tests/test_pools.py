@@ -21,7 +21,7 @@ from egateway.config import PoolConfig, TenancyConfig
 from egateway.errors import LimitReached
 from egateway.kernels.binding import python_binding, supports_binding
 from egateway.kernels.policy import Caller, TenancyPolicy
-from egateway.kernels.pools import RETRY_FIRST, KernelPools, pools_from_config
+from egateway.kernels.pools import BIND_TIMEOUT, RETRY_FIRST, KernelPools, pools_from_config
 from egateway.kernels.state import KernelState
 from tests.support.fakes import fake_spec, make_manager
 from tests.support.gateway import GatewayTestCase
@@ -106,6 +106,28 @@ class PoolLogicTests(SynchronousTestCase):
             [(kind, f["kernel_id"], f["user"], f.get("pool")) for kind, f in audited],
             [("kernel.launch", kernel.id, "alice", "fake")],
         )
+
+    def test_bind_failure_starts_fresh(self) -> None:
+        """
+        A pooled kernel that does not answer its binding is discarded and
+        the request is served by a fresh start; the failure is counted as a
+        miss.
+        """
+        for kernel in self.pooled():
+            kernel.process.server.responsive = False
+        taken = start(self.manager, {"KERNEL_USERNAME": "alice"}, Caller("alice"))
+        self.assertNoResult(taken)
+        [hung] = [k for k in self.manager.kernels.values() if not k.pooled]
+        self.clock.advance(BIND_TIMEOUT - 0.01)
+        self.assertNoResult(taken)
+        self.clock.advance(0.01)
+        for _ in range(10):
+            self.clock.advance(1)
+        kernel = self.successResultOf(taken)
+        self.assertNotEqual(kernel.id, hung.id)
+        self.assertNotIn(hung.id, self.manager.kernels)
+        self.assertEqual((kernel.owner, kernel.pool), ("alice", None))
+        self.assertEqual(self.pools.misses["fake"], 1)
 
     def test_launch_values_start_fresh(self) -> None:
         """

@@ -53,6 +53,13 @@ Client C{KERNEL_*} names binding can always apply: who, where, which
 profile (matched), and a launch timeout a ready kernel does not need.
 """
 
+BIND_TIMEOUT = 10.0
+"""
+Most seconds a binding may take (one trivial execute): a pooled kernel that
+does not answer sooner is discarded and the request started afresh, within
+its launch timeout still.
+"""
+
 RETRY_FIRST = 2.0
 RETRY_MOST = 60.0
 """
@@ -354,8 +361,12 @@ class KernelPools(Service):
             return None
         pool, kernel, env = taken
         manager = self._manager
+        binding = manager.start_operation(kernel, "bind", self._bind, env, request.username)
+        # Refilled once bound, so the new kernel's start (a process, its
+        # imports) does not compete with the binding for the CPU.
+        binding.finished().addCallback(lambda _: self.refill(pool))
         try:
-            await manager.start_operation(kernel, "bind", self._bind, env, request.username).observe()
+            await binding.observe()
         except BindFailed as e:
             self.misses[pool.name] += 1
             _log.error("warm pool {pool}: {error}; starting a kernel afresh", pool=pool.name, error=str(e))
@@ -372,8 +383,8 @@ class KernelPools(Service):
     ) -> tuple[Pool, Kernel, dict[str, str]] | None:
         """
         Claim a ready pooled kernel for C{request}, synchronously (so the
-        quota decision holds): it is then owned by the caller, out of its
-        pool, and its pool refills.  C{None} when none can serve it.
+        quota decision holds): it is then owned by the caller and out of its
+        pool.  C{None} when none can serve it.
         """
         if not self.refilling or not any(p.kernelspec == spec.name for p in self.pools.values()):
             return None
@@ -412,11 +423,10 @@ class KernelPools(Service):
             pool=pool.name,
             user=request.username,
         )
-        self.refill(pool)
         return pool, kernel, env
 
     async def _bind(self, kernel: Kernel, env: dict[str, str], username: str) -> None:
-        await bind(kernel, env, self._clock, self._manager.settings.launch_timeout)
+        await bind(kernel, env, self._clock, min(BIND_TIMEOUT, self._manager.settings.launch_timeout))
         kernel.env = env
         kernel.username = username
         kernel.touch()
