@@ -473,3 +473,75 @@ class BenchmarkSmokeTests(SynchronousTestCase):
             summary = json.load(f)["summary"]["local"]
         self.assertGreater(summary["cold_p50_s"], 0)
         self.assertGreater(summary["warm_p50_s"], 0)
+
+
+class SharedStoreTests(TestCase):
+    """
+    Two in-process gateways sharing a real Redis store, the first with a
+    pool.
+    """
+
+    timeout = 120
+
+    async def test_pooled_kernels_belong_to_their_gateway(self) -> None:
+        """
+        The other gateway neither lists nor finds a pooled kernel; once
+        bound it is an ordinary shared kernel; and a stopping gateway shuts
+        its pooled kernel down even though a shared store keeps kernels.
+        """
+        import tempfile
+
+        from egateway.store.crypto import SecretBox
+        from tests.fixtures import RedisServer
+        from tests.fixtures.system import REDIS_PACKAGES, require_packages
+        from tests.support.daemon import pid_alive
+        from tests.support.gateway import InProcessGateway
+
+        require_packages(*REDIS_PACKAGES)
+        redis = RedisServer(tempfile.mkdtemp(prefix="egw-", dir="/tmp"))
+        redis.up()
+        self.addCleanup(redis.down)
+        env = {"EG_STORE_KEY": SecretBox.generate_key()}
+
+        def gateway(pools: dict[str, Any]) -> Any:
+            return InProcessGateway(
+                env=env,
+                file_values={"pools": pools},
+                persistence="true",
+                store_url=redis.url,
+                data_dir=os.path.abspath(self.mktemp()),
+                list_kernels="true",
+            )
+
+        a = await gateway({"python3": {"size": 1}}).start()
+        b = await gateway({}).start()
+        stopped: list[Any] = []
+
+        async def stop() -> None:
+            for g in (a, b):
+                if g not in stopped:
+                    await g.stop()
+
+        self.addCleanup(stop)
+        await a.service.getServiceNamed("pools").when_ready("python3").addTimeout(60, reactor)
+        [pooled] = [k for k in a.manager.kernels.values() if k.pooled]
+        # What the store's periodic write of activity (every 5 s) does now.
+        await a.manager.persistence._flush()
+        code, listed = await b.request("GET", "api/kernels")
+        self.assertEqual((code, listed), (200, []))
+        code, _ = await b.request("GET", f"api/kernels/{pooled.id}")
+        self.assertEqual(code, 404)
+        bound = await a.start_kernel("python3", {"KERNEL_USERNAME": "alice"})
+        self.assertEqual(bound["id"], pooled.id)
+        code, seen = await b.request("GET", f"api/kernels/{pooled.id}")
+        self.assertEqual((code, seen["owner"]), (200, "alice"))
+        code, _ = await b.request("DELETE", f"api/kernels/{pooled.id}")
+        self.assertEqual(code, 204)
+        await a.service.getServiceNamed("pools").when_ready("python3").addTimeout(60, reactor)
+        [spare] = [k for k in a.manager.kernels.values() if k.pooled]
+        spare_pid = spare.process.placement.pid
+        await a.stop()
+        stopped.append(a)
+        self.assertFalse(pid_alive(spare_pid), "the pooled kernel was kept for a next gateway")
+        code, listed = await b.request("GET", "api/kernels")
+        self.assertEqual((code, listed), (200, []))
