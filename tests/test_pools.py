@@ -39,12 +39,19 @@ class PoolLogicTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
+        self.start_pools({"fake": PoolConfig(size=2)})
+
+    def start_pools(self, tables: dict[str, PoolConfig], profiles: Any = None) -> None:
+        """
+        A manager (max_kernels 4) over fakes with pools for C{tables},
+        filled.
+        """
         self.clock = Clock()
         self.manager, self.launcher, self.channels = make_manager(self.clock, max_kernels=4)
+        if profiles is not None:
+            self.manager.policy = TenancyPolicy(TenancyConfig(), profiles)
         self.pools = KernelPools(
-            manager=self.manager,
-            clock=self.clock,
-            pools=pools_from_config({"fake": PoolConfig(size=2)}, {}),
+            manager=self.manager, clock=self.clock, pools=pools_from_config(tables, profiles or {})
         )
         self.pools.startService()
         self.clock.advance(0)
@@ -128,6 +135,31 @@ class PoolLogicTests(SynchronousTestCase):
         self.assertNotIn(hung.id, self.manager.kernels)
         self.assertEqual((kernel.owner, kernel.pool), ("alice", None))
         self.assertEqual(self.pools.misses["fake"], 1)
+
+    def test_profile_pool(self) -> None:
+        """
+        A pool with a profile serves requests for that profile only, with
+        the profile's environment and its name on the kernel; a request
+        without the profile takes from the plain pool.
+        """
+        from egateway.config import ProfileConfig
+        from egateway.kernels.profiles import load_profiles
+
+        profiles = load_profiles({"small": ProfileConfig(env={"SIZE": "s"})})
+        self.start_pools(
+            {"fake": PoolConfig(size=1), "fake-small": PoolConfig(kernelspec="fake", profile="small", size=1)},
+            profiles,
+        )
+        [small] = self.pools.pools["fake-small"].ready()
+        self.assertEqual((small.profile, small.env["SIZE"]), ("small", "s"))
+        kernel = self.successResultOf(
+            Deferred.fromCoroutine(self.manager.start_kernel(None, None, "alice", Caller("alice"), "small"))
+        )
+        self.assertEqual((kernel.id, kernel.pool, kernel.profile), (small.id, "fake-small", "small"))
+        self.assertEqual((kernel.env["KERNEL_PROFILE"], kernel.env["SIZE"]), ("small", "s"))
+        plain = self.successResultOf(start(self.manager, None, Caller("bob")))
+        self.assertEqual((plain.pool, plain.profile), ("fake", None))
+        self.assertNotIn("KERNEL_PROFILE", plain.env)
 
     def test_launch_values_start_fresh(self) -> None:
         """
@@ -545,3 +577,24 @@ class SharedStoreTests(TestCase):
         self.assertFalse(pid_alive(spare_pid), "the pooled kernel was kept for a next gateway")
         code, listed = await b.request("GET", "api/kernels")
         self.assertEqual((code, listed), (200, []))
+
+
+class BuildTests(SynchronousTestCase):
+    def test_no_pools_with_impersonation(self) -> None:
+        """
+        With impersonation on, the configured pools are not built (a pooled
+        kernel cannot become its user's OS account); without, they are.
+        """
+        from twisted.application.service import MultiService
+
+        from egateway.tap import build_pools
+        from egateway.validation import load_config
+
+        for flag, built in (("false", True), ("true", False)):
+            config = load_config({"pools": {"python3": {"size": 1}}}, {}, {"impersonation-enabled": flag})
+            manager, _, _ = make_manager(Clock())
+            top = MultiService()
+            pools = build_pools(config, manager, Clock(), top)
+            self.assertEqual(pools is not None, built)
+            self.assertEqual(manager.pools is not None, built)
+            self.assertEqual("pools" in top.namedServices, built)
