@@ -231,6 +231,19 @@ class PoolLogicTests(SynchronousTestCase):
         self.clock.advance(0.01)
         self.assertEqual(len(self.pools.pools["fake"].ready()), 2)
 
+    def test_unknown_kernelspec_retried(self) -> None:
+        """
+        A pool naming a kernelspec that does not exist (yet) starts nothing
+        and looks again later, backing off.
+        """
+        self.start_pools({"missing": PoolConfig(size=1)})
+        self.assertEqual(self.launcher.processes, [])
+        retry = self.pools.pools["missing"].retry
+        self.assertTrue(retry.active())
+        self.assertEqual(retry.getTime(), RETRY_FIRST)
+        self.clock.advance(RETRY_FIRST)
+        self.assertEqual(self.pools.pools["missing"].retry.getTime(), RETRY_FIRST * 3)
+
     def test_drain(self) -> None:
         """
         Draining shuts every pooled kernel down and stops refilling.

@@ -171,6 +171,11 @@ class KernelPools(Service):
             pool.retry = None
 
     async def drain(self) -> None:
+        """
+        Stop refilling and shut every pooled kernel down, in parallel (the
+        manager calls this first when it stops: pooled kernels are never
+        kept for a next gateway).
+        """
         self._draining = True
         self._stop_retries()
         kernels = [k for pool in self.pools.values() for k in pool.kernels]
@@ -209,11 +214,16 @@ class KernelPools(Service):
         try:
             try:
                 spec = await self._manager.specs.get(pool.kernelspec)
-            except NoSuchKernelSpec:
+            except CancelledError:
+                raise
+            except Exception as e:
+                pool.failures += 1
+                why = "it does not exist" if isinstance(e, NoSuchKernelSpec) else str(e)
                 _log.error(
-                    "warm pool {pool}: no kernelspec {spec}; install it or fix [pools.{pool}]",
+                    "warm pool {pool}: cannot read kernelspec {spec} ({why}); install it or fix [pools.{pool}]",
                     pool=pool.name,
                     spec=pool.kernelspec,
+                    why=why,
                 )
                 self._retry_later(pool)
                 return
