@@ -344,7 +344,9 @@ class _ScrapeCollector:
 
     def _kernels(self) -> Iterator[Any]:
         labels = ["state", "launcher", "kernelspec"]
-        kernels = [k for k in self.manager.kernels.values() if not getattr(k, "pooled", False)] if self.manager is not None else []
+        held = self.manager.kernels.values() if self.manager is not None else ()
+        # Warm pools' kernels are counted apart (egateway_pool_kernels).
+        kernels = [k for k in held if not getattr(k, "pooled", False)]
         users: dict[str, str] = {}
         if self._users:
             labels.append("user")
