@@ -368,6 +368,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     )
 
     manager.setServiceParent(top)
+    pools = build_pools(config, manager, reactor, top)
     if persistent:
         from egateway.kernels.reconcile import Reconciler
 
@@ -386,7 +387,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     api, front = build_api(config, manager, reactor, threadpool, metrics)
     if metrics is not None:
         metrics.watch_manager(manager)
-        metrics.watch(relay=api.channels.relay, culler=culler, front=front)
+        metrics.watch(relay=api.channels.relay, culler=culler, front=front, pools=pools)
         serve_metrics_apart(config, metrics, reactor, top)
     # Before the listener: token files and keys load as it starts.
     front.authentication.setServiceParent(top)
@@ -407,6 +408,25 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     expose_probes(front, api.ops, config.server.base_url)
     build_operations(config, reactor, top, api.ops, listener)
     return top
+
+
+def build_pools(config: Config, manager: Any, reactor: Any, top: MultiService) -> Any:
+    """
+    The warm pools of the C{[pools.*]} tables (none with impersonation: a
+    pooled kernel cannot become another OS user), after the manager so
+    they stop first.
+    """
+    from egateway.kernels.pools import KernelPools, pools_from_config
+
+    pools = pools_from_config(config.pools, config.profiles)
+    if not pools:
+        return None
+    if config.impersonation.impersonation_enabled:
+        _log.warn("warm pools are not used with impersonation_enabled: kernels must start as their user")
+        return None
+    service = KernelPools(manager=manager, clock=reactor, pools=pools)
+    service.setServiceParent(top)
+    return service
 
 
 def systemd_notifier(manager: Any, reactor: Any) -> Service:

@@ -18,7 +18,7 @@ from egateway import store
 from egateway.api import authenticators, metrics
 from egateway.clusters import settings as clusters
 from egateway.config import Config, ConfigError, build_config
-from egateway.kernels import profiles
+from egateway.kernels import pools, profiles
 from egateway.ops import manhole, tls
 
 
@@ -32,6 +32,7 @@ def check_sections(config: Config) -> None:
     clusters.check_ports(config.kernels)
     store.check_config(config.store)
     profiles.check_config(config.profiles)
+    pools.check_config(config.pools, config.profiles)
     authenticators.check_config(config.auth)
     tls.check_config(config.listen_endpoint, config.server, config.response)
     clusters.check_slurm(config.slurm)

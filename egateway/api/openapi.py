@@ -620,6 +620,11 @@ _SCHEMAS: dict[str, Any] = {
             "profile": {"type": "string", "nullable": True},
             "launcher": {"type": "string"},
             "restarts": {"type": "integer", "minimum": 0},
+            "pool": {"type": "string", "description": "The warm pool the kernel was started in, if any."},
+            "pooled": {
+                "type": "boolean",
+                "description": "Still waiting in its pool, bound to no user (only admins' views show these).",
+            },
             "phases": {"type": "array", "items": {"type": "object"}},
             "placement": {"type": "object"},
             "encrypted": {"type": "boolean", "description": "Whether the kernel's channels use CurveZMQ."},

@@ -908,6 +908,26 @@ class ProfileConfig:
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    """
+    One warm pool: a C{[pools.<name>]} table of the config file (pools have
+    no environment variables or flags).  L{egateway.kernels.pools} checks
+    the kernelspec and profile it names.
+    """
+
+    kernelspec: str = setting("", "Kernelspec the pool's kernels run (empty: the table's name).")
+    profile: str = setting("", "Profile the pool's kernels are launched with (empty: none).")
+    size: int = setting(
+        0, "Kernels kept started ahead, ready to be bound to the next matching start request.", minimum=0
+    )
+    bindable_envs: list = setting(
+        [],
+        "KERNEL_* names besides KERNEL_USERNAME and KERNEL_WORKING_DIR that binding may apply to a pooled "
+        "kernel (names the kernel only reads from its environment; a request setting any other is cold-started).",
+    )
+
+
+@dataclass(frozen=True)
 class ImpersonationConfig:
     impersonation_enabled: bool = setting(
         False,
@@ -1065,6 +1085,11 @@ class Config:
     profiles: dict = field(default_factory=dict, hash=False, metadata={"tables": ProfileConfig})
     """
     The C{[profiles.<name>]} tables: L{ProfileConfig}s by name.
+    """
+    pools: dict = field(default_factory=dict, hash=False, metadata={"tables": PoolConfig})
+    """
+    The C{[pools.<name>]} tables: L{PoolConfig}s by name (see
+    L{egateway.kernels.pools}).
     """
 
     @property

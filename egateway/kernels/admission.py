@@ -26,7 +26,7 @@ from egateway.errors import BadRequest, Conflict, LimitReached, NotFound
 from egateway.kernels.env import BadEnvironment, accepted_client_names, build_kernel_env, validate_client_env
 from egateway.kernels.kernel import Kernel
 from egateway.kernels.launching import LaunchFailed, launch_timeout
-from egateway.kernels.policy import ENDED, Caller
+from egateway.kernels.policy import ENDED, Caller, LaunchPlan
 from egateway.kernels.specs import KernelSpec, NoSuchKernelSpec
 
 if TYPE_CHECKING:
@@ -174,22 +174,11 @@ class AdmissionControl:
         if kernel_id in self._manager.kernels:
             raise Conflict(f"a kernel with id {kernel_id} already exists")
         self.check_max_kernels()
-        accepted = accepted_client_names(request.client_env, self._manager.settings.client_envs)
-        plan = self._manager.policy.plan(caller, request.username, spec, request.client_env, accepted, profile)
+        plan, accepted = self.plan(request, spec, caller, profile)
         self._manager.policy.check_quotas(
             self._manager.kernels.values(), plan, self._clock.seconds(), self._manager.settings.launch_timeout
         )
-        kernel_env = build_kernel_env(
-            gateway_env=self._gateway_env,
-            inherited_envs=self._manager.settings.inherited_envs,
-            spec_env=spec.env,
-            client_env=request.client_env,
-            client_envs=self._manager.settings.client_envs,
-            kernel_id=kernel_id,
-            username=request.username,
-            language=spec.language,
-        )
-        plan.apply_env(kernel_env, accepted)
+        kernel_env = self.environment(request, spec, plan, accepted, kernel_id)
         timeout = launch_timeout(kernel_env, self._manager.settings)
         try:
             self._manager.launchers.get(spec.launcher_name)
@@ -208,6 +197,52 @@ class AdmissionControl:
             launcher_config=plan.launcher_config,
             timeout=timeout,
         )
+
+    @property
+    def default_username(self) -> str:
+        """
+        Whom a kernel runs for when the request names nobody.
+        """
+        return self._default_username
+
+    def plan(
+        self, request: StartRequest, spec: KernelSpec, caller: Caller | None, profile: Any = None
+    ) -> tuple[LaunchPlan, dict[str, str]]:
+        """
+        The tenancy policy's plan for C{request} (authorization and
+        profile, no quota), and the client values the kernel would receive.
+
+        @raise BadRequest: a profile's policy refuses the environment.
+        @raise Forbidden: not authorized for the kernelspec or the profile.
+        """
+        accepted = accepted_client_names(request.client_env, self._manager.settings.client_envs)
+        plan = self._manager.policy.plan(caller, request.username, spec, request.client_env, accepted, profile)
+        return plan, accepted
+
+    def environment(
+        self,
+        request: StartRequest,
+        spec: KernelSpec,
+        plan: LaunchPlan,
+        accepted: Mapping[str, str],
+        kernel_id: str,
+    ) -> dict[str, str]:
+        """
+        The environment a kernel C{kernel_id} started for C{request} under
+        C{plan} gets.
+        """
+        kernel_env = build_kernel_env(
+            gateway_env=self._gateway_env,
+            inherited_envs=self._manager.settings.inherited_envs,
+            spec_env=spec.env,
+            client_env=request.client_env,
+            client_envs=self._manager.settings.client_envs,
+            kernel_id=kernel_id,
+            username=request.username,
+            language=spec.language,
+        )
+        plan.apply_env(kernel_env, accepted)
+        return kernel_env
 
     def check_max_kernels(self) -> None:
         """

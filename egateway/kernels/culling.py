@@ -69,7 +69,8 @@ class Culler(Service):
         """
         if kernel.state == KernelState.DEAD:
             return f"culled: the kernel is dead ({kernel.reason})"
-        if kernel.state != KernelState.RUNNING:
+        if kernel.state != KernelState.RUNNING or kernel.pooled:
+            # A pooled kernel is idle by design; its pool keeps it.
             return ""
         settings = self._settings
         idle = self._clock.seconds() - kernel.last_activity

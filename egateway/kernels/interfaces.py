@@ -93,6 +93,25 @@ class IKernelSharing(Protocol):
         """
 
 
+class IKernelPools(Protocol):
+    """
+    Warm pools (L{egateway.kernels.pools.KernelPools}): kernels started
+    ahead that a start request can take.
+    """
+
+    async def serve(self, request: Any, spec: Any, caller: Any, profile: Any) -> Kernel | None:
+        """
+        A pooled kernel bound to C{request}'s caller, or C{None} when no
+        pool can serve it (the request is then started fresh).
+        """
+
+    async def drain(self) -> None:
+        """
+        Stop refilling and shut every pooled kernel down (the gateway is
+        stopping: pooled kernels are never kept for the next one).
+        """
+
+
 class IProcessWatch(Protocol):
     """
     What launching tells the restart policy: a kernel has a (new) process.

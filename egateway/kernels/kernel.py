@@ -53,6 +53,7 @@ class Kernel:
     @ivar profile: the name of the profile it was launched with, or C{None}.
     @ivar launcher_config: the launcher config every (re)launch uses: the
         kernelspec's, with the profile's merged over it.
+    @ivar pooled: see L{__init__}; C{pool} names its warm pool.
     """
 
     def __init__(
@@ -74,6 +75,15 @@ class Kernel:
         self.profile: str | None = None
         self.launcher_config: Any = spec.launcher_config
         self.env = env
+        self.pooled = False
+        """
+        Started ahead in a warm pool and bound to nobody yet: owned by no
+        user, hidden from the API (see L{egateway.kernels.pools}).
+        """
+        self.pool: str | None = None
+        """
+        The pool it was started in, if any (kept once bound).
+        """
         self.launcher_name = launcher_name
         self._clock = clock
         self.state = KernelState.LAUNCHING
@@ -173,6 +183,9 @@ class Kernel:
             "restarts": self.restart_count,
             "phases": [event.to_dict(iso) for event in self.phases[-20:]],
         }
+        if self.pool is not None:
+            model["pool"] = self.pool
+            model["pooled"] = self.pooled
         if self.process is not None:
             model["placement"] = self.process.placement.to_dict()
             info = self.process.connection_info

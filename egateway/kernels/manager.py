@@ -33,6 +33,7 @@ from egateway.errors import NotFound
 from egateway.kernels.admission import Admission, AdmissionControl
 from egateway.kernels.interfaces import (
     IKernelPersistence,
+    IKernelPools,
     IKernelSharing,
     PersistenceFactory,
     SharingFactory,
@@ -130,6 +131,10 @@ class KernelManager(Service):
         )
         self._persistence: IKernelPersistence | None = None
         self._sharing: IKernelSharing | None = None
+        self.pools: IKernelPools | None = None
+        """
+        Warm pools a start request may be served from (set by them).
+        """
         if persistence is not None:
             self._persistence = persistence(self)
             if sharing is not None:
@@ -209,6 +214,9 @@ class KernelManager(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        if self.pools is not None:
+            # Pooled kernels belong to no user: never kept for a next gateway.
+            await self.pools.drain()
         persistence = self.persistence
         if persistence is not None and persistence.keeps_kernels:
             for kernel_id, operation in list(self._operations.items()):
@@ -261,9 +269,9 @@ class KernelManager(Service):
         if kernel is None:
             await self._restored()
             kernel = self.kernels.get(kernel_id)
-        if kernel is not None:
+        if kernel is not None and not getattr(kernel, "pooled", False):
             return kernel
-        if self.sharing is None:
+        if kernel is not None or self.sharing is None:
             raise NotFound(f"Kernel does not exist: {kernel_id}")
         return await self.sharing.attach(kernel_id)
 
@@ -273,7 +281,9 @@ class KernelManager(Service):
         others' too (from their records).
         """
         await self._restored()
-        models = {kernel.id: kernel.model() for kernel in self.kernels.values()}
+        models = {
+            kernel.id: kernel.model() for kernel in self.kernels.values() if not getattr(kernel, "pooled", False)
+        }
         if self.sharing is not None:
             for record in await self.sharing.records():
                 if record.kernel_id not in models:
@@ -432,16 +442,20 @@ class KernelManager(Service):
         """
         request = self.admission.check_request(spec_name, env, username, caller)
         spec = await self.admission.kernelspec(request)
+        if self.pools is not None:
+            pooled = await self.pools.serve(request, spec, caller, profile)
+            if pooled is not None:
+                return pooled
         # No waiting from here until the kernel is registered: the quotas
         # count registered kernels.
-        kernel = self._register(self.admission.decide(request, spec, caller, profile))
+        kernel = self.register(self.admission.decide(request, spec, caller, profile))
         # The launch, its first record included, belongs to the manager: a
         # client that goes away cancels only its observer.
         operation = self.start_operation(kernel, "launch", self._admit_and_launch)
         await operation.observe()
         return kernel
 
-    def _register(self, admission: Admission) -> Kernel:
+    def register(self, admission: Admission) -> Kernel:
         """
         The kernel C{admission} decided on, registered, queued for its
         launcher.

@@ -322,6 +322,9 @@ class KernelPersistence(Service):
         """
         if self.shared:
             for kernel in list(self._manager.kernels.values()):
+                if kernel.pooled:
+                    # A warm pool's: recorded once bound (see egateway.kernels.pools).
+                    continue
                 if kernel.last_activity > self._published.get(kernel.id, 0.0) and kernel.state == KernelState.RUNNING:
                     self._published[kernel.id] = kernel.last_activity
                     self._unsaved.add(kernel.id)

@@ -73,6 +73,9 @@ class RestartPolicy:
         def exited(status: ExitStatus) -> None:
             if kernel.process is not process or kernel.state != KernelState.RUNNING:
                 return
+            if kernel.pooled:
+                # Its pool replaces it.
+                return
             if not manager.running or manager.kernels.get(kernel.id) is not kernel:
                 # Kept for the next gateway, or no longer ours.
                 return

@@ -133,6 +133,9 @@ def _kernel_fields(kernel: Any) -> dict[str, Any]:
     profile = getattr(kernel, "profile", None)
     if profile is not None:
         fields["profile"] = getattr(profile, "name", profile)
+    pool = getattr(kernel, "pool", None)
+    if pool is not None:
+        fields["pool"] = pool
     process = getattr(kernel, "process", None)
     if process is not None:
         try:
@@ -144,6 +147,7 @@ def _kernel_fields(kernel: Any) -> dict[str, Any]:
 
 _KERNEL_EVENTS = {
     "started": "kernel.launch",
+    "bound": "kernel.launch",
     "failed": "kernel.launch_failed",
     "restored": "kernel.restored",
     "removed": "kernel.removed",
@@ -152,11 +156,13 @@ _KERNEL_EVENTS = {
 
 def kernel_listener(event_name: str, kernel: Any) -> None:
     """
-    A kernel manager listener (C{manager.listeners}) that records launches,
+    A kernel manager listener (C{manager.listeners}) that records launches
+    (a warm pool's kernel bound to its user is one, with its C{pool}),
     failed launches, restorations and removals.
     """
     kind = _KERNEL_EVENTS.get(event_name)
-    if kind is None:
+    if kind is None or getattr(kernel, "pooled", False):
+        # A pooled kernel is nobody's: it enters the trail when bound.
         return
     fields = _kernel_fields(kernel)
     if event_name in ("failed", "removed") and getattr(kernel, "reason", ""):

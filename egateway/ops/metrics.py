@@ -300,10 +300,12 @@ class _ScrapeCollector:
         self.relay: RelayCounts | None = None
         self.culler: Any = None
         self.front: Any = None
+        self.pools: Any = None
         self._seen: set[tuple[str, ...]] = set()
 
     def collect(self) -> Iterator[Any]:
         yield from self._kernels()
+        yield from self._pools()
         yield from self._relay()
         manager = self.manager
         journal = manager.journal_limits if manager is not None else None
@@ -342,7 +344,9 @@ class _ScrapeCollector:
 
     def _kernels(self) -> Iterator[Any]:
         labels = ["state", "launcher", "kernelspec"]
-        kernels = list(self.manager.kernels.values()) if self.manager is not None else []
+        held = self.manager.kernels.values() if self.manager is not None else ()
+        # Warm pools' kernels are counted apart (egateway_pool_kernels).
+        kernels = [k for k in held if not getattr(k, "pooled", False)]
         users: dict[str, str] = {}
         if self._users:
             labels.append("user")
@@ -367,6 +371,31 @@ class _ScrapeCollector:
         connections = GaugeMetricFamily("egateway_websocket_connections", "WebSocket clients connected now.")
         connections.add_metric([], sum(kernel.connections for kernel in kernels))
         yield connections
+
+    def _pools(self) -> Iterator[Any]:
+        """
+        Warm pools, apart from C{egateway_kernels} (which counts only
+        kernels handed to users).
+        """
+        pools = self.pools
+        if pools is None:
+            return
+        family = GaugeMetricFamily(
+            "egateway_pool_kernels", "Kernels waiting in warm pools, by pool and state (ready, launching).",
+            labels=["pool", "state"],
+        )
+        for key, count in sorted(pools.counts().items()):
+            family.add_metric(list(key), count)
+        yield family
+        yield _counter(
+            "egateway_pool_takes", "Start requests served from a warm pool.", ["pool"],
+            {(name,): pools.takes.get(name, 0) for name in pools.pools},
+        )
+        yield _counter(
+            "egateway_pool_misses",
+            "Start requests a warm pool matched but did not serve (none ready, or binding failed).", ["pool"],
+            {(name,): pools.misses.get(name, 0) for name in pools.pools},
+        )
 
     def _relay(self) -> Iterator[Any]:
         relay = self.relay or RelayCounts()

@@ -25,7 +25,12 @@ class InProcessGateway:
     @ivar url: the base URL, e.g. C{http://127.0.0.1:40123/}.
     """
 
-    def __init__(self, env: dict[str, str] | None = None, **flags: Any) -> None:
+    def __init__(
+        self, env: dict[str, str] | None = None, file_values: dict[str, Any] | None = None, **flags: Any
+    ) -> None:
+        """
+        @param file_values: what a config file would hold (its tables).
+        """
         settings = {
             "listen": "tcp:0:interface=127.0.0.1",
             "response_port": 0,
@@ -35,7 +40,7 @@ class InProcessGateway:
         values = {key.replace("_", "-"): str(value) for key, value in settings.items()}
         environ = {k: v for k, v in os.environ.items() if not k.startswith(("EG_", "KG_"))}
         environ.update(env or {})
-        self.config = load_config({}, environ, values)
+        self.config = load_config(file_values or {}, environ, values)
         self.service = build_service(self.config, reactor)
         self.manager = self.service.manager
         self.url = ""
@@ -98,9 +103,13 @@ class GatewayTestCase(TestCase):
     timeout = 120
     gateway_settings: dict[str, Any] = {}
     gateway_env: dict[str, str] = {}
+    gateway_file: dict[str, Any] = {}
+    """
+    What a config file would hold (its tables, such as C{pools}).
+    """
 
     async def setUp(self) -> None:
-        self.gateway = InProcessGateway(env=self.gateway_env, **self.gateway_settings)
+        self.gateway = InProcessGateway(env=self.gateway_env, file_values=self.gateway_file, **self.gateway_settings)
         await self.gateway.start()
         self.addCleanup(self._stop_and_check)
 
