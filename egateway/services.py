@@ -95,6 +95,10 @@ class BlockingPool(Service):
         Join the threads.  Last in the stop order, so nothing submits work
         any more; work still running (a read) is short and is waited for.
         """
+        if not self.running:
+            # Stopped already (a test stopping a gateway twice): a thread
+            # pool cannot be stopped again.
+            return
         super().stopService()
         self.pool.stop()
 
