@@ -138,17 +138,26 @@ class GatewayProcess:
     """
 
     def __init__(
-        self, workdir: str, launch_timeout: float, stop_timeout: float = 30.0, extra_config: str = ""
+        self,
+        workdir: str,
+        launch_timeout: float,
+        stop_timeout: float = 30.0,
+        extra_config: str = "",
+        extra_path: tuple[str, ...] = (),
     ) -> None:
         """
         @param extra_config: TOML appended to the private config, for the
             sections it does not write (C{[store]}, ...): what a benchmark
             comparing gateway settings varies.
+        @param extra_path: directories put on the daemon's PYTHONPATH
+            (before the repository): where a benchmark registers a launcher
+            of its own through an entry point only that daemon sees.
         """
         self.workdir = workdir
         self.launch_timeout = launch_timeout
         self.stop_timeout = stop_timeout
         self.extra_config = extra_config
+        self.extra_path = extra_path
         self.token = secrets.token_hex(16)
         self.url = ""
         self.port = 0
@@ -192,7 +201,7 @@ class GatewayProcess:
             config = self._write_config(port)
             env = {k: v for k, v in os.environ.items() if not k.startswith(("EG_", "KG_"))}
             env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p
+                p for p in (*self.extra_path, REPO, os.environ.get("PYTHONPATH", "")) if p
             )
             argv = [*_twistd_argv(), "-n", "--pidfile=", "egateway", "--config", config]
             with open(self.log_path, "ab") as log:
