@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal as signals
 from typing import Any, Mapping
 
@@ -45,6 +46,36 @@ from egateway.wire.channels import ConnectionInfo
 _log = Logger()
 
 NAME = "bench-farm"
+
+GC_LOG_ENV = "EGW_BENCH_GC_LOG"
+"""
+With this variable set (by C{bench/scale.py}), the gateway that loads this
+launcher appends every garbage collection of the oldest generation, and
+every younger one over 5 ms, to the file it names: C{wall-clock generation
+milliseconds collected}.  Instrumentation of the benchmark only.
+"""
+
+
+def _trace_gc(path: str) -> None:
+    import gc
+    import time
+
+    log = open(path, "a", buffering=1)
+    started = [0.0]
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        took = (time.perf_counter() - started[0]) * 1000
+        if info["generation"] == 2 or took > 5:
+            log.write(f"{time.time():.3f} {info['generation']} {took:.1f} {info['collected']}\n")
+
+    gc.callbacks.append(callback)
+
+
+if os.environ.get(GC_LOG_ENV):
+    _trace_gc(os.environ[GC_LOG_ENV])
 
 
 class _FarmProtocol(LineOnlyReceiver):

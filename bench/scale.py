@@ -37,7 +37,7 @@ if REPO not in sys.path:
 
 from bench import httpclient  # noqa: E402
 from bench.channels import GatewayChannels  # noqa: E402
-from bench.farm_launcher import NAME as FARM_LAUNCHER  # noqa: E402
+from bench.farm_launcher import GC_LOG_ENV, NAME as FARM_LAUNCHER  # noqa: E402
 from bench.gateway import GatewayProcess, processes_mentioning, rss_kib, sweep, cpu_seconds  # noqa: E402
 from bench.kernel_farm import raise_nofile  # noqa: E402
 from bench.run import add_output_options, end_of_run, finish, run_guarded, run_meta, work_directory  # noqa: E402
@@ -69,6 +69,10 @@ def percentile(values: list[float], fraction: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} ms"
 
 
 def _progress(text: str) -> None:
@@ -255,7 +259,7 @@ class ScaleRun:
             config += '[store]\non_stop = "keep"\n'
         config += '[metrics]\nmetrics_networks = ["127.0.0.1"]\n'
         self.gateway = GatewayProcess(workdir, args.launch_timeout, stop_timeout=120.0, extra_config=config,
-                                      extra_path=extra_path)
+                                      extra_path=extra_path, profile_dir=args.profile)
         self.kernels: list[str] = []
         self.clients: dict[str, GatewayChannels] = {}
 
@@ -306,9 +310,31 @@ class ScaleRun:
 
     # -- phases ----------------------------------------------------------------
 
+    def _gc_pauses(self, since: float, until: float) -> dict[str, Any]:
+        """
+        The gateway's oldest-generation collections (and younger ones over
+        5 ms) between two wall-clock times, from the farm launcher's trace.
+        """
+        pauses: list[tuple[int, float]] = []
+        try:
+            with open(self.gc_log) as f:
+                for line in f:
+                    at, generation, took, _ = line.split()
+                    if since <= float(at) <= until:
+                        pauses.append((int(generation), float(took)))
+        except OSError:
+            return {}
+        full = [took for generation, took in pauses if generation == 2]
+        return {"full_collections": len(full), "full_max_ms": max(full, default=0.0),
+                "full_total_ms": sum(full), "young_over_5ms": len(pauses) - len(full)}
+
     async def run(self) -> None:
         n = self.args.kernels
         fig = self.figures
+        self.gc_log = os.path.join(self.workdir, "gc.log")
+        if self.farm is not None:
+            os.makedirs(self.workdir, exist_ok=True)
+            os.environ[GC_LOG_ENV] = self.gc_log
         _progress(f"[{self.store}] starting the gateway")
         await asyncio.to_thread(self.gateway.start)
         fig["gateway_pid"] = self.gateway.pid
@@ -325,12 +351,16 @@ class ScaleRun:
         start = time.perf_counter()
         self._failures(await bounded(list(range(n)), self.args.start_concurrency, self._start_one), "starts")
         fig["start_all_s"] = time.perf_counter() - start
-        _progress(f"[{self.store}] {n} kernels started in {fig['start_all_s']:.1f} s; connecting a client to each")
+        await asyncio.sleep(2)
+        fig["started"] = self._snapshot()
+        _progress(f"[{self.store}] {n} kernels started in {fig['start_all_s']:.1f} s (RSS "
+                  f"{fig['started']['rss_mib']:.1f} MiB); connecting a client to each")
         fig["connect_all_s"] = await self._connect_all()
         await asyncio.sleep(2)
         fig["connected"] = self._snapshot()
         idle, connected = fig["idle"], fig["connected"]
         fig["rss_per_kernel_mib"] = (connected["rss_mib"] - idle["rss_mib"]) / n
+        fig["rss_per_kernel_without_client_mib"] = (fig["started"]["rss_mib"] - idle["rss_mib"]) / n
         fig["fds_per_kernel"] = (connected["fds"] - idle["fds"]) / n
         if self.farm is not None:
             fig["farm"] = {k: v for k, v in (await self.farm.call("stats")).items() if k != "id"}
@@ -338,7 +368,9 @@ class ScaleRun:
                   f"kernel above idle), {connected['fds']} fds")
 
         fig["lag_quiet"] = await self._lag_phase(self.args.quiet_seconds, load=False)
-        fig["lag_load"] = await self._lag_phase(self.args.load_seconds, load=True)
+        if self.farm is not None:
+            fig["lag_ticks"] = await self._lag_phase(self.args.quiet_seconds, load=False, ticks=True)
+        fig["lag_load"] = await self._lag_phase(self.args.load_seconds, load=True, ticks=True)
         fig["after_load"] = self._snapshot()
         fig["list"] = await self._list_times()
 
@@ -346,22 +378,23 @@ class ScaleRun:
         fig["restored"] = self._snapshot()
         await self._shutdown_all()
 
-    async def _lag_phase(self, seconds: float, load: bool) -> dict[str, Any]:
+    async def _lag_phase(self, seconds: float, load: bool, ticks: bool = False) -> dict[str, Any]:
         """
-        C{seconds} of probing the reactor from outside; with C{load}, every
-        kernel publishes a status a second (farm only) and C{--clients}
-        clients execute in a loop meanwhile.
+        C{seconds} of probing the reactor from outside; with C{ticks}, every
+        kernel publishes a status a second (farm only); with C{load},
+        C{--clients} clients execute in a loop meanwhile.
         """
-        what = "load" if load else "quiet"
+        what = "load" if load else "ticks" if ticks else "quiet"
         _progress(f"[{self.store}] {what}: {seconds:g} s of reactor probing"
-                  + (f", {self.args.clients} clients executing, status ticks on" if load else ""))
+                  + (f", {self.args.clients} clients executing" if load else "")
+                  + (", status ticks on" if ticks and self.farm is not None else ""))
         result: dict[str, Any] = {"seconds": seconds}
         metrics_before = lag_histogram((await self._api("GET", "/metrics", 200)).body.decode())
         # The clients that do not execute: what they receive is the ticks.
         listeners = list(self.clients.values())[self.args.clients if load else 0 :] or list(self.clients.values())
         iopub_before = sum(c.tracker.iopub_seen for c in listeners)
         cpu_before = cpu_seconds(self.gateway.pid) or 0.0
-        if load and self.farm is not None:
+        if ticks and self.farm is not None:
             await self.farm.call("tick", rate=1.0)
         executes = 0
         stop = asyncio.Event()
@@ -372,6 +405,7 @@ class ScaleRun:
                 await channels.execute("1+1", timeout=60)
                 executes += 1
 
+        wall_start = time.time()
         with LagProbe(self.gateway.url, self.gateway.token, self.args.probe_interval) as probe:
             loops = [asyncio.ensure_future(loop(c)) for c in list(self.clients.values())[: self.args.clients]] \
                 if load else []
@@ -381,22 +415,24 @@ class ScaleRun:
             done = await asyncio.gather(*loops, return_exceptions=True)
             elapsed = time.perf_counter() - started
             result["probe"] = probe.finish()
-        if load and self.farm is not None:
+        if ticks and self.farm is not None:
             await self.farm.call("tick", rate=0)
+        result["gc"] = self._gc_pauses(wall_start, time.time())
         self._failures(list(done), "execute loops")
         metrics_after = lag_histogram((await self._api("GET", "/metrics", 200)).body.decode())
         result["gateway_cpu_percent"] = ((cpu_seconds(self.gateway.pid) or 0.0) - cpu_before) / elapsed * 100
-        result["iopub_per_idle_client_per_s"] = (
-            (sum(c.tracker.iopub_seen for c in listeners) - iopub_before) / len(listeners) / elapsed
-        )
+        result["load_average"] = os.getloadavg()[0]
+        delivered = sum(c.tracker.iopub_seen for c in listeners) - iopub_before
+        result["iopub_per_idle_client_per_s"] = delivered / len(listeners) / elapsed
+        result["gateway_cpu_s"] = (cpu_seconds(self.gateway.pid) or 0.0) - cpu_before
         if load:
             result["executes_per_s"] = executes / elapsed
             result["clients"] = min(self.args.clients, len(self.clients))
         result["metric_lag_p50"] = histogram_quantile(metrics_before, metrics_after, 0.5)
         result["metric_lag_p99"] = histogram_quantile(metrics_before, metrics_after, 0.99)
         probe_figures = result["probe"]
-        _progress(f"[{self.store}] {what}: GET /api p50 {probe_figures['p50_ms']:.1f} ms, p99 "
-                  f"{probe_figures['p99_ms']:.1f} ms, gateway CPU {result['gateway_cpu_percent']:.0f} %"
+        _progress(f"[{self.store}] {what}: GET /api p50 {_ms(probe_figures['p50_ms'])}, p99 "
+                  f"{_ms(probe_figures['p99_ms'])}, gateway CPU {result['gateway_cpu_percent']:.0f} %"
                   + (f", {result['executes_per_s']:.0f} executes/s" if load else ""))
         return result
 
@@ -436,6 +472,7 @@ class ScaleRun:
         start = time.perf_counter()
         await asyncio.to_thread(self.gateway.start, 120.0)
         restart: dict[str, Any] = {"api_answers_s": time.perf_counter() - start}
+        fig["gateway_pid"] = self.gateway.pid
         give_up = start + self.args.restore_deadline
         while True:
             running = await self._listed_running()
@@ -498,10 +535,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--restore-deadline", type=float, default=300.0,
                         help="give up waiting for the restored kernels after this many seconds")
     parser.add_argument("--kernelspec", default="python3", help="kernelspec for --launcher local")
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="run each gateway under cProfile (twistd --profiler cprofile), stats in DIR")
     parser.add_argument("--quick", action="store_true", help="20 kernels, 5 clients, short phases")
     add_output_options(parser, "directory for configs, logs, the farm's socket and the stores",
                        "the gateway's launch_timeout (default 120 s)")
     args = parser.parse_args(argv)
+    if args.profile:
+        args.profile = os.path.abspath(args.profile)
+        os.makedirs(args.profile, exist_ok=True)
     args.stores = [s.strip() for s in args.stores.split(",") if s.strip()]
     if not args.stores or set(args.stores) - {"sqlite", "redis"}:
         parser.error("--stores takes sqlite and/or redis")
@@ -553,17 +595,26 @@ def render(results: dict[str, Any]) -> str:
             lines.append(f"connected:    RSS {c['rss_mib']:.1f} MiB ({fig['rss_per_kernel_mib']:.3f} MiB/kernel), "
                          f"{c['fds']} fds ({fig['fds_per_kernel']:.1f}/kernel)")
             lines.append(f"start all: {fig['start_all_s']:.1f} s; connect all clients: {fig['connect_all_s']:.1f} s")
-        for phase in ("lag_quiet", "lag_load"):
+        if "started" in fig:
+            lines.append(f"kernels up, no client: RSS {fig['started']['rss_mib']:.1f} MiB "
+                         f"({fig['rss_per_kernel_without_client_mib']:.3f} MiB/kernel), {fig['started']['fds']} fds")
+        for phase in ("lag_quiet", "lag_ticks", "lag_load"):
             if phase in fig:
                 p = fig[phase]
                 lines.append(
-                    f"{phase}: GET /api p50 {p['probe']['p50_ms']:.1f} ms p99 {p['probe']['p99_ms']:.1f} ms "
-                    f"max {p['probe']['max_ms']:.1f} ms ({p['probe']['samples']} probes); reactor-lag metric p50 "
+                    f"{phase}: GET /api p50 {_ms(p['probe']['p50_ms'])} p99 {_ms(p['probe']['p99_ms'])} "
+                    f"max {_ms(p['probe']['max_ms'])} ({p['probe']['samples']} probes); reactor-lag metric p50 "
                     f"{p['metric_lag_p50']} p99 {p['metric_lag_p99']}; gateway CPU {p['gateway_cpu_percent']:.0f} %; "
-                    f"iopub msgs/s per non-executing client {p['iopub_per_idle_client_per_s']:.2f}"
+                    f"iopub msgs/s per non-executing client {p['iopub_per_idle_client_per_s']:.2f}; "
+                    f"machine load average {p['load_average']:.1f}"
                     + (f"; {p['executes_per_s']:.0f} executes/s by {p['clients']} clients" if "executes_per_s" in p
                        else "")
                 )
+                if p.get("gc"):
+                    g = p["gc"]
+                    lines.append(f"  gateway GC: {g['full_collections']} full collections, longest "
+                                 f"{g['full_max_ms']:.0f} ms, {g['full_total_ms']:.0f} ms in all; "
+                                 f"{g['young_over_5ms']} younger ones over 5 ms")
         if "list" in fig:
             lst = fig["list"]
             lines.append(f"GET /api/kernels: median {lst['median_ms']:.0f} ms, max {lst['max_ms']:.0f} ms "
@@ -578,6 +629,23 @@ def render(results: dict[str, Any]) -> str:
         for name, value, target, met in targets(fig):
             lines.append(f"  {name}: {value}  target {target}  {'ok' if met else 'MISSED'}")
     return "\n".join(lines)
+
+
+def bring_up(fixture: Any, attempts: int = 5) -> None:
+    """
+    C{fixture.up()}, again while test runs on the machine hold the fixtures'
+    allocation lock (each attempt waits 30 s for it).
+    """
+    from tests.fixtures import FixtureError
+
+    for attempt in range(attempts):
+        try:
+            fixture.up()
+            return
+        except FixtureError as e:
+            if "allocation lock" not in str(e) or attempt == attempts - 1:
+                raise
+            _progress(f"waiting for the fixtures' allocation lock: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,8 +686,9 @@ def main(argv: list[str] | None = None) -> int:
             from tests.fixtures import RedisServer
 
             redis = RedisServer(tempfile.mkdtemp(prefix="egw-bench-", dir="/tmp"))
+            meta["fixture_workdirs"] = [redis.workdir]
             _progress("starting redis-server")
-            redis.up()
+            bring_up(redis)
         asyncio.run(measure())
 
     def cleanup(status: int) -> None:

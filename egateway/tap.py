@@ -265,6 +265,9 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         shared=LaunchSettings.from_config(config, gateway_id),
     )
     DataDirectory(data_path, lambda path: setattr(context, "runtime_dir", path)).setServiceParent(top)
+    from egateway.ops.heap import HeapFreeze
+
+    HeapFreeze(reactor).setServiceParent(top)
     from egateway.api.authenticators import enabled_authenticators
     from egateway.ops.posture import PostureWarnings
 
