@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -132,7 +133,10 @@ class FarmProcess:
     """
 
     def __init__(self, workdir: str) -> None:
-        self.socket = os.path.join(workdir, "farm.sock")
+        # A short directory of its own: a UNIX socket's path has at most
+        # 107 bytes, and the work directory may be deep (a test's).
+        self.socket_dir = tempfile.mkdtemp(prefix="egw-farm-", dir="/tmp")
+        self.socket = os.path.join(self.socket_dir, "farm.sock")
         self.ready_file = os.path.join(workdir, "farm.ready")
         self.log_path = os.path.join(workdir, "farm.log")
         self.process: subprocess.Popen | None = None
@@ -161,6 +165,12 @@ class FarmProcess:
             writer.close()
 
     def stop(self) -> str:
+        try:
+            return self._stop()
+        finally:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    def _stop(self) -> str:
         process, self.process = self.process, None
         if process is None or process.poll() is not None:
             return "not running"

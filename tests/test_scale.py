@@ -176,6 +176,23 @@ class HeapFreezeTests(SynchronousTestCase):
         self.assertEqual(frozen, [True])
         self.assertEqual(clock.getDelayedCalls(), [])
 
+    def test_young_collections_rarer(self) -> None:
+        """
+        Once running, the youngest generation is collected every
+        L{YOUNG_THRESHOLD} allocations rather than Python's 700, so full
+        collections (each walking every kernel's objects with the reactor
+        stalled) are that much rarer; the older thresholds stay.
+        """
+        from egateway.ops.heap import YOUNG_THRESHOLD, HeapFreeze
+
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        gc.set_threshold(700, *before[1:])
+        clock = Clock()
+        HeapFreeze(clock, freeze=lambda: None).startService()
+        clock.advance(0)
+        self.assertEqual(gc.get_threshold(), (YOUNG_THRESHOLD, *before[1:]))
+
     def test_not_when_stopped_before_running(self) -> None:
         """
         A gateway stopped before its reactor ran freezes nothing.
