@@ -138,17 +138,31 @@ class GatewayProcess:
     """
 
     def __init__(
-        self, workdir: str, launch_timeout: float, stop_timeout: float = 30.0, extra_config: str = ""
+        self,
+        workdir: str,
+        launch_timeout: float,
+        stop_timeout: float = 30.0,
+        extra_config: str = "",
+        extra_path: tuple[str, ...] = (),
+        profile_dir: str = "",
     ) -> None:
         """
         @param extra_config: TOML appended to the private config, for the
             sections it does not write (C{[store]}, ...): what a benchmark
             comparing gateway settings varies.
+        @param extra_path: directories put on the daemon's PYTHONPATH
+            (before the repository): where a benchmark registers a launcher
+            of its own through an entry point only that daemon sees.
+        @param profile_dir: run the daemon under twistd's cProfile, each
+            start writing C{gateway-N.prof} here (read with C{pstats}).
         """
         self.workdir = workdir
         self.launch_timeout = launch_timeout
         self.stop_timeout = stop_timeout
         self.extra_config = extra_config
+        self.extra_path = extra_path
+        self.profile_dir = profile_dir
+        self.starts = 0
         self.token = secrets.token_hex(16)
         self.url = ""
         self.port = 0
@@ -192,9 +206,14 @@ class GatewayProcess:
             config = self._write_config(port)
             env = {k: v for k, v in os.environ.items() if not k.startswith(("EG_", "KG_"))}
             env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p
+                p for p in (*self.extra_path, REPO, os.environ.get("PYTHONPATH", "")) if p
             )
-            argv = [*_twistd_argv(), "-n", "--pidfile=", "egateway", "--config", config]
+            self.starts += 1
+            profile = []
+            if self.profile_dir:
+                path = os.path.join(self.profile_dir, f"gateway-{self.starts}.prof")
+                profile = [f"--profile={path}", "--profiler=cprofile", "--savestats"]
+            argv = [*_twistd_argv(), "-n", "--pidfile=", *profile, "egateway", "--config", config]
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
                     argv,

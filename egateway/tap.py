@@ -290,6 +290,9 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         threadpool=threadpool,
     )
     DataDirectory(data_path, lambda path: setattr(context, "runtime_dir", path)).setServiceParent(top)
+    from egateway.ops.heap import HeapFreeze
+
+    HeapFreeze(reactor).setServiceParent(top)
     from egateway.api.authenticators import enabled_authenticators
     from egateway.ops.posture import PostureWarnings
 

@@ -1,6 +1,6 @@
 """
 Smoke tests of the benchmarks (C{bench/run.py}, C{bench/remote.py},
-C{bench/persistence.py}): each still runs end to end, reports every figure
+C{bench/persistence.py}, C{bench/scale.py}): each still runs end to end, reports every figure
 with plausible values and no lost output, and removes every kernel, gateway
 and server it started.  They assert nothing about speed.
 """
@@ -21,6 +21,7 @@ from tests.support.daemon import REPO_ROOT, ChildProcess, _bounded, pid_alive, p
 RUN = os.path.join(REPO_ROOT, "bench", "run.py")
 REMOTE = os.path.join(REPO_ROOT, "bench", "remote.py")
 PERSISTENCE = os.path.join(REPO_ROOT, "bench", "persistence.py")
+SCALE = os.path.join(REPO_ROOT, "bench", "scale.py")
 DEADLINE = 180.0
 """
 Seconds a quick run may take before the test gives up and stops it.
@@ -37,6 +38,11 @@ PERSISTENCE_DEADLINE = 60.0
 The same for a quick run of C{bench/persistence.py}, which takes about
 15 s on a quiet machine (Redis, three gateways, 6 kernel starts and 3
 kernels streaming 2 MB per case).
+"""
+SCALE_DEADLINE = 120.0
+"""
+The same for a quick run of C{bench/scale.py}: 20 simulated kernels on a
+gateway with each store (about 30 s on a quiet machine).
 """
 
 
@@ -275,3 +281,39 @@ class PersistenceBenchSmokeTests(QuickRun, TestCase):
         for path in results["meta"]["fixture_workdirs"]:
             self.assertFalse(os.path.exists(path), f"Redis fixture directory {path} left behind")
             self.assertEqual(processes_mentioning(path), [])
+
+
+class ScaleBenchSmokeTests(QuickRun, TestCase):
+    """
+    C{bench/scale.py}: many connected kernels (simulated, from the kernel
+    farm) on one gateway, with each store.
+    """
+
+    timeout = SCALE_DEADLINE + 60
+
+    async def test_quick_scale_run(self) -> None:
+        """
+        A quick run says its kernels are simulated, reports the memory,
+        descriptor, lag, listing, restart and shutdown figures for both
+        stores, restores every kernel after the restart, deletes them all,
+        and leaves no gateway, farm or Redis behind.
+        """
+        results = await self._clean_run(script=SCALE, deadline=SCALE_DEADLINE)
+        self.assertIn("SIMULATED", results["meta"]["kernels_are"])
+        self.assertEqual(set(results["figures"]), {"sqlite", "redis"})
+        for store, figure in results["figures"].items():
+            for snapshot in ("idle", "started", "connected", "restored"):
+                self.assertTrue(_positive(figure[snapshot]["rss_mib"]), (store, figure))
+            self.assertGreater(figure["connected"]["fds"], figure["idle"]["fds"], (store, figure))
+            for phase in ("lag_quiet", "lag_ticks", "lag_load"):
+                self.assertTrue(_positive(figure[phase]["probe"]["p99_ms"]), (store, figure[phase]))
+            self.assertTrue(_positive(figure["lag_load"]["executes_per_s"]), (store, figure))
+            self.assertGreater(figure["lag_ticks"]["iopub_per_idle_client_per_s"], 0, (store, figure))
+            self.assertEqual(figure["list"]["kernels"], results["meta"]["kernels"], (store, figure))
+            self.assertTrue(_positive(figure["restart"]["all_served_s"]), (store, figure))
+            self.assertTrue(_positive(figure["shutdown_all_s"]), (store, figure))
+            self.assertEqual(figure["farm_kernels_left"], 0, (store, figure))
+            self.assertEqual(len(figure["targets"]), 4, (store, figure))
+            self.assertFalse(pid_alive(figure["gateway_pid"]), f"the {store} gateway is still running")
+        for path in results["meta"]["fixture_workdirs"]:
+            self.assertFalse(os.path.exists(path), f"Redis fixture directory {path} left behind")

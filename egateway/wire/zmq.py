@@ -20,6 +20,7 @@ so no kernel traffic leaves the gateway in clear text.
 
 from __future__ import annotations
 
+import resource
 from collections import deque
 from typing import Sequence
 
@@ -165,6 +166,21 @@ class _Subscriber(_Socket):
         self.socket.set(zmq.SUBSCRIBE, b"")
 
 
+def max_sockets() -> int:
+    """
+    How many ZMQ sockets the gateway's context may hold: as many as the
+    process may open files (each socket holds at least one descriptor, so
+    that limit binds anyway), and never fewer than libzmq's default of 1023.
+    With the default, a gateway held at most 341 kernels (3 sockets each),
+    170 with a client each, whatever its C{LimitNOFILE}: the next kernel's
+    link failed with "Too many open files" (bench/scale.py).
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1023, soft)
+
+
 @implementer(IChannelFactory)
 class ZmqChannelFactory:
     """
@@ -177,6 +193,7 @@ class ZmqChannelFactory:
     def __init__(self, reactor: IReactorCore | IReactorTime, require_encryption: bool = False) -> None:
         self._factory = ZmqFactory()
         self._factory.reactor = reactor
+        self._factory.context.set(zmq.MAX_SOCKETS, max_sockets())
         self.require_encryption = require_encryption
 
     def _check(self, url: str, curve_serverkey: bytes | None) -> None:
