@@ -240,6 +240,14 @@ def choose_kernel_ports(ip: str, low: int, high: int, avoid: set[int]) -> list[i
     """
     if (low, high) == (0, 0):
         return [0] * 5
+    return probe_ports(ip, low, high, avoid)
+
+
+def probe_ports(ip: str, low: int, high: int, avoid: set[int]) -> list[int]:
+    """
+    Five free ports in C{low..high} (any five for 0..0), probed and
+    released: for kernels that need them chosen before they start.
+    """
     probes = []
     try:
         for _ in range(5):
