@@ -111,12 +111,8 @@ class SSHRKernelTests(SSHTestCase):
         host = await client.execute("cat(Sys.info()[['nodename']])")
         self.assertEqual(host["stdout"], "h1")
 
-        async def interrupt() -> None:
-            code, _ = await self.gateway.request("POST", f"api/kernels/{model['id']}/interrupt")
-            self.assertEqual(code, 204)
-
-        reply = await client.interrupted_sleep(
-            interrupt, code="cat('sleeping\\n'); Sys.sleep(60)", noop="invisible(NULL)"
+        reply = await self.gateway.interrupted_sleep(
+            client, model["id"], code="cat('sleeping\\n'); Sys.sleep(60)", noop="invisible(NULL)"
         )
         self.assertEqual(reply["status"], "abort")  # IRkernel's answer to an interrupted cell
         self.assertEqual(await shown(client, "2*21"), "[1] 42")

@@ -33,6 +33,7 @@ BUILTIN = {
     "slurm": "egateway.clusters.slurm:SlurmLauncher",
     "docker": "egateway.clusters.docker:DockerLauncher",
     "docker-swarm": "egateway.clusters.swarm:SwarmLauncher",
+    "conductor": "egateway.clusters.conductor:ConductorLauncher",
 }
 
 ENTRY_POINT_GROUP = "egateway.launchers"
