@@ -352,6 +352,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
             "docker": config.docker,
             "docker-swarm": config.docker,
             "kubernetes": config.kubernetes,
+            "conductor": config.conductor,
         },
     )
     # Before the store and the manager: stopped once kernels are down.

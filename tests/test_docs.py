@@ -10,6 +10,7 @@ import subprocess
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from egateway.clusters.registry import BUILTIN
 from egateway.config import reference_markdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,4 +85,4 @@ class ExampleFilesTests(SynchronousTestCase):
         for name in names:
             with open(os.path.join(root, name, "kernel.json")) as f:
                 spec = KernelSpec.from_json(name, os.path.join(root, name), json.load(f))
-            self.assertIn(spec.launcher_name, ("local", "ssh", "slurm", "kubernetes"))
+            self.assertIn(spec.launcher_name, BUILTIN)

@@ -22,13 +22,14 @@ from urllib.parse import quote, urlencode
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory
+
+from egateway.clusters.http_json import Unreachable, json_request
 from zope.interface import implementer
 
 API_VERSION = "v1.41"
@@ -192,26 +193,15 @@ class DockerEngine:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         if raw is not None:
             headers = Headers({b"Content-Type": [b"application/x-tar"]})
-        d = self._http.request(method, self.url(path, query), data=data, headers=headers)
-        d.addTimeout(timeout, self._reactor)
         try:
-            response = await d
-            content = await treq.content(response)
-        except CancelledError:
-            raise
-        except Exception as e:
-            reason = f"no answer within {timeout:g} s" if isinstance(e, DeferredTimeout) else str(e)
-            raise DockerAPIError(0, f"cannot reach the Docker engine at {self.path}: {reason}", what) from None
-        text = content.decode("utf-8", "replace")
-        parsed: Any = None
-        if text.strip():
-            try:
-                parsed = json.loads(text)
-            except ValueError:
-                parsed = text
-        if response.code >= 400:
+            code, parsed, text = await json_request(
+                self._http, self._reactor, method, self.url(path, query), data=data, headers=headers, timeout=timeout
+            )
+        except Unreachable as e:
+            raise DockerAPIError(0, f"cannot reach the Docker engine at {self.path}: {e}", what) from None
+        if code >= 400:
             message = parsed.get("message") if isinstance(parsed, dict) else None
-            raise DockerAPIError(response.code, str(message or text.strip() or response.code), what)
+            raise DockerAPIError(code, str(message or text.strip() or code), what)
         return parsed
 
     async def logs(self, container: str, lines: int = 10) -> str:

@@ -44,6 +44,7 @@ BUILTIN = {
     "docker": "egateway.clusters.docker:DockerLauncher",
     "docker-swarm": "egateway.clusters.swarm:SwarmLauncher",
     "kubernetes": "egateway.clusters.kubernetes:KubernetesLauncher",
+    "conductor": "egateway.clusters.conductor:ConductorLauncher",
 }
 
 ENTRY_POINT_GROUP = "egateway.launchers"

@@ -1066,6 +1066,40 @@ class DockerConfig:
     )
 
 
+# -- IBM Spectrum Conductor (issue 14 item 7): a self-contained block, easy to move --
+
+
+@dataclass(frozen=True)
+class ConductorConfig:
+    conductor_endpoint: str = setting(
+        "",
+        "Conductor REST base URL the conductor launcher asks for applications and kills drivers at "
+        "({endpoint}/v1/applications, {endpoint}/v1/submissions/kill/<driver>); a kernelspec's "
+        "conductor_endpoint overrides.",
+        env=("EG_CONDUCTOR_ENDPOINT",),
+    )
+    conductor_master_rest: str = setting(
+        "",
+        "Spark master REST URL of the Conductor instance group that kernel drivers are submitted to "
+        "({url}/v1/submissions/create; Enterprise Gateway's KERNEL_NOTEBOOK_MASTER_REST, which clients may not "
+        "set here); empty: conductor_endpoint. A kernelspec's master_rest overrides.",
+        env=("EG_CONDUCTOR_MASTER_REST",),
+    )
+    conductor_credential: str = setting(
+        "",
+        "Conductor service credential sent as 'Authorization: PlatformToken token=...' (Enterprise Gateway's "
+        "EGO_SERVICE_CREDENTIAL).",
+        env=("EGO_SERVICE_CREDENTIAL", "EG_CONDUCTOR_CREDENTIAL"),
+        secret=True,
+    )
+    conductor_poll_interval: float = setting(
+        1.0,
+        "Seconds between Conductor application queries while a kernel starts.",
+        env=("EG_CONDUCTOR_POLL_INTERVAL",),
+        minimum=0.05,
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -1077,6 +1111,7 @@ class Config:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     docker: DockerConfig = field(default_factory=DockerConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
+    conductor: ConductorConfig = field(default_factory=ConductorConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     impersonation: ImpersonationConfig = field(default_factory=ImpersonationConfig)
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)

@@ -60,6 +60,7 @@ LOG = logging.getLogger("launch_ipykernel")
 DEFAULT_KERNEL_CLASS = "ipykernel.ipkernel.IPythonKernel"
 TOKEN_ENV = "EG_LAUNCH_TOKEN"
 TOKEN_STDIN_ENV = "EG_LAUNCH_TOKEN_STDIN"
+TOKEN_FILE_ENV = "EG_LAUNCH_TOKEN_FILE"
 RESPONSE_CA_ENV = "EG_RESPONSE_CA"
 RESPONSE_SERVER_NAME_ENV = "EG_RESPONSE_SERVER_NAME"
 ENCRYPTION_ENV = "EG_KERNEL_ENCRYPTION"
@@ -148,7 +149,8 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
         args.cluster_type = "none"
     token = os.environ.pop(TOKEN_ENV, None)  # not inherited by the kernel's children
     from_stdin = token_from_stdin()
-    args.launch_token = args.launch_token or from_stdin or token or None
+    from_file = token_from_file()
+    args.launch_token = args.launch_token or from_stdin or from_file or token or None
     if not args.kernel_id:
         raise LaunchFailed("--kernel-id is required")
     if not args.public_key:
@@ -180,6 +182,26 @@ def token_from_stdin() -> str | None:
     os.dup2(devnull, 0)
     os.close(devnull)
     return line.decode("utf-8", "replace").strip() or None
+
+
+def token_from_file() -> str | None:
+    """
+    The launch token from the file named in C{EG_LAUNCH_TOKEN_FILE},
+    removed once read: for a launcher run by a program that does not hand
+    its stdin on (spark-submit gives a Python application a pipe of its
+    own), C{launchers/spark/submit_kernel.sh} moves the token from stdin
+    into such a file (mode 0600).
+    """
+    path = os.environ.pop(TOKEN_FILE_ENV, "")
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return f.readline(4096).strip() or None
+    except OSError as e:
+        raise LaunchFailed(f"cannot read the launch token from {path}: {e}") from None
+    finally:
+        _remove(path)
 
 
 def parse_port_range(text: str | None) -> tuple[int, int]:
@@ -240,6 +262,14 @@ def choose_kernel_ports(ip: str, low: int, high: int, avoid: set[int]) -> list[i
     """
     if (low, high) == (0, 0):
         return [0] * 5
+    return probe_ports(ip, low, high, avoid)
+
+
+def probe_ports(ip: str, low: int, high: int, avoid: set[int]) -> list[int]:
+    """
+    Five free ports in C{low..high} (any five for 0..0), probed and
+    released: for kernels that need them chosen before they start.
+    """
     probes = []
     try:
         for _ in range(5):

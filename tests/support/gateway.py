@@ -82,6 +82,18 @@ class InProcessGateway:
         parsed = json.loads(content) if content else None
         return response.code, parsed
 
+    async def interrupted_sleep(self, client: Any, kernel_id: str, **options: Any) -> dict[str, Any]:
+        """
+        C{client.interrupted_sleep} with the interrupt sent through the
+        REST API (which must answer 204); the cell's C{execute_reply}
+        content.
+        """
+        async def interrupt() -> None:
+            code, body = await self.request("POST", f"api/kernels/{kernel_id}/interrupt")
+            assert code == 204, (code, body)
+
+        return await client.interrupted_sleep(interrupt, **options)
+
     async def start_kernel(self, name: str | None = None, env: dict[str, str] | None = None, token: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {}
         if name:

@@ -274,16 +274,23 @@ class ChannelsClient:
             },
         )
 
-    async def interrupted_sleep(self, interrupt: Callable[[], Any], timeout: float = 15) -> dict[str, Any]:
+    async def interrupted_sleep(
+        self,
+        interrupt: Callable[[], Any],
+        timeout: float = 15,
+        code: str = "import time; print('sleeping', flush=True); time.sleep(60)",
+        noop: str = "pass",
+    ) -> dict[str, Any]:
         """
-        Start C{time.sleep(60)}, call C{interrupt} (which must interrupt the
+        Start C{time.sleep(60)} (or C{code}, in another kernel's language,
+        which prints C{sleeping} first), call C{interrupt} (which must interrupt the
         kernel, e.g. through the REST API) once the cell is running,
         and wait until the cell has ended and the kernel is idle again.
 
         @return: the cell's C{execute_reply} content.
         """
         since = len(self.messages)
-        sleeper = self.request_execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        sleeper = self.request_execute(code)
         mine = lambda m: m.get("parent_header", {}).get("msg_id") == sleeper  # noqa: E731
         # Not "busy": ipykernel says busy before it installs its SIGINT
         # handler, and ignores an interrupt that comes in between.  The
@@ -301,17 +308,17 @@ class ChannelsClient:
             timeout,
             since,
         )
-        await self.settle()
+        await self.settle(noop=noop)
         return reply["content"]
 
-    async def settle(self, attempts: int = 20) -> None:
+    async def settle(self, attempts: int = 20, noop: str = "pass") -> None:
         """
         After an error, ipykernel aborts requests that arrive within a short
         window (longer on a loaded machine); run no-ops until one is
         answered normally, so the test's next request is not aborted.
         """
         for _ in range(attempts):
-            result = await self.execute("pass")
+            result = await self.execute(noop)
             if result["reply"].get("status") == "ok":
                 return
         raise AssertionError("the kernel kept aborting requests")
