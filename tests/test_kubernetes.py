@@ -30,6 +30,7 @@ from tests.support.gateway import GatewayTestCase
 from tests.support.polling import eventually
 from tests.support.remote_kernels import interrupt_sleeping_cell, launcher_argv, write_spec
 from tests.support.wsclient import ChannelsClient
+from tests.test_kubernetes_pods import WITH_EXTRAS
 from tests.test_reconcile import ReconcileTestCase, forget
 
 NAMESPACE = "default"
@@ -432,6 +433,62 @@ class PerUserLeastRightsTests(LeastRightsTests):
         self.assertEqual((await ws.execute("6 * 7"))["result"]["text/plain"], "42")
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)
+
+
+# The JEG style pod with a ConfigMap it mounts and a Service, all from one template.
+EXTRAS_TEMPLATE = JEG_STYLE_TEMPLATE.replace(
+    "    volumeMounts:\n", "    volumeMounts:\n    - {name: files, mountPath: /etc/kernel-files, readOnly: true}\n"
+).replace(
+    "  volumes:\n", '  volumes:\n  - name: files\n    configMap: {name: "{{ kernel_pod_name }}-files"}\n'
+) + WITH_EXTRAS.replace("kernel_extra", "kernel_note")  # its Service names another namespace: overridden
+
+
+class TemplateResourcesTests(LeastRightsTests):
+    """
+    A pod template that also asks for a ConfigMap and a Service, with the
+    rights of etc/kubernetes/rbac-shared.yaml only.
+    """
+
+    async def more_specs(self, base: dict[str, Any]) -> None:
+        write_spec(self.specs, "with-extras", launcher_argv(), "kubernetes",
+                   config={**base, "pod_template": "pod.yaml.j2"})
+        with open(os.path.join(self.specs, "with-extras", "pod.yaml.j2"), "w") as f:
+            f.write(EXTRAS_TEMPLATE)
+
+    def made_with(self, kernel_id: str) -> dict[str, Any]:
+        selector = f"kernel_id={kernel_id}"
+        found = {}
+        for kind, listing in (("configmap", self.core.list_namespaced_config_map),
+                              ("service", self.core.list_namespaced_service)):
+            for item in json.loads(listing(NAMESPACE, label_selector=selector, _preload_content=False).data)["items"]:
+                found[f"{kind} {item['metadata']['name']}"] = item["metadata"]
+        return found
+
+    async def test_kernel_with_the_gateway_account(self) -> None:
+        """
+        The ConfigMap (holding a client's value as plain text) and the
+        Service are created in the kernel's namespace, labelled with the
+        kernel and the gateway and owned by the pod; the kernel reads the
+        mounted ConfigMap; shutting the kernel down deletes them.
+        """
+        note = "hello: [world] # {{ 1 }}"
+        model = await self.start("with-extras", env={"KERNEL_NOTE": note})
+        name = model["placement"]["pod"]
+        pod = await deferToThread(self.pod, name)
+        made = await deferToThread(self.made_with, model["id"])
+        self.assertEqual(sorted(made), [f"configmap {name}-files", f"service {name}"])
+        for metadata in made.values():
+            self.assertEqual(metadata["namespace"], NAMESPACE)
+            self.assertEqual(metadata["labels"]["egateway/gateway-id"], pod["metadata"]["labels"]["egateway/gateway-id"])
+            self.assertEqual([(o["kind"], o["uid"]) for o in metadata["ownerReferences"]],
+                             [("Pod", pod["metadata"]["uid"])])
+        ws = await ChannelsClient.connect(self.gateway.url, model["id"])
+        self.addCleanup(ws.close)
+        result = await ws.execute("print(open('/etc/kernel-files/note').read())")
+        self.assertEqual(result["stdout"].rstrip("\n"), note)
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        self.assertEqual(await deferToThread(self.made_with, model["id"]), {})
 
 
 JEG_IMAGE = "docker.io/elyra/kernel-py:3.3.0"

@@ -12,6 +12,12 @@ import os
 from typing import Any, Mapping
 
 
+KINDS = {"pod": "pod", "secret": "secret", "service": "service", "configmap": "config_map"}
+"""
+The kinds the launcher creates, and their names in the client's methods.
+"""
+
+
 class KubeClient:
     """
     The blocking Kubernetes calls of the launcher (a kubernetes client
@@ -38,19 +44,27 @@ class KubeClient:
             self._core = client.CoreV1Api(api_client)
         return self._core
 
-    def create_blocking(self, kind: str, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    def _by_kind(self, verb: str, kind: str) -> Any:
+        """
+        The client's C{verb}_namespaced_... method for C{kind} (C{pod},
+        C{secret}, C{service}, C{configmap}).
+        """
         core = self.core_blocking()
-        create = {"pod": core.create_namespaced_pod, "secret": core.create_namespaced_secret}[kind]
-        response = create(namespace, body=body, _preload_content=False, _request_timeout=self.timeout)
+        return getattr(core, f"{verb}_namespaced_{KINDS[kind]}")
+
+    def create_blocking(self, kind: str, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        response = self._by_kind("create", kind)(namespace, body=body, _preload_content=False,
+                                                 _request_timeout=self.timeout)
         return json.loads(response.data)
 
-    def own_secret_blocking(self, namespace: str, secret: str, pod: Mapping[str, Any]) -> None:
+    def own_blocking(self, kind: str, namespace: str, name: str, pod: Mapping[str, Any]) -> None:
         """
-        Make the pod the Secret's owner, so Kubernetes deletes it with the pod.
+        Make the pod the owner of C{kind} C{name}, so Kubernetes deletes it
+        with the pod.
         """
         owner = {"apiVersion": "v1", "kind": "Pod", "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]}
-        self.core_blocking().patch_namespaced_secret(
-            secret, namespace, body={"metadata": {"ownerReferences": [owner]}}, _preload_content=False,
+        self._by_kind("patch", kind)(
+            name, namespace, body={"metadata": {"ownerReferences": [owner]}}, _preload_content=False,
             _request_timeout=self.timeout,
         )
 
@@ -60,13 +74,12 @@ class KubeClient:
         """
         from kubernetes.client.exceptions import ApiException
 
-        core = self.core_blocking()
-        delete = {"pod": core.delete_namespaced_pod, "secret": core.delete_namespaced_secret}[kind]
         options: dict[str, Any] = {}
         if grace is not None:
             options["grace_period_seconds"] = grace
         try:
-            delete(name, namespace, _preload_content=False, _request_timeout=self.timeout, **options)
+            self._by_kind("delete", kind)(name, namespace, _preload_content=False, _request_timeout=self.timeout,
+                                          **options)
         except ApiException as e:
             if e.status == 404:
                 return False

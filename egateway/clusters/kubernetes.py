@@ -87,7 +87,9 @@ from egateway.clusters.kube_pods import (
     finish_pod,
     label_value,
     launch_problem,
-    pod_document,
+    EXTRA_KINDS,
+    finish_extra,
+    kernel_documents,
     pod_name,
     progress,
     render,
@@ -153,6 +155,9 @@ class _PodLaunch:
     unfollow_events: Callable[[], None] | None = None
     warning: str = ""
     own_namespace: bool = False
+    extras: list[dict[str, Any]] = field(default_factory=list)
+    made: list[tuple[str, str]] = field(default_factory=list)
+    """The template's other documents, and those created: (launcher kind, name)."""
 
     def stop_following(self) -> None:
         for unfollow in (self.unfollow, self.unfollow_events):
@@ -187,6 +192,7 @@ class KubernetesKernelProcess(RemoteKernelProcess):
         name: str,
         watch: NamespaceWatch,
         own_namespace: bool = False,
+        extras: Sequence[tuple[str, str]] = (),
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
@@ -194,6 +200,7 @@ class KubernetesKernelProcess(RemoteKernelProcess):
         self.namespace = namespace
         self.name = name
         self.own_namespace = own_namespace
+        self.extras = list(extras)
         self._deleting = False
         self._pods = watch
         self._unfollow = watch.follow(name, self._pod_changed)
@@ -235,10 +242,10 @@ class KubernetesKernelProcess(RemoteKernelProcess):
     async def _signal_directly(self, signum: int) -> None:
         if signum == signals.SIGTERM:
             self._deleting = True
-            await self._launcher.delete_pod(self.namespace, self.name, wait=False)
+            await self._launcher.delete_pod(self.namespace, self.name, wait=False, extras=self.extras)
         elif signum == signals.SIGKILL:
             self._deleting = True
-            await self._launcher.delete_pod(self.namespace, self.name, grace=0, wait=False)
+            await self._launcher.delete_pod(self.namespace, self.name, grace=0, wait=False, extras=self.extras)
         else:
             raise LaunchError(
                 f"cannot send signal {signum} to pod {self.namespace}/{self.name}: its comm port does not answer"
@@ -247,7 +254,7 @@ class KubernetesKernelProcess(RemoteKernelProcess):
     async def _release(self) -> None:
         self._deleting = True
         self._unfollow()
-        await self._launcher.delete_pod(self.namespace, self.name)
+        await self._launcher.delete_pod(self.namespace, self.name, extras=self.extras)
         if self.own_namespace:
             await self._launcher.forget_namespace(self.namespace)
 
@@ -257,7 +264,7 @@ class KubernetesKernelProcess(RemoteKernelProcess):
 
     def snapshot(self) -> dict:
         return {**super().snapshot(), "launcher": "kubernetes", "namespace": self.namespace, "pod": self.name,
-                "own_namespace": self.own_namespace}
+                "own_namespace": self.own_namespace, "extras": [list(e) for e in self.extras]}
 
 
 @implementer(ILauncher, ILauncherInventory)
@@ -351,10 +358,13 @@ class KubernetesLauncher(RemoteLauncher):
 
     # -- pods ------------------------------------------------------------------
 
-    async def delete_pod(self, namespace: str, name: str, grace: float | None = None, wait: bool = True) -> None:
+    async def delete_pod(self, namespace: str, name: str, grace: float | None = None, wait: bool = True,
+                         extras: Sequence[tuple[str, str]] = ()) -> None:
         """
         Delete the pod with a grace period (C{kubernetes_delete_grace}), then,
-        if it is still there once that has passed, forcibly; its Secret with it.
+        if it is still there once that has passed, forcibly; its Secret and
+        the C{extras} made with it (C{(kind, name)}) with it (they are owned
+        by the pod too, but Kubernetes' garbage collector takes its time).
         Tolerates a pod already gone; logs rather than raises.
         """
         grace = self._settings.kubernetes_delete_grace if grace is None else grace
@@ -364,7 +374,8 @@ class KubernetesLauncher(RemoteLauncher):
             raise
         except Exception as e:
             _log.warn("cannot delete pod {namespace}/{pod}: {error}", namespace=namespace, pod=name, error=api_error(e))
-        await self._delete_secret(namespace, name)
+        for kind, made in [("secret", name + SECRET_SUFFIX), *extras]:
+            await self._delete_made(kind, namespace, made)
         watch = self._watches.get(namespace)
         if not wait or watch is None:
             return
@@ -387,14 +398,14 @@ class KubernetesLauncher(RemoteLauncher):
                               namespace=namespace, pod=name, error=api_error(e))
             await _pod_event(watch, name, 0.5, self._reactor)
 
-    async def _delete_secret(self, namespace: str, name: str) -> None:
+    async def _delete_made(self, kind: str, namespace: str, name: str) -> None:
         try:
-            await self._call(self.client.delete_blocking, "secret", namespace, name + SECRET_SUFFIX)
+            await self._call(self.client.delete_blocking, kind, namespace, name)
         except CancelledError:
             raise
         except Exception as e:
-            _log.warn("cannot delete secret {namespace}/{secret}: {error}", namespace=namespace,
-                      secret=name + SECRET_SUFFIX, error=api_error(e))
+            _log.warn("cannot delete {kind} {namespace}/{name}: {error}", kind=kind, namespace=namespace,
+                      name=name, error=api_error(e))
 
     # -- the launch's steps ----------------------------------------------------
 
@@ -466,10 +477,10 @@ class KubernetesLauncher(RemoteLauncher):
                 values[f"kernel_{key}"] = str(config[key])
         if request.cwd and config.get("mirror_working_dirs"):
             values["kernel_working_dir"] = request.cwd
-        pod = pod_document(render(template, values, source), source)
+        pod, extras = kernel_documents(render(template, values, source), source)
         from_client = any(env.get(v) for v in QUANTITIES)
         return _PodLaunch(namespace=namespace, name=name, pod=pod, from_client=from_client,
-                          own_namespace=own_namespace)
+                          own_namespace=own_namespace, extras=extras)
 
     def _namespace_for(self, username: str, pod: str) -> str:
         """
@@ -620,6 +631,13 @@ class KubernetesLauncher(RemoteLauncher):
         try:
             await self._call(self.client.create_blocking, "secret", state.namespace, secret)
             state.created = True
+            for doc in state.extras:
+                # Before the pod, which may mount them.
+                kind = EXTRA_KINDS[doc["kind"]]
+                finish_extra(doc, namespace=state.namespace, kernel_id=request.kernel_id,
+                             gateway_id=self._gateway_id, username=request.username)
+                await self._call(self.client.create_blocking, kind, state.namespace, doc)
+                state.made.append((kind, str(doc["metadata"]["name"])))
             created = await self._call(self.client.create_blocking, "pod", state.namespace, pod)
         except CancelledError:
             raise
@@ -628,16 +646,19 @@ class KubernetesLauncher(RemoteLauncher):
         except Exception as e:
             status = getattr(e, "status", None)
             raise LaunchError(
-                f"Kubernetes refused the kernel pod {state.namespace}/{state.name}: {api_error(e)}",
+                f"Kubernetes refused the kernel pod {state.namespace}/{state.name} (or what its template creates "
+                f"with it): {api_error(e)}",
                 status=400 if status in (400, 422) and state.from_client else 500,
             ) from None
-        try:
-            await self._call(self.client.own_secret_blocking, state.namespace, state.secret, created)
-        except CancelledError:
-            raise
-        except Exception as e:
-            _log.warn("kernel {kernel_id}: the launch secret stays until the kernel ends: {error}",
-                      kernel_id=request.kernel_id, error=api_error(e))
+        for kind, made in [("secret", state.secret), *state.made]:
+            try:
+                await self._call(self.client.own_blocking, kind, state.namespace, made, created)
+            except CancelledError:
+                raise
+            except Exception as e:
+                _log.warn("kernel {kernel_id}: {kind} {name} is not owned by its pod, so it stays until the gateway "
+                          "deletes it with the kernel: {error}", kernel_id=request.kernel_id, kind=kind, name=made,
+                          error=api_error(e))
         _log.info("kernel {kernel_id}: created pod {namespace}/{pod}", kernel_id=request.kernel_id,
                   namespace=state.namespace, pod=state.name)
         request.report(Phase.SUBMITTED, f"pod {state.namespace}/{state.name}")
@@ -717,6 +738,7 @@ class KubernetesLauncher(RemoteLauncher):
             name=state.name,
             watch=self._watches[state.namespace],
             own_namespace=state.own_namespace,
+            extras=state.made,
             placement=Placement(host=placed.host, ip=placed.address,
                                 extra={"namespace": state.namespace, "pod": state.name}),
             **self._kernel_arguments(launch, info, payload),
@@ -728,7 +750,7 @@ class KubernetesLauncher(RemoteLauncher):
         if state.created:
             _log.info("kernel {kernel_id}: deleting pod {namespace}/{pod} of a failed launch",
                       kernel_id=launch.request.kernel_id, namespace=state.namespace, pod=state.name)
-            await self.delete_pod(state.namespace, state.name, grace=0)
+            await self.delete_pod(state.namespace, state.name, grace=0, extras=state.made)
         if state.own_namespace:
             await self.forget_namespace(state.namespace)
 
@@ -754,6 +776,8 @@ class KubernetesLauncher(RemoteLauncher):
             name=name,
             watch=watch,
             own_namespace=bool(snapshot.get("own_namespace")),
+            extras=[(str(kind), str(made)) for kind, made in snapshot.get("extras") or []
+                    if kind in EXTRA_KINDS.values()],
             placement=Placement(host=str(snapshot.get("host") or ""), ip=arguments["info"].ip,
                                 extra={"namespace": namespace, "pod": name}),
             **arguments,
