@@ -49,6 +49,14 @@ def cluster() -> KubeCluster:
         raise SkipTest(f"Kubernetes tests need root: {e}") from None
 
 
+def manifest(name: str) -> list[dict[str, Any]]:
+    """
+    The documents of etc/kubernetes/C{name}.
+    """
+    with open(os.path.join(REPO_ROOT, "etc", "kubernetes", name)) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
 JEG_STYLE_TEMPLATE = """\
 # A pod template written the way Enterprise Gateway's kernel-pod.yaml.j2 is, plus a client-chosen note.
 apiVersion: v1
@@ -158,6 +166,29 @@ class KubernetesGatewayTestCase(GatewayTestCase):
 
     def pod(self, name: str) -> Any:
         return json.loads(self.core.read_namespaced_pod(name, NAMESPACE, _preload_content=False).data)
+
+    async def assert_kernel_role(self, namespace: str) -> None:
+        """
+        The gateway bound the ClusterRole kernel-controller to the kernels'
+        service account in C{namespace}: it may create pods there, and
+        nowhere else.
+        """
+        from kubernetes import client
+
+        rbac = client.RbacAuthorizationV1Api(self.core.api_client)
+        binding = await deferToThread(rbac.read_namespaced_role_binding, "kernel-controller", namespace)
+        self.assertEqual((binding.role_ref.kind, binding.role_ref.name), ("ClusterRole", "kernel-controller"))
+        self.assertEqual([(s.kind, s.name, s.namespace) for s in binding.subjects],
+                         [("ServiceAccount", "default", namespace)])
+        reviews = client.AuthorizationV1Api(self.core.api_client)
+
+        def allowed(where: str) -> bool:
+            review = {"spec": {"user": f"system:serviceaccount:{namespace}:default",
+                               "resourceAttributes": {"namespace": where, "verb": "create", "resource": "pods"}}}
+            return bool(reviews.create_subject_access_review(review).status.allowed)
+
+        self.assertTrue(await deferToThread(allowed, namespace))
+        self.assertFalse(await deferToThread(allowed, NAMESPACE))
 
     async def start(self, name: str = "pod", env: dict[str, str] | None = None, expect: int = 201) -> Any:
         body: dict[str, Any] = {"name": name, **({"env": env} if env else {})}
@@ -347,10 +378,18 @@ class KernelNamespaceTests(KubernetesGatewayTestCase):
 
     extra_settings = {"kubernetes_namespace_mode": "kernel", "kubernetes_namespace_prefix": "egw-k-"}
 
+    async def setUp(self) -> None:
+        kube = await deferToThread(cluster)
+        role = [d for d in manifest("rbac-per-user.yaml") if d["metadata"]["name"] == "kernel-controller"]
+        created = await deferToThread(kube.apply, role)
+        self.addCleanup(deferToThread, kube.delete, created)
+        await super().setUp()
+
     async def test_namespace_per_kernel(self) -> None:
         """
-        The kernel runs in egw-k-<pod name>, created for it; shutting the
-        kernel down deletes the namespace too.
+        The kernel runs in egw-k-<pod name>, created for it with the
+        kernel-controller ClusterRole bound to its service account;
+        shutting the kernel down deletes the namespace too.
         """
         from kubernetes.client.exceptions import ApiException
 
@@ -358,6 +397,7 @@ class KernelNamespaceTests(KubernetesGatewayTestCase):
         namespace = model["placement"]["namespace"]
         self.addCleanup(deferToThread, self.delete_namespace, namespace)
         self.assertEqual(namespace, f"egw-k-{model['placement']['pod']}"[:63].strip("-"))
+        await self.assert_kernel_role(namespace)
         client = await ChannelsClient.connect(self.gateway.url, model["id"])
         self.addCleanup(client.close)
         self.assertEqual((await client.execute("import os; print(os.environ['KERNEL_NAMESPACE'])"))["stdout"].strip(),
@@ -382,9 +422,7 @@ class LeastRightsTests(KubernetesGatewayTestCase):
 
     async def setUp(self) -> None:
         self.cluster = await deferToThread(cluster)
-        with open(os.path.join(REPO_ROOT, "etc", "kubernetes", self.manifest)) as f:
-            docs = [d for d in yaml.safe_load_all(f) if d]
-        created = await deferToThread(self.cluster.apply, docs)
+        created = await deferToThread(self.cluster.apply, manifest(self.manifest))
         self.addCleanup(deferToThread, self.cluster.delete, created)
         self.kubeconfig = await deferToThread(self.cluster.account_kubeconfig, "default", "egateway",
                                               os.path.abspath(self.mktemp()))
@@ -428,6 +466,7 @@ class PerUserLeastRightsTests(LeastRightsTests):
         self.addCleanup(deferToThread, self.delete_namespace, "egw-rights-carol")
         model = await self.start(env={"KERNEL_USERNAME": "carol"})
         self.assertEqual(model["placement"]["namespace"], "egw-rights-carol")
+        await self.assert_kernel_role("egw-rights-carol")
         ws = await ChannelsClient.connect(self.gateway.url, model["id"])
         self.addCleanup(ws.close)
         self.assertEqual((await ws.execute("6 * 7"))["result"]["text/plain"], "42")

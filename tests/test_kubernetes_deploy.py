@@ -22,7 +22,6 @@ import secrets
 import signal
 from typing import Any, Callable
 
-import yaml
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.task import deferLater
@@ -34,17 +33,12 @@ from tests.fixtures.kubecluster import REPO_ROOT, KubeCluster
 from tests.support.daemon import HttpApi
 from tests.support.remote_kernels import launcher_argv, write_spec
 from tests.support.wsclient import ChannelsClient
-from tests.test_kubernetes import NAMESPACE, cluster
+from tests.test_kubernetes import NAMESPACE, cluster, manifest
 
 GATEWAY_IMAGE = "docker.io/local/egateway:test"
 CHECKOUT = "/opt/egateway/src"
 KERNELSPECS = "/opt/egateway/kernelspecs"  # where egateway.yaml's EG_KERNELSPEC_PATH points
 SELECTOR = "app=egateway,component=gateway"
-
-
-def manifest(name: str) -> list[dict[str, Any]]:
-    with open(os.path.join(REPO_ROOT, "etc", "kubernetes", name)) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
 
 
 def build_gateway_image_blocking(kube: KubeCluster, workdir: str) -> None:

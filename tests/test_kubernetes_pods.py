@@ -540,6 +540,72 @@ class PrepareTests(TestCase):
         self.assertFalse((await self.prepare({"namespace": "team"})).own_namespace)
 
 
+class NamespaceBindingTests(TestCase):
+    """
+    The RoleBinding of kubernetes_kernel_cluster_role in namespaces a
+    gateway creates, against a scripted client.
+    """
+
+    def launcher(self, **settings: str) -> Any:
+        from egateway.clusters.interface import LauncherContext, LaunchSettings
+        from egateway.clusters.kubernetes import KubernetesLauncher
+        from egateway.config import build_config
+
+        config = build_config({}, {}, {"kubernetes-namespace-mode": "user", **settings})
+        launcher = KubernetesLauncher(LauncherContext(reactor=reactor, runtime_dir="", ports=None,
+                                                      section=config.kubernetes,
+                                                      shared=LaunchSettings.from_config(config)))
+        self.addCleanup(launcher.stop)
+        return launcher
+
+    def client(self, launcher: Any, ours: bool, refuse: bool = False) -> list[tuple[str, ...]]:
+        calls: list[tuple[str, ...]] = []
+
+        def bind(namespace: str, role: str, account: str) -> bool:
+            calls.append((namespace, role, account))
+            if refuse:
+                raise RuntimeError("rolebindings is forbidden: cannot bind")
+            return True
+
+        launcher.client = SimpleNamespace(ensure_namespace_blocking=lambda namespace, labels: (ours, ours),
+                                          bind_blocking=bind,
+                                          service_account_ready_blocking=lambda namespace, account: True)
+        return calls
+
+    async def test_bound_in_namespaces_a_gateway_made(self) -> None:
+        """
+        A namespace a gateway made gets the binding (the role from the
+        setting, the kernels' service account); one it did not make, or
+        any with the setting empty, does not.
+        """
+        launcher = self.launcher()
+        calls = self.client(launcher, ours=True)
+        await launcher._ensure_namespace("kernels-alice", "alice", "spark")
+        self.assertEqual(calls, [("kernels-alice", "kernel-controller", "spark")])
+        launcher = self.launcher()
+        calls = self.client(launcher, ours=False)
+        await launcher._ensure_namespace("team", "alice", "default")
+        self.assertEqual(calls, [])
+        launcher = self.launcher(**{"kubernetes-kernel-cluster-role": ""})
+        calls = self.client(launcher, ours=True)
+        await launcher._ensure_namespace("kernels-alice", "alice", "default")
+        self.assertEqual(calls, [])
+
+    async def test_binding_refused(self) -> None:
+        """
+        A binding the API refuses fails the launch saying which right the
+        gateway lacks, and the next launch tries again.
+        """
+        launcher = self.launcher(**{"kubernetes-kernel-cluster-role": "powerful"})
+        calls = self.client(launcher, ours=True, refuse=True)
+        for _ in range(2):
+            with self.assertRaises(LaunchError) as caught:
+                await launcher._ensure_namespace("kernels-alice", "alice", "default")
+            self.assertIn("cannot bind ClusterRole 'powerful'", str(caught.exception))
+            self.assertIn("bind verb", str(caught.exception))
+        self.assertEqual(len(calls), 2)
+
+
 class UnreachableApiTests(TestCase):
     """
     A gateway whose Kubernetes API cannot be reached fails a pod launch at

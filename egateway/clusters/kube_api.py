@@ -86,24 +86,55 @@ class KubeClient:
             raise
         return True
 
-    def ensure_namespace_blocking(self, namespace: str, labels: Mapping[str, str]) -> bool:
+    def ensure_namespace_blocking(self, namespace: str, labels: Mapping[str, str]) -> tuple[bool, bool]:
         """
-        Create the namespace unless it exists; C{True} if this call created it.
+        Create the namespace unless it exists: whether this call created it,
+        and whether a gateway did (now or before: it carries C{labels}'
+        C{app} and C{component}).
         """
         from kubernetes.client.exceptions import ApiException
 
         core = self.core_blocking()
+        marks = {k: v for k, v in labels.items() if k in ("app", "component")}
         try:
-            core.read_namespace(namespace, _preload_content=False, _request_timeout=self.timeout)
-            return False
+            response = core.read_namespace(namespace, _preload_content=False, _request_timeout=self.timeout)
         except ApiException as e:
             if e.status != 404:
                 raise
+        else:
+            found = (json.loads(response.data).get("metadata") or {}).get("labels") or {}
+            return False, all(found.get(k) == v for k, v in marks.items())
         body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": dict(labels)}}
         try:
             core.create_namespace(body=body, _preload_content=False, _request_timeout=self.timeout)
         except ApiException as e:
             if e.status != 409:  # created meanwhile by another gateway
+                raise
+            return False, True
+        return True, True
+
+    def bind_blocking(self, namespace: str, cluster_role: str, service_account: str) -> bool:
+        """
+        Bind C{cluster_role} to C{service_account} within C{namespace} (a
+        RoleBinding named after the role); C{False} if it exists already.
+        """
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        body = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": cluster_role, "namespace": namespace,
+                         "labels": {"app": "egateway", "component": "kernel-namespace"}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+            "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+        }
+        rbac = client.RbacAuthorizationV1Api(self.core_blocking().api_client)
+        try:
+            rbac.create_namespaced_role_binding(namespace, body=body, _preload_content=False,
+                                                _request_timeout=self.timeout)
+        except ApiException as e:
+            if e.status != 409:
                 raise
             return False
         return True

@@ -514,8 +514,9 @@ class KubernetesLauncher(RemoteLauncher):
 
     async def _ensure_namespace(self, namespace: str, username: str, service_account: str) -> None:
         """
-        A per-user namespace, created on first use, once pods may be created
-        in it (its service account has a token).
+        A per-user namespace, created on first use (with the RoleBinding of
+        C{kubernetes_kernel_cluster_role} for its kernels' service account),
+        once pods may be created in it (its service account has a token).
 
         @raise LaunchError: it cannot be created, or stays unusable.
         """
@@ -525,10 +526,26 @@ class KubernetesLauncher(RemoteLauncher):
         if label_value(username):
             labels[USER_LABEL] = username
         try:
-            created = await self._call(self.client.ensure_namespace_blocking, namespace, labels)
+            created, ours = await self._call(self.client.ensure_namespace_blocking, namespace, labels)
             if created:
                 _log.info("created namespace {namespace} for the kernels of {user}", namespace=namespace,
                           user=username)
+            role = self._settings.kubernetes_kernel_cluster_role
+            if ours and role:
+                # Also in a namespace a gateway made earlier: one whose binding failed gets it now.
+                try:
+                    if await self._call(self.client.bind_blocking, namespace, role, service_account):
+                        _log.info("bound ClusterRole {role} to service account {account} in namespace {namespace}",
+                                  role=role, account=service_account, namespace=namespace)
+                except CancelledError:
+                    raise
+                except Exception as e:
+                    raise LaunchError(
+                        f"cannot bind ClusterRole {role!r} to service account {service_account!r} in namespace "
+                        f"{namespace}: {api_error(e)}; give the gateway the bind verb on that ClusterRole "
+                        "(etc/kubernetes/rbac-per-user.yaml) or set kubernetes_kernel_cluster_role "
+                        "(EG_KERNEL_CLUSTER_ROLE) empty"
+                    ) from None
             deadline = self._reactor.seconds() + NAMESPACE_READY
             while not await self._call(self.client.service_account_ready_blocking, namespace, service_account):
                 if self._reactor.seconds() >= deadline:
