@@ -4,8 +4,9 @@ Kernels as Kubernetes pods.
 A launch renders the kernel's pod from a template written for Enterprise
 Gateway (the kernelspec's C{scripts/kernel-pod.yaml.j2}, the operator's
 C{kubernetes_pod_template}, or the built-in one; see
-L{egateway.clusters.kube_pods}), creates a Secret holding the launch token
-and the pod, and follows the pod through the namespace's watch
+L{egateway.clusters.kube_pods}), creates a Secret holding the launch token,
+the Services, ConfigMaps and Secrets the template asks for besides the pod
+(owned by the pod, deleted with the kernel), and the pod, and follows the pod through the namespace's watch
 (L{egateway.clusters.kube_watch}) until it runs.  The image's entry point
 (Enterprise Gateway's C{bootstrap-kernel.sh} contract: C{KERNEL_ID},
 C{RESPONSE_ADDRESS}, C{PUBLIC_KEY}, C{PORT_RANGE}, C{KERNEL_LANGUAGE}, ...
@@ -78,18 +79,18 @@ from egateway.clusters.interface import (
 from egateway.clusters.kube_api import KubeClient, api_error
 from egateway.clusters.kube_pods import (
     DEFAULT_TEMPLATE,
+    EXTRA_KINDS,
     GATEWAY_LABEL,
     IMAGE,
     POD_NAME,
     USER_LABEL,
     check_quantity,
     dns_label,
+    finish_extra,
     finish_pod,
+    kernel_documents,
     label_value,
     launch_problem,
-    EXTRA_KINDS,
-    finish_extra,
-    kernel_documents,
     pod_name,
     progress,
     render,
