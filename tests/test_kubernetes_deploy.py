@@ -142,10 +142,12 @@ class GatewayPodTests(TestCase):
         token_secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "egateway-auth",
                                                                            "namespace": NAMESPACE},
                         "stringData": {"token": self.token}}
-        docs = [*manifest("rbac-shared.yaml"), token_secret,
-                *for_this_machine(manifest("egateway.yaml"), self.kube, specs, port.getHost().port, self.marker)]
-        created = await deferToThread(self.kube.apply, docs)
+        # Cleanups run last first: the gateway goes (shutting its kernels down with its rights), then its rights.
+        rights = await deferToThread(self.kube.apply, [*manifest("rbac-shared.yaml"), token_secret])
+        self.addCleanup(deferToThread, self.kube.delete, rights)
         self.addCleanup(self.nothing_left)
+        gateway = for_this_machine(manifest("egateway.yaml"), self.kube, specs, port.getHost().port, self.marker)
+        created = await deferToThread(self.kube.apply, gateway)
         self.addCleanup(deferToThread, self.kube.delete, created)
 
     async def nothing_left(self) -> None:
@@ -212,7 +214,7 @@ class GatewayPodTests(TestCase):
         self.assertIsNotNone(pid, "the gateway's process is visible from the host")
         assert pid is not None
         os.kill(pid, signal.SIGUSR1)
-        self.assertEqual((await api.request("GET", "readyz", token=None)).code, 503)
+        await self.answers(api, "readyz", 503)
         await until(lambda: not self.ready(self.gateway_pod()), "the readiness probe to fail")
         self.assertEqual(await until(lambda: self.endpoints()[1], "the Service to drop the pod"), [ip])
         refused = await api.request("POST", "api/kernels", {"name": "pod"})
@@ -223,6 +225,16 @@ class GatewayPodTests(TestCase):
         await api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
         pod = await deferToThread(self.gateway_pod)
         self.assertEqual(pod.status.container_statuses[0].restart_count, 0)
+
+    async def answers(self, api: HttpApi, path: str, code: int, timeout: float = 10.0) -> None:
+        """
+        Wait until C{GET path} answers C{code} (a signal reaches the gateway's
+        reactor a moment after it is sent).
+        """
+        deadline = reactor.seconds() + timeout
+        while (reply := await api.request("GET", path, token=None)).code != code:
+            self.assertLess(reactor.seconds(), deadline, f"GET {path}: {reply.code} {reply.body!r}")
+            await deferLater(reactor, 0.1, lambda: None)
 
     def log(self) -> str:
         pod = self.gateway_pod()
