@@ -30,6 +30,7 @@ from tests.support.gateway import GatewayTestCase
 from tests.support.polling import eventually
 from tests.support.remote_kernels import interrupt_sleeping_cell, launcher_argv, write_spec
 from tests.support.wsclient import ChannelsClient
+from tests.test_kubernetes_pods import WITH_EXTRAS
 from tests.test_reconcile import ReconcileTestCase, forget
 
 NAMESPACE = "default"
@@ -46,6 +47,14 @@ def cluster() -> KubeCluster:
         if os.environ.get("CI"):
             raise
         raise SkipTest(f"Kubernetes tests need root: {e}") from None
+
+
+def manifest(name: str) -> list[dict[str, Any]]:
+    """
+    The documents of etc/kubernetes/C{name}.
+    """
+    with open(os.path.join(REPO_ROOT, "etc", "kubernetes", name)) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
 
 
 JEG_STYLE_TEMPLATE = """\
@@ -157,6 +166,29 @@ class KubernetesGatewayTestCase(GatewayTestCase):
 
     def pod(self, name: str) -> Any:
         return json.loads(self.core.read_namespaced_pod(name, NAMESPACE, _preload_content=False).data)
+
+    async def assert_kernel_role(self, namespace: str) -> None:
+        """
+        The gateway bound the ClusterRole kernel-controller to the kernels'
+        service account in C{namespace}: it may create pods there, and
+        nowhere else.
+        """
+        from kubernetes import client
+
+        rbac = client.RbacAuthorizationV1Api(self.core.api_client)
+        binding = await deferToThread(rbac.read_namespaced_role_binding, "kernel-controller", namespace)
+        self.assertEqual((binding.role_ref.kind, binding.role_ref.name), ("ClusterRole", "kernel-controller"))
+        self.assertEqual([(s.kind, s.name, s.namespace) for s in binding.subjects],
+                         [("ServiceAccount", "default", namespace)])
+        reviews = client.AuthorizationV1Api(self.core.api_client)
+
+        def allowed(where: str) -> bool:
+            review = {"spec": {"user": f"system:serviceaccount:{namespace}:default",
+                               "resourceAttributes": {"namespace": where, "verb": "create", "resource": "pods"}}}
+            return bool(reviews.create_subject_access_review(review).status.allowed)
+
+        self.assertTrue(await deferToThread(allowed, namespace))
+        self.assertFalse(await deferToThread(allowed, NAMESPACE))
 
     async def start(self, name: str = "pod", env: dict[str, str] | None = None, expect: int = 201) -> Any:
         body: dict[str, Any] = {"name": name, **({"env": env} if env else {})}
@@ -346,10 +378,18 @@ class KernelNamespaceTests(KubernetesGatewayTestCase):
 
     extra_settings = {"kubernetes_namespace_mode": "kernel", "kubernetes_namespace_prefix": "egw-k-"}
 
+    async def setUp(self) -> None:
+        kube = await deferToThread(cluster)
+        role = [d for d in manifest("rbac-per-user.yaml") if d["metadata"]["name"] == "kernel-controller"]
+        created = await deferToThread(kube.apply, role)
+        self.addCleanup(deferToThread, kube.delete, created)
+        await super().setUp()
+
     async def test_namespace_per_kernel(self) -> None:
         """
-        The kernel runs in egw-k-<pod name>, created for it; shutting the
-        kernel down deletes the namespace too.
+        The kernel runs in egw-k-<pod name>, created for it with the
+        kernel-controller ClusterRole bound to its service account;
+        shutting the kernel down deletes the namespace too.
         """
         from kubernetes.client.exceptions import ApiException
 
@@ -357,6 +397,7 @@ class KernelNamespaceTests(KubernetesGatewayTestCase):
         namespace = model["placement"]["namespace"]
         self.addCleanup(deferToThread, self.delete_namespace, namespace)
         self.assertEqual(namespace, f"egw-k-{model['placement']['pod']}"[:63].strip("-"))
+        await self.assert_kernel_role(namespace)
         client = await ChannelsClient.connect(self.gateway.url, model["id"])
         self.addCleanup(client.close)
         self.assertEqual((await client.execute("import os; print(os.environ['KERNEL_NAMESPACE'])"))["stdout"].strip(),
@@ -381,9 +422,7 @@ class LeastRightsTests(KubernetesGatewayTestCase):
 
     async def setUp(self) -> None:
         self.cluster = await deferToThread(cluster)
-        with open(os.path.join(REPO_ROOT, "etc", "kubernetes", self.manifest)) as f:
-            docs = [d for d in yaml.safe_load_all(f) if d]
-        created = await deferToThread(self.cluster.apply, docs)
+        created = await deferToThread(self.cluster.apply, manifest(self.manifest))
         self.addCleanup(deferToThread, self.cluster.delete, created)
         self.kubeconfig = await deferToThread(self.cluster.account_kubeconfig, "default", "egateway",
                                               os.path.abspath(self.mktemp()))
@@ -427,11 +466,68 @@ class PerUserLeastRightsTests(LeastRightsTests):
         self.addCleanup(deferToThread, self.delete_namespace, "egw-rights-carol")
         model = await self.start(env={"KERNEL_USERNAME": "carol"})
         self.assertEqual(model["placement"]["namespace"], "egw-rights-carol")
+        await self.assert_kernel_role("egw-rights-carol")
         ws = await ChannelsClient.connect(self.gateway.url, model["id"])
         self.addCleanup(ws.close)
         self.assertEqual((await ws.execute("6 * 7"))["result"]["text/plain"], "42")
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)
+
+
+# The JEG style pod with a ConfigMap it mounts and a Service, all from one template.
+EXTRAS_TEMPLATE = JEG_STYLE_TEMPLATE.replace(
+    "    volumeMounts:\n", "    volumeMounts:\n    - {name: files, mountPath: /etc/kernel-files, readOnly: true}\n"
+).replace(
+    "  volumes:\n", '  volumes:\n  - name: files\n    configMap: {name: "{{ kernel_pod_name }}-files"}\n'
+) + WITH_EXTRAS.replace("kernel_extra", "kernel_note")  # its Service names another namespace: overridden
+
+
+class TemplateResourcesTests(LeastRightsTests):
+    """
+    A pod template that also asks for a ConfigMap and a Service, with the
+    rights of etc/kubernetes/rbac-shared.yaml only.
+    """
+
+    async def more_specs(self, base: dict[str, Any]) -> None:
+        write_spec(self.specs, "with-extras", launcher_argv(), "kubernetes",
+                   config={**base, "pod_template": "pod.yaml.j2"})
+        with open(os.path.join(self.specs, "with-extras", "pod.yaml.j2"), "w") as f:
+            f.write(EXTRAS_TEMPLATE)
+
+    def made_with(self, kernel_id: str) -> dict[str, Any]:
+        selector = f"kernel_id={kernel_id}"
+        found = {}
+        for kind, listing in (("configmap", self.core.list_namespaced_config_map),
+                              ("service", self.core.list_namespaced_service)):
+            for item in json.loads(listing(NAMESPACE, label_selector=selector, _preload_content=False).data)["items"]:
+                found[f"{kind} {item['metadata']['name']}"] = item["metadata"]
+        return found
+
+    async def test_kernel_with_the_gateway_account(self) -> None:
+        """
+        The ConfigMap (holding a client's value as plain text) and the
+        Service are created in the kernel's namespace, labelled with the
+        kernel and the gateway and owned by the pod; the kernel reads the
+        mounted ConfigMap; shutting the kernel down deletes them.
+        """
+        note = "hello: [world] # {{ 1 }}"
+        model = await self.start("with-extras", env={"KERNEL_NOTE": note})
+        name = model["placement"]["pod"]
+        pod = await deferToThread(self.pod, name)
+        made = await deferToThread(self.made_with, model["id"])
+        self.assertEqual(sorted(made), [f"configmap {name}-files", f"service {name}"])
+        for metadata in made.values():
+            self.assertEqual(metadata["namespace"], NAMESPACE)
+            self.assertEqual(metadata["labels"]["egateway/gateway-id"], pod["metadata"]["labels"]["egateway/gateway-id"])
+            self.assertEqual([(o["kind"], o["uid"]) for o in metadata["ownerReferences"]],
+                             [("Pod", pod["metadata"]["uid"])])
+        ws = await ChannelsClient.connect(self.gateway.url, model["id"])
+        self.addCleanup(ws.close)
+        result = await ws.execute("print(open('/etc/kernel-files/note').read())")
+        self.assertEqual(result["stdout"].rstrip("\n"), note)
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        self.assertEqual(await deferToThread(self.made_with, model["id"]), {})
 
 
 JEG_IMAGE = "docker.io/elyra/kernel-py:3.3.0"

@@ -23,7 +23,9 @@ from egateway.clusters.kube_pods import (
     DEFAULT_TEMPLATE,
     TemplateRefused,
     check_quantity,
+    finish_extra,
     finish_pod,
+    kernel_documents,
     launch_problem,
     pod_document,
     pod_name,
@@ -70,6 +72,29 @@ spec:
   {% for volume in kernel_volumes %}
   - {{ volume }}
   {% endfor %}
+"""
+
+WITH_EXTRAS = """\
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: "{{ kernel_pod_name }}"
+  namespace: elsewhere
+  labels:
+    app: notebook
+spec:
+  selector:
+    kernel_id: "{{ kernel_id }}"
+  ports:
+  - port: 8888
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: "{{ kernel_pod_name }}-files"
+data:
+  note: "{{ kernel_extra }}"
 """
 
 VALUES = {
@@ -169,6 +194,55 @@ class TemplateTests(SynchronousTestCase):
             with self.assertRaises(TemplateRefused) as caught:
                 pod_document(render(template, VALUES), "t")
             self.assertEqual(caught.exception.status, 500)
+
+    def test_other_documents(self) -> None:
+        """
+        Services, ConfigMaps and Secrets after the Pod are created with it:
+        in the kernel's namespace whatever the template says, labelled with
+        the kernel, the gateway and the user; the template's own labels kept.
+        """
+        template = JEG_STYLE + WITH_EXTRAS
+        pod, extras = kernel_documents(render(template, VALUES), "t")
+        self.assertEqual(pod["kind"], "Pod")
+        self.assertEqual([(d["kind"], d["metadata"]["name"]) for d in extras],
+                         [("Service", "alice-k1"), ("ConfigMap", "alice-k1-files")])
+        service = finish_extra(extras[0], namespace="team", kernel_id="k1", gateway_id="gw", username="alice")
+        self.assertEqual(service["metadata"]["namespace"], "team")
+        self.assertEqual(service["metadata"]["labels"], {"app": "notebook", "kernel_id": "k1",
+                                                         "component": "kernel-resource",
+                                                         "egateway/gateway-id": "gw", "egateway/user": "alice"})
+        self.assertEqual(extras[1]["data"], {"note": "plain"})
+
+    def test_other_kinds_refused(self) -> None:
+        """
+        Any other document (a Deployment, a RoleBinding, a Namespace, a
+        ConfigMap of another API group, one without a name, a second Pod)
+        is refused (500: the operator's template), naming what is allowed.
+        """
+        for extra in ("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}",
+                      "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: r}",
+                      "apiVersion: v1\nkind: Namespace\nmetadata: {name: n}",
+                      "apiVersion: v2\nkind: ConfigMap\nmetadata: {name: c}",
+                      "apiVersion: v1\nkind: Service\nmetadata: {}",
+                      "[1, 2]",
+                      JEG_STYLE):
+            with self.assertRaises(TemplateRefused) as caught:
+                kernel_documents(render(JEG_STYLE + "---\n" + extra, VALUES), "t")
+            self.assertEqual(caught.exception.status, 500)
+            self.assertIn("Service, ConfigMap, Secret", str(caught.exception))
+
+    def test_values_cannot_add_documents(self) -> None:
+        """
+        A value that would start a document of its own (in the Pod or in a
+        ConfigMap's data) is refused with 400, like any value that changes
+        the structure.
+        """
+        for value in ('x"\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: evil}',
+                      "x\n---\napiVersion: v1\nkind: Service\nmetadata: {name: evil}"):
+            with self.assertRaises(TemplateRefused) as caught:
+                render(JEG_STYLE + WITH_EXTRAS, {**VALUES, "kernel_extra": value})
+            self.assertEqual(caught.exception.status, 400)
+            self.assertIn("kernel_extra", str(caught.exception))
 
     def test_values_for(self) -> None:
         """
@@ -464,6 +538,72 @@ class PrepareTests(TestCase):
         self.assertEqual((launch.namespace, launch.own_namespace),
                          ("kernels-alice-0d0c2f6e-0f1b-4bd5-9a4c-2b8b3c8c6f7a", True))
         self.assertFalse((await self.prepare({"namespace": "team"})).own_namespace)
+
+
+class NamespaceBindingTests(TestCase):
+    """
+    The RoleBinding of kubernetes_kernel_cluster_role in namespaces a
+    gateway creates, against a scripted client.
+    """
+
+    def launcher(self, **settings: str) -> Any:
+        from egateway.clusters.interface import LauncherContext, LaunchSettings
+        from egateway.clusters.kubernetes import KubernetesLauncher
+        from egateway.config import build_config
+
+        config = build_config({}, {}, {"kubernetes-namespace-mode": "user", **settings})
+        launcher = KubernetesLauncher(LauncherContext(reactor=reactor, runtime_dir="", ports=None,
+                                                      section=config.kubernetes,
+                                                      shared=LaunchSettings.from_config(config)))
+        self.addCleanup(launcher.stop)
+        return launcher
+
+    def client(self, launcher: Any, ours: bool, refuse: bool = False) -> list[tuple[str, ...]]:
+        calls: list[tuple[str, ...]] = []
+
+        def bind(namespace: str, role: str, account: str) -> bool:
+            calls.append((namespace, role, account))
+            if refuse:
+                raise RuntimeError("rolebindings is forbidden: cannot bind")
+            return True
+
+        launcher.client = SimpleNamespace(ensure_namespace_blocking=lambda namespace, labels: (ours, ours),
+                                          bind_blocking=bind,
+                                          service_account_ready_blocking=lambda namespace, account: True)
+        return calls
+
+    async def test_bound_in_namespaces_a_gateway_made(self) -> None:
+        """
+        A namespace a gateway made gets the binding (the role from the
+        setting, the kernels' service account); one it did not make, or
+        any with the setting empty, does not.
+        """
+        launcher = self.launcher()
+        calls = self.client(launcher, ours=True)
+        await launcher._ensure_namespace("kernels-alice", "alice", "spark")
+        self.assertEqual(calls, [("kernels-alice", "kernel-controller", "spark")])
+        launcher = self.launcher()
+        calls = self.client(launcher, ours=False)
+        await launcher._ensure_namespace("team", "alice", "default")
+        self.assertEqual(calls, [])
+        launcher = self.launcher(**{"kubernetes-kernel-cluster-role": ""})
+        calls = self.client(launcher, ours=True)
+        await launcher._ensure_namespace("kernels-alice", "alice", "default")
+        self.assertEqual(calls, [])
+
+    async def test_binding_refused(self) -> None:
+        """
+        A binding the API refuses fails the launch saying which right the
+        gateway lacks, and the next launch tries again.
+        """
+        launcher = self.launcher(**{"kubernetes-kernel-cluster-role": "powerful"})
+        calls = self.client(launcher, ours=True, refuse=True)
+        for _ in range(2):
+            with self.assertRaises(LaunchError) as caught:
+                await launcher._ensure_namespace("kernels-alice", "alice", "default")
+            self.assertIn("cannot bind ClusterRole 'powerful'", str(caught.exception))
+            self.assertIn("bind verb", str(caught.exception))
+        self.assertEqual(len(calls), 2)
 
 
 class UnreachableApiTests(TestCase):

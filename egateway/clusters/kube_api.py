@@ -12,6 +12,12 @@ import os
 from typing import Any, Mapping
 
 
+KINDS = {"pod": "pod", "secret": "secret", "service": "service", "configmap": "config_map"}
+"""
+The kinds the launcher creates, and their names in the client's methods.
+"""
+
+
 class KubeClient:
     """
     The blocking Kubernetes calls of the launcher (a kubernetes client
@@ -38,19 +44,27 @@ class KubeClient:
             self._core = client.CoreV1Api(api_client)
         return self._core
 
-    def create_blocking(self, kind: str, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+    def _by_kind(self, verb: str, kind: str) -> Any:
+        """
+        The client's C{verb}_namespaced_... method for C{kind} (C{pod},
+        C{secret}, C{service}, C{configmap}).
+        """
         core = self.core_blocking()
-        create = {"pod": core.create_namespaced_pod, "secret": core.create_namespaced_secret}[kind]
-        response = create(namespace, body=body, _preload_content=False, _request_timeout=self.timeout)
+        return getattr(core, f"{verb}_namespaced_{KINDS[kind]}")
+
+    def create_blocking(self, kind: str, namespace: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        response = self._by_kind("create", kind)(namespace, body=body, _preload_content=False,
+                                                 _request_timeout=self.timeout)
         return json.loads(response.data)
 
-    def own_secret_blocking(self, namespace: str, secret: str, pod: Mapping[str, Any]) -> None:
+    def own_blocking(self, kind: str, namespace: str, name: str, pod: Mapping[str, Any]) -> None:
         """
-        Make the pod the Secret's owner, so Kubernetes deletes it with the pod.
+        Make the pod the owner of C{kind} C{name}, so Kubernetes deletes it
+        with the pod.
         """
         owner = {"apiVersion": "v1", "kind": "Pod", "name": pod["metadata"]["name"], "uid": pod["metadata"]["uid"]}
-        self.core_blocking().patch_namespaced_secret(
-            secret, namespace, body={"metadata": {"ownerReferences": [owner]}}, _preload_content=False,
+        self._by_kind("patch", kind)(
+            name, namespace, body={"metadata": {"ownerReferences": [owner]}}, _preload_content=False,
             _request_timeout=self.timeout,
         )
 
@@ -60,37 +74,67 @@ class KubeClient:
         """
         from kubernetes.client.exceptions import ApiException
 
-        core = self.core_blocking()
-        delete = {"pod": core.delete_namespaced_pod, "secret": core.delete_namespaced_secret}[kind]
         options: dict[str, Any] = {}
         if grace is not None:
             options["grace_period_seconds"] = grace
         try:
-            delete(name, namespace, _preload_content=False, _request_timeout=self.timeout, **options)
+            self._by_kind("delete", kind)(name, namespace, _preload_content=False, _request_timeout=self.timeout,
+                                          **options)
         except ApiException as e:
             if e.status == 404:
                 return False
             raise
         return True
 
-    def ensure_namespace_blocking(self, namespace: str, labels: Mapping[str, str]) -> bool:
+    def ensure_namespace_blocking(self, namespace: str, labels: Mapping[str, str]) -> tuple[bool, bool]:
         """
-        Create the namespace unless it exists; C{True} if this call created it.
+        Create the namespace unless it exists: whether this call created it,
+        and whether a gateway did (now or before: it carries C{labels}'
+        C{app} and C{component}).
         """
         from kubernetes.client.exceptions import ApiException
 
         core = self.core_blocking()
+        marks = {k: v for k, v in labels.items() if k in ("app", "component")}
         try:
-            core.read_namespace(namespace, _preload_content=False, _request_timeout=self.timeout)
-            return False
+            response = core.read_namespace(namespace, _preload_content=False, _request_timeout=self.timeout)
         except ApiException as e:
             if e.status != 404:
                 raise
+        else:
+            found = (json.loads(response.data).get("metadata") or {}).get("labels") or {}
+            return False, all(found.get(k) == v for k, v in marks.items())
         body = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": dict(labels)}}
         try:
             core.create_namespace(body=body, _preload_content=False, _request_timeout=self.timeout)
         except ApiException as e:
             if e.status != 409:  # created meanwhile by another gateway
+                raise
+            return False, True
+        return True, True
+
+    def bind_blocking(self, namespace: str, cluster_role: str, service_account: str) -> bool:
+        """
+        Bind C{cluster_role} to C{service_account} within C{namespace} (a
+        RoleBinding named after the role); C{False} if it exists already.
+        """
+        from kubernetes import client
+        from kubernetes.client.exceptions import ApiException
+
+        body = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": cluster_role, "namespace": namespace,
+                         "labels": {"app": "egateway", "component": "kernel-namespace"}},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": cluster_role},
+            "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": namespace}],
+        }
+        rbac = client.RbacAuthorizationV1Api(self.core_blocking().api_client)
+        try:
+            rbac.create_namespaced_role_binding(namespace, body=body, _preload_content=False,
+                                                _request_timeout=self.timeout)
+        except ApiException as e:
+            if e.status != 409:
                 raise
             return False
         return True

@@ -282,26 +282,89 @@ def _items(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def pod_document(docs: Iterable[dict[str, Any]], source: str) -> dict[str, Any]:
-    """
-    The one Pod among the template's documents.
+EXTRA_KINDS = {"Service": "service", "ConfigMap": "configmap", "Secret": "secret"}
+"""
+What a pod template may ask for besides its Pod (Kubernetes kind: the
+launcher's name for it): created in the kernel's namespace, labelled with
+the kernel, owned by the pod and deleted with it.  Anything else (a
+Deployment, a Role, a Namespace...) would outlive the kernel or widen what
+a kernelspec can do with the gateway's rights, so it is refused.
+"""
 
-    @raise TemplateRefused: 500: no Pod, several, or another kind (which
-        this gateway does not create).
+
+def kernel_documents(docs: Iterable[dict[str, Any]], source: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """
+    The one Pod among the template's documents, and the others (each a
+    kind of L{EXTRA_KINDS}, C{apiVersion: v1}, with a name).
+
+    @raise TemplateRefused: 500: no Pod, several, a Pod without containers,
+        or another document this gateway does not create (saying which
+        kinds it does).
     """
     docs = list(docs)
     kinds = [str(d.get("kind", "")) if isinstance(d, dict) else type(d).__name__ for d in docs]
     pods = [d for d in docs if isinstance(d, dict) and d.get("kind") == "Pod"]
-    others = [k for k in kinds if k != "Pod"]
-    if len(pods) != 1 or others:
+    allowed = ", ".join(EXTRA_KINDS)
+    if len(pods) != 1:
         raise TemplateRefused(
-            f"{source} must hold exactly one Pod and nothing else (it holds: {', '.join(kinds) or 'nothing'})"
+            f"{source} must hold exactly one Pod, and besides it only {allowed} (it holds: "
+            f"{', '.join(kinds) or 'nothing'})"
         )
+    extras = [d for d in docs if d is not pods[0]]
+    for doc in extras:
+        kind = str(doc.get("kind", "")) if isinstance(doc, dict) else type(doc).__name__
+        metadata = doc.get("metadata") if isinstance(doc, dict) else None
+        name = metadata.get("name") if isinstance(metadata, dict) else None
+        if kind not in EXTRA_KINDS or doc.get("apiVersion") != "v1" or not isinstance(name, str) or not name:
+            raise TemplateRefused(
+                f"{source}: a {kind or 'document'} {'named ' + repr(name) + ' ' if name else ''}cannot be "
+                f"created with a kernel: besides its Pod a template may hold only {allowed} (apiVersion v1, "
+                "with a metadata.name)"
+            )
     pod = pods[0]
     containers = _items((pod.get("spec") or {}).get("containers"))
     if not containers or not all(isinstance(c, dict) for c in containers):
         raise TemplateRefused(f"{source}: the Pod has no containers")
-    return pod
+    return pod, extras
+
+
+def pod_document(docs: Iterable[dict[str, Any]], source: str) -> dict[str, Any]:
+    """
+    The Pod of L{kernel_documents}.
+    """
+    return kernel_documents(docs, source)[0]
+
+
+def kernel_labels(labels: Any, *, kernel_id: str, gateway_id: str, username: str, component: str) -> dict[str, str]:
+    """
+    A template's labels (if a mapping) with those that find a kernel's
+    objects again: its id, C{component} (unless set), this gateway's id and
+    the user.
+    """
+    labels = {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+    labels["kernel_id"] = kernel_id
+    labels.setdefault("component", component)
+    if gateway_id:
+        labels[GATEWAY_LABEL] = gateway_id
+    user_label = label_value(username)
+    if user_label:
+        labels[USER_LABEL] = user_label
+    return labels
+
+
+def finish_extra(doc: dict[str, Any], *, namespace: str, kernel_id: str, gateway_id: str,
+                 username: str) -> dict[str, Any]:
+    """
+    Put the kernel's namespace and labels into a document created with its
+    pod, whatever the template says.
+    """
+    metadata = doc.setdefault("metadata", {})
+    if not isinstance(metadata, dict):
+        raise TemplateRefused(f"the metadata of the pod template's {doc.get('kind')} is not a mapping")
+    metadata["namespace"] = namespace
+    metadata["labels"] = kernel_labels(metadata.get("labels"), kernel_id=kernel_id, gateway_id=gateway_id,
+                                       username=username, component="kernel-resource")
+    return doc
 
 
 def finish_pod(
@@ -330,16 +393,8 @@ def finish_pod(
         raise TemplateRefused("the pod template's metadata is not a mapping")
     metadata["name"] = name
     metadata["namespace"] = namespace
-    labels = metadata.get("labels") if isinstance(metadata.get("labels"), dict) else {}
-    labels = {str(k): str(v) for k, v in labels.items()}
-    labels["kernel_id"] = kernel_id
-    labels.setdefault("component", "kernel")
-    if gateway_id:
-        labels[GATEWAY_LABEL] = gateway_id
-    user_label = label_value(username)
-    if user_label:
-        labels[USER_LABEL] = user_label
-    metadata["labels"] = labels
+    metadata["labels"] = kernel_labels(metadata.get("labels"), kernel_id=kernel_id, gateway_id=gateway_id,
+                                       username=username, component="kernel")
     annotations = metadata.get("annotations") if isinstance(metadata.get("annotations"), dict) else {}
     annotations = {str(k): str(v) for k, v in annotations.items()}
     annotations[USER_ANNOTATION] = username
@@ -471,11 +526,14 @@ def values_for(env: Mapping[str, str]) -> dict[str, str]:
 
 __all__ = [
     "DEFAULT_TEMPLATE",
+    "EXTRA_KINDS",
     "FATAL_WAITING",
     "TemplateRefused",
     "check_quantity",
     "dns_label",
+    "finish_extra",
     "finish_pod",
+    "kernel_documents",
     "launch_problem",
     "pod_document",
     "pod_name",

@@ -4,8 +4,9 @@ Kernels as Kubernetes pods.
 A launch renders the kernel's pod from a template written for Enterprise
 Gateway (the kernelspec's C{scripts/kernel-pod.yaml.j2}, the operator's
 C{kubernetes_pod_template}, or the built-in one; see
-L{egateway.clusters.kube_pods}), creates a Secret holding the launch token
-and the pod, and follows the pod through the namespace's watch
+L{egateway.clusters.kube_pods}), creates a Secret holding the launch token,
+the Services, ConfigMaps and Secrets the template asks for besides the pod
+(owned by the pod, deleted with the kernel), and the pod, and follows the pod through the namespace's watch
 (L{egateway.clusters.kube_watch}) until it runs.  The image's entry point
 (Enterprise Gateway's C{bootstrap-kernel.sh} contract: C{KERNEL_ID},
 C{RESPONSE_ADDRESS}, C{PUBLIC_KEY}, C{PORT_RANGE}, C{KERNEL_LANGUAGE}, ...
@@ -78,16 +79,18 @@ from egateway.clusters.interface import (
 from egateway.clusters.kube_api import KubeClient, api_error
 from egateway.clusters.kube_pods import (
     DEFAULT_TEMPLATE,
+    EXTRA_KINDS,
     GATEWAY_LABEL,
     IMAGE,
     POD_NAME,
     USER_LABEL,
     check_quantity,
     dns_label,
+    finish_extra,
     finish_pod,
+    kernel_documents,
     label_value,
     launch_problem,
-    pod_document,
     pod_name,
     progress,
     render,
@@ -153,6 +156,9 @@ class _PodLaunch:
     unfollow_events: Callable[[], None] | None = None
     warning: str = ""
     own_namespace: bool = False
+    extras: list[dict[str, Any]] = field(default_factory=list)
+    made: list[tuple[str, str]] = field(default_factory=list)
+    """The template's other documents, and those created: (launcher kind, name)."""
 
     def stop_following(self) -> None:
         for unfollow in (self.unfollow, self.unfollow_events):
@@ -187,6 +193,7 @@ class KubernetesKernelProcess(RemoteKernelProcess):
         name: str,
         watch: NamespaceWatch,
         own_namespace: bool = False,
+        extras: Sequence[tuple[str, str]] = (),
         **kw: Any,
     ) -> None:
         super().__init__(**kw)
@@ -194,6 +201,7 @@ class KubernetesKernelProcess(RemoteKernelProcess):
         self.namespace = namespace
         self.name = name
         self.own_namespace = own_namespace
+        self.extras = list(extras)
         self._deleting = False
         self._pods = watch
         self._unfollow = watch.follow(name, self._pod_changed)
@@ -235,10 +243,10 @@ class KubernetesKernelProcess(RemoteKernelProcess):
     async def _signal_directly(self, signum: int) -> None:
         if signum == signals.SIGTERM:
             self._deleting = True
-            await self._launcher.delete_pod(self.namespace, self.name, wait=False)
+            await self._launcher.delete_pod(self.namespace, self.name, wait=False, extras=self.extras)
         elif signum == signals.SIGKILL:
             self._deleting = True
-            await self._launcher.delete_pod(self.namespace, self.name, grace=0, wait=False)
+            await self._launcher.delete_pod(self.namespace, self.name, grace=0, wait=False, extras=self.extras)
         else:
             raise LaunchError(
                 f"cannot send signal {signum} to pod {self.namespace}/{self.name}: its comm port does not answer"
@@ -247,7 +255,7 @@ class KubernetesKernelProcess(RemoteKernelProcess):
     async def _release(self) -> None:
         self._deleting = True
         self._unfollow()
-        await self._launcher.delete_pod(self.namespace, self.name)
+        await self._launcher.delete_pod(self.namespace, self.name, extras=self.extras)
         if self.own_namespace:
             await self._launcher.forget_namespace(self.namespace)
 
@@ -257,7 +265,7 @@ class KubernetesKernelProcess(RemoteKernelProcess):
 
     def snapshot(self) -> dict:
         return {**super().snapshot(), "launcher": "kubernetes", "namespace": self.namespace, "pod": self.name,
-                "own_namespace": self.own_namespace}
+                "own_namespace": self.own_namespace, "extras": [list(e) for e in self.extras]}
 
 
 @implementer(ILauncher, ILauncherInventory)
@@ -351,10 +359,13 @@ class KubernetesLauncher(RemoteLauncher):
 
     # -- pods ------------------------------------------------------------------
 
-    async def delete_pod(self, namespace: str, name: str, grace: float | None = None, wait: bool = True) -> None:
+    async def delete_pod(self, namespace: str, name: str, grace: float | None = None, wait: bool = True,
+                         extras: Sequence[tuple[str, str]] = ()) -> None:
         """
         Delete the pod with a grace period (C{kubernetes_delete_grace}), then,
-        if it is still there once that has passed, forcibly; its Secret with it.
+        if it is still there once that has passed, forcibly; its Secret and
+        the C{extras} made with it (C{(kind, name)}) with it (they are owned
+        by the pod too, but Kubernetes' garbage collector takes its time).
         Tolerates a pod already gone; logs rather than raises.
         """
         grace = self._settings.kubernetes_delete_grace if grace is None else grace
@@ -364,7 +375,8 @@ class KubernetesLauncher(RemoteLauncher):
             raise
         except Exception as e:
             _log.warn("cannot delete pod {namespace}/{pod}: {error}", namespace=namespace, pod=name, error=api_error(e))
-        await self._delete_secret(namespace, name)
+        for kind, made in [("secret", name + SECRET_SUFFIX), *extras]:
+            await self._delete_made(kind, namespace, made)
         watch = self._watches.get(namespace)
         if not wait or watch is None:
             return
@@ -387,14 +399,14 @@ class KubernetesLauncher(RemoteLauncher):
                               namespace=namespace, pod=name, error=api_error(e))
             await _pod_event(watch, name, 0.5, self._reactor)
 
-    async def _delete_secret(self, namespace: str, name: str) -> None:
+    async def _delete_made(self, kind: str, namespace: str, name: str) -> None:
         try:
-            await self._call(self.client.delete_blocking, "secret", namespace, name + SECRET_SUFFIX)
+            await self._call(self.client.delete_blocking, kind, namespace, name)
         except CancelledError:
             raise
         except Exception as e:
-            _log.warn("cannot delete secret {namespace}/{secret}: {error}", namespace=namespace,
-                      secret=name + SECRET_SUFFIX, error=api_error(e))
+            _log.warn("cannot delete {kind} {namespace}/{name}: {error}", kind=kind, namespace=namespace,
+                      name=name, error=api_error(e))
 
     # -- the launch's steps ----------------------------------------------------
 
@@ -466,10 +478,10 @@ class KubernetesLauncher(RemoteLauncher):
                 values[f"kernel_{key}"] = str(config[key])
         if request.cwd and config.get("mirror_working_dirs"):
             values["kernel_working_dir"] = request.cwd
-        pod = pod_document(render(template, values, source), source)
+        pod, extras = kernel_documents(render(template, values, source), source)
         from_client = any(env.get(v) for v in QUANTITIES)
         return _PodLaunch(namespace=namespace, name=name, pod=pod, from_client=from_client,
-                          own_namespace=own_namespace)
+                          own_namespace=own_namespace, extras=extras)
 
     def _namespace_for(self, username: str, pod: str) -> str:
         """
@@ -503,8 +515,9 @@ class KubernetesLauncher(RemoteLauncher):
 
     async def _ensure_namespace(self, namespace: str, username: str, service_account: str) -> None:
         """
-        A per-user namespace, created on first use, once pods may be created
-        in it (its service account has a token).
+        A per-user namespace, created on first use (with the RoleBinding of
+        C{kubernetes_kernel_cluster_role} for its kernels' service account),
+        once pods may be created in it (its service account has a token).
 
         @raise LaunchError: it cannot be created, or stays unusable.
         """
@@ -514,10 +527,26 @@ class KubernetesLauncher(RemoteLauncher):
         if label_value(username):
             labels[USER_LABEL] = username
         try:
-            created = await self._call(self.client.ensure_namespace_blocking, namespace, labels)
+            created, ours = await self._call(self.client.ensure_namespace_blocking, namespace, labels)
             if created:
                 _log.info("created namespace {namespace} for the kernels of {user}", namespace=namespace,
                           user=username)
+            role = self._settings.kubernetes_kernel_cluster_role
+            if ours and role:
+                # Also in a namespace a gateway made earlier: one whose binding failed gets it now.
+                try:
+                    if await self._call(self.client.bind_blocking, namespace, role, service_account):
+                        _log.info("bound ClusterRole {role} to service account {account} in namespace {namespace}",
+                                  role=role, account=service_account, namespace=namespace)
+                except CancelledError:
+                    raise
+                except Exception as e:
+                    raise LaunchError(
+                        f"cannot bind ClusterRole {role!r} to service account {service_account!r} in namespace "
+                        f"{namespace}: {api_error(e)}; give the gateway the bind verb on that ClusterRole "
+                        "(etc/kubernetes/rbac-per-user.yaml) or set kubernetes_kernel_cluster_role "
+                        "(EG_KERNEL_CLUSTER_ROLE) empty"
+                    ) from None
             deadline = self._reactor.seconds() + NAMESPACE_READY
             while not await self._call(self.client.service_account_ready_blocking, namespace, service_account):
                 if self._reactor.seconds() >= deadline:
@@ -620,6 +649,13 @@ class KubernetesLauncher(RemoteLauncher):
         try:
             await self._call(self.client.create_blocking, "secret", state.namespace, secret)
             state.created = True
+            for doc in state.extras:
+                # Before the pod, which may mount them.
+                kind = EXTRA_KINDS[doc["kind"]]
+                finish_extra(doc, namespace=state.namespace, kernel_id=request.kernel_id,
+                             gateway_id=self._gateway_id, username=request.username)
+                await self._call(self.client.create_blocking, kind, state.namespace, doc)
+                state.made.append((kind, str(doc["metadata"]["name"])))
             created = await self._call(self.client.create_blocking, "pod", state.namespace, pod)
         except CancelledError:
             raise
@@ -628,16 +664,19 @@ class KubernetesLauncher(RemoteLauncher):
         except Exception as e:
             status = getattr(e, "status", None)
             raise LaunchError(
-                f"Kubernetes refused the kernel pod {state.namespace}/{state.name}: {api_error(e)}",
+                f"Kubernetes refused the kernel pod {state.namespace}/{state.name} (or what its template creates "
+                f"with it): {api_error(e)}",
                 status=400 if status in (400, 422) and state.from_client else 500,
             ) from None
-        try:
-            await self._call(self.client.own_secret_blocking, state.namespace, state.secret, created)
-        except CancelledError:
-            raise
-        except Exception as e:
-            _log.warn("kernel {kernel_id}: the launch secret stays until the kernel ends: {error}",
-                      kernel_id=request.kernel_id, error=api_error(e))
+        for kind, made in [("secret", state.secret), *state.made]:
+            try:
+                await self._call(self.client.own_blocking, kind, state.namespace, made, created)
+            except CancelledError:
+                raise
+            except Exception as e:
+                _log.warn("kernel {kernel_id}: {kind} {name} is not owned by its pod, so it stays until the gateway "
+                          "deletes it with the kernel: {error}", kernel_id=request.kernel_id, kind=kind, name=made,
+                          error=api_error(e))
         _log.info("kernel {kernel_id}: created pod {namespace}/{pod}", kernel_id=request.kernel_id,
                   namespace=state.namespace, pod=state.name)
         request.report(Phase.SUBMITTED, f"pod {state.namespace}/{state.name}")
@@ -717,6 +756,7 @@ class KubernetesLauncher(RemoteLauncher):
             name=state.name,
             watch=self._watches[state.namespace],
             own_namespace=state.own_namespace,
+            extras=state.made,
             placement=Placement(host=placed.host, ip=placed.address,
                                 extra={"namespace": state.namespace, "pod": state.name}),
             **self._kernel_arguments(launch, info, payload),
@@ -728,7 +768,7 @@ class KubernetesLauncher(RemoteLauncher):
         if state.created:
             _log.info("kernel {kernel_id}: deleting pod {namespace}/{pod} of a failed launch",
                       kernel_id=launch.request.kernel_id, namespace=state.namespace, pod=state.name)
-            await self.delete_pod(state.namespace, state.name, grace=0)
+            await self.delete_pod(state.namespace, state.name, grace=0, extras=state.made)
         if state.own_namespace:
             await self.forget_namespace(state.namespace)
 
@@ -750,6 +790,8 @@ class KubernetesLauncher(RemoteLauncher):
             name=name,
             watch=watch,
             own_namespace=bool(snapshot.get("own_namespace")),
+            extras=[(str(kind), str(made)) for kind, made in snapshot.get("extras") or []
+                    if kind in EXTRA_KINDS.values()],
             placement=Placement(host=str(snapshot.get("host") or ""), ip=arguments["info"].ip,
                                 extra={"namespace": namespace, "pod": name}),
             **arguments,

@@ -655,6 +655,11 @@ class KubernetesConfig:
         "Service account of kernel pods.",
         env=("EG_DEFAULT_KERNEL_SERVICE_ACCOUNT_NAME",),
     )
+    kubernetes_kernel_cluster_role: str = setting(
+        "kernel-controller",
+        "ClusterRole bound (a RoleBinding of the same name) to the kernels' service account in each namespace the gateway creates (kubernetes_namespace_mode = user or kernel), deleted with the namespace; the gateway needs the bind verb on it (etc/kubernetes/rbac-per-user.yaml). Empty: no binding.",
+        env=("EG_KERNEL_CLUSTER_ROLE",),
+    )
     kubernetes_delete_grace: float = setting(
         10.0,
         "Seconds a deleted kernel pod gets to stop before it is deleted forcibly.",
