@@ -307,7 +307,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     manager = KernelManager(
         clock=reactor,
         specs=specs,
-        launchers=LauncherRegistry(context, sections={"ssh": config.ssh, "slurm": config.slurm, "docker": config.docker, "docker-swarm": config.docker}),
+        launchers=LauncherRegistry(context, sections={"ssh": config.ssh, "slurm": config.slurm, "docker": config.docker, "docker-swarm": config.docker, "yarn": config.yarn}),
         channels=channels,
         settings=config.kernels,
         gateway_env=os.environ,

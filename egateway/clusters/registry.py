@@ -33,6 +33,7 @@ BUILTIN = {
     "slurm": "egateway.clusters.slurm:SlurmLauncher",
     "docker": "egateway.clusters.docker:DockerLauncher",
     "docker-swarm": "egateway.clusters.swarm:SwarmLauncher",
+    "yarn": "egateway.clusters.yarn:YarnLauncher",
 }
 
 ENTRY_POINT_GROUP = "egateway.launchers"

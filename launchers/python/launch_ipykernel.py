@@ -799,6 +799,54 @@ def _forget_curve_keys(app, info: dict) -> None:
     info.pop("curve_secretkey", None)
 
 
+
+def in_yarn_container() -> bool:
+    """
+    Whether a YARN NodeManager started us (it sets C{CONTAINER_ID} in every
+    container's environment).
+    """
+    return bool(os.environ.get("CONTAINER_ID"))
+
+
+def own_process_group() -> None:
+    """
+    Become our own process group, so a gateway signalling C{-pgid} (over
+    SSH) reaches the kernel and its children and nothing else.
+
+    Not inside a YARN container: the NodeManager kills a container by
+    signalling the container's process group, and a kernel that had left
+    it would outlive its killed application.  There the kernel stays in
+    the container's group and also asks the kernel (Linux) to end it when
+    its parent, the ApplicationMaster's driver JVM, dies.
+    """
+    if in_yarn_container():
+        die_with_parent()
+        return
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # a session leader already leads its group
+
+
+def die_with_parent() -> None:
+    """
+    C{prctl(PR_SET_PDEATHSIG, SIGTERM)}: SIGTERM when our parent exits.
+    """
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            LOG.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError) as e:
+        LOG.warning("cannot ask to die with the parent process: %s", e)
+    if os.getppid() != parent:
+        # The parent died before prctl took effect.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def launch(args: argparse.Namespace) -> int:
     low, high = parse_port_range(args.port_range)
     if args.response_address:
@@ -807,10 +855,7 @@ def launch(args: argparse.Namespace) -> int:
         if args.response_ca:
             _tls_context(args.response_ca)
     curve = curve_keys(args.kernel_encryption, bool(args.launch_token))
-    try:
-        os.setpgid(0, 0)
-    except OSError:
-        pass  # a session leader already leads its group
+    own_process_group()
     comm_socket = bind_in_range(args.ip, low, high, set())
     comm_port = comm_socket.getsockname()[1]
     ports = choose_kernel_ports(args.ip, low, high, {comm_port})

@@ -1,0 +1,326 @@
+"""
+Kernels as Spark applications on a real Hadoop YARN in cluster mode (one
+ResourceManager and one NodeManager JVM shared by the trial process,
+L{tests.support.yarn_cluster}), driven through an in-process gateway's
+REST API and WebSocket; then the launcher's pure parts without YARN.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase
+
+from egateway.clusters.yarn_api import base_url, endpoints_from_site
+from egateway.clusters.yarn_apps import ApplicationWatch, newest_named
+from egateway.clusters.yarn_submit import properties_text, submission, submit_error, submitted_app_id
+from tests.fixtures._processes import is_alive
+from tests.fixtures.yarn import FINAL_STATES
+from tests.support.gateway import GatewayTestCase, InProcessGateway
+from tests.support.polling import eventually
+from tests.support.remote_kernels import launcher_argv, write_spec
+from tests.support.wsclient import ChannelsClient
+from tests.support.yarn_cluster import MAX_ALLOCATION_MB, shared_yarn
+
+
+def spark_home() -> str:
+    import pyspark
+
+    return os.path.dirname(os.path.abspath(pyspark.__file__))
+
+
+async def wait_state(gateway: InProcessGateway, kernel_id: str, state: str, timeout: float = 30) -> dict:
+    """
+    The kernel's model once it is in C{state} (bounded).
+    """
+
+    async def check() -> Any:
+        code, model = await gateway.request("GET", f"api/kernels/{kernel_id}")
+        return model if code == 200 and model["state"] == state else None
+
+    deadline = reactor.seconds() + timeout
+    while True:
+        model = await check()
+        if model is not None:
+            return model
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"kernel {kernel_id} not {state} after {timeout:g} s")
+        await deferLater(reactor, 0.2, lambda: None)
+
+
+class YarnGatewayTestCase(GatewayTestCase):
+    """
+    A gateway whose kernelspecs submit kernels to the shared YARN; every
+    test must leave no application alive and no container process.
+    """
+
+    timeout = 240
+
+    async def setUp(self) -> None:
+        self.yarn = shared_yarn()
+        self.specs = os.path.abspath(self.mktemp())
+        self.write_specs()
+        self.gateway_settings = self.settings()
+        await super().setUp()
+        self.addCleanup(self.nothing_left)
+
+    def settings(self, **more: Any) -> dict[str, Any]:
+        return {
+            "kernelspec_path": self.specs,
+            "yarn_endpoint": self.yarn.web_url,
+            "yarn_poll_interval": 0.25,
+            "list_kernels": "true",
+            "launch_timeout": 90,
+            "shutdown_wait": 5,
+            "terminate_wait": 5,
+            "poll_interval": 0.5,
+            **more,
+        }
+
+    def spark_opts(self) -> list[str]:
+        home = spark_home()
+        conf = {
+            "spark.yarn.jars": f"local:{home}/jars/*",
+            "spark.yarn.stagingDir": f"file://{self.yarn.staging_dir}",
+            "spark.driver.memory": "512m",
+            "spark.executor.memory": "512m",
+            "spark.executor.instances": "1",
+            "spark.ui.enabled": "false",
+            "spark.yarn.appMasterEnv.SPARK_LOCAL_IP": "127.0.0.1",
+            "spark.executorEnv.SPARK_LOCAL_IP": "127.0.0.1",
+            "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
+        }
+        return [part for key, value in conf.items() for part in ("--conf", f"{key}={value}")]
+
+    def write_specs(self) -> None:
+        env = {**self.yarn.env(), "SPARK_HOME": spark_home()}
+        config = {"spark_opts": self.spark_opts()}
+        write_spec(self.specs, "yarn", launcher_argv(), "yarn", config=config, env=env)
+        write_spec(
+            self.specs, "yarn_spark",
+            launcher_argv() + ["--spark-context-initialization-mode", "eager"], "yarn", config=config, env=env,
+        )
+
+    async def nothing_left(self) -> None:
+        await eventually(lambda: not self.yarn.live_applications(), "kernel applications to end", timeout=30)
+        await eventually(lambda: not self.yarn.container_processes(), "container processes to end", timeout=30)
+
+    async def start(self, name: str = "yarn", env: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"name": name, **({"env": env} if env else {})}
+        code, model = await self.gateway.request("POST", "api/kernels", body)
+        self.assertEqual(code, 201, model)
+        return model
+
+
+class YarnKernelTests(YarnGatewayTestCase):
+    async def test_kernel_runs_code_interrupt_restart_shutdown(self) -> None:
+        """
+        A kernel starts as a YARN application named and tagged with its
+        id, runs code inside a YARN container, is interrupted, restarts as
+        a new application under the same kernel id, and shutting it down
+        leaves no application alive and no kernel process.
+        """
+        model = await self.start()
+        kernel_id = model["id"]
+        app_id = model["placement"]["app_id"]
+        app = self.yarn.application(app_id)
+        self.assertEqual(app["name"], kernel_id)
+        self.assertIn(kernel_id, app["applicationTags"].split(","))
+        self.assertIn(app["state"], ("ACCEPTED", "RUNNING"))
+        details = " ".join(p["detail"] for p in model["phases"])
+        self.assertIn(f"YARN application {app_id}", details)
+
+        client = await ChannelsClient.connect(self.gateway.url, kernel_id)
+        result = await client.execute("import os; print(os.environ.get('CONTAINER_ID', ''), os.getpgid(0) != os.getpid())")
+        container, in_group = result["stdout"].split()
+        self.assertTrue(container.startswith("container_"), result)
+        self.assertEqual(in_group, "True")  # stays in the container's process group
+
+        async def interrupt() -> None:
+            code, _ = await self.gateway.request("POST", f"api/kernels/{kernel_id}/interrupt")
+            self.assertEqual(code, 204)
+
+        reply = await client.interrupted_sleep(interrupt)
+        self.assertEqual(reply["ename"], "KeyboardInterrupt")
+        await client.close()
+
+        code, restarted = await self.gateway.request("POST", f"api/kernels/{kernel_id}/restart")
+        self.assertEqual(code, 200, restarted)
+        code, now = await self.gateway.request("GET", f"api/kernels/{kernel_id}")
+        new_app = now["placement"]["app_id"]
+        self.assertNotEqual(new_app, app_id)
+        self.assertIn(self.yarn.application(app_id)["state"], FINAL_STATES)
+        client = await ChannelsClient.connect(self.gateway.url, kernel_id)
+        result = await client.execute("6 * 7")
+        self.assertEqual(result["result"]["text/plain"], "42")
+        await client.close()
+
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel_id}")
+        self.assertEqual(code, 204)
+        self.assertIn(self.yarn.application(new_app)["state"], FINAL_STATES)
+        self.assertEqual(self.yarn.container_processes(), [])
+
+    async def test_killed_from_outside_is_dead_with_diagnostics(self) -> None:
+        """
+        An application killed through YARN (not by the gateway) makes its
+        kernel dead, not restarted, with YARN's diagnostics; the kernel
+        process dies with its container.
+        """
+        model = await self.start()
+        pid = model["placement"]["pid"]
+        self.yarn.kill(model["placement"]["app_id"])
+        now = await wait_state(self.gateway, model["id"], "dead")
+        self.assertIn(f"YARN application {model['placement']['app_id']} KILLED", now["reason"])
+        self.assertIn("was killed by user", now["reason"])
+        self.assertIn("not restarted", now["reason"])
+        await eventually(lambda: not is_alive(pid), "the kernel process to die with its container", timeout=15)
+
+    async def test_memory_above_the_maximum_allocation_fails_fast(self) -> None:
+        """
+        A client asking for more driver memory than any container may have
+        is refused within seconds with the ResourceManager's maximum, and no
+        application is left.
+        """
+        started = reactor.seconds()
+        code, body = await self.gateway.request(
+            "POST", "api/kernels", {"name": "yarn", "env": {"KERNEL_DRIVER_MEMORY": "4g"}}
+        )
+        self.assertEqual(code, 400, body)
+        self.assertIn("spark-submit exited with code 1", body["message"])
+        self.assertIn(f"max threshold ({MAX_ALLOCATION_MB} MB)", body["message"])
+        self.assertLess(reactor.seconds() - started, 30)
+
+
+class YarnSparkTests(YarnGatewayTestCase):
+    async def test_spark_job_runs_on_an_executor(self) -> None:
+        """
+        With an eager Spark context the kernel's application is RUNNING
+        when the kernel is ready, and a job on an executor returns its result.
+        """
+        model = await self.start("yarn_spark")
+        self.assertEqual(self.yarn.application(model["placement"]["app_id"])["state"], "RUNNING")
+        client = await ChannelsClient.connect(self.gateway.url, model["id"])
+        result = await client.execute("print(sc.parallelize(range(100), 2).sum(), spark.range(10).count())", timeout=120)
+        self.assertEqual(result["stdout"].split(), ["4950", "10"], result)
+        await client.close()
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+
+
+# -- without YARN -------------------------------------------------------------
+
+
+class EndpointTests(SynchronousTestCase):
+    def test_both_forms_of_the_endpoint(self) -> None:
+        """
+        EG_YARN_ENDPOINT works as Enterprise Gateway's users set it: the
+        RM's base URL or its /ws/v1/cluster form.
+        """
+        for given in ("http://rm:8088", "http://rm:8088/", "http://rm:8088/ws/v1/cluster", "http://rm:8088/ws/v1/cluster/"):
+            self.assertEqual(base_url(given), "http://rm:8088")
+        self.assertRaises(ValueError, base_url, "rm:8088")
+
+    def test_endpoints_from_yarn_site(self) -> None:
+        """
+        Without an endpoint, yarn-site.xml names the RM (both of an HA pair).
+        """
+        conf = self.mktemp()
+        os.makedirs(conf)
+        with open(os.path.join(conf, "yarn-site.xml"), "w") as f:
+            f.write(
+                "<configuration><property><name>yarn.resourcemanager.ha.enabled</name><value>true</value></property>"
+                "<property><name>yarn.resourcemanager.ha.rm-ids</name><value>rm1,rm2</value></property>"
+                "<property><name>yarn.resourcemanager.webapp.address.rm1</name><value>a:8088</value></property>"
+                "<property><name>yarn.resourcemanager.webapp.address.rm2</name><value>b:8088</value></property>"
+                "</configuration>"
+            )
+        self.assertEqual(endpoints_from_site(conf), ["http://a:8088", "http://b:8088"])
+
+
+class SubmissionTests(SynchronousTestCase):
+    def plan(self, **env: str) -> Any:
+        return submission(
+            ["/venv/bin/python", "/l/launch_ipykernel.py", "--kernel-id", "k"],
+            spark_submit="/spark/bin/spark-submit", kernel_id="k", gateway_id="g1", env=env,
+            config={"spark_opts": ["--conf", "a=b"]}, am_wait_time="3600s", token="T", properties_file="/r/p.conf",
+        )
+
+    def test_argv_and_properties(self) -> None:
+        """
+        The launcher script is the driver of a cluster-mode application
+        named after the kernel; the token, the tags, the AM's wait and a
+        single attempt are properties (not on the command line).
+        """
+        plan = self.plan(KERNEL_USERNAME="alice")
+        self.assertEqual(plan.argv, ["/spark/bin/spark-submit", "--master", "yarn", "--deploy-mode", "cluster",
+                                     "--name", "k", "--properties-file", "/r/p.conf", "--conf", "a=b",
+                                     "/l/launch_ipykernel.py", "--kernel-id", "k"])
+        self.assertNotIn("T", " ".join(plan.argv))
+        props = plan.properties
+        self.assertEqual(props["spark.yarn.appMasterEnv.EG_LAUNCH_TOKEN"], "T")
+        self.assertEqual(props["spark.yarn.tags"], "k,egateway-gateway:g1")
+        self.assertEqual((props["spark.yarn.maxAppAttempts"], props["spark.yarn.am.waitTime"]), ("1", "3600s"))
+        self.assertEqual(props["spark.yarn.appMasterEnv.KERNEL_USERNAME"], "alice")
+
+    def test_client_memory_is_checked(self) -> None:
+        """
+        KERNEL_DRIVER_MEMORY becomes --driver-memory (which wins over the
+        kernelspec's spark.driver.memory); a malformed one is a 400.
+        """
+        self.assertEqual(self.plan(KERNEL_DRIVER_MEMORY="2g").argv[-5:-3], ["--driver-memory", "2g"])
+        from egateway.clusters.interface import LaunchError
+
+        error = self.assertRaises(LaunchError, self.plan, KERNEL_DRIVER_MEMORY="2g --conf x=y")
+        self.assertEqual(error.status, 400)
+
+    def test_properties_round_trip(self) -> None:
+        """
+        Values with separators, backslashes and non-ASCII characters are
+        escaped the way Java reads them back.
+        """
+        self.assertEqual(properties_text({"k": "=a\\b é"}), "k=\\=a\\\\b \\u00e9\n")
+
+    def test_submit_output(self) -> None:
+        """
+        The application id and the reason of a failed submit come from
+        spark-submit's output.
+        """
+        self.assertEqual(submitted_app_id("INFO Client: Submitted application application_17_0003\n"),
+                         "application_17_0003")
+        output = ("INFO x\nException in thread \"main\" java.lang.IllegalArgumentException: Required AM memory "
+                  "(4096+409 MB) is above the max threshold (2048 MB) of this cluster!\n\tat org.apache.Foo\n")
+        self.assertEqual(submit_error(output), "java.lang.IllegalArgumentException: Required AM memory (4096+409 MB) "
+                         "is above the max threshold (2048 MB) of this cluster!")
+
+
+class WatchTests(SynchronousTestCase):
+    def test_killed_outside_is_a_decision(self) -> None:
+        """
+        KILLED by someone else ends the kernel as a decision with YARN's
+        diagnostics; killed by the gateway it is not.
+        """
+        watch = ApplicationWatch("k", "application_1_1")
+        ended = []
+        watch.when_ended().addCallback(ended.append)
+        watch.report({"id": "application_1_1", "state": "KILLED", "diagnostics": "Application killed by user."})
+        self.assertTrue(ended[0].decision)
+        self.assertEqual(ended[0].reason, "YARN application application_1_1 KILLED: Application killed by user.")
+        mine = ApplicationWatch("k", "application_1_2")
+        mine.stopping = True
+        mine.report({"id": "application_1_2", "state": "KILLED"})
+        self.assertFalse(mine.status.decision)
+
+    def test_restart_finds_the_new_application(self) -> None:
+        """
+        A restart reuses the name: the previous launch's application is
+        older than the new launch and is not taken for it.
+        """
+        apps = [{"id": "application_1_1", "name": "k", "startedTime": 1000, "state": "KILLED"},
+                {"id": "application_1_2", "name": "k", "startedTime": 5000, "state": "ACCEPTED"}]
+        self.assertEqual(newest_named(apps, "k", 4000)["id"], "application_1_2")
+        self.assertIsNone(newest_named(apps[:1], "k", 4000))
