@@ -200,13 +200,25 @@ class YarnSparkTests(YarnGatewayTestCase):
     async def test_spark_job_runs_on_an_executor(self) -> None:
         """
         With an eager Spark context the kernel's application is RUNNING
-        when the kernel is ready, and a job on an executor returns its result.
+        when the kernel is ready, a job on an executor returns its result,
+        sqlContext works with pyspark 4, and ten interrupts in a row land.
         """
         model = await self.start("yarn_spark")
         self.assertEqual(self.yarn.application(model["placement"]["app_id"])["state"], "RUNNING")
         client = await ChannelsClient.connect(self.gateway.url, model["id"])
         result = await client.execute("print(sc.parallelize(range(100), 2).sum(), spark.range(10).count())", timeout=120)
         self.assertEqual(result["stdout"].split(), ["4950", "10"], result)
+        result = await client.execute("print(type(sqlContext).__name__, sqlContext.range(3).count())")
+        self.assertEqual(result["stdout"].split(), ["SQLContext", "3"], result)
+
+        async def interrupt() -> None:
+            code, _ = await self.gateway.request("POST", f"api/kernels/{model['id']}/interrupt")
+            self.assertEqual(code, 204)
+
+        # Ten interrupts in a row all land (no SIGINT+SIGUSR2 race).
+        for _ in range(10):
+            reply = await client.interrupted_sleep(interrupt)
+            self.assertEqual(reply["ename"], "KeyboardInterrupt")
         await client.close()
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)
