@@ -195,6 +195,29 @@ class YarnKernelTests(YarnGatewayTestCase):
         self.assertIn(f"max threshold ({MAX_ALLOCATION_MB} MB)", body["message"])
         self.assertLess(reactor.seconds() - started, 30)
 
+    async def test_held_in_accepted_says_why_and_is_killed(self) -> None:
+        """
+        An application YARN cannot give a container (two kernels fill the
+        node) times out saying why, in the RM's words, with the queue's
+        capacity, and is killed.
+        """
+        fillers = [await self.start(env={"KERNEL_DRIVER_MEMORY": "1600m"}) for _ in range(2)]
+        before = {app["id"] for app in self.yarn.applications()}
+        code, body = await self.gateway.request(
+            "POST", "api/kernels", {"name": "yarn", "env": {"KERNEL_LAUNCH_TIMEOUT": "25"}}
+        )
+        self.assertGreaterEqual(code, 500, body)
+        message = body["message"]
+        self.assertIn("timed out after 25 s", message)
+        self.assertIn("ACCEPTED", message)
+        self.assertIn("queue default (FIFO scheduler)", message)
+        self.assertIn("0 MB free of 4096 MB", message)
+        (held,) = [app for app in self.yarn.applications() if app["id"] not in before]
+        self.assertEqual(self.yarn.wait_for_state(held["id"], {"KILLED"})["state"], "KILLED")
+        for model in fillers:
+            code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+            self.assertEqual(code, 204)
+
 
 class YarnSparkTests(YarnGatewayTestCase):
     async def test_spark_job_runs_on_an_executor(self) -> None:
@@ -236,6 +259,21 @@ class EndpointTests(SynchronousTestCase):
         for given in ("http://rm:8088", "http://rm:8088/", "http://rm:8088/ws/v1/cluster", "http://rm:8088/ws/v1/cluster/"):
             self.assertEqual(base_url(given), "http://rm:8088")
         self.assertRaises(ValueError, base_url, "rm:8088")
+
+    def test_bad_endpoint_stops_start_up(self) -> None:
+        """
+        A malformed EG_YARN_ENDPOINT, or an alternate RM without a primary,
+        is a start-up error naming the setting.
+        """
+        from egateway.config import ConfigError
+        from egateway.validation import load_config
+
+        error = self.assertRaises(ConfigError, load_config, {}, {"EG_YARN_ENDPOINT": "rm:8088"}, {})
+        self.assertIn("yarn.yarn_endpoint: 'rm:8088' is not an http:// or https:// URL", str(error))
+        error = self.assertRaises(ConfigError, load_config, {}, {"EG_ALT_YARN_ENDPOINT": "http://rm2:8088"}, {})
+        self.assertIn("yarn.alt_yarn_endpoint", str(error))
+        config = load_config({}, {"EG_YARN_ENDPOINT": "http://rm:8088/ws/v1/cluster"}, {})
+        self.assertEqual(config.yarn.yarn_endpoint, "http://rm:8088/ws/v1/cluster")
 
     def test_endpoints_from_yarn_site(self) -> None:
         """
