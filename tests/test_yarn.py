@@ -219,6 +219,45 @@ class YarnKernelTests(YarnGatewayTestCase):
             self.assertEqual(code, 204)
 
 
+class YarnLifecycleTests(YarnGatewayTestCase):
+    async def test_restarted_gateway_reattaches_and_reconciler_kills_orphans(self) -> None:
+        """
+        A gateway that keeps its kernels when it stops, and a new one on the
+        same data directory, reattaches to the running application (same
+        kernel, same application, state kept); a gateway with the same id
+        and an empty store kills the application as an orphan.
+        """
+        data_dir = os.path.abspath(self.mktemp())
+        settings = {**self.settings(), "persistence": "true", "data_dir": data_dir, "gateway_id": "egw-yarn-test"}
+        first = InProcessGateway(**{**settings, "on_stop": "keep"})
+        await first.start()
+        code, model = await first.request("POST", "api/kernels", {"name": "yarn"})
+        self.assertEqual(code, 201, model)
+        app_id = model["placement"]["app_id"]
+        self.assertIn("egateway-gateway:egw-yarn-test", self.yarn.application(app_id)["applicationTags"].split(","))
+        client = await ChannelsClient.connect(first.url, model["id"])
+        await client.execute("x = 42")
+        await client.close()
+        await first.stop()
+        self.assertIn(self.yarn.application(app_id)["state"], ("ACCEPTED", "RUNNING"))
+
+        second = InProcessGateway(**{**settings, "on_stop": "keep"})
+        await second.start()
+        again = await wait_state(second, model["id"], "running")
+        self.assertEqual(again["placement"]["app_id"], app_id)
+        client = await ChannelsClient.connect(second.url, model["id"])
+        self.assertEqual((await client.execute("x"))["result"]["text/plain"], "42")
+        await client.close()
+        await second.stop()
+
+        # Same gateway id, a store that knows nothing: the application is an orphan.
+        third = InProcessGateway(**{**settings, "data_dir": os.path.abspath(self.mktemp()), "reconcile": "reap"})
+        await third.start()
+        self.addCleanup(third.stop)
+        await eventually(lambda: self.yarn.application(app_id)["state"] in FINAL_STATES,
+                         "the reconciler to kill the orphan application", timeout=60)
+
+
 class YarnSparkTests(YarnGatewayTestCase):
     async def test_spark_job_runs_on_an_executor(self) -> None:
         """

@@ -507,11 +507,10 @@ class YarnLauncher(RemoteLauncher):
         Stop polling and close the RM connections (kernels kept for a
         later gateway run on).
         """
-        for cluster in self._clusters.values():
-            cluster.poller.stop()
 
         async def close() -> None:
             for cluster in self._clusters.values():
+                await cluster.poller.stop()
                 await cluster.rms.close()
 
         return Deferred.fromCoroutine(close())

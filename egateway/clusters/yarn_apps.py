@@ -97,8 +97,9 @@ class ApplicationPoller:
         self._gateway_id = gateway_id
         self._interval = interval
         self._watches: dict[str, ApplicationWatch] = {}
-        self._loop = LoopingCall(self._poll)
+        self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
+        self._inflight: Deferred[None] | None = None
         self.connected = False
 
     def watch(self, watch: ApplicationWatch) -> Callable[[], None]:
@@ -120,8 +121,9 @@ class ApplicationPoller:
 
         return unwatch
 
-    async def poll_now(self) -> None:
-        await self._poll()
+    def _tick(self) -> Deferred[None]:
+        self._inflight = Deferred.fromCoroutine(self._poll())
+        return self._inflight
 
     async def _poll(self) -> None:
         if not self._watches:
@@ -157,9 +159,19 @@ class ApplicationPoller:
             if app is not None:
                 watch.report(app)
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
+        """
+        Stop polling, once the query under way (if any) has answered, so
+        its connection is not returned to a pool being closed.
+        """
         if self._loop.running:
             self._loop.stop()
+        inflight = self._inflight
+        if inflight is not None and not inflight.called:
+            try:
+                await inflight
+            except Exception as e:
+                _log.info("YARN: the last application poll failed: {error}", error=str(e))
 
 
 def newest_named(apps: list[dict[str, Any]], kernel_id: str, since: int = 0) -> dict[str, Any] | None:
