@@ -8,8 +8,6 @@ REST API and WebSocket; then the launcher's pure parts without YARN.
 from __future__ import annotations
 
 import os
-import signal
-import sys
 from typing import Any
 
 from twisted.internet import reactor
@@ -23,15 +21,8 @@ from tests.fixtures._processes import is_alive
 from tests.fixtures.yarn import FINAL_STATES
 from tests.support.gateway import GatewayTestCase, InProcessGateway
 from tests.support.polling import eventually
-from tests.support.remote_kernels import launcher_argv, write_spec
 from tests.support.wsclient import ChannelsClient
-from tests.support.yarn_cluster import MAX_ALLOCATION_MB, shared_yarn
-
-
-def spark_home() -> str:
-    import pyspark
-
-    return os.path.dirname(os.path.abspath(pyspark.__file__))
+from tests.support.yarn_cluster import MAX_ALLOCATION_MB, shared_yarn, write_yarn_specs
 
 
 async def wait_state(gateway: InProcessGateway, kernel_id: str, state: str, timeout: float = 30) -> dict:
@@ -82,29 +73,8 @@ class YarnGatewayTestCase(GatewayTestCase):
             **more,
         }
 
-    def spark_opts(self) -> list[str]:
-        home = spark_home()
-        conf = {
-            "spark.yarn.jars": f"local:{home}/jars/*",
-            "spark.yarn.stagingDir": f"file://{self.yarn.staging_dir}",
-            "spark.driver.memory": "512m",
-            "spark.executor.memory": "512m",
-            "spark.executor.instances": "1",
-            "spark.ui.enabled": "false",
-            "spark.yarn.appMasterEnv.SPARK_LOCAL_IP": "127.0.0.1",
-            "spark.executorEnv.SPARK_LOCAL_IP": "127.0.0.1",
-            "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
-        }
-        return [part for key, value in conf.items() for part in ("--conf", f"{key}={value}")]
-
     def write_specs(self) -> None:
-        env = {**self.yarn.env(), "SPARK_HOME": spark_home()}
-        config = {"spark_opts": self.spark_opts()}
-        write_spec(self.specs, "yarn", launcher_argv(), "yarn", config=config, env=env)
-        write_spec(
-            self.specs, "yarn_spark",
-            launcher_argv() + ["--spark-context-initialization-mode", "eager"], "yarn", config=config, env=env,
-        )
+        write_yarn_specs(self.specs, self.yarn)
 
     async def nothing_left(self) -> None:
         await eventually(lambda: not self.yarn.live_applications(), "kernel applications to end", timeout=30)
