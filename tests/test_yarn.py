@@ -7,14 +7,18 @@ REST API and WebSocket; then the launcher's pure parts without YARN.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
-from egateway.clusters.yarn_api import base_url, endpoints_from_site
+from egateway.clusters.yarn_api import ResourceManagers, YarnAPIError, base_url, endpoints_from_site
 from egateway.clusters.yarn_apps import ApplicationWatch, newest_named
 from egateway.clusters.yarn_submit import properties_text, submission, submit_error, submitted_app_id
 from tests.fixtures._processes import is_alive
@@ -228,6 +232,27 @@ class YarnLifecycleTests(YarnGatewayTestCase):
                          "the reconciler to kill the orphan application", timeout=60)
 
 
+class YarnImpersonationTests(YarnGatewayTestCase):
+    def settings(self, **more: Any) -> dict[str, Any]:
+        return super().settings(impersonation_enabled="true", **more)
+
+    async def test_application_runs_as_the_kernel_user(self) -> None:
+        """
+        With impersonation the application is submitted with --proxy-user:
+        YARN runs it as the kernel's user; a prohibited user is refused
+        before anything is submitted.
+        """
+        model = await self.start(env={"KERNEL_USERNAME": "alice"})
+        self.assertEqual(self.yarn.application(model["placement"]["app_id"])["user"], "alice")
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
+        self.assertEqual(code, 204)
+        before = len(self.yarn.applications())
+        code, body = await self.gateway.request("POST", "api/kernels", {"name": "yarn", "env": {"KERNEL_USERNAME": "root"}})
+        self.assertEqual(code, 403, body)
+        self.assertIn("prohibited", body["message"])
+        self.assertEqual(len(self.yarn.applications()), before)
+
+
 class YarnSparkTests(YarnGatewayTestCase):
     async def test_spark_job_runs_on_an_executor(self) -> None:
         """
@@ -299,6 +324,62 @@ class EndpointTests(SynchronousTestCase):
                 "</configuration>"
             )
         self.assertEqual(endpoints_from_site(conf), ["http://a:8088", "http://b:8088"])
+
+
+class _FakeRM(Resource):
+    """
+    A ResourceManager's REST API as far as the HA client cares: active, it
+    lists one application; standby, it redirects as a standby RM does.
+    """
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.standby = False
+        self.requests = 0
+
+    def render(self, request: Any) -> bytes:
+        self.requests += 1
+        # No kept connection: stopping the port is then the RM's death.
+        request.setHeader(b"Connection", b"close")
+        if self.standby:
+            request.setResponseCode(307)
+            request.setHeader(b"Location", b"http://elsewhere/")
+            return b"This is standby RM."
+        request.setHeader(b"Content-Type", b"application/json")
+        return json.dumps({"apps": {"app": [{"id": "application_1_1", "state": "RUNNING"}]}}).encode()
+
+
+class HATests(TestCase):
+    async def test_follows_the_active_resource_manager(self) -> None:
+        """
+        With two RMs the client uses the active one, moves to the other
+        when it turns standby or stops answering, and says when none is
+        active.
+        """
+        rms = [_FakeRM(), _FakeRM()]
+        ports = [reactor.listenTCP(0, Site(rm), interface="127.0.0.1") for rm in rms]
+        for port in ports:
+            self.addCleanup(lambda port=port: port.connected and port.stopListening())
+        rms[1].standby = True
+        client = ResourceManagers(reactor, [f"http://127.0.0.1:{p.getHost().port}/ws/v1/cluster" for p in ports])
+        self.addCleanup(client.close)
+        self.assertEqual(len(await client.applications()), 1)
+        self.assertEqual((rms[0].requests, rms[1].requests), (1, 0))
+        # Failover: the first turns standby, the second active.
+        rms[0].standby, rms[1].standby = True, False
+        self.assertEqual(len(await client.applications()), 1)
+        self.assertEqual(client.active, f"http://127.0.0.1:{ports[1].getHost().port}")
+        # The active one dies: the other (active again) answers.
+        rms[0].standby = False
+        await ports[1].stopListening()
+        self.assertEqual(len(await client.applications()), 1)
+        self.assertEqual(client.active, f"http://127.0.0.1:{ports[0].getHost().port}")
+        rms[0].standby = True
+        error = await self.assertFailure(Deferred.fromCoroutine(client.applications()), YarnAPIError)
+        self.assertIn("no active YARN ResourceManager answered", str(error))
+        self.assertIn("standby", str(error))
 
 
 class SubmissionTests(SynchronousTestCase):

@@ -281,6 +281,10 @@ class YarnLauncher(RemoteLauncher):
     async def _prepare(self, request: LaunchRequest) -> _AppLaunch:
         if not KERNEL_ID_PATTERN.match(request.kernel_id):
             raise LaunchError(f"kernel id {request.kernel_id[:80]!r} cannot name a YARN application", status=400)
+        if self.impersonation.enabled:
+            # YARN runs the application as this user (spark-submit
+            # --proxy-user): the name must be one that may be impersonated.
+            self.impersonation.check_name(request.username)
         cluster = self.cluster(request.config, request.env)
         started = int(self._reactor.seconds() * 1000) - 2000
         return _AppLaunch(cluster, ApplicationWatch(request.kernel_id, started=started))
@@ -299,7 +303,7 @@ class YarnLauncher(RemoteLauncher):
         request, state = launch.request, launch.state
         argv = self._launcher_argv(request, launch.listener, "")
         env = self._environment(request, self._spark_submit(request.env))
-        proxy_user = request.username if self.impersonation.enabled and request.username else ""
+        proxy_user = request.username if self.impersonation.enabled else ""
         os.makedirs(self._runtime_dir, mode=0o700, exist_ok=True)
         fd, state.properties_file = tempfile.mkstemp(prefix=f"yarn-{request.kernel_id}-", suffix=".conf",
                                                      dir=self._runtime_dir)
