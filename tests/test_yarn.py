@@ -18,6 +18,13 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from dataclasses import replace
+
+from egateway.clusters.interface import LauncherContext, LaunchSettings
+from egateway.clusters.yarn import YarnLauncher
+from egateway.config import build_config
+from egateway.kernels.specs import KernelSpec
+from tests.support.contract import LauncherContract, request_for
 from egateway.clusters.yarn_api import ResourceManagers, YarnAPIError, base_url, endpoints_from_site
 from egateway.clusters.yarn_apps import ApplicationWatch, newest_named
 from egateway.clusters.yarn_submit import properties_text, submission, submit_error, submitted_app_id
@@ -279,6 +286,71 @@ class YarnSparkTests(YarnGatewayTestCase):
         await client.close()
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)
+
+
+class YarnLauncherContract(LauncherContract, TestCase):
+    """
+    The YARN launcher against the launcher contract, on the shared cluster.
+    """
+
+    timeout = 240
+
+    async def setUp(self) -> None:
+        self.yarn = shared_yarn()
+        self.config = build_config({}, {}, {
+            "response-port": "0",
+            "yarn-endpoint": self.yarn.web_url,
+            "yarn-poll-interval": "0.25",
+            "poll-interval": "1",
+        })
+        self.services: dict[str, Any] = {}
+        self.launchers: list[Any] = []
+        self.addCleanup(self._stop_services)
+        specs = os.path.abspath(self.mktemp())
+        write_yarn_specs(specs, self.yarn)
+        self.working = KernelSpec.from_json("working", "/nonexistent",
+                                            json.load(open(os.path.join(specs, "yarn", "kernel.json"))))
+        broken = json.load(open(os.path.join(specs, "yarn", "kernel.json")))
+        broken["argv"] = broken["argv"] + ["--kernel-class-name", "no.such.Kernel"]
+        self.broken = KernelSpec.from_json("broken", "/nonexistent", broken)
+
+    async def _stop_services(self) -> None:
+        for launcher in self.launchers:
+            await launcher.stop()
+        listener = self.services.get("response")
+        if listener is not None and listener.running:
+            await listener.stopService()
+
+    async def make_launcher(self) -> Any:
+        launcher = YarnLauncher(
+            LauncherContext(reactor=reactor, runtime_dir=os.path.abspath(self.mktemp()), ports=None,
+                            section=self.config.yarn, shared=LaunchSettings.from_config(self.config),
+                            services=self.services)
+        )
+        self.launchers.append(launcher)
+        return launcher
+
+    def make_request(self, kernel_id: str, spec_name: str = "working") -> Any:
+        request, phases = request_for(kernel_id, self.working, timeout=60)
+        return replace(request, env={**self.working.env, **request.env}, config=self.working.launcher_config), phases
+
+    def broken_request(self, kernel_id: str) -> Any:
+        request, phases = request_for(kernel_id, self.broken, timeout=60)
+        return replace(request, env={**self.broken.env, **request.env}, config=self.broken.launcher_config), phases
+
+    def live(self) -> list[str]:
+        return [app["id"] for app in self.yarn.live_applications()]
+
+    async def leftovers(self, process: Any) -> list:
+        try:
+            await eventually(lambda: not self.live() and not self.yarn.container_processes(),
+                             "the application to end", timeout=30)
+        except AssertionError:
+            pass
+        return self.live() + self.yarn.container_processes()
+
+    async def placed_leftovers(self, phases: list) -> list:
+        return await self.leftovers(None)
 
 
 # -- without YARN -------------------------------------------------------------

@@ -110,7 +110,7 @@ class YarnKernelProcess(RemoteKernelProcess):
     async def _check_alive(self) -> Liveness:
         if self.watch.status is not None:
             return Liveness(False, self.watch.status.describe(), decision=self.watch.status.decision)
-        if self._cluster.poller.connected:
+        if self._cluster.poller.watching(self.watch):
             return Liveness(True)  # the poll loop would have said
         app = await self._cluster.rms.application(self.app_id)
         if app is None or app.get("state") in FINAL_STATES:

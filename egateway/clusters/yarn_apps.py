@@ -121,6 +121,13 @@ class ApplicationPoller:
 
         return unwatch
 
+    def watching(self, watch: ApplicationWatch) -> bool:
+        """
+        Whether the loop follows C{watch} and last reached the RM: then its
+        silence means the application lives.
+        """
+        return self.connected and self._watches.get(watch.kernel_id) is watch
+
     def _tick(self) -> Deferred[None]:
         self._inflight = Deferred.fromCoroutine(self._poll())
         return self._inflight
