@@ -61,7 +61,7 @@ class YarnGatewayTestCase(GatewayTestCase):
     test must leave no application alive and no container process.
     """
 
-    timeout = 240
+    timeout = 480
 
     async def setUp(self) -> None:
         self.yarn = shared_yarn()
@@ -77,7 +77,7 @@ class YarnGatewayTestCase(GatewayTestCase):
             "yarn_endpoint": self.yarn.web_url,
             "yarn_poll_interval": 0.25,
             "list_kernels": "true",
-            "launch_timeout": 90,
+            "launch_timeout": 180,
             "shutdown_wait": 5,
             "terminate_wait": 5,
             "poll_interval": 0.5,
@@ -293,7 +293,7 @@ class YarnLauncherContract(LauncherContract, TestCase):
     The YARN launcher against the launcher contract, on the shared cluster.
     """
 
-    timeout = 240
+    timeout = 480
 
     async def setUp(self) -> None:
         self.yarn = shared_yarn()

@@ -302,14 +302,15 @@ class YarnLauncher(RemoteLauncher):
     async def _submit(self, launch: RemoteLaunch) -> None:
         request, state = launch.request, launch.state
         argv = self._launcher_argv(request, launch.listener, "")
-        env = self._environment(request, self._spark_submit(request.env))
+        spark_submit = self._spark_submit(request.env)
+        env = self._environment(request, spark_submit)
         proxy_user = request.username if self.impersonation.enabled else ""
         os.makedirs(self._runtime_dir, mode=0o700, exist_ok=True)
         fd, state.properties_file = tempfile.mkstemp(prefix=f"yarn-{request.kernel_id}-", suffix=".conf",
                                                      dir=self._runtime_dir)
         plan = submission(
             argv,
-            spark_submit=self._spark_submit(request.env),
+            spark_submit=spark_submit,
             kernel_id=request.kernel_id,
             gateway_id=self._gateway_id,
             env=env,
