@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -26,7 +28,7 @@ from egateway.config import build_config
 from egateway.kernels.specs import KernelSpec
 from tests.support.contract import LauncherContract, request_for
 from egateway.clusters.yarn_api import ResourceManagers, YarnAPIError, base_url, endpoints_from_site
-from egateway.clusters.yarn_apps import ApplicationWatch, newest_named
+from egateway.clusters.yarn_apps import ApplicationPoller, ApplicationWatch, newest_named
 from egateway.clusters.yarn_submit import properties_text, submission, submit_error, submitted_app_id
 from tests.fixtures._processes import is_alive
 from tests.fixtures.yarn import FINAL_STATES
@@ -526,6 +528,36 @@ class WatchTests(SynchronousTestCase):
         mine.stopping = True
         mine.report({"id": "application_1_2", "state": "KILLED"})
         self.assertFalse(mine.status.decision)
+
+    def test_one_poll_for_all_and_unwatching_mid_query(self) -> None:
+        """
+        One query per interval follows every watched application; a kernel
+        ending (unwatched) while a query is out, and another watched right
+        after, neither doubles the loop nor breaks it.
+        """
+        clock = Clock()
+        answers: list[Deferred[list]] = []
+        rms = SimpleNamespace(applications=lambda **query: answers.append(Deferred()) or answers[-1])
+        poller = ApplicationPoller(clock, rms, "g1", 1.0)
+        first, second = ApplicationWatch("k1", "application_1_1"), ApplicationWatch("k2", "application_1_2")
+        unwatch = poller.watch(first)
+        poller.watch(second)
+        clock.advance(1.0)
+        self.assertEqual(len(answers), 1)
+        unwatch()
+        third = ApplicationWatch("k3", "application_1_3")
+        poller.watch(third)
+        answers[0].callback([{"id": "application_1_2", "state": "KILLED"}])
+        self.assertEqual(second.status.reason, "YARN application application_1_2 KILLED")
+        self.assertIsNone(first.app)
+        clock.advance(1.0)
+        self.assertEqual(len(answers), 2)
+        answers[1].callback([{"id": "application_1_3", "state": "RUNNING"}])
+        self.assertEqual(third.state, "RUNNING")
+        self.assertTrue(poller.watching(third))
+        self.successResultOf(Deferred.fromCoroutine(poller.stop()))
+        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertFalse(poller.watching(third))
 
     def test_restart_finds_the_new_application(self) -> None:
         """

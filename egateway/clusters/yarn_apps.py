@@ -88,7 +88,7 @@ class ApplicationWatch:
 class ApplicationPoller:
     """
     The one loop asking the ResourceManager about every watched
-    application; it runs only while something is watched.
+    application; it asks nothing while nothing is watched.
     """
 
     def __init__(self, reactor: Any, rms: ResourceManagers, gateway_id: str, interval: float) -> None:
@@ -100,6 +100,7 @@ class ApplicationPoller:
         self._loop = LoopingCall(self._tick)
         self._loop.clock = reactor
         self._inflight: Deferred[None] | None = None
+        self._stopped = False
         self.connected = False
 
     def watch(self, watch: ApplicationWatch) -> Callable[[], None]:
@@ -108,7 +109,9 @@ class ApplicationPoller:
         kernel id as name); returns the way to stop.
         """
         self._watches[watch.kernel_id] = watch
-        if not self._loop.running:
+        if not self._loop.running and not self._stopped:
+            # Started once and stopped only with the launcher: a loop
+            # restarted while its last query is still out would run twice.
             self._loop.start(self._interval, now=False).addErrback(
                 lambda f: _log.failure("YARN: application polling failed", f)
             )
@@ -116,8 +119,6 @@ class ApplicationPoller:
         def unwatch() -> None:
             if self._watches.get(watch.kernel_id) is watch:
                 del self._watches[watch.kernel_id]
-            if not self._watches and self._loop.running:
-                self._loop.stop()
 
         return unwatch
 
@@ -126,7 +127,7 @@ class ApplicationPoller:
         Whether the loop follows C{watch} and last reached the RM: then its
         silence means the application lives.
         """
-        return self.connected and self._watches.get(watch.kernel_id) is watch
+        return self.connected and not self._stopped and self._watches.get(watch.kernel_id) is watch
 
     def _tick(self) -> Deferred[None]:
         self._inflight = Deferred.fromCoroutine(self._poll())
@@ -152,6 +153,8 @@ class ApplicationPoller:
         self.connected = True
         by_id = {str(app.get("id")): app for app in apps}
         for watch in watches:
+            if self._watches.get(watch.kernel_id) is not watch or watch.status is not None:
+                continue  # unwatched while the query was out, or over
             app = by_id.get(watch.app_id) if watch.app_id else newest_named(apps, watch.kernel_id, watch.started)
             if app is None and watch.app_id:
                 # Older than the listing's window, or the RM forgot it.
@@ -171,6 +174,7 @@ class ApplicationPoller:
         Stop polling, once the query under way (if any) has answered, so
         its connection is not returned to a pool being closed.
         """
+        self._stopped = True
         if self._loop.running:
             self._loop.stop()
         inflight = self._inflight
