@@ -353,6 +353,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
             "docker-swarm": config.docker,
             "kubernetes": config.kubernetes,
             "conductor": config.conductor,
+            "yarn": config.yarn,
         },
     )
     # Before the store and the manager: stopped once kernels are down.

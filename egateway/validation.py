@@ -36,6 +36,7 @@ def check_sections(config: Config) -> None:
     authenticators.check_config(config.auth)
     tls.check_config(config.listen_endpoint, config.server, config.response)
     clusters.check_slurm(config.slurm)
+    clusters.check_yarn(config.yarn)
     clusters.check_impersonation(config.impersonation)
     manhole_problem = manhole.check_settings(config.ops)
     if manhole_problem:

@@ -24,7 +24,7 @@ from tests.support.fakes import fake_spec, make_manager
 from tests.support.stubapi import assert_json_error, json_body, stub_call
 
 KID = "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c"
-YARN_PROXY = "enterprise_gateway.services.processproxies.yarn.YarnClusterProcessProxy"
+MISSING_PROXY = "enterprise_gateway.services.processproxies.spark_operator.SparkOperatorProcessProxy"
 
 
 class APITestCase(SynchronousTestCase):
@@ -236,8 +236,8 @@ class MissingLauncher(APITestCase):
     specs = (
         fake_spec(),
         fake_spec(
-            "spark_yarn",
-            metadata={"process_proxy": {"class_name": YARN_PROXY, "config": {}}},
+            "spark_operator",
+            metadata={"process_proxy": {"class_name": MISSING_PROXY, "config": {}}},
         ),
         fake_spec("nomad", metadata={"egateway": {"launcher": "nomad"}}),
     )
@@ -248,9 +248,9 @@ class MissingLauncher(APITestCase):
         this gateway does not have is refused with 501 naming the launcher
         (and the process proxy class it comes from); nothing is launched.
         """
-        result = self.call("POST", "/api/kernels", {"name": "spark_yarn"})
-        self.assertError(result, 501, "'yarn'")
-        self.assertIn(YARN_PROXY, result[1]["message"])
+        result = self.call("POST", "/api/kernels", {"name": "spark_operator"})
+        self.assertError(result, 501, "'spark-operator'")
+        self.assertIn(MISSING_PROXY, result[1]["message"])
         self.assertEqual(result[1]["reason"], "Not Implemented")
         self.assertError(self.call("POST", "/api/kernels", {"name": "nomad"}), 501, "no launcher named 'nomad'")
         self.assertEqual((self.manager.kernels, self.launcher.processes), ({}, []))

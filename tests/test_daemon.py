@@ -111,7 +111,7 @@ class RunningDaemonTests(TestCase):
         """
         env = {
             "EG_SSL_VERSION": "PROTOCOL_TLSv1_2",
-            "EG_YARN_ENDPOINT": "http://rm.example:8088/ws/v1/cluster",
+            "EG_YARN_ENDPOINT_SECURITY_ENABLED": "true",
             "KG_PRESPAWN_COUNT": "2",
             "EG_MAX_KERNELS": "3",
         }
@@ -123,7 +123,7 @@ class RunningDaemonTests(TestCase):
 
         (line,) = await eventually(warnings, "the warning")
         self.assertIn("EG_SSL_VERSION (use tls_min_version (EG_TLS_MIN_VERSION))", line)
-        self.assertIn("EG_YARN_ENDPOINT", line)
+        self.assertIn("EG_YARN_ENDPOINT_SECURITY_ENABLED", line)
         self.assertIn("KG_PRESPAWN_COUNT", line)
         self.assertNotIn("EG_MAX_KERNELS", line)
 

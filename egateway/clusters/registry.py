@@ -45,6 +45,7 @@ BUILTIN = {
     "docker-swarm": "egateway.clusters.swarm:SwarmLauncher",
     "kubernetes": "egateway.clusters.kubernetes:KubernetesLauncher",
     "conductor": "egateway.clusters.conductor:ConductorLauncher",
+    "yarn": "egateway.clusters.yarn:YarnLauncher",
 }
 
 ENTRY_POINT_GROUP = "egateway.launchers"

@@ -1,5 +1,5 @@
 """
-The clusters layer's checks of its configuration: the C{[slurm]} and
+The clusters layer's checks of its configuration: the C{[slurm]}, C{[yarn]} and
 C{[impersonation]} sections and the kernels' port range, each held to the
 parser the launchers use, so a value they would refuse at the first launch
 stops start-up instead.  The gateway's assembly runs them
@@ -14,7 +14,8 @@ import re
 from egateway.clusters.impersonation import ImpersonationSetupError, command_template
 from egateway.clusters.ports import PortRange
 from egateway.clusters.slurm_jobs import check_name, parse_memory, parse_time_limit
-from egateway.config import ConfigError, ImpersonationConfig, KernelsConfig, SlurmConfig
+from egateway.clusters.yarn_api import base_url
+from egateway.config import ConfigError, ImpersonationConfig, KernelsConfig, SlurmConfig, YarnConfig
 
 _JOB_NAME_PREFIX = re.compile(r"^[A-Za-z0-9_.\-]{0,64}$")
 
@@ -42,6 +43,16 @@ def check_slurm(slurm: SlurmConfig) -> None:
         raise ConfigError(
             f"slurm.slurm_job_name_prefix: {slurm.slurm_job_name_prefix!r} may hold only letters, digits, _ . -"
         )
+
+
+def check_yarn(yarn: YarnConfig) -> None:
+    for name in ("yarn_endpoint", "alt_yarn_endpoint"):
+        value = getattr(yarn, name)
+        if value:
+            with ConfigError.about(f"yarn.{name}"):
+                base_url(value)
+    if yarn.alt_yarn_endpoint and not yarn.yarn_endpoint:
+        raise ConfigError("yarn.alt_yarn_endpoint: set yarn_endpoint (EG_YARN_ENDPOINT) too")
 
 
 def check_impersonation(impersonation: ImpersonationConfig) -> None:

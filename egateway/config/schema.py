@@ -1105,6 +1105,42 @@ class ConductorConfig:
     )
 
 
+# -- Hadoop YARN (issue 14): a self-contained block, easy to move --
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    yarn_endpoint: str = setting(
+        "",
+        "The ResourceManager's web address (http://rm:8088, or Enterprise Gateway's http://rm:8088/ws/v1/cluster "
+        "form); empty: yarn.resourcemanager.webapp.address from yarn-site.xml in HADOOP_CONF_DIR.",
+        env=("EG_YARN_ENDPOINT",),
+    )
+    alt_yarn_endpoint: str = setting(
+        "",
+        "The second ResourceManager of an HA pair; the yarn launcher follows whichever is active.",
+        env=("EG_ALT_YARN_ENDPOINT",),
+    )
+    yarn_spark_home: str = setting(
+        "",
+        "Spark installation whose bin/spark-submit submits kernels (empty: the kernel's SPARK_HOME, else "
+        "spark-submit on the gateway's PATH).",
+        env=("EG_YARN_SPARK_HOME",),
+    )
+    yarn_am_wait_time: str = setting(
+        "3600s",
+        "spark.yarn.am.waitTime of kernel applications: how long the ApplicationMaster waits for a Spark "
+        "context before failing the kernel (kernels without one never create it).",
+        env=("EG_YARN_AM_WAIT_TIME",),
+    )
+    yarn_poll_interval: float = setting(
+        1.0,
+        "Seconds between the ResourceManager queries that follow every kernel application (one query for all).",
+        env=("EG_YARN_POLL_INTERVAL",),
+        minimum=0.05,
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -1117,6 +1153,7 @@ class Config:
     docker: DockerConfig = field(default_factory=DockerConfig)
     kubernetes: KubernetesConfig = field(default_factory=KubernetesConfig)
     conductor: ConductorConfig = field(default_factory=ConductorConfig)
+    yarn: YarnConfig = field(default_factory=YarnConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     impersonation: ImpersonationConfig = field(default_factory=ImpersonationConfig)
     tenancy: TenancyConfig = field(default_factory=TenancyConfig)

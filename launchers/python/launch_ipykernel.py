@@ -18,7 +18,8 @@ What it does, in order:
     C{EG_LAUNCH_TOKEN}; both preferred over C{--launch-token} because the
     command line shows in C{ps}).  With a token it speaks payload
     version 2 and the authenticated comm protocol; without, version 1.
- 2. Become its own process group, so a gateway signalling C{-pgid} reaches
+ 2. Become its own process group (not in a YARN container: see
+    L{own_process_group}), so a gateway signalling C{-pgid} reaches
     the kernel and its children and nothing else.
  3. Bind the comm port (inside the port range) and start the comm
     listener in a separate process (a grandchild, so it is not one of the
@@ -437,13 +438,35 @@ class CommListener:
     """
 
     def __init__(
-        self, sock: socket.socket, kernel_pid: int, kernel_gone_fd: int, key: bytes | None, cluster_type: str
+        self,
+        sock: socket.socket,
+        kernel_pid: int,
+        kernel_gone_fd: int,
+        key: bytes | None,
+        cluster_type: str,
+        cancel_fd: int | None = None,
     ) -> None:
         self.sock = sock
         self.kernel_pid = kernel_pid
         self.kernel_gone_fd = kernel_gone_fd
         self.key = key
         self.cluster_type = cluster_type
+        self.cancel_fd = cancel_fd
+
+    def cancel_spark_jobs(self) -> None:
+        """
+        Tell the kernel's Spark-cancelling thread to cancel its jobs (an
+        interrupt stops the cell; its Spark jobs would run on).  A second
+        signal (Enterprise Gateway's SIGUSR2 right after SIGINT) can be
+        taken by another thread of the kernel while the main thread still
+        has the first pending, and the sleeping cell then misses the
+        interrupt; a byte on a pipe cannot.
+        """
+        if self.cancel_fd is not None:
+            try:
+                os.write(self.cancel_fd, b"c")
+            except OSError as e:
+                LOG.warning("cannot ask the kernel to cancel its Spark jobs: %s", e)
 
     def kernel_alive(self) -> bool:
         """
@@ -554,7 +577,7 @@ class CommListener:
                 LOG.info("comm request: signal %d to kernel %d", signum, self.kernel_pid)
             os.kill(self.kernel_pid, signum)
             if signum == signal.SIGINT and self.cluster_type == "spark":
-                os.kill(self.kernel_pid, signal.SIGUSR2)
+                self.cancel_spark_jobs()
         except (TypeError, ValueError, OverflowError):
             return False, f"bad signal number {signum!r}", stop
         except ProcessLookupError:
@@ -591,7 +614,9 @@ class ListenerHandle:
             os.close(self.exited_fd)
 
 
-def start_comm_listener(sock: socket.socket, key: bytes | None, cluster_type: str) -> ListenerHandle:
+def start_comm_listener(
+    sock: socket.socket, key: bytes | None, cluster_type: str, cancel_fd: int | None = None
+) -> ListenerHandle:
     """
     Start the comm listener as a grandchild of the kernel (fork twice), so
     it is not among the kernel's children: ipykernel would otherwise kill it
@@ -610,7 +635,7 @@ def start_comm_listener(sock: socket.socket, key: bytes | None, cluster_type: st
             os.close(exited_read)
             if os.fork() == 0:
                 # exited_write stays open, unused, until this process ends.
-                status = _run_listener(sock, kernel_pid, stop_read, key, cluster_type)
+                status = _run_listener(sock, kernel_pid, stop_read, key, cluster_type, cancel_fd)
         finally:
             # Neither forked process may ever return into the kernel's code.
             os._exit(status)
@@ -621,7 +646,9 @@ def start_comm_listener(sock: socket.socket, key: bytes | None, cluster_type: st
     return ListenerHandle(stop_write, exited_read)
 
 
-def _run_listener(sock: socket.socket, kernel_pid: int, gone_fd: int, key: bytes | None, cluster_type: str) -> int:
+def _run_listener(
+    sock: socket.socket, kernel_pid: int, gone_fd: int, key: bytes | None, cluster_type: str, cancel_fd: int | None
+) -> int:
     try:
         # Interrupts and Spark cancellation are for the kernel, not us.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -630,7 +657,7 @@ def _run_listener(sock: socket.socket, kernel_pid: int, gone_fd: int, key: bytes
             "comm listener %d on port %d (protocol version %d)",
             os.getpid(), sock.getsockname()[1], 2 if key else 1,
         )
-        CommListener(sock, kernel_pid, gone_fd, key, cluster_type).serve()
+        CommListener(sock, kernel_pid, gone_fd, key, cluster_type, cancel_fd).serve()
         return 0
     except BaseException:
         LOG.exception("comm listener failed")
@@ -663,11 +690,16 @@ class _SparkPlaceholder:
 _spark_context = None
 
 
-def initialize_namespace(namespace: dict, cluster_type: str) -> None:
+def initialize_namespace(namespace: dict, cluster_type: str, mode: str = "lazy") -> None:
     """
-    Spark: C{spark}, C{sc}, C{sqlContext}, C{sqlCtx} and C{sql}, created in
-    a background thread so the kernel answers at once.  Dask:
-    C{cluster} from C{dask_yarn}.  None: nothing.
+    Spark: C{spark}, C{sc}, C{sqlContext}, C{sqlCtx} and C{sql}.  With
+    C{eager} the session exists before the kernel reports (on YARN, the
+    application is RUNNING when the kernel is ready); with C{lazy} it is
+    created in a background thread so the kernel answers at once, and its
+    names wait for it on first use.  Dask: C{cluster} from C{dask_yarn}.
+    None: nothing.
+
+    @raise LaunchFailed: eager, and the session cannot be created.
     """
     if cluster_type == "dask":
         import dask_yarn
@@ -695,10 +727,15 @@ def initialize_namespace(namespace: dict, cluster_type: str) -> None:
             return
         _spark_context = session.sparkContext
         atexit.register(session.stop)
-        legacy = getattr(session, "_wrapped", None)
+        legacy = sql_context(session)
         namespace.update(spark=session, sc=session.sparkContext, sql=session.sql,
                          sqlContext=legacy, sqlCtx=legacy)
 
+    if mode == "eager":
+        build()
+        if failure:
+            raise LaunchFailed(f"the Spark session could not be created: {failure[0]}")
+        return
     worker = threading.Thread(target=build, name="spark-session", daemon=True)
 
     def ready():
@@ -710,6 +747,44 @@ def initialize_namespace(namespace: dict, cluster_type: str) -> None:
     namespace.update(spark=spark, sc=_SparkPlaceholder("sc", ready, namespace),
                      sqlContext=context, sqlCtx=context, sql=lambda query: spark.sql(query))
     worker.start()
+
+
+def sql_context(session):
+    """
+    A C{SQLContext} over the session (C{spark._wrapped}, which Enterprise
+    Gateway's launcher reads, is gone since pyspark 3.3), or C{None}.
+    """
+    import warnings
+
+    try:
+        from pyspark.sql import SQLContext
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return SQLContext(session.sparkContext, session)
+    except Exception as e:  # an optional convenience: the session still works
+        LOG.info("no sqlContext: %s", e)
+        return None
+
+
+def follow_spark_cancellations(fd: int) -> None:
+    """
+    A daemon thread cancelling the Spark jobs each time the comm listener
+    writes to C{fd} (after it delivered an interrupt).
+    """
+    import threading
+
+    def follow() -> None:
+        while True:
+            try:
+                data = os.read(fd, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            _cancel_spark_jobs(signal.SIGUSR2, None)
+
+    threading.Thread(target=follow, name="spark-cancel", daemon=True).start()
 
 
 def _cancel_spark_jobs(signum, frame) -> None:
@@ -829,6 +904,54 @@ def _forget_curve_keys(app, info: dict) -> None:
     info.pop("curve_secretkey", None)
 
 
+
+def in_yarn_container() -> bool:
+    """
+    Whether a YARN NodeManager started us (it sets C{CONTAINER_ID} in every
+    container's environment).
+    """
+    return bool(os.environ.get("CONTAINER_ID"))
+
+
+def own_process_group() -> None:
+    """
+    Become our own process group, so a gateway signalling C{-pgid} (over
+    SSH) reaches the kernel and its children and nothing else.
+
+    Not inside a YARN container: the NodeManager kills a container by
+    signalling the container's process group, and a kernel that had left
+    it would outlive its killed application.  There the kernel stays in
+    the container's group and also asks the kernel (Linux) to end it when
+    its parent, the ApplicationMaster's driver JVM, dies.
+    """
+    if in_yarn_container():
+        die_with_parent()
+        return
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # a session leader already leads its group
+
+
+def die_with_parent() -> None:
+    """
+    C{prctl(PR_SET_PDEATHSIG, SIGTERM)}: SIGTERM when our parent exits.
+    """
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            LOG.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError) as e:
+        LOG.warning("cannot ask to die with the parent process: %s", e)
+    if os.getppid() != parent:
+        # The parent died before prctl took effect.
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def launch(args: argparse.Namespace) -> int:
     low, high = parse_port_range(args.port_range)
     if args.response_address:
@@ -837,17 +960,18 @@ def launch(args: argparse.Namespace) -> int:
         if args.response_ca:
             _tls_context(args.response_ca)
     curve = curve_keys(args.kernel_encryption, bool(args.launch_token))
-    try:
-        os.setpgid(0, 0)
-    except OSError:
-        pass  # a session leader already leads its group
+    own_process_group()
     comm_socket = bind_in_range(args.ip, low, high, set())
     comm_port = comm_socket.getsockname()[1]
     ports = choose_kernel_ports(args.ip, low, high, {comm_port})
     connection_file = connection_file_for(args.connection_file, args.kernel_id)
     write_connection_file(connection_file, args.ip, ports)
     key = comm_key(args.launch_token, args.kernel_id) if args.launch_token else None
-    listener = start_comm_listener(comm_socket, key, args.cluster_type)
+    cancel_read, cancel_write = os.pipe() if args.cluster_type == "spark" else (None, None)
+    listener = start_comm_listener(comm_socket, key, args.cluster_type, cancel_write)
+    if cancel_write is not None:
+        os.close(cancel_write)
+        follow_spark_cancellations(cancel_read)
 
     def terminated(signum, frame):
         # Leave no connection file behind, then die of the signal as usual.
@@ -861,8 +985,9 @@ def launch(args: argparse.Namespace) -> int:
         from ipykernel.kernelapp import IPKernelApp
 
         namespace: dict = {}
-        initialize_namespace(namespace, args.cluster_type)
+        initialize_namespace(namespace, args.cluster_type, args.spark_context_initialization_mode)
         if args.cluster_type == "spark":
+            # Enterprise Gateway's gateways still send SIGUSR2 to cancel.
             signal.signal(signal.SIGUSR2, _cancel_spark_jobs)
         app = IPKernelApp.instance(
             kernel_class=kernel_class, user_ns=namespace, connection_file=connection_file, ip=args.ip
