@@ -138,17 +138,26 @@ class GatewayProcess:
     """
 
     def __init__(
-        self, workdir: str, launch_timeout: float, stop_timeout: float = 30.0, extra_config: str = ""
+        self,
+        workdir: str,
+        launch_timeout: float,
+        stop_timeout: float = 30.0,
+        extra_config: str = "",
+        twistd_options: tuple[str, ...] = (),
     ) -> None:
         """
         @param extra_config: TOML appended to the private config, for the
             sections it does not write (C{[store]}, ...): what a benchmark
-            comparing gateway settings varies.
+            comparing gateway settings varies.  It starts inside
+            C{[kernels]}, so bare keys set that section's settings.
+        @param twistd_options: more options for C{twistd} itself (e.g.
+            C{--profile}).
         """
         self.workdir = workdir
         self.launch_timeout = launch_timeout
         self.stop_timeout = stop_timeout
         self.extra_config = extra_config
+        self.twistd_options = twistd_options
         self.token = secrets.token_hex(16)
         self.url = ""
         self.port = 0
@@ -194,7 +203,7 @@ class GatewayProcess:
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p
             )
-            argv = [*_twistd_argv(), "-n", "--pidfile=", "egateway", "--config", config]
+            argv = [*_twistd_argv(), "-n", "--pidfile=", *self.twistd_options, "egateway", "--config", config]
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
                     argv,

@@ -44,10 +44,6 @@ _log = Logger()
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
 
-DIRECT_FRAME_SIZE = 256 * 1024
-"""
-Payloads this large are written as their chunks, without being joined.
-"""
 CLOSE_REPLACED = 4001
 CLOSE_REVOKED = 4003
 """
@@ -305,14 +301,17 @@ class ChannelsProtocol(WebSocketServerProtocol):
                 error=str(e),
             )
 
-    def _send_frame(self, chunks: list[bytes], length: int, binary: bool) -> None:
+    def _send_frame(self, chunks: list[bytes | memoryview], length: int, binary: bool) -> None:
         """
         Write one unfragmented, unmasked, uncompressed frame (what a server
-        sends) straight to the transport.  This is the relay's hot path:
+        sends) straight to the transport, as one C{bytes} made by one join
+        of the frame header and the chunks.  This is the relay's hot path:
         Autobahn's C{sendMessage} costs several Python calls per frame for
         features unused here (compression, fragmentation, tracing), and for a
-        large output it would copy the payload three times; here a small
-        frame is one join, a large one goes to the transport as its chunks.
+        large output it would copy the payload three times.  Here the
+        payload is copied once: a large content arrives as a view of ZMQ's
+        buffer (L{egateway.wire.zmq.receive}), and the transport keeps the
+        joined frame as it is when nothing else waits in its buffer.
         Autobahn writes whole frames too, so frames never interleave.
         """
         first = 0x80 | (0x2 if binary else 0x1)
@@ -322,10 +321,7 @@ class ChannelsProtocol(WebSocketServerProtocol):
             header = struct.pack("!BBH", first, 126, length)
         else:
             header = struct.pack("!BBQ", first, 127, length)
-        if length < DIRECT_FRAME_SIZE:
-            self.transport.write(b"".join([header, *chunks]))
-        else:
-            self.transport.writeSequence([header, *chunks])
+        self.transport.write(b"".join([header, *chunks]))
 
     def kernel_gone(self, reason: str) -> None:
         self.session = None
