@@ -20,6 +20,7 @@ from egateway.wire.protocol import DELIMITER, Message, Signer, WireError, join_f
 from egateway.wire.ws_formats import legacy_encode, v1_encode
 from egateway.wire.zmq import ZERO_COPY_SIZE, receive
 from tests.support.fakes import FakeChannels
+from tests.test_websocket_memory import fragmented_server_frames
 
 KEY = b"0123456789abcdef"
 CURVE_KEY = zmq.curve_keypair()[0] if zmq.has("curve") else b"A" * 40
@@ -248,3 +249,114 @@ class LinkTests(SynchronousTestCase):
         client.close()
         link.close()
         self.assertEqual(self.sockets(channels), [])
+
+
+class _PausingTransport:
+    """
+    A transport that, like Twisted's, pauses its streaming producer once
+    more than C{buffer_size} bytes wait, until L{drain}.
+    """
+
+    buffer_size = 64 * 1024
+
+    def __init__(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        self.inner = StringTransport()
+        self.producer: object = None
+        self.streamingProducer = True
+        self.pending = 0
+        self.connected = True
+
+    def write(self, data: bytes) -> None:
+        assert isinstance(data, bytes)
+        self.inner.write(data)
+        self.pending += len(data)
+        if self.producer is not None and self.pending > self.buffer_size:
+            self.producer.pauseProducing()  # type: ignore[attr-defined]
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        assert self.producer is None
+        self.producer, self.streamingProducer = producer, streaming
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def drain(self) -> None:
+        self.pending = 0
+        if self.producer is not None:
+            self.producer.resumeProducing()  # type: ignore[attr-defined]
+
+
+class FrameWriterTests(SynchronousTestCase):
+    """
+    L{FrameWriter} streams large payloads as fragments from their buffers,
+    in order with the messages around them.
+    """
+
+    def test_large_message_streamed_in_fragments(self) -> None:
+        """
+        A large text message goes out as a text frame without FIN and
+        continuation frames, one per drain of the transport, their payloads
+        together the message; a small message sent meanwhile follows it; the
+        transport's previous producer is back at the end and was paused and
+        resumed with it.
+        """
+        from egateway.api.ws_writer import FRAGMENT_SIZE, STREAM_SIZE, FrameWriter
+
+        transport = _PausingTransport()
+        events: list[str] = []
+
+        class Previous:
+            def pauseProducing(self) -> None:
+                events.append("pause")
+
+            def resumeProducing(self) -> None:
+                events.append("resume")
+
+        previous = Previous()
+        transport.registerProducer(previous, True)
+        writer = FrameWriter(transport, lambda: True)
+        content = memoryview(b"y" * (2 * FRAGMENT_SIZE + 5))
+        chunks = [b'{"content":"', content, b'"}']
+        length = sum(len(c) for c in chunks)
+        self.assertGreaterEqual(length, STREAM_SIZE)
+        writer.send(chunks, length, binary=False)
+        writer.send([b"small"], 5, binary=False)
+        self.assertEqual(len(fragmented_server_frames(transport.inner.value())), 1)
+        while writer.streaming:
+            transport.drain()
+        frames = fragmented_server_frames(transport.inner.value())
+        self.assertEqual([(fin, op) for fin, op, _ in frames], [(False, 1), (False, 0), (True, 0), (True, 1)])
+        self.assertEqual(b"".join(p for _, _, p in frames[:3]), b"".join(bytes(c) for c in chunks))
+        self.assertEqual(frames[3][2], b"small")
+        self.assertIs(transport.producer, previous)
+        self.assertEqual(events[:2], ["pause", "resume"])
+
+    def test_small_message_is_one_frame(self) -> None:
+        """
+        A small binary payload is one final frame with the chunks' bytes.
+        """
+        from egateway.api.ws_writer import FrameWriter
+
+        transport = _PausingTransport()
+        FrameWriter(transport, lambda: True).send([b"ab", memoryview(b"cd")], 4, binary=True)
+        self.assertEqual(fragmented_server_frames(transport.inner.value()), [(True, 2, b"abcd")])
+
+    def test_closed_connection_stops_the_stream(self) -> None:
+        """
+        Once the WebSocket is closing, no more fragments (nor the messages
+        waiting behind them) are written.
+        """
+        from egateway.api.ws_writer import FRAGMENT_SIZE, FrameWriter
+
+        transport = _PausingTransport()
+        is_open = [True]
+        writer = FrameWriter(transport, lambda: is_open[0])
+        writer.send([b"z" * (3 * FRAGMENT_SIZE)], 3 * FRAGMENT_SIZE, binary=True)
+        writer.send([b"after"], 5, binary=True)
+        is_open[0] = False
+        transport.drain()
+        self.assertFalse(writer.streaming)
+        self.assertEqual(len(fragmented_server_frames(transport.inner.value())), 1)
+        self.assertIsNone(transport.producer)
