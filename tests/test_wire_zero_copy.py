@@ -360,3 +360,23 @@ class FrameWriterTests(SynchronousTestCase):
         self.assertFalse(writer.streaming)
         self.assertEqual(len(fragmented_server_frames(transport.inner.value())), 1)
         self.assertIsNone(transport.producer)
+
+    def test_transport_without_a_named_producer(self) -> None:
+        """
+        Through a transport whose producer cannot be swapped (TLS), a large
+        message goes as one frame.
+        """
+        from twisted.internet.testing import StringTransport
+
+        from egateway.api.ws_writer import STREAM_SIZE, FrameWriter
+
+        class Hidden(StringTransport):
+            def __getattribute__(self, name: str) -> object:
+                if name == "producer":
+                    raise AttributeError(name)
+                return super().__getattribute__(name)
+
+        transport = Hidden()
+        payload = b"q" * STREAM_SIZE
+        FrameWriter(transport, lambda: True).send([memoryview(payload)], len(payload), binary=True)
+        self.assertEqual(fragmented_server_frames(transport.value()), [(True, 2, payload)])

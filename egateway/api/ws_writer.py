@@ -112,19 +112,25 @@ class FrameWriter:
         if self._stream is not None:
             self._waiting.append((chunks, length, binary))
             return
-        if length < STREAM_SIZE:
+        if length < STREAM_SIZE or not self._start(fragments(chunks, length, binary)):
             header = frame_header(OP_BINARY if binary else OP_TEXT, length)
             self._transport.write(b"".join([header, *chunks]))
-            return
-        self._start(fragments(chunks, length, binary))
 
-    def _start(self, stream: Iterator[bytes]) -> None:
+    def _start(self, stream: Iterator[bytes]) -> bool:
+        """
+        Stream a message's fragments, if the transport lets us be its
+        producer; whether it does.
+        """
         transport = self._transport
+        # A TCP transport names its producer; a TLS one hides it behind its
+        # own, which cannot be swapped: such a message goes as one frame.
+        if not hasattr(transport, "producer"):
+            return False
         # Be the transport's producer while streaming (its resumeProducing
         # says the previous fragment is sent), and hand the place back
         # after; whoever held it (Twisted's HTTP channel, which pauses
         # reading while output backs up) is told of pauses meanwhile.
-        producer = getattr(transport, "producer", None)
+        producer = transport.producer
         if producer is not None:
             self._previous = (producer, bool(getattr(transport, "streamingProducer", True)))
             transport.unregisterProducer()
@@ -132,6 +138,7 @@ class FrameWriter:
         self._paused = False
         transport.registerProducer(self, True)
         self._write_next()
+        return True
 
     def _write_next(self) -> None:
         """
