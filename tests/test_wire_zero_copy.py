@@ -71,6 +71,18 @@ class ZeroCopyReceiveTests(SynchronousTestCase):
         for small in received[:6]:
             self.assertIsInstance(small, bytes)
 
+    def test_reply_without_identities(self) -> None:
+        """
+        A message that starts with the delimiter (what a DEALER receives
+        from the kernel's ROUTER) has its large content received as a view
+        too.
+        """
+        frames = large_kernel_frames()[1:]
+        received = self.transfer(frames)
+        self.assertEqual([bytes(f) for f in received], frames)
+        self.assertIsInstance(received[5], memoryview)
+        self.assertIsInstance(received[4], bytes)
+
     def test_small_messages_are_bytes(self) -> None:
         """
         A small message is copied into bytes, frame by frame.

@@ -74,7 +74,8 @@ def receive(sock: zmq.Socket) -> list[bytes | memoryview]:
     recv = sock.recv
     frame = recv(zmq.NOBLOCK)
     frames: list[bytes | memoryview] = [frame]
-    to_copy = -1  # -1: the delimiter not seen yet
+    # -1: the delimiter not seen yet (a DEALER's messages start with it)
+    to_copy = _COPIED_AFTER_DELIMITER if frame == DELIMITER else -1
     while sock.get(zmq.RCVMORE):
         if to_copy:
             frame = recv(0)
