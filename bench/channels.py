@@ -351,7 +351,15 @@ class DirectChannels(_Channels):
         self._shell.setsockopt(zmq.IDENTITY, self.session.bsession)
         self._iopub = context.socket(zmq.SUB)
         self._iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        curve_key = info.get("curve_publickey")
         for sock in (self._shell, self._iopub):
+            if curve_key:
+                # As jupyter_client's client does (JEP 145): a CurveZMQ
+                # client of the kernel's key.
+                public, secret = zmq.curve_keypair()
+                sock.curve_serverkey = curve_key.encode() if isinstance(curve_key, str) else curve_key
+                sock.curve_publickey = public
+                sock.curve_secretkey = secret
             sock.setsockopt(zmq.LINGER, 0)
             # A DEALER whose peer is gone (a kernel that died on a port
             # collision, a port taken by some other program) blocks on send

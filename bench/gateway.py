@@ -145,16 +145,19 @@ class GatewayProcess:
         extra_config: str = "",
         extra_path: tuple[str, ...] = (),
         profile_dir: str = "",
+        twistd_options: tuple[str, ...] = (),
     ) -> None:
         """
         @param extra_config: TOML appended to the private config, for the
             sections it does not write (C{[store]}, ...): what a benchmark
-            comparing gateway settings varies.
+            comparing gateway settings varies.  It starts inside
+            C{[kernels]}, so bare keys set that section's settings.
         @param extra_path: directories put on the daemon's PYTHONPATH
             (before the repository): where a benchmark registers a launcher
             of its own through an entry point only that daemon sees.
         @param profile_dir: run the daemon under twistd's cProfile, each
             start writing C{gateway-N.prof} here (read with C{pstats}).
+        @param twistd_options: more options for C{twistd} itself.
         """
         self.workdir = workdir
         self.launch_timeout = launch_timeout
@@ -163,6 +166,7 @@ class GatewayProcess:
         self.extra_path = extra_path
         self.profile_dir = profile_dir
         self.starts = 0
+        self.twistd_options = twistd_options
         self.token = secrets.token_hex(16)
         self.url = ""
         self.port = 0
@@ -213,7 +217,7 @@ class GatewayProcess:
             if self.profile_dir:
                 path = os.path.join(self.profile_dir, f"gateway-{self.starts}.prof")
                 profile = [f"--profile={path}", "--profiler=cprofile", "--savestats"]
-            argv = [*_twistd_argv(), "-n", "--pidfile=", *profile, "egateway", "--config", config]
+            argv = [*_twistd_argv(), "-n", "--pidfile=", *profile, *self.twistd_options, "egateway", "--config", config]
             with open(self.log_path, "ab") as log:
                 self.process = subprocess.Popen(
                     argv,

@@ -159,6 +159,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=os.environ.get("EG_AUTH_TOKEN", ""),
         help="auth token for --gateway-url (default: $EG_AUTH_TOKEN)",
     )
+    parser.add_argument(
+        "--curve",
+        choices=("on", "off"),
+        default="on",
+        help="CurveZMQ on the kernel channels of both sides (default on: the gateway's kernel_encryption "
+        "auto, jupyter_client's transport_encryption auto; off: off and disabled)",
+    )
+    parser.add_argument(
+        "--profile-gateway",
+        metavar="PATH",
+        help="run the private gateway under cProfile (twistd --profile) and write its stats to PATH "
+        "(slows the gateway: for finding where its time goes, not for figures)",
+    )
     add_output_options(
         parser,
         workdir_help="directory for the private config, logs and connection files",
@@ -249,7 +262,11 @@ class Benchmark:
         if args.direct_connection_from_gateway:
             self.results["skipped"]["direct"] = NO_CONNECTION_ENDPOINT
         else:
-            sides.append(DirectSide(args.kernelspec, self.results["meta"]["workdir"], args.launch_timeout))
+            sides.append(
+                DirectSide(
+                    args.kernelspec, self.results["meta"]["workdir"], args.launch_timeout, args.curve == "on"
+                )
+            )
         try:
             await self._measure(sides)
         finally:
@@ -440,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_meta(args, workdir, asdict(args.sizes))
     meta.update(
         kernelspec=args.kernelspec,
+        curve=args.curve,
         gateway=args.gateway_url or "private twistd -n egateway",
         launch_timeout=None if args.gateway_url else args.launch_timeout,
     )
@@ -451,7 +469,17 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> None:
         nonlocal gateway
         if not args.gateway_url:
-            gateway = GatewayProcess(workdir, args.launch_timeout)
+            profile = (
+                ("--profile", os.path.abspath(args.profile_gateway), "--profiler", "cprofile", "--savestats")
+                if args.profile_gateway
+                else ()
+            )
+            gateway = GatewayProcess(
+                workdir,
+                args.launch_timeout,
+                extra_config=f'kernel_encryption = "{"auto" if args.curve == "on" else "off"}"\n',
+                twistd_options=profile,
+            )
             gateway.start()
             results["meta"]["gateway_pid"] = gateway.pid
             if "rss" in args.selected:
@@ -472,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     status = run_guarded(results, work, cleanup)
     heading = (
         f"egateway {results['meta'].get('gateway_version', '?')} benchmark: protocol {args.protocol}, "
+        f"CurveZMQ {args.curve}, "
         f"kernelspec {args.kernelspec}, {os.cpu_count()} CPUs{', quick' if args.quick else ''}"
     )
     checks = summarise(results["figures"])

@@ -111,9 +111,16 @@ class GatewaySide:
 class DirectSide:
     name = "direct"
 
-    def __init__(self, kernelspec: str, workdir: str, timeout: float) -> None:
+    def __init__(self, kernelspec: str, workdir: str, timeout: float, curve: bool = False) -> None:
+        """
+        @param curve: provision CurveZMQ keys where the kernelspec declares
+            support (jupyter_client's C{transport_encryption="auto"}), as
+            the gateway's C{kernel_encryption = "auto"} does; the client's
+            sockets then encrypt too.
+        """
         self.kernelspec = kernelspec
         self.timeout = timeout
+        self.curve = curve
         self.runtime = os.path.join(workdir, "direct-runtime")
         self.logs = os.path.join(workdir, "direct-logs")
         os.makedirs(self.runtime, mode=0o700, exist_ok=True)
@@ -135,6 +142,7 @@ class DirectSide:
         manager = AsyncKernelManager(
             kernel_name=self.kernelspec,
             connection_file=os.path.join(self.runtime, f"kernel-{key}.json"),
+            transport_encryption="auto" if self.curve else "disabled",
         )
         started = StartedKernel(key, None, 0.0, manager)
         self.kernels[key] = started

@@ -139,3 +139,56 @@ class SessionTests(SynchronousTestCase):
         self.clock.advance(100)
         self.kernel.expire_sessions(retention=200)
         self.assertNotIn("s", self.kernel.sessions)
+
+
+class ConnectedWindowTests(SynchronousTestCase):
+    """
+    A session holds only a small window of messages while its client is
+    connected, and its full journal once the client is gone.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        manager, _, _ = make_manager(Clock())
+        self.kernel = self.successResultOf(Deferred.fromCoroutine(manager.start_kernel()))
+        self.kernel.journal_limits = JournalLimits(entries=10_000)
+
+    def test_window_while_connected(self) -> None:
+        """
+        While connected the journal keeps the last L{CONNECTED_ENTRIES}
+        messages (what may be in flight at a drop), which a client resuming
+        within them gets exactly; after the drop, everything is kept.
+        """
+        from egateway.kernels.journal import CONNECTED_ENTRIES
+
+        first = RecordingClient()
+        session = self.kernel.attach(first, "s")
+        total = CONNECTED_ENTRIES * 3
+        for n in range(total):
+            self.kernel.on_iopub(output(n))
+        self.assertEqual(len(session.journal), CONNECTED_ENTRIES)
+        self.assertEqual(self.kernel.journal_limits.dropped, 0)
+        self.kernel.detach(session, first)
+        for n in range(total, total + CONNECTED_ENTRIES * 2):
+            self.kernel.on_iopub(output(n))
+        self.assertEqual(len(session.journal), CONNECTED_ENTRIES * 3)
+        second = RecordingClient()
+        self.kernel.attach(second, "s", resume_after=total - 5)
+        texts = [m.content()["text"] for _, m in second.messages if m.msg_type == "stream"]
+        self.assertEqual(texts, [f"{n}\n" for n in range(total - 5, total + CONNECTED_ENTRIES * 2)])
+
+    def test_window_in_bytes(self) -> None:
+        """
+        Large outputs delivered to a connected client are not held beyond
+        L{CONNECTED_BYTES} (the newest is always kept).
+        """
+        from egateway.kernels.journal import CONNECTED_BYTES
+
+        client = RecordingClient()
+        session = self.kernel.attach(client, "s")
+        big = Message.build("stream", {"name": "stdout", "text": "x" * (CONNECTED_BYTES // 2)}, "kernel")
+        for _ in range(5):
+            self.kernel.on_iopub(big)
+        self.assertEqual(len(session.journal), 1)
+        self.assertEqual(len(client.messages), 5)

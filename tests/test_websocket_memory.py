@@ -85,11 +85,20 @@ def server_frames(data: bytes) -> list[tuple[int, bytes]]:
     The frames in C{data} as C{(opcode, payload)}; each must be final and
     unmasked, as a server sends them.
     """
+    frames = fragmented_server_frames(data)
+    assert all(fin for fin, _, _ in frames), frames
+    return [(opcode, payload) for _, opcode, payload in frames]
+
+
+def fragmented_server_frames(data: bytes) -> list[tuple[bool, int, bytes]]:
+    """
+    The unmasked frames in C{data} as C{(FIN, opcode, payload)}.
+    """
     frames, at = [], 0
     while at < len(data):
         first, second = data[at], data[at + 1]
         at += 2
-        assert first & 0x80 and not second & 0x80, (first, second)
+        assert not second & 0x80, (first, second)
         length = second & 0x7F
         if length == 126:
             (length,) = struct.unpack_from("!H", data, at)
@@ -97,7 +106,7 @@ def server_frames(data: bytes) -> list[tuple[int, bytes]]:
         elif length == 127:
             (length,) = struct.unpack_from("!Q", data, at)
             at += 8
-        frames.append((first & 0x0F, data[at : at + length]))
+        frames.append((bool(first & 0x80), first & 0x0F, data[at : at + length]))
         at += length
     assert at == len(data)
     return frames

@@ -11,7 +11,6 @@ pass through as bytes.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import parse_qs, urlsplit
@@ -26,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from egateway.api.cors import CorsPolicy
+from egateway.api.ws_writer import FrameWriter
 from egateway.api.authenticators.interface import presented_token
 from egateway.api.identity import Identity
 from egateway.errors import BadRequest, Forbidden
@@ -44,10 +44,6 @@ _log = Logger()
 CLOSE_GOING_AWAY = 1001
 CLOSE_INTERNAL_ERROR = 1011
 
-DIRECT_FRAME_SIZE = 256 * 1024
-"""
-Payloads this large are written as their chunks, without being joined.
-"""
 CLOSE_REPLACED = 4001
 CLOSE_REVOKED = 4003
 """
@@ -305,27 +301,22 @@ class ChannelsProtocol(WebSocketServerProtocol):
                 error=str(e),
             )
 
-    def _send_frame(self, chunks: list[bytes], length: int, binary: bool) -> None:
+    _writer: FrameWriter | None = None
+
+    def _send_frame(self, chunks: list[Any], length: int, binary: bool) -> None:
         """
-        Write one unfragmented, unmasked, uncompressed frame (what a server
-        sends) straight to the transport.  This is the relay's hot path:
+        Write one message's frame(s) straight to the transport, through the
+        connection's L{FrameWriter}: a small payload as one unmasked,
+        uncompressed frame made by one join, a large one streamed as
+        fragments from the buffers it arrived in (see
+        L{egateway.api.ws_writer}).  This is the relay's hot path:
         Autobahn's C{sendMessage} costs several Python calls per frame for
-        features unused here (compression, fragmentation, tracing), and for a
-        large output it would copy the payload three times; here a small
-        frame is one join, a large one goes to the transport as its chunks.
-        Autobahn writes whole frames too, so frames never interleave.
+        features unused here (compression, tracing), and for a large output
+        it would copy the payload three times.
         """
-        first = 0x80 | (0x2 if binary else 0x1)
-        if length < 126:
-            header = struct.pack("!BB", first, length)
-        elif length < 65536:
-            header = struct.pack("!BBH", first, 126, length)
-        else:
-            header = struct.pack("!BBQ", first, 127, length)
-        if length < DIRECT_FRAME_SIZE:
-            self.transport.write(b"".join([header, *chunks]))
-        else:
-            self.transport.writeSequence([header, *chunks])
+        if self._writer is None:
+            self._writer = FrameWriter(self.transport, lambda: self.state == self.STATE_OPEN)
+        self._writer.send(chunks, length, binary)
 
     def kernel_gone(self, reason: str) -> None:
         self.session = None

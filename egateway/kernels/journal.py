@@ -47,6 +47,19 @@ HELD_WHILE_NOT_LIVE = 1000
 Client messages held while a kernel (re)starts, sent once it is ready.
 """
 
+CONNECTED_ENTRIES = 256
+CONNECTED_BYTES = 4 << 20
+"""
+While its client is connected, a session's journal keeps only the newest
+messages within these bounds (and within its L{JournalLimits}): what may
+still be in flight when the connection drops (in the transport's and the
+kernel's socket buffers), which C{resume_after} replays.  Everything older
+reached the client's TCP stack long before, so holding it (up to 20,000
+messages or 64 MiB per session, for as long as the client stays) only cost
+memory per kernel.  Once the client is gone the full limits apply again, to
+what arrives meanwhile.
+"""
+
 
 class KernelClient(Protocol):
     """
@@ -216,9 +229,14 @@ class KernelSession:
         journal.append((seq, channel, message, size))
         self._journal_bytes += size
         limits = self.limits
-        while len(journal) > limits.entries or (self._journal_bytes > limits.size and len(journal) > 1):
+        entries, most = limits.entries, limits.size
+        if self.client is not None:
+            entries, most = min(entries, CONNECTED_ENTRIES), min(most, CONNECTED_BYTES)
+        while len(journal) > entries or (self._journal_bytes > most and len(journal) > 1):
             self._journal_bytes -= journal.popleft()[3]
-            limits.dropped += 1
+            if self.client is None:
+                # (Trimmed while connected: it was sent to the client.)
+                limits.dropped += 1
         return sink is not None
 
     # -- client side -------------------------------------------------------

@@ -55,23 +55,67 @@ class KernelLink:
         self._pending: dict[str, Deferred[Message]] = {}
         self._closed = False
         self.iopub_seen = False
-        identity = self.session.encode("ascii")
+        self.verifies_signatures = info.curve_publickey is None
+        """
+        Whether messages from the kernel have their HMAC checked.  Not when
+        its channels are CurveZMQ, because the channel already proves what
+        the signature would, for every message, at no extra pass:
+
+          - Our sockets are CurveZMQ clients holding the kernel's public key
+            as the server key.  The handshake completes only with a peer
+            holding the matching secret key, and every message after it is
+            encrypted and authenticated (Poly1305, with nonces that forbid
+            replay and reordering) on that connection.  A message received
+            on such a socket was sent, unaltered, by the secret key's holder.
+          - The secret key is known to the same parties as the HMAC key: the
+            kernel reads both from one connection file, which the gateway
+            writes (local kernels) or receives in one payload with the HMAC
+            key, ports and address (remote launchers).  Whoever could forge
+            a CurveZMQ message could read the HMAC key and sign anything; no
+            one else can forge either.  Checking the HMAC too authenticates
+            the same sender a second time.
+          - Signatures are not forwarded: clients of the gateway never see
+            them, so nothing downstream relies on this check.
+
+        Messages the gateway sends are still signed (the kernel checks
+        them), and without CurveZMQ (clear text, C{kernel_encryption =
+        "off"}, ipc) every message's signature is checked, and a bad one is
+        dropped.  The check is one HMAC pass over a message's four parts;
+        for a 20 MB output it is about as long as copying it once.
+        """
         self._iopub = channels.subscriber(
             info.url("iopub"), self._iopub_frames, curve_serverkey=info.curve_publickey
         )
-        self._own = {
-            name: channels.dealer(
-                info.url(name),
-                identity,
-                lambda frames, name=name: self._reply_frames(name, frames),
-                curve_serverkey=info.curve_publickey,
+        self._own: dict[str, IChannelSocket] = {}
+        # The shell socket proves the kernel ready (kernel_info); the
+        # control socket is made on first use (an interrupt, a shutdown):
+        # most kernels never need it, and each socket is a TCP connection
+        # and ZMQ buffers held for the kernel's lifetime.
+        self._own_socket("shell")
+
+    def _own_socket(self, name: str) -> IChannelSocket:
+        sock = self._own.get(name)
+        if sock is None:
+            sock = self._own[name] = self._channels.dealer(
+                self.info.url(name),
+                self.session.encode("ascii"),
+                lambda frames: self._reply_frames(name, frames),
+                curve_serverkey=self.info.curve_publickey,
             )
-            for name in ("shell", "control")
-        }
+        return sock
+
+    def split(self, frames: Any) -> Message:
+        """
+        The message in C{frames} received from the kernel (its signature
+        checked unless L{verifies_signatures} is false).
+
+        @raise WireError: malformed, or a bad signature.
+        """
+        return split_frames(frames, self.signer, self.verifies_signatures)[1]
 
     def _iopub_frames(self, frames: Any) -> None:
         try:
-            _, message = split_frames(frames, self.signer)
+            message = self.split(frames)
         except WireError as e:
             _log.warn(
                 "kernel {kernel_id}: dropped an iopub message: {error}",
@@ -84,7 +128,7 @@ class KernelLink:
 
     def _reply_frames(self, channel: str, frames: Any) -> None:
         try:
-            _, message = split_frames(frames, self.signer)
+            message = self.split(frames)
             parent_id = message.parent_header().get("msg_id")
         except WireError as e:
             _log.warn(
@@ -120,7 +164,7 @@ class KernelLink:
             waiting.errback(ConnectionError("kernel link is closed"))
             return waiting
         self._pending[msg_id] = waiting
-        self._own[channel].send(join_frames(message, self.signer))
+        self._own_socket(channel).send(join_frames(message, self.signer))
         waiting.addTimeout(timeout, self._clock, onTimeoutCancel=_timed_out(msg_type, timeout))
         waiting.addBoth(forget)
         return waiting
@@ -130,7 +174,7 @@ class KernelLink:
         Send a message of the gateway's own without waiting for a reply.
         """
         if not self._closed:
-            self._own[channel].send(join_frames(message, self.signer))
+            self._own_socket(channel).send(join_frames(message, self.signer))
 
     def client(self, on_message: MessageHandler, identity: bytes | None = None) -> "ClientLink":
         """
@@ -172,19 +216,29 @@ class ClientLink:
         self.identity = identity or uuid.uuid4().hex.encode("ascii")
         self._on_message = on_message
         self._closed = False
-        self._sockets: dict[str, IChannelSocket] = {
-            name: link.channels.dealer(
+        self._sockets: dict[str, IChannelSocket] = {}
+        # shell and stdin at once: the kernel routes an input_request to
+        # this identity's stdin socket as soon as a request asks for input,
+        # and a ROUTER drops what it cannot route.  control on first use:
+        # its replies only ever answer this client's own control requests.
+        for name in ("shell", "stdin"):
+            self._socket(name)
+
+    def _socket(self, name: str) -> IChannelSocket:
+        sock = self._sockets.get(name)
+        if sock is None:
+            link = self.link
+            sock = self._sockets[name] = link.channels.dealer(
                 link.info.url(name),
                 self.identity,
-                lambda frames, name=name: self._frames(name, frames),
+                lambda frames: self._frames(name, frames),
                 curve_serverkey=link.info.curve_publickey,
             )
-            for name in ("shell", "control", "stdin")
-        }
+        return sock
 
     def _frames(self, channel: str, frames: Any) -> None:
         try:
-            _, message = split_frames(frames, self.link.signer)
+            message = self.link.split(frames)
         except WireError as e:
             _log.warn(
                 "kernel {kernel_id}: dropped a {channel} message: {error}",
@@ -200,7 +254,7 @@ class ClientLink:
         Sign C{message} with the kernel's key and send it on C{channel}.
         """
         if not self._closed:
-            self._sockets[channel].send(join_frames(message, self.link.signer))
+            self._socket(channel).send(join_frames(message, self.link.signer))
 
     def close(self) -> None:
         if self._closed:

@@ -9,7 +9,9 @@ A message on a ZMQ socket is::
 
 The gateway forwards message bodies as the bytes it received; it parses only
 the header (for routing and activity) and, for iopub C{status} messages, the
-content.  See U{https://jupyter-client.readthedocs.io/en/latest/messaging.html}.
+content.  A large content or buffer may be a C{memoryview} of the frame ZMQ
+received (L{egateway.wire.zmq.ZERO_COPY_SIZE}) rather than C{bytes}: every
+consumer of a message's parts takes either.  See U{https://jupyter-client.readthedocs.io/en/latest/messaging.html}.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class Signer:
         return h.hexdigest().encode("ascii")
 
     def verify(self, signature: bytes, parts: Sequence[bytes]) -> bool:
+        """
+        Whether C{signature} is that of C{parts}: one HMAC pass over them,
+        compared in constant time.
+        """
         if self._template is None:
             return True
         return hmac.compare_digest(signature, self.sign(parts))
@@ -133,9 +139,9 @@ class Message:
         return message
 
 
-def loads_part(data: bytes, what: str) -> dict[str, Any]:
+def loads_part(data: bytes | memoryview, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(data)
+        value = json.loads(data if isinstance(data, bytes) else bytes(data))
     except (ValueError, UnicodeDecodeError) as e:
         raise WireError(f"{what} is not JSON: {e}") from None
     if not isinstance(value, dict):
@@ -188,11 +194,14 @@ def new_header(msg_type: str, session: str, username: str = "egateway") -> dict[
 
 
 def split_frames(
-    frames: Sequence[bytes], signer: Signer
+    frames: Sequence[bytes], signer: Signer, verify: bool = True
 ) -> tuple[list[bytes], Message]:
     """
     Split ZMQ frames into routing identities and a verified L{Message}.
 
+    @param verify: check the signature (the default); C{False} only where
+        the channel itself authenticates the sender (see
+        L{egateway.wire.link.KernelLink.verifies_signatures}).
     @raise WireError: no delimiter, too few parts, or a bad signature.
     """
     try:
@@ -203,7 +212,7 @@ def split_frames(
         raise WireError("message has fewer than 4 parts")
     signature = frames[index + 1]
     parts = frames[index + 2 : index + 6]
-    if not signer.verify(signature, parts):
+    if verify and not signer.verify(signature, parts):
         raise WireError("invalid signature")
     return list(frames[:index]), Message(parts, frames[index + 6 :])
 

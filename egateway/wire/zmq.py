@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from egateway.errors import GatewayError
 from egateway.wire.channels import FramesHandler, IChannelFactory, IChannelSocket
+from egateway.wire.protocol import DELIMITER
 
 _log = Logger()
 
@@ -45,6 +46,49 @@ BATCH = 256
 """
 Messages read from one socket before yielding to the reactor.
 """
+
+ZERO_COPY_SIZE = 64 * 1024
+"""
+Content and buffer frames this large are received without copying: the
+message holds a C{memoryview} of ZMQ's own buffer, which the journal and
+the WebSocket write share (a 20 MB output is never copied in this process
+before it is framed).  Smaller frames are copied into C{bytes}, which costs
+less than keeping a ZMQ frame alive for them.
+"""
+
+_COPIED_AFTER_DELIMITER = 4
+"""
+Frames after C{<IDS|MSG>} that are always small (signature, header, parent
+header, metadata) and always copied.
+"""
+
+
+def receive(sock: zmq.Socket) -> list[bytes | memoryview]:
+    """
+    One multipart message from C{sock}, without blocking: identities, the
+    delimiter and the small parts as C{bytes}; the content and the buffers
+    as C{bytes} when small, else as a C{memoryview} of the received frame
+    (L{ZERO_COPY_SIZE}).
+
+    @raise zmq.Again: no message is waiting.
+    """
+    recv = sock.recv
+    frame = recv(zmq.NOBLOCK)
+    frames: list[bytes | memoryview] = [frame]
+    # -1: the delimiter not seen yet (a DEALER's messages start with it)
+    to_copy = _COPIED_AFTER_DELIMITER if frame == DELIMITER else -1
+    while sock.get(zmq.RCVMORE):
+        if to_copy:
+            frame = recv(0)
+            frames.append(frame)
+            if to_copy > 0:
+                to_copy -= 1
+            elif frame == DELIMITER:
+                to_copy = _COPIED_AFTER_DELIMITER
+        else:
+            shared = recv(0, copy=False)
+            frames.append(shared.bytes if len(shared) < ZERO_COPY_SIZE else shared.buffer)
+    return frames
 
 
 @implementer(IChannelSocket)
@@ -92,7 +136,7 @@ class _Socket(ZmqConnection):
             if not sock.get(zmq.EVENTS) & zmq.POLLIN:
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = receive(sock)
             except zmq.Again:
                 continue
             try:
