@@ -219,8 +219,11 @@ class KernelManager(Service):
             await self.pools.drain()
         persistence = self.persistence
         if persistence is not None and persistence.keeps_kernels:
+            # A launch or an automatic restart under way would leave a
+            # process this gateway no longer watches: the next gateway finds
+            # the kernel as its record says.
             for kernel_id, operation in list(self._operations.items()):
-                if operation.name == "launch":
+                if operation.name in ("launch", "auto-restart"):
                     operation.cancel()
             await persistence.keep_all()
             for kernel in list(self.kernels.values()):

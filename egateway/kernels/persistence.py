@@ -405,14 +405,28 @@ class KernelPersistence(Service):
         The gateway is stopping and kernels stay: detach from each and save
         its final record.
         """
+        kernels = [k for k in self._manager.kernels.values() if k.state != KernelState.LAUNCHING]
+        if self.shared:
+            kernels = [k for k in kernels if await self._still_recorded(k)]
         saves = []
-        for kernel in list(self._manager.kernels.values()):
-            if kernel.state == KernelState.LAUNCHING:
-                continue
+        for kernel in kernels:
             if kernel.process is not None:
                 kernel.process.detach()
             saves.append(self.save(kernel))
         await DeferredList(saves, consumeErrors=True)
+
+    async def _still_recorded(self, kernel: Kernel) -> bool:
+        """
+        Whether the shared store still has C{kernel}: another gateway may
+        have shut it down a moment ago, before this one heard of it, and
+        saving this gateway's copy would bring the removed kernel back.
+        """
+        try:
+            return await self.store.load_kernel(kernel.id) is not None
+        except StoreError:
+            # Unknown: keep it (a lost record is worse than a stale one the
+            # reconciler can reap).
+            return True
 
     # -- sessions --------------------------------------------------------
 
