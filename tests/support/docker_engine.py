@@ -6,30 +6,19 @@ leftovers reported on stderr then). Each test removes what it created and checks
 
 from __future__ import annotations
 
-import atexit
-import sys
 import tempfile
 
+from tests.fixtures._support import PerProcess
 from tests.fixtures.docker import DockerDaemon
 
-_shared: DockerDaemon | None = None
+
+def _start() -> DockerDaemon:
+    daemon = DockerDaemon(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), swarm=True)
+    daemon.up()
+    return daemon
 
 
-def shared_docker() -> DockerDaemon:
-    """
-    The process's engine, started on first use.
-    """
-    global _shared
-    if _shared is None:
-        daemon = DockerDaemon(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), swarm=True)
-        daemon.up()
-        _shared = daemon
-        atexit.register(_down, daemon)
-    return _shared
-
-
-def _down(daemon: DockerDaemon) -> None:
-    daemon.down()
-    left = daemon.leftovers()
-    if left:
-        print(f"tests.support.docker_engine: the shared Docker engine left: {left}", file=sys.stderr)
+shared_docker = PerProcess("tests.support.docker_engine: the shared Docker engine", _start)
+"""
+The process's engine, started on first use.
+"""

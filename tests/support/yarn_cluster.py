@@ -6,11 +6,11 @@ Each test kills the applications it started and checks that it did.
 
 from __future__ import annotations
 
-import atexit
 import os
 import sys
 import tempfile
 
+from tests.fixtures._support import PerProcess
 from tests.fixtures.yarn import YarnCluster
 from tests.support.remote_kernels import launcher_argv, write_spec
 
@@ -19,27 +19,16 @@ MAX_ALLOCATION_MB = 2048
 The largest container the shared cluster grants (the node has 4096 MB): a kernel asking for more fails at once.
 """
 
-_shared: YarnCluster | None = None
+def _start() -> YarnCluster:
+    cluster = YarnCluster(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), max_allocation_mb=MAX_ALLOCATION_MB)
+    cluster.up()
+    return cluster
 
 
-def shared_yarn() -> YarnCluster:
-    """
-    The process's cluster, started on first use.
-    """
-    global _shared
-    if _shared is None:
-        cluster = YarnCluster(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), max_allocation_mb=MAX_ALLOCATION_MB)
-        cluster.up()
-        _shared = cluster
-        atexit.register(_down, cluster)
-    return _shared
-
-
-def _down(cluster: YarnCluster) -> None:
-    cluster.down()
-    left = cluster.leftovers()
-    if left:
-        print(f"tests.support.yarn_cluster: the shared YARN left: {left}", file=sys.stderr)
+shared_yarn = PerProcess("tests.support.yarn_cluster: the shared YARN", _start)
+"""
+The process's cluster, started on first use.
+"""
 
 
 def spark_home() -> str:
