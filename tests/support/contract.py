@@ -135,6 +135,18 @@ class LauncherContract:
         self.assertIn(Phase.CONNECTION_INFO, reached)
         self.assertEqual(reached.index(Phase.CONNECTION_INFO), len(reached) - 1)
 
+    async def assert_no_leftovers(self, process: Any, timeout: float = 15.0) -> None:
+        """
+        Nothing of C{process} is left on its host, within C{timeout} seconds:
+        a killed kernel's session processes take a moment to exit under load.
+        """
+        deadline = reactor.seconds() + timeout
+        left = await self.leftovers(process)
+        while left and reactor.seconds() < deadline:
+            await deferLater(reactor, 0.2, lambda: None)
+            left = await self.leftovers(process)
+        self.assertEqual(left, [])
+
     async def test_poll_signal_terminate(self) -> None:
         """
         poll says alive; SIGINT interrupts a running cell; terminate ends the
@@ -156,7 +168,7 @@ class LauncherContract:
         self.assertFalse((await process.poll()).alive)
         await process.cleanup()
         await process.cleanup()
-        self.assertEqual(await self.leftovers(process), [])
+        await self.assert_no_leftovers(process)
 
     async def test_snapshot_and_restore(self) -> None:
         """
@@ -180,7 +192,7 @@ class LauncherContract:
         await restored.terminate(5)
         await restored.cleanup()
         self.assertFalse((await process.poll()).alive)
-        self.assertEqual(await self.leftovers(process), [])
+        await self.assert_no_leftovers(process)
 
     async def test_failed_launch_leaves_nothing(self) -> None:
         """
@@ -198,7 +210,7 @@ class LauncherContract:
         status = await process.when_exited()
         self.assertIsInstance(status, ExitStatus)
         await process.cleanup()
-        self.assertEqual(await self.leftovers(process), [])
+        await self.assert_no_leftovers(process)
 
     async def test_cancelled_launch_leaves_nothing(self) -> None:
         """
