@@ -36,6 +36,8 @@ from typing import Any
 
 from playwright.sync_api import Locator, Page, expect, sync_playwright
 
+from offline_chromium import OFFLINE_CHROMIUM
+
 KERNEL_STATUS = 'span.jp-StatusBar-TextItem[title^="Change kernel"]'
 DIALOG = ".jp-Dialog"
 PROMPT_DONE = re.compile(r"^\[\d+\]:$")
@@ -257,7 +259,7 @@ def main(argv: list[str]) -> int:
         browser = playwright.chromium.launch(
             executable_path=options.chromium,
             headless=True,
-            args=["--disable-gpu", "--disable-dev-shm-usage", f"--egateway-test={options.marker}"],
+            args=["--disable-gpu", "--disable-dev-shm-usage", *OFFLINE_CHROMIUM, f"--egateway-test={options.marker}"],
             timeout=options.step_timeout * 1000,
         )
         try:

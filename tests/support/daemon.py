@@ -535,6 +535,25 @@ class JupyterServer(_Daemon):
         self.root_dir = os.path.join(workdir, "root")
 
 
+OFFLINE_JUPYTER_SERVER = {
+    "LabApp": {
+        "extension_manager": "readonly",
+        "check_for_updates_class": "jupyterlab.NeverCheckForUpdate",
+        "news_url": None,
+    }
+}
+"""
+The notebook server's configuration for tests: JupyterLab's defaults reach
+PyPI from the server (the "pypi" extension manager lists extensions through
+XML-RPC in an executor thread, and the update check fetches
+C{pypi.org/pypi/jupyterlab/json}).  Tests send nothing off the machine, and
+a blocking XML-RPC call still in flight when the server is told to stop
+holds its exit (Python joins the executor's threads): SIGTERM then seemed
+ignored for the whole grace period (CI, twice, with a JupyterLab page
+freshly opened).
+"""
+
+
 async def start_jupyter_server(
     test: TestCase,
     *,
@@ -561,6 +580,8 @@ async def start_jupyter_server(
         os.makedirs(path)
         environ[f"JUPYTER_{sub.upper()}_DIR"] = path
     environ["JUPYTER_PLATFORM_DIRS"] = "1"
+    with open(os.path.join(workdir, "config", "jupyter_server_config.json"), "w") as f:
+        json.dump(OFFLINE_JUPYTER_SERVER, f)
     server = JupyterServer(reactor, workdir, free_port(), token)
     os.makedirs(server.root_dir)
     argv = [

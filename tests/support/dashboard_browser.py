@@ -19,6 +19,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SkipTest
 
+from tests.browser.offline_chromium import OFFLINE_CHROMIUM
+
 T = TypeVar("T")
 
 CANDIDATES = ("chromium", "chromium-browser")
@@ -68,7 +70,7 @@ class HeadlessBrowser:
 
             self._playwright = sync_playwright().start()
             self.browser = self._playwright.chromium.launch(
-                executable_path=executable, headless=True, args=["--no-sandbox", "--disable-gpu"]
+                executable_path=executable, headless=True, args=["--no-sandbox", "--disable-gpu", *OFFLINE_CHROMIUM]
             )
             self.page = self.browser.new_page(viewport={"width": 1400, "height": 820})
 
