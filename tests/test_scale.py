@@ -225,3 +225,47 @@ class GatewayHeapTests(TestCase):
         # After the call HeapFreeze scheduled when the gateway started.
         await deferLater(reactor, 0, lambda: None)
         self.assertGreater(gc.get_freeze_count(), 0)
+
+
+class DescriptorLimitTests(TestCase):
+    """
+    A real gateway (C{twistd}) under a low open-file limit, launching real
+    ipykernels until it runs short.
+    """
+
+    timeout = 180
+
+    async def test_refused_at_once_when_short_of_descriptors(self) -> None:
+        """
+        A gateway whose open files run short refuses the next kernel at
+        once with 503 naming the limit, starts nothing for it, and starts
+        kernels again once one is shut down.  Before, the kernel started,
+        libzmq failed to connect to it in its own thread without a word,
+        and the launch ended at the launch timeout (here 90 s, past the
+        request's 30 s bound) as a kernel that did not answer.
+        """
+        from tests.support.daemon import start_gateway
+
+        gateway = await start_gateway(self, flags={"launch-timeout": "90"}, open_files=110, reactor=reactor)
+        started: list[str] = []
+        for _ in range(30):
+            reply = await gateway.api.request("POST", "api/kernels", {"name": "python3"}, timeout=30)
+            if reply.code != 201:
+                break
+            started.append(reply.json()["id"])
+        else:
+            self.fail("30 kernels started under a 110 open-file limit")
+        self.assertEqual(reply.code, 503, reply.body)
+        self.assertEqual(reply.json()["reason"], "Service Unavailable")
+        self.assertIn("file descriptors", reply.json()["message"])
+        self.assertIn("LimitNOFILE", reply.json()["message"])
+        self.assertGreater(len(started), 2)
+        self.assertEqual(sorted(m["id"] for m in await gateway.api.call("GET", "api/kernels")), sorted(started))
+        self.assertEqual(
+            sorted(kernel_id for kernel_id in started if gateway.kernel_processes(kernel_id)), sorted(started)
+        )
+        self.assertEqual(len(gateway.kernel_processes()), len(started))
+
+        await gateway.api.call("DELETE", f"api/kernels/{started[0]}", expect=204)
+        model = await gateway.api.call("POST", "api/kernels", {"name": "python3"}, expect=201)
+        self.assertEqual(model["execution_state"], "idle")

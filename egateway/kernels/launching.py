@@ -26,6 +26,7 @@ from egateway.config import KernelsConfig
 from egateway.errors import BadRequest, GatewayError
 from egateway.kernels.kernel import Kernel
 from egateway.observe import first
+from egateway.wire import descriptors
 from egateway.wire.channels import ConnectionInfo
 from egateway.wire.link import KernelLink
 from egateway.wire.protocol import Message
@@ -64,6 +65,16 @@ class LaunchTimedOut(LaunchFailed):
 
 class KernelExitedEarly(LaunchFailed):
     failure = "exited"
+
+
+class OutOfDescriptors(LaunchFailed):
+    """
+    The gateway has too few file descriptors left to link to another
+    kernel (see L{egateway.wire.descriptors}).
+    """
+
+    status = 503
+    failure = "descriptors"
 
 
 def launch_timeout(env: Mapping[str, str], settings: KernelsConfig) -> float:
@@ -131,8 +142,13 @@ class Launching:
         @raise LaunchTimedOut: not ready within the launch timeout.
         @raise KernelExitedEarly: the kernel exited before it was ready
             (after the retries a retryable exit allows).
+        @raise OutOfDescriptors: the gateway could not link to another
+            kernel; nothing was started.
         @raise LaunchFailed: the launcher refused or failed.
         """
+        problem = descriptors.shortage()
+        if problem is not None:
+            raise OutOfDescriptors(problem)
         launcher = self._manager.launchers.get(kernel.launcher_name)
         timeout = launch_timeout(kernel.env, self._manager.settings)
         for attempt in range(1, RETRYABLE_ATTEMPTS + 1):

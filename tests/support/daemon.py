@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -463,6 +464,7 @@ async def start_gateway(
     reactor: Any = None,
     ready_timeout: float = 30,
     port: int | None = None,
+    open_files: int | None = None,
 ) -> GatewayDaemon:
     """
     Start C{twistd -n egateway} on a free loopback port and wait until
@@ -476,6 +478,8 @@ async def start_gateway(
         environment are dropped so a developer's settings do not leak in.
     @param port: listen on this port (a gateway restarted where its clients
         expect it) rather than on a free one.
+    @param open_files: run it with this open-file limit (util-linux's
+        C{prlimit}, which then runs it in its own place).
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -493,7 +497,9 @@ async def start_gateway(
     for attempt in range(3):
         gateway = GatewayDaemon(reactor, workdir, port or free_port(), token)
         os.makedirs(gateway.data_dir, mode=0o700, exist_ok=True)
+        limit = [shutil.which("prlimit") or "prlimit", f"--nofile={open_files}", "--"] if open_files else []
         argv = [
+            *limit,
             sys.executable,
             twistd,
             "--nodaemon",
