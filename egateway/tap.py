@@ -591,6 +591,7 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any, metri
             config.server.ws_ping_interval,
             config.kernels.kernel_info_timeout,
             reactor,
+            client_message_limit=config.server.client_message_limit,
         ),
         base_url=config.server.base_url,
         list_kernels=config.auth.list_kernels,

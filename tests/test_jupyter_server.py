@@ -123,6 +123,35 @@ class JupyterServerThroughGatewayTests(TestCase):
         reply = await self.server.api.request("GET", f"api/kernels/{kernel_id}")
         self.assertEqual(reply.code, 404)
 
+    async def test_outputs_larger_than_tornado_takes(self) -> None:
+        """
+        The notebook server's connection to the gateway takes at most
+        10 MiB per message (Tornado's default; jupyter_server sets none):
+        a 20 MB stream output still arrives whole, in pieces, and a 12 MB
+        display is replaced by a notice on stderr; either way the cell's
+        reply arrives and the kernel stays usable.  Before, the notebook
+        server lost its connection at the first, reconnected, and the cell
+        never finished.
+        """
+        model = await self.start_kernel()
+        client = await self.connect(model["id"])
+        text = "0123456789abcdé\n" * 1_250_000
+        result = await client.execute(
+            "import sys; sys.stdout.write('0123456789abcdé\\n' * 1_250_000); 'done'", timeout=120
+        )
+        self.assertEqual(result["reply"]["status"], "ok")
+        self.assertEqual(len(result["stdout"]), len(text))
+        self.assertEqual(result["stdout"], text)
+        self.assertEqual(result["result"]["text/plain"], "'done'")
+
+        result = await client.execute("display({'text/plain': 'y' * 12_000_000}, raw=True)", timeout=120)
+        self.assertEqual(result["reply"]["status"], "ok")
+        self.assertIn("a display_data message of 11.4 MiB was not sent", result["stderr"])
+        result = await client.execute("print('still here')", timeout=20)
+        self.assertEqual(result["stdout"], "still here\n")
+
+    test_outputs_larger_than_tornado_takes.timeout = 180  # type: ignore[attr-defined]
+
     async def test_interrupt_ends_a_sleeping_cell(self) -> None:
         """
         Interrupting through the notebook server ends a C{time.sleep(60)}

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from egateway.api.cors import CorsPolicy
+from egateway.api.ws_limits import client_limit, fit
 from egateway.api.ws_writer import FrameWriter
 from egateway.api.authenticators.interface import presented_token
 from egateway.api.identity import Identity
@@ -127,6 +128,8 @@ class ChannelRequest:
     @ivar v1: speak C{v1.kernel.websocket.jupyter.org} (else legacy JSON).
     @ivar identity: who asked (C{None}: no authentication ran).
     @ivar token: the credential presented, kept to check it again later.
+    @ivar message_limit: the largest message to send it in one WebSocket
+        message, or C{None} (see L{egateway.api.ws_limits}).
     """
 
     kernel: Kernel
@@ -135,6 +138,7 @@ class ChannelRequest:
     v1: bool
     identity: Identity | None
     token: str | None
+    message_limit: int | None = None
 
 
 class ChannelsProtocol(WebSocketServerProtocol):
@@ -289,6 +293,10 @@ class ChannelsProtocol(WebSocketServerProtocol):
             else:
                 chunks, binary = legacy_chunks(message, channel, seq)
             length = sum(len(chunk) for chunk in chunks)
+            limit = self.channel_request.message_limit
+            if limit is not None and length > limit:
+                self._deliver_cut(channel, message, seq, length, limit)
+                return
             tally = self.factory.relay.to_client[channel]
             tally[0] += 1
             tally[1] += length
@@ -300,6 +308,25 @@ class ChannelsProtocol(WebSocketServerProtocol):
                 channel=channel,
                 error=str(e),
             )
+
+    def _deliver_cut(self, channel: str, message: Message, seq: int, length: int, limit: int) -> None:
+        """
+        Send C{message}, larger than this client takes in one WebSocket
+        message, cut to fit; only the last piece carries C{seq}, so a client
+        that resumes after a piece it got still receives the rest.
+        """
+        pieces = list(fit(message, length, limit))
+        if pieces[-1].msg_type != message.msg_type:
+            _log.warn(
+                "kernel {kernel_id}: a {msg_type} message of {size} bytes was not sent to a client that takes "
+                "at most {limit} bytes per message (a notice was sent in its place)",
+                kernel_id=self.kernel.id,
+                msg_type=message.msg_type,
+                size=length,
+                limit=limit,
+            )
+        for number, piece in enumerate(pieces, 1):
+            self.deliver(channel, piece, seq if number == len(pieces) else 0)
 
     _writer: FrameWriter | None = None
 
@@ -385,8 +412,15 @@ class ChannelsEndpoint:
         ping_interval: float,
         kernel_info_timeout: float = 60.0,
         clock: Any = None,
+        client_message_limit: int = 0,
     ) -> None:
+        """
+        @param client_message_limit: the largest message sent to any client
+            in one WebSocket message; 0: Tornado's limit for Tornado
+            clients, none for others (L{egateway.api.ws_limits}).
+        """
         self._cors = cors
+        self._client_message_limit = client_message_limit
         factory = WebSocketServerFactory(server=None)
         factory.protocol = ChannelsProtocol
         factory.kernel_info_timeout = kernel_info_timeout
@@ -504,6 +538,7 @@ class ChannelsEndpoint:
             v1=offers_v1(request),
             identity=getattr(request, "gateway_user", None),
             token=presented_token(request),
+            message_limit=client_limit(request.getHeader(b"user-agent"), self._client_message_limit),
         )
 
     def resource_for(self, channel: ChannelRequest) -> WebSocketResource:

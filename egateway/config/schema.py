@@ -106,6 +106,14 @@ class ServerConfig:
         env=("EG_MAX_WS_MESSAGE",),
         minimum=1024,
     )
+    client_message_limit: int = setting(
+        0,
+        "Largest kernel message sent to a client in one WebSocket message, in bytes: a larger stream output is "
+        "sent in pieces, anything else replaced by a notice. 0: 10 MiB for Tornado clients (jupyter_server's "
+        "gateway client cannot take more), no limit for others.",
+        env=("EG_CLIENT_MESSAGE_LIMIT",),
+        minimum=0,
+    )
     stop_timeout: float = setting(
         30.0,
         "Seconds a graceful stop may take before the gateway exits anyway.",

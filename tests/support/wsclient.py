@@ -232,8 +232,8 @@ class ChannelsClient:
         """
         Run C{code}; wait for its C{execute_reply} and iopub C{idle}.
 
-        @return: C{{"reply": content, "stdout": text, "result": data,
-            "error": content or None, "msg_id": id}}.
+        @return: C{{"reply": content, "stdout": text, "stderr": text,
+            "result": data, "error": content or None, "msg_id": id}}.
         """
         since = len(self.messages)
         msg_id = self.request_execute(code, allow_stdin)
@@ -245,14 +245,17 @@ class ChannelsClient:
             since,
         )
         outputs = [m for m in self.messages[since:] if mine(m) and m.get("channel") == "iopub"]
+
+        def stream(name: str) -> str:
+            return "".join(
+                m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["content"]["name"] == name
+            )
+
         return {
             "msg_id": msg_id,
             "reply": reply["content"],
-            "stdout": "".join(
-                m["content"]["text"]
-                for m in outputs
-                if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
-            ),
+            "stdout": stream("stdout"),
+            "stderr": stream("stderr"),
             "result": next(
                 (m["content"]["data"] for m in outputs if m["msg_type"] == "execute_result"), None
             ),
