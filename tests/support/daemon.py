@@ -159,6 +159,11 @@ class ChildProcess(ProcessProtocol):
         self.ended = False
         self._waiters: list[Deferred[None]] = []
         self.report: ExitReport | None = None
+        self.dump_signal: int | None = None
+        """
+        A signal that makes the process write its threads' stacks to its
+        log, sent before SIGKILL so the log says where it was stuck.
+        """
 
     def start(self, argv: Sequence[str], env: Mapping[str, str], cwd: str) -> None:
         self._log.write(f"$ {' '.join(argv)}\n".encode())
@@ -229,6 +234,12 @@ class ChildProcess(ProcessProtocol):
                 await _bounded(self.when_ended(), grace, self._reactor)
             except TimeoutError:
                 forced = True
+                if self.dump_signal is not None:
+                    self.send_signal(self.dump_signal)
+                    try:
+                        await _bounded(self.when_ended(), 2, self._reactor)
+                    except TimeoutError:
+                        pass
                 self.send_signal(signal.SIGKILL)
                 await _bounded(self.when_ended(), 10, self._reactor)
         leftovers = processes_mentioning(marker) if marker else []
@@ -420,7 +431,7 @@ class _Daemon:
             return
         report = await self.stop()
         if not report.graceful:
-            test.fail(f"{report.describe()}; log: {self.process.log_path}")
+            test.fail(f"{report.describe()}; log: {self.process.log_path}, ending:\n{self.process.log_tail(6000)}")
 
 
 class GatewayDaemon(_Daemon):
@@ -588,28 +599,44 @@ async def start_jupyter_server(
     environ["JUPYTER_PLATFORM_DIRS"] = "1"
     with open(os.path.join(workdir, "config", "jupyter_server_config.json"), "w") as f:
         json.dump(OFFLINE_JUPYTER_SERVER, f)
-    server = JupyterServer(reactor, workdir, free_port(), token)
-    os.makedirs(server.root_dir)
-    argv = [
-        sys.executable,
-        "-m",
-        "jupyter_server",
-        "--no-browser",
-        f"--ServerApp.ip={LOOPBACK}",
-        f"--ServerApp.port={server.port}",
-        "--ServerApp.port_retries=0",
-        f"--ServerApp.root_dir={server.root_dir}",
-        "--ServerApp.terminals_enabled=False",
-        f"--IdentityProvider.token={token}",
-    ]
-    if os.geteuid() == 0:
-        argv.append("--allow-root")
-    if gateway is not None:
-        argv.append(f"--gateway-url={gateway.url.rstrip('/')}")
-        if gateway.token:
-            environ["JUPYTER_GATEWAY_AUTH_TOKEN"] = gateway.token
-    argv.extend(args)
-    server.process.start(argv, environ, workdir)
-    test.addCleanup(server._cleanup, test)
-    await wait_until_answers(server.api, "api", server.process, ready_timeout, reactor)
-    return server
+    if gateway is not None and gateway.token:
+        environ["JUPYTER_GATEWAY_AUTH_TOKEN"] = gateway.token
+    last_error: Exception | None = None
+    for attempt in range(3):
+        server = JupyterServer(reactor, workdir, free_port(), token)
+        os.makedirs(server.root_dir, exist_ok=True)
+        argv = [
+            sys.executable,
+            "-c",
+            # jupyter_server, able to show where it is stuck (SIGUSR2: every
+            # thread's stack to its log) if it ignores SIGTERM.
+            "import faulthandler, signal, sys; faulthandler.register(signal.SIGUSR2, all_threads=True); "
+            "from jupyter_server.serverapp import main; sys.exit(main())",
+            "--no-browser",
+            f"--ServerApp.ip={LOOPBACK}",
+            f"--ServerApp.port={server.port}",
+            "--ServerApp.port_retries=0",
+            f"--ServerApp.root_dir={server.root_dir}",
+            "--ServerApp.terminals_enabled=False",
+            f"--IdentityProvider.token={token}",
+        ]
+        if os.geteuid() == 0:
+            argv.append("--allow-root")
+        if gateway is not None:
+            argv.append(f"--gateway-url={gateway.url.rstrip('/')}")
+        argv.extend(args)
+        server.process.dump_signal = signal.SIGUSR2
+        server.process.start(argv, environ, workdir)
+        test.addCleanup(server._cleanup, test)
+        try:
+            await wait_until_answers(server.api, "api", server.process, ready_timeout, reactor)
+        except RuntimeError as e:
+            # Another process took the free port first (it happened in a
+            # busy run): judged here, so its cleanup does not fail the test.
+            if server.process.ended and "is not available" in server.process.log_tail():
+                await server.stop()
+                last_error = e
+                continue
+            raise
+        return server
+    raise RuntimeError(f"jupyter-server found no free port in 3 attempts: {last_error}")
