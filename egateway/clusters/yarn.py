@@ -89,6 +89,13 @@ KILL_WAIT = 15.0
 Seconds to wait for a killed application to reach a final state.
 """
 
+FAILOVER_WAIT = 30.0
+"""
+Seconds more a kill waits for a ResourceManager to answer as active: an HA
+failover takes the ZooKeeper session timeout (10 s by default) and the
+standby's recovery.
+"""
+
 
 class YarnKernelProcess(RemoteKernelProcess):
     """
@@ -240,26 +247,46 @@ class YarnLauncher(RemoteLauncher):
     async def kill_quietly(self, cluster: _Cluster, app_id: str, kernel_id: str) -> None:
         """
         Kill the application and wait (bounded) until YARN says it ended.
+
+        While no ResourceManager answers as the active one (an HA failover
+        under way: the dead RM's ZooKeeper session must expire and the
+        standby recover the applications) it keeps trying, for up to
+        C{FAILOVER_WAIT} more seconds, rather than leave the application
+        running and the kernel with it.
         """
         if not app_id:
             return
+        killed = False
+        unreachable = ""
 
         async def ended() -> bool:
-            app = await cluster.rms.application(app_id)
-            return app is None or app.get("state") in FINAL_STATES
+            nonlocal killed, unreachable
+            try:
+                app = await cluster.rms.application(app_id)
+                if app is None or app.get("state") in FINAL_STATES:
+                    return True
+                if not killed:
+                    await cluster.rms.kill(app_id)
+                    killed = True
+            except YarnAPIError as e:
+                if e.status != 0:
+                    raise  # an RM answered, and refused
+                unreachable = str(e)
+            return False
 
         try:
-            if await ended():
+            if await wait_until(self._reactor, ended, KILL_WAIT + FAILOVER_WAIT, 0.25):
                 return
-            await cluster.rms.kill(app_id)
-            if not await wait_until(self._reactor, ended, KILL_WAIT, 0.25):
-                _log.warn("kernel {kernel_id}: YARN application {app_id} did not end within {wait} s of its kill",
-                          kernel_id=kernel_id, app_id=app_id, wait=KILL_WAIT)
         except YarnAPIError as e:
+            unreachable = str(e)
+        if killed:
+            _log.warn("kernel {kernel_id}: YARN application {app_id} did not end within {wait} s of its kill",
+                      kernel_id=kernel_id, app_id=app_id, wait=KILL_WAIT + FAILOVER_WAIT)
+        else:
             _log.warn(
                 "kernel {kernel_id}: cannot kill YARN application {app_id}: {error}; kill it by hand "
                 "(yarn application -kill {app_id})",
-                kernel_id=kernel_id, app_id=app_id, error=str(e),
+                kernel_id=kernel_id, app_id=app_id, error=unreachable,
             )
 
     # -- the launch's steps ----------------------------------------------------
