@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -664,6 +664,37 @@ class WatchTests(SynchronousTestCase):
         self.successResultOf(Deferred.fromCoroutine(poller.stop()))
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertFalse(poller.watching(third))
+
+    def test_untagged_application_found_by_name(self) -> None:
+        """
+        An application a kernelspec's own script submitted (Enterprise
+        Gateway's run.sh: no gateway tag, and spark-submit's output may not
+        name it) is found by its name in the one listing of the interval.
+        """
+        clock = Clock()
+        queries: list[dict] = []
+        apps = [{"id": "application_1_7", "name": "k-run", "startedTime": 5000, "state": "ACCEPTED",
+                 "applicationTags": ""}]
+
+        def applications(**query: Any) -> Deferred[list]:
+            queries.append(query)
+            tag = query.get("applicationTags")
+            return succeed([app for app in apps if not tag or tag in app["applicationTags"].split(",")])
+
+        async def application(app_id: str) -> dict:
+            return {"id": app_id, "state": "RUNNING"}
+
+        rms = SimpleNamespace(applications=applications, application=application)
+        poller = ApplicationPoller(clock, rms, "g1", 1.0)
+        tagged = ApplicationWatch("k1", "application_1_1", started=4000)
+        untagged = ApplicationWatch("k-run", started=4000, tagged=False)
+        poller.watch(tagged)
+        poller.watch(untagged)
+        clock.advance(1.0)
+        self.assertEqual(untagged.app_id, "application_1_7")
+        self.assertEqual(untagged.state, "ACCEPTED")
+        self.assertEqual(len(queries), 1)
+        self.successResultOf(Deferred.fromCoroutine(poller.stop()))
 
     def test_restart_finds_the_new_application(self) -> None:
         """

@@ -348,6 +348,7 @@ class YarnLauncher(RemoteLauncher):
             properties_file=state.properties_file,
         )
         state.from_client = plan.from_client
+        state.watch.tagged = plan.properties is not None
         with os.fdopen(fd, "w") as f:
             f.write(properties_text(plan.properties or {}))
         if plan.properties is None:
