@@ -389,7 +389,11 @@ class YarnFailoverTests(YarnGatewayTestCase):
                          "the gateway to follow the new active ResourceManager", timeout=30)
         code, now = await self.gateway.request("GET", f"api/kernels/{kernel_id}")
         self.assertNotEqual(now["state"], "dead", now)
-        self.assertEqual(self.yarn.application(app_id)["state"], "RUNNING")
+        # Recovered ACCEPTED, RUNNING again once its ApplicationMaster has re-registered with the new RM.
+        await eventually(lambda: self.yarn.application(app_id)["state"] == "RUNNING",
+                         "the application to run again under the new RM", timeout=60)
+        code, now = await self.gateway.request("GET", f"api/kernels/{kernel_id}")
+        self.assertNotEqual(now["state"], "dead", now)
 
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel_id}")
         self.assertEqual(code, 204)
