@@ -25,7 +25,7 @@ from twisted.web.server import Site
 from dataclasses import replace
 
 from egateway.clusters.interface import LauncherContext, LaunchSettings
-from egateway.clusters.yarn import YarnLauncher
+from egateway.clusters.yarn import YarnLauncher, _Cluster
 from egateway.config import build_config
 from egateway.kernels.specs import KernelSpec
 from tests.support.contract import LauncherContract, request_for
@@ -712,6 +712,50 @@ class WatchTests(SynchronousTestCase):
 
 
 class KillDuringFailoverTests(SynchronousTestCase):
+    def launcher(self, clock: Clock) -> YarnLauncher:
+        config = build_config({}, {}, {})
+        return YarnLauncher(LauncherContext(
+            reactor=clock, runtime_dir=self.mktemp(), ports=None, section=config.yarn,
+            shared=LaunchSettings.from_config(config), services={},
+        ))
+
+    def test_restore_waits_for_an_active_resource_manager(self) -> None:
+        """
+        A gateway restarting while no ResourceManager answers as active
+        (failover under way) reattaches its kernel once one does, instead
+        of taking it for dead.
+        """
+        clock = Clock()
+        launcher = self.launcher(clock)
+        endpoints = ["http://rm1:8088", "http://rm2:8088"]
+        active = []
+
+        async def application(app_id: str) -> dict[str, Any]:
+            if not active:
+                raise YarnAPIError(0, "no active YARN ResourceManager answered: rm2: standby")
+            return {"id": app_id, "name": "k", "state": "RUNNING", "startedTime": 1000}
+
+        async def applications(**query: Any) -> list:
+            return []
+
+        async def close() -> None:
+            pass
+
+        rms = SimpleNamespace(application=application, applications=applications, close=close, endpoints=endpoints)
+        launcher._clusters[tuple(endpoints)] = _Cluster(rms, ApplicationPoller(clock, rms, "g1", 1.0))
+        info = {"ip": "127.0.0.1", "shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4,
+                "hb_port": 5, "key": "k", "transport": "tcp", "signature_scheme": "hmac-sha256"}
+        restoring = launcher.restore("k", {"app_id": "application_1_1", "endpoints": endpoints,
+                                           "connection_info": info, "ip": "127.0.0.1", "host": "localhost"})
+        clock.pump([0.5] * 20)  # 10 s of failover
+        self.assertNoResult(restoring)
+        active.append(True)
+        clock.pump([0.5] * 2)
+        process = self.successResultOf(restoring)
+        self.assertEqual(process.app_id, "application_1_1")
+        process.detach()
+        self.successResultOf(launcher.stop())
+
     def test_kill_waits_for_an_active_resource_manager(self) -> None:
         """
         A kernel stopped while no ResourceManager answers as active (the
@@ -720,10 +764,7 @@ class KillDuringFailoverTests(SynchronousTestCase):
         stays unreachable is given up after a bound.
         """
         clock = Clock()
-        launcher = YarnLauncher(LauncherContext(
-            reactor=clock, runtime_dir=self.mktemp(), ports=None, section=build_config({}, {}, {}).yarn,
-            shared=LaunchSettings.from_config(build_config({}, {}, {})), services={},
-        ))
+        launcher = self.launcher(clock)
         state = {"active": False, "app": "RUNNING", "kills": 0}
 
         async def application(app_id: str) -> dict[str, Any]:
