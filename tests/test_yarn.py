@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -23,7 +25,7 @@ from twisted.web.server import Site
 from dataclasses import replace
 
 from egateway.clusters.interface import LauncherContext, LaunchSettings
-from egateway.clusters.yarn import YarnLauncher
+from egateway.clusters.yarn import YarnLauncher, _Cluster
 from egateway.config import build_config
 from egateway.kernels.specs import KernelSpec
 from tests.support.contract import LauncherContract, request_for
@@ -31,11 +33,11 @@ from egateway.clusters.yarn_api import ResourceManagers, YarnAPIError, base_url,
 from egateway.clusters.yarn_apps import ApplicationPoller, ApplicationWatch, newest_named
 from egateway.clusters.yarn_submit import properties_text, submission, submit_error, submitted_app_id
 from tests.fixtures._processes import is_alive
-from tests.fixtures.yarn import FINAL_STATES
+from tests.fixtures.yarn import FINAL_STATES, YarnCluster
 from tests.support.gateway import GatewayTestCase, InProcessGateway
 from tests.support.polling import eventually
 from tests.support.wsclient import ChannelsClient
-from tests.support.yarn_cluster import MAX_ALLOCATION_MB, shared_yarn, write_yarn_specs
+from tests.support.yarn_cluster import MAX_ALLOCATION_MB, install_jeg_yarn_spec, shared_yarn, write_yarn_specs
 
 
 async def wait_state(gateway: InProcessGateway, kernel_id: str, state: str, timeout: float = 30) -> dict:
@@ -66,12 +68,15 @@ class YarnGatewayTestCase(GatewayTestCase):
     timeout = 480
 
     async def setUp(self) -> None:
-        self.yarn = shared_yarn()
+        self.yarn = self.cluster()
         self.specs = os.path.abspath(self.mktemp())
         self.write_specs()
         self.gateway_settings = self.settings()
         await super().setUp()
         self.addCleanup(self.nothing_left)
+
+    def cluster(self) -> YarnCluster:
+        return shared_yarn()
 
     def settings(self, **more: Any) -> dict[str, Any]:
         return {
@@ -202,6 +207,36 @@ class YarnKernelTests(YarnGatewayTestCase):
             self.assertEqual(code, 204)
 
 
+class YarnEnterpriseGatewaySpecTests(YarnGatewayTestCase):
+    def write_specs(self) -> None:
+        self.jeg_spec = install_jeg_yarn_spec(self.specs, self.yarn)
+
+    def settings(self, **more: Any) -> dict[str, Any]:
+        # What an operator running Enterprise Gateway's kernelspecs sets (its launchers answer in version 1); the
+        # response address is the loopback one, where the kernel's container (on this host) is placed.
+        return super().settings(response_accept_v1="true", response_ip="127.0.0.1", **more)
+
+    async def test_enterprise_gateway_run_sh_kernelspec(self) -> None:
+        """
+        Enterprise Gateway's spark_python_yarn_cluster kernelspec (its
+        process proxy class, bin/run.sh submitting with SPARK_OPTS, the
+        launcher's --RemoteProcessProxy.* arguments, a lazy Spark context)
+        launches unchanged: the application is found by its name, the kernel
+        runs code and a Spark job, and shutdown kills the application.
+        """
+        model = await self.start(self.jeg_spec)
+        kernel_id, app_id = model["id"], model["placement"]["app_id"]
+        self.assertEqual(self.yarn.application(app_id)["name"], kernel_id)
+        client = await ChannelsClient.connect(self.gateway.url, kernel_id)
+        self.addCleanup(client.close)
+        result = await client.execute("print(sc.parallelize(range(100), 2).sum())", timeout=120)
+        self.assertEqual(result["stdout"].split(), ["4950"], result)
+        self.assertEqual(self.yarn.application(app_id)["state"], "RUNNING")
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel_id}")
+        self.assertEqual(code, 204)
+        self.assertIn(self.yarn.application(app_id)["state"], FINAL_STATES)
+
+
 class YarnLifecycleTests(YarnGatewayTestCase):
     async def test_restarted_gateway_reattaches_and_reconciler_kills_orphans(self) -> None:
         """
@@ -288,6 +323,81 @@ class YarnSparkTests(YarnGatewayTestCase):
         await client.close()
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
         self.assertEqual(code, 204)
+
+
+class YarnFailoverTests(YarnGatewayTestCase):
+    """
+    A gateway configured as Enterprise Gateway's users configure an HA pair
+    (EG_YARN_ENDPOINT and EG_ALT_YARN_ENDPOINT) in front of two real
+    ResourceManagers with automatic failover and work-preserving recovery
+    (ZooKeeper, rm1, rm2 and a NodeManager: a cluster of its own, started
+    for this test and stopped after it).
+    """
+
+    def cluster(self) -> YarnCluster:
+        cluster = YarnCluster(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), max_allocation_mb=MAX_ALLOCATION_MB,
+                              resource_managers=2)
+        cluster.up()
+        self.addCleanup(self.cluster_down, cluster)
+        return cluster
+
+    def cluster_down(self, cluster: YarnCluster) -> None:
+        cluster.down()
+        self.assertEqual(cluster.leftovers(), [])
+
+    @property
+    def gateway_env(self) -> dict[str, str]:  # type: ignore[override]
+        return {"EG_YARN_ENDPOINT": self.yarn.web_urls[0] + "/ws/v1/cluster",
+                "EG_ALT_YARN_ENDPOINT": self.yarn.web_urls[1]}
+
+    def settings(self, **more: Any) -> dict[str, Any]:
+        settings = super().settings(**more)
+        del settings["yarn_endpoint"]
+        return settings
+
+    async def test_failover_keeps_the_kernel_served(self) -> None:
+        """
+        The active ResourceManager is killed while a kernel with a Spark
+        context runs: the standby takes over, the kernel still runs code and
+        Spark jobs, the gateway follows the new active RM (its kernel is not
+        marked dead), and shutdown kills the application through it.
+        """
+        switched: list[str] = []
+
+        def observe(event: dict) -> None:
+            if "the active ResourceManager is now" in str(event.get("log_format", "")):
+                switched.append(str(event.get("endpoint")))
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        model = await self.start("yarn_lazy")
+        kernel_id, app_id = model["id"], model["placement"]["app_id"]
+        client = await ChannelsClient.connect(self.gateway.url, kernel_id)
+        self.addCleanup(client.close)
+        result = await client.execute("x = sc.parallelize(range(100), 2).sum(); print(x)", timeout=120)
+        self.assertEqual(result["stdout"].split(), ["4950"], result)
+
+        active = self.yarn.active_rm()
+        (survivor,) = [rm_id for rm_id in self.yarn.rm_ids if rm_id != active]
+        self.yarn.kill_resource_manager(active)
+        await eventually(lambda: self.yarn.active_rm() == survivor, f"{survivor} to become active", timeout=60)
+        self.assertEqual(self.yarn.application(app_id)["name"], kernel_id)  # recovered from ZooKeeper
+
+        result = await client.execute("print(x + sc.parallelize(range(10), 2).sum())", timeout=120)
+        self.assertEqual(result["stdout"].split(), ["4995"], result)
+        await eventually(lambda: self.yarn.rm_url(survivor) in switched,
+                         "the gateway to follow the new active ResourceManager", timeout=30)
+        code, now = await self.gateway.request("GET", f"api/kernels/{kernel_id}")
+        self.assertNotEqual(now["state"], "dead", now)
+        # Recovered ACCEPTED, RUNNING again once its ApplicationMaster has re-registered with the new RM.
+        await eventually(lambda: self.yarn.application(app_id)["state"] == "RUNNING",
+                         "the application to run again under the new RM", timeout=60)
+        code, now = await self.gateway.request("GET", f"api/kernels/{kernel_id}")
+        self.assertNotEqual(now["state"], "dead", now)
+
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel_id}")
+        self.assertEqual(code, 204)
+        self.assertIn(self.yarn.application(app_id)["state"], FINAL_STATES)
 
 
 class YarnLauncherContract(LauncherContract, TestCase):
@@ -559,6 +669,37 @@ class WatchTests(SynchronousTestCase):
         self.assertEqual(clock.getDelayedCalls(), [])
         self.assertFalse(poller.watching(third))
 
+    def test_untagged_application_found_by_name(self) -> None:
+        """
+        An application a kernelspec's own script submitted (Enterprise
+        Gateway's run.sh: no gateway tag, and spark-submit's output may not
+        name it) is found by its name in the one listing of the interval.
+        """
+        clock = Clock()
+        queries: list[dict] = []
+        apps = [{"id": "application_1_7", "name": "k-run", "startedTime": 5000, "state": "ACCEPTED",
+                 "applicationTags": ""}]
+
+        def applications(**query: Any) -> Deferred[list]:
+            queries.append(query)
+            tag = query.get("applicationTags")
+            return succeed([app for app in apps if not tag or tag in app["applicationTags"].split(",")])
+
+        async def application(app_id: str) -> dict:
+            return {"id": app_id, "state": "RUNNING"}
+
+        rms = SimpleNamespace(applications=applications, application=application)
+        poller = ApplicationPoller(clock, rms, "g1", 1.0)
+        tagged = ApplicationWatch("k1", "application_1_1", started=4000)
+        untagged = ApplicationWatch("k-run", started=4000, tagged=False)
+        poller.watch(tagged)
+        poller.watch(untagged)
+        clock.advance(1.0)
+        self.assertEqual(untagged.app_id, "application_1_7")
+        self.assertEqual(untagged.state, "ACCEPTED")
+        self.assertEqual(len(queries), 1)
+        self.successResultOf(Deferred.fromCoroutine(poller.stop()))
+
     def test_restart_finds_the_new_application(self) -> None:
         """
         A restart reuses the name: the previous launch's application is
@@ -568,3 +709,85 @@ class WatchTests(SynchronousTestCase):
                 {"id": "application_1_2", "name": "k", "startedTime": 5000, "state": "ACCEPTED"}]
         self.assertEqual(newest_named(apps, "k", 4000)["id"], "application_1_2")
         self.assertIsNone(newest_named(apps[:1], "k", 4000))
+
+
+class KillDuringFailoverTests(SynchronousTestCase):
+    def launcher(self, clock: Clock) -> YarnLauncher:
+        config = build_config({}, {}, {})
+        return YarnLauncher(LauncherContext(
+            reactor=clock, runtime_dir=self.mktemp(), ports=None, section=config.yarn,
+            shared=LaunchSettings.from_config(config), services={},
+        ))
+
+    def test_restore_waits_for_an_active_resource_manager(self) -> None:
+        """
+        A gateway restarting while no ResourceManager answers as active
+        (failover under way) reattaches its kernel once one does, instead
+        of taking it for dead.
+        """
+        clock = Clock()
+        launcher = self.launcher(clock)
+        endpoints = ["http://rm1:8088", "http://rm2:8088"]
+        active = []
+
+        async def application(app_id: str) -> dict[str, Any]:
+            if not active:
+                raise YarnAPIError(0, "no active YARN ResourceManager answered: rm2: standby")
+            return {"id": app_id, "name": "k", "state": "RUNNING", "startedTime": 1000}
+
+        async def applications(**query: Any) -> list:
+            return []
+
+        async def close() -> None:
+            pass
+
+        rms = SimpleNamespace(application=application, applications=applications, close=close, endpoints=endpoints)
+        launcher._clusters[tuple(endpoints)] = _Cluster(rms, ApplicationPoller(clock, rms, "g1", 1.0))
+        info = {"ip": "127.0.0.1", "shell_port": 1, "iopub_port": 2, "stdin_port": 3, "control_port": 4,
+                "hb_port": 5, "key": "k", "transport": "tcp", "signature_scheme": "hmac-sha256"}
+        restoring = launcher.restore("k", {"app_id": "application_1_1", "endpoints": endpoints,
+                                           "connection_info": info, "ip": "127.0.0.1", "host": "localhost"})
+        clock.pump([0.5] * 20)  # 10 s of failover
+        self.assertNoResult(restoring)
+        active.append(True)
+        clock.pump([0.5] * 2)
+        process = self.successResultOf(restoring)
+        self.assertEqual(process.app_id, "application_1_1")
+        process.detach()
+        self.successResultOf(launcher.stop())
+
+    def test_kill_waits_for_an_active_resource_manager(self) -> None:
+        """
+        A kernel stopped while no ResourceManager answers as active (the
+        active one just died, the standby has not taken over) still has its
+        application killed, through the RM that becomes active; one that
+        stays unreachable is given up after a bound.
+        """
+        clock = Clock()
+        launcher = self.launcher(clock)
+        state = {"active": False, "app": "RUNNING", "kills": 0}
+
+        async def application(app_id: str) -> dict[str, Any]:
+            if not state["active"]:
+                raise YarnAPIError(0, "no active YARN ResourceManager answered: rm2: standby")
+            return {"id": app_id, "state": state["app"]}
+
+        async def kill(app_id: str) -> None:
+            await application(app_id)
+            state["kills"] += 1
+            state["app"] = "KILLED"
+
+        cluster = SimpleNamespace(rms=SimpleNamespace(application=application, kill=kill))
+        done = Deferred.fromCoroutine(launcher.kill_quietly(cluster, "application_1_1", "k"))
+        clock.pump([0.25] * 20)  # 5 s of failover
+        self.assertNoResult(done)
+        state["active"] = True
+        clock.pump([0.25] * 2)
+        self.successResultOf(done)
+        self.assertEqual((state["kills"], state["app"]), (1, "KILLED"))
+
+        state.update(active=False, app="RUNNING", kills=0)
+        done = Deferred.fromCoroutine(launcher.kill_quietly(cluster, "application_1_2", "k"))
+        clock.pump([0.25] * 4 * 60)
+        self.successResultOf(done)
+        self.assertEqual(state["kills"], 0)

@@ -41,7 +41,7 @@ import shutil
 import signal as signals
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
@@ -79,6 +79,8 @@ from egateway.wire.channels import ConnectionInfo
 
 _log = Logger()
 
+T = TypeVar("T")
+
 SUBMIT_TIMEOUT = 120.0
 """
 Seconds spark-submit may take (it returns once the application is accepted).
@@ -87,6 +89,18 @@ Seconds spark-submit may take (it returns once the application is accepted).
 KILL_WAIT = 15.0
 """
 Seconds to wait for a killed application to reach a final state.
+"""
+
+FAILOVER_WAIT = 30.0
+"""
+Seconds more a kill or a restore waits for a ResourceManager to answer as
+active: an HA failover takes the ZooKeeper session timeout (10 s by
+default) and the standby's recovery.
+"""
+
+FAILOVER_RETRY = 0.5
+"""
+Seconds between tries while no ResourceManager answers as active.
 """
 
 
@@ -240,18 +254,21 @@ class YarnLauncher(RemoteLauncher):
     async def kill_quietly(self, cluster: _Cluster, app_id: str, kernel_id: str) -> None:
         """
         Kill the application and wait (bounded) until YARN says it ended.
+        While no ResourceManager answers as the active one (an HA failover
+        under way) each request is tried again (L{_through_failover}),
+        rather than the application left running and the kernel with it.
         """
         if not app_id:
             return
 
         async def ended() -> bool:
-            app = await cluster.rms.application(app_id)
+            app = await self._through_failover(lambda: cluster.rms.application(app_id))
             return app is None or app.get("state") in FINAL_STATES
 
         try:
             if await ended():
                 return
-            await cluster.rms.kill(app_id)
+            await self._through_failover(lambda: cluster.rms.kill(app_id))
             if not await wait_until(self._reactor, ended, KILL_WAIT, 0.25):
                 _log.warn("kernel {kernel_id}: YARN application {app_id} did not end within {wait} s of its kill",
                           kernel_id=kernel_id, app_id=app_id, wait=KILL_WAIT)
@@ -261,6 +278,22 @@ class YarnLauncher(RemoteLauncher):
                 "(yarn application -kill {app_id})",
                 kernel_id=kernel_id, app_id=app_id, error=str(e),
             )
+
+    async def _through_failover(self, ask: Callable[[], Awaitable[T]]) -> T:
+        """
+        C{ask()}, asked again every C{FAILOVER_RETRY} seconds for up to
+        C{FAILOVER_WAIT} while no ResourceManager answers as the active one.
+
+        @raise YarnAPIError: an RM refused, or none became active in time.
+        """
+        deadline = self._reactor.seconds() + FAILOVER_WAIT
+        while True:
+            try:
+                return await ask()
+            except YarnAPIError as e:
+                if e.status != 0 or self._reactor.seconds() >= deadline:
+                    raise
+            await deferLater(self._reactor, FAILOVER_RETRY, lambda: None)
 
     # -- the launch's steps ----------------------------------------------------
 
@@ -321,6 +354,7 @@ class YarnLauncher(RemoteLauncher):
             properties_file=state.properties_file,
         )
         state.from_client = plan.from_client
+        state.watch.tagged = plan.properties is not None
         with os.fdopen(fd, "w") as f:
             f.write(properties_text(plan.properties or {}))
         if plan.properties is None:
@@ -455,7 +489,9 @@ class YarnLauncher(RemoteLauncher):
             if endpoints else {}
         cluster = self.cluster(config)
         try:
-            app = await cluster.rms.application(app_id)
+            # A gateway restarting during a failover must not take its
+            # kernels for dead.
+            app = await self._through_failover(lambda: cluster.rms.application(app_id))
         except YarnAPIError as e:
             raise LaunchError(f"kernel {kernel_id}: cannot ask YARN about {app_id}: {e}") from None
         if app is None or app.get("state") not in LIVE_STATES:

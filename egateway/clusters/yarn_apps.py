@@ -48,12 +48,16 @@ class ApplicationWatch:
 
     @ivar stopping: the gateway itself is ending the application, so its
         end is not someone else's decision.
+    @ivar tagged: the application carries the gateway's tag (the gateway
+        built its spark-submit); an application a kernelspec's own script
+        submitted (Enterprise Gateway's C{run.sh}) does not.
     """
 
-    def __init__(self, kernel_id: str, app_id: str = "", started: int = 0) -> None:
+    def __init__(self, kernel_id: str, app_id: str = "", started: int = 0, tagged: bool = True) -> None:
         self.kernel_id = kernel_id
         self.app_id = app_id
         self.started = started
+        self.tagged = tagged
         self.app: dict[str, Any] | None = None
         self.stopping = False
         self.status: ExitStatus | None = None
@@ -138,9 +142,11 @@ class ApplicationPoller:
             return
         watches = list(self._watches.values())
         started = min((w.started for w in watches if w.started), default=0)
+        # Untagged applications are only in the listing without the tag filter.
+        tagged = self._gateway_id and all(w.tagged for w in watches)
         try:
             apps = await self._rms.applications(
-                applicationTags=gateway_tag(self._gateway_id) if self._gateway_id else None,
+                applicationTags=gateway_tag(self._gateway_id) if tagged else None,
                 startedTimeBegin=started or None,
             )
         except CancelledError:
