@@ -62,9 +62,11 @@ Frames after C{<IDS|MSG>} that are always small (signature, header, parent
 header, metadata) and always copied.
 """
 
-# pyzmq's constants are enum members: every C{sock.get(zmq.EVENTS) &
-# zmq.POLLIN} built two enum objects, about 60 per execute round trip on the
-# relay's hot path (cProfile of bench/run.py).  Plain ints cost nothing.
+# pyzmq's constants are enum members: C{sock.get(zmq.EVENTS) & zmq.POLLIN}
+# was a Python-level enum operation building an enum value on every read
+# test, about 10 per execute round trip (cProfile of bench/run.py).  Plain
+# ints cost nothing.  (pyzmq's C{get} still looks its option up in an enum;
+# that lookup is its own.)
 _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _RCVMORE = int(zmq.RCVMORE)
