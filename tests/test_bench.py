@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.support.daemon import REPO_ROOT, ChildProcess, _bounded, pid_alive, processes_mentioning
 
@@ -317,3 +317,82 @@ class ScaleBenchSmokeTests(QuickRun, TestCase):
             self.assertFalse(pid_alive(figure["gateway_pid"]), f"the {store} gateway is still running")
         for path in results["meta"]["fixture_workdirs"]:
             self.assertFalse(os.path.exists(path), f"Redis fixture directory {path} left behind")
+
+
+class _ReplyWithoutIdle:
+    """
+    Channels of a kernel whose iopub dropped its last messages: every
+    execute gets its first stream chunks and its reply, never the C{idle}.
+    """
+
+    def __init__(self, chunks_sent: int) -> None:
+        from bench.channels import Tracker
+
+        self.tracker = Tracker()
+        self.chunks_sent = chunks_sent
+
+    def _answer(self, msg_id: str) -> None:
+        from bench.figures import CHUNK
+
+        text = "".join("<%08d>" % i + "x" * (CHUNK - 10) for i in range(self.chunks_sent))
+        self.tracker.dispatch("iopub", "stream", msg_id, {"name": "stdout", "text": text})
+        self.tracker.dispatch("shell", "execute_reply", msg_id, {"status": "ok"})
+
+    def send_shell(self, msg_type: str, content: dict[str, Any]) -> str:
+        import asyncio
+        import uuid
+
+        msg_id = uuid.uuid4().hex
+        asyncio.get_running_loop().call_soon(self._answer, msg_id)
+        return msg_id
+
+
+class IdleLostTests(SynchronousTestCase):
+    """
+    A stream run whose C{idle} never comes (the kernel's iopub dropped it)
+    ends after L{bench.figures.IDLE_GRACE} and fails the run as lost output,
+    instead of waiting out the 600 s timeout (two runs hung so).
+    """
+
+    def channels(self, chunks_sent: int) -> Any:
+        from bench.channels import _Channels
+
+        class Channels(_ReplyWithoutIdle, _Channels):
+            pass
+
+        return Channels(chunks_sent)
+
+    def test_execute_stops_waiting_after_the_grace(self) -> None:
+        import asyncio
+
+        from bench.channels import IdleLost
+
+        channels = self.channels(3)
+
+        async def run() -> BaseException:
+            try:
+                await channels.execute("x", timeout=5, idle_grace=0.01)
+            except IdleLost as e:
+                return e
+            raise AssertionError("no IdleLost")
+
+        error = asyncio.run(asyncio.wait_for(run(), 10))
+        self.assertEqual(error.pending.reply, {"status": "ok"})
+        self.assertEqual(channels.tracker.pending, {})
+
+    def test_stream_figure_reports_the_lost_idle(self) -> None:
+        import asyncio
+
+        from bench import figures
+        from bench.report import summarise
+        from bench.sides import StartedKernel
+
+        self.patch(figures, "IDLE_GRACE", 0.01)
+        kernels = {"gateway": StartedKernel("gateway", self.channels(4), 0.0)}
+        result = asyncio.run(asyncio.wait_for(figures.stream(kernels, "stream_one_write", 5, 2), 10))
+        self.assertEqual((result["gateway"]["idle_lost"], result["gateway"]["lost"]), (2, 1))
+
+        result["gateway"]["lost"] = 0
+        problems = summarise({"stream_one_write": {"gateway": result["gateway"], "direct": dict(result["gateway"])}})
+        self.assertEqual(len(problems), 1)
+        self.assertIn("idle never came: gateway 2, direct 2", problems[0])

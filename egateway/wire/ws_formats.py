@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import struct
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from egateway.wire.protocol import Message, WireError, dumps
@@ -47,9 +48,9 @@ def legacy_chunks(message: Message, channel: str, seq: int = 0) -> tuple[list[by
         b'{"header":',
         header,
         b',"msg_id":',
-        json.dumps(head.get("msg_id", "")).encode("utf-8"),
+        _json_bytes(head.get("msg_id", "")),
         b',"msg_type":',
-        json.dumps(head.get("msg_type", "")).encode("utf-8"),
+        _json_bytes(head.get("msg_type", "")),
         b',"parent_header":',
         parent,
         b',"metadata":',
@@ -68,6 +69,17 @@ def legacy_chunks(message: Message, channel: str, seq: int = 0) -> tuple[list[by
     for buffer in message.buffers[:-1]:
         offsets.append(offsets[-1] + len(buffer))
     return [struct.pack(f"!{count + 1}I", count, *offsets), *body, *message.buffers], True
+
+
+def _json_bytes(value: Any) -> bytes:
+    """
+    C{value} as JSON, as C{json.dumps} writes it; a string (what a header's
+    C{msg_id} and C{msg_type} are) straight through the C encoder, without
+    C{json.dumps}'s Python layers, twice per message relayed.
+    """
+    if type(value) is str:
+        return encode_basestring_ascii(value).encode("ascii")
+    return json.dumps(value).encode("utf-8")
 
 
 def legacy_encode(message: Message, channel: str, seq: int = 0) -> tuple[bytes, bool]:

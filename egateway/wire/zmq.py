@@ -62,6 +62,16 @@ Frames after C{<IDS|MSG>} that are always small (signature, header, parent
 header, metadata) and always copied.
 """
 
+# pyzmq's constants are enum members: C{sock.get(zmq.EVENTS) & zmq.POLLIN}
+# was a Python-level enum operation building an enum value on every read
+# test, about 10 per execute round trip (cProfile of bench/run.py).  Plain
+# ints cost nothing.  (pyzmq's C{get} still looks its option up in an enum;
+# that lookup is its own.)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_RCVMORE = int(zmq.RCVMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
+
 
 def receive(sock: zmq.Socket) -> list[bytes | memoryview]:
     """
@@ -73,11 +83,12 @@ def receive(sock: zmq.Socket) -> list[bytes | memoryview]:
     @raise zmq.Again: no message is waiting.
     """
     recv = sock.recv
-    frame = recv(zmq.NOBLOCK)
+    more = sock.get
+    frame = recv(_NOBLOCK)
     frames: list[bytes | memoryview] = [frame]
     # -1: the delimiter not seen yet (a DEALER's messages start with it)
     to_copy = _COPIED_AFTER_DELIMITER if frame == DELIMITER else -1
-    while sock.get(zmq.RCVMORE):
+    while more(_RCVMORE):
         if to_copy:
             frame = recv(0)
             frames.append(frame)
@@ -133,7 +144,7 @@ class _Socket(ZmqConnection):
         for _ in range(BATCH):
             if self.factory is None or sock is None:
                 return
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not sock.get(_EVENTS) & _POLLIN:
                 return
             try:
                 frames = receive(sock)
