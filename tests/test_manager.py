@@ -196,6 +196,82 @@ class LaunchTests(SynchronousTestCase):
         self.assertEqual(self.channels.open_sockets(), [])
         self.assertEqual(self.manager.kernels, {})
 
+    def slow_kernels(self, delay: float) -> list[Any]:
+        """
+        Kernels launched from now on answer every request C{delay} seconds
+        after it arrives; returns the list their servers are added to (each
+        with the times requests C{arrived}).
+        """
+        servers: list[Any] = []
+        serve = self.channels.serve
+
+        def slow(info: Any) -> Any:
+            server = serve(info)
+            handle = server.handle
+            server.arrived = []
+
+            def later(*args: Any) -> None:
+                server.arrived.append(self.clock.seconds())
+                self.clock.callLater(delay, handle, *args)
+
+            server.handle = later
+            servers.append(server)
+            return server
+
+        self.patch(self.channels, "serve", slow)
+        return servers
+
+    def kernel_info_sent(self, server: Any) -> list[Any]:
+        return [m for channel, m in server.received if m.msg_type == "kernel_info_request"]
+
+    def test_slow_kernel_ready_at_its_first_reply(self) -> None:
+        """
+        A kernel answering 2.5 s after each request (a loaded host, or a
+        gateway restoring 1,000 kernels) is ready at its first reply: the
+        probes sent meanwhile do not replace the first one, and go out
+        after 1 s, then 2 s more (not every second).  Each probe used to be
+        dropped after a second, so such a kernel never matched a reply and
+        was sent one a second until the launch timed out.
+        """
+        servers = self.slow_kernels(2.5)
+        d = start(self.manager)
+        self.clock.pump([0.5] * 6)
+        kernel = self.successResultOf(d)
+        self.assertEqual(kernel.state, KernelState.RUNNING)
+        ready = [e.at for e in kernel.phases if e.phase.value == "ready"]
+        self.assertEqual(len(ready), 1)
+        self.assertAlmostEqual(ready[0] - kernel.started, 2.5, delta=0.15)
+        self.assertEqual(servers[0].arrived, [kernel.started, kernel.started + 1])
+
+    def test_unanswered_probes_back_off(self) -> None:
+        """
+        A kernel that never answers is probed at 0, 1, 3, 7, 15 and 23 s
+        (the wait doubling up to 8 s) until the 30 s launch timeout: 6
+        probes, not 30.
+        """
+        self.launcher.unresponsive = True
+        d = start(self.manager)
+        self.clock.pump([0.5] * 62)
+        self.failureResultOf(d, LaunchTimedOut)
+        server = self.launcher.processes[0].server
+        self.assertEqual(len(self.kernel_info_sent(server)), 6)
+
+    def test_probe_timing_out_still_answers(self) -> None:
+        """
+        A kernel that drops the first probes (it was not listening yet) is
+        ready once it answers a later one.
+        """
+        self.launcher.unresponsive = True
+        d = start(self.manager)
+        self.clock.pump([1, 1])
+        self.assertNoResult(d)
+        server = self.launcher.processes[0].server
+        server.responsive = True
+        self.clock.advance(1)
+        kernel = self.successResultOf(d)
+        self.assertEqual(kernel.state, KernelState.RUNNING)
+        self.assertEqual(len(self.kernel_info_sent(server)), 3)
+
     def test_early_exit_fails_the_launch(self) -> None:
         """
         A kernel process that dies before answering fails the launch with how
