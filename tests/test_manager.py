@@ -922,6 +922,7 @@ class FakeSharedPersistence:
     shared = True
     keeps_kernels = True
     instance_id = "here"
+    restoring = None
 
     def __init__(self, manager: Any) -> None:
         self.manager = manager
@@ -1031,6 +1032,52 @@ class SharedRestartTests(SynchronousTestCase):
         self.assertEqual((kernel.state, kernel.restart_count), (KernelState.RUNNING, 1))
         self.assertEqual(len(launcher.processes), 2)
         self.assertEqual(store.lease_holder, "")
+
+
+class SharedListingTests(SynchronousTestCase):
+    """
+    With a shared store, a listing serves this gateway's kernels from
+    memory and reads from the store only the records of the others.
+    """
+
+    def test_own_records_not_read(self) -> None:
+        """
+        The store is asked for every record but those of the kernels held
+        here: each kernel held here is listed from memory (not from its
+        possibly older record), another gateway's from its record.
+        """
+        import dataclasses as dc
+
+        from egateway.kernels.sharing import SharedKernels
+        from tests.test_store import kernel_record
+
+        clock = Clock()
+        manager, _, _ = make_manager(
+            clock,
+            persistence=FakeSharedPersistence,
+            sharing=lambda manager, persistence: SharedKernels(
+                manager, persistence, clock, lease_ttl=10, journal_entries=0
+            ),
+        )
+        store = manager.persistence
+        kernel = self.successResultOf(start(manager))
+        elsewhere = kernel_record("9b1e2f4c-0000-4000-8000-0000000000e1", gateway_id="gw-b")
+        stale_own = dc.replace(elsewhere, kernel_id=kernel.id, state="dead")
+        asked: list[Any] = []
+
+        def load_kernels(skip: Any = ()) -> Deferred:
+            from twisted.internet.defer import succeed
+
+            asked.append(set(skip))
+            return succeed([r for r in (elsewhere, stale_own) if r.kernel_id not in skip])
+
+        store.load_kernels = load_kernels
+        models = self.successResultOf(Deferred.fromCoroutine(manager.list_models()))
+        self.assertEqual(asked, [{kernel.id}])
+        by_id = {m["id"]: m for m in models}
+        self.assertEqual(set(by_id), {kernel.id, elsewhere.kernel_id})
+        self.assertEqual(by_id[kernel.id]["state"], "running")
+        self.assertEqual(by_id[elsewhere.kernel_id]["gateway"], "gw-b")
 
 
 class LayoutTests(SynchronousTestCase):
