@@ -1011,16 +1011,10 @@ class SharedRestartTests(SynchronousTestCase):
         then this gateway restarts it (counted against its restart limit)
         when the lease is free and nobody else relaunched it.
         """
-        from egateway.kernels.sharing import FOLLOW_INTERVAL, SharedKernels
+        from egateway.kernels.sharing import FOLLOW_INTERVAL
 
         clock = Clock()
-        manager, launcher, _ = make_manager(
-            clock,
-            persistence=FakeSharedPersistence,
-            sharing=lambda manager, persistence: SharedKernels(
-                manager, persistence, clock, lease_ttl=10, journal_entries=0
-            ),
-        )
+        manager, launcher = shared_manager(clock)
         store = manager.persistence
         kernel = self.successResultOf(start(manager))
         store.lease_holder = "elsewhere"
@@ -1032,6 +1026,21 @@ class SharedRestartTests(SynchronousTestCase):
         self.assertEqual((kernel.state, kernel.restart_count), (KernelState.RUNNING, 1))
         self.assertEqual(len(launcher.processes), 2)
         self.assertEqual(store.lease_holder, "")
+
+
+def shared_manager(clock: Clock) -> tuple[Any, Any]:
+    """
+    A manager and its fake launcher, on a fake store shared with other
+    gateways (L{FakeSharedPersistence}), with its sharing service.
+    """
+    from egateway.kernels.sharing import SharedKernels
+
+    manager, launcher, _ = make_manager(
+        clock,
+        persistence=FakeSharedPersistence,
+        sharing=lambda manager, persistence: SharedKernels(manager, persistence, clock, lease_ttl=10, journal_entries=0),
+    )
+    return manager, launcher
 
 
 class SharedListingTests(SynchronousTestCase):
@@ -1048,17 +1057,10 @@ class SharedListingTests(SynchronousTestCase):
         """
         import dataclasses as dc
 
-        from egateway.kernels.sharing import SharedKernels
         from tests.test_store import kernel_record
 
         clock = Clock()
-        manager, _, _ = make_manager(
-            clock,
-            persistence=FakeSharedPersistence,
-            sharing=lambda manager, persistence: SharedKernels(
-                manager, persistence, clock, lease_ttl=10, journal_entries=0
-            ),
-        )
+        manager, _ = shared_manager(clock)
         store = manager.persistence
         kernel = self.successResultOf(start(manager))
         elsewhere = kernel_record("9b1e2f4c-0000-4000-8000-0000000000e1", gateway_id="gw-b")
