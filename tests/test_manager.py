@@ -243,6 +243,19 @@ class LaunchTests(SynchronousTestCase):
         self.assertAlmostEqual(ready[0] - kernel.started, 2.5, delta=0.15)
         self.assertEqual(servers[0].arrived, [kernel.started, kernel.started + 1])
 
+    def test_probe_socket_released_once_ready(self) -> None:
+        """
+        Once ready, a kernel keeps only its iopub subscription open to the
+        gateway (the shell socket of the readiness probe costs about 40 kB
+        and two descriptors a kernel and would be idle): the next request
+        of the gateway's own opens a shell socket again, and is answered.
+        """
+        kernel = self.successResultOf(start(self.manager))
+        self.assertEqual([s.channel for s in self.channels.open_sockets()], ["iopub"])
+        reply = self.successResultOf(kernel.link.request("shell", "kernel_info_request", {}, 5))
+        self.assertEqual(reply.msg_type, "kernel_info_reply")
+        self.assertEqual(sorted(s.channel for s in self.channels.open_sockets()), ["iopub", "shell"])
+
     def test_unanswered_probes_back_off(self) -> None:
         """
         A kernel that never answers is probed at 0, 1, 3, 7, 15 and 23 s

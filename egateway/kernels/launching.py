@@ -206,7 +206,11 @@ class Launching:
             index, result = await first([ready, exited])
         except TIMEOUTS:
             raise LaunchTimedOut(timeout_message(kernel, timeout or self._manager.settings.launch_timeout)) from None
-        return None if index == 0 else result
+        if index == 0:
+            # Ready: the probe's socket is idle from now on.
+            link.release("shell")
+            return None
+        return result
 
     def _check_encryption(self, kernel: Kernel, info: ConnectionInfo) -> None:
         """
