@@ -246,7 +246,7 @@ class LaunchTests(SynchronousTestCase):
     def test_probe_socket_released_once_ready(self) -> None:
         """
         Once ready, a kernel keeps only its iopub subscription open to the
-        gateway (the shell socket of the readiness probe costs about 40 kB
+        gateway (the shell socket of the readiness probe costs about 35 kB
         and two descriptors a kernel and would be idle): the next request
         of the gateway's own opens a shell socket again, and is answered.
         """

@@ -113,8 +113,8 @@ class KernelLink:
         request opens it again).  The gateway's shell socket is needed
         while a kernel starts (the readiness probe) and when a warm pool
         binds it, and idle for the rest of its life; each costs the gateway
-        a TCP connection, two descriptors and libzmq's buffers, about 40 kB
-        (a quarter of a connected kernel's cost: bench/scale.py).  Replies
+        a TCP connection, two descriptors and libzmq's buffers, about 35 kB
+        (a fifth of a connected kernel's cost: bench/scale.py).  Replies
         to requests still pending on it are lost: release it when none is.
         """
         sock = self._own.pop(channel, None)
