@@ -329,6 +329,8 @@ class ScaleRun:
         try:
             with open(self.gc_log) as f:
                 for line in f:
+                    if line.startswith("#"):
+                        continue  # a garbage census (EGW_BENCH_GC_GARBAGE)
                     at, generation, took, _ = line.split()
                     if since <= float(at) <= until:
                         pauses.append((int(generation), float(took)))

@@ -196,6 +196,95 @@ class LaunchTests(SynchronousTestCase):
         self.assertEqual(self.channels.open_sockets(), [])
         self.assertEqual(self.manager.kernels, {})
 
+    def slow_kernels(self, delay: float) -> list[Any]:
+        """
+        Kernels launched from now on answer every request C{delay} seconds
+        after it arrives; returns the list their servers are added to (each
+        with the times requests C{arrived}).
+        """
+        servers: list[Any] = []
+        serve = self.channels.serve
+
+        def slow(info: Any) -> Any:
+            server = serve(info)
+            handle = server.handle
+            server.arrived = []
+
+            def later(*args: Any) -> None:
+                server.arrived.append(self.clock.seconds())
+                self.clock.callLater(delay, handle, *args)
+
+            server.handle = later
+            servers.append(server)
+            return server
+
+        self.patch(self.channels, "serve", slow)
+        return servers
+
+    def kernel_info_sent(self, server: Any) -> list[Any]:
+        return [m for channel, m in server.received if m.msg_type == "kernel_info_request"]
+
+    def test_slow_kernel_ready_at_its_first_reply(self) -> None:
+        """
+        A kernel answering 2.5 s after each request (a loaded host, or a
+        gateway restoring 1,000 kernels) is ready at its first reply: the
+        probes sent meanwhile do not replace the first one, and go out
+        after 1 s, then 2 s more (not every second).  Each probe used to be
+        dropped after a second, so such a kernel never matched a reply and
+        was sent one a second until the launch timed out.
+        """
+        servers = self.slow_kernels(2.5)
+        d = start(self.manager)
+        self.clock.pump([0.5] * 6)
+        kernel = self.successResultOf(d)
+        self.assertEqual(kernel.state, KernelState.RUNNING)
+        ready = [e.at for e in kernel.phases if e.phase.value == "ready"]
+        self.assertEqual(len(ready), 1)
+        self.assertAlmostEqual(ready[0] - kernel.started, 2.5, delta=0.15)
+        self.assertEqual(servers[0].arrived, [kernel.started, kernel.started + 1])
+
+    def test_probe_socket_released_once_ready(self) -> None:
+        """
+        Once ready, a kernel keeps only its iopub subscription open to the
+        gateway (the shell socket of the readiness probe costs about 35 kB
+        and two descriptors a kernel and would be idle): the next request
+        of the gateway's own opens a shell socket again, and is answered.
+        """
+        kernel = self.successResultOf(start(self.manager))
+        self.assertEqual([s.channel for s in self.channels.open_sockets()], ["iopub"])
+        reply = self.successResultOf(kernel.link.request("shell", "kernel_info_request", {}, 5))
+        self.assertEqual(reply.msg_type, "kernel_info_reply")
+        self.assertEqual(sorted(s.channel for s in self.channels.open_sockets()), ["iopub", "shell"])
+
+    def test_unanswered_probes_back_off(self) -> None:
+        """
+        A kernel that never answers is probed at 0, 1, 3, 7, 15 and 23 s
+        (the wait doubling up to 8 s) until the 30 s launch timeout: 6
+        probes, not 30.
+        """
+        self.launcher.unresponsive = True
+        d = start(self.manager)
+        self.clock.pump([0.5] * 62)
+        self.failureResultOf(d, LaunchTimedOut)
+        server = self.launcher.processes[0].server
+        self.assertEqual(len(self.kernel_info_sent(server)), 6)
+
+    def test_probe_timing_out_still_answers(self) -> None:
+        """
+        A kernel that drops the first probes (it was not listening yet) is
+        ready once it answers a later one.
+        """
+        self.launcher.unresponsive = True
+        d = start(self.manager)
+        self.clock.pump([1, 1])
+        self.assertNoResult(d)
+        server = self.launcher.processes[0].server
+        server.responsive = True
+        self.clock.advance(1)
+        kernel = self.successResultOf(d)
+        self.assertEqual(kernel.state, KernelState.RUNNING)
+        self.assertEqual(len(self.kernel_info_sent(server)), 3)
+
     def test_early_exit_fails_the_launch(self) -> None:
         """
         A kernel process that dies before answering fails the launch with how
@@ -846,6 +935,7 @@ class FakeSharedPersistence:
     shared = True
     keeps_kernels = True
     instance_id = "here"
+    restoring = None
 
     def __init__(self, manager: Any) -> None:
         self.manager = manager
@@ -934,16 +1024,10 @@ class SharedRestartTests(SynchronousTestCase):
         then this gateway restarts it (counted against its restart limit)
         when the lease is free and nobody else relaunched it.
         """
-        from egateway.kernels.sharing import FOLLOW_INTERVAL, SharedKernels
+        from egateway.kernels.sharing import FOLLOW_INTERVAL
 
         clock = Clock()
-        manager, launcher, _ = make_manager(
-            clock,
-            persistence=FakeSharedPersistence,
-            sharing=lambda manager, persistence: SharedKernels(
-                manager, persistence, clock, lease_ttl=10, journal_entries=0
-            ),
-        )
+        manager, launcher = shared_manager(clock)
         store = manager.persistence
         kernel = self.successResultOf(start(manager))
         store.lease_holder = "elsewhere"
@@ -955,6 +1039,60 @@ class SharedRestartTests(SynchronousTestCase):
         self.assertEqual((kernel.state, kernel.restart_count), (KernelState.RUNNING, 1))
         self.assertEqual(len(launcher.processes), 2)
         self.assertEqual(store.lease_holder, "")
+
+
+def shared_manager(clock: Clock) -> tuple[Any, Any]:
+    """
+    A manager and its fake launcher, on a fake store shared with other
+    gateways (L{FakeSharedPersistence}), with its sharing service.
+    """
+    from egateway.kernels.sharing import SharedKernels
+
+    manager, launcher, _ = make_manager(
+        clock,
+        persistence=FakeSharedPersistence,
+        sharing=lambda manager, persistence: SharedKernels(manager, persistence, clock, lease_ttl=10, journal_entries=0),
+    )
+    return manager, launcher
+
+
+class SharedListingTests(SynchronousTestCase):
+    """
+    With a shared store, a listing serves this gateway's kernels from
+    memory and reads from the store only the records of the others.
+    """
+
+    def test_own_records_not_read(self) -> None:
+        """
+        The store is asked for every record but those of the kernels held
+        here: each kernel held here is listed from memory (not from its
+        possibly older record), another gateway's from its record.
+        """
+        import dataclasses as dc
+
+        from tests.test_store import kernel_record
+
+        clock = Clock()
+        manager, _ = shared_manager(clock)
+        store = manager.persistence
+        kernel = self.successResultOf(start(manager))
+        elsewhere = kernel_record("9b1e2f4c-0000-4000-8000-0000000000e1", gateway_id="gw-b")
+        stale_own = dc.replace(elsewhere, kernel_id=kernel.id, state="dead")
+        asked: list[Any] = []
+
+        def load_kernels(skip: Any = ()) -> Deferred:
+            from twisted.internet.defer import succeed
+
+            asked.append(set(skip))
+            return succeed([r for r in (elsewhere, stale_own) if r.kernel_id not in skip])
+
+        store.load_kernels = load_kernels
+        models = self.successResultOf(Deferred.fromCoroutine(manager.list_models()))
+        self.assertEqual(asked, [{kernel.id}])
+        by_id = {m["id"]: m for m in models}
+        self.assertEqual(set(by_id), {kernel.id, elsewhere.kernel_id})
+        self.assertEqual(by_id[kernel.id]["state"], "running")
+        self.assertEqual(by_id[elsewhere.kernel_id]["gateway"], "gw-b")
 
 
 class LayoutTests(SynchronousTestCase):

@@ -137,6 +137,32 @@ class StoreContract:
         self.assertIsNone(await store.load_kernel(first.kernel_id))
         self.assertEqual(await store.load_kernels(), [other])
 
+    async def test_load_kernels_skipping(self) -> None:
+        """
+        Records named in C{skip} are neither returned nor decoded (their
+        sealed secrets not opened); the others load as usual.
+        """
+        import importlib
+
+        store = await self.open()
+        first = kernel_record()
+        other = kernel_record("9b1e2f4c-0000-4000-8000-000000000002", launcher="local", snapshot={}, env={})
+        await store.save_kernel(first)
+        await store.save_kernel(other)
+        module = importlib.import_module(type(getattr(store, "_store", store)).__module__)  # (or its TimedStore's)
+        decoded: list[str] = []
+        decode = module.decode_kernel
+
+        def counted(kernel_id: str, raw: Any, box: Any) -> Any:
+            decoded.append(kernel_id)
+            return decode(kernel_id, raw, box)
+
+        self.patch(module, "decode_kernel", counted)
+        self.assertEqual(await store.load_kernels(skip={first.kernel_id}), [other])
+        self.assertEqual(decoded, [other.kernel_id])
+        self.assertEqual(await store.load_kernels(skip={first.kernel_id, other.kernel_id}), [])
+        self.assertEqual(await store.load_kernels(skip=()), [first, other])
+
     async def test_records_outlive_the_store_object(self) -> None:
         """
         A new store object on the same backend (a restarted gateway) finds

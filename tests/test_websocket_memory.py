@@ -379,6 +379,25 @@ class RouteDecides(MemoryCase):
             self.assertEqual(answer.get(b"sec-websocket-protocol"), chosen.encode() if chosen else None)
             self.assertEqual(wire.protocol.v1, chosen == V1)
 
+    def test_options_copied_without_formatting_them(self) -> None:
+        """
+        A connection gets the factory's options, as Autobahn copies them,
+        without Autobahn's C{pformat} of them all for a debug line that is
+        never written (a third of the reactor's time per handshake at 1,000
+        connections, bench/scale.py).
+        """
+        import autobahn.websocket.protocol
+
+        formatted: list[Any] = []
+        original = autobahn.websocket.protocol.pformat
+        self.patch(autobahn.websocket.protocol, "pformat", lambda o: formatted.append(o) or original(o))
+        wire = self.connect("?session_id=s-5")
+        self.assertEqual([o for o in formatted if o], [])
+        protocol = wire.protocol
+        for name in autobahn.websocket.protocol.WebSocketServerProtocol.CONFIG_ATTRS:
+            self.assertEqual(getattr(protocol, name), getattr(protocol.factory, name), name)
+        self.assertFalse(protocol.failByDrop)
+
     def assertRefused(self, path: str, status: int, text: str, origin: str | None = None) -> None:
         assert_refused(self, self.site, path, status, text, origin=origin)
 

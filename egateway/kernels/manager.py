@@ -280,15 +280,16 @@ class KernelManager(Service):
 
     async def list_models(self) -> list[dict[str, Any]]:
         """
-        Every kernel's model: this gateway's, and with a shared store the
-        others' too (from their records).
+        Every kernel's model: this gateway's, from memory, and with a shared
+        store the others' too (from their records; the records of the
+        kernels held here are not read).
         """
         await self._restored()
         models = {
             kernel.id: kernel.model() for kernel in self.kernels.values() if not getattr(kernel, "pooled", False)
         }
         if self.sharing is not None:
-            for record in await self.sharing.records():
+            for record in await self.sharing.records(skip=frozenset(models)):
                 if record.kernel_id not in models:
                     models[record.kernel_id] = record_model(record)
         return list(models.values())

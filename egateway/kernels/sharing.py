@@ -22,7 +22,7 @@ argues the design).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Collection
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -347,9 +347,12 @@ class SharedKernels(Service):
             return False
         return is_kernel_iopub(kernel.id, channel, message)
 
-    async def records(self) -> list[KernelRecord]:
+    async def records(self, skip: Collection[str] = ()) -> list[KernelRecord]:
+        """
+        The store's kernel records, but for those of the kernels in C{skip}.
+        """
         try:
-            return await self._store.load_kernels()
+            return await self._store.load_kernels(skip=skip)
         except StoreError as e:
             raise Unavailable(f"cannot list kernels: the kernel store is unavailable ({e})") from None
 

@@ -18,7 +18,7 @@ retry (a periodic save).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -193,10 +193,14 @@ class IKernelStore(Interface):
         record cannot be decrypted or parsed.
         """
 
-    def load_kernels() -> "Deferred[list[KernelRecord]]":
+    def load_kernels(skip: Collection[str] = ()) -> "Deferred[list[KernelRecord]]":
         """
         Every readable kernel record; unreadable ones are logged (naming the
         kernel and why) and left in the store for an operator.
+
+        @param skip: ids of kernels whose records are not wanted: neither
+            returned nor decoded (a gateway lists the kernels it holds from
+            memory, and asks a shared store only for the others).
         """
 
     def save_session(record: SessionRecord) -> "Deferred[None]":

@@ -892,6 +892,18 @@ class RedisClient:
         timer = self._reactor.callLater(
             self._command_timeout, protocol.abort, f"no reply within {self._command_timeout:g}s"
         )
+        if len(waiting) == 1:
+            # One command (every journal append): its reply as a list of
+            # one, without gathering (a DeferredList and two more callbacks
+            # per command, on the reactor for each message journalled).
+            def single(result: Any) -> Any:
+                if timer.active():
+                    timer.cancel()
+                if isinstance(result, Failure):
+                    return [result.value] if result.check(RedisError) else result
+                return [result]
+
+            return waiting[0].addBoth(single)
         results = [w.addErrback(lambda f: f.value if f.check(RedisError) else f) for w in waiting]
 
         def done(result: Any) -> Any:

@@ -17,7 +17,7 @@ import fcntl
 import os
 import sqlite3
 import stat
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Collection, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -268,12 +268,14 @@ class SQLiteStore:
         row = self._db().execute("SELECT data FROM kernels WHERE kernel_id = ?", (kernel_id,)).fetchone()
         return None if row is None else decode_kernel(kernel_id, row[0], self._box)
 
-    def load_kernels(self) -> Deferred[list[KernelRecord]]:
-        return self._run(self._load_kernels_blocking).addCallback(self._report_unreadable)
+    def load_kernels(self, skip: Collection[str] = ()) -> Deferred[list[KernelRecord]]:
+        return self._run(self._load_kernels_blocking, frozenset(skip)).addCallback(self._report_unreadable)
 
-    def _load_kernels_blocking(self) -> tuple[list[KernelRecord], list[RecordUnreadable]]:
+    def _load_kernels_blocking(self, skip: frozenset[str]) -> tuple[list[KernelRecord], list[RecordUnreadable]]:
         records, unreadable = [], []
         for kernel_id, data in self._db().execute("SELECT kernel_id, data FROM kernels ORDER BY kernel_id"):
+            if kernel_id in skip:
+                continue
             try:
                 records.append(decode_kernel(kernel_id, data, self._box))
             except RecordUnreadable as e:

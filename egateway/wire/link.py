@@ -103,13 +103,30 @@ class KernelLink:
     def _own_socket(self, name: str) -> IChannelSocket:
         sock = self._own.get(name)
         if sock is None:
+            # A routing identity of its own each time it is opened: one
+            # released a moment ago may still hold the old one at the
+            # kernel's ROUTER, which would refuse a second peer under it.
             sock = self._own[name] = self._channels.dealer(
                 self.info.url(name),
-                self.session.encode("ascii"),
+                uuid.uuid4().hex.encode("ascii"),
                 lambda frames: self._reply_frames(name, frames),
                 curve_serverkey=self.info.curve_publickey,
             )
         return sock
+
+    def release(self, channel: str) -> None:
+        """
+        Close the gateway's own C{channel} socket until its next use (a
+        request opens it again).  The gateway's shell socket is needed
+        while a kernel starts (the readiness probe) and when a warm pool
+        binds it, and idle for the rest of its life; each costs the gateway
+        a TCP connection, two descriptors and libzmq's buffers, about 35 kB
+        (a fifth of a connected kernel's cost: bench/scale.py).  Replies
+        to requests still pending on it are lost: release it when none is.
+        """
+        sock = self._own.pop(channel, None)
+        if sock is not None:
+            sock.close()
 
     def split(self, frames: Any) -> Message:
         """
