@@ -290,7 +290,9 @@ class DescriptorLimitTests(TestCase):
         """
         A gateway whose open files run short refuses the next kernel at
         once with 503 naming the limit, starts nothing for it, and starts
-        kernels again once one is shut down.  Before, the kernel started,
+        kernels again once one is shut down; stopped while short, it still
+        stops every kernel (those it cannot open a socket to for their
+        C{shutdown_request} by signal: they were left running).  Before, the kernel started,
         libzmq failed to connect to it in its own thread without a word,
         and the launch ended at the launch timeout (here 90 s, past the
         request's 30 s bound) as a kernel that did not answer.

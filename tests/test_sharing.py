@@ -6,6 +6,7 @@ client's output across a drop.
 
 from __future__ import annotations
 
+import os
 import signal
 import tempfile
 from typing import Any
@@ -243,7 +244,10 @@ class ActiveActiveTests(TestCase):
         """
         A client on A streams 10,000 numbered lines; A is killed mid-stream
         and the client reconnects to B with its session id 0.01 s later.
-        B is attached to the kernel before if C{attach_b}.
+        B is attached to the kernel before if C{attach_b}; if not, the
+        kernel prints its second half only once A is dead, and slower (2 s),
+        so that some output surely goes to no gateway and the cell surely
+        ends after B attached, however slow the machine.
 
         @return: every message of the cell the client got, in order, and
             the figures: lines, distinct lines, duplicates, replies, idles.
@@ -256,6 +260,13 @@ class ActiveActiveTests(TestCase):
         # Output flows steadily (10 lines every 2 ms), so some is on its way
         # whenever A dies.
         code = "for i in range(10000):\n    print(f'line {i:05d}', flush=(i % 10 == 9))\n    if i % 10 == 9: time.sleep(0.002)\n"
+        gate = os.path.abspath(self.mktemp())
+        if not attach_b:
+            code = (
+                "import os\nfor i in range(10000):\n"
+                f"    if i == 5000:\n        while not os.path.exists({gate!r}): time.sleep(0.01)\n"
+                "    print(f'line {i:05d}', flush=(i % 10 == 9))\n    if i % 10 == 9: time.sleep(0.004 if i > 5000 else 0.002)\n"
+            )
         msg_id = client.request_execute(code)
         mine = lambda m: m.get("parent_header", {}).get("msg_id") == msg_id  # noqa: E731
         await client.wait_for(
@@ -263,6 +274,8 @@ class ActiveActiveTests(TestCase):
         )
         await self.kill_a()
         await client.closed
+        if not attach_b:
+            open(gate, "w").close()
         await sleep(0.01)
         resumed = await ChannelsClient.connect(
             self.b.url, model["id"], session_id="failover-session", resume_after=client.last_seq

@@ -22,6 +22,7 @@ from egateway.errors import Conflict
 from egateway.kernels.kernel import Kernel
 from egateway.kernels.launching import TIMEOUTS, Launching
 from egateway.kernels.state import KernelState
+from egateway.wire.link import KernelLink
 from egateway.wire.protocol import Message
 
 if TYPE_CHECKING:
@@ -94,15 +95,31 @@ class Stopping:
         process = kernel.process
         assert process is not None
         exited = process.when_exited()
-        link = kernel.link
-        if link is not None:
-            link.send("control", Message.build("shutdown_request", {"restart": restart}, link.session))
-        exited.addTimeout(self._manager.settings.shutdown_wait, self._clock)
-        try:
-            await exited
-        except (*TIMEOUTS, CancelledError):
-            pass
+        if kernel.link is None or self._ask_to_shut_down(kernel, kernel.link, restart):
+            exited.addTimeout(self._manager.settings.shutdown_wait, self._clock)
+            try:
+                await exited
+            except (*TIMEOUTS, CancelledError):
+                pass
         await self._launching.discard(kernel, process)
+
+    def _ask_to_shut_down(self, kernel: Kernel, link: KernelLink, restart: bool) -> bool:
+        """
+        Send the kernel its C{shutdown_request} through C{link}; C{False} if
+        it could not be sent (no socket to send it with: a gateway out of
+        file descriptors cannot open one), so that its process is stopped
+        by signal at once rather than left running.
+        """
+        try:
+            link.send("control", Message.build("shutdown_request", {"restart": restart}, link.session))
+        except Exception as e:
+            _log.warn(
+                "kernel {kernel_id}: cannot send shutdown_request ({error}); stopping its process by signal",
+                kernel_id=kernel.id,
+                error=str(e),
+            )
+            return False
+        return True
 
     async def interrupt(self, kernel: Kernel) -> None:
         """

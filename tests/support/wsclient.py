@@ -121,7 +121,10 @@ class ChannelsClient:
             url += f"&resume_after={resume_after}"
         headers = {"Authorization": f"token {token}"} if token else {}
         factory = WebSocketClientFactory(url, protocols=[V1] if v1 else [], headers=headers)
-        factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
+        # The whole connect is bounded by C{timeout}, the opening handshake
+        # included (Autobahn's own default gives up on it after 5 s: a
+        # gateway attaching to a busy kernel on demand answers later).
+        factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0, openHandshakeTimeout=timeout)
         factory.protocol = _Protocol
         factory.client = client
         endpoint = TCP4ClientEndpoint(reactor, parts.hostname, parts.port, timeout=timeout)
