@@ -94,6 +94,20 @@ class YarnGatewayTestCase(GatewayTestCase):
     def write_specs(self) -> None:
         write_yarn_specs(self.specs, self.yarn)
 
+    def dedicated_cluster(self, **options: Any) -> YarnCluster:
+        """
+        A cluster of this test's own (started now, stopped after it, leaving nothing behind).
+        """
+        cluster = YarnCluster(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), max_allocation_mb=MAX_ALLOCATION_MB,
+                              **options)
+        cluster.up()
+        self.addCleanup(self.cluster_down, cluster)
+        return cluster
+
+    def cluster_down(self, cluster: YarnCluster) -> None:
+        cluster.down()
+        self.assertEqual(cluster.leftovers(), [])
+
     async def nothing_left(self) -> None:
         await eventually(lambda: not self.yarn.live_applications(), "kernel applications to end", timeout=30)
         await eventually(lambda: not self.yarn.container_processes(), "container processes to end", timeout=30)
@@ -205,6 +219,54 @@ class YarnKernelTests(YarnGatewayTestCase):
         for model in fillers:
             code, _ = await self.gateway.request("DELETE", f"api/kernels/{model['id']}")
             self.assertEqual(code, 204)
+
+
+AM_EXPIRY_MS = 30000
+"""
+How long the idle-kernel test's ResourceManager waits for an ApplicationMaster to register (YARN's default: 10
+minutes); a hidden Spark context took 9 s from the container's launch with a load average of 21 on 2 cores.
+"""
+
+
+class YarnIdleKernelTests(YarnGatewayTestCase):
+    """
+    A cluster of its own whose ResourceManager fails an ApplicationMaster that has not registered within
+    L{AM_EXPIRY_MS}, as every YARN does after 10 minutes.
+    """
+
+    def cluster(self) -> YarnCluster:
+        return self.dedicated_cluster(am_liveness_expiry_ms=AM_EXPIRY_MS)
+
+    async def test_idle_kernel_without_spark_context_outlives_the_am_expiry(self) -> None:
+        """
+        A kernel without a Spark context (mode none) stays alive and idle
+        past the ResourceManager's expiry for unregistered
+        ApplicationMasters: its application is RUNNING with the
+        ApplicationMaster's container only (no executor), the kernel still
+        runs code, and its namespace has no spark or sc.
+        """
+        model = await self.start()
+        kernel_id, app_id = model["id"], model["placement"]["app_id"]
+        # The RM checks every third of the expiry, so an unregistered AM fails between 1 and 4/3 of it after its
+        # launch (which came before the kernel was ready); watch the kernel that long and a margin more.
+        watch_until = reactor.seconds() + AM_EXPIRY_MS / 1000 * 4 / 3 + 10
+        while reactor.seconds() < watch_until:
+            code, now = await self.gateway.request("GET", f"api/kernels/{kernel_id}")
+            self.assertEqual(code, 200, now)
+            self.assertNotEqual(now["state"], "dead", now.get("reason"))
+            await deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual((now["state"], now["execution_state"]), ("running", "idle"), now)
+        app = self.yarn.application(app_id)
+        self.assertEqual(app["state"], "RUNNING", app.get("diagnostics"))
+        self.assertEqual(app["runningContainers"], 1, app)  # the ApplicationMaster's: no executor was allocated
+
+        client = await ChannelsClient.connect(self.gateway.url, kernel_id)
+        self.addCleanup(client.close)
+        result = await client.execute("print(6 * 7, *(name in globals() for name in ('spark', 'sc', 'sqlContext')))")
+        self.assertEqual(result["stdout"].split(), ["42", "False", "False", "False"], result)
+        code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel_id}")
+        self.assertEqual(code, 204)
+        self.assertIn(self.yarn.application(app_id)["state"], FINAL_STATES)
 
 
 class YarnEnterpriseGatewaySpecTests(YarnGatewayTestCase):
@@ -335,15 +397,7 @@ class YarnFailoverTests(YarnGatewayTestCase):
     """
 
     def cluster(self) -> YarnCluster:
-        cluster = YarnCluster(tempfile.mkdtemp(prefix="egw-", dir="/tmp"), max_allocation_mb=MAX_ALLOCATION_MB,
-                              resource_managers=2)
-        cluster.up()
-        self.addCleanup(self.cluster_down, cluster)
-        return cluster
-
-    def cluster_down(self, cluster: YarnCluster) -> None:
-        cluster.down()
-        self.assertEqual(cluster.leftovers(), [])
+        return self.dedicated_cluster(resource_managers=2)
 
     @property
     def gateway_env(self) -> dict[str, str]:  # type: ignore[override]
@@ -466,6 +520,29 @@ class YarnLauncherContract(LauncherContract, TestCase):
 
 
 # -- without YARN -------------------------------------------------------------
+
+
+class DriverDetectionTests(SynchronousTestCase):
+    def test_only_a_yarn_cluster_mode_driver_keeps_its_application_master_alive(self) -> None:
+        """
+        The launcher creates its hidden Spark context only as the driver of a YARN cluster-mode application
+        (Spark's gateway, a YARN container, a staged application): not under a plain spark-submit (client mode or
+        a standalone cluster), not in a YARN container Spark did not start.
+        """
+        import importlib.util
+
+        from tests.support.remote_kernels import LAUNCHER
+
+        spec = importlib.util.spec_from_file_location("launch_ipykernel_under_test", LAUNCHER)
+        launcher = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(launcher)
+        driver = {"PYSPARK_GATEWAY_PORT": "40000", "CONTAINER_ID": "container_1_0001_01_000001",
+                  "SPARK_YARN_STAGING_DIR": "file:/staging/application_1_0001"}
+        for env, expected in ((driver, True), ({**driver, "CONTAINER_ID": ""}, False),
+                              ({k: v for k, v in driver.items() if k != "PYSPARK_GATEWAY_PORT"}, False),
+                              ({k: v for k, v in driver.items() if k != "SPARK_YARN_STAGING_DIR"}, False)):
+            self.patch(os, "environ", env)
+            self.assertEqual(launcher.spark_yarn_cluster_driver(), expected, env)
 
 
 class EndpointTests(SynchronousTestCase):

@@ -1138,7 +1138,7 @@ class YarnConfig:
     yarn_am_wait_time: str = setting(
         "3600s",
         "spark.yarn.am.waitTime of kernel applications: how long the ApplicationMaster waits for a Spark "
-        "context before failing the kernel (kernels without one never create it).",
+        "context before failing the kernel (other launchers than launch_ipykernel.py in mode none never create one).",
         env=("EG_YARN_AM_WAIT_TIME",),
     )
     yarn_poll_interval: float = setting(

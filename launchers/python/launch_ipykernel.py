@@ -749,6 +749,69 @@ def initialize_namespace(namespace: dict, cluster_type: str, mode: str = "lazy")
     worker.start()
 
 
+def spark_yarn_cluster_driver() -> bool:
+    """
+    Whether we are the driver of a Spark application in YARN cluster mode:
+    Spark's C{PythonRunner} started us (it hands the driver JVM's Py4J
+    gateway over in C{PYSPARK_GATEWAY_PORT}) inside a YARN container (the
+    NodeManager sets C{CONTAINER_ID}), which only the ApplicationMaster's
+    driver is; and Spark's YARN client staged the application
+    (C{SPARK_YARN_STAGING_DIR}, set in the ApplicationMaster's environment).
+    """
+    return all(os.environ.get(name) for name in ("PYSPARK_GATEWAY_PORT", "CONTAINER_ID", "SPARK_YARN_STAGING_DIR"))
+
+
+def keep_application_master_alive() -> None:
+    """
+    For a kernel without a Spark context that is the driver of a YARN
+    cluster-mode application: create a Spark context anyway, in a
+    background thread (the kernel is ready at once), with no executors and
+    out of the user's namespace (C{none} keeps its meaning there), stopped
+    at exit.
+
+    Why: Spark's ApplicationMaster registers with the ResourceManager only
+    once the driver has created its Spark context, and the ResourceManager
+    fails an ApplicationMaster that has not registered within
+    C{yarn.am.liveness-monitor.expiry-interval-ms} (10 minutes by default),
+    whatever C{spark.yarn.am.waitTime} says: an idle kernel would die.  The
+    ApplicationMaster's allocator takes the executor count from this
+    context's configuration, so no executor container is requested.
+
+    A failure is logged and the kernel runs on (as it did before: until
+    the ResourceManager's expiry).
+    """
+    import atexit
+    import threading
+
+    def build() -> None:
+        try:
+            from pyspark import SparkConf, SparkContext
+
+            SparkContext._ensure_initialized()  # connect to the driver JVM: the configuration comes from it
+            conf = SparkConf()
+            if conf.get("spark.master", "") != "yarn" or conf.get("spark.submit.deployMode", "") != "cluster":
+                LOG.info("not a YARN cluster-mode driver (master %s); no hidden Spark context",
+                         conf.get("spark.master", "?"))
+                return
+            conf.set("spark.executor.instances", "0").set("spark.dynamicAllocation.enabled", "false")
+            context = SparkContext(conf=conf)
+        except Exception as e:  # the kernel still works, until the ResourceManager's expiry
+            LOG.warning(
+                "no Spark context for the ApplicationMaster to register with YARN: %s; the ResourceManager "
+                "will fail this idle kernel after yarn.am.liveness-monitor.expiry-interval-ms", e,
+            )
+            return
+        atexit.register(context.stop)
+        LOG.info("hidden Spark context without executors created: the ApplicationMaster registers with YARN")
+
+    LOG.info(
+        "kernel without a Spark context in a YARN cluster-mode application: creating a hidden Spark context "
+        "without executors, so that the ApplicationMaster registers with the ResourceManager (which would fail "
+        "it after yarn.am.liveness-monitor.expiry-interval-ms otherwise); spark and sc stay undefined"
+    )
+    threading.Thread(target=build, name="yarn-am-keepalive", daemon=True).start()
+
+
 def sql_context(session):
     """
     A C{SQLContext} over the session (C{spark._wrapped}, which Enterprise
@@ -986,6 +1049,8 @@ def launch(args: argparse.Namespace) -> int:
 
         namespace: dict = {}
         initialize_namespace(namespace, args.cluster_type, args.spark_context_initialization_mode)
+        if args.cluster_type != "spark" and spark_yarn_cluster_driver():
+            keep_application_master_alive()
         if args.cluster_type == "spark":
             # Enterprise Gateway's gateways still send SIGUSR2 to cancel.
             signal.signal(signal.SIGUSR2, _cancel_spark_jobs)
