@@ -243,7 +243,8 @@ class YarnIdleKernelTests(YarnGatewayTestCase):
         past the ResourceManager's expiry for unregistered
         ApplicationMasters: its application is RUNNING with the
         ApplicationMaster's container only (no executor), the kernel still
-        runs code, and its namespace has no spark or sc.
+        runs code, and its namespace has no spark or sc; a session the
+        user then makes runs a job on an executor allocated for it.
         """
         model = await self.start()
         kernel_id, app_id = model["id"], model["placement"]["app_id"]
@@ -264,6 +265,12 @@ class YarnIdleKernelTests(YarnGatewayTestCase):
         self.addCleanup(client.close)
         result = await client.execute("print(6 * 7, *(name in globals() for name in ('spark', 'sc', 'sqlContext')))")
         self.assertEqual(result["stdout"].split(), ["42", "False", "False", "False"], result)
+        # A session the user makes gets executors for its job (the hidden context allocates them on demand).
+        result = await client.execute(
+            "from pyspark.sql import SparkSession\nprint(SparkSession.builder.getOrCreate().range(100).groupBy().sum().first()[0])",
+            timeout=180,
+        )
+        self.assertEqual(result["stdout"].split(), ["4950"], result)
         code, _ = await self.gateway.request("DELETE", f"api/kernels/{kernel_id}")
         self.assertEqual(code, 204)
         self.assertIn(self.yarn.application(app_id)["state"], FINAL_STATES)

@@ -761,21 +761,38 @@ def spark_yarn_cluster_driver() -> bool:
     return all(os.environ.get(name) for name in ("PYSPARK_GATEWAY_PORT", "CONTAINER_ID", "SPARK_YARN_STAGING_DIR"))
 
 
+HIDDEN_CONTEXT_CONF = {
+    "spark.executor.instances": "0",
+    "spark.dynamicAllocation.enabled": "true",
+    "spark.dynamicAllocation.minExecutors": "0",
+    "spark.dynamicAllocation.initialExecutors": "0",
+    "spark.dynamicAllocation.shuffleTracking.enabled": "true",
+}
+"""
+The hidden context's executors: none while idle, as many as its jobs ask
+for (within the kernelspec's C{spark.dynamicAllocation.maxExecutors}).
+"""
+
+
 def keep_application_master_alive() -> None:
     """
     For a kernel without a Spark context that is the driver of a YARN
     cluster-mode application: create a Spark context anyway, in a
-    background thread (the kernel is ready at once), with no executors and
-    out of the user's namespace (C{none} keeps its meaning there), stopped
-    at exit.
+    background thread (the kernel is ready at once), out of the user's
+    namespace (C{none} keeps its meaning there), stopped at exit.  It holds
+    no executor while idle: dynamic allocation from zero (with shuffle
+    tracking, so no external shuffle service is needed), so code that makes
+    its own session later (C{SparkSession.builder.getOrCreate()}, which
+    returns this context) still gets executors for its jobs, and gives them
+    back when idle.
 
     Why: Spark's ApplicationMaster registers with the ResourceManager only
     once the driver has created its Spark context, and the ResourceManager
     fails an ApplicationMaster that has not registered within
     C{yarn.am.liveness-monitor.expiry-interval-ms} (10 minutes by default),
     whatever C{spark.yarn.am.waitTime} says: an idle kernel would die.  The
-    ApplicationMaster's allocator takes the executor count from this
-    context's configuration, so no executor container is requested.
+    ApplicationMaster's allocator takes its configuration from this
+    context.
 
     A failure is logged and the kernel runs on (as it did before: until
     the ResourceManager's expiry).
@@ -793,7 +810,8 @@ def keep_application_master_alive() -> None:
                 LOG.info("not a YARN cluster-mode driver (master %s); no hidden Spark context",
                          conf.get("spark.master", "?"))
                 return
-            conf.set("spark.executor.instances", "0").set("spark.dynamicAllocation.enabled", "false")
+            for name, value in HIDDEN_CONTEXT_CONF.items():
+                conf.set(name, value)
             context = SparkContext(conf=conf)
         except Exception as e:  # the kernel still works, until the ResourceManager's expiry
             LOG.warning(
@@ -802,11 +820,11 @@ def keep_application_master_alive() -> None:
             )
             return
         atexit.register(context.stop)
-        LOG.info("hidden Spark context without executors created: the ApplicationMaster registers with YARN")
+        LOG.info("hidden Spark context created (executors on demand): the ApplicationMaster registers with YARN")
 
     LOG.info(
         "kernel without a Spark context in a YARN cluster-mode application: creating a hidden Spark context "
-        "without executors, so that the ApplicationMaster registers with the ResourceManager (which would fail "
+        "(no executor until a job needs one), so that the ApplicationMaster registers with the ResourceManager (which would fail "
         "it after yarn.am.liveness-monitor.expiry-interval-ms otherwise); spark and sc stay undefined"
     )
     threading.Thread(target=build, name="yarn-am-keepalive", daemon=True).start()
