@@ -123,7 +123,7 @@ class GatewayPodTests(TestCase):
     The gateway as a pod of the Deployment in etc/kubernetes/egateway.yaml.
     """
 
-    timeout = 240
+    timeout = 360
 
     async def setUp(self) -> None:
         self.kube = await deferToThread(cluster)
@@ -155,12 +155,21 @@ class GatewayPodTests(TestCase):
         Deleting the Deployment stops the gateway pod, which shuts its kernels down.
         """
 
+        left: list[str] = []
+
         def gone() -> bool:
             pods = self.core.list_namespaced_pod(NAMESPACE, label_selector=SELECTOR, _request_timeout=10).items
             kernels = self.core.list_namespaced_pod(NAMESPACE, label_selector="kernel_id", _request_timeout=10).items
-            return not pods and not kernels
+            left[:] = [f"{p.metadata.name} ({p.status.phase}, deleting since {p.metadata.deletion_timestamp})"
+                       for p in pods + kernels]
+            return not left
 
-        await until(gone, "the gateway pod and its kernel pods to be deleted")
+        # The pods' grace period is 30 s; the rest of the bound is the kubelet's own pace on a loaded machine (a
+        # CI run took over 60 s; 5 s on a quiet one).
+        try:
+            await until(gone, "the gateway pod and its kernel pods to be deleted", timeout=120)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; left: {left}") from None
 
     def gateway_pod(self) -> Any:
         pods = self.core.list_namespaced_pod(NAMESPACE, label_selector=SELECTOR, _request_timeout=10).items
