@@ -276,27 +276,29 @@ class Launching:
         """
         answered: set[str] = set()
         replied: set[str] = set()
-        news: list[bool] = [False]  # a reply came since the last look
+        news = False  # a reply came since the last look
+        failed: BaseException | None = None
+        wake: Deferred[None] | None = None
         probes: list[Deferred[Message]] = []
-        failed: list[BaseException] = []
-        wake: list[Deferred[None]] = []
 
         def rouse() -> None:
-            if wake and not wake[-1].called:
-                wake[-1].callback(None)
+            if wake is not None and not wake.called:
+                wake.callback(None)
 
         def observe(message: Message) -> None:
             if message.msg_type == "status":
                 answered.add(str(message.parent_header().get("msg_id")))
 
         def on_reply(reply: Message) -> None:
+            nonlocal news
             replied.add(str(reply.parent_header().get("msg_id")))
-            news[0] = True
+            news = True
             rouse()
 
         def on_error(failure: Any) -> None:
+            nonlocal failed
             if not failure.check(*TIMEOUTS, defer.CancelledError):
-                failed.append(failure.value)  # the link closed under it
+                failed = failed or failure.value  # the link closed under it
                 rouse()
 
         kernel.on_iopub_observers.append(observe)
@@ -304,16 +306,16 @@ class Launching:
         next_probe = self._clock.seconds()
         try:
             while not replied & answered:
-                if failed:
-                    raise failed[0]
+                if failed is not None:
+                    raise failed
                 now = self._clock.seconds()
                 if now >= deadline:
                     raise TimeoutError()
-                if news[0]:
+                if news:
                     # Answered, but iopub has not delivered its status yet
                     # (the subscription may not be live): look again in a
                     # moment, and ask again then.
-                    news[0] = False
+                    news = False
                     await deferLater(self._clock, min(0.05, deadline - now))
                     next_probe = self._clock.seconds()
                     continue
@@ -324,11 +326,12 @@ class Launching:
                     next_probe = now + interval
                     interval = min(interval * 2, READY_PROBE_MAX)
                     continue
-                wake.append(Deferred())
+                wake = Deferred()
                 timer = self._clock.callLater(min(next_probe, deadline) - now, rouse)
                 try:
-                    await wake[-1]
+                    await wake
                 finally:
+                    wake = None
                     if timer.active():
                         timer.cancel()
         finally:
