@@ -32,7 +32,7 @@ import signal
 import socket
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
@@ -504,12 +504,15 @@ async def start_gateway(
     if token:
         environ["EG_AUTH_TOKEN"] = token
     environ.update(env or {})
-    last_error: Exception | None = None
-    for attempt in range(3):
-        gateway = GatewayDaemon(reactor, workdir, port or free_port(), token)
+    limit = [shutil.which("prlimit") or "prlimit", f"--nofile={open_files}", "--"] if open_files else []
+
+    def make(free: int) -> GatewayDaemon:
+        gateway = GatewayDaemon(reactor, workdir, free, token)
         os.makedirs(gateway.data_dir, mode=0o700, exist_ok=True)
-        limit = [shutil.which("prlimit") or "prlimit", f"--nofile={open_files}", "--"] if open_files else []
-        argv = [
+        return gateway
+
+    def argv_for(gateway: GatewayDaemon) -> list[str]:
+        return [
             *limit,
             sys.executable,
             twistd,
@@ -522,20 +525,49 @@ async def start_gateway(
             "--on-stop=shutdown",
             *(f"--{name}={value}" for name, value in (flags or {}).items()),
         ]
-        gateway.process.start(argv, environ, workdir)
-        test.addCleanup(gateway._cleanup, test)
+
+    return await _start_daemon(
+        test, reactor, make, argv_for, environ, workdir, ready_timeout, "Address already in use", port
+    )
+
+
+_D = TypeVar("_D", bound=_Daemon)
+
+
+async def _start_daemon(
+    test: TestCase,
+    reactor: Any,
+    make: Callable[[int], _D],
+    argv_for: Callable[[_D], list[str]],
+    environ: Mapping[str, str],
+    workdir: str,
+    ready_timeout: float,
+    port_taken: str,
+    port: int | None = None,
+) -> _D:
+    """
+    Start the daemon C{make} builds for a port (C{port}, else a free one)
+    with the command line C{argv_for} gives it, and wait until its C{GET
+    /api} answers.  Another process may take a free port before the daemon
+    binds it (it happened in busy runs; its log then says C{port_taken}):
+    that daemon is stopped and judged here, so its cleanup does not fail
+    the test, and another port is tried, three in all.
+    """
+    last_error: Exception | None = None
+    for attempt in range(3):
+        daemon = make(port or free_port())
+        daemon.process.start(argv_for(daemon), environ, workdir)
+        test.addCleanup(daemon._cleanup, test)
         try:
-            await wait_until_answers(gateway.api, "api", gateway.process, ready_timeout, reactor)
+            await wait_until_answers(daemon.api, "api", daemon.process, ready_timeout, reactor)
         except RuntimeError as e:
-            busy = "Address already in use" in gateway.process.log_tail()
-            if gateway.process.ended and busy and port is None:
-                # Judged here, so its cleanup does not fail the test.
-                await gateway.stop()
+            if port is None and daemon.process.ended and port_taken in daemon.process.log_tail():
+                await daemon.stop()
                 last_error = e
                 continue
             raise
-        return gateway
-    raise RuntimeError(f"egateway found no free port in 3 attempts: {last_error}")
+        return daemon
+    raise RuntimeError(f"{daemon.name} found no free port in 3 attempts: {last_error}")
 
 
 class JupyterServer(_Daemon):
@@ -601,10 +633,14 @@ async def start_jupyter_server(
         json.dump(OFFLINE_JUPYTER_SERVER, f)
     if gateway is not None and gateway.token:
         environ["JUPYTER_GATEWAY_AUTH_TOKEN"] = gateway.token
-    last_error: Exception | None = None
-    for attempt in range(3):
-        server = JupyterServer(reactor, workdir, free_port(), token)
+
+    def make(free: int) -> JupyterServer:
+        server = JupyterServer(reactor, workdir, free, token)
         os.makedirs(server.root_dir, exist_ok=True)
+        server.process.dump_signal = signal.SIGUSR2
+        return server
+
+    def argv_for(server: JupyterServer) -> list[str]:
         argv = [
             sys.executable,
             "-c",
@@ -624,19 +660,6 @@ async def start_jupyter_server(
             argv.append("--allow-root")
         if gateway is not None:
             argv.append(f"--gateway-url={gateway.url.rstrip('/')}")
-        argv.extend(args)
-        server.process.dump_signal = signal.SIGUSR2
-        server.process.start(argv, environ, workdir)
-        test.addCleanup(server._cleanup, test)
-        try:
-            await wait_until_answers(server.api, "api", server.process, ready_timeout, reactor)
-        except RuntimeError as e:
-            # Another process took the free port first (it happened in a
-            # busy run): judged here, so its cleanup does not fail the test.
-            if server.process.ended and "is not available" in server.process.log_tail():
-                await server.stop()
-                last_error = e
-                continue
-            raise
-        return server
-    raise RuntimeError(f"jupyter-server found no free port in 3 attempts: {last_error}")
+        return [*argv, *args]
+
+    return await _start_daemon(test, reactor, make, argv_for, environ, workdir, ready_timeout, "is not available")
