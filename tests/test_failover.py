@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from egateway.kernels.failover import IopubRing, session_identity, shared_session_key
 from egateway.kernels.journal import JournalLimits, encode_entry
-from egateway.kernels.sharing import SharedKernels
+from egateway.kernels.sharing import JournalSink, SharedKernels
 from egateway.store.interface import StoreUnavailable
 from egateway.wire.protocol import Message
 from tests.support.fakes import RecordingClient, make_manager
@@ -47,6 +47,7 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.appends: list[tuple[str, list[tuple[int, bytes]], Deferred[bool]]] = []
+        self.requests: list[list[str]] = []
         self.journal: list[tuple[int, bytes]] = []
         self.holders: dict[str, str] = {}
 
@@ -56,6 +57,15 @@ class FakeStore:
         answer: Deferred[bool] = Deferred()
         self.appends.append((session_id, list(entries), answer))
         return answer
+
+    def journal_append_many(self, appends: Any, max_entries: int, holder: str = "") -> Deferred[list[bool]]:
+        """
+        Each session's append answered on its own (as L{journal_append});
+        the request fires once all are.
+        """
+        self.requests.append([s for _, s, _ in appends])
+        answers = [self.journal_append(k, s, entries, max_entries, holder) for k, s, entries in appends]
+        return gatherResults(answers, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
 
     def claim_session(self, kernel_id: str, session_id: str, holder: str) -> Deferred[str | None]:
         previous = self.holders.get(session_id)
@@ -109,6 +119,50 @@ class WriteAheadTests(Base):
         self.assertEqual([seq for seq, _ in self.store.appends[1][1]], [4])
         self.store.appends[1][2].callback(True)
         self.assertEqual(self.texts(client), ["0\n", "1\n", "2\n", "3\n"])
+
+    def test_one_request_per_turn(self) -> None:
+        """
+        The appends of every session ready in one turn go to the store as
+        one request; a session still waiting for its last append is not in
+        it, and goes in a request of its own once that append is answered.
+        """
+        first = RecordingClient()
+        self.kernel.attach(first, "s0")
+        self.kernel.on_iopub(output(0))
+        self.clock.advance(0)
+        later = [RecordingClient(), RecordingClient()]
+        for n, client in enumerate(later):
+            self.kernel.attach(client, f"s{n + 1}")
+        self.kernel.on_iopub(output(1))
+        self.kernel.on_iopub(output(2))
+        self.clock.advance(0)
+        self.assertEqual(self.store.requests, [["s0"], ["s1", "s2"]])
+        self.store.appends[0][2].callback(True)
+        self.assertEqual(first.seqs, [1])
+        self.assertEqual(self.store.requests[2:], [["s0"]])
+        self.assertEqual([seq for seq, _ in self.store.appends[3][1]], [2, 3])
+        for _, _, answer in self.store.appends[1:]:
+            answer.callback(True)
+        self.assertEqual([first.seqs, later[0].seqs, later[1].seqs], [[1, 2, 3], [1, 2], [1, 2]])
+        self.assertEqual(len(self.store.requests), 3)
+
+    def test_request_size_bounded(self) -> None:
+        """
+        A turn with more entries than one request takes is split into
+        several requests, each session's batch whole in one of them.
+        """
+        self.patch(JournalSink, "REQUEST_ENTRIES", 5)
+        clients = [RecordingClient() for _ in range(3)]
+        for n, client in enumerate(clients):
+            self.kernel.attach(client, f"s{n}")
+        for n in range(2):
+            self.kernel.on_iopub(output(n))
+        self.clock.advance(0)
+        self.assertEqual([len(r) for r in self.store.requests], [2, 1])
+        for _, entries, answer in self.store.appends:
+            self.assertEqual([seq for seq, _ in entries], [1, 2])
+            answer.callback(True)
+        self.assertEqual([client.seqs for client in clients], [[1, 2]] * 3)
 
     def test_store_refusal_releases(self) -> None:
         """

@@ -317,6 +317,34 @@ class StoreContract:
         await store.journal_delete("k")
         self.assertIsNone(await store.claim_session("k", "s", "gw-a"))
 
+    async def test_journal_append_many(self) -> None:
+        """
+        One request appends to several sessions of several kernels, each as
+        its own append would (trimmed, each number once); a session another
+        holder claimed is refused on its own, the rest taken.
+        """
+        store = await self.open()
+        await store.claim_session("k1", "claimed", "gw-b")
+        await store.journal_append("k2", "s", [(1, b"old"), (2, b"older")], 3)
+        answers = await store.journal_append_many(
+            [
+                ("k1", "s", [(1, b"a"), (2, b"\x00b\r\n")]),
+                ("k1", "claimed", [(1, b"stale")]),
+                ("k2", "s", [(2, b"again"), (3, b"c"), (4, b"d")]),
+                ("k2", "empty", []),
+            ],
+            3,
+            "gw-a",
+        )
+        self.assertEqual(answers, [True, False, True, True])
+        self.assertEqual(await store.journal_read("k1", "s", 0), [(1, b"a"), (2, b"\x00b\r\n")])
+        self.assertEqual(await store.journal_read("k1", "claimed", 0), [])
+        self.assertEqual(await store.journal_read("k2", "s", 0), [(2, b"older"), (3, b"c"), (4, b"d")])
+        self.assertEqual(await store.journal_append_many([], 3, "gw-a"), [])
+        await store.journal_delete("k1")
+        self.assertEqual(await store.journal_read("k1", "s", 0), [])
+        self.assertEqual(await store.journal_read("k2", "s", 0), [(2, b"older"), (3, b"c"), (4, b"d")])
+
     async def test_large_journal_read(self) -> None:
         """
         A full journal of thousands of frames reads back whole and in order.
@@ -931,6 +959,42 @@ class ReconnectTests(SynchronousTestCase):
         self.assertIn(b"PING", transport.value())
         protocol.dataReceived(b"+PONG\r\n")
         return protocol
+
+    def test_reply_read_after_a_stall(self) -> None:
+        """
+        A reply that arrived while the reactor was stalled for longer than
+        the command timeout is read, not taken for a dead server: the
+        timeout aborts only if the reply is still missing after the sockets
+        were read once more.  One that never comes still aborts.
+        """
+        self.client.start()
+        protocol = self.accept_latest()
+        transport = protocol.transport
+        answered = self.client.execute("GET", "k")
+        self.stall(6.0)
+        protocol.dataReceived(b"$1\r\nv\r\n")  # the read that waited
+        self.reactor.advance(0)
+        self.assertEqual(self.successResultOf(answered), b"v")
+        self.assertFalse(transport.disconnecting)
+        unanswered = self.client.execute("GET", "k")
+        self.stall(6.0)
+        self.assertNoResult(unanswered)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(0)
+        self.assertTrue(transport.disconnecting)
+
+    def stall(self, seconds: float) -> None:
+        """
+        What a reactor does after a turn of C{seconds}: it runs the timers
+        that became due, and what they schedule waits for the next turn,
+        after the sockets were read (L{Clock.advance} would run those too).
+        """
+        self.reactor.rightNow += seconds
+        due = sorted((c for c in self.reactor.calls if c.getTime() <= self.reactor.seconds()), key=lambda c: c.getTime())
+        for call in due:
+            self.reactor.calls.remove(call)
+            call.called = 1
+            call.func(*call.args, **call.kw)
 
     def test_backs_off_then_starts_over(self) -> None:
         """

@@ -91,9 +91,24 @@ class JournalSink:
     released to the client all the same, with a warning: the local journal
     still serves a client that comes back here.  A batch refused because
     another gateway has claimed the session closes it here.
+
+    The appends of every session ready in one reactor turn go to the store
+    as one request (L{IKernelStore.journal_append_many}): under load
+    (hundreds of sessions each getting a message a turn) one request per
+    session cost the gateway more than relaying the messages did, and the
+    store a script call each.
     """
 
     BATCH = 500
+    """
+    Entries of one session in one append.
+    """
+
+    REQUEST_ENTRIES = 2000
+    """
+    Entries in one request to the store (at least one session's batch):
+    Redis runs a request as one script, during which it serves nobody else.
+    """
 
     def __init__(self, persistence: Any, clock: Any, max_entries: int) -> None:
         self._persistence = persistence
@@ -118,7 +133,7 @@ class JournalSink:
     async def _drain(self) -> None:
         while self._pending or self._in_flight:
             self._send_ready()
-            await DeferredList(list(self._in_flight.values()))
+            await DeferredList(list(set(self._in_flight.values())))
 
     def __call__(self, session: Any, seq: int, channel: str, message: Any) -> None:
         """
@@ -127,74 +142,91 @@ class JournalSink:
         """
         self._pending.setdefault(session, []).append((seq, encode_entry(channel, message)))
         if session not in self._in_flight and self._scheduled is None:
-            # Next turn: what the same read of the kernel's socket brought
-            # goes in one append.
+            # Next turn: what this turn's reads of every kernel's socket
+            # brought goes in one request.
             self._scheduled = self._clock.callLater(0, self._send_ready)
 
     def _send_ready(self) -> None:
         if self._scheduled is not None and self._scheduled.active():
             self._scheduled.cancel()
         self._scheduled = None
+        request: list[tuple[Any, list[tuple[int, bytes]]]] = []
+        entries = 0
         for session in [s for s in self._pending if s not in self._in_flight]:
-            self._send(session)
+            pending = self._pending.pop(session)
+            batch, rest = pending[: self.BATCH], pending[self.BATCH :]
+            if rest:
+                self._pending[session] = rest
+            if request and entries + len(batch) > self.REQUEST_ENTRIES:
+                self._send(request)
+                request, entries = [], 0
+            request.append((session, batch))
+            entries += len(batch)
+        if request:
+            self._send(request)
 
-    def _send(self, session: Any) -> None:
-        pending = self._pending.pop(session)
-        batch, rest = pending[: self.BATCH], pending[self.BATCH :]
-        if rest:
-            self._pending[session] = rest
-        kernel_id, session_id, upto = session.kernel.id, session.id, batch[-1][0]
-        shared_key = session.shared_key
+    def _send(self, request: list[tuple[Any, list[tuple[int, bytes]]]]) -> None:
+        """
+        One request to the store with each session's batch of C{request}.
+        """
 
-        def failed(failure: Any) -> None:
-            # Whatever went wrong, the messages go to the client (below):
-            # holding them would stall the session for good.
+        def failed(failure: Any) -> list[None]:
+            # Whatever went wrong, the messages go to the clients (below):
+            # holding them would stall the sessions for good.
             if not failure.check(StoreError):
-                _log.failure(
-                    "journal of kernel {kernel_id} session {session}", failure, kernel_id=kernel_id, session=session_id
-                )
-                return
-            if not self._failing:
-                # Once per outage: during one, every batch fails.
+                _log.failure("journal of {count} sessions", failure, count=len(request))
+            elif not self._failing:
+                # Once per outage: during one, every request fails.
                 self._failing = True
                 _log.warn(
-                    "journal of kernel {kernel_id} session {session}: {count} entries not shared: {error}; "
-                    "clients get their messages all the same, but sessions cannot move to another gateway "
-                    "without loss until the store takes journal writes again",
-                    kernel_id=kernel_id,
-                    session=session_id,
-                    count=len(batch),
+                    "journal of {count} sessions ({entries} entries) not shared: {error}; clients get their "
+                    "messages all the same, but sessions cannot move to another gateway without loss until the "
+                    "store takes journal writes again",
+                    count=len(request),
+                    entries=sum(len(batch) for _, batch in request),
                     error=str(failure.value),
                 )
+            return [None] * len(request)
 
-        def written(appended: bool | None) -> None:
-            self._in_flight.pop(session, None)
-            if appended is not None and self._failing:
+        def written(results: list[bool | None]) -> None:
+            if results and results[0] is not None and self._failing:
                 self._failing = False
                 _log.info("the shared store takes journal writes again")
-            if appended is False:
-                # Claimed by the gateway the client moved to, which
-                # continues from what the store has.
-                self._pending.pop(session, None)
-                _log.info(
-                    "kernel {kernel_id} session {session}: another gateway serves it now",
-                    kernel_id=kernel_id,
-                    session=session_id,
-                )
-                session.kernel.hand_over(session)
-                return
-            session.commit(upto)
-            if session in self._pending:
-                self._send(session)
+            for (session, batch), appended in zip(request, results):
+                self._written(session, batch[-1][0], appended)
+            if self._pending and self._scheduled is None:
+                self._send_ready()
 
-        store = self._persistence.store
-        appending = store.journal_append(
-            kernel_id, shared_key, batch, self._max_entries, self._persistence.instance_id
+        appending = self._persistence.store.journal_append_many(
+            [(session.kernel.id, session.shared_key, batch) for session, batch in request],
+            self._max_entries,
+            self._persistence.instance_id,
         )
-        self._in_flight[session] = appending
+        for session, _ in request:
+            self._in_flight[session] = appending
         appending.addErrback(failed)
         appending.addCallback(written)
         appending.addErrback(lambda f: _log.failure("releasing journaled messages", f))
+
+    def _written(self, session: Any, upto: int, appended: bool | None) -> None:
+        """
+        The store took (C{True}), refused (C{False}: another gateway claimed
+        the session) or could not take (C{None}) C{session}'s messages up to
+        C{upto}.
+        """
+        self._in_flight.pop(session, None)
+        if appended is False:
+            # Claimed by the gateway the client moved to, which continues
+            # from what the store has.
+            self._pending.pop(session, None)
+            _log.info(
+                "kernel {kernel_id} session {session}: another gateway serves it now",
+                kernel_id=session.kernel.id,
+                session=session.id,
+            )
+            session.kernel.hand_over(session)
+            return
+        session.commit(upto)
 
 
 class SharedKernels(Service):

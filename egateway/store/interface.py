@@ -18,7 +18,7 @@ retry (a periodic save).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Collection, Mapping
+from typing import Any, Collection, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -151,6 +151,11 @@ class SessionRecord:
 
 JournalEntry = tuple[int, bytes]
 
+JournalAppend = tuple[str, str, list[JournalEntry]]
+"""
+The entries of one client session of a kernel: kernel id, session id, entries.
+"""
+
 
 class IKernelStore(Interface):
     """
@@ -245,6 +250,20 @@ class IKernelStore(Interface):
         @param holder: if given, append only while no other holder has
             claimed the session (L{claim_session}).
         @return: fires False when refused for that reason, else True.
+        """
+
+    def journal_append_many(
+        appends: Sequence[JournalAppend], max_entries: int, holder: str = ""
+    ) -> "Deferred[list[bool]]":
+        """
+        L{journal_append} for several sessions (of one or several kernels)
+        in one request to the store.
+
+        @param appends: (kernel id, session id, entries) per session, each
+            session once.
+        @return: fires with one answer per append, in order: False where
+            refused because another holder claimed the session, else True.
+            Fails as a whole (L{StoreError}) when the store cannot take it.
         """
 
     def claim_session(kernel_id: str, session_id: str, holder: str) -> "Deferred[str | None]":

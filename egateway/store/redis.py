@@ -21,7 +21,7 @@ fails commands at once while Redis is unreachable and reconnects by itself.
 
 from __future__ import annotations
 
-from typing import Any, Collection
+from typing import Any, Collection, Sequence
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -31,6 +31,7 @@ from egateway.store.codec import decode_kernel, decode_session, encode_kernel, e
 from egateway.store.crypto import SecretBox
 from egateway.store.interface import (
     IKernelStore,
+    JournalAppend,
     JournalEntry,
     KernelRecord,
     RecordUnreadable,
@@ -54,29 +55,40 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-# KEYS: journal, index, holders.  ARGV: max entries, session id, holder (or
-# ''), then seq, member pairs.  Returns 1 when another holder has claimed the
-# session.  A sequence number already journalled is not added again, so a
-# retried append does not duplicate frames.
+# KEYS: per session its journal, its kernel's index of journals and its
+# kernel's holders.  ARGV: the entries to keep, the holder, then per session
+# its id, its number of entries and the entries (number, member).  Returns
+# per session 1 if another holder has claimed it (nothing written), else 0.
+# A sequence number already journalled is not added again, so a retried
+# append does not duplicate frames.
 _APPEND = """
-local journal = KEYS[1]
 local keep = tonumber(ARGV[1])
-if ARGV[3] ~= '' then
-  local holder = redis.call('HGET', KEYS[3], ARGV[2])
-  if holder and holder ~= ARGV[3] then return 1 end
-end
-if keep <= 0 then
-  redis.call('DEL', journal)
-  return 0
-end
-for i = 4, #ARGV, 2 do
-  if redis.call('ZCOUNT', journal, ARGV[i], ARGV[i]) == 0 then
-    redis.call('ZADD', journal, ARGV[i], ARGV[i + 1])
+local holder = ARGV[2]
+local answers = {}
+local a = 3
+for k = 1, #KEYS, 3 do
+  local journal, session, count = KEYS[k], ARGV[a], tonumber(ARGV[a + 1])
+  local first, last = a + 2, a + 1 + 2 * count
+  a = last + 1
+  local current = false
+  if holder ~= '' then current = redis.call('HGET', KEYS[k + 2], session) end
+  if current and current ~= holder then
+    answers[#answers + 1] = 1
+  elseif keep <= 0 then
+    redis.call('DEL', journal)
+    answers[#answers + 1] = 0
+  else
+    for i = first, last, 2 do
+      if redis.call('ZCOUNT', journal, ARGV[i], ARGV[i]) == 0 then
+        redis.call('ZADD', journal, ARGV[i], ARGV[i + 1])
+      end
+    end
+    redis.call('ZREMRANGEBYRANK', journal, 0, -keep - 1)
+    redis.call('SADD', KEYS[k + 1], session)
+    answers[#answers + 1] = 0
   end
 end
-redis.call('ZREMRANGEBYRANK', journal, 0, -keep - 1)
-redis.call('SADD', KEYS[2], ARGV[2])
-return 0
+return answers
 """
 
 # KEYS: index, holders.  ARGV: the journal key prefix of the kernel.
@@ -243,15 +255,28 @@ class RedisStore:
     ) -> Deferred[bool]:
         if not entries and max_entries > 0 and not holder:
             return succeed(True)
-        args: list[Any] = [int(max_entries), session_id, holder]
-        for seq, data in entries:
-            seq = int(seq)
-            args.append(seq)
-            # The member is the number, then the entry: sent in two pieces,
-            # so a large entry is not copied to prefix it.
-            args.append([seq.to_bytes(8, "big", signed=True), bytes(data)])
-        keys = [self._journal(kernel_id, session_id), f"{self.prefix}journals:{kernel_id}", self._holders(kernel_id)]
-        return self._client.eval_script(_APPEND, keys, args).addCallback(lambda refused: refused != 1)
+        appending = self.journal_append_many([(kernel_id, session_id, entries)], max_entries, holder)
+        return appending.addCallback(lambda answers: answers[0])
+
+    def journal_append_many(
+        self, appends: Sequence[JournalAppend], max_entries: int, holder: str = ""
+    ) -> Deferred[list[bool]]:
+        if not appends:
+            return succeed([])
+        keys: list[Any] = []
+        args: list[Any] = [int(max_entries), holder]
+        for kernel_id, session_id, entries in appends:
+            keys += [self._journal(kernel_id, session_id), f"{self.prefix}journals:{kernel_id}", self._holders(kernel_id)]
+            args += [session_id, len(entries)]
+            for seq, data in entries:
+                seq = int(seq)
+                args.append(seq)
+                # The member is the number, then the entry: sent in two
+                # pieces, so a large entry is not copied to prefix it.
+                args.append([seq.to_bytes(8, "big", signed=True), bytes(data)])
+        return self._client.eval_script(_APPEND, keys, args).addCallback(
+            lambda refused: [answer != 1 for answer in refused]
+        )
 
     def claim_session(self, kernel_id: str, session_id: str, holder: str) -> Deferred[str | None]:
         return self._client.eval_script(_CLAIM, [self._holders(kernel_id)], [session_id, holder]).addCallback(

@@ -889,9 +889,7 @@ class RedisClient:
         A batch not fully answered in time aborts the connection.
         """
         waiting = protocol.send(commands)
-        timer = self._reactor.callLater(
-            self._command_timeout, protocol.abort, f"no reply within {self._command_timeout:g}s"
-        )
+        timer = self._reactor.callLater(self._command_timeout, self._overdue, protocol, waiting[-1])
         if len(waiting) == 1:
             # One command (every journal append): its reply as a list of
             # one, without gathering (a DeferredList and two more callbacks
@@ -918,6 +916,21 @@ class RedisClient:
             return f.value.subFailure if hasattr(f.value, "subFailure") else f  # type: ignore[union-attr]
 
         return gathered.addErrback(unwrap)
+
+    def _overdue(self, protocol: RedisProtocol, last: Deferred[Any]) -> None:
+        """
+        The command timeout passed before the last reply of a batch came.
+        Abort only if it is still missing after one more pass over the
+        sockets: after a stall of the reactor longer than the timeout (a
+        long turn, a process starved of CPU), timers run before the reads
+        that waited meanwhile, and the reply may be there, unread.
+        """
+
+        def confirm() -> None:
+            if not last.called:
+                protocol.abort(f"no reply within {self._command_timeout:g}s")
+
+        self._reactor.callLater(0, confirm)
 
     def pipeline(self, commands: Sequence[Sequence[Any]]) -> Deferred[list[Any]]:
         """

@@ -17,7 +17,7 @@ import fcntl
 import os
 import sqlite3
 import stat
-from typing import Any, Callable, Collection, TypeVar
+from typing import Any, Callable, Collection, Sequence, TypeVar
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -31,6 +31,7 @@ from egateway.store.codec import decode_kernel, decode_session, encode_kernel, e
 from egateway.store.crypto import SecretBox
 from egateway.store.interface import (
     IKernelStore,
+    JournalAppend,
     JournalEntry,
     KernelRecord,
     RecordUnreadable,
@@ -349,12 +350,24 @@ class SQLiteStore:
     def journal_append(
         self, kernel_id: str, session_id: str, entries: list[JournalEntry], max_entries: int, holder: str = ""
     ) -> Deferred[bool]:
-        if holder and self._holders.get((kernel_id, session_id), holder) != holder:
-            return succeed(False)
-        rows = [(kernel_id, session_id, int(seq), bytes(data)) for seq, data in entries]
-        return self._run(self._journal_append_blocking, kernel_id, session_id, rows, max_entries).addCallback(
-            lambda _: True
-        )
+        appending = self.journal_append_many([(kernel_id, session_id, entries)], max_entries, holder)
+        return appending.addCallback(lambda answers: answers[0])
+
+    def journal_append_many(
+        self, appends: Sequence[JournalAppend], max_entries: int, holder: str = ""
+    ) -> Deferred[list[bool]]:
+        answers = [
+            not holder or self._holders.get((kernel_id, session_id), holder) == holder
+            for kernel_id, session_id, _ in appends
+        ]
+        taken = [
+            (kernel_id, session_id, [(kernel_id, session_id, int(seq), bytes(data)) for seq, data in entries])
+            for (kernel_id, session_id, entries), answer in zip(appends, answers)
+            if answer
+        ]
+        if not taken:
+            return succeed(answers)
+        return self._run(self._journal_append_blocking, taken, max_entries).addCallback(lambda _: answers)
 
     def claim_session(self, kernel_id: str, session_id: str, holder: str) -> Deferred[str | None]:
         # Like leases, in memory: one gateway process opens an SQLite store.
@@ -363,20 +376,23 @@ class SQLiteStore:
         return succeed(previous)
 
     def _journal_append_blocking(
-        self, kernel_id: str, session_id: str, rows: list[tuple[str, str, int, bytes]], max_entries: int
+        self, appends: list[tuple[str, str, list[tuple[str, str, int, bytes]]]], max_entries: int
     ) -> None:
         db = self._db()
         with _transaction(db):
-            if max_entries <= 0:
-                db.execute("DELETE FROM journal WHERE kernel_id = ? AND session_id = ?", (kernel_id, session_id))
-                return
-            db.executemany("INSERT OR IGNORE INTO journal (kernel_id, session_id, seq, data) VALUES (?, ?, ?, ?)", rows)
-            db.execute(
-                "DELETE FROM journal WHERE kernel_id = ? AND session_id = ? AND seq <= ("
-                " SELECT seq FROM journal WHERE kernel_id = ? AND session_id = ?"
-                " ORDER BY seq DESC LIMIT 1 OFFSET ?)",
-                (kernel_id, session_id, kernel_id, session_id, max_entries),
-            )
+            for kernel_id, session_id, rows in appends:
+                if max_entries <= 0:
+                    db.execute("DELETE FROM journal WHERE kernel_id = ? AND session_id = ?", (kernel_id, session_id))
+                    continue
+                db.executemany(
+                    "INSERT OR IGNORE INTO journal (kernel_id, session_id, seq, data) VALUES (?, ?, ?, ?)", rows
+                )
+                db.execute(
+                    "DELETE FROM journal WHERE kernel_id = ? AND session_id = ? AND seq <= ("
+                    " SELECT seq FROM journal WHERE kernel_id = ? AND session_id = ?"
+                    " ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                    (kernel_id, session_id, kernel_id, session_id, max_entries),
+                )
 
     def journal_read(self, kernel_id: str, session_id: str, after: int) -> Deferred[list[JournalEntry]]:
         return self._run(self._journal_read_blocking, kernel_id, session_id, int(after))
