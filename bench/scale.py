@@ -184,6 +184,25 @@ class FarmProcess:
             return "killed"
 
 
+GATEWAY_CPUS: set[int] = set()
+"""
+With C{--pin-gateway}: the CPU the gateway and the probe run on; every
+other process of the run is kept off it.
+"""
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """
+    Every thread of process C{pid} on C{cpus} (threads it starts later
+    inherit its main thread's CPUs).
+    """
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, FileNotFoundError):
+            pass  # a thread that ended meanwhile
+
+
 class LagProbe:
     """
     C{bench/lagprobe.py} in its own process for the duration of a phase.
@@ -195,6 +214,8 @@ class LagProbe:
 
     def __enter__(self) -> "LagProbe":
         self._process = subprocess.Popen(self._argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        if GATEWAY_CPUS:
+            pin(self._process.pid, GATEWAY_CPUS)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -349,6 +370,8 @@ class ScaleRun:
             os.environ[GC_LOG_ENV] = self.gc_log
         _progress(f"[{self.store}] starting the gateway")
         await asyncio.to_thread(self.gateway.start)
+        if GATEWAY_CPUS:
+            pin(self.gateway.pid, GATEWAY_CPUS)
         fig["gateway_pid"] = self.gateway.pid
         # Warm up (imports, first launch, first WebSocket) before the idle
         # figure, so that per-kernel costs do not carry one-time ones.
@@ -483,6 +506,8 @@ class ScaleRun:
         fig["stop_s"] = time.perf_counter() - start
         start = time.perf_counter()
         await asyncio.to_thread(self.gateway.start, 120.0)
+        if GATEWAY_CPUS:
+            pin(self.gateway.pid, GATEWAY_CPUS)
         restart: dict[str, Any] = {"api_answers_s": time.perf_counter() - start}
         fig["gateway_pid"] = self.gateway.pid
         give_up = start + self.args.restore_deadline
@@ -550,6 +575,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", default="", metavar="DIR",
                         help="run each gateway under cProfile (twistd --profiler cprofile), stats in DIR")
     parser.add_argument("--quick", action="store_true", help="20 kernels, 5 clients, short phases")
+    parser.add_argument("--pin-gateway", action="store_true",
+                        help="run the gateway (and the probe) on a CPU of its own, and the farm, the clients and "
+                             "redis-server on the others, as when they run on other machines (farm only)")
     add_output_options(parser, "directory for configs, logs, the farm's socket and the stores",
                        "the gateway's launch_timeout (default 120 s)")
     args = parser.parse_args(argv)
@@ -565,6 +593,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.start_concurrency = 25 if args.launcher == "farm" else 6
     if args.kernels < 1 or args.clients < 0:
         parser.error("--kernels must be at least 1")
+    if args.pin_gateway and args.launcher != "farm":
+        # Local kernels are the gateway's children: they would share its CPU.
+        parser.error("--pin-gateway needs the farm launcher")
+    if args.pin_gateway and len(os.sched_getaffinity(0)) < 2:
+        parser.error("--pin-gateway needs at least two CPUs")
     args.selected = args.stores
     return args
 
@@ -668,6 +701,12 @@ def main(argv: list[str] | None = None) -> int:
     meta.update(kernels=args.kernels, launcher=args.launcher, nofile=nofile,
                 kernels_are=SIMULATED_NOTE if args.launcher == "farm" else REAL_NOTE)
     results: dict[str, Any] = {"meta": meta, "figures": {}, "problems": [], "leaked_processes": []}
+    if args.pin_gateway:
+        cpus = sorted(os.sched_getaffinity(0))
+        GATEWAY_CPUS.add(cpus[0])
+        os.sched_setaffinity(0, set(cpus[1:]))  # this process and all it starts, until pinned
+        meta["pinned"] = {"gateway_and_probe_cpus": cpus[:1], "other_cpus": cpus[1:]}
+        print(f"NOTE: gateway and probe pinned to CPU {cpus[0]}; farm, clients and redis on {cpus[1:]}", flush=True)
     farm = FarmProcess(workdir) if args.launcher == "farm" else None
     redis: Any = None
     print(f"NOTE: {meta['kernels_are']}", flush=True)
@@ -725,7 +764,9 @@ def main(argv: list[str] | None = None) -> int:
     for fig in results["figures"].values():
         fig["targets"] = [{"name": n, "value": v, "target": t, "met": m} for n, v, t, m in targets(fig)]
     heading = (f"egateway scale benchmark: {args.kernels} kernels ({args.launcher}), stores {', '.join(args.stores)}, "
-               f"{os.cpu_count()} CPUs, RLIMIT_NOFILE {nofile}")
+               f"{os.cpu_count()} CPUs, RLIMIT_NOFILE {nofile}"
+               + (f"; gateway and probe on CPU {sorted(GATEWAY_CPUS)[0]}, the rest on the others" if GATEWAY_CPUS
+                  else ""))
     return finish(args, results, status, heading, render(results), checks)
 
 
