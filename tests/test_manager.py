@@ -1121,3 +1121,38 @@ class LayoutTests(SynchronousTestCase):
                             if private.search(line) and "private.search" not in line:
                                 found.append(f"{os.path.relpath(path, root)}:{number}: {line.strip()}")
         self.assertEqual(found, [])
+
+
+class ModelTests(SynchronousTestCase):
+    def test_times_formatted_once(self) -> None:
+        """
+        A kernel's model formats its start and launch phase times once (a
+        thousand kernels' listing spent most of its time there); a new phase
+        or a new activity time shows in the next model.
+        """
+        from egateway.clusters.interface import Phase
+        from egateway.kernels import kernel as kernel_module
+
+        clock = Clock()
+        clock.advance(1_700_000_000)
+        manager, _, _ = make_manager(clock)
+        kernel = self.successResultOf(Deferred.fromCoroutine(manager.start_kernel()))
+        formatted: list[float] = []
+        original = kernel_module.iso
+
+        def counting(timestamp: float) -> str:
+            formatted.append(timestamp)
+            return original(timestamp)
+
+        self.patch(kernel_module, "iso", counting)
+        first = kernel.model()
+        del formatted[:]
+        self.assertEqual(kernel.model(), first)
+        self.assertEqual(formatted, [kernel.last_activity])
+        clock.advance(2.5)
+        kernel.report(Phase.READY, "again")
+        kernel.touch()
+        model = kernel.model()
+        self.assertEqual(model["phases"][-1], {"phase": "ready", "at": original(clock.seconds()), "detail": "again"})
+        self.assertEqual(model["last_activity"], original(clock.seconds()))
+        self.assertEqual(model["started"], first["started"])

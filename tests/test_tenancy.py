@@ -207,6 +207,27 @@ class Ownership(TenancyTestCase):
         self.assertEqual((kernel.state, kernel.restart_count, kernel.acl), (KernelState.RUNNING, 0, Acl()))
         self.assertEqual(kernel.process.signals, [])
 
+    def test_listing_costs_the_callers_kernels(self) -> None:
+        """
+        A user's GET /api/kernels makes the models of the kernels they may
+        see only: on a gateway of a thousand kernels, each user's listing
+        (JupyterLab polls it) does not format every other user's.
+        """
+        mine = self.start("alice")["id"]
+        for _ in range(3):
+            self.start("bob")
+        made: list[str] = []
+        for kernel in self.manager.kernels.values():
+            original = kernel.model
+
+            def counted(original: Any = original, kernel: Any = kernel) -> Any:
+                made.append(kernel.id)
+                return original()
+
+            kernel.model = counted
+        code, listed, _ = self.call("GET", "/api/kernels", user="alice")
+        self.assertEqual(([k["id"] for k in listed], made), ([mine], [mine]))
+
     def test_owner_and_admin(self) -> None:
         """
         The owner and an admin see and act on the kernel; the model names

@@ -249,11 +249,7 @@ class GatewayAPI:
     async def list_kernel_models(self, request: IRequest) -> bytes:
         if not self.list_kernels:
             raise Forbidden(LISTING_OFF.format(what="kernels"))
-        caller = _caller(request)
-        policy = self.kernels.policy
-        return write_json(
-            request, [model for model in await self.kernels.list_models() if policy.may_see_model(caller, model)]
-        )
+        return write_json(request, await self.kernels.list_models(_caller(request)))
 
     async def start_kernel(self, request: IRequest) -> bytes:
         body = json_body(request)

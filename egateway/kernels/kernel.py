@@ -97,6 +97,8 @@ class Kernel:
         """
         self.restart_count = 0
         self.phases: list[PhaseEvent] = []
+        self._phases_formatted: tuple[Any, list[dict[str, str]]] = (None, [])
+        self._formatted: dict[str, tuple[float, str]] = {}
         self.process: IKernelProcess | None = None
         self.link: KernelLink | None = None
         self.live = False
@@ -152,6 +154,27 @@ class Kernel:
             except Exception:
                 _log.failure("kernel {kernel_id}: change observer failed", kernel_id=self.id)
 
+    def _phases_model(self) -> list[dict[str, str]]:
+        """
+        The last 20 launch phases as the model shows them, formatted once:
+        they never change, and formatting their times was most of the cost
+        of listing a thousand kernels.
+        """
+        phases = self.phases
+        key = (len(phases), phases[-1] if phases else None)
+        if self._phases_formatted[0] != key:
+            self._phases_formatted = (key, [event.to_dict(iso) for event in phases[-20:]])
+        return list(self._phases_formatted[1])
+
+    def _iso_once(self, name: str, timestamp: float) -> str:
+        """
+        C{iso(timestamp)}, formatted again only when C{timestamp} changes.
+        """
+        cached = self._formatted.get(name)
+        if cached is None or cached[0] != timestamp:
+            cached = self._formatted[name] = (timestamp, iso(timestamp))
+        return cached[1]
+
     @property
     def last_phase(self) -> PhaseEvent | None:
         return self.phases[-1] if self.phases else None
@@ -173,7 +196,7 @@ class Kernel:
             "last_activity": iso(self.last_activity),
             "execution_state": self.execution_state,
             "connections": self.connections,
-            "started": iso(self.started),
+            "started": self._iso_once("started", self.started),
             "state": self.state.value,
             "username": self.username,
             "owner": self.owner,
@@ -181,7 +204,7 @@ class Kernel:
             "profile": self.profile,
             "launcher": self.launcher_name,
             "restarts": self.restart_count,
-            "phases": [event.to_dict(iso) for event in self.phases[-20:]],
+            "phases": self._phases_model(),
         }
         if self.pool is not None:
             model["pool"] = self.pool

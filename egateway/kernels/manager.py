@@ -41,7 +41,7 @@ from egateway.kernels.interfaces import (
 from egateway.kernels.journal import JournalLimits
 from egateway.kernels.kernel import Kernel
 from egateway.kernels.launching import TIMEOUTS, LaunchFailed, Launching
-from egateway.kernels.policy import Acl, Caller, TenancyPolicy
+from egateway.kernels.policy import Acl, Caller, TenancyPolicy, may_access
 from egateway.kernels.restarts import RestartPolicy
 from egateway.kernels.sharing import LEASED_OPERATIONS
 from egateway.kernels.shutdown import Stopping
@@ -278,20 +278,28 @@ class KernelManager(Service):
             raise NotFound(f"Kernel does not exist: {kernel_id}")
         return await self.sharing.attach(kernel_id)
 
-    async def list_models(self) -> list[dict[str, Any]]:
+    async def list_models(self, caller: Caller | None = None) -> list[dict[str, Any]]:
         """
-        Every kernel's model: this gateway's, from memory, and with a shared
-        store the others' too (from their records; the records of the
-        kernels held here are not read).
+        The model of every kernel C{caller} may see (all without one): this
+        gateway's, from memory, and with a shared store the others' too
+        (from their records; the records of the kernels held here are not
+        read).  Kernels are chosen before their models are made: a user's
+        listing costs what their own kernels cost, not what all do.
         """
         await self._restored()
+        held = [kernel for kernel in self.kernels.values() if not getattr(kernel, "pooled", False)]
         models = {
-            kernel.id: kernel.model() for kernel in self.kernels.values() if not getattr(kernel, "pooled", False)
+            kernel.id: kernel.model()
+            for kernel in held
+            if caller is None or may_access(caller, kernel.owner, kernel.acl)
         }
         if self.sharing is not None:
-            for record in await self.sharing.records(skip=frozenset(models)):
-                if record.kernel_id not in models:
-                    models[record.kernel_id] = record_model(record)
+            known = frozenset(kernel.id for kernel in held)
+            for record in await self.sharing.records(skip=known):
+                if record.kernel_id not in known:
+                    model = record_model(record)
+                    if caller is None or may_access(caller, model["owner"], Acl.from_json(model["acl"])):
+                        models[record.kernel_id] = model
         return list(models.values())
 
     async def relink(self, kernel: Kernel, record: Any) -> None:

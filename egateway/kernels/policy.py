@@ -199,14 +199,6 @@ class TenancyPolicy:
             "reveal other users' kernels); omit it and use the id in the answer"
         )
 
-    def may_see_model(self, caller: Caller | None, model: Mapping[str, Any]) -> bool:
-        """
-        Whether C{caller} may see a kernel known by its REST model (a
-        kernel another gateway holds is known only so).
-        """
-        owner = model.get("owner") or model.get("username") or ""
-        return may_access(caller, owner, Acl.from_json(model.get("acl")))
-
     def check_owner(self, caller: Caller | None, kernel: "Kernel") -> None:
         """
         Only the owner (or an admin) changes whom a kernel is shared with.
