@@ -396,3 +396,45 @@ class IdleLostTests(SynchronousTestCase):
         problems = summarise({"stream_one_write": {"gateway": result["gateway"], "direct": dict(result["gateway"])}})
         self.assertEqual(len(problems), 1)
         self.assertIn("idle never came: gateway 2, direct 2", problems[0])
+
+
+class PhaseOffsetsTests(SynchronousTestCase):
+    """
+    One function reads a launch's phases for every benchmark; a pod
+    kernel's benchmark only names the steps differently.
+    """
+
+    def kernel(self) -> Any:
+        from types import SimpleNamespace
+
+        def event(phase: str, at: float, detail: str = "") -> Any:
+            return SimpleNamespace(phase=SimpleNamespace(value=phase), at=at, detail=detail)
+
+        return SimpleNamespace(phases=[
+            event("queued", 10.0), event("submitted", 10.5, "pod kernel-1 created"),
+            event("submitted", 11.0, "pod kernel-1 Pending, on node-a"), event("submitted", 11.5, "again, on node-a"),
+            event("placed", 12.0), event("ready", 13.0),
+        ])
+
+    def test_first_time_of_each_phase(self) -> None:
+        """
+        By default each phase counts once, at its first event, in seconds
+        from the first.
+        """
+        from bench.remote import _phase_offsets
+
+        self.assertEqual(_phase_offsets(self.kernel()), {"submitted": 0.5, "placed": 2.0, "ready": 3.0})
+        self.assertEqual(_phase_offsets(object()), {})
+
+    def test_pod_names(self) -> None:
+        """
+        A pod's phases read as pod created, scheduled (the first
+        C{submitted} naming a node), container started and the rest.
+        """
+        from bench.pods import pod_phase_names
+        from bench.remote import _phase_offsets
+
+        self.assertEqual(
+            _phase_offsets(self.kernel(), pod_phase_names),
+            {"pod created": 0.5, "scheduled": 1.0, "container started": 2.0, "ready": 3.0},
+        )
