@@ -37,7 +37,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench.remote import Gateway, Started, _median_offsets, _phase_offsets, _within  # noqa: E402
+from bench.remote import Gateway, _median_offsets, _phase_offsets, _within  # noqa: E402
+from bench.turns import Sample, seconds, summarize, take_turns  # noqa: E402
 from tests.support.remote_kernels import launcher_argv, write_spec  # noqa: E402
 
 LOCAL_SPEC = "python3"
@@ -74,22 +75,26 @@ async def measure(reactor: Any, args: argparse.Namespace, cluster: Any, workdir:
     results: dict[str, Any] = {"load_average_at_start": os.getloadavg()[0]}
     try:
         await gateway.start()
-        for spec in (LOCAL_SPEC, POD_SPEC):  # unmeasured: imports, page cache, the namespace's watches
-            await gateway.shutdown(await gateway.start_kernel(spec))
-        samples: dict[str, list[Started]] = {"local": [], "pod": []}
-        for _ in range(args.starts):
-            for kind, spec in (("local", LOCAL_SPEC), ("pod", POD_SPEC)):
-                started = await gateway.start_kernel(spec)
-                if kind == "pod":
-                    started.phases = _phase_offsets(gateway.manager.kernels.get(started.kernel_id), pod_phase_names)
-                await gateway.shutdown(started)
-                samples[kind].append(started)
+
+        async def start_and_delete(kind: str, spec: str) -> Sample:
+            started = await gateway.start_kernel(spec)
+            if kind == "pod":
+                started.phases = _phase_offsets(gateway.manager.kernels.get(started.kernel_id), pod_phase_names)
+            await gateway.shutdown(started)
+            return Sample(started.ready_s, started)
+
+        # The first round, unmeasured, warms up imports, the page cache and the namespace's watches.
+        samples = await take_turns(
+            {kind: lambda kind=kind, spec=spec: start_and_delete(kind, spec)
+             for kind, spec in (("local", LOCAL_SPEC), ("pod", POD_SPEC))},
+            args.starts,
+        )
+        ready = seconds(samples)
         start: dict[str, Any] = {}
-        for kind, items in samples.items():
-            ready = [s.ready_s for s in items]
-            start[kind] = {"median_s": statistics.median(ready), "min_s": min(ready), "max_s": max(ready),
-                           "samples_s": ready, "n": len(items)}
-        start["pod"]["phases_median_s"] = _median_offsets([s.phases for s in samples["pod"]])
+        for kind, figures in summarize(ready).items():
+            start[kind] = {"median_s": figures["median"], "min_s": figures["min"], "max_s": figures["max"],
+                           "samples_s": ready[kind], "n": figures["n"]}
+        start["pod"]["phases_median_s"] = _median_offsets([s.detail.phases for s in samples["pod"]])
         results["start"] = start
 
         from twisted.internet.defer import DeferredList, ensureDeferred

@@ -438,3 +438,39 @@ class PhaseOffsetsTests(SynchronousTestCase):
             _phase_offsets(self.kernel(), pod_phase_names),
             {"pod created": 0.5, "scheduled": 1.0, "container started": 2.0, "ready": 3.0},
         )
+
+
+class TakeTurnsTests(SynchronousTestCase):
+    """
+    C{bench/turns.py}: the starts of every kind interleave, and the first
+    round only warms up.
+    """
+
+    def test_turns_and_warm_up(self) -> None:
+        """
+        Kinds take turns round by round in the order given, and each kind
+        keeps its samples of every round but the first.
+        """
+        import io
+        from contextlib import redirect_stdout
+
+        from twisted.internet.defer import Deferred
+
+        from bench.turns import Sample, summarize, seconds, take_turns
+
+        order: list[str] = []
+
+        def starter(kind: str) -> Any:
+            async def start() -> Sample:
+                order.append(kind)
+                return Sample(float(len(order)), kind)
+            return start
+
+        with redirect_stdout(io.StringIO()) as out:
+            samples = self.successResultOf(
+                Deferred.fromCoroutine(take_turns({"local": starter("local"), "pod": starter("pod")}, 2))
+            )
+        self.assertEqual(order, ["local", "pod"] * 3)
+        self.assertEqual(seconds(samples), {"local": [3.0, 5.0], "pod": [4.0, 6.0]})
+        self.assertIn("pod   start 0: 2.000 s", out.getvalue())
+        self.assertEqual(summarize(seconds(samples))["pod"], {"median": 5.0, "min": 4.0, "max": 6.0, "n": 2})
