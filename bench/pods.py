@@ -37,34 +37,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench.remote import Gateway, Started, _median_offsets, _within  # noqa: E402
+from bench.remote import Gateway, _median_offsets, _phase_offsets, _within  # noqa: E402
+from bench.turns import Sample, seconds, summarize, take_turns  # noqa: E402
 from tests.support.remote_kernels import launcher_argv, write_spec  # noqa: E402
 
 LOCAL_SPEC = "python3"
 POD_SPEC = "bench-pod"
 
 
-def pod_phases(kernel: Any) -> dict[str, float]:
+def pod_phase_names(event: Any) -> list[str]:
     """
-    Seconds from the launch's first phase to: the pod's creation, its
-    scheduling (the first C{submitted} detail naming a node), the container
-    running with an IP (C{placed}), the connection info, the connection and
-    C{ready}.
+    What a pod kernel's phase event counts as: its C{submitted} events are
+    the pod's creation and, the first naming a node, its scheduling;
+    C{placed} is the container running with an IP.
     """
-    events = list(getattr(kernel, "phases", []))
-    if not events:
-        return {}
-    start = events[0].at
-    offsets: dict[str, float] = {}
-    for event in events[1:]:
-        name = event.phase.value
-        if name == "submitted":
-            offsets.setdefault("pod created", event.at - start)
-            if ", on " in event.detail:
-                offsets.setdefault("scheduled", event.at - start)
-            continue
-        offsets.setdefault({"placed": "container started"}.get(name, name), event.at - start)
-    return offsets
+    name = event.phase.value
+    if name == "submitted":
+        return ["pod created"] + (["scheduled"] if ", on " in event.detail else [])
+    return [{"placed": "container started"}.get(name, name)]
 
 
 async def measure(reactor: Any, args: argparse.Namespace, cluster: Any, workdir: str) -> dict[str, Any]:
@@ -85,22 +75,26 @@ async def measure(reactor: Any, args: argparse.Namespace, cluster: Any, workdir:
     results: dict[str, Any] = {"load_average_at_start": os.getloadavg()[0]}
     try:
         await gateway.start()
-        for spec in (LOCAL_SPEC, POD_SPEC):  # unmeasured: imports, page cache, the namespace's watches
-            await gateway.shutdown(await gateway.start_kernel(spec))
-        samples: dict[str, list[Started]] = {"local": [], "pod": []}
-        for _ in range(args.starts):
-            for kind, spec in (("local", LOCAL_SPEC), ("pod", POD_SPEC)):
-                started = await gateway.start_kernel(spec)
-                if kind == "pod":
-                    started.phases = pod_phases(gateway.manager.kernels.get(started.kernel_id))
-                await gateway.shutdown(started)
-                samples[kind].append(started)
+
+        async def start_and_delete(kind: str, spec: str) -> Sample:
+            started = await gateway.start_kernel(spec)
+            if kind == "pod":
+                started.phases = _phase_offsets(gateway.manager.kernels.get(started.kernel_id), pod_phase_names)
+            await gateway.shutdown(started)
+            return Sample(started.ready_s, started)
+
+        # The first round, unmeasured, warms up imports, the page cache and the namespace's watches.
+        samples = await take_turns(
+            {kind: lambda kind=kind, spec=spec: start_and_delete(kind, spec)
+             for kind, spec in (("local", LOCAL_SPEC), ("pod", POD_SPEC))},
+            args.starts,
+        )
+        ready = seconds(samples)
         start: dict[str, Any] = {}
-        for kind, items in samples.items():
-            ready = [s.ready_s for s in items]
-            start[kind] = {"median_s": statistics.median(ready), "min_s": min(ready), "max_s": max(ready),
-                           "samples_s": ready, "n": len(items)}
-        start["pod"]["phases_median_s"] = _median_offsets([s.phases for s in samples["pod"]])
+        for kind, figures in summarize(ready).items():
+            start[kind] = {"median_s": figures["median"], "min_s": figures["min"], "max_s": figures["max"],
+                           "samples_s": ready[kind], "n": figures["n"]}
+        start["pod"]["phases_median_s"] = _median_offsets([s.detail.phases for s in samples["pod"]])
         results["start"] = start
 
         from twisted.internet.defer import DeferredList, ensureDeferred

@@ -28,18 +28,19 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from tests.support.remote_kernels import kernelspec, launcher_argv, write_spec  # noqa: E402
+from bench.turns import Sample, post_and_delete, run_in_reactor, take_turns, write_local_spec  # noqa: E402
+from tests.support.remote_kernels import launcher_argv, write_spec  # noqa: E402
 
 TARGET_SECONDS = 0.050
 TARGET_RATIO = 0.05
 WAIT = 120.0
+TEMPERATURES = ("warm", "cold")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -50,21 +51,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_local_spec(directory: str) -> None:
-    os.makedirs(os.path.join(directory, "local"))
-    with open(os.path.join(directory, "local", "kernel.json"), "w") as f:
-        json.dump(kernelspec("local", [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]), f)
-
-
-async def post(gateway: Any, spec: str, env: dict[str, str]) -> tuple[float, dict[str, Any]]:
-    started = time.perf_counter()
-    code, model = await gateway.request("POST", "api/kernels", {"name": spec, "env": env})
-    elapsed = time.perf_counter() - started
-    if code != 201:
-        raise RuntimeError(f"{spec}: POST /api/kernels answered {code}: {model}")
-    return elapsed, model
-
-
 async def measure(reactor: Any, args: argparse.Namespace, kinds: list[str], **settings: Any) -> dict[str, Any]:
     from tests.support.gateway import InProcessGateway
 
@@ -73,38 +59,30 @@ async def measure(reactor: Any, args: argparse.Namespace, kinds: list[str], **se
     )
     await gateway.start()
     pools = gateway.service.getServiceNamed("pools")
-    samples: dict[str, dict[str, list[float]]] = {kind: {"warm": [], "cold": []} for kind in kinds}
+
+    async def start(kind: str, temperature: str) -> Sample:
+        await pools.when_ready(kind).addTimeout(WAIT, reactor)
+        env = {"KERNEL_USERNAME": "bench", **({"KERNEL_BENCH_COLD": "1"} if temperature == "cold" else {})}
+        sample = await post_and_delete(gateway, kind, env)
+        if temperature == "warm" and sample.detail.get("pool") != kind:
+            raise RuntimeError(f"{kind}: the warm start was not served from the pool: {sample.detail}")
+        if temperature == "cold" and "pool" in sample.detail:
+            raise RuntimeError(f"{kind}: the cold start came from the pool")
+        return sample
+
+    # Warm and cold take turns, kind after kind.
+    starters = {
+        f"{kind} {temperature}": lambda kind=kind, temperature=temperature: start(kind, temperature)
+        for kind in kinds for temperature in TEMPERATURES
+    }
     try:
-        for round_ in range(args.starts + 1):
-            for kind in kinds:
-                await pools.when_ready(kind).addTimeout(WAIT, reactor)
-                warm, model = await post(gateway, kind, {"KERNEL_USERNAME": "bench"})
-                if model.get("pool") != kind:
-                    raise RuntimeError(f"{kind}: the warm start was not served from the pool: {model}")
-                await gateway.request("DELETE", f"api/kernels/{model['id']}")
-                await pools.when_ready(kind).addTimeout(WAIT, reactor)
-                cold, model = await post(gateway, kind, {"KERNEL_USERNAME": "bench", "KERNEL_BENCH_COLD": "1"})
-                if "pool" in model:
-                    raise RuntimeError(f"{kind}: the cold start came from the pool")
-                await gateway.request("DELETE", f"api/kernels/{model['id']}")
-                if round_:  # the first round warms up
-                    samples[kind]["warm"].append(warm)
-                    samples[kind]["cold"].append(cold)
-                print(f"  {kind:6} round {round_}: warm {warm * 1000:7.1f} ms  cold {cold * 1000:7.1f} ms", flush=True)
+        samples = await take_turns(starters, args.starts)
     finally:
         await gateway.stop()
-    return samples
-
-
-def run_in_reactor(work: Any) -> Any:
-    from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
-
-    outcome: list[Any] = []
-    d = Deferred.fromCoroutine(work(reactor))
-    d.addBoth(outcome.append).addBoth(lambda _: reactor.stop())
-    reactor.run()
-    return outcome[0] if outcome else None
+    return {
+        kind: {temperature: [s.seconds for s in samples[f"{kind} {temperature}"]] for temperature in TEMPERATURES}
+        for kind in kinds
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,11 +163,19 @@ def _write_spec(directory: str, name: str, launcher: str, config: dict[str, Any]
     write_spec(directory, name, launcher_argv(), launcher, config=config, display_name=f"{name} (benchmark)")
 
 
-def _phase_offsets(kernel: Any) -> dict[str, float]:
+def _phase_names(event: Any) -> list[str]:
+    return [event.phase.value]
+
+
+def _phase_offsets(kernel: Any, names: Callable[[Any], list[str]] = _phase_names) -> dict[str, float]:
     """
     Seconds from a launch's first phase to the first time it reached each
     later one (C{submitted}, C{placed}, C{connection info received}, ...),
     from the kernel manager's own record.
+
+    @param names: what a phase event counts as (by default its phase's
+        name; a launcher's benchmark may name the steps of its own
+        C{submitted}, for example), the first time of each kept.
     """
     events = list(getattr(kernel, "phases", []))
     if not events:
@@ -175,7 +183,8 @@ def _phase_offsets(kernel: Any) -> dict[str, float]:
     start = events[0].at
     offsets: dict[str, float] = {}
     for event in events[1:]:
-        offsets.setdefault(event.phase.value, event.at - start)
+        for name in names(event):
+            offsets.setdefault(name, event.at - start)
     return offsets
 
 

@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
-import time
 from datetime import datetime
 from typing import Any
 
@@ -35,8 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from bench import turns  # noqa: E402
 from tests.fixtures.yarn import YarnCluster  # noqa: E402
-from tests.support.remote_kernels import kernelspec  # noqa: E402
 from tests.support.yarn_cluster import write_yarn_specs  # noqa: E402
 
 KINDS = ("local", "yarn", "yarn_spark")
@@ -70,71 +68,34 @@ def phase_times(model: dict[str, Any]) -> dict[str, float]:
     return {name: found[name] for name in PHASES if name in found}
 
 
-async def measure(args: argparse.Namespace, cluster: YarnCluster, specs: str) -> dict[str, Any]:
-    from tests.support.gateway import InProcessGateway
+def _phases(samples: dict[str, list[turns.Sample]]) -> dict[str, list[dict[str, float]]]:
+    return {kind: [phase_times(s.detail) for s in items] for kind, items in samples.items()}
 
-    gateway = InProcessGateway(
-        kernelspec_path=specs, yarn_endpoint=cluster.web_url, yarn_poll_interval=0.1,
-        shutdown_wait=3, terminate_wait=3, launch_timeout=120,
-    )
-    await gateway.start()
-    samples: dict[str, list[float]] = {kind: [] for kind in KINDS}
-    phases: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
-    try:
-        for round_ in range(args.starts + 1):
-            for kind in KINDS:
-                started = time.monotonic()
-                code, model = await gateway.request("POST", "api/kernels", {"name": kind})
-                elapsed = time.monotonic() - started
-                if code != 201:
-                    raise RuntimeError(f"{kind} kernel did not start: {code} {model}")
-                await gateway.request("DELETE", f"api/kernels/{model['id']}")
-                if round_:  # the first round warms up
-                    samples[kind].append(elapsed)
-                    phases[kind].append(phase_times(model))
-                print(f"  {kind:10} start {round_}: {elapsed:.3f} s  {phase_times(model)}", flush=True)
-    finally:
-        await gateway.stop()
-    return {"samples": samples, "phases": phases}
+
+def write_specs(directory: str, cluster: YarnCluster) -> None:
+    write_yarn_specs(directory, cluster)
+    turns.write_local_spec(directory)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
-
     cluster = YarnCluster(tempfile.mkdtemp(prefix="egw-", dir="/tmp"))
-    specs = tempfile.mkdtemp(prefix="egw-specs-")
-    outcome: list[Any] = []
-    try:
-        cluster.up()
-        write_yarn_specs(specs, cluster)
-        os.makedirs(os.path.join(specs, "local"))
-        with open(os.path.join(specs, "local", "kernel.json"), "w") as f:
-            json.dump(kernelspec("local", [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]), f)
-        d = Deferred.fromCoroutine(measure(args, cluster, specs))
-        d.addBoth(outcome.append).addBoth(lambda _: reactor.stop())
-        reactor.run()
-    finally:
-        cluster.down()
-        shutil.rmtree(specs, ignore_errors=True)
-        left = cluster.leftovers()
-        if left:
-            print(f"left behind: {left}", file=sys.stderr)
-    result = outcome[0] if outcome else None
+
+    async def measure(reactor: Any, specs: str) -> dict[str, Any]:
+        samples = await turns.posts_in_turns(
+            KINDS, args.starts, lambda kind, sample: str(phase_times(sample.detail)),
+            kernelspec_path=specs, yarn_endpoint=cluster.web_url, yarn_poll_interval=0.1,
+            shutdown_wait=3, terminate_wait=3, launch_timeout=120,
+        )
+        return {"samples": turns.seconds(samples), "phases": _phases(samples)}
+
+    result = turns.run_with_fixture(cluster, lambda specs: write_specs(specs, cluster), measure)
     if not isinstance(result, dict):
         print(f"benchmark failed: {result}", file=sys.stderr)
         return 1
     samples = result["samples"]
-    summary = {
-        kind: {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-        for kind, values in samples.items()
-    }
-    print(f"\nPOST /api/kernels -> ready (s), {args.starts} starts per kind after one warm-up:")
-    for kind, figures in summary.items():
-        ratio = figures["median"] / summary["local"]["median"]
-        print(f"  {kind:10} median {figures['median']:.3f}  min {figures['min']:.3f}  max {figures['max']:.3f}"
-              f"  ({ratio:.2f}x local)")
+    summary = turns.summarize(samples)
+    turns.print_summary(summary, args.starts)
     medians: dict[str, dict[str, float]] = {}
     for kind in ("yarn", "yarn_spark"):
         runs = result["phases"][kind]

@@ -396,3 +396,81 @@ class IdleLostTests(SynchronousTestCase):
         problems = summarise({"stream_one_write": {"gateway": result["gateway"], "direct": dict(result["gateway"])}})
         self.assertEqual(len(problems), 1)
         self.assertIn("idle never came: gateway 2, direct 2", problems[0])
+
+
+class PhaseOffsetsTests(SynchronousTestCase):
+    """
+    One function reads a launch's phases for every benchmark; a pod
+    kernel's benchmark only names the steps differently.
+    """
+
+    def kernel(self) -> Any:
+        from types import SimpleNamespace
+
+        def event(phase: str, at: float, detail: str = "") -> Any:
+            return SimpleNamespace(phase=SimpleNamespace(value=phase), at=at, detail=detail)
+
+        return SimpleNamespace(phases=[
+            event("queued", 10.0), event("submitted", 10.5, "pod kernel-1 created"),
+            event("submitted", 11.0, "pod kernel-1 Pending, on node-a"), event("submitted", 11.5, "again, on node-a"),
+            event("placed", 12.0), event("ready", 13.0),
+        ])
+
+    def test_first_time_of_each_phase(self) -> None:
+        """
+        By default each phase counts once, at its first event, in seconds
+        from the first.
+        """
+        from bench.remote import _phase_offsets
+
+        self.assertEqual(_phase_offsets(self.kernel()), {"submitted": 0.5, "placed": 2.0, "ready": 3.0})
+        self.assertEqual(_phase_offsets(object()), {})
+
+    def test_pod_names(self) -> None:
+        """
+        A pod's phases read as pod created, scheduled (the first
+        C{submitted} naming a node), container started and the rest.
+        """
+        from bench.pods import pod_phase_names
+        from bench.remote import _phase_offsets
+
+        self.assertEqual(
+            _phase_offsets(self.kernel(), pod_phase_names),
+            {"pod created": 0.5, "scheduled": 1.0, "container started": 2.0, "ready": 3.0},
+        )
+
+
+class TakeTurnsTests(SynchronousTestCase):
+    """
+    C{bench/turns.py}: the starts of every kind interleave, and the first
+    round only warms up.
+    """
+
+    def test_turns_and_warm_up(self) -> None:
+        """
+        Kinds take turns round by round in the order given, and each kind
+        keeps its samples of every round but the first.
+        """
+        import io
+        from contextlib import redirect_stdout
+
+        from twisted.internet.defer import Deferred
+
+        from bench.turns import Sample, summarize, seconds, take_turns
+
+        order: list[str] = []
+
+        def starter(kind: str) -> Any:
+            async def start() -> Sample:
+                order.append(kind)
+                return Sample(float(len(order)), kind)
+            return start
+
+        with redirect_stdout(io.StringIO()) as out:
+            samples = self.successResultOf(
+                Deferred.fromCoroutine(take_turns({"local": starter("local"), "pod": starter("pod")}, 2))
+            )
+        self.assertEqual(order, ["local", "pod"] * 3)
+        self.assertEqual(seconds(samples), {"local": [3.0, 5.0], "pod": [4.0, 6.0]})
+        self.assertIn("pod   start 0: 2.000 s", out.getvalue())
+        self.assertEqual(summarize(seconds(samples))["pod"], {"median": 5.0, "min": 4.0, "max": 6.0, "n": 2})

@@ -567,9 +567,11 @@ class NamespaceBindingTests(TestCase):
                 raise RuntimeError("rolebindings is forbidden: cannot bind")
             return True
 
-        launcher.client = SimpleNamespace(ensure_namespace_blocking=lambda namespace, labels: (ours, ours),
-                                          bind_blocking=bind,
-                                          service_account_ready_blocking=lambda namespace, account: True)
+        launcher.namespaces.client = SimpleNamespace(
+            ensure_namespace_blocking=lambda namespace, labels: (ours, ours),
+            bind_blocking=bind,
+            service_account_ready_blocking=lambda namespace, account: True,
+        )
         return calls
 
     async def test_bound_in_namespaces_a_gateway_made(self) -> None:
@@ -580,15 +582,15 @@ class NamespaceBindingTests(TestCase):
         """
         launcher = self.launcher()
         calls = self.client(launcher, ours=True)
-        await launcher._ensure_namespace("kernels-alice", "alice", "spark")
+        await launcher.namespaces.ensure("kernels-alice", "alice", "spark")
         self.assertEqual(calls, [("kernels-alice", "kernel-controller", "spark")])
         launcher = self.launcher()
         calls = self.client(launcher, ours=False)
-        await launcher._ensure_namespace("team", "alice", "default")
+        await launcher.namespaces.ensure("team", "alice", "default")
         self.assertEqual(calls, [])
         launcher = self.launcher(**{"kubernetes-kernel-cluster-role": ""})
         calls = self.client(launcher, ours=True)
-        await launcher._ensure_namespace("kernels-alice", "alice", "default")
+        await launcher.namespaces.ensure("kernels-alice", "alice", "default")
         self.assertEqual(calls, [])
 
     async def test_binding_refused(self) -> None:
@@ -600,10 +602,75 @@ class NamespaceBindingTests(TestCase):
         calls = self.client(launcher, ours=True, refuse=True)
         for _ in range(2):
             with self.assertRaises(LaunchError) as caught:
-                await launcher._ensure_namespace("kernels-alice", "alice", "default")
+                await launcher.namespaces.ensure("kernels-alice", "alice", "default")
             self.assertIn("cannot bind ClusterRole 'powerful'", str(caught.exception))
             self.assertIn("bind verb", str(caught.exception))
         self.assertEqual(len(calls), 2)
+
+
+class KernelNamespacesTests(SynchronousTestCase):
+    """
+    L{egateway.clusters.kube_namespaces.KernelNamespaces} against a
+    scripted client, its blocking calls run in line.
+    """
+
+    def namespaces(self, fail_delete: bool = False) -> tuple[Any, list[tuple[str, str]]]:
+        from twisted.internet.defer import maybeDeferred
+
+        from egateway.clusters.kube_namespaces import KernelNamespaces
+        from egateway.config import build_config
+
+        calls: list[tuple[str, str]] = []
+
+        def delete(namespace: str) -> None:
+            calls.append(("delete", namespace))
+            if fail_delete:
+                raise RuntimeError("namespaces is forbidden")
+
+        def ensure(namespace: str, labels: dict[str, str]) -> tuple[bool, bool]:
+            calls.append(("ensure", namespace))
+            return True, True
+
+        client = SimpleNamespace(ensure_namespace_blocking=ensure, delete_namespace_blocking=delete,
+                                 bind_blocking=lambda namespace, role, account: False,
+                                 service_account_ready_blocking=lambda namespace, account: True)
+        config = build_config({}, {}, {"kubernetes-namespace-mode": "kernel"})
+        return KernelNamespaces(Clock(), config.kubernetes, client, maybeDeferred), calls
+
+    def test_made_once_until_deleted(self) -> None:
+        """
+        A namespace made ready is not asked for again; once deleted (a
+        kernel's own namespace goes with the kernel), it is made again.
+        """
+        namespaces, calls = self.namespaces()
+        for _ in range(2):
+            self.successResultOf(Deferred.fromCoroutine(namespaces.ensure("k-1", "alice", "default")))
+        self.successResultOf(Deferred.fromCoroutine(namespaces.delete("k-1")))
+        self.successResultOf(Deferred.fromCoroutine(namespaces.ensure("k-1", "alice", "default")))
+        self.assertEqual(calls, [("ensure", "k-1"), ("delete", "k-1"), ("ensure", "k-1")])
+
+    def test_failed_delete_is_logged(self) -> None:
+        """
+        A namespace the API will not delete is logged for the operator; the
+        kernel's end does not fail for it.
+        """
+        from twisted.logger import capturedLogs, formatEvent
+
+        namespaces, calls = self.namespaces(fail_delete=True)
+        with capturedLogs() as events:
+            self.successResultOf(Deferred.fromCoroutine(namespaces.delete("k-1")))
+        self.assertEqual(calls, [("delete", "k-1")])
+        self.assertIn("cannot delete namespace k-1: ", " ".join(formatEvent(e) for e in events))
+        self.assertIn("delete it by hand", " ".join(formatEvent(e) for e in events))
+
+    def test_choice(self) -> None:
+        """
+        In kernel mode a kernel gets a namespace of its own unless its
+        kernelspec names one.
+        """
+        namespaces, _ = self.namespaces()
+        self.assertEqual(namespaces.choose("", "alice", "alice-1"), ("kernels-alice-1", True))
+        self.assertEqual(namespaces.choose("team", "alice", "alice-1"), ("team", False))
 
 
 class UnreachableApiTests(TestCase):

@@ -41,6 +41,9 @@ dead with that reason (a deletion outside the gateway is a decision, so the
 kernel is not restarted).  Stopping a kernel deletes its pod with a grace
 period, then forcibly.
 
+Namespaces made for kernels (per user or per kernel, with their
+RoleBinding) are L{egateway.clusters.kube_namespaces}'s.
+
 Every API call blocks, so all of them run in the launcher's own thread
 pool (one thread per watched namespace stays busy with its watch), never
 on the reactor.
@@ -77,19 +80,17 @@ from egateway.clusters.interface import (
     Placement,
 )
 from egateway.clusters.kube_api import KubeClient, api_error
+from egateway.clusters.kube_namespaces import KernelNamespaces
 from egateway.clusters.kube_pods import (
     DEFAULT_TEMPLATE,
     EXTRA_KINDS,
     GATEWAY_LABEL,
     IMAGE,
     POD_NAME,
-    USER_LABEL,
     check_quantity,
-    dns_label,
     finish_extra,
     finish_pod,
     kernel_documents,
-    label_value,
     launch_problem,
     pod_name,
     progress,
@@ -131,12 +132,6 @@ passed on.
 KERNEL_ID = re.compile(r"^[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?\Z")
 
 SECRET_SUFFIX = "-launch"
-
-NAMESPACE_READY = 20.0
-"""
-Seconds a new namespace's service account may take to get its token.
-"""
-
 
 @dataclass
 class _PodLaunch:
@@ -288,7 +283,7 @@ class KubernetesLauncher(RemoteLauncher):
         self._pool = ThreadPool(minthreads=0, maxthreads=self._settings.kubernetes_threads, name="kubernetes")
         self._watches: dict[str, NamespaceWatch] = {}
         self._event_watches: dict[str, NamespaceWatch] = {}
-        self._namespaces: set[str] = set()
+        self.namespaces = KernelNamespaces(self._reactor, self._settings, self.client, self._call)
 
     # -- threads and watches ------------------------------------------------
 
@@ -450,8 +445,7 @@ class KubernetesLauncher(RemoteLauncher):
         name = pod_name(request.username, request.kernel_id)
         if not POD_NAME.match(name):
             raise LaunchError(f"cannot name a pod for kernel {request.kernel_id!r}", status=400)
-        own_namespace = not config.get("namespace") and self._settings.kubernetes_namespace_mode == "kernel"
-        namespace = str(config.get("namespace") or self._namespace_for(request.username, name))
+        namespace, own_namespace = self.namespaces.choose(str(config.get("namespace") or ""), request.username, name)
         if not POD_NAME.match(namespace):
             raise LaunchError(f"{namespace[:80]!r} cannot name a Kubernetes namespace", status=400)
         template, source = await self._template(request)
@@ -483,83 +477,16 @@ class KubernetesLauncher(RemoteLauncher):
         return _PodLaunch(namespace=namespace, name=name, pod=pod, from_client=from_client,
                           own_namespace=own_namespace, extras=extras)
 
-    def _namespace_for(self, username: str, pod: str) -> str:
-        """
-        The namespace a kernel goes to when the kernelspec names none.
-        """
-        prefix = self._settings.kubernetes_namespace_prefix
-        mode = self._settings.kubernetes_namespace_mode
-        if mode == "user":
-            return (prefix + (dns_label(username) or "anonymous"))[:63].strip("-")
-        if mode == "kernel":
-            return (prefix + pod)[:63].strip("-")
-        return self._settings.kubernetes_namespace
-
     async def forget_namespace(self, namespace: str) -> None:
         """
         A kernel's own namespace is done with: stop its watches and delete it
         (logged, not raised, when that fails).
         """
-        self._namespaces.discard(namespace)
         for watches in (self._watches, self._event_watches):
             watch = watches.pop(namespace, None)
             if watch is not None:
                 watch.stop()
-        try:
-            await self._call(self.client.delete_namespace_blocking, namespace)
-        except CancelledError:
-            raise
-        except Exception as e:
-            _log.warn("cannot delete namespace {namespace}: {error}; delete it by hand", namespace=namespace,
-                      error=api_error(e))
-
-    async def _ensure_namespace(self, namespace: str, username: str, service_account: str) -> None:
-        """
-        A per-user namespace, created on first use (with the RoleBinding of
-        C{kubernetes_kernel_cluster_role} for its kernels' service account),
-        once pods may be created in it (its service account has a token).
-
-        @raise LaunchError: it cannot be created, or stays unusable.
-        """
-        if namespace in self._namespaces:
-            return
-        labels = {"app": "egateway", "component": "kernel-namespace"}
-        if label_value(username):
-            labels[USER_LABEL] = username
-        try:
-            created, ours = await self._call(self.client.ensure_namespace_blocking, namespace, labels)
-            if created:
-                _log.info("created namespace {namespace} for the kernels of {user}", namespace=namespace,
-                          user=username)
-            role = self._settings.kubernetes_kernel_cluster_role
-            if ours and role:
-                # Also in a namespace a gateway made earlier: one whose binding failed gets it now.
-                try:
-                    if await self._call(self.client.bind_blocking, namespace, role, service_account):
-                        _log.info("bound ClusterRole {role} to service account {account} in namespace {namespace}",
-                                  role=role, account=service_account, namespace=namespace)
-                except CancelledError:
-                    raise
-                except Exception as e:
-                    raise LaunchError(
-                        f"cannot bind ClusterRole {role!r} to service account {service_account!r} in namespace "
-                        f"{namespace}: {api_error(e)}; give the gateway the bind verb on that ClusterRole "
-                        "(etc/kubernetes/rbac-per-user.yaml) or set kubernetes_kernel_cluster_role "
-                        "(EG_KERNEL_CLUSTER_ROLE) empty"
-                    ) from None
-            deadline = self._reactor.seconds() + NAMESPACE_READY
-            while not await self._call(self.client.service_account_ready_blocking, namespace, service_account):
-                if self._reactor.seconds() >= deadline:
-                    raise LaunchError(
-                        f"service account {service_account!r} of namespace {namespace} has no token after "
-                        f"{NAMESPACE_READY:.0f}s: is the controller-manager running?"
-                    )
-                await deferLater(self._reactor, 0.2, lambda: None)
-        except (CancelledError, LaunchError):
-            raise
-        except Exception as e:
-            raise LaunchError(f"cannot create namespace {namespace} for {username!r}: {api_error(e)}") from None
-        self._namespaces.add(namespace)
+        await self.namespaces.delete(namespace)
 
     async def _template(self, request: LaunchRequest) -> tuple[str, str]:
         """
@@ -622,7 +549,7 @@ class KubernetesLauncher(RemoteLauncher):
         request, state = launch.request, launch.state
         if state.namespace != self._settings.kubernetes_namespace:
             spec = state.pod.get("spec") or {}
-            await self._ensure_namespace(state.namespace, request.username,
+            await self.namespaces.ensure(state.namespace, request.username,
                                          str(spec.get("serviceAccountName") or "default"))
         watch = await self.watch(state.namespace)
         state.unfollow = watch.follow(state.name, state.update)

@@ -22,11 +22,11 @@ from typing import Any, Mapping, Sequence
 from urllib.parse import urlencode
 
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError
-from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
+
+from egateway.clusters.http_json import Unreachable, json_request
 
 _log = Logger()
 
@@ -122,18 +122,25 @@ class ResourceManagers:
             error (with its message).
         """
         url_path = API_PATH + path + ("?" + urlencode(query) if query else "")
+        headers = Headers({b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]})
+        data = json.dumps(body).encode() if body is not None else None
         failures = []
         for attempt in range(len(self.endpoints)):
             index = (self._active + attempt) % len(self.endpoints)
             endpoint = self.endpoints[index]
             try:
-                code, parsed, text = await self._request(method, endpoint + url_path, body)
-            except CancelledError:
-                raise
-            except Exception as e:
-                reason = f"no answer within {REQUEST_TIMEOUT:g} s" if isinstance(e, DeferredTimeout) else str(e)
-                failures.append(f"{endpoint}: {reason}")
+                # Redirects are not followed: a standby RM's redirect says
+                # to move on to the next endpoint.
+                code, parsed, text = await json_request(
+                    self._http, self._reactor, method, endpoint + url_path, data=data, headers=headers,
+                    timeout=REQUEST_TIMEOUT, allow_redirects=False,
+                )
+            except Unreachable as e:
+                failures.append(f"{endpoint}: {e}")
                 continue
+            if isinstance(parsed, str):
+                # Not JSON: nothing the RM's API answers, so no answer.
+                parsed = None
             if code in (301, 302, 307) or _standby(parsed):
                 failures.append(f"{endpoint}: standby")
                 continue
@@ -144,23 +151,6 @@ class ResourceManagers:
                 raise YarnAPIError(code, _message(parsed, text, code))
             return parsed
         raise YarnAPIError(0, "no active YARN ResourceManager answered: " + "; ".join(failures))
-
-    async def _request(self, method: str, url: str, body: Any) -> tuple[int, Any, str]:
-        headers = Headers({b"Accept": [b"application/json"], b"Content-Type": [b"application/json"]})
-        data = json.dumps(body).encode() if body is not None else None
-        d = self._http.request(method, url, data=data, headers=headers, allow_redirects=False)
-        d.addTimeout(REQUEST_TIMEOUT, self._reactor)
-        response = await d
-        d2 = response.content()
-        d2.addTimeout(REQUEST_TIMEOUT, self._reactor)
-        text = (await d2).decode("utf-8", "replace")
-        parsed: Any = None
-        if text.strip():
-            try:
-                parsed = json.loads(text)
-            except ValueError:
-                parsed = None
-        return response.code, parsed, text
 
     # -- what the launcher asks ------------------------------------------------
 
