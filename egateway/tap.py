@@ -293,6 +293,10 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     from egateway.ops.heap import HeapFreeze
 
     HeapFreeze(reactor).setServiceParent(top)
+    if config.ops.stall_warning > 0:
+        from egateway.ops.stalls import StallWatch
+
+        StallWatch(reactor, config.ops.stall_warning).setServiceParent(top)
     from egateway.api.authenticators import enabled_authenticators
     from egateway.ops.posture import PostureWarnings
 

@@ -856,6 +856,13 @@ class OpsConfig:
         "Main log file, reopened on SIGHUP for logrotate (empty: twistd's --logfile, or standard output).",
         env=("EG_LOG_FILE",),
     )
+    stall_warning: float = setting(
+        1.0,
+        "Log a warning with the reactor thread's stack when the reactor is blocked this many seconds or "
+        "longer (nothing relayed, no request answered meanwhile); 0: off.",
+        env=("EG_STALL_WARNING",),
+        minimum=0.0,
+    )
     manhole_listen: str = setting(
         "",
         "Endpoint of the SSH manhole (a Python shell in the daemon for operators), loopback or unix: "

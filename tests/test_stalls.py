@@ -1,0 +1,74 @@
+"""
+The stall watch: a reactor blocked past C{stall_warning} is reported with
+where its thread was.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from egateway.validation import load_config
+from egateway.ops.stalls import StallWatch
+from tests.support.polling import eventually
+
+
+def _decode_json_slowly_for_the_test() -> None:
+    """
+    Stands for a blocking call on the reactor thread (a synchronous client,
+    a file write stuck on a saturated disk): the thing to be found.
+    """
+    time.sleep(1.5)
+
+
+class StallWatchTests(TestCase):
+    timeout = 30
+
+    def watching(self, threshold: float) -> tuple[StallWatch, list[dict[str, Any]]]:
+        watch = StallWatch(reactor, threshold)
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        watch.startService()
+        self.addCleanup(watch.stopService)
+        return watch, events
+
+    async def test_blocked_reactor_reported_with_its_stack(self) -> None:
+        """
+        A call that holds the reactor thread for longer than the threshold
+        is logged once the reactor runs again, once, with how long the
+        stall lasted and the blocking call on the stack.
+        """
+        watch, events = self.watching(0.2)
+        await deferLater(reactor, 0, _decode_json_slowly_for_the_test)
+        await eventually(lambda: watch.reports, "the stall report", timeout=10)
+        stalls = [e for e in events if "reactor was blocked" in e.get("log_format", "")]
+        self.assertEqual(len(stalls), 1)
+        self.assertGreaterEqual(stalls[0]["seconds"], 1.0)
+        self.assertIn("_decode_json_slowly_for_the_test", stalls[0]["stack"])
+        self.assertIn("time.sleep(1.5)", stalls[0]["stack"])
+
+    def test_stopped_watch_leaves_no_thread(self) -> None:
+        """
+        Stopping the service ends its thread.
+        """
+        watch, _ = self.watching(0.2)
+        before = {t.name for t in threading.enumerate()}
+        watch.stopService()
+        after = {t.name for t in threading.enumerate()}
+        self.assertEqual(before - after, {"egateway-stall-watch"})
+
+    def test_setting(self) -> None:
+        """
+        On by default at one second; 0 turns it off; negative is refused.
+        """
+        self.assertEqual(load_config({}, {}, {}).ops.stall_warning, 1.0)
+        self.assertEqual(load_config({"ops": {"stall_warning": 0}}, {}, {}).ops.stall_warning, 0.0)
+        with self.assertRaises(ValueError):
+            load_config({}, {"EG_STALL_WARNING": "-1"}, {})
