@@ -48,11 +48,37 @@ class StallWatchTests(TestCase):
         watch, events = self.watching(0.2)
         await deferLater(reactor, 0, _decode_json_slowly_for_the_test)
         await eventually(lambda: watch.reports, "the stall report", timeout=10)
-        stalls = [e for e in events if "reactor was blocked" in e.get("log_format", "")]
+        stalls = [
+            e for e in events
+            if "reactor was blocked" in e.get("log_format", "") and "_decode_json_slowly" in e["stack"]
+        ]
         self.assertEqual(len(stalls), 1)
         self.assertGreaterEqual(stalls[0]["seconds"], 1.0)
         self.assertIn("_decode_json_slowly_for_the_test", stalls[0]["stack"])
         self.assertIn("time.sleep(1.5)", stalls[0]["stack"])
+        self.assertLess(stalls[0]["cpu_seconds"], 0.5)  # asleep, not working
+        self.assertIn("waiting", stalls[0]["cause"])
+
+    async def test_working_stall_counts_its_cpu(self) -> None:
+        """
+        A stall the reactor thread spent computing reports the CPU time it
+        used (a waiting one reports next to none, above), which is what
+        tells the gateway's own code from a starved machine.
+        """
+        watch, events = self.watching(0.2)
+
+        def spin() -> None:
+            # CPU time, not wall time: on a busy machine the thread gets a
+            # share of a CPU, and the figure reported is that share.
+            end = time.thread_time() + 0.6
+            while time.thread_time() < end:
+                pass
+
+        await deferLater(reactor, 0, spin)
+        await eventually(lambda: watch.reports, "the stall report", timeout=30)
+        stalls = [e for e in events if "reactor was blocked" in e.get("log_format", "")]
+        self.assertGreaterEqual(stalls[0]["cpu_seconds"], 0.55)
+        self.assertIn("spin", stalls[0]["stack"])
 
     def test_stopped_watch_leaves_no_thread(self) -> None:
         """

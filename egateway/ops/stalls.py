@@ -12,8 +12,10 @@ L{StallWatch} keeps a thread of its own that notices when the reactor has
 not come back for C{stall_warning} seconds and takes the reactor thread's
 stack at that moment (C{sys._current_frames}).  The thread only records;
 the report is logged by the reactor once it runs again, with how long the
-stall lasted, so logging stays on the reactor thread like every other log
-event.  A stall inside C code that holds the GIL (a C{json.dumps} of a
+stall lasted and how much of it the reactor thread spent on a CPU (its own
+CPU clock): a stall it spent working is the gateway's own code, one it
+spent waiting is the machine (no CPU free, a disk, a lock), so logging
+stays on the reactor thread like every other log event.  A stall inside C code that holds the GIL (a C{json.dumps} of a
 large object) delays the watch thread too: it then sees the stack as that
 call returns, which still names the call.
 """
@@ -61,6 +63,8 @@ class StallWatch(Service):
         self._current_frames = current_frames
         self._interval = threshold / 4
         self._beat = 0.0
+        self._beat_cpu = 0.0
+        self._cpu_clock: int | None = None
         self._reactor_thread = 0
         self._captured: tuple[float, str] | None = None
         self._stopped = threading.Event()
@@ -71,7 +75,9 @@ class StallWatch(Service):
     def startService(self) -> None:
         super().startService()
         self._reactor_thread = threading.get_ident()
+        self._cpu_clock = time.pthread_getcpuclockid(self._reactor_thread)
         self._beat = self._monotonic()
+        self._beat_cpu = self._cpu()
         self._loop = LoopingCall(self.beat)
         self._loop.clock = self._reactor
         self._loop.start(self._interval, now=False)
@@ -94,18 +100,28 @@ class StallWatch(Service):
         """
         The reactor runs: report a stall the watch saw, and start over.
         """
-        now = self._monotonic()
+        now, cpu = self._monotonic(), self._cpu()
         captured, self._captured = self._captured, None
         if captured is not None and captured[0] == self._beat:
             self.reports += 1
             _log.warn(
-                "the reactor was blocked for about {seconds:.1f}s (stall_warning {threshold:g}s): nothing was relayed "
-                "and no request answered meanwhile; the reactor thread was at:\n{stack}",
+                "the reactor was blocked for about {seconds:.1f}s (stall_warning {threshold:g}s), of which its "
+                "thread ran {cpu_seconds:.1f}s on a CPU ({cause}): nothing was relayed and no request answered "
+                "meanwhile; the reactor thread was at:\n{stack}",
                 seconds=now - self._beat,
+                cpu_seconds=cpu - self._beat_cpu,
+                cause="working" if cpu - self._beat_cpu >= (now - self._beat) / 2 else
+                "mostly waiting: for a CPU, the disk or a lock",
                 threshold=self.threshold,
                 stack=captured[1],
             )
-        self._beat = now
+        self._beat, self._beat_cpu = now, cpu
+
+    def _cpu(self) -> float:
+        """
+        CPU seconds the reactor thread has used.
+        """
+        return time.clock_gettime(self._cpu_clock) if self._cpu_clock is not None else 0.0
 
     # -- the watch thread --------------------------------------------------
 
