@@ -1156,3 +1156,30 @@ class ModelTests(SynchronousTestCase):
         self.assertEqual(model["phases"][-1], {"phase": "ready", "at": original(clock.seconds()), "detail": "again"})
         self.assertEqual(model["last_activity"], original(clock.seconds()))
         self.assertEqual(model["started"], first["started"])
+
+
+class RestoreSliceTests(SynchronousTestCase):
+    def test_slices_per_turn(self) -> None:
+        """
+        Restores start a slice per reactor turn, all run at once, and the
+        whole waits for every one (failed ones included).
+        """
+        from egateway.kernels.persistence import in_slices
+
+        clock = Clock()
+        pending: list[Deferred[None]] = []
+
+        def start(item: int) -> Deferred[None]:
+            pending.append(Deferred())
+            return pending[-1]
+
+        done = Deferred.fromCoroutine(in_slices(clock, list(range(120)), start, size=50))
+        self.assertEqual(len(pending), 50)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)  # the rest waits for the next turn
+        clock.advance(0)  # (Clock runs the turns it schedules meanwhile too)
+        self.assertEqual(len(pending), 120)
+        for d in pending[:-1]:
+            d.callback(None)
+        self.assertNoResult(done)
+        pending[-1].errback(RuntimeError("its own to log"))
+        self.successResultOf(done)

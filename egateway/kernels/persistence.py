@@ -22,7 +22,7 @@ with exponential back-off until it answers or the gateway stops.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, TypeVar
 
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
@@ -49,6 +49,16 @@ OPEN_RETRY = backoffPolicy(initialDelay=1.0, maxDelay=30.0, factor=2.0)
 Seconds before the next attempt to open a shared store that is down, by the
 number of failed attempts: 2, 4, 8 ... up to 30, plus up to a second of
 jitter so gateways restarted together do not knock in step.
+"""
+
+T = TypeVar("T")
+
+RESTORE_SLICE = 50
+"""
+Kernels whose restore starts in one reactor turn.  A restore runs without
+waiting up to its first request to the kernel (a launcher's liveness check
+often answers at once), so a thousand started in one turn held the reactor
+for a second or more: no request answered, no message relayed.
 """
 
 LAUNCH_POLL = 0.5
@@ -351,10 +361,7 @@ class KernelPersistence(Service):
         records = await self.store.load_kernels()
         if records:
             _log.info("restoring {count} kernels from the store", count=len(records))
-        await DeferredList(
-            [Deferred.fromCoroutine(self.restore(record)) for record in records],
-            consumeErrors=True,
-        )
+        await in_slices(self._clock, records, lambda record: Deferred.fromCoroutine(self.restore(record)))
 
     async def restore(self, record: KernelRecord) -> Kernel | None:
         """
@@ -460,3 +467,17 @@ class _NotOpen:
             return fail(StoreUnavailable("the kernel store is not open yet"))
 
         return unavailable
+
+
+async def in_slices(clock: Any, items: Sequence[T], start: Callable[[T], Deferred[Any]], size: int = RESTORE_SLICE) -> None:
+    """
+    C{start(item)} for each of C{items}, C{size} per reactor turn, then wait
+    for all: they run concurrently as before, and the reactor serves what
+    else is waiting between two slices.  Their failures are theirs to log.
+    """
+    started: list[Deferred[Any]] = []
+    for offset in range(0, len(items), size):
+        if offset:
+            await deferLater(clock, 0, lambda: None)
+        started += [start(item) for item in items[offset : offset + size]]
+    await DeferredList(started, consumeErrors=True)
