@@ -6,6 +6,7 @@ processes; and its own details (sessions, port reservations, logs).
 from __future__ import annotations
 
 import os
+import random
 import sys
 
 from twisted.internet import reactor
@@ -104,6 +105,41 @@ class PortTests(SynchronousTestCase):
         """
         allocator = PortAllocator(PortRange(40000, 40199), probe=lambda host, port: None if port % 2 else port)
         self.assertTrue(all(p % 2 == 0 for p in allocator.reserve(20)))
+
+    def test_candidates_drawn_as_needed(self) -> None:
+        """
+        A reservation draws random numbers for the candidates it probes,
+        not for L{PortAllocator.ATTEMPTS} of them: 5 ports take a handful
+        of draws from the (system) generator, where C{random.sample} of 500
+        took 500, on the reactor, for every kernel launched.
+        """
+        draws = []
+
+        class Counting(random.Random):
+            def getrandbits(self, k: int) -> int:
+                draws.append(k)
+                return super().getrandbits(k)
+
+        allocator = PortAllocator(PortRange(40000, 59999), probe=lambda host, port: port, rng=Counting(7))
+        ports = allocator.reserve(5)
+        self.assertEqual(len(set(ports)), 5)
+        self.assertTrue(all(40000 <= port <= 59999 for port in ports))
+        self.assertLessEqual(len(draws), 15)
+
+    def test_candidates_distinct_cover_small_range(self) -> None:
+        """
+        The candidates are distinct ports of the range; a range smaller
+        than L{PortAllocator.ATTEMPTS} is offered whole, in random order.
+        """
+        allocator = PortAllocator(PortRange(40000, 40099), probe=lambda host, port: port, rng=random.Random(3))
+        offered = list(allocator._candidates())
+        self.assertEqual(sorted(offered), list(range(40000, 40100)))
+        self.assertNotEqual(offered, sorted(offered))
+        wide = PortAllocator(PortRange(30000, 39999), probe=lambda host, port: port, rng=random.Random(4))
+        offered = list(wide._candidates())
+        self.assertEqual(len(offered), PortAllocator.ATTEMPTS)
+        self.assertEqual(len(set(offered)), PortAllocator.ATTEMPTS)
+        self.assertTrue(all(30000 <= port <= 39999 for port in offered))
 
     def test_range_parsing(self) -> None:
         """
