@@ -209,9 +209,17 @@ class Kernel:
                 # client subscribed, so none should see it.
                 return
             if message.msg_type == "status":
-                state = message.content().get("execution_state")
-                if isinstance(state, str):
-                    self.execution_state = state
+                link = self.link
+                if link is None or not link.about_control(message):
+                    state = message.content().get("execution_state")
+                    if isinstance(state, str):
+                        self.execution_state = state
+                elif link.about_private(message):
+                    # The readiness probe's, which may be answered beside
+                    # a running cell: for the probe's eyes only.
+                    for observer in self.on_iopub_observers:
+                        observer(message)
+                    return
         except WireError:
             pass
         if self.iopub_ring is not None:
@@ -376,12 +384,11 @@ class Kernel:
     def go_live(self) -> None:
         """
         The kernel answered C{kernel_info} and iopub delivers: connect every
-        client's sockets and send what they sent meanwhile.
+        client's sockets and send what they sent meanwhile.  Its
+        C{execution_state} is what the readiness probe found (see
+        L{egateway.kernels.launching.Launching.connect}).
         """
         self.live = True
-        if self.execution_state in ("busy", "starting"):
-            # The last status was about our own readiness probe.
-            self.execution_state = "idle"
         for session in list(self.sessions.values()):
             session.relink(self.link)
 

@@ -565,7 +565,9 @@ class KernelManager(Service):
             return
         kernel.report(Phase.PLACED, process.placement.host)
         try:
-            status = await self.launching.connect(kernel, process, self._clock.seconds() + timeout)
+            # It may be running a cell (a gateway that died mid-cell, or one
+            # attaching on demand): ready once control answers.
+            status = await self.launching.connect(kernel, process, self._clock.seconds() + timeout, may_be_busy=True)
         except Exception as e:
             status = ExitStatus(reason=f"it did not answer kernel_info ({e})")
         if status is not None:
