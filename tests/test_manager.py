@@ -363,14 +363,17 @@ class BusyRestoreTests(SynchronousTestCase):
     def test_ready_and_busy_while_a_cell_runs(self) -> None:
         """
         Restored while a cell runs: running and busy, though shell has not
-        answered; the cell's own idle makes it idle.
+        answered; the cell's own idle makes it idle, and the shell probe
+        answered after it does not make it busy again.
         """
         kernel = self.restore_busy()
         self.assertEqual((kernel.state, kernel.execution_state), (KernelState.RUNNING, "busy"))
         probes = [channel for channel, m in self.server.received[-2:] if m.msg_type == "kernel_info_request"]
         self.assertEqual(probes, ["shell", "control"])
+        seen: list[str] = []
+        kernel.on_iopub_observers.append(lambda message: seen.append(kernel.execution_state))
         self.server.end_cell()
-        self.assertEqual(kernel.execution_state, "idle")
+        self.assertEqual(seen, ["idle", "idle", "idle"])
 
     def test_control_statuses_are_not_the_kernels_state(self) -> None:
         """

@@ -33,7 +33,11 @@ def gateway_statuses(client: ChannelsClient) -> list[dict[str, Any]]:
     """
     The contents of the statuses the gateway itself sent C{client}.
     """
-    return [m["content"] for m in client.messages if m["header"]["session"].startswith("egateway-")]
+    return [
+        m["content"]
+        for m in client.messages
+        if m["header"]["session"].startswith("egateway-") and m["msg_type"] == "status"
+    ]
 
 
 
@@ -409,6 +413,11 @@ class ActiveActiveTests(TestCase):
         self.assertEqual(
             (await self.b.api.call("GET", f"api/kernels/{kernel_id}"))["execution_state"], "busy"
         )
+        # Told the state on reconnecting, and that output may be missing (B
+        # attached after A died), never that the kernel is idle or starting.
+        told = gateway_statuses(resumed)
+        self.assertEqual({c["execution_state"] for c in told}, {"busy"}, told)
+        self.assertIn("may be missing", told[-1]["reason"])
 
         open(gate, "w").close()
         await assert_cell_ends_once(self, client.messages, resumed, mine)

@@ -212,7 +212,14 @@ class Kernel:
                 link = self.link
                 if link is None or not link.about_control(message):
                     state = message.content().get("execution_state")
-                    if isinstance(state, str):
+                    if isinstance(state, str) and not (
+                        state == "busy" and link is not None and link.asked_by_gateway(message)
+                    ):
+                        # A request of the gateway's own keeping the
+                        # kernel busy is no one's business: a readiness
+                        # probe a cell held up is answered right after the
+                        # cell's idle, which would flicker to busy.  Its
+                        # idle, in the kernel's order, is true.
                         self.execution_state = state
                 elif link.about_private(message):
                     # The readiness probe's, which may be answered beside

@@ -228,6 +228,16 @@ class KernelLink:
         """
         return bool(self._control) and message.parent_header().get("msg_id") in self._control
 
+    def asked_by_gateway(self, message: Message) -> bool:
+        """
+        Whether C{message} (iopub) is about a request of the gateway's own
+        (a readiness probe, a warm pool's binding): its parent was signed
+        under this link's session.
+
+        @raise WireError: its parent header is malformed.
+        """
+        return message.parent_header().get("session") == self.session
+
     def about_private(self, message: Message) -> bool:
         """
         Whether C{message} (an iopub C{status}) is about one of the
