@@ -969,6 +969,24 @@ class RestoringTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.listing), [{"id": self.kernel_id}])
         self.assertIs(self.successResultOf(self.lookup), restored)
 
+    def test_lookup_of_a_kernel_still_restoring(self) -> None:
+        """
+        A lookup of a kernel registered but still being restored (its
+        model would say launching) waits for the restore too.
+        """
+        from types import SimpleNamespace
+
+        restoring = SimpleNamespace(
+            id=self.kernel_id, state=KernelState.LAUNCHING, pooled=False, model=lambda: {"id": self.kernel_id}
+        )
+        self.manager.kernels[self.kernel_id] = restoring
+        lookup = Deferred.fromCoroutine(self.manager.find(self.kernel_id))
+        self.assertNoResult(lookup)
+        restoring.state = KernelState.RUNNING
+        self.persistence.restored.callback(None)
+        self.assertIs(self.successResultOf(lookup), restoring)
+        self.assertEqual(self.successResultOf(self.listing), [{"id": self.kernel_id}])
+
     def test_bounded(self) -> None:
         """
         A restore that takes longer than the bound does not hold requests

@@ -258,7 +258,10 @@ async def restart_mid_cell(case: TestCase, spec: str = "", flags: dict[str, str]
     case.assertTrue(pid_alive(model["placement"]["pid"]))
 
     second = await start_gateway(case, flags={**flags, "on-stop": "shutdown"})
-    # A listing waits (10 s at most) until the store's kernels are restored.
+    # A lookup and a listing wait (10 s at most) until the store's kernels
+    # are restored.
+    restored = await second.api.call("GET", f"api/kernels/{kernel_id}")
+    case.assertEqual((restored["state"], restored["execution_state"]), ("running", "busy"), restored)
     listed = await second.api.call("GET", "api/kernels")
     case.assertEqual(
         [(k["id"], k["state"], k["execution_state"]) for k in listed], [(kernel_id, "running", "busy")], listed

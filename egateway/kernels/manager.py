@@ -269,7 +269,9 @@ class KernelManager(Service):
         @raise Unavailable: it is not here and the store cannot be asked.
         """
         kernel = self.kernels.get(kernel_id)
-        if kernel is None:
+        if kernel is None or kernel.state == KernelState.LAUNCHING:
+            # Unknown yet, or registered but still being restored (its
+            # model would say launching): known once restored.
             await self._restored()
             kernel = self.kernels.get(kernel_id)
         if kernel is not None and not getattr(kernel, "pooled", False):
