@@ -382,7 +382,7 @@ class Launching:
                 if now >= next_probe and proven_at is None:
                     for channel in channels:
                         probe = link.request(
-                            channel, "kernel_info_request", {}, deadline - now, private=True
+                            channel, "kernel_info_request", {}, deadline - now, private=channel == "control"
                         )
                         probes.append(probe)
                         probe.addCallback(on_reply, channel)
