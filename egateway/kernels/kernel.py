@@ -47,6 +47,9 @@ class Kernel:
     """
     @ivar execution_state: the kernel's last reported state (C{starting},
         C{idle}, C{busy}), or the gateway's view (C{restarting}, C{dead}).
+        Statuses about control requests do not count (a kernel answers
+        control beside a running cell), nor a request of the gateway's
+        own keeping it busy; the readiness probe sets what it found.
     @ivar owner: the user it was launched for; with C{acl}, who may see it
         (see L{egateway.kernels.policy}).
     @ivar owner_groups: the owner's groups at launch (for group quotas).
