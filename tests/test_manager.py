@@ -400,23 +400,31 @@ class BusyRestoreTests(SynchronousTestCase):
         it, is idle once it has answered.
         """
         self.server.end_cell()
-        self.server.running = self.cell  # shell holds the probe a moment...
+        self.server.holding = True  # shell holds the probe a moment...
         restoring = self.restore()
         self.assertNoResult(restoring)
-        self.server.end_cell()  # ...then answers it
+        self.server.answer_held()  # ...then answers it
         self.assertEqual(self.successResultOf(restoring).execution_state, "idle")
 
     def test_idle_kernel_answering_shell_after_the_grace(self) -> None:
         """
         A kernel whose shell answers only after the grace is taken for
-        busy, then is idle once the shell probe's statuses come.
+        busy, then is idle once the shell probe's statuses come; a client
+        told busy meanwhile is told idle (by the gateway: Jupyter clients
+        ignore statuses about a kernel_info_request).
         """
         self.server.end_cell()
-        self.server.running = self.cell
+        self.server.holding = True
         kernel = self.restore_busy()
         self.assertEqual(kernel.execution_state, "busy")
-        self.server.end_cell()
+        client = RecordingClient()
+        kernel.attach(client, "a-session")
+        self.server.answer_held()
         self.assertEqual(kernel.execution_state, "idle")
+        told = [
+            m.content()["execution_state"] for _, m in client.messages if m.header["session"].startswith("egateway-")
+        ]
+        self.assertEqual(told, ["idle"])
 
 
 class ShutdownTests(SynchronousTestCase):

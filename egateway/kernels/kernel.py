@@ -214,16 +214,7 @@ class Kernel:
             if message.msg_type == "status":
                 link = self.link
                 if link is None or not link.about_control(message):
-                    state = message.content().get("execution_state")
-                    if isinstance(state, str) and not (
-                        state == "busy" and link is not None and link.asked_by_gateway(message)
-                    ):
-                        # A request of the gateway's own keeping the
-                        # kernel busy is no one's business: a readiness
-                        # probe a cell held up is answered right after the
-                        # cell's idle, which would flicker to busy.  Its
-                        # idle, in the kernel's order, is true.
-                        self.execution_state = state
+                    self._track_state(message, link)
                 elif link.about_private(message):
                     # The readiness probe's, which may be answered beside
                     # a running cell: for the probe's eyes only.
@@ -238,6 +229,30 @@ class Kernel:
             session.deliver("iopub", message)
         for observer in self.on_iopub_observers:
             observer(message)
+
+    def _track_state(self, message: Message, link: KernelLink | None) -> None:
+        """
+        Take the kernel's C{execution_state} from a status (not about a
+        control request).  A request of the gateway's own keeping the
+        kernel busy is no one's business: a readiness probe a cell held up
+        is answered right after the cell's idle, which would flicker to
+        busy.  Its idle, in the kernel's order, is true; when it ends a
+        busy the probe assumed (shell answered after the grace: no cell ran
+        after all), the clients told busy are told idle, since Jupyter
+        clients ignore the statuses about a C{kernel_info_request}.
+
+        @raise WireError: a malformed content or parent header.
+        """
+        state = message.content().get("execution_state")
+        if not isinstance(state, str):
+            return
+        own = link is not None and "busy" in (state, self.execution_state) and link.asked_by_gateway(message)
+        if own and state == "busy":
+            return
+        if own and state == "idle":
+            self.broadcast_status("idle")
+            return
+        self.execution_state = state
 
     def broadcast_status(self, execution_state: str, reason: str = "") -> None:
         """

@@ -37,6 +37,8 @@ class FakeKernelServer:
     @ivar running: the header of the cell running on shell, if any: shell
         requests wait until L{end_cell} (control is answered meanwhile, as
         ipykernel 6 and newer do from a thread of their own).
+    @ivar holding: when true, shell requests wait (a slow shell loop, no
+        cell) until L{answer_held}.
     @ivar received: every message received, as C{(channel, Message)}.
     """
 
@@ -45,6 +47,7 @@ class FakeKernelServer:
         self.signer = Signer(info.key, info.signature_scheme)
         self.responsive = True
         self.running: dict[str, Any] | None = None
+        self.holding = False
         self._waiting: list[tuple[str, bytes, Message]] = []
         self.received: list[tuple[str, Message]] = []
         self.dealers: dict[bytes, dict[str, "FakeSocket"]] = {}
@@ -78,6 +81,13 @@ class FakeKernelServer:
         assert self.running is not None
         header, self.running = self.running, None
         self.publish("status", {"execution_state": "idle"}, header)
+        self.answer_held()
+
+    def answer_held(self) -> None:
+        """
+        Answer the shell requests that waited.
+        """
+        self.holding = False
         waiting, self._waiting = self._waiting, []
         for channel, identity, message in waiting:
             self._answer(channel, identity, message)
@@ -87,7 +97,7 @@ class FakeKernelServer:
         self.received.append((channel, message))
         if not self.responsive:
             return
-        if channel == "shell" and self.running is not None:
+        if channel == "shell" and (self.running is not None or self.holding):
             self._waiting.append((channel, identity, message))
             return
         self._answer(channel, identity, message)
