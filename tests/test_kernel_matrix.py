@@ -101,6 +101,18 @@ Marks a kernelspec in egateway's form as running Enterprise Gateway's
 launcher, which answers in version 1 (taken once response_accept_v1 is on).
 """
 
+def matrix_kernelspecs(case: TestCase) -> str:
+    """
+    A kernelspec directory with the kernelspec each environment's ipykernel
+    installs (its python with C{-m ipykernel_launcher}), named after it.
+    """
+    specs = os.path.abspath(case.mktemp())
+    for env in MATRIX:
+        os.makedirs(os.path.join(specs, env.name))
+        shutil.copy(env.kernelspec, os.path.join(specs, env.name, "kernel.json"))
+    return specs
+
+
 class MatrixChecks:
     """
     Starting a kernel through the gateway and checking what it runs on and
@@ -169,17 +181,33 @@ class LocalKernelMatrixTests(LauncherMatrix, MatrixChecks, GatewayTestCase):
 
     async def setUp(self) -> None:
         await build_environments()
-        specs = os.path.abspath(self.mktemp())
-        for env in MATRIX:
-            os.makedirs(os.path.join(specs, env.name))
-            shutil.copy(env.kernelspec, os.path.join(specs, env.name, "kernel.json"))
-        self.gateway_settings = {"kernelspec_path": specs}
+        self.gateway_settings = {"kernelspec_path": matrix_kernelspecs(self)}
         await super().setUp()
 
     async def check_launchers(self, env: KernelEnv) -> None:
         with open(env.kernelspec) as f:
             self.assertEqual(json.load(f)["argv"][0], env.python)
         await self.check_kernel(env.name, env, env.can_encrypt, NOT_DECLARED)
+
+
+class BusyRestoreMatrixTests(LauncherMatrix, TestCase):
+    """
+    A gateway restarted while a kernel of each environment runs a cell
+    serves it again before the cell ends: every ipykernel allowed on kernel
+    hosts answers control from its own thread (see
+    L{tests.test_persistence.restart_mid_cell}).
+    """
+
+    timeout = TIMEOUT
+
+    async def setUp(self) -> None:
+        await build_environments()
+        self.specs = matrix_kernelspecs(self)
+
+    async def check_launchers(self, env: KernelEnv) -> None:
+        from tests.test_persistence import restart_mid_cell
+
+        await restart_mid_cell(self, env.name, {"kernelspec-path": self.specs})
 
 
 class SSHMatrixCase(MatrixChecks, SSHTestCase):

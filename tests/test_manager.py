@@ -323,6 +323,110 @@ class LaunchTests(SynchronousTestCase):
         self.assertEqual(self.manager.kernels, {})
 
 
+class BusyRestoreTests(SynchronousTestCase):
+    """
+    A kernel reattached (a gateway restarted, or attaching on demand) while
+    a cell runs on its shell is ready once its control channel answers.
+    """
+
+    def setUp(self) -> None:
+        from egateway.kernels.persistence import record_of
+        from egateway.wire.protocol import Message
+
+        self.clock = Clock()
+        self.manager, self.launcher, _ = make_manager(self.clock)
+        kernel = self.successResultOf(start(self.manager))
+        self.server = self.launcher.processes[0].server
+        self.cell = Message.build("execute_request", {"code": "train()"}, "a-client").header
+        self.server.run_cell(self.cell)
+        # The gateway that held it is gone; this one finds its record.
+        self.record = record_of(kernel, "gateway")
+        self.spec = kernel.spec
+        kernel.set_link(None)
+        del self.manager.kernels[kernel.id]
+
+    def restore(self) -> Deferred:
+        return Deferred.fromCoroutine(self.manager.restore_kernel(self.record, self.spec))
+
+    def restore_busy(self) -> Any:
+        """
+        Restore it: control answers at once, shell (busy) does not, and the
+        grace shell is given runs out.
+        """
+        from egateway.kernels.launching import SHELL_GRACE
+
+        restoring = self.restore()
+        self.assertNoResult(restoring)
+        self.clock.advance(SHELL_GRACE)
+        return self.successResultOf(restoring)
+
+    def test_ready_and_busy_while_a_cell_runs(self) -> None:
+        """
+        Restored while a cell runs: running and busy, though shell has not
+        answered; the cell's own idle makes it idle, and the shell probe
+        answered after it does not make it busy again.
+        """
+        kernel = self.restore_busy()
+        self.assertEqual((kernel.state, kernel.execution_state), (KernelState.RUNNING, "busy"))
+        probes = [channel for channel, m in self.server.received[-2:] if m.msg_type == "kernel_info_request"]
+        self.assertEqual(probes, ["shell", "control"])
+        seen: list[str] = []
+        kernel.on_iopub_observers.append(lambda message: seen.append(kernel.execution_state))
+        self.server.end_cell()
+        self.assertEqual(seen, ["idle", "idle", "idle"])
+
+    def test_control_statuses_are_not_the_kernels_state(self) -> None:
+        """
+        The statuses the kernel publishes about a control request (the
+        probe's, a client's) while a cell runs leave the kernel busy; a
+        client gets those about its own request, not the probe's.
+        """
+        from egateway.wire.protocol import Message
+
+        kernel = self.restore_busy()
+        client = RecordingClient()
+        session = kernel.attach(client, "a-session")
+        asked = Message.build("kernel_info_request", {}, "a-client")
+        session.send("control", asked)
+        self.assertEqual(kernel.execution_state, "busy")
+        parents = [m.parent_header().get("msg_id") for _, m in client.messages if m.msg_type == "status"]
+        self.assertEqual(parents, [asked.msg_id, asked.msg_id])
+        self.assertEqual([c for c, m in client.messages if m.msg_type == "kernel_info_reply"], ["control"])
+
+    def test_idle_kernel_answering_control_first(self) -> None:
+        """
+        An idle kernel whose shell answers a moment after its control is
+        ready then, and idle; one that answers within the grace but after
+        it, is idle once it has answered.
+        """
+        self.server.end_cell()
+        self.server.holding = True  # shell holds the probe a moment...
+        restoring = self.restore()
+        self.assertNoResult(restoring)
+        self.server.answer_held()  # ...then answers it
+        self.assertEqual(self.successResultOf(restoring).execution_state, "idle")
+
+    def test_idle_kernel_answering_shell_after_the_grace(self) -> None:
+        """
+        A kernel whose shell answers only after the grace is taken for
+        busy, then is idle once the shell probe's statuses come; a client
+        told busy meanwhile is told idle (by the gateway: Jupyter clients
+        ignore statuses about a kernel_info_request).
+        """
+        self.server.end_cell()
+        self.server.holding = True
+        kernel = self.restore_busy()
+        self.assertEqual(kernel.execution_state, "busy")
+        client = RecordingClient()
+        kernel.attach(client, "a-session")
+        self.server.answer_held()
+        self.assertEqual(kernel.execution_state, "idle")
+        told = [
+            m.content()["execution_state"] for _, m in client.messages if m.header["session"].startswith("egateway-")
+        ]
+        self.assertEqual(told, ["idle"])
+
+
 class ShutdownTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
@@ -872,6 +976,24 @@ class RestoringTests(SynchronousTestCase):
         self.persistence.restored.callback(None)
         self.assertEqual(self.successResultOf(self.listing), [{"id": self.kernel_id}])
         self.assertIs(self.successResultOf(self.lookup), restored)
+
+    def test_lookup_of_a_kernel_still_restoring(self) -> None:
+        """
+        A lookup of a kernel registered but still being restored (its
+        model would say launching) waits for the restore too.
+        """
+        from types import SimpleNamespace
+
+        restoring = SimpleNamespace(
+            id=self.kernel_id, state=KernelState.LAUNCHING, pooled=False, model=lambda: {"id": self.kernel_id}
+        )
+        self.manager.kernels[self.kernel_id] = restoring
+        lookup = Deferred.fromCoroutine(self.manager.find(self.kernel_id))
+        self.assertNoResult(lookup)
+        restoring.state = KernelState.RUNNING
+        self.persistence.restored.callback(None)
+        self.assertIs(self.successResultOf(lookup), restoring)
+        self.assertEqual(self.successResultOf(self.listing), [{"id": self.kernel_id}])
 
     def test_bounded(self) -> None:
         """

@@ -16,7 +16,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.fixtures import RedisServer
 from tests.fixtures.system import REDIS_PACKAGES, require_packages
-from tests.support.daemon import start_gateway
+from tests.support.daemon import processes_mentioning, start_gateway
 from tests.support.gateway import InProcessGateway, pid_alive
 from tests.support.wsclient import ChannelsClient
 
@@ -214,6 +214,77 @@ class KillNineTests(TestCase):
         for model in models:
             await second.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
         self.assertEqual(second.kernel_processes(), [])
+
+
+def kill_processes_mentioning(marker: str) -> None:
+    """
+    Kill what a failed test left running that names C{marker}.
+    """
+    for pid, _ in processes_mentioning(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+async def restart_mid_cell(case: TestCase, spec: str = "", flags: dict[str, str] | None = None) -> None:
+    """
+    Restart a gateway (on_stop = "keep") while a kernel of kernelspec
+    C{spec} (default: the default one) runs a cell that waits on a file:
+    the next gateway serves the kernel again before the cell ends, running
+    and busy, and answering on control through the client's session;
+    released, the cell's last output, execute_reply and idle reach the
+    reconnected client once each.
+
+    @param flags: more gateway settings (both gateways').
+    """
+    from tests.test_sharing import assert_answers_while_gated, assert_cell_ends_once, start_gated_cell
+
+    # Outside the first gateway's directory, whose stop kills every process
+    # naming it.
+    data_dir = os.path.abspath(case.mktemp())
+    os.makedirs(data_dir)
+    case.addCleanup(kill_processes_mentioning, data_dir + os.sep)
+    flags = {"list-kernels": "true", "persistence": "true", "on-stop": "keep", "data-dir": data_dir, **(flags or {})}
+    first = await start_gateway(case, flags=flags)
+    model = await first.api.call("POST", "api/kernels", {"name": spec} if spec else {}, expect=201)
+    kernel_id = model["id"]
+    client = await ChannelsClient.connect(first.url, kernel_id, session_id="busy-session")
+    msg_id, gate = await start_gated_cell(case, client)
+    mine = lambda m: m.get("parent_header", {}).get("msg_id") == msg_id  # noqa: E731
+    report = await first.stop()
+    case.assertTrue(report.graceful, report.describe())
+    await client.closed
+    case.assertTrue(pid_alive(model["placement"]["pid"]))
+
+    second = await start_gateway(case, flags={**flags, "on-stop": "shutdown"})
+    # A lookup and a listing wait (10 s at most) until the store's kernels
+    # are restored.
+    restored = await second.api.call("GET", f"api/kernels/{kernel_id}")
+    case.assertEqual((restored["state"], restored["execution_state"]), ("running", "busy"), restored)
+    listed = await second.api.call("GET", "api/kernels")
+    case.assertEqual(
+        [(k["id"], k["state"], k["execution_state"]) for k in listed], [(kernel_id, "running", "busy")], listed
+    )
+    again = await ChannelsClient.connect(second.url, kernel_id, session_id="busy-session")
+    await assert_answers_while_gated(case, again, gate, mine)
+
+    open(gate, "w").close()
+    await assert_cell_ends_once(case, client.messages, again, mine)
+    await again.close()
+    await second.api.call("DELETE", f"api/kernels/{kernel_id}", expect=204)
+    case.assertFalse(pid_alive(model["placement"]["pid"]))
+
+
+class BusyRestartTests(TestCase):
+    timeout = 120
+
+    async def test_restart_during_a_cell(self) -> None:
+        """
+        A gateway restarted while a kernel runs a cell serves the kernel
+        again before the cell ends (see L{restart_mid_cell}).
+        """
+        await restart_mid_cell(self)
 
 
 class RedisOutageTests(TestCase):

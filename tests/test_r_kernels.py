@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
+
+from twisted.trial.unittest import TestCase
 
 from tests.fixtures.system import require_packages
 from tests.support import remote_kernels
-from tests.support.gateway import GatewayTestCase
+from tests.support.gateway import GatewayTestCase, InProcessGateway
 from tests.support.wsclient import ChannelsClient
 from tests.test_ssh import SSHTestCase
 
@@ -45,6 +46,52 @@ async def shown(client: ChannelsClient, code: str) -> str:
     return "".join(shown)
 
 
+def local_r_specs(case: TestCase) -> str:
+    """
+    A kernelspec directory (in C{case}'s temporary directory) with the
+    example etc/kernelspecs/ir_local as C{ir}.
+    """
+    specs = os.path.abspath(case.mktemp())
+    os.makedirs(os.path.join(specs, "ir"))
+    with open(os.path.join(ROOT, "etc", "kernelspecs", "ir_local", "kernel.json")) as f:
+        spec = json.load(f)
+    with open(os.path.join(specs, "ir", "kernel.json"), "w") as f:
+        json.dump(spec, f)
+    return specs
+
+
+class RestoredRKernelTests(TestCase):
+    timeout = 120
+
+    async def test_restored_after_a_restart(self) -> None:
+        """
+        An R kernel outlives a gateway restart (on_stop = "keep") and the
+        next gateway restores it idle, with its state: IRkernel leaves the
+        control probe unanswered (it serves control on its one thread and
+        ignores kernel_info_request there) and answers the shell one.
+        """
+        from tests.test_persistence import kill_processes_mentioning
+
+        require_packages(*R_PACKAGES)
+        data_dir = os.path.abspath(self.mktemp())
+        self.addCleanup(kill_processes_mentioning, data_dir + os.sep)
+        settings = {"persistence": "true", "data_dir": data_dir, "kernelspec_path": local_r_specs(self)}
+        first = await InProcessGateway(on_stop="keep", **settings).start()
+        model = await first.start_kernel("ir")
+        client = await ChannelsClient.connect(first.url, model["id"])
+        self.assertEqual(await shown(client, "x <- 41; x"), "[1] 41")
+        await client.close()
+        await first.stop()
+
+        second = await InProcessGateway(on_stop="shutdown", **settings).start()
+        self.addCleanup(second.stop)
+        code, restored = await second.request("GET", f"api/kernels/{model['id']}")
+        self.assertEqual((code, restored["state"], restored["execution_state"]), (200, "running", "idle"), restored)
+        client = await ChannelsClient.connect(second.url, model["id"])
+        self.assertEqual(await shown(client, "x + 1"), "[1] 42")
+        await client.close()
+
+
 class LocalRKernelTests(GatewayTestCase):
     """
     The example kernelspec etc/kernelspecs/ir_local on the local launcher.
@@ -52,13 +99,7 @@ class LocalRKernelTests(GatewayTestCase):
 
     async def setUp(self) -> None:
         require_packages(*R_PACKAGES)
-        specs = tempfile.mkdtemp(prefix="egw-rspecs-")
-        os.makedirs(os.path.join(specs, "ir"))
-        with open(os.path.join(ROOT, "etc", "kernelspecs", "ir_local", "kernel.json")) as f:
-            spec = json.load(f)
-        with open(os.path.join(specs, "ir", "kernel.json"), "w") as f:
-            json.dump(spec, f)
-        self.gateway_settings = {"kernelspec_path": specs, "shutdown_wait": 3, "terminate_wait": 3}
+        self.gateway_settings = {"kernelspec_path": local_r_specs(self), "shutdown_wait": 3, "terminate_wait": 3}
         await super().setUp()
 
     async def test_one_plus_one(self) -> None:

@@ -33,8 +33,65 @@ def gateway_statuses(client: ChannelsClient) -> list[dict[str, Any]]:
     """
     The contents of the statuses the gateway itself sent C{client}.
     """
-    return [m["content"] for m in client.messages if m["header"]["session"].startswith("egateway-")]
+    return [
+        m["content"]
+        for m in client.messages
+        if m["header"]["session"].startswith("egateway-") and m["msg_type"] == "status"
+    ]
 
+
+
+async def start_gated_cell(case: TestCase, client: ChannelsClient) -> tuple[str, str]:
+    """
+    Start a cell that prints C{waiting}, then runs until a file appears,
+    then prints C{released}; return once it runs, with its msg_id and the
+    file's path.
+    """
+    gate = os.path.abspath(case.mktemp())
+    code = (
+        "import os, time\nprint('waiting', flush=True)\n"
+        f"while not os.path.exists({gate!r}): time.sleep(0.01)\nprint('released', flush=True)\n"
+    )
+    msg_id = client.request_execute(code)
+    await client.wait_for(
+        lambda m: m.get("parent_header", {}).get("msg_id") == msg_id and m.get("msg_type") == "stream",
+        timeout=30,
+    )
+    return msg_id, gate
+
+
+async def assert_answers_while_gated(case: TestCase, client: ChannelsClient, gate: str, mine: Any) -> None:
+    """
+    The kernel answers C{client}'s C{kernel_info_request} on control while
+    the gated cell still runs (nothing of its end has come yet).
+    """
+    asked = client.send("kernel_info_request", {}, channel="control")
+    reply = await client.wait_for(
+        lambda m: m.get("parent_header", {}).get("msg_id") == asked and m.get("msg_type") == "kernel_info_reply",
+        timeout=15,
+    )
+    case.assertEqual(reply["content"]["status"], "ok")
+    case.assertFalse(os.path.exists(gate))
+    case.assertEqual([m for m in client.messages if mine(m) and m.get("msg_type") == "execute_reply"], [])
+
+
+async def assert_cell_ends_once(
+    case: TestCase, before: list[dict[str, Any]], client: ChannelsClient, mine: Any
+) -> None:
+    """
+    The gated cell, released, ends on C{client}: with what the connection
+    before got, its output is C{waiting} then C{released}, and its
+    execute_reply and its idle come once each.
+    """
+    idle = lambda m: mine(m) and m.get("msg_type") == "status" and m["content"]["execution_state"] == "idle"  # noqa: E731
+    await client.wait_for(idle, timeout=30)
+    await client.wait_for(lambda m: mine(m) and m.get("msg_type") == "execute_reply", timeout=10)
+    messages = before + client.messages
+    text = "".join(m["content"]["text"] for m in messages if mine(m) and m.get("msg_type") == "stream")
+    case.assertEqual(text, "waiting\nreleased\n")
+    replies = [m for m in messages if mine(m) and m.get("msg_type") == "execute_reply"]
+    case.assertEqual([r["content"]["status"] for r in replies], ["ok"])
+    case.assertEqual(len([m for m in messages if idle(m)]), 1)
 
 
 MOVING_SESSION = "moving-session-" + "0123456789" * 8
@@ -318,9 +375,7 @@ class ActiveActiveTests(TestCase):
         """
         If B attaches to the kernel only when the client comes back, what
         the kernel printed in between cannot be known: the client is told
-        so, then gets the rest once and in order.  (The execute_reply is
-        lost here: B is ready only once the kernel answers its kernel_info,
-        after the cell.)
+        so, then gets the rest once and in order.
         """
         messages, figures = await self.fail_over_mid_stream(attach_b=False)
         notices = [m for m in messages if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"]
@@ -332,6 +387,44 @@ class ActiveActiveTests(TestCase):
         self.assertEqual(lines, sorted(set(lines)), f"figures: {figures}")
         self.assertEqual(lines[-1], "line 09999")
         self.assertEqual(figures["idles"], 1, f"figures: {figures}")
+
+    async def test_failover_to_a_gateway_not_attached_mid_cell(self) -> None:
+        """
+        A is killed while the client's cell waits on a file; B, attached
+        only when the client comes back, serves the kernel while the cell
+        still runs: its model says busy, the session resumes and the kernel
+        answers on control through it.  Released, the cell's last output,
+        its execute_reply and its idle reach the client once each.
+        """
+        model = await self.a.api.call("POST", "api/kernels", {}, expect=201)
+        kernel_id = model["id"]
+        client = await ChannelsClient.connect(self.a.url, kernel_id, session_id="busy-session")
+        msg_id, gate = await start_gated_cell(self, client)
+        mine = lambda m: m.get("parent_header", {}).get("msg_id") == msg_id  # noqa: E731
+        await self.kill_a()
+        await client.closed
+
+        on_b = await self.b.api.call("GET", f"api/kernels/{kernel_id}")
+        self.assertEqual((on_b["state"], on_b["execution_state"]), ("running", "busy"), on_b)
+        resumed = await ChannelsClient.connect(
+            self.b.url, kernel_id, session_id="busy-session", resume_after=client.last_seq
+        )
+        await assert_answers_while_gated(self, resumed, gate, mine)
+        self.assertEqual(
+            (await self.b.api.call("GET", f"api/kernels/{kernel_id}"))["execution_state"], "busy"
+        )
+        # Told the state on reconnecting, and that output may be missing (B
+        # attached after A died), never that the kernel is idle or starting.
+        told = gateway_statuses(resumed)
+        self.assertEqual({c["execution_state"] for c in told}, {"busy"}, told)
+        self.assertIn("may be missing", told[-1]["reason"])
+
+        open(gate, "w").close()
+        await assert_cell_ends_once(self, client.messages, resumed, mine)
+        self.assertEqual(
+            (await self.b.api.call("GET", f"api/kernels/{kernel_id}"))["execution_state"], "idle"
+        )
+        await resumed.close()
 
     async def test_session_moves_between_live_gateways(self) -> None:
         """

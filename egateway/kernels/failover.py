@@ -73,10 +73,13 @@ the kernel published between the old gateway's last write and its own
 attachment: if the kernel was busy at that last write, the client is told
 that output may have been lost (an iopub C{status} with a C{reason} and a
 C{stream} on stderr), as for a journal overrun; if it was idle, nothing is
-said (a kernel rarely publishes while idle).  Such a gateway is also ready
-(and takes the session's identity) only once the kernel has answered its
-C{kernel_info_request}, which a busy kernel does after the running cell:
-that cell's C{execute_reply} is lost.
+said (a kernel rarely publishes while idle).  Such a gateway is ready (and
+takes the session's identity) once the kernel has answered its
+C{kernel_info_request}: on control, which ipykernel 6 and newer answer during
+a cell, so the running cell's C{execute_reply} reaches the new gateway (see
+L{egateway.kernels.launching.Launching.connect}); a kernel that answers only
+on shell (IRkernel) does so after the cell, and that cell's
+C{execute_reply} is lost.
 """
 
 from __future__ import annotations

@@ -47,6 +47,9 @@ class Kernel:
     """
     @ivar execution_state: the kernel's last reported state (C{starting},
         C{idle}, C{busy}), or the gateway's view (C{restarting}, C{dead}).
+        Statuses about control requests do not count (a kernel answers
+        control beside a running cell), nor a request of the gateway's
+        own keeping it busy; the readiness probe sets what it found.
     @ivar owner: the user it was launched for; with C{acl}, who may see it
         (see L{egateway.kernels.policy}).
     @ivar owner_groups: the owner's groups at launch (for group quotas).
@@ -232,9 +235,15 @@ class Kernel:
                 # client subscribed, so none should see it.
                 return
             if message.msg_type == "status":
-                state = message.content().get("execution_state")
-                if isinstance(state, str):
-                    self.execution_state = state
+                link = self.link
+                if link is None or not link.about_control(message):
+                    self._track_state(message, link)
+                elif link.about_private(message):
+                    # The readiness probe's, which may be answered beside
+                    # a running cell: for the probe's eyes only.
+                    for observer in self.on_iopub_observers:
+                        observer(message)
+                    return
         except WireError:
             pass
         if self.iopub_ring is not None:
@@ -243,6 +252,30 @@ class Kernel:
             session.deliver("iopub", message)
         for observer in self.on_iopub_observers:
             observer(message)
+
+    def _track_state(self, message: Message, link: KernelLink | None) -> None:
+        """
+        Take the kernel's C{execution_state} from a status (not about a
+        control request).  A request of the gateway's own keeping the
+        kernel busy is no one's business: a readiness probe a cell held up
+        is answered right after the cell's idle, which would flicker to
+        busy.  Its idle, in the kernel's order, is true; when it ends a
+        busy the probe assumed (shell answered after the grace: no cell ran
+        after all), the clients told busy are told idle, since Jupyter
+        clients ignore the statuses about a C{kernel_info_request}.
+
+        @raise WireError: a malformed content or parent header.
+        """
+        state = message.content().get("execution_state")
+        if not isinstance(state, str):
+            return
+        own = link is not None and "busy" in (state, self.execution_state) and link.asked_by_gateway(message)
+        if own and state == "busy":
+            return
+        if own and state == "idle":
+            self.broadcast_status("idle")
+            return
+        self.execution_state = state
 
     def broadcast_status(self, execution_state: str, reason: str = "") -> None:
         """
@@ -399,12 +432,11 @@ class Kernel:
     def go_live(self) -> None:
         """
         The kernel answered C{kernel_info} and iopub delivers: connect every
-        client's sockets and send what they sent meanwhile.
+        client's sockets and send what they sent meanwhile.  Its
+        C{execution_state} is what the readiness probe found (see
+        L{egateway.kernels.launching.Launching.connect}).
         """
         self.live = True
-        if self.execution_state in ("busy", "starting"):
-            # The last status was about our own readiness probe.
-            self.execution_state = "idle"
         for session in list(self.sessions.values()):
             session.relink(self.link)
 

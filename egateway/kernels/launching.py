@@ -48,6 +48,14 @@ READY_PROBE_MAX = 8.0
 The longest wait between two readiness probes of one kernel.
 """
 
+SHELL_GRACE = 0.25
+"""
+Seconds a kernel that answered the readiness probe on control is given to
+answer it on shell too, before it is taken for busy with a cell: an idle
+kernel answers both within milliseconds, and a client told C{busy} by
+mistake would show it until the kernel's next status it tracks.
+"""
+
 RETRYABLE_ATTEMPTS = 3
 
 TIMEOUTS = (TimeoutError, defer.TimeoutError)
@@ -200,11 +208,21 @@ class Launching:
             )
 
     async def connect(
-        self, kernel: Kernel, process: IKernelProcess, deadline: float, timeout: float | None = None
+        self,
+        kernel: Kernel,
+        process: IKernelProcess,
+        deadline: float,
+        timeout: float | None = None,
+        may_be_busy: bool = False,
     ) -> ExitStatus | None:
         """
-        Link to the kernel and wait for it to be ready.
+        Link to the kernel and wait for it to be ready; its
+        C{execution_state} is then what the probe found (C{idle}, or
+        C{busy} when only control answered).
 
+        @param may_be_busy: the kernel ran before this gateway linked to it
+            (restored, or attached on demand) and may be in the middle of a
+            cell: probe on control too (see L{_wait_ready}).
         @return: C{None} when ready, or how the kernel ended if it exited
             first.
         @raise LaunchTimedOut: at the deadline.
@@ -216,15 +234,18 @@ class Launching:
         link = KernelLink(process.connection_info, self._manager.channels, self._clock, kernel.on_iopub, kernel.id)
         kernel.set_link(link)
         kernel.report(Phase.CONNECTED, process.connection_info.ip)
-        ready = Deferred.fromCoroutine(self._wait_ready(kernel, link, deadline))
+        ready = Deferred.fromCoroutine(self._wait_ready(kernel, link, deadline, may_be_busy))
         exited = process.when_exited()
         try:
             index, result = await first([ready, exited])
         except TIMEOUTS:
             raise LaunchTimedOut(timeout_message(kernel, timeout or self._manager.settings.launch_timeout)) from None
         if index == 0:
-            # Ready: the probe's socket is idle from now on.
+            # Ready: the probes' sockets are idle from now on.  A shell
+            # probe a running cell holds up is answered after it, to no
+            # one; its iopub statuses still come, after the cell's idle.
             link.release("shell")
+            link.release("control")
             return None
         return result
 
@@ -252,7 +273,7 @@ class Launching:
             reason=reason,
         )
 
-    async def _wait_ready(self, kernel: Kernel, link: KernelLink, deadline: float) -> None:
+    async def _wait_ready(self, kernel: Kernel, link: KernelLink, deadline: float, may_be_busy: bool) -> None:
         """
         Send C{kernel_info_request} until a reply arrives and iopub has
         delivered the status the kernel published for one of them, so no
@@ -273,9 +294,29 @@ class Launching:
         reply and was sent a probe a second until the deadline, which
         loaded it (and the gateway) further: 4,900 probes for 1,000
         restored kernels (bench/scale.py).
+
+        C{may_be_busy}: a kernel that ran before this gateway linked to it
+        may be running a cell, and answers shell only after it (minutes
+        for a training cell, or never within the deadline: it was then
+        declared dead).  Each probe then goes on control too, privately (see
+        L{KernelLink.about_control}): ipykernel 6 and newer answer control
+        from a thread of their own during a cell, with a reply signed with
+        the kernel's key and statuses on iopub, which prove the kernel and
+        its iopub as a shell reply does.  An idle kernel answers shell a
+        moment later: so a kernel that answered control only is ready after
+        L{SHELL_GRACE} more without a shell reply, and C{busy} (unless its
+        iopub has shown a shell probe's C{idle} meanwhile); the cell's own
+        C{idle}, then the shell probe's, follow.
+        Kernels that handle control on their one thread (IRkernel, which
+        also ignores C{kernel_info_request} there) answer shell first
+        whenever they answer at all, as before.  The heartbeat would not
+        do: it echoes anything, signs nothing, so it cannot tell the kernel
+        from another process given its port since.
         """
         answered: set[str] = set()
         replied: set[str] = set()
+        on_shell: set[str] = set()  # the replies that came on shell
+        shell_free = False  # iopub said a shell probe's idle: no cell runs
         news = False  # a reply came since the last look
         failed: BaseException | None = None
         wake: Deferred[None] | None = None
@@ -286,12 +327,24 @@ class Launching:
                 wake.callback(None)
 
         def observe(message: Message) -> None:
+            nonlocal shell_free
             if message.msg_type == "status":
-                answered.add(str(message.parent_header().get("msg_id")))
+                parent = message.parent_header()
+                answered.add(str(parent.get("msg_id")))
+                if (
+                    parent.get("session") == link.session
+                    and message.content().get("execution_state") == "idle"
+                    and not link.about_control(message)
+                ):
+                    shell_free = True
+                rouse()
 
-        def on_reply(reply: Message) -> None:
+        def on_reply(reply: Message, channel: str) -> None:
             nonlocal news
-            replied.add(str(reply.parent_header().get("msg_id")))
+            msg_id = str(reply.parent_header().get("msg_id"))
+            replied.add(msg_id)
+            if channel == "shell":
+                on_shell.add(msg_id)
             news = True
             rouse()
 
@@ -301,17 +354,24 @@ class Launching:
                 failed = failed or failure.value  # the link closed under it
                 rouse()
 
+        channels = ("shell", "control") if may_be_busy else ("shell",)
         kernel.on_iopub_observers.append(observe)
         interval = READY_PROBE_INTERVAL
         next_probe = self._clock.seconds()
+        proven_at: float | None = None  # when control alone proved it
         try:
-            while not replied & answered:
+            while not on_shell & answered:
                 if failed is not None:
                     raise failed
                 now = self._clock.seconds()
-                if now >= deadline:
+                if replied & answered:
+                    if proven_at is None:
+                        proven_at = now
+                    if shell_free or now >= min(proven_at + SHELL_GRACE, deadline):
+                        break
+                elif now >= deadline:
                     raise TimeoutError()
-                if news:
+                if news and proven_at is None:
                     # Answered, but iopub has not delivered its status yet
                     # (the subscription may not be live): look again in a
                     # moment, and ask again then.
@@ -319,15 +379,20 @@ class Launching:
                     await deferLater(self._clock, min(0.05, deadline - now))
                     next_probe = self._clock.seconds()
                     continue
-                if now >= next_probe:
-                    probe = link.request("shell", "kernel_info_request", {}, deadline - now)
-                    probes.append(probe)
-                    probe.addCallbacks(on_reply, on_error)
+                if now >= next_probe and proven_at is None:
+                    for channel in channels:
+                        probe = link.request(
+                            channel, "kernel_info_request", {}, deadline - now, private=channel == "control"
+                        )
+                        probes.append(probe)
+                        probe.addCallback(on_reply, channel)
+                        probe.addErrback(on_error)
                     next_probe = now + interval
                     interval = min(interval * 2, READY_PROBE_MAX)
                     continue
+                until = next_probe if proven_at is None else proven_at + SHELL_GRACE
                 wake = Deferred()
-                timer = self._clock.callLater(min(next_probe, deadline) - now, rouse)
+                timer = self._clock.callLater(max(0.0, min(until, deadline) - now), rouse)
                 try:
                     await wake
                 finally:
@@ -339,6 +404,13 @@ class Launching:
             for probe in probes:
                 if not probe.called:
                     probe.cancel()
+        busy = not (on_shell & answered or shell_free)
+        kernel.execution_state = "busy" if busy else "idle"
+        if busy:
+            _log.info(
+                "kernel {kernel_id}: answered on control while busy on shell (a cell runs); ready",
+                kernel_id=kernel.id,
+            )
 
     async def discard(self, kernel: Kernel, process: IKernelProcess) -> None:
         """

@@ -269,7 +269,9 @@ class KernelManager(Service):
         @raise Unavailable: it is not here and the store cannot be asked.
         """
         kernel = self.kernels.get(kernel_id)
-        if kernel is None:
+        if kernel is None or kernel.state == KernelState.LAUNCHING:
+            # Unknown yet, or registered but still being restored (its
+            # model would say launching): known once restored.
             await self._restored()
             kernel = self.kernels.get(kernel_id)
         if kernel is not None and not getattr(kernel, "pooled", False):
@@ -573,7 +575,9 @@ class KernelManager(Service):
             return
         kernel.report(Phase.PLACED, process.placement.host)
         try:
-            status = await self.launching.connect(kernel, process, self._clock.seconds() + timeout)
+            # It may be running a cell (a gateway that died mid-cell, or one
+            # attaching on demand): ready once control answers.
+            status = await self.launching.connect(kernel, process, self._clock.seconds() + timeout, may_be_busy=True)
         except Exception as e:
             status = ExitStatus(reason=f"it did not answer kernel_info ({e})")
         if status is not None:

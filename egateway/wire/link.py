@@ -17,6 +17,7 @@ gets its replies (L{egateway.kernels.failover}).
 from __future__ import annotations
 
 import uuid
+from collections import deque
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -29,6 +30,13 @@ from egateway.wire.protocol import Message, Signer, WireError, join_frames, spli
 _log = Logger()
 
 MessageHandler = Callable[[str, Message], None]
+
+CONTROL_REMEMBERED = 64
+"""
+How many of the last requests sent on control (the gateway's and its
+clients') a link remembers, to tell the kernel's statuses about them from
+those about shell: they come within moments of the request.
+"""
 
 
 class KernelLink:
@@ -53,6 +61,8 @@ class KernelLink:
         self._clock = clock
         self._on_iopub = on_iopub
         self._pending: dict[str, Deferred[Message]] = {}
+        self._control: deque[str] = deque(maxlen=CONTROL_REMEMBERED)
+        self._private: deque[str] = deque(maxlen=CONTROL_REMEMBERED)
         self._closed = False
         self.iopub_seen = False
         self.verifies_signatures = info.curve_publickey is None
@@ -167,17 +177,23 @@ class KernelLink:
             waiting.callback(message)
 
     def request(
-        self, channel: str, msg_type: str, content: dict[str, Any], timeout: float
+        self, channel: str, msg_type: str, content: dict[str, Any], timeout: float, private: bool = False
     ) -> Deferred[Message]:
         """
         Send a request of the gateway's own on C{shell} or C{control}.
 
+        @param private: on control, the kernel's iopub statuses about it are
+            for the gateway only (L{about_private}): a readiness probe's.
         @return: fires with the reply; fails with C{TimeoutError} after
             C{timeout} seconds, or with C{ConnectionError} if the link is
             closed first.
         """
         message = Message.build(msg_type, content, self.session)
         msg_id = message.msg_id
+        if channel == "control":
+            self.sent_on_control(msg_id)
+            if private:
+                self._private.append(msg_id)
 
         def forget(result: Any) -> Any:
             self._pending.pop(msg_id, None)
@@ -193,10 +209,50 @@ class KernelLink:
         waiting.addBoth(forget)
         return waiting
 
+    def sent_on_control(self, msg_id: str) -> None:
+        """
+        Remember a request sent on control (see L{about_control}).
+        """
+        self._control.append(msg_id)
+
+    def about_control(self, message: Message) -> bool:
+        """
+        Whether C{message} (an iopub C{status}) is about one of the last
+        requests sent on control.  ipykernel 6 and newer handle control in
+        a thread of their own, and publish C{busy} then C{idle} for a
+        control request even while a cell runs on shell: that C{idle} is
+        not the kernel's state, and the culler (or a client shown the
+        model) taking it for that would believe the running cell ended.
+
+        @raise WireError: its parent header is malformed.
+        """
+        return bool(self._control) and message.parent_header().get("msg_id") in self._control
+
+    def asked_by_gateway(self, message: Message) -> bool:
+        """
+        Whether C{message} (iopub) is about a request of the gateway's own
+        (a readiness probe, a warm pool's binding): its parent was signed
+        under this link's session.
+
+        @raise WireError: its parent header is malformed.
+        """
+        return message.parent_header().get("session") == self.session
+
+    def about_private(self, message: Message) -> bool:
+        """
+        Whether C{message} (an iopub C{status}) is about one of the
+        gateway's private requests (L{request}): no client asked for it.
+
+        @raise WireError: its parent header is malformed.
+        """
+        return bool(self._private) and message.parent_header().get("msg_id") in self._private
+
     def send(self, channel: str, message: Message) -> None:
         """
         Send a message of the gateway's own without waiting for a reply.
         """
+        if channel == "control":
+            self.sent_on_control(message.msg_id)
         if not self._closed:
             self._own_socket(channel).send(join_frames(message, self.signer))
 
@@ -277,6 +333,11 @@ class ClientLink:
         """
         Sign C{message} with the kernel's key and send it on C{channel}.
         """
+        if channel == "control":
+            try:
+                self.link.sent_on_control(message.msg_id)
+            except WireError:
+                pass  # a header the kernel will refuse too: nothing of it to track
         if not self._closed:
             self._socket(channel).send(join_frames(message, self.link.signer))
 

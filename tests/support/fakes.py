@@ -34,6 +34,11 @@ class FakeKernelServer:
     The kernel side of one fake kernel.
 
     @ivar responsive: when false, requests go unanswered (a hung kernel).
+    @ivar running: the header of the cell running on shell, if any: shell
+        requests wait until L{end_cell} (control is answered meanwhile, as
+        ipykernel 6 and newer do from a thread of their own).
+    @ivar holding: when true, shell requests wait (a slow shell loop, no
+        cell) until L{answer_held}.
     @ivar received: every message received, as C{(channel, Message)}.
     """
 
@@ -41,6 +46,9 @@ class FakeKernelServer:
         self.info = info
         self.signer = Signer(info.key, info.signature_scheme)
         self.responsive = True
+        self.running: dict[str, Any] | None = None
+        self.holding = False
+        self._waiting: list[tuple[str, bytes, Message]] = []
         self.received: list[tuple[str, Message]] = []
         self.dealers: dict[bytes, dict[str, "FakeSocket"]] = {}
         self.subscribers: list["FakeSocket"] = []
@@ -59,11 +67,42 @@ class FakeKernelServer:
         message = Message.build(msg_type, content, "fake-kernel", parent=parent.header)
         sock.deliver(join_frames(message, self.signer))
 
+    def run_cell(self, header: dict[str, Any]) -> None:
+        """
+        A cell (the request with C{header}) starts running on shell.
+        """
+        self.running = header
+        self.publish("status", {"execution_state": "busy"}, header)
+
+    def end_cell(self) -> None:
+        """
+        The running cell ends; the shell requests that waited are answered.
+        """
+        assert self.running is not None
+        header, self.running = self.running, None
+        self.publish("status", {"execution_state": "idle"}, header)
+        self.answer_held()
+
+    def answer_held(self) -> None:
+        """
+        Answer the shell requests that waited.
+        """
+        self.holding = False
+        waiting, self._waiting = self._waiting, []
+        for channel, identity, message in waiting:
+            self._answer(channel, identity, message)
+
     def handle(self, channel: str, identity: bytes, frames: Sequence[bytes]) -> None:
         _, message = split_frames(frames, self.signer)
         self.received.append((channel, message))
         if not self.responsive:
             return
+        if channel == "shell" and (self.running is not None or self.holding):
+            self._waiting.append((channel, identity, message))
+            return
+        self._answer(channel, identity, message)
+
+    def _answer(self, channel: str, identity: bytes, message: Message) -> None:
         kind = message.msg_type
         if kind == "kernel_info_request":
             self.publish("status", {"execution_state": "busy"}, message.header)
@@ -293,7 +332,11 @@ class FakeLauncher:
         return process
 
     def restore(self, kernel_id: str, snapshot: Mapping[str, Any]) -> Deferred[IKernelProcess]:
-        raise NotImplementedError()
+        """
+        The process this launcher started for C{kernel_id} (a gateway
+        reattaching to it).
+        """
+        return succeed(next(p for p in reversed(self.processes) if p.kernel_id == kernel_id))
 
 
 class StaticSpecs:
