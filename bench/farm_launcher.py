@@ -113,10 +113,39 @@ def _describe(o: Any) -> str:
     return name
 
 
+GC_HEAP_ENV = "EGW_BENCH_GC_HEAP"
+"""
+With this variable set as well, the trace adds, before each of the first
+three collections of the oldest generation, how many objects the collector
+tracks and the twenty commonest types among them: what a full collection
+walks.
+"""
+
+
+def _census_heap(log: Any) -> None:
+    import collections
+    import gc
+
+    left = [3]
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase != "start" or info["generation"] != 2 or not left[0]:
+            return
+        left[0] -= 1
+        tracked = gc.get_objects()
+        counts = collections.Counter(_describe(o) for o in tracked)
+        log.write(f"# heap {len(tracked)} tracked ({len(gc.get_objects(2))} old, {gc.get_freeze_count()} frozen): "
+                  f"{counts.most_common(20)}\n")
+
+    gc.callbacks.append(callback)
+
+
 if os.environ.get(GC_LOG_ENV):
     _trace_gc(os.environ[GC_LOG_ENV])
     if os.environ.get(GC_GARBAGE_ENV):
         _census_garbage(open(os.environ[GC_LOG_ENV], "a", buffering=1))
+    if os.environ.get(GC_HEAP_ENV):
+        _census_heap(open(os.environ[GC_LOG_ENV], "a", buffering=1))
 
 
 class _FarmProtocol(LineOnlyReceiver):

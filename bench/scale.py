@@ -20,8 +20,10 @@ launcher.  See C{bench/README.md}.
 from __future__ import annotations
 
 import argparse
+import datetime
 import asyncio
 import json
+import re
 import os
 import shutil
 import signal
@@ -184,6 +186,11 @@ class FarmProcess:
             return "killed"
 
 
+STALL_LINE = re.compile(
+    r"(?P<at>\S+) \[egateway\.ops\.stalls#warn\] the reactor was blocked for about (?P<seconds>[\d.]+)s.*?"
+    r"its thread ran (?P<cpu>[\d.]+)s on a CPU"
+)
+
 GATEWAY_CPUS: set[int] = set()
 """
 With C{--pin-gateway}: the CPU the gateway and the probe run on; every
@@ -289,6 +296,7 @@ class ScaleRun:
         else:
             config += '[store]\non_stop = "keep"\n'
         config += '[metrics]\nmetrics_networks = ["127.0.0.1"]\n'
+        config += f'[ops]\nstall_warning = {args.stall_warning}\n'
         self.gateway = GatewayProcess(workdir, args.launch_timeout, stop_timeout=120.0, extra_config=config,
                                       extra_path=extra_path, profile_dir=args.profile)
         self.kernels: list[str] = []
@@ -360,6 +368,27 @@ class ScaleRun:
         full = [took for generation, took in pauses if generation == 2]
         return {"full_collections": len(full), "full_max_ms": max(full, default=0.0),
                 "full_total_ms": sum(full), "young_over_5ms": len(pauses) - len(full)}
+
+    def _stalls(self, since: float, until: float) -> dict[str, Any]:
+        """
+        The stalls the gateway's stall watch reported between two wall-clock
+        times (C{--stall-warning}): how many, the longest, and how many its
+        reactor thread spent mostly waiting for a CPU rather than working.
+        """
+        stalls: list[tuple[float, float]] = []
+        try:
+            with open(self.gateway.log_path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    found = STALL_LINE.match(line)
+                    if found is None:
+                        continue
+                    at = datetime.datetime.fromisoformat(found["at"]).timestamp()
+                    if since <= at <= until + 1:
+                        stalls.append((float(found["seconds"]), float(found["cpu"])))
+        except OSError:
+            return {}
+        return {"count": len(stalls), "longest_s": max((s for s, _ in stalls), default=0.0),
+                "waiting": sum(1 for s, cpu in stalls if cpu < s / 2)}
 
     async def run(self) -> None:
         n = self.args.kernels
@@ -453,6 +482,7 @@ class ScaleRun:
         if ticks and self.farm is not None:
             await self.farm.call("tick", rate=0)
         result["gc"] = self._gc_pauses(wall_start, time.time())
+        result["stalls"] = self._stalls(wall_start, time.time())
         self._failures(list(done), "execute loops")
         metrics_after = lag_histogram((await self._api("GET", "/metrics", 200)).body.decode())
         result["gateway_cpu_percent"] = ((cpu_seconds(self.gateway.pid) or 0.0) - cpu_before) / elapsed * 100
@@ -575,6 +605,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", default="", metavar="DIR",
                         help="run each gateway under cProfile (twistd --profiler cprofile), stats in DIR")
     parser.add_argument("--quick", action="store_true", help="20 kernels, 5 clients, short phases")
+    parser.add_argument("--stall-warning", type=float, default=0.1, metavar="S",
+                        help="the gateway's stall_warning: stalls of the reactor this long or longer are logged "
+                             "with the reactor's stack and counted per phase (default 0.1 s)")
     parser.add_argument("--pin-gateway", action="store_true",
                         help="run the gateway (and the probe) on a CPU of its own, and the farm, the clients and "
                              "redis-server on the others, as when they run on other machines (farm only)")
@@ -660,6 +693,11 @@ def render(results: dict[str, Any]) -> str:
                     lines.append(f"  gateway GC: {g['full_collections']} full collections, longest "
                                  f"{g['full_max_ms']:.0f} ms, {g['full_total_ms']:.0f} ms in all; "
                                  f"{g['young_over_5ms']} younger ones over 5 ms")
+                if p.get("stalls"):
+                    st = p["stalls"]
+                    lines.append(f"  reactor stalls of {results['meta']['stall_warning']:g} s or more (the gateway's stall watch): "
+                                 f"{st['count']}, longest {st['longest_s']:.2f} s, {st['waiting']} of them mostly "
+                                 "waiting for a CPU")
         if "list" in fig:
             lst = fig["list"]
             lines.append(f"GET /api/kernels: median {lst['median_ms']:.0f} ms, max {lst['max_ms']:.0f} ms "
@@ -698,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile()
     workdir = work_directory(args, "egw-scale-bench-")
     meta = run_meta(args, workdir, {"kernels": args.kernels, "clients": args.clients})
-    meta.update(kernels=args.kernels, launcher=args.launcher, nofile=nofile,
+    meta.update(kernels=args.kernels, launcher=args.launcher, nofile=nofile, stall_warning=args.stall_warning,
                 kernels_are=SIMULATED_NOTE if args.launcher == "farm" else REAL_NOTE)
     results: dict[str, Any] = {"meta": meta, "figures": {}, "problems": [], "leaked_processes": []}
     if args.pin_gateway:
