@@ -175,7 +175,9 @@ class IopubRing:
 
     def __init__(self, limits: Bounds) -> None:
         self._limits = limits
-        self._messages: deque[tuple[Message, int]] = deque()
+        # (msg_id, parts, buffers, size): plain values the garbage collector
+        # stops tracking, not the Message (see KernelSession.journal).
+        self._messages: deque[tuple[str, tuple[bytes, ...], tuple[bytes, ...], int]] = deque()
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -183,11 +185,11 @@ class IopubRing:
 
     def append(self, message: Message) -> None:
         size = message_size(message)
-        self._messages.append((message, size))
+        self._messages.append((message.msg_id, message.parts, message.buffers, size))
         self._bytes += size
         limits = self._limits
         while len(self._messages) > limits.entries or (self._bytes > limits.size and len(self._messages) > 1):
-            self._bytes -= self._messages.popleft()[1]
+            self._bytes -= self._messages.popleft()[3]
 
     def after(self, msg_id: str | None) -> tuple[list[Message], bool]:
         """
@@ -195,9 +197,11 @@ class IopubRing:
         was found; when it was not (received before this ring began, or
         never), every message held.
         """
-        messages = [message for message, _ in self._messages]
+        held = list(self._messages)
+        start, found = 0, False
         if msg_id is not None:
-            for index in range(len(messages) - 1, -1, -1):
-                if messages[index].msg_id == msg_id:
-                    return messages[index + 1 :], True
-        return messages, False
+            for index in range(len(held) - 1, -1, -1):
+                if held[index][0] == msg_id:
+                    start, found = index + 1, True
+                    break
+        return [Message(parts, buffers) for _, parts, buffers, _ in held[start:]], found
