@@ -115,27 +115,28 @@ def _describe(o: Any) -> str:
 
 GC_HEAP_ENV = "EGW_BENCH_GC_HEAP"
 """
-With this variable set as well, the trace adds, before each of the first
-three collections of the oldest generation, how many objects the collector
-tracks and the twenty commonest types among them: what a full collection
-walks.
+With this variable set as well (to a generation: 2, or 1 for the middle
+generation's collections too), the trace adds, before each of the first
+three collections of that generation or older, how many objects the
+collection will walk and the twenty commonest types among them.
 """
 
 
-def _census_heap(log: Any) -> None:
+def _census_heap(log: Any, oldest: int) -> None:
     import collections
     import gc
 
     left = [3]
 
     def callback(phase: str, info: dict[str, Any]) -> None:
-        if phase != "start" or info["generation"] != 2 or not left[0]:
+        generation = info["generation"]
+        if phase != "start" or generation < oldest or not left[0]:
             return
         left[0] -= 1
-        tracked = gc.get_objects()
-        counts = collections.Counter(_describe(o) for o in tracked)
-        log.write(f"# heap {len(tracked)} tracked ({len(gc.get_objects(2))} old, {gc.get_freeze_count()} frozen): "
-                  f"{counts.most_common(20)}\n")
+        walked = [o for g in range(generation + 1) for o in gc.get_objects(g)]
+        counts = collections.Counter(_describe(o) for o in walked)
+        log.write(f"# heap before a generation {generation} collection: {len(walked)} objects to walk "
+                  f"({gc.get_freeze_count()} frozen): {counts.most_common(20)}\n")
 
     gc.callbacks.append(callback)
 
@@ -145,7 +146,7 @@ if os.environ.get(GC_LOG_ENV):
     if os.environ.get(GC_GARBAGE_ENV):
         _census_garbage(open(os.environ[GC_LOG_ENV], "a", buffering=1))
     if os.environ.get(GC_HEAP_ENV):
-        _census_heap(open(os.environ[GC_LOG_ENV], "a", buffering=1))
+        _census_heap(open(os.environ[GC_LOG_ENV], "a", buffering=1), int(os.environ[GC_HEAP_ENV]))
 
 
 class _FarmProtocol(LineOnlyReceiver):
