@@ -8,10 +8,17 @@ needed.
 
 from __future__ import annotations
 
+import hashlib
+import tracemalloc
+from typing import Any, Generator
+
 import zmq
 from jupyter_client.session import Session
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from egateway.kernels.journal import JournalLimits, KernelSession
 from egateway.wire.channels import ConnectionInfo
@@ -392,3 +399,79 @@ class FrameWriterTests(SynchronousTestCase):
         payload = b"q" * STREAM_SIZE
         FrameWriter(transport, lambda: True).send([memoryview(payload)], len(payload), binary=True)
         self.assertEqual(fragmented_server_frames(transport.value()), [(True, 2, payload)])
+
+
+class _Counter(Protocol):
+    """
+    Reads a connection, keeping only a hash of it and its length (so that
+    reading allocates nothing large), until C{expected} bytes came.
+    """
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.digest = hashlib.sha256()
+        self.length = 0
+        self.done: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.length += len(data)
+        if self.length >= self.expected and not self.done.called:
+            self.done.callback(None)
+
+
+class _Streamer(Protocol):
+    """
+    Sends one message through a L{FrameWriter} once connected.
+    """
+
+    def __init__(self, chunks: list[Any], length: int) -> None:
+        self.chunks = chunks
+        self.length = length
+
+    def connectionMade(self) -> None:
+        from egateway.api.ws_writer import FrameWriter
+
+        FrameWriter(self.transport, lambda: True).send(self.chunks, self.length, binary=False)
+
+
+class TcpStreamTests(TestCase):
+    """
+    L{FrameWriter} on a real TCP connection (loopback).
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_large_pieces_sent_from_their_own_buffer(self) -> Generator[Any, Any, None]:
+        """
+        An 8 MB output streamed to a client over TCP is, byte for byte, the
+        fragments a copying writer would send, and is never copied whole
+        nor fragment by fragment: the largest amount of memory allocated at
+        once while sending it stays well under one fragment (it was a
+        fragment or more when each fragment was joined into C{bytes}).
+        """
+        from twisted.internet import reactor
+
+        from egateway.api.ws_writer import FRAGMENT_SIZE, fragments
+
+        content = memoryview(bytes(range(256)) * (8 * 4096))
+        chunks: list[Any] = [b'{"content":"', content, b'"}']
+        length = sum(len(c) for c in chunks)
+        frames = b"".join(fragments(chunks, length, binary=False))
+        expected, expected_length = hashlib.sha256(frames), len(frames)
+        del frames
+        client = _Counter(expected_length)
+        server = protocol.ServerFactory.forProtocol(lambda: _Streamer(chunks, length))
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        baseline = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        connected = yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port.getHost().port)
+        self.addCleanup(connected.transport.loseConnection)
+        yield client.done
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+        self.assertEqual((client.length, client.digest.hexdigest()), (expected_length, expected.hexdigest()))
+        self.assertLess(peak, FRAGMENT_SIZE // 2, peak)

@@ -12,8 +12,13 @@ fragmented message instead (RFC 6455 section 5.4: a text or binary frame
 without FIN, continuation frames, the last with FIN), one fragment of
 L{FRAGMENT_SIZE} at a time, the next written only when the transport has
 drained the previous one (it is the transport's streaming producer for the
-while).  Each fragment is one small copy out of the payload's own buffers;
-the transport sends it as it is.  Messages to the same client that come
+while).  Through a TCP transport a fragment's large pieces are not copied at
+all: each is handed over, once the transport's buffer is empty, as the
+buffer Twisted sends from (L{_hand_over}); only the frame header with the
+small chunks around it, and the last bytes of each piece that Twisted joins
+with what follows (under its C{SEND_LIMIT}), are copied.  Through any other
+transport each fragment is one copy out of the payload's own buffers.
+Messages to the same client that come
 meanwhile wait, in order, behind the streamed one.  Autobahn's own frames
 (pings, close) may fall between fragments, which the RFC allows for
 control frames.
@@ -25,6 +30,7 @@ import struct
 from collections import deque
 from typing import Any, Callable, Iterator, Sequence
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
@@ -37,6 +43,12 @@ made by one join.
 FRAGMENT_SIZE = 1 << 20
 """
 Payload bytes per fragment of a streamed message.
+"""
+
+DIRECT_SIZE = 64 * 1024
+"""
+Pieces of a streamed payload this large are handed to a TCP transport as
+they are (L{_hand_over}); smaller ones are joined with the frame header.
 """
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
@@ -54,11 +66,14 @@ def frame_header(opcode: int, length: int, fin: bool = True) -> bytes:
     return struct.pack("!BBQ", first, 127, length)
 
 
-def fragments(chunks: Sequence[Any], length: int, binary: bool, size: int = FRAGMENT_SIZE) -> Iterator[bytes]:
+def fragment_pieces(
+    chunks: Sequence[Any], length: int, binary: bool, size: int = FRAGMENT_SIZE
+) -> Iterator[list[Any]]:
     """
     The frames of a message whose payload is the concatenation of
     C{chunks} (C{length} bytes), as fragments of up to C{size} payload
-    bytes, each one C{bytes} ready to write.
+    bytes, each one a list of its header and views of the chunks (nothing
+    copied).
     """
     views = deque(memoryview(chunk).cast("B") for chunk in chunks if len(chunk))
     opcode = OP_BINARY if binary else OP_TEXT
@@ -77,10 +92,68 @@ def fragments(chunks: Sequence[Any], length: int, binary: bool, size: int = FRAG
                 pieces.append(view[:take])
                 views[0] = view[take:]
                 take = 0
-        yield b"".join(pieces)
+        yield pieces
         if not left:
             return
         opcode = OP_CONTINUATION
+
+
+def fragments(chunks: Sequence[Any], length: int, binary: bool, size: int = FRAGMENT_SIZE) -> Iterator[bytes]:
+    """
+    L{fragment_pieces}, each fragment joined into one C{bytes} ready to
+    write.
+    """
+    for pieces in fragment_pieces(chunks, length, binary, size):
+        yield b"".join(pieces)
+
+
+def direct_pieces(chunks: Sequence[Any], length: int, binary: bool) -> Iterator[bytes | memoryview]:
+    """
+    L{fragment_pieces} for L{_hand_over}: runs of small pieces (the frame
+    headers and the JSON around a content) joined into C{bytes}, pieces of
+    L{DIRECT_SIZE} or more as the views they are.
+    """
+    for pieces in fragment_pieces(chunks, length, binary):
+        small: list[Any] = []
+        for piece in pieces:
+            if len(piece) < DIRECT_SIZE:
+                small.append(piece)
+                continue
+            if small:
+                yield b"".join(small)
+                small = []
+            yield piece
+        if small:
+            yield b"".join(small)
+
+
+def _direct(transport: Any) -> bool:
+    """
+    Whether large pieces may be handed to C{transport} without a copy: a
+    Twisted file descriptor (TCP) sends from its C{dataBuffer} through
+    C{memoryview} slices, so that buffer may be a view.  Its C{write}
+    accepts only C{bytes}, which would have meant a copy of each fragment.
+    """
+    return isinstance(transport, FileDescriptor) and hasattr(transport, "dataBuffer")
+
+
+def _hand_over(transport: Any, piece: memoryview) -> bool:
+    """
+    Make C{piece} the buffer C{transport} sends from, if it has sent all it
+    had; whether it did.  Twisted's C{doWrite} sends C{dataBuffer} in
+    C{SEND_LIMIT} slices of a C{memoryview} and, once less than that
+    remains, joins the rest with what was written meanwhile: only that
+    tail is copied.  On a connection that no longer writes, the piece is
+    dropped, as C{write} drops data then.
+    """
+    if not transport.connected or transport._writeDisconnected:
+        return True
+    if transport._tempDataLen or transport.offset < len(transport.dataBuffer):
+        return False
+    transport.dataBuffer = piece
+    transport.offset = 0
+    transport.startWriting()
+    return True
 
 
 @implementer(IPushProducer)
@@ -97,7 +170,8 @@ class FrameWriter:
         self._transport = transport
         self._is_open = is_open
         self._waiting: deque[tuple[Sequence[Any], int, bool]] = deque()
-        self._stream: Iterator[bytes] | None = None
+        self._stream: Iterator[bytes | memoryview] | None = None
+        self._held: bytes | memoryview | None = None
         self._paused = False
         self._previous: tuple[Any, bool] | None = None
 
@@ -112,11 +186,14 @@ class FrameWriter:
         if self._stream is not None:
             self._waiting.append((chunks, length, binary))
             return
-        if length < STREAM_SIZE or not self._start(fragments(chunks, length, binary)):
-            header = frame_header(OP_BINARY if binary else OP_TEXT, length)
-            self._transport.write(b"".join([header, *chunks]))
+        if length >= STREAM_SIZE:
+            stream = direct_pieces if _direct(self._transport) else fragments
+            if self._start(stream(chunks, length, binary)):
+                return
+        header = frame_header(OP_BINARY if binary else OP_TEXT, length)
+        self._transport.write(b"".join([header, *chunks]))
 
-    def _start(self, stream: Iterator[bytes]) -> bool:
+    def _start(self, stream: Iterator[bytes | memoryview]) -> bool:
         """
         Stream a message's fragments, if the transport lets us be its
         producer; whether it does.
@@ -143,20 +220,33 @@ class FrameWriter:
     def _write_next(self) -> None:
         """
         Write fragments until the transport says to pause, the message is
-        done, or the connection may no longer carry data.
+        done, or the connection may no longer carry data.  A view
+        (L{direct_pieces}) waits until the transport has sent all it holds,
+        and is then handed over as it is; either way the transport is left
+        marked as having paused us, so that it resumes us once it has sent
+        everything (which C{write} would have done for a large fragment).
         """
+        transport = self._transport
         while self._stream is not None and not self._paused:
             if not self._is_open():
                 self._finish(send_waiting=False)
                 return
-            fragment = next(self._stream, None)
-            if fragment is None:
+            piece = self._held if self._held is not None else next(self._stream, None)
+            self._held = None
+            if piece is None:
                 self._finish(send_waiting=True)
                 return
-            self._transport.write(fragment)
+            if isinstance(piece, bytes):
+                transport.write(piece)
+                continue
+            if not _hand_over(transport, piece):
+                self._held = piece
+            transport.producerPaused = True
+            self.pauseProducing()
 
     def _finish(self, send_waiting: bool) -> None:
         self._stream = None
+        self._held = None
         self._paused = False
         transport = self._transport
         if getattr(transport, "producer", None) is self:
@@ -188,5 +278,6 @@ class FrameWriter:
         The connection is gone: drop the rest.
         """
         self._stream = None
+        self._held = None
         self._previous = None
         self._waiting.clear()
