@@ -137,6 +137,21 @@ class LegacyHeaderValuesTests(SynchronousTestCase):
         self.assertNotIn("dumps", calls)
 
 
+class ParentHeaderTests(SynchronousTestCase):
+    def test_parsed_once(self) -> None:
+        """
+        A status's parent header is read by several readers in turn (the
+        reply matcher, the state tracker asking whether it is about a
+        control request or the gateway's own, the readiness probe): the
+        message parses it once.
+        """
+        message = Message([dumps({"msg_id": "s", "msg_type": "status"}), b'{"msg_id":"p","session":"x"}', b"{}",
+                           b'{"execution_state":"busy"}'])
+        calls = python_calls_into("json/__init__.py", lambda: [message.parent_header() for _ in range(3)])
+        self.assertEqual(calls.count("loads"), 1)
+        self.assertEqual(message.parent_header(), {"msg_id": "p", "session": "x"})
+
+
 class ClientFrameTests(MemoryCase):
     """
     A client frame reaches the kernel without Autobahn's per-read debug

@@ -80,11 +80,13 @@ class Message:
     """
     One Jupyter message held as the bytes of its parts.
 
-    C{header} is parsed on first use and cached; the other parts are parsed
-    only when asked for.
+    C{header} and the parent header are parsed on first use and cached
+    (a status is asked about its parent by several readers in turn: the
+    reply matcher, the state tracker, the readiness probe); metadata and
+    content are parsed each time they are asked for.
     """
 
-    __slots__ = ("parts", "buffers", "_header")
+    __slots__ = ("parts", "buffers", "_header", "_parent")
 
     def __init__(self, parts: Sequence[bytes], buffers: Sequence[bytes] = ()) -> None:
         if len(parts) != 4:
@@ -97,6 +99,7 @@ class Message:
         self.parts: tuple[bytes, ...] = tuple(parts)
         self.buffers: tuple[bytes, ...] = tuple(buffers)
         self._header: dict[str, Any] | None = None
+        self._parent: dict[str, Any] | None = None
 
     @property
     def header(self) -> dict[str, Any]:
@@ -113,7 +116,9 @@ class Message:
         return str(self.header.get("msg_id", ""))
 
     def parent_header(self) -> dict[str, Any]:
-        return loads_part(self.parts[1], "parent_header")
+        if self._parent is None:
+            self._parent = loads_part(self.parts[1], "parent_header")
+        return self._parent
 
     def content(self) -> dict[str, Any]:
         return loads_part(self.parts[3], "content")
