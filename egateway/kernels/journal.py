@@ -127,17 +127,14 @@ class KernelSession:
         self.sent = 0
         self.journal: deque[tuple[int, str, tuple[bytes, ...], tuple[bytes, ...], int]] = deque()
         """
-        (number, channel, parts, buffers, size) per message: a message's
-        parts rather than the L{Message}, because a tuple of plain values
-        leaves the garbage collector's view once a collection has seen it
-        and a L{Message} never does.  With 1,000 kernels the journals and
-        iopub rings held 226,000 messages, three quarters of what each full
-        collection walked while the reactor waited (467 ms, bench/scale.py
-        with EGW_BENCH_GC_HEAP).
-        """
-        """
-        (number, channel, message, its size in bytes): the size is kept so
-        that trimming never measures a message twice.
+        (number, channel, parts, buffers, size in bytes) per message.  The
+        size is kept so that trimming never measures a message twice.  A
+        message's parts rather than the L{Message}, because a tuple of plain
+        values leaves the garbage collector's view once a collection has
+        seen it and a L{Message} never does.  With 1,000 kernels the
+        journals and iopub rings held 226,000 messages, three quarters of
+        what each full collection walked while the reactor waited (467 ms,
+        bench/scale.py with EGW_BENCH_GC_HEAP).
         """
         self._journal_bytes = 0
         self.parked_at: float | None = None

@@ -101,7 +101,7 @@ class Kernel:
         self.restart_count = 0
         self.phases: list[PhaseEvent] = []
         self._phases_formatted: tuple[Any, list[dict[str, str]]] = (None, [])
-        self._formatted: dict[str, tuple[float, str]] = {}
+        self._started_formatted: tuple[float, str] | None = None
         self.process: IKernelProcess | None = None
         self.link: KernelLink | None = None
         self.live = False
@@ -169,13 +169,14 @@ class Kernel:
             self._phases_formatted = (key, [event.to_dict(iso) for event in phases[-20:]])
         return list(self._phases_formatted[1])
 
-    def _iso_once(self, name: str, timestamp: float) -> str:
+    def _started_iso(self) -> str:
         """
-        C{iso(timestamp)}, formatted again only when C{timestamp} changes.
+        C{iso(self.started)}, formatted again only when C{started} changes
+        (a restored kernel takes its record's).
         """
-        cached = self._formatted.get(name)
-        if cached is None or cached[0] != timestamp:
-            cached = self._formatted[name] = (timestamp, iso(timestamp))
+        cached = self._started_formatted
+        if cached is None or cached[0] != self.started:
+            cached = self._started_formatted = (self.started, iso(self.started))
         return cached[1]
 
     @property
@@ -199,7 +200,7 @@ class Kernel:
             "last_activity": iso(self.last_activity),
             "execution_state": self.execution_state,
             "connections": self.connections,
-            "started": self._iso_once("started", self.started),
+            "started": self._started_iso(),
             "state": self.state.value,
             "username": self.username,
             "owner": self.owner,
