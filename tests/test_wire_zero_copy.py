@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import tracemalloc
+from collections import deque
 from typing import Any, Generator
 
 import zmq
@@ -17,7 +18,7 @@ from jupyter_client.session import Session
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ClientCreator, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from egateway.kernels.journal import JournalLimits, KernelSession
@@ -476,3 +477,104 @@ class TcpStreamTests(TestCase):
         peak = tracemalloc.get_traced_memory()[1] - baseline
         self.assertEqual((client.length, client.digest.hexdigest()), (expected_length, expected.hexdigest()))
         self.assertLess(peak, FRAGMENT_SIZE // 2, peak)
+
+
+class _PingingStreamer(Protocol):
+    """
+    Streams one message through a L{ChannelsProtocol}'s writer once
+    connected, and has Autobahn send a ping right away and on each reactor
+    turn while the message is still going out, as its automatic pings may.
+    """
+
+    def __init__(self, chunks: list[Any], length: int) -> None:
+        self.chunks = chunks
+        self.length = length
+        self.pings = 0
+
+    def connectionMade(self) -> None:
+        from autobahn.twisted.websocket import WebSocketServerFactory
+        from autobahn.websocket.protocol import TrafficStats, WebSocketServerProtocol
+
+        from egateway.api.websocket import ChannelsProtocol
+
+        channels = self.channels = ChannelsProtocol()
+        channels.factory = WebSocketServerFactory()
+        # What Autobahn copies from its factory once connected.
+        for name in WebSocketServerProtocol.CONFIG_ATTRS:
+            setattr(channels, name, getattr(channels.factory, name))
+        channels.trafficStats, channels.send_queue = TrafficStats(), deque()
+        channels.transport = self.transport
+        channels.state = ChannelsProtocol.STATE_OPEN
+        channels._send_frame(self.chunks, self.length, binary=False)
+        self.ping()
+
+    def ping(self) -> None:
+        from twisted.internet import reactor
+
+        channels = self.channels
+        if channels._writer is None or not channels._writer.streaming:
+            return
+        self.pings += 1
+        channels.sendPing(b"ping %d" % self.pings)
+        reactor.callLater(0, self.ping)
+
+
+class _FrameCollector(Protocol):
+    """
+    Keeps what a connection receives until it stops.
+    """
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.done: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(None)
+
+
+class ControlFramesWhileStreamingTests(TestCase):
+    """
+    Autobahn's own frames written while a large message streams over TCP.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_pings_fall_between_fragments(self) -> Generator[Any, Any, None]:
+        """
+        Pings sent while an 8 MB output is streamed arrive whole, between
+        its fragments, and the fragments still carry the whole message: a
+        ping written at once would land inside a fragment the socket had
+        only partly taken, and the client would read garbage.
+        """
+        from twisted.internet import reactor
+
+        content = memoryview(bytes(range(256)) * (8 * 4096))
+        chunks: list[Any] = [b'{"content":"', content, b'"}']
+        length = sum(len(c) for c in chunks)
+        streamer = _PingingStreamer(chunks, length)
+        port = reactor.listenTCP(
+            0, protocol.ServerFactory.forProtocol(lambda: streamer), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        client = _FrameCollector()
+        connected = yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port.getHost().port)
+        # Read only once the server has streamed a while: its socket fills.
+        connected.transport.pauseProducing()
+        yield deferLater(reactor, 0.2, lambda: None)
+        connected.transport.resumeProducing()
+        while streamer.channels._writer.streaming:
+            yield deferLater(reactor, 0.01, lambda: None)
+        streamer.transport.loseConnection()
+        yield client.done
+        frames = fragmented_server_frames(b"".join(client.data))
+        pings = [payload for _, opcode, payload in frames if opcode == 9]
+        data = [(fin, opcode, payload) for fin, opcode, payload in frames if opcode != 9]
+        self.assertGreater(len(pings), 1)
+        self.assertEqual(pings, [b"ping %d" % n for n in range(1, len(pings) + 1)])
+        self.assertEqual([opcode for _, opcode, _ in data], [1] + [0] * (len(data) - 1))
+        self.assertEqual([fin for fin, _, _ in data], [False] * (len(data) - 1) + [True])
+        self.assertEqual(b"".join(p for _, _, p in data), b"".join(bytes(c) for c in chunks))
