@@ -17,6 +17,7 @@ import zmq
 from jupyter_client.session import Session
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -403,6 +404,18 @@ class FrameWriterTests(SynchronousTestCase):
         self.assertEqual(fragmented_server_frames(transport.value()), [(True, 2, payload)])
 
 
+class _Transport(Protocol):
+    """
+    Fires C{made} with its transport once connected.
+    """
+
+    def __init__(self) -> None:
+        self.made: Deferred[Any] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.made.callback(self.transport)
+
+
 class _Counter(Protocol):
     """
     Reads a connection, keeping only a hash of it and its length (so that
@@ -443,6 +456,30 @@ class TcpStreamTests(TestCase):
     """
 
     timeout = 30
+
+    @inlineCallbacks
+    def test_never_around_tls(self) -> Generator[Any, Any, None]:
+        """
+        A TCP connection is written through its socket, but not once it
+        carries TLS (C{startTLS} leaves it a file descriptor whose socket
+        takes TLS records): bytes sent around TLS would reach the client in
+        clear text and break its stream.
+        """
+        from twisted.internet import reactor
+        from zope.interface import directlyProvides
+
+        from egateway.api.ws_writer import _direct
+
+        server = _Transport()
+        port = reactor.listenTCP(0, protocol.ServerFactory.forProtocol(lambda: server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = yield ClientCreator(reactor, Protocol).connectTCP("127.0.0.1", port.getHost().port)
+        self.addCleanup(client.transport.loseConnection)
+        transport = yield server.made
+        self.addCleanup(transport.loseConnection)
+        self.assertTrue(_direct(transport))
+        directlyProvides(transport, ISSLTransport)
+        self.assertFalse(_direct(transport))
 
     @inlineCallbacks
     def test_large_pieces_sent_from_their_own_buffer(self) -> Generator[Any, Any, None]:

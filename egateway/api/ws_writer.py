@@ -36,7 +36,7 @@ from collections import deque
 from typing import Any, Callable, Iterator, Sequence
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from zope.interface import implementer
 
 STREAM_SIZE = 1 << 20
@@ -118,13 +118,17 @@ def _direct(transport: Any) -> bool:
     socket: a Twisted file descriptor (TCP) whose C{sendmsg} takes the
     payload's own buffers, where C{write} accepts only C{bytes} (a copy of
     each fragment) and then sends at most C{SEND_LIMIT} (128 kB) per
-    reactor turn.
+    reactor turn.  Never through TLS: a TCP connection that started TLS
+    (C{startTLS}) is still a file descriptor, whose socket carries the TLS
+    records, not our bytes.
     """
     # Every attribute used here is Twisted's own, not its interface: should
     # a release rename one, the fragments are joined and written as before
     # (tests/test_wire_zero_copy.py then says so) instead of failing.
     return (
         isinstance(transport, FileDescriptor)
+        and not ISSLTransport.providedBy(transport)
+        and not getattr(transport, "TLS", False)
         and all(
             hasattr(transport, name)
             for name in ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnected", "connected", "socket")
