@@ -383,6 +383,47 @@ class FrameWriterTests(SynchronousTestCase):
         self.assertEqual(len(fragmented_server_frames(transport.inner.value())), 1)
         self.assertIsNone(transport.producer)
 
+    def test_control_frames_wait_for_the_fragment_boundary(self) -> None:
+        """
+        A ping written while a message streams goes out after the fragment
+        in flight, before the next one; once nothing streams, at once.
+        """
+        from egateway.api.ws_writer import FRAGMENT_SIZE, FrameWriter
+
+        transport = _PausingTransport()
+        writer = FrameWriter(transport, lambda: True)
+        writer.send([b"p" * (3 * FRAGMENT_SIZE)], 3 * FRAGMENT_SIZE, binary=True)
+        writer.control(b"\x89\x01A")
+        while writer.streaming:
+            transport.drain()
+        writer.control(b"\x89\x01B")
+        frames = fragmented_server_frames(transport.inner.value())
+        self.assertEqual(
+            [(fin, op) for fin, op, _ in frames], [(False, 2), (True, 9), (False, 0), (True, 0), (True, 9)]
+        )
+        self.assertEqual([p for _, op, p in frames if op == 9], [b"A", b"B"])
+        self.assertEqual(b"".join(p for _, op, p in frames if op != 9), b"p" * (3 * FRAGMENT_SIZE))
+
+    def test_close_ends_the_stream_at_the_boundary(self) -> None:
+        """
+        A close frame written while a message streams follows the fragment
+        in flight, and no data frame comes after it.
+        """
+        from egateway.api.ws_writer import FRAGMENT_SIZE, FrameWriter
+
+        transport = _PausingTransport()
+        is_open = [True]
+        writer = FrameWriter(transport, lambda: is_open[0])
+        writer.send([b"c" * (3 * FRAGMENT_SIZE)], 3 * FRAGMENT_SIZE, binary=True)
+        writer.send([b"after"], 5, binary=True)
+        writer.control(b"\x88\x02\x03\xe8")
+        is_open[0] = False
+        transport.drain()
+        frames = fragmented_server_frames(transport.inner.value())
+        self.assertEqual([(fin, op) for fin, op, _ in frames], [(False, 2), (True, 8)])
+        self.assertFalse(writer.streaming)
+        self.assertIsNone(transport.producer)
+
     def test_transport_without_a_named_producer(self) -> None:
         """
         Through a transport whose producer cannot be swapped (TLS), a large

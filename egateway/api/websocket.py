@@ -384,7 +384,9 @@ class ChannelsProtocol(WebSocketServerProtocol):
         once, they could land inside it.
         """
         writer = self._writer
-        if writer is not None and writer.streaming and not sync and not chopsize:
+        if writer is not None and writer.streaming:
+            # Whole, at the boundary: Autobahn's C{sync} and C{chopsize}
+            # only pace writes, which the stream does meanwhile.
             writer.control(data)
             return
         super().sendData(data, sync, chopsize)
