@@ -310,8 +310,8 @@ class FrameWriter:
             return
         sent = send_some(transport.socket, self._fragment)
         if sent is None:
-            # Broken: the transport finds out on its next write (the empty
-            # one below) and stops us as its producer.
+            # Broken: the rest is dropped; the transport finds out on its
+            # next write or read and stops us as its producer.
             self._fragment.clear()
             self._control.clear()
             self._wait(start_writing=True)
