@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import tracemalloc
+from collections import deque
 from typing import Any, Generator
 
 import zmq
 from jupyter_client.session import Session
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import ClientCreator, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from egateway.kernels.journal import JournalLimits, KernelSession
@@ -381,6 +383,47 @@ class FrameWriterTests(SynchronousTestCase):
         self.assertEqual(len(fragmented_server_frames(transport.inner.value())), 1)
         self.assertIsNone(transport.producer)
 
+    def test_control_frames_wait_for_the_fragment_boundary(self) -> None:
+        """
+        A ping written while a message streams goes out after the fragment
+        in flight, before the next one; once nothing streams, at once.
+        """
+        from egateway.api.ws_writer import FRAGMENT_SIZE, FrameWriter
+
+        transport = _PausingTransport()
+        writer = FrameWriter(transport, lambda: True)
+        writer.send([b"p" * (3 * FRAGMENT_SIZE)], 3 * FRAGMENT_SIZE, binary=True)
+        writer.control(b"\x89\x01A")
+        while writer.streaming:
+            transport.drain()
+        writer.control(b"\x89\x01B")
+        frames = fragmented_server_frames(transport.inner.value())
+        self.assertEqual(
+            [(fin, op) for fin, op, _ in frames], [(False, 2), (True, 9), (False, 0), (True, 0), (True, 9)]
+        )
+        self.assertEqual([p for _, op, p in frames if op == 9], [b"A", b"B"])
+        self.assertEqual(b"".join(p for _, op, p in frames if op != 9), b"p" * (3 * FRAGMENT_SIZE))
+
+    def test_close_ends_the_stream_at_the_boundary(self) -> None:
+        """
+        A close frame written while a message streams follows the fragment
+        in flight, and no data frame comes after it.
+        """
+        from egateway.api.ws_writer import FRAGMENT_SIZE, FrameWriter
+
+        transport = _PausingTransport()
+        is_open = [True]
+        writer = FrameWriter(transport, lambda: is_open[0])
+        writer.send([b"c" * (3 * FRAGMENT_SIZE)], 3 * FRAGMENT_SIZE, binary=True)
+        writer.send([b"after"], 5, binary=True)
+        writer.control(b"\x88\x02\x03\xe8")
+        is_open[0] = False
+        transport.drain()
+        frames = fragmented_server_frames(transport.inner.value())
+        self.assertEqual([(fin, op) for fin, op, _ in frames], [(False, 2), (True, 8)])
+        self.assertFalse(writer.streaming)
+        self.assertIsNone(transport.producer)
+
     def test_transport_without_a_named_producer(self) -> None:
         """
         Through a transport whose producer cannot be swapped (TLS), a large
@@ -400,6 +443,18 @@ class FrameWriterTests(SynchronousTestCase):
         payload = b"q" * STREAM_SIZE
         FrameWriter(transport, lambda: True).send([memoryview(payload)], len(payload), binary=True)
         self.assertEqual(fragmented_server_frames(transport.value()), [(True, 2, payload)])
+
+
+class _Transport(Protocol):
+    """
+    Fires C{made} with its transport once connected.
+    """
+
+    def __init__(self) -> None:
+        self.made: Deferred[Any] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.made.callback(self.transport)
 
 
 class _Counter(Protocol):
@@ -444,6 +499,30 @@ class TcpStreamTests(TestCase):
     timeout = 30
 
     @inlineCallbacks
+    def test_never_around_tls(self) -> Generator[Any, Any, None]:
+        """
+        A TCP connection is written through its socket, but not once it
+        carries TLS (C{startTLS} leaves it a file descriptor whose socket
+        takes TLS records): bytes sent around TLS would reach the client in
+        clear text and break its stream.
+        """
+        from twisted.internet import reactor
+        from zope.interface import directlyProvides
+
+        from egateway.api.ws_writer import _direct
+
+        server = _Transport()
+        port = reactor.listenTCP(0, protocol.ServerFactory.forProtocol(lambda: server), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = yield ClientCreator(reactor, Protocol).connectTCP("127.0.0.1", port.getHost().port)
+        self.addCleanup(client.transport.loseConnection)
+        transport = yield server.made
+        self.addCleanup(transport.loseConnection)
+        self.assertTrue(_direct(transport))
+        directlyProvides(transport, ISSLTransport)
+        self.assertFalse(_direct(transport))
+
+    @inlineCallbacks
     def test_large_pieces_sent_from_their_own_buffer(self) -> Generator[Any, Any, None]:
         """
         An 8 MB output streamed to a client over TCP is, byte for byte, the
@@ -476,3 +555,104 @@ class TcpStreamTests(TestCase):
         peak = tracemalloc.get_traced_memory()[1] - baseline
         self.assertEqual((client.length, client.digest.hexdigest()), (expected_length, expected.hexdigest()))
         self.assertLess(peak, FRAGMENT_SIZE // 2, peak)
+
+
+class _PingingStreamer(Protocol):
+    """
+    Streams one message through a L{ChannelsProtocol}'s writer once
+    connected, and has Autobahn send a ping right away and on each reactor
+    turn while the message is still going out, as its automatic pings may.
+    """
+
+    def __init__(self, chunks: list[Any], length: int) -> None:
+        self.chunks = chunks
+        self.length = length
+        self.pings = 0
+
+    def connectionMade(self) -> None:
+        from autobahn.twisted.websocket import WebSocketServerFactory
+        from autobahn.websocket.protocol import TrafficStats, WebSocketServerProtocol
+
+        from egateway.api.websocket import ChannelsProtocol
+
+        channels = self.channels = ChannelsProtocol()
+        channels.factory = WebSocketServerFactory()
+        # What Autobahn copies from its factory once connected.
+        for name in WebSocketServerProtocol.CONFIG_ATTRS:
+            setattr(channels, name, getattr(channels.factory, name))
+        channels.trafficStats, channels.send_queue = TrafficStats(), deque()
+        channels.transport = self.transport
+        channels.state = ChannelsProtocol.STATE_OPEN
+        channels._send_frame(self.chunks, self.length, binary=False)
+        self.ping()
+
+    def ping(self) -> None:
+        from twisted.internet import reactor
+
+        channels = self.channels
+        if channels._writer is None or not channels._writer.streaming:
+            return
+        self.pings += 1
+        channels.sendPing(b"ping %d" % self.pings)
+        reactor.callLater(0, self.ping)
+
+
+class _FrameCollector(Protocol):
+    """
+    Keeps what a connection receives until it stops.
+    """
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.done: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.done.callback(None)
+
+
+class ControlFramesWhileStreamingTests(TestCase):
+    """
+    Autobahn's own frames written while a large message streams over TCP.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_pings_fall_between_fragments(self) -> Generator[Any, Any, None]:
+        """
+        Pings sent while an 8 MB output is streamed arrive whole, between
+        its fragments, and the fragments still carry the whole message: a
+        ping written at once would land inside a fragment the socket had
+        only partly taken, and the client would read garbage.
+        """
+        from twisted.internet import reactor
+
+        content = memoryview(bytes(range(256)) * (8 * 4096))
+        chunks: list[Any] = [b'{"content":"', content, b'"}']
+        length = sum(len(c) for c in chunks)
+        streamer = _PingingStreamer(chunks, length)
+        port = reactor.listenTCP(
+            0, protocol.ServerFactory.forProtocol(lambda: streamer), interface="127.0.0.1"
+        )
+        self.addCleanup(port.stopListening)
+        client = _FrameCollector()
+        connected = yield ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", port.getHost().port)
+        # Read only once the server has streamed a while: its socket fills.
+        connected.transport.pauseProducing()
+        yield deferLater(reactor, 0.2, lambda: None)
+        connected.transport.resumeProducing()
+        while streamer.channels._writer.streaming:
+            yield deferLater(reactor, 0.01, lambda: None)
+        streamer.transport.loseConnection()
+        yield client.done
+        frames = fragmented_server_frames(b"".join(client.data))
+        pings = [payload for _, opcode, payload in frames if opcode == 9]
+        data = [(fin, opcode, payload) for fin, opcode, payload in frames if opcode != 9]
+        self.assertGreater(len(pings), 1)
+        self.assertEqual(pings, [b"ping %d" % n for n in range(1, len(pings) + 1)])
+        self.assertEqual([opcode for _, opcode, _ in data], [1] + [0] * (len(data) - 1))
+        self.assertEqual([fin for fin, _, _ in data], [False] * (len(data) - 1) + [True])
+        self.assertEqual(b"".join(p for _, _, p in data), b"".join(bytes(c) for c in chunks))

@@ -376,6 +376,21 @@ class ChannelsProtocol(WebSocketServerProtocol):
             self._writer = FrameWriter(self.transport, lambda: self.state == self.STATE_OPEN)
         self._writer.send(chunks, length, binary)
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """
+        Autobahn's own writes (handshake, ping, pong, close) go through the
+        L{FrameWriter} while it streams a message, which holds them until
+        the fragment being sent is complete: written to the transport at
+        once, they could land inside it.
+        """
+        writer = self._writer
+        if writer is not None and writer.streaming:
+            # Whole, at the boundary: Autobahn's C{sync} and C{chopsize}
+            # only pace writes, which the stream does meanwhile.
+            writer.control(data)
+            return
+        super().sendData(data, sync, chopsize)
+
     def kernel_gone(self, reason: str) -> None:
         self.session = None
         if self.state == self.STATE_OPEN:

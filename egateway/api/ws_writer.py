@@ -9,29 +9,34 @@ again when the transport joins it with whatever small frames wait in its
 buffer (measured: the two joins were the gateway's largest cost for such an
 output).  L{FrameWriter} sends a payload of L{STREAM_SIZE} or more as a
 fragmented message instead (RFC 6455 section 5.4: a text or binary frame
-without FIN, continuation frames, the last with FIN), one fragment of
-L{FRAGMENT_SIZE} at a time, the next written only when the transport has
-drained the previous one (it is the transport's streaming producer for the
-while).  Through a TCP transport a fragment's large pieces are not copied at
-all: each is handed over, once the transport's buffer is empty, as the
-buffer Twisted sends from (L{_hand_over}); only the frame header with the
-small chunks around it, and the last bytes of each piece that Twisted joins
-with what follows (under its C{SEND_LIMIT}), are copied.  Through any other
-transport each fragment is one copy out of the payload's own buffers.
-Messages to the same client that come
-meanwhile wait, in order, behind the streamed one.  Autobahn's own frames
-(pings, close) may fall between fragments, which the RFC allows for
-control frames.
+without FIN, continuation frames, the last with FIN) of L{FRAGMENT_SIZE}
+payload bytes each, while it is the transport's streaming producer.
+
+Through a TCP transport the fragments are sent straight through the socket
+with C{sendmsg}, from the payload's own buffers (the frame header and the
+small chunks around the content are separate pieces of the same call), as
+much as the socket takes per call, once the transport has sent what it
+holds; when the socket is full, Twisted's C{doWrite} tells us it takes data
+again.  Nothing of the payload is copied in this process.  Through any
+other transport each fragment is one copy out of the payload's own buffers,
+written when the transport has drained the previous one.
+
+Messages to the same client that come meanwhile wait, in order, behind the
+streamed one; Autobahn's own frames (pings, close: L{FrameWriter.control})
+wait for the next boundary between fragments, where the RFC allows control
+frames.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import struct
 from collections import deque
 from typing import Any, Callable, Iterator, Sequence
 
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, ISSLTransport
 from zope.interface import implementer
 
 STREAM_SIZE = 1 << 20
@@ -43,12 +48,6 @@ made by one join.
 FRAGMENT_SIZE = 1 << 20
 """
 Payload bytes per fragment of a streamed message.
-"""
-
-DIRECT_SIZE = 64 * 1024
-"""
-Pieces of a streamed payload this large are handed to a TCP transport as
-they are (L{_hand_over}); smaller ones are joined with the frame header.
 """
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
@@ -107,64 +106,83 @@ def fragments(chunks: Sequence[Any], length: int, binary: bool, size: int = FRAG
         yield b"".join(pieces)
 
 
-def direct_pieces(chunks: Sequence[Any], length: int, binary: bool) -> Iterator[bytes | memoryview]:
-    """
-    L{fragment_pieces} for L{_hand_over}: runs of small pieces (the frame
-    headers and the JSON around a content) joined into C{bytes}, pieces of
-    L{DIRECT_SIZE} or more as the views they are.
-    """
-    for pieces in fragment_pieces(chunks, length, binary):
-        small: list[Any] = []
-        for piece in pieces:
-            if len(piece) < DIRECT_SIZE:
-                small.append(piece)
-                continue
-            if small:
-                yield b"".join(small)
-                small = []
-            yield piece
-        if small:
-            yield b"".join(small)
+IOV_MAX = 1024
+"""
+Pieces handed to one C{sendmsg} call at most (Linux's C{UIO_MAXIOV}).
+"""
 
 
 def _direct(transport: Any) -> bool:
     """
-    Whether large pieces may be handed to C{transport} without a copy: a
-    Twisted file descriptor (TCP) sends from its C{dataBuffer} through
-    C{memoryview} slices, so that buffer may be a view.  Its C{write}
-    accepts only C{bytes}, which would have meant a copy of each fragment.
+    Whether a streamed message may be sent straight through C{transport}'s
+    socket: a Twisted file descriptor (TCP) whose C{sendmsg} takes the
+    payload's own buffers, where C{write} accepts only C{bytes} (a copy of
+    each fragment) and then sends at most C{SEND_LIMIT} (128 kB) per
+    reactor turn.  Never through TLS: a TCP connection that started TLS
+    (C{startTLS}) is still a file descriptor, whose socket carries the TLS
+    records, not our bytes.
     """
-    # Every attribute _hand_over uses is Twisted's own, not its interface:
-    # should a release rename one, the fragments are joined as before
+    # Every attribute used here is Twisted's own, not its interface: should
+    # a release rename one, the fragments are joined and written as before
     # (tests/test_wire_zero_copy.py then says so) instead of failing.
-    return isinstance(transport, FileDescriptor) and all(
-        hasattr(transport, name) for name in ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnected", "connected")
+    return (
+        isinstance(transport, FileDescriptor)
+        and not ISSLTransport.providedBy(transport)
+        and not getattr(transport, "TLS", False)
+        and all(
+            hasattr(transport, name)
+            for name in ("dataBuffer", "offset", "_tempDataLen", "_writeDisconnected", "connected", "socket")
+        )
+        and hasattr(transport.socket, "sendmsg")
     )
 
 
-def _hand_over(transport: Any, piece: memoryview) -> bool:
+def _buffered(transport: Any) -> bool:
     """
-    Make C{piece} the buffer C{transport} sends from, if it has sent all it
-    had; whether it did.  Twisted's C{doWrite} sends C{dataBuffer} in
-    C{SEND_LIMIT} slices of a C{memoryview} and, once less than that
-    remains, joins the rest with what was written meanwhile: only that
-    tail is copied.  On a connection that no longer writes, the piece is
-    dropped, as C{write} drops data then.
+    Whether C{transport} still holds data it has not sent.
     """
-    if not transport.connected or transport._writeDisconnected:
-        return True
-    if transport._tempDataLen or transport.offset < len(transport.dataBuffer):
-        return False
-    transport.dataBuffer = piece
-    transport.offset = 0
-    transport.startWriting()
-    return True
+    return bool(transport._tempDataLen) or transport.offset < len(transport.dataBuffer)
+
+
+def send_some(sock: Any, pieces: deque[memoryview]) -> int | None:
+    """
+    Send as much of C{pieces} as C{sock} (non-blocking) takes now, in one
+    C{sendmsg} (no copy in this process), and drop what was sent from
+    C{pieces}.
+
+    @return: the bytes sent (0 when the socket is full), or C{None} when
+        the connection is broken.
+    """
+    try:
+        sent = sock.sendmsg(list(itertools.islice(pieces, IOV_MAX)))
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError as e:
+        if e.errno == errno.ENOBUFS:
+            return 0
+        return None
+    left = sent
+    while left:
+        first = pieces[0]
+        if len(first) <= left:
+            left -= len(first)
+            pieces.popleft()
+        else:
+            pieces[0] = first[left:]
+            left = 0
+    return sent
 
 
 @implementer(IPushProducer)
 class FrameWriter:
     """
     Writes one connection's server frames, in order.
+
+    While a message is streamed, the frames Autobahn writes itself (ping,
+    pong, close: L{control}) are held and written at the next boundary
+    between fragments, which RFC 6455 (section 5.4) allows for control
+    frames; written at once, they could land inside a fragment whose bytes
+    are only partly sent.
 
     @param transport: the connection's transport.
     @param is_open: whether data frames may still be sent (the WebSocket is
@@ -175,8 +193,10 @@ class FrameWriter:
         self._transport = transport
         self._is_open = is_open
         self._waiting: deque[tuple[Sequence[Any], int, bool]] = deque()
-        self._stream: Iterator[bytes | memoryview] | None = None
-        self._held: bytes | memoryview | None = None
+        self._stream: Iterator[list[Any]] | None = None
+        self._direct = False
+        self._fragment: deque[memoryview] = deque()
+        self._control: list[bytes] = []
         self._paused = False
         self._previous: tuple[Any, bool] | None = None
 
@@ -191,14 +211,24 @@ class FrameWriter:
         if self._stream is not None:
             self._waiting.append((chunks, length, binary))
             return
-        if length >= STREAM_SIZE:
-            stream = direct_pieces if _direct(self._transport) else fragments
-            if self._start(stream(chunks, length, binary)):
-                return
+        if length >= STREAM_SIZE and self._start(fragment_pieces(chunks, length, binary)):
+            return
         header = frame_header(OP_BINARY if binary else OP_TEXT, length)
         self._transport.write(b"".join([header, *chunks]))
 
-    def _start(self, stream: Iterator[bytes | memoryview]) -> bool:
+    def control(self, data: bytes) -> None:
+        """
+        Write C{data} (whole frames of Autobahn's own) now, or, while a
+        message is streamed, at the next boundary between its fragments.
+        """
+        if self._stream is None:
+            self._transport.write(data)
+            return
+        self._control.append(data)
+        if not self._paused and not self._fragment:
+            self._write_next()
+
+    def _start(self, stream: Iterator[list[Any]]) -> bool:
         """
         Stream a message's fragments, if the transport lets us be its
         producer; whether it does.
@@ -209,14 +239,16 @@ class FrameWriter:
         if not hasattr(transport, "producer"):
             return False
         # Be the transport's producer while streaming (its resumeProducing
-        # says the previous fragment is sent), and hand the place back
-        # after; whoever held it (Twisted's HTTP channel, which pauses
-        # reading while output backs up) is told of pauses meanwhile.
+        # says it has sent all it held, or that its socket takes data
+        # again), and hand the place back after; whoever held it (Twisted's
+        # HTTP channel, which pauses reading while output backs up) is told
+        # of pauses meanwhile.
         producer = transport.producer
         if producer is not None:
             self._previous = (producer, bool(getattr(transport, "streamingProducer", True)))
             transport.unregisterProducer()
         self._stream = stream
+        self._direct = _direct(transport)
         self._paused = False
         transport.registerProducer(self, True)
         self._write_next()
@@ -224,36 +256,89 @@ class FrameWriter:
 
     def _write_next(self) -> None:
         """
-        Write fragments until the transport says to pause, the message is
-        done, or the connection may no longer carry data.  A view
-        (L{direct_pieces}) waits until the transport has sent all it holds,
-        and is then handed over as it is; either way the transport is left
-        marked as having paused us, so that it resumes us once it has sent
-        everything (which C{write} would have done for a large fragment).
+        Write until the transport says to pause, the message is done, or
+        the connection may no longer carry data.  The connection's state
+        and the held control frames are looked at only between fragments.
         """
-        transport = self._transport
+        write_fragment = self._send_fragment if self._direct else self._write_fragment
         while self._stream is not None and not self._paused:
+            if self._fragment:
+                write_fragment()
+                continue
+            if self._control:
+                control, self._control = self._control, []
+                self._transport.write(b"".join(control))
+                continue
             if not self._is_open():
                 self._finish(send_waiting=False)
                 return
-            piece = self._held if self._held is not None else next(self._stream, None)
-            self._held = None
-            if piece is None:
+            pieces = next(self._stream, None)
+            if pieces is None:
                 self._finish(send_waiting=True)
                 return
-            if isinstance(piece, bytes):
-                transport.write(piece)
-                continue
-            if not _hand_over(transport, piece):
-                self._held = piece
-            transport.producerPaused = True
-            self.pauseProducing()
+            self._fragment.extend(memoryview(piece).cast("B") for piece in pieces if len(piece))
+
+    def _write_fragment(self) -> None:
+        """
+        The current fragment joined into one C{bytes} and written: through
+        a transport other than TCP, one copy out of the payload's buffers.
+        """
+        data = b"".join(self._fragment)
+        self._fragment.clear()
+        self._transport.write(data)
+
+    def _send_fragment(self) -> None:
+        """
+        Send the current fragment straight through the socket once the
+        transport has sent what it holds, as much as the socket takes per
+        C{sendmsg}, from the payload's own buffers.  Twisted's C{write}
+        would take only C{bytes} (a copy of each fragment, or of its pieces
+        joined with what else waits), and its C{doWrite} sends at most
+        C{SEND_LIMIT} (128 kB) per reactor turn: 160 turns and as many
+        wake-ups for a 20 MB output, against a few C{sendmsg} calls each
+        taking what the socket buffer has room for.  When the socket is
+        full, the transport is left writing nothing but marked as having
+        paused us, so that it resumes us once the socket takes data again.
+        """
+        transport = self._transport
+        if not transport.connected or transport._writeDisconnected:
+            # A connection that no longer writes drops data, as write does.
+            self._fragment.clear()
+            return
+        if _buffered(transport):
+            self._wait(start_writing=False)
+            return
+        sent = send_some(transport.socket, self._fragment)
+        if sent is None:
+            # Broken: the rest is dropped; the transport finds out on its
+            # next write or read and stops us as its producer.
+            self._fragment.clear()
+            self._control.clear()
+            self._wait(start_writing=True)
+            return
+        if self._fragment:
+            self._wait(start_writing=True)
+
+    def _wait(self, start_writing: bool) -> None:
+        """
+        Pause until the transport resumes us: once it has sent what it
+        holds, or (C{start_writing}, with nothing to send) once its socket
+        is writable again.
+        """
+        transport = self._transport
+        transport.producerPaused = True
+        self.pauseProducing()
+        if start_writing:
+            transport.startWriting()
 
     def _finish(self, send_waiting: bool) -> None:
         self._stream = None
-        self._held = None
+        self._fragment.clear()
         self._paused = False
         transport = self._transport
+        if self._control:
+            control, self._control = self._control, []
+            transport.write(b"".join(control))
         if getattr(transport, "producer", None) is self:
             transport.unregisterProducer()
         previous, self._previous = self._previous, None
@@ -283,6 +368,7 @@ class FrameWriter:
         The connection is gone: drop the rest.
         """
         self._stream = None
-        self._held = None
+        self._fragment.clear()
+        self._control.clear()
         self._previous = None
         self._waiting.clear()
