@@ -297,6 +297,8 @@ class ScaleRun:
             config += '[store]\non_stop = "keep"\n'
         config += '[metrics]\nmetrics_networks = ["127.0.0.1"]\n'
         config += f'[ops]\nstall_warning = {args.stall_warning}\n'
+        if args.turn_budget is not None:
+            config += f'turn_budget = {args.turn_budget}\n'
         self.gateway = GatewayProcess(workdir, args.launch_timeout, stop_timeout=120.0, extra_config=config,
                                       extra_path=extra_path, profile_dir=args.profile)
         self.kernels: list[str] = []
@@ -605,6 +607,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", default="", metavar="DIR",
                         help="run each gateway under cProfile (twistd --profiler cprofile), stats in DIR")
     parser.add_argument("--quick", action="store_true", help="20 kernels, 5 clients, short phases")
+    parser.add_argument("--turn-budget", type=float, default=None, metavar="S",
+                        help="the gateway's [ops] turn_budget (default: the gateway's own; 0: Twisted's own "
+                             "turns), to compare reactor turns")
     parser.add_argument("--stall-warning", type=float, default=0.1, metavar="S",
                         help="the gateway's stall_warning: stalls of the reactor this long or longer are logged "
                              "with the reactor's stack and counted per phase (default 0.1 s)")
@@ -736,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile()
     workdir = work_directory(args, "egw-scale-bench-")
     meta = run_meta(args, workdir, {"kernels": args.kernels, "clients": args.clients})
-    meta.update(kernels=args.kernels, launcher=args.launcher, nofile=nofile, stall_warning=args.stall_warning,
+    meta.update(kernels=args.kernels, launcher=args.launcher, nofile=nofile, stall_warning=args.stall_warning, turn_budget=args.turn_budget,
                 kernels_are=SIMULATED_NOTE if args.launcher == "farm" else REAL_NOTE)
     results: dict[str, Any] = {"meta": meta, "figures": {}, "problems": [], "leaked_processes": []}
     if args.pin_gateway:
