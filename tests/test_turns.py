@@ -116,9 +116,10 @@ class TurnPollerTests(SynchronousTestCase):
 
     def test_preferred_first(self) -> None:
         """
-        A preferred descriptor comes first in a poll, ahead of ready data
-        descriptors that were ready before it, and the poll still serves
-        data descriptors.
+        A preferred descriptor is served in a turn of its own, ahead of data
+        descriptors that were ready before it; while it stays ready, the
+        next turn serves it with data descriptors (never two turns of the
+        control plane alone).
         """
         data = self.sockets.readable(10)
         for fd in data:
@@ -127,10 +128,12 @@ class TurnPollerTests(SynchronousTestCase):
         [api] = self.sockets.readable(1)
         self.poller.register(api, select.EPOLLIN)
         self.poller.prefer(api)
+        self.assertEqual(self.poller.poll(0, 100), [(api, select.EPOLLIN)])
         events = self.poller.poll(0, 100)
         self.assertEqual(events[0], (api, select.EPOLLIN))
         self.assertEqual(len([fd for fd, _ in events if fd in data]), 3)
         self.assertNotIn(self.poller.control.fileno(), [fd for fd, _ in events])
+        self.assertEqual(self.poller.poll(0, 100), [(api, select.EPOLLIN)])
 
     def test_preferred_wakes_a_waiting_poll(self) -> None:
         """

@@ -22,9 +22,12 @@ things:
     asked first in every turn: an API request waits for at most one bounded
     turn of kernel traffic, not for every message that was ready before it.
     The second object's own descriptor sits in the first, so a reactor
-    waiting for anything wakes up for a request too.  The data plane is not
-    starved by requests: every turn still serves at least one of its
-    descriptors, and as many as its budget allows.
+    waiting for anything wakes up for a request too.  A turn with requests
+    ready serves them alone, so that the replies they wrote (Twisted sends
+    when the next poll says a connection is writable) leave in the next
+    turn rather than after a turn of kernel traffic; but never two such
+    turns in a row, so requests cannot starve the data plane, of which
+    every other turn serves as much as its budget allows.
 
 The reactor keeps calling C{register}, C{modify} and C{unregister} as before;
 the poller sends each to the epoll object that holds the descriptor.  It is
@@ -104,6 +107,7 @@ class TurnPoller:
         """
         self._handed = 0
         self._returned = 0.0
+        self._control_only = False
 
     # -- what the reactor calls ------------------------------------------
 
@@ -124,12 +128,21 @@ class TurnPoller:
             self._learn((self._clock() - self._returned) / self._handed)
         cap = self.cap if maxevents < 1 else min(maxevents, self.cap)
         first = self.control.poll(0) if self._preferred else []
-        events = self.data.poll(0 if first else timeout, cap)
-        control_fd = self._control_fd
-        if not first and any(fd == control_fd for fd, _ in events):
-            first = self.control.poll(0)
-        if first:
-            events = first + [event for event in events if event[0] != control_fd]
+        if first and not self._control_only:
+            # A turn of the control plane alone, so that what it wrote
+            # (Twisted sends when the next poll says writable) goes out
+            # in the next turn, not after a turn of kernel traffic.  Never
+            # two in a row: requests cannot starve kernel traffic.
+            events = first
+            self._control_only = True
+        else:
+            self._control_only = False
+            events = self.data.poll(0 if first else timeout, cap)
+            control_fd = self._control_fd
+            if not first and any(fd == control_fd for fd, _ in events):
+                first = self.control.poll(0)
+            if first:
+                events = first + [event for event in events if event[0] != control_fd]
         self._handed = len(events)
         self._returned = self._clock()
         return events
