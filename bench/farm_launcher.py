@@ -141,6 +141,49 @@ def _census_heap(log: Any, oldest: int) -> None:
     gc.callbacks.append(callback)
 
 
+LAG_LOG_ENV = "EGW_BENCH_LAG_LOG"
+"""
+With this variable set (by C{bench/scale.py}), the gateway that loads this
+launcher runs a timer every L{LAG_INTERVAL} seconds and appends, once a
+second, how late each firing was to the file it names (C{wall-clock
+milliseconds...}, one line per second): the reactor's lag as the reactor
+itself sees it, at a finer grain than the gateway's own metric (one 1 s
+timer).  Instrumentation of the benchmark only.
+"""
+
+LAG_INTERVAL = 0.01
+
+
+def _trace_lag(path: str) -> None:
+    import time
+
+    from twisted.internet import reactor
+
+    log = open(path, "a", buffering=1)
+    late: list[float] = []
+    state = {"due": 0.0, "flushed": 0.0}
+
+    def fire() -> None:
+        now = time.monotonic()
+        late.append((now - state["due"]) * 1000)
+        if now - state["flushed"] >= 1.0:
+            log.write(f"{time.time():.3f} " + " ".join(f"{ms:.2f}" for ms in late) + "\n")
+            late.clear()
+            state["flushed"] = now
+        state["due"] = now + LAG_INTERVAL
+        reactor.callLater(LAG_INTERVAL, fire)
+
+    def start() -> None:
+        state["flushed"] = time.monotonic()
+        state["due"] = state["flushed"] + LAG_INTERVAL
+        reactor.callLater(LAG_INTERVAL, fire)
+
+    reactor.callWhenRunning(start)
+
+
+if os.environ.get(LAG_LOG_ENV):
+    _trace_lag(os.environ[LAG_LOG_ENV])
+
 if os.environ.get(GC_LOG_ENV):
     _trace_gc(os.environ[GC_LOG_ENV])
     if os.environ.get(GC_GARBAGE_ENV):

@@ -40,7 +40,7 @@ if REPO not in sys.path:
 
 from bench import httpclient  # noqa: E402
 from bench.channels import GatewayChannels  # noqa: E402
-from bench.farm_launcher import GC_LOG_ENV, NAME as FARM_LAUNCHER  # noqa: E402
+from bench.farm_launcher import GC_LOG_ENV, LAG_LOG_ENV, NAME as FARM_LAUNCHER  # noqa: E402
 from bench.gateway import GatewayProcess, processes_mentioning, rss_kib, sweep, cpu_seconds  # noqa: E402
 from bench.kernel_farm import raise_nofile  # noqa: E402
 from bench.run import add_output_options, end_of_run, finish, run_guarded, run_meta, work_directory  # noqa: E402
@@ -297,6 +297,8 @@ class ScaleRun:
             config += '[store]\non_stop = "keep"\n'
         config += '[metrics]\nmetrics_networks = ["127.0.0.1"]\n'
         config += f'[ops]\nstall_warning = {args.stall_warning}\n'
+        if args.turn_budget is not None:
+            config += f'turn_budget = {args.turn_budget}\n'
         self.gateway = GatewayProcess(workdir, args.launch_timeout, stop_timeout=120.0, extra_config=config,
                                       extra_path=extra_path, profile_dir=args.profile)
         self.kernels: list[str] = []
@@ -369,6 +371,29 @@ class ScaleRun:
         return {"full_collections": len(full), "full_max_ms": max(full, default=0.0),
                 "full_total_ms": sum(full), "young_over_5ms": len(pauses) - len(full)}
 
+    def _timer_lag(self, since: float, until: float) -> dict[str, Any]:
+        """
+        How late the farm launcher's 10 ms timer in the gateway fired
+        between two wall-clock times: p50, p99 and max (ms).
+        """
+        samples: list[float] = []
+        try:
+            with open(self.lag_log) as f:
+                for line in f:
+                    at, *late = line.split()
+                    if since <= float(at) <= until:
+                        samples.extend(float(ms) for ms in late)
+        except OSError:
+            return {}
+        if not samples:
+            return {}
+        samples.sort()
+
+        def q(p: float) -> float:
+            return samples[min(len(samples) - 1, int(p * len(samples)))]
+
+        return {"p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": samples[-1], "samples": len(samples)}
+
     def _stalls(self, since: float, until: float) -> dict[str, Any]:
         """
         The stalls the gateway's stall watch reported between two wall-clock
@@ -394,9 +419,11 @@ class ScaleRun:
         n = self.args.kernels
         fig = self.figures
         self.gc_log = os.path.join(self.workdir, "gc.log")
+        self.lag_log = os.path.join(self.workdir, "lag.log")
         if self.farm is not None:
             os.makedirs(self.workdir, exist_ok=True)
             os.environ[GC_LOG_ENV] = self.gc_log
+            os.environ[LAG_LOG_ENV] = self.lag_log
         _progress(f"[{self.store}] starting the gateway")
         await asyncio.to_thread(self.gateway.start)
         if GATEWAY_CPUS:
@@ -483,6 +510,7 @@ class ScaleRun:
             await self.farm.call("tick", rate=0)
         result["gc"] = self._gc_pauses(wall_start, time.time())
         result["stalls"] = self._stalls(wall_start, time.time())
+        result["timer_lag"] = self._timer_lag(wall_start, time.time())
         self._failures(list(done), "execute loops")
         metrics_after = lag_histogram((await self._api("GET", "/metrics", 200)).body.decode())
         result["gateway_cpu_percent"] = ((cpu_seconds(self.gateway.pid) or 0.0) - cpu_before) / elapsed * 100
@@ -605,6 +633,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--profile", default="", metavar="DIR",
                         help="run each gateway under cProfile (twistd --profiler cprofile), stats in DIR")
     parser.add_argument("--quick", action="store_true", help="20 kernels, 5 clients, short phases")
+    parser.add_argument("--turn-budget", type=float, default=None, metavar="S",
+                        help="the gateway's [ops] turn_budget (default: the gateway's own; 0: Twisted's own "
+                             "turns), to compare reactor turns")
     parser.add_argument("--stall-warning", type=float, default=0.1, metavar="S",
                         help="the gateway's stall_warning: stalls of the reactor this long or longer are logged "
                              "with the reactor's stack and counted per phase (default 0.1 s)")
@@ -654,6 +685,9 @@ def targets(store: dict[str, Any]) -> list[tuple[str, Any, str, bool | None]]:
     if load and load["probe"]["p99_ms"] is not None:
         add("reactor lag under load, GET /api p99 (ms)", round(load["probe"]["p99_ms"], 1),
             f"<= {TARGETS['lag_p99_ms']:g}", load["probe"]["p99_ms"] <= TARGETS["lag_p99_ms"])
+    if load and load.get("timer_lag"):
+        add("reactor lag under load, 10 ms timer p99 (ms)", round(load["timer_lag"]["p99_ms"], 1),
+            f"<= {TARGETS['lag_p99_ms']:g}", load["timer_lag"]["p99_ms"] <= TARGETS["lag_p99_ms"])
     restart = store.get("restart")
     if restart:
         add("restart to all kernels served (s)", round(restart["all_served_s"], 1), f"<= {TARGETS['restore_s']:g}",
@@ -688,6 +722,10 @@ def render(results: dict[str, Any]) -> str:
                     + (f"; {p['executes_per_s']:.0f} executes/s by {p['clients']} clients" if "executes_per_s" in p
                        else "")
                 )
+                if p.get("timer_lag"):
+                    t = p["timer_lag"]
+                    lines.append(f"  reactor lag (a 10 ms timer in the gateway, {t['samples']} firings): p50 "
+                                 f"{_ms(t['p50_ms'])} p99 {_ms(t['p99_ms'])} max {_ms(t['max_ms'])}")
                 if p.get("gc"):
                     g = p["gc"]
                     lines.append(f"  gateway GC: {g['full_collections']} full collections, longest "
@@ -736,7 +774,7 @@ def main(argv: list[str] | None = None) -> int:
     nofile = raise_nofile()
     workdir = work_directory(args, "egw-scale-bench-")
     meta = run_meta(args, workdir, {"kernels": args.kernels, "clients": args.clients})
-    meta.update(kernels=args.kernels, launcher=args.launcher, nofile=nofile, stall_warning=args.stall_warning,
+    meta.update(kernels=args.kernels, launcher=args.launcher, nofile=nofile, stall_warning=args.stall_warning, turn_budget=args.turn_budget,
                 kernels_are=SIMULATED_NOTE if args.launcher == "farm" else REAL_NOTE)
     results: dict[str, Any] = {"meta": meta, "figures": {}, "problems": [], "leaked_processes": []}
     if args.pin_gateway:

@@ -293,6 +293,10 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
     from egateway.ops.heap import HeapFreeze
 
     HeapFreeze(reactor).setServiceParent(top)
+    if config.ops.turn_budget > 0:
+        from egateway.ops.turns import BoundedTurns
+
+        BoundedTurns(reactor, config.ops.turn_budget).setServiceParent(top)
     if config.ops.stall_warning > 0:
         from egateway.ops.stalls import StallWatch
 

@@ -25,6 +25,7 @@ from egateway.api.hosts import HostPolicy
 from egateway.errors import BadRequest, GatewayError, TooManyRequests, Unauthorized, error_body, write_error
 from egateway.errors import write_json  # noqa: F401 (the routes import the JSON helpers from here)
 from egateway.ops import audit
+from egateway.ops import turns
 
 _log = Logger()
 
@@ -112,12 +113,21 @@ class GatewayRequest(Request):
 
 
 class _Channel(HTTPChannel):
+    _turn_fd = -1
+
     def connectionMade(self) -> None:
         super().connectionMade()
         if ITCPTransport.providedBy(self.transport):
             # Without it, small replies wait ~40 ms for the client's delayed
             # ACK (Nagle), which is what makes other gateways slow.
             self.transport.setTcpNoDelay(True)
+        # Requests go ahead of kernel traffic in each reactor turn, until
+        # the connection becomes a WebSocket (ChannelsProtocol releases it).
+        self._turn_fd = turns.prefer(self.transport)
+
+    def connectionLost(self, reason: Any) -> None:
+        turns.release_descriptor(self._turn_fd)
+        super().connectionLost(reason)
 
 
 class GatewaySite(Site):

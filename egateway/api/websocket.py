@@ -37,6 +37,7 @@ from egateway.kernels.policy import Caller, caller_of, may_access
 from egateway.kernels.state import KernelState
 from egateway.ops import audit
 from egateway.ops.metrics import RelayCounts
+from egateway.ops import turns
 from egateway.wire.protocol import Message, WireError
 from egateway.wire.ws_formats import V1_PROTOCOL, legacy_chunks, legacy_decode, v1_chunks, v1_decode
 
@@ -178,6 +179,9 @@ class ChannelsProtocol(WebSocketServerProtocol):
         for name in WebSocketServerProtocol.CONFIG_ATTRS:
             if not hasattr(self, name):
                 setattr(self, name, getattr(self.factory, name))
+        # Kernel traffic from now on: no precedence over other connections
+        # in the reactor's turns (egateway.ops.turns).
+        turns.release(self.transport)
         super()._connectionMade()
 
     def _accepted(self) -> ChannelRequest:

@@ -863,6 +863,14 @@ class OpsConfig:
         env=("EG_STALL_WARNING",),
         minimum=0.0,
     )
+    turn_budget: float = setting(
+        0.005,
+        "Seconds of kernel traffic the reactor serves per turn before it runs its timers and polls again; "
+        "the API's HTTP connections are served first in every turn. 0: Twisted's own turns (every ready "
+        "connection at once, no precedence).",
+        env=("EG_TURN_BUDGET",),
+        minimum=0.0,
+    )
     manhole_listen: str = setting(
         "",
         "Endpoint of the SSH manhole (a Python shell in the daemon for operators), loopback or unix: "
