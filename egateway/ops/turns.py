@@ -13,10 +13,11 @@ things:
 
   - A poll hands the reactor only as many ready descriptors as it can serve
     in a budget of time (C{[ops] turn_budget}, learnt from the turns before:
-    L{TurnPoller}).  The others stay ready in the kernel's list and come first in the next poll
-    (epoll puts a level-triggered descriptor it returned at the back of its
-    ready list, and those it did not return stay in front), so every
-    descriptor is still served, in turn, and timers run between turns.
+    L{TurnPoller}).  The others stay ready in the kernel's list and come
+    first in the next poll (epoll puts a level-triggered descriptor it
+    returned at the back of its ready list, and those it did not return
+    stay in front), so every descriptor is still served, in turn, and
+    timers run between turns.
   - Descriptors of the control plane (the API's HTTP connections, until one
     becomes a WebSocket) are registered in a second epoll object, which is
     asked first in every turn: an API request waits for at most one bounded
@@ -275,13 +276,17 @@ class BoundedTurns(Service):
         global _installed
         super().startService()
         original = getattr(self._reactor, "_poller", None)
-        if _installed is not None or not isinstance(original, type(select.epoll())) or not all(
+        if not isinstance(original, select.epoll) or not all(
             hasattr(self._reactor, name) for name in ("_selectables", "_reads", "_writes")
         ):
             _log.info(
                 "reactor turns are Twisted's own ({reactor} has no epoll object of its own to bound)",
                 reactor=type(self._reactor).__name__,
             )
+            return
+        if _installed is not None:
+            _log.warn("reactor turns are already bounded by another service; turn_budget {budget} not applied",
+                      budget=self.budget)
             return
         reads, writes = self._reactor._reads, self._reactor._writes
         registered = {
