@@ -313,7 +313,9 @@ class ScaleBenchSmokeTests(QuickRun, TestCase):
             self.assertTrue(_positive(figure["restart"]["all_served_s"]), (store, figure))
             self.assertTrue(_positive(figure["shutdown_all_s"]), (store, figure))
             self.assertEqual(figure["farm_kernels_left"], 0, (store, figure))
-            self.assertEqual(len(figure["targets"]), 4, (store, figure))
+            # RSS, RSS per kernel, lag (GET /api and the in-gateway timer), restart.
+            self.assertEqual(len(figure["targets"]), 5, (store, figure))
+            self.assertTrue(_positive(figure["lag_load"]["timer_lag"]["p99_ms"]), (store, figure["lag_load"]))
             self.assertFalse(pid_alive(figure["gateway_pid"]), f"the {store} gateway is still running")
         for path in results["meta"]["fixture_workdirs"]:
             self.assertFalse(os.path.exists(path), f"Redis fixture directory {path} left behind")

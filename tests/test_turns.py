@@ -312,8 +312,12 @@ class GatewayConnectionsTests(GatewayTestCase):
         listener = self.gateway.service.getServiceNamed("http")
         port = (await listener._waitingForPort).getHost().port
         endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+        before = set(self._server_side("_Channel"))
         idle = await endpoint.connect(Factory.forProtocol(Protocol))
-        [http] = await eventually(lambda: self._server_side("_Channel"), "the server side of the connection")
+        [http] = await eventually(
+            lambda: [fd for fd in self._server_side("_Channel") if fd not in before],
+            "the server side of the connection",
+        )
         self.assertIn(http, poller._preferred)
         idle.transport.loseConnection()
         await eventually(lambda: http not in poller._preferred, "the closed connection forgotten")

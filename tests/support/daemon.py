@@ -602,6 +602,33 @@ ignored for the whole grace period (CI, twice, with a JupyterLab page
 freshly opened).
 """
 
+DAEMON_ANYIO_THREADS = """\
+# Written by egateway's tests (tests/support/daemon.py).  anyio's worker
+# threads are not daemon threads, and jupyter_server's stop on SIGTERM (the
+# event loop stopped from a signal) never tells them to end: a server that
+# used one in its last seconds (GET /api/nbconvert, which JupyterLab asks
+# for each time it loads a page, runs in one) then waits in
+# threading._shutdown until SIGKILL (anyio 4.16, jupyter_server 2.21; CI on
+# 2026-12-07, the thread's stack dumped by SIGUSR2).  Nothing of the server
+# outlives its process either way; this only lets it exit.
+import anyio._backends._asyncio as _anyio_asyncio
+
+_worker_init = _anyio_asyncio.WorkerThread.__init__
+
+
+def _daemon_worker_init(self, *args, **kwargs):
+    _worker_init(self, *args, **kwargs)
+    self.daemon = True
+
+
+_anyio_asyncio.WorkerThread.__init__ = _daemon_worker_init
+"""
+"""
+A C{jupyter_server_config.py} for the tests' notebook servers (see its
+comment): without it, a server that JupyterLab had just loaded a page from
+ignored SIGTERM.
+"""
+
 
 async def start_jupyter_server(
     test: TestCase,
@@ -631,6 +658,8 @@ async def start_jupyter_server(
     environ["JUPYTER_PLATFORM_DIRS"] = "1"
     with open(os.path.join(workdir, "config", "jupyter_server_config.json"), "w") as f:
         json.dump(OFFLINE_JUPYTER_SERVER, f)
+    with open(os.path.join(workdir, "config", "jupyter_server_config.py"), "w") as f:
+        f.write(DAEMON_ANYIO_THREADS)
     if gateway is not None and gateway.token:
         environ["JUPYTER_GATEWAY_AUTH_TOKEN"] = gateway.token
 
