@@ -49,10 +49,29 @@ class TurnPollerTests(SynchronousTestCase):
         self.epoll = select.epoll()
         self.addCleanup(self.epoll.close)
         self.now = 0.0
-        self.poller = TurnPoller(self.epoll, budget=0.003, clock=lambda: self.now)
+        # What the reactor holds: the flags each descriptor is registered with.
+        self.registered: dict[int, int] = {}
+        self.poller = TurnPoller(
+            self.epoll, budget=0.003, flags_of=lambda fd: self.registered.get(fd, 0), clock=lambda: self.now
+        )
         self.poller.cap = 3
         self.addCleanup(self.poller.control.close)
         self.sockets = _Pairs(self)
+
+    def register(self, fd: int, flags: int) -> None:
+        """
+        As the reactor does: register with the poller, then record.
+        """
+        self.poller.register(fd, flags)
+        self.registered[fd] = flags
+
+    def modify(self, fd: int, flags: int) -> None:
+        self.poller.modify(fd, flags)
+        self.registered[fd] = flags
+
+    def unregister(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        del self.registered[fd]
 
     def test_bounded_and_fair(self) -> None:
         """
@@ -62,7 +81,7 @@ class TurnPollerTests(SynchronousTestCase):
         """
         fds = self.sockets.readable(10)
         for fd in fds:
-            self.poller.register(fd, select.EPOLLIN)
+            self.register(fd, select.EPOLLIN)
         self.poller._learn = lambda cost: None  # type: ignore[method-assign]
         served: list[int] = []
         for _ in range(4):
@@ -80,7 +99,7 @@ class TurnPollerTests(SynchronousTestCase):
         """
         fds = self.sockets.readable(80)
         for fd in fds:
-            self.poller.register(fd, select.EPOLLIN)
+            self.register(fd, select.EPOLLIN)
         self.poller.cap = MAX_EVENTS
 
         def turns(count: int, per_descriptor: float) -> None:
@@ -111,7 +130,7 @@ class TurnPollerTests(SynchronousTestCase):
         The reactor's own C{maxevents} still bounds a poll when smaller.
         """
         for fd in self.sockets.readable(5):
-            self.poller.register(fd, select.EPOLLIN)
+            self.register(fd, select.EPOLLIN)
         self.assertEqual(len(self.poller.poll(0, 2)), 2)
 
     def test_preferred_first(self) -> None:
@@ -123,10 +142,10 @@ class TurnPollerTests(SynchronousTestCase):
         """
         data = self.sockets.readable(10)
         for fd in data:
-            self.poller.register(fd, select.EPOLLIN)
+            self.register(fd, select.EPOLLIN)
         self.poller._learn = lambda cost: None  # type: ignore[method-assign]
         [api] = self.sockets.readable(1)
-        self.poller.register(api, select.EPOLLIN)
+        self.register(api, select.EPOLLIN)
         self.poller.prefer(api)
         self.assertEqual(self.poller.poll(0, 100), [(api, select.EPOLLIN)])
         events = self.poller.poll(0, 100)
@@ -144,7 +163,7 @@ class TurnPollerTests(SynchronousTestCase):
         a, b = socket.socketpair()
         self.addCleanup(a.close)
         self.addCleanup(b.close)
-        self.poller.register(a.fileno(), select.EPOLLIN)
+        self.register(a.fileno(), select.EPOLLIN)
         self.poller.prefer(a.fileno())
         self.assertEqual(self.poller.poll(0, 10), [])
         b.send(b"x")
@@ -157,13 +176,13 @@ class TurnPollerTests(SynchronousTestCase):
         """
         [fd] = self.sockets.readable(1)
         self.poller.prefer(fd)
-        self.poller.register(fd, select.EPOLLIN)
+        self.register(fd, select.EPOLLIN)
         self.assertEqual(self.poller.control.poll(0), [(fd, select.EPOLLIN)])
         # The reactor's epoll holds only the control epoll, ready because fd is.
         self.assertEqual(self.epoll.poll(0), [(self.poller.control.fileno(), select.EPOLLIN)])
-        self.poller.modify(fd, select.EPOLLIN | select.EPOLLOUT)
+        self.modify(fd, select.EPOLLIN | select.EPOLLOUT)
         self.assertEqual(self.poller.control.poll(0), [(fd, select.EPOLLIN | select.EPOLLOUT)])
-        self.poller.unregister(fd)
+        self.unregister(fd)
         self.assertEqual(self.poller.control.poll(0), [])
 
     def test_release(self) -> None:
@@ -172,9 +191,9 @@ class TurnPollerTests(SynchronousTestCase):
         the reactor last gave it.
         """
         [fd] = self.sockets.readable(1)
-        self.poller.register(fd, select.EPOLLIN)
+        self.register(fd, select.EPOLLIN)
         self.poller.prefer(fd)
-        self.poller.modify(fd, select.EPOLLIN | select.EPOLLOUT)
+        self.modify(fd, select.EPOLLIN | select.EPOLLOUT)
         self.poller.release(fd)
         self.assertEqual(self.poller.control.poll(0), [])
         self.assertEqual(self.epoll.poll(0), [(fd, select.EPOLLIN | select.EPOLLOUT)])
@@ -188,9 +207,9 @@ class TurnPollerTests(SynchronousTestCase):
         a, b = socket.socketpair()
         self.addCleanup(b.close)
         fd = a.fileno()
-        self.poller.register(fd, select.EPOLLIN)
+        self.register(fd, select.EPOLLIN)
         self.poller.prefer(fd)
-        self.poller.unregister(fd)
+        self.unregister(fd)
         a.close()
         self.poller.release(fd)
         self.assertEqual(self.poller._preferred, set())
@@ -201,7 +220,7 @@ class TurnPollerTests(SynchronousTestCase):
         epoll, takes the control epoll out of it, and returns it.
         """
         [fd] = self.sockets.readable(1)
-        self.poller.register(fd, select.EPOLLIN)
+        self.register(fd, select.EPOLLIN)
         self.poller.prefer(fd)
         control_fd = self.poller.control.fileno()
         self.assertIs(self.poller.uninstall(), self.epoll)
@@ -230,7 +249,7 @@ class BoundedTurnsServiceTests(SynchronousTestCase):
         self.assertIs(turns._installed, own._poller)
         # The reactor's waker was registered before: its flags are known.
         waker = own.waker.fileno()
-        self.assertEqual(own._poller._flags[waker], select.EPOLLIN)
+        self.assertEqual(own._poller._flags_of(waker), select.EPOLLIN)
         service.stopService()
         self.assertIs(own._poller, original)
         self.assertIsNone(turns._installed)

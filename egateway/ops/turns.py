@@ -81,14 +81,15 @@ class TurnPoller:
         self,
         data: Any,
         budget: float,
-        registered: dict[int, int] | None = None,
+        flags_of: Callable[[int], int],
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         """
         @param data: the reactor's epoll object.
         @param budget: seconds of data-plane work per turn.
-        @param registered: the descriptors already registered in C{data},
-            with their flags.
+        @param flags_of: the flags the reactor has a descriptor registered
+            with (0: not registered), read when one moves between the two
+            epoll objects.
         """
         self.data = data
         self.budget = budget
@@ -96,7 +97,7 @@ class TurnPoller:
         self._control_fd = self.control.fileno()
         self.data.register(self._control_fd, select.EPOLLIN)
         self._preferred: set[int] = set()
-        self._flags: dict[int, int] = dict(registered or {})
+        self._flags_of = flags_of
         self._clock = clock
         self.cost = 0.0
         """
@@ -114,14 +115,11 @@ class TurnPoller:
 
     def register(self, fd: int, flags: int) -> None:
         self._holder(fd).register(fd, flags)
-        self._flags[fd] = flags
 
     def modify(self, fd: int, flags: int) -> None:
         self._holder(fd).modify(fd, flags)
-        self._flags[fd] = flags
 
     def unregister(self, fd: int) -> None:
-        self._flags.pop(fd, None)
         self._holder(fd).unregister(fd)
 
     def poll(self, timeout: float = -1, maxevents: int = -1) -> list[tuple[int, int]]:
@@ -155,13 +153,6 @@ class TurnPoller:
             return
         self.cap = max(1, min(MAX_EVENTS, round(self.budget / self.cost)))
 
-    def fileno(self) -> int:
-        return self.data.fileno()
-
-    def close(self) -> None:
-        self.control.close()
-        self.data.close()
-
     # -- the control plane -----------------------------------------------
 
     def prefer(self, fd: int) -> None:
@@ -186,14 +177,13 @@ class TurnPoller:
         return self.control if fd in self._preferred else self.data
 
     def _move(self, fd: int, source: Any, target: Any) -> None:
-        flags = self._flags.get(fd)
-        if flags is None:
+        flags = self._flags_of(fd)
+        if not flags:
             return
         try:
             source.unregister(fd)
         except OSError:
             # Closed meanwhile: the kernel dropped it from every epoll set.
-            self._flags.pop(fd, None)
             return
         target.register(fd, flags)
 
@@ -288,12 +278,12 @@ class BoundedTurns(Service):
             _log.warn("reactor turns are already bounded by another service; turn_budget {budget} not applied",
                       budget=self.budget)
             return
-        reads, writes = self._reactor._reads, self._reactor._writes
-        registered = {
-            fd: (select.EPOLLIN if fd in reads else 0) | (select.EPOLLOUT if fd in writes else 0)
-            for fd in set(reads) | set(writes)
-        }
-        self.poller = TurnPoller(original, self.budget, registered)
+        reactor = self._reactor
+
+        def flags_of(fd: int) -> int:
+            return (select.EPOLLIN if fd in reactor._reads else 0) | (select.EPOLLOUT if fd in reactor._writes else 0)
+
+        self.poller = TurnPoller(original, self.budget, flags_of)
         self._reactor._poller = self.poller
         _installed = self.poller
 
