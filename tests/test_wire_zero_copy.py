@@ -533,12 +533,12 @@ class TcpStreamTests(TestCase):
         """
         from twisted.internet import reactor
 
-        from egateway.api.ws_writer import FRAGMENT_SIZE, fragments
+        from egateway.api.ws_writer import FRAGMENT_SIZE, fragment_pieces
 
         content = memoryview(bytes(range(256)) * (8 * 4096))
         chunks: list[Any] = [b'{"content":"', content, b'"}']
         length = sum(len(c) for c in chunks)
-        frames = b"".join(fragments(chunks, length, binary=False))
+        frames = b"".join(b"".join(pieces) for pieces in fragment_pieces(chunks, length, binary=False))
         expected, expected_length = hashlib.sha256(frames), len(frames)
         del frames
         client = _Counter(expected_length)

@@ -97,15 +97,6 @@ def fragment_pieces(
         opcode = OP_CONTINUATION
 
 
-def fragments(chunks: Sequence[Any], length: int, binary: bool, size: int = FRAGMENT_SIZE) -> Iterator[bytes]:
-    """
-    L{fragment_pieces}, each fragment joined into one C{bytes} ready to
-    write.
-    """
-    for pieces in fragment_pieces(chunks, length, binary, size):
-        yield b"".join(pieces)
-
-
 IOV_MAX = 1024
 """
 Pieces handed to one C{sendmsg} call at most (Linux's C{UIO_MAXIOV}).
@@ -266,8 +257,7 @@ class FrameWriter:
                 write_fragment()
                 continue
             if self._control:
-                control, self._control = self._control, []
-                self._transport.write(b"".join(control))
+                self._write_control()
                 continue
             if not self._is_open():
                 self._finish(send_waiting=False)
@@ -277,6 +267,14 @@ class FrameWriter:
                 self._finish(send_waiting=True)
                 return
             self._fragment.extend(memoryview(piece).cast("B") for piece in pieces if len(piece))
+
+    def _write_control(self) -> None:
+        """
+        Write the control frames held while a fragment was in flight.
+        """
+        if self._control:
+            control, self._control = self._control, []
+            self._transport.write(b"".join(control))
 
     def _write_fragment(self) -> None:
         """
@@ -336,9 +334,7 @@ class FrameWriter:
         self._fragment.clear()
         self._paused = False
         transport = self._transport
-        if self._control:
-            control, self._control = self._control, []
-            transport.write(b"".join(control))
+        self._write_control()
         if getattr(transport, "producer", None) is self:
             transport.unregisterProducer()
         previous, self._previous = self._previous, None
