@@ -387,12 +387,8 @@ class ScaleRun:
             return {}
         if not samples:
             return {}
-        samples.sort()
-
-        def q(p: float) -> float:
-            return samples[min(len(samples) - 1, int(p * len(samples)))]
-
-        return {"p50_ms": q(0.5), "p99_ms": q(0.99), "max_ms": samples[-1], "samples": len(samples)}
+        return {"p50_ms": percentile(samples, 0.5), "p99_ms": percentile(samples, 0.99), "max_ms": max(samples),
+                "samples": len(samples)}
 
     def _stalls(self, since: float, until: float) -> dict[str, Any]:
         """
