@@ -246,11 +246,19 @@ class LoopbackTests(TestCase):
     async def test_wrong_key(self) -> None:
         """
         A payload encrypted to another gateway's key is refused.
+
+        RSA PKCS#1 v1.5 decryption rejects implicitly: for a wrong key it
+        usually raises, but it may return random bytes instead, which are
+        then refused by the key length check, the AES padding check or,
+        rarely, the JSON parse.  Any of those is the right refusal.
         """
         listener, _ = self.legacy()
         self.assertEqual(await self.send(encode_v1(INFO, keys(1).public_key_b64), listener), b"ERROR refused\n")
         self.assertEqual(len(self.refusals()), 1)
-        self.assertIn("cannot be decrypted", self.refusals()[0])
+        self.assertRegex(
+            self.refusals()[0],
+            "version 1 (key cannot be decrypted|conn_info does not decrypt|connection info is not JSON)",
+        )
         await self.assert_still_serving(listener)
 
     async def test_garbage(self) -> None:
