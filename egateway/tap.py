@@ -375,6 +375,7 @@ def build_service(config: Config, reactor: Any, config_file: str = "") -> Gatewa
         gateway_env=os.environ,
         journal_entries=config.store.journal_entries,
         journal_bytes=config.store.journal_bytes,
+        journal_total_bytes=config.store.journal_total_bytes,
         policy=TenancyPolicy.from_config(config),
         persistence=persistence if persistent else None,
         sharing=sharing,

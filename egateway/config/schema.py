@@ -738,6 +738,14 @@ class StoreConfig:
         env=("EG_JOURNAL_BYTES",),
         minimum=0,
     )
+    journal_total_bytes: int = setting(
+        1 << 30,
+        "Most bytes of messages all client sessions' journals and all kernels' iopub rings of this gateway hold "
+        "together; over it, the largest ones lose their oldest messages first (0: each is bounded only by "
+        "journal_entries and journal_bytes).",
+        env=("EG_JOURNAL_TOTAL_BYTES",),
+        minimum=0,
+    )
     lease_ttl: float = setting(
         30.0,
         "Seconds a gateway's lease on a kernel lasts unless renewed; a dead gateway's kernels are taken over "

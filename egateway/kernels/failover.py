@@ -88,6 +88,7 @@ import hashlib
 from collections import deque
 from typing import Protocol
 
+from egateway.kernels.held import HeldMessages
 from egateway.wire.protocol import Message, WireError
 
 CURSOR_WINDOW = 256
@@ -165,12 +166,14 @@ class Bounds(Protocol):
 
     entries: int
     size: int
+    held: HeldMessages
 
 
 class IopubRing:
     """
     The last iopub messages of one kernel as this gateway received them,
-    bounded by a session journal's limits.
+    bounded by a session journal's limits, and with every journal and ring
+    by their total (L{HeldMessages}).
     """
 
     def __init__(self, limits: Bounds) -> None:
@@ -179,17 +182,37 @@ class IopubRing:
         # stops tracking, not the Message (see KernelSession.journal).
         self._messages: deque[tuple[str, tuple[bytes, ...], tuple[bytes, ...], int]] = deque()
         self._bytes = 0
+        limits.held.add(self)
 
     def __len__(self) -> int:
         return len(self._messages)
 
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
+
     def append(self, message: Message) -> None:
         size = message_size(message)
-        self._messages.append((message.msg_id, message.parts, message.buffers, size))
+        messages = self._messages
+        messages.append((message.msg_id, message.parts, message.buffers, size))
         self._bytes += size
         limits = self._limits
-        while len(self._messages) > limits.entries or (self._bytes > limits.size and len(self._messages) > 1):
-            self._bytes -= self._messages.popleft()[3]
+        trimmed = 0
+        while len(messages) > limits.entries or (self._bytes - trimmed > limits.size and len(messages) > 1):
+            trimmed += messages.popleft()[3]
+        self._bytes -= trimmed
+        limits.held.grew(size - trimmed)
+
+    def shed_to(self, most: int) -> int:
+        """
+        Drop the oldest messages down to C{most} bytes, keeping the newest
+        (L{egateway.kernels.held.IHolder}).
+        """
+        messages, dropped = self._messages, 0
+        while self._bytes > most and len(messages) > 1:
+            self._bytes -= messages.popleft()[3]
+            dropped += 1
+        return dropped
 
     def after(self, msg_id: str | None) -> tuple[list[Message], bool]:
         """

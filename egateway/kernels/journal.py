@@ -37,6 +37,7 @@ from typing import Any, Protocol
 from twisted.logger import Logger
 
 from egateway.kernels.failover import gateway_session, message_size, session_identity, shared_session_key
+from egateway.kernels.held import HeldMessages
 from egateway.wire.link import ClientLink, KernelLink
 from egateway.wire.protocol import Message
 
@@ -87,9 +88,14 @@ class JournalLimits:
     Bounds of a session's journal.
     """
 
-    def __init__(self, entries: int = 20000, size: int = 64 << 20) -> None:
+    def __init__(self, entries: int = 20000, size: int = 64 << 20, total: int = 0) -> None:
         self.entries = entries
         self.size = size
+        self.held = HeldMessages(total)
+        """
+        What every journal and iopub ring under these limits holds, bounded
+        together by C{total} bytes (0: no bound beyond each one's own).
+        """
         self.dropped = 0
         """
         Messages trimmed off journals with these bounds (for the metrics).
@@ -156,6 +162,24 @@ class KernelSession:
         held from the client until they are (write-ahead).
         """
         self._held: deque[tuple[str, Message]] = deque(maxlen=HELD_WHILE_NOT_LIVE)
+        limits.held.add(self)
+
+    @property
+    def held_bytes(self) -> int:
+        return self._journal_bytes
+
+    def shed_to(self, most: int) -> int:
+        """
+        Drop the journal's oldest messages down to C{most} bytes, keeping
+        the newest (L{egateway.kernels.held.IHolder}).
+        """
+        journal, dropped = self.journal, 0
+        while self._journal_bytes > most and len(journal) > 1:
+            self._journal_bytes -= journal.popleft()[4]
+            dropped += 1
+        if self.client is None:
+            self.limits.dropped += dropped
+        return dropped
 
     # -- kernel side -------------------------------------------------------
 
@@ -238,11 +262,14 @@ class KernelSession:
         entries, most = limits.entries, limits.size
         if self.client is not None:
             entries, most = min(entries, CONNECTED_ENTRIES), min(most, CONNECTED_BYTES)
-        while len(journal) > entries or (self._journal_bytes > most and len(journal) > 1):
-            self._journal_bytes -= journal.popleft()[4]
+        trimmed = 0
+        while len(journal) > entries or (self._journal_bytes - trimmed > most and len(journal) > 1):
+            trimmed += journal.popleft()[4]
             if self.client is None:
                 # (Trimmed while connected: it was sent to the client.)
                 limits.dropped += 1
+        self._journal_bytes -= trimmed
+        limits.held.grew(size - trimmed)
         return sink is not None
 
     # -- client side -------------------------------------------------------
@@ -335,6 +362,8 @@ class KernelSession:
         self.relink(None)
         self.journal.clear()
         self._uncommitted.clear()
+        self.limits.held.shrank(self._journal_bytes)
+        self.limits.held.remove(self)
         self._journal_bytes = 0
 
     def preload(self, entries: list[tuple[int, str, Message]], known: int) -> None:
@@ -347,6 +376,7 @@ class KernelSession:
             size = message_size(message)
             self.journal.append((seq, channel, message.parts, message.buffers, size))
             self._journal_bytes += size
+            self.limits.held.grew(size)
         last = entries[-1][0] if entries else 0
         self.seq = self.sent = max(last, known)
         self.parked_at = None

@@ -88,6 +88,7 @@ class KernelManager(Service):
         default_username: str | None = None,
         journal_entries: int = 20000,
         journal_bytes: int = 64 << 20,
+        journal_total_bytes: int = 0,
         policy: TenancyPolicy | None = None,
         persistence: PersistenceFactory | None = None,
         sharing: SharingFactory | None = None,
@@ -118,7 +119,7 @@ class KernelManager(Service):
         and removals only.
         """
         self._housekeeping: LoopingCall | None = None
-        self.journal_limits = JournalLimits(journal_entries, journal_bytes)
+        self.journal_limits = JournalLimits(journal_entries, journal_bytes, journal_total_bytes)
         self.last_exit: dict[str, ExitStatus] = {}
         self.launches_started: Counter[str] = Counter()
         self.admission = AdmissionControl(

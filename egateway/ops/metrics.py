@@ -322,6 +322,18 @@ class _ScrapeCollector:
             [],
             {(): getattr(journal, "dropped", 0)},
         )
+        held = getattr(journal, "held", None)
+        yield _counter(
+            "egateway_journal_shed_messages",
+            "Messages dropped off journals and iopub rings to keep their total within journal_total_bytes.",
+            [],
+            {(): getattr(held, "shed", 0)},
+        )
+        yield GaugeMetricFamily(
+            "egateway_journal_held_bytes",
+            "Bytes of messages held by all journals and iopub rings (each holder counts what it holds).",
+            value=getattr(held, "total", 0),
+        )
         yield _counter(
             "egateway_journal_lost_messages",
             "Messages a reconnecting client missed because they had left the journal.",

@@ -401,7 +401,12 @@ class RecordingClient:
 
 
 def make_manager(
-    clock: Any, *specs: Any, persistence: Any = None, sharing: Any = None, **settings: Any
+    clock: Any,
+    *specs: Any,
+    persistence: Any = None,
+    sharing: Any = None,
+    journal_total_bytes: int = 0,
+    **settings: Any,
 ) -> tuple[Any, FakeLauncher, FakeChannels]:
     """
     A L{KernelManager} over fakes, started.
@@ -430,6 +435,7 @@ def make_manager(
         default_username="gatewayuser",
         persistence=persistence,
         sharing=sharing,
+        journal_total_bytes=journal_total_bytes,
     )
     manager.startService()
     return manager, launcher, channels
