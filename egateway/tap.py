@@ -547,6 +547,7 @@ def build_persistence(
     import uuid
 
     from egateway.kernels.persistence import KernelPersistence
+    from egateway.ops.memory import release_freed_memory
     from egateway.store import SecretBox, load_or_create_key_file_blocking, open_store, parse_store_url
 
     settings = config.store
@@ -563,7 +564,7 @@ def build_persistence(
         store = open_store(location, box, reactor)
         return wrap(store) if wrap is not None else store
 
-    return KernelPersistence(
+    persistence = KernelPersistence(
         open_configured,
         shared,
         manager,
@@ -572,6 +573,8 @@ def build_persistence(
         instance_id=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         on_stop=settings.on_stop,
     )
+    persistence.restored.append(lambda: release_freed_memory(blocking.run, "kernels restored"))
+    return persistence
 
 
 def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any, metrics: Any = None) -> tuple[Any, Any]:

@@ -1,0 +1,76 @@
+"""
+Returning freed memory to the system once kernels are restored
+(L{egateway.ops.memory}).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from types import SimpleNamespace
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from egateway.ops import memory
+
+MIB = 1 << 20
+
+
+class ReleaseTests(SynchronousTestCase):
+    def test_holes_are_returned(self) -> None:
+        """
+        Memory freed between blocks still in use (which glibc keeps for
+        itself) is returned: the resident set shrinks.
+        """
+        if memory._trim is None:
+            self.skipTest("this C library has no malloc_trim")
+        blocks = [bytes(100_000) for _ in range(1000)]
+        del blocks[::2]
+        before, after = memory.release_freed_memory_blocking()
+        assert before is not None and after is not None
+        self.assertLess(after, before - 20 * MIB)
+        del blocks
+
+    def test_logged(self) -> None:
+        """
+        The operator is told the resident size before and after.
+        """
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        ran = []
+
+        def run(f):  # type: ignore[no-untyped-def]
+            ran.append(f)
+            return succeed((300 * MIB, 240 * MIB))
+
+        self.successResultOf(Deferred.fromCoroutine(memory.release_freed_memory(run, "kernels restored")))
+        self.assertEqual(ran, [memory.release_freed_memory_blocking])
+        texts = [formatEvent(e) for e in events if e.get("log_namespace") == "egateway.ops.memory"]
+        self.assertEqual(texts, ["kernels restored: resident memory 300 MiB, 240 MiB once freed memory was returned"])
+
+    def test_after_restore(self) -> None:
+        """
+        The gateway's persistence returns freed memory once it has restored
+        the store's kernels, through the blocking pool.
+        """
+        from egateway.tap import build_persistence
+        from egateway.validation import load_config
+
+        ran = []
+
+        class Blocking:
+            def run(self, f, *args):  # type: ignore[no-untyped-def]
+                ran.append(f)
+                return succeed((1, 1))
+
+        data = tempfile.mkdtemp()
+        self.addCleanup(os.rmdir, data)
+        manager = SimpleNamespace(listeners=[], change_listeners=[])
+        persistence = build_persistence(load_config({}, {}, {}), data, manager, Clock(), "gw", Blocking())
+        for after in persistence.restored:
+            self.successResultOf(Deferred.fromCoroutine(after()))
+        self.assertEqual(ran, [memory.release_freed_memory_blocking])
