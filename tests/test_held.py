@@ -145,15 +145,16 @@ class HeldMessagesTests(SynchronousTestCase):
         counting at the next check.
         """
         limits = self.limits(100 * KIB)
+        each = message_size(sized(KIB))
         gone = IopubRing(limits)
-        for n in range(80):
+        for n in range(80 * KIB // each):
             gone.append(sized(KIB))
         del gone
         gc.collect()
         ring = IopubRing(limits)
-        for n in range(30):
+        for n in range(50 * KIB // each):
             ring.append(sized(KIB))
-        self.assertEqual(len(ring), 30)
+        self.assertEqual(len(ring), 50 * KIB // each)
         self.assertEqual(limits.held.shed, 0)
         self.assertEqual(limits.held.total, ring.held_bytes)
 
@@ -170,12 +171,12 @@ class HeldMessagesTests(SynchronousTestCase):
 
     def test_from_configuration(self) -> None:
         """
-        journal_total_bytes (1 GiB unless set) bounds the manager's
+        journal_total_bytes (256 MiB unless set) bounds the manager's
         journals and rings.
         """
         from egateway.validation import load_config
 
-        self.assertEqual(load_config({}, {}, {}).store.journal_total_bytes, 1 << 30)
+        self.assertEqual(load_config({}, {}, {}).store.journal_total_bytes, 256 << 20)
         configured = load_config({}, {"EG_JOURNAL_TOTAL_BYTES": "1048576"}, {}).store.journal_total_bytes
         self.assertEqual(configured, 1 << 20)
         manager, _, _ = make_manager(Clock(), journal_total_bytes=configured)

@@ -739,7 +739,7 @@ class StoreConfig:
         minimum=0,
     )
     journal_total_bytes: int = setting(
-        1 << 30,
+        256 << 20,
         "Most bytes of messages all client sessions' journals and all kernels' iopub rings of this gateway hold "
         "together; over it, the largest ones lose their oldest messages first (0: each is bounded only by "
         "journal_entries and journal_bytes).",
