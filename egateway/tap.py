@@ -573,7 +573,7 @@ def build_persistence(
         instance_id=f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
         on_stop=settings.on_stop,
     )
-    persistence.restored.append(lambda: release_freed_memory(blocking.run, "kernels restored"))
+    persistence.restored.append(lambda: release_freed_memory(blocking.run, "store restored"))
     return persistence
 
 

@@ -47,10 +47,10 @@ class ReleaseTests(SynchronousTestCase):
             ran.append(f)
             return succeed((300 * MIB, 240 * MIB))
 
-        self.successResultOf(Deferred.fromCoroutine(memory.release_freed_memory(run, "kernels restored")))
+        self.successResultOf(Deferred.fromCoroutine(memory.release_freed_memory(run, "store restored")))
         self.assertEqual(ran, [memory.release_freed_memory_blocking])
         texts = [formatEvent(e) for e in events if e.get("log_namespace") == "egateway.ops.memory"]
-        self.assertEqual(texts, ["kernels restored: resident memory 300 MiB, 240 MiB once freed memory was returned"])
+        self.assertEqual(texts, ["store restored: resident memory 300 MiB, 240 MiB once freed memory was returned"])
 
     def test_after_restore(self) -> None:
         """
