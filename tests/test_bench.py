@@ -313,8 +313,9 @@ class ScaleBenchSmokeTests(QuickRun, TestCase):
             self.assertTrue(_positive(figure["restart"]["all_served_s"]), (store, figure))
             self.assertTrue(_positive(figure["shutdown_all_s"]), (store, figure))
             self.assertEqual(figure["farm_kernels_left"], 0, (store, figure))
-            # RSS, RSS per kernel, lag (GET /api and the in-gateway timer), restart.
-            self.assertEqual(len(figure["targets"]), 5, (store, figure))
+            # RSS, RSS per kernel, lag (GET /api and the in-gateway timer),
+            # restart, RSS after it.
+            self.assertEqual(len(figure["targets"]), 6, (store, figure))
             self.assertTrue(_positive(figure["lag_load"]["timer_lag"]["p99_ms"]), (store, figure["lag_load"]))
             self.assertFalse(pid_alive(figure["gateway_pid"]), f"the {store} gateway is still running")
         for path in results["meta"]["fixture_workdirs"]:
