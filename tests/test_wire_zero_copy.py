@@ -22,6 +22,7 @@ from twisted.internet.protocol import ClientCreator, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from egateway.kernels.failover import HOLDING_COST
 from egateway.kernels.journal import JournalLimits, KernelSession
 from egateway.wire.channels import ConnectionInfo
 from egateway.wire.link import KernelLink
@@ -178,7 +179,7 @@ class RelayWithoutCopyTests(SynchronousTestCase):
         self.assertIs(parts, message.parts)
         self.assertIs(buffers, message.buffers)
         self.assertIs(delivered[0], message)
-        self.assertEqual(size, sum(len(p) for p in message.parts) + len(message.buffers[0]))
+        self.assertEqual(size, HOLDING_COST + sum(len(p) for p in message.parts) + len(message.buffers[0]))
 
 
 class _KernelStub:
