@@ -371,3 +371,33 @@ class JournalBoundTests(GatewayTestCase):
         )
         self.assertIn("dropped", notice["content"]["text"])
         await again.close()
+
+
+class TotalBoundTests(GatewayTestCase):
+    gateway_settings = {"journal_total_bytes": 1 << 20}
+
+    async def test_parked_flood_is_bounded(self) -> None:
+        """
+        A parked session's journal, with a real kernel printing 3 MB while
+        its client is away, is held to journal_total_bytes with everything
+        else the gateway holds; the returning client is told what was
+        dropped and gets the newest output.
+        """
+        kernel = await self.gateway.start_kernel()
+        client = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="s")
+        await client.execute("1")
+        seen = client.last_seq
+        await client.close()
+        other = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="other")
+        await other.execute("for i in range(300):\n    print(f'<{i:04d}>' + 'x' * 10_000, flush=True)\n")
+        await other.close()
+        held = self.gateway.manager.journal_limits.held
+        self.assertGreater(held.shed, 0)
+        self.assertLessEqual(held.total, 1 << 20)
+        again = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="s", resume_after=seen)
+        notice = await again.wait_for(
+            lambda m: m.get("msg_type") == "stream" and m["content"]["text"].startswith("[egateway]")
+        )
+        self.assertIn("dropped", notice["content"]["text"])
+        await again.wait_for(lambda m: m.get("msg_type") == "stream" and "<0299>" in m["content"]["text"])
+        await again.close()
