@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, ensureDeferred, gatherResults
@@ -349,6 +350,29 @@ class ResumeTests(GatewayTestCase):
         await second.close()
 
 
+async def output_while_parked(gateway: Any, code: str) -> tuple[Any, dict[str, Any]]:
+    """
+    Park session C{s} of a new kernel, run C{code} from another session
+    meanwhile, and reconnect C{s} from where it left off.
+
+    @return: the reconnected client, and the first message it got: the
+        notice of what was dropped, if anything was.
+    """
+    kernel = await gateway.start_kernel()
+    client = await ChannelsClient.connect(gateway.url, kernel["id"], session_id="s")
+    await client.execute("1")
+    seen = client.last_seq
+    await client.close()
+    other = await ChannelsClient.connect(gateway.url, kernel["id"], session_id="other")
+    await other.execute(code)
+    await other.close()
+    again = await ChannelsClient.connect(gateway.url, kernel["id"], session_id="s", resume_after=seen)
+    notice = await again.wait_for(
+        lambda m: m.get("msg_type") == "stream" and m["content"]["text"].startswith("[egateway]")
+    )
+    return again, notice
+
+
 class JournalBoundTests(GatewayTestCase):
     gateway_settings = {"journal_entries": 50}
 
@@ -357,17 +381,8 @@ class JournalBoundTests(GatewayTestCase):
         A client that missed more than the journal holds is told how much
         was dropped, then gets the rest.
         """
-        kernel = await self.gateway.start_kernel()
-        client = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="s")
-        await client.execute("1")
-        seen = client.last_seq
-        await client.close()
-        other = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="other")
-        await other.execute("import sys\nfor i in range(200):\n    print(i, flush=True)\n")
-        await other.close()
-        again = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="s", resume_after=seen)
-        notice = await again.wait_for(
-            lambda m: m.get("msg_type") == "stream" and m["content"]["text"].startswith("[egateway]")
+        again, notice = await output_while_parked(
+            self.gateway, "import sys\nfor i in range(200):\n    print(i, flush=True)\n"
         )
         self.assertIn("dropped", notice["content"]["text"])
         await again.close()
@@ -383,21 +398,12 @@ class TotalBoundTests(GatewayTestCase):
         else the gateway holds; the returning client is told what was
         dropped and gets the newest output.
         """
-        kernel = await self.gateway.start_kernel()
-        client = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="s")
-        await client.execute("1")
-        seen = client.last_seq
-        await client.close()
-        other = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="other")
-        await other.execute("for i in range(300):\n    print(f'<{i:04d}>' + 'x' * 10_000, flush=True)\n")
-        await other.close()
+        again, notice = await output_while_parked(
+            self.gateway, "for i in range(300):\n    print(f'<{i:04d}>' + 'x' * 10_000, flush=True)\n"
+        )
         held = self.gateway.manager.journal_limits.held
         self.assertGreater(held.shed, 0)
         self.assertLessEqual(held.total, 1 << 20)
-        again = await ChannelsClient.connect(self.gateway.url, kernel["id"], session_id="s", resume_after=seen)
-        notice = await again.wait_for(
-            lambda m: m.get("msg_type") == "stream" and m["content"]["text"].startswith("[egateway]")
-        )
         self.assertIn("dropped", notice["content"]["text"])
         await again.wait_for(lambda m: m.get("msg_type") == "stream" and "<0299>" in m["content"]["text"])
         await again.close()
