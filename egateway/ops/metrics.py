@@ -318,7 +318,7 @@ class _ScrapeCollector:
         )
         yield _counter(
             "egateway_journal_dropped_messages",
-            "Messages trimmed off session journals by journal_entries/journal_bytes.",
+            "Messages trimmed off parked session journals by journal_entries, journal_bytes or journal_total_bytes.",
             [],
             {(): getattr(journal, "dropped", 0)},
         )
