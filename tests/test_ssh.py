@@ -18,6 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.fixtures import SSHHosts
+from tests.fixtures._processes import describe
 from tests.fixtures.system import SSH_PACKAGES, require_packages
 from tests.support.contract import LauncherContract, request_for
 from tests.support.forgery import Gate, forged_v1, pending_launch, run_here, send_from
@@ -98,7 +99,7 @@ class SSHTestCase(GatewayTestCase):
             except AssertionError:
                 pass
             left = self.ssh.pids(name)
-            described = [open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")[:200] for pid in left if os.path.exists(f"/proc/{pid}")]
+            described = [describe(pid) for pid in left]
             self.assertEqual(left, [], f"processes left on {name}: {described}")
 
     async def start_remote(self, name: str = "remote", env: dict[str, str] | None = None) -> dict[str, Any]:
