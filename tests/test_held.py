@@ -139,6 +139,25 @@ class HeldMessagesTests(SynchronousTestCase):
         ring.append(sized(KIB))
         self.assertEqual(len(ring), 1)
 
+    def test_bound_again_after_a_stuck_pass(self) -> None:
+        """
+        After a pass that could not get below the bound (a holder's newest
+        message alone is over it), the bound applies again in full once
+        the total is back within it.
+        """
+        limits = self.limits(10 * KIB)
+        big = IopubRing(limits)
+        big.append(sized(50 * KIB))
+        self.assertGreater(limits.held.total, 10 * KIB)
+        limits.entries = 1
+        big.append(sized(KIB))
+        limits.entries = 100_000
+        self.assertLessEqual(limits.held.total, 10 * KIB)
+        ring = IopubRing(limits)
+        for n in range(20):
+            ring.append(sized(KIB))
+        self.assertLessEqual(limits.held.total, 10 * KIB)
+
     def test_forgotten_holder(self) -> None:
         """
         A ring dropped with its kernel, never telling the bound, stops

@@ -56,11 +56,12 @@ class HeldMessages:
     """
     What every holder of one gateway holds, and the bound on it.
 
-    Holders report what they add (L{grew}) and what they drop on their own
-    (L{shrank}); the running total those make is checked against the bound
-    on every L{grew}, and recomputed from the holders whenever it is over,
-    so that a holder dropped without a last report (a kernel forgotten with
-    its ring) is not counted for long.
+    Holders report what they add, net of what they drop by their own
+    bounds (L{grew}), and what they let go when closed (L{shrank}); the
+    running total those make is checked against the bound on every
+    L{grew}, and recomputed from the holders whenever it is over, so that a
+    holder dropped without a last report (a kernel forgotten with its ring)
+    is not counted for long.
 
     @ivar most: the bound, in bytes (0: none).
     @ivar total: the bytes held, as last reported.
@@ -87,7 +88,7 @@ class HeldMessages:
         self._holders.discard(holder)
 
     def shrank(self, size: int) -> None:
-        self.total -= size
+        self.grew(-size)
 
     def grew(self, size: int) -> None:
         """
@@ -96,8 +97,13 @@ class HeldMessages:
         over the bound.
         """
         self.total += size
-        if self.most and self.total > self._next_check:
-            self._shed()
+        if self.total > self._next_check:
+            if self.most:
+                self._shed()
+        elif self.total <= self.most:
+            # Back within the bound: the next check is at the bound again,
+            # not where a pass that could not get below it had put it.
+            self._next_check = self.most
 
     def _shed(self) -> None:
         holders = sorted(self._holders, key=lambda h: h.held_bytes, reverse=True)
