@@ -604,6 +604,7 @@ def build_api(config: Config, manager: Any, reactor: Any, threadpool: Any, metri
             config.kernels.kernel_info_timeout,
             reactor,
             client_message_limit=config.server.client_message_limit,
+            ack_delay=config.server.ws_ack_delay,
         ),
         base_url=config.server.base_url,
         list_kernels=config.auth.list_kernels,

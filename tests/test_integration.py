@@ -14,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 
+from egateway.kernels.journal import KernelSession
 from tests.support.gateway import GatewayTestCase, pid_alive
 from tests.support.wsclient import ChannelsClient
 
@@ -371,6 +372,30 @@ async def output_while_parked(gateway: Any, code: str) -> tuple[Any, dict[str, A
         lambda m: m.get("msg_type") == "stream" and m["content"]["text"].startswith("[egateway]")
     )
     return again, notice
+
+
+class AcknowledgedResumeTests(GatewayTestCase):
+    gateway_settings = {"ws_ack_delay": 0.05}
+    run_and_drop = ResumeTests.run_and_drop
+
+    async def test_resume_after_acknowledgements(self) -> None:
+        """
+        The same drop with the gateway pinging every 0.05 s to learn what
+        the client has (L{egateway.api.ws_acks}): the session drops what
+        the pongs acknowledge while the output flows, and the client still
+        gets all of it exactly once.
+        """
+        acknowledged: list[int] = []
+        original = KernelSession.acknowledge
+
+        def recorded(session: KernelSession, client: Any, upto: int) -> None:
+            acknowledged.append(upto)
+            original(session, client, upto)
+
+        self.patch(KernelSession, "acknowledge", recorded)
+        await self.run_and_drop(v1=True)
+        self.assertTrue(acknowledged, "no pong acknowledged anything while the output flowed")
+        self.assertEqual(acknowledged, sorted(acknowledged))
 
 
 class JournalBoundTests(GatewayTestCase):

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from tests.support.daemon import (
@@ -291,4 +292,51 @@ class DefaultListingTests(TestCase):
         reply = await server.api.request("GET", "api/kernels")
         self.assertEqual(reply.code, 200, reply.json())
         self.assertEqual([kernel["id"] for kernel in reply.json()], [model["id"]])
+        await server.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
+
+
+class AcknowledgedThroughJupyterServerTests(TestCase):
+    """
+    The notebook server's own WebSocket client (Tornado's) answers the
+    gateway's acknowledgement pings (L{egateway.api.ws_acks}).
+    """
+
+    timeout = 90
+
+    async def test_gateway_holds_nothing_the_notebook_server_has(self) -> None:
+        """
+        Output that reached the notebook server is held by the gateway's
+        session (for a resume) only until the next acknowledgement ping is
+        answered: C{egateway_journal_held_bytes} is above 0 right after a
+        cell and falls back to 0 while the notebook server stays connected.
+        """
+        from tests.test_metrics import METRICS_TOKEN, Samples
+
+        gateway = await start_gateway(
+            self,
+            token=GATEWAY_TOKEN,
+            flags={"ws-ack-delay": "3"},
+            env={"EG_METRICS_TOKEN": METRICS_TOKEN},
+            reactor=reactor,
+        )
+        server = await start_jupyter_server(self, token=SERVER_TOKEN, gateway=gateway, reactor=reactor)
+
+        async def held() -> float:
+            reply = await gateway.api.request("GET", "metrics", token=METRICS_TOKEN)
+            self.assertEqual(reply.code, 200, reply.body[:300])
+            return Samples.parse(reply.body.decode()).get_("egateway_journal_held_bytes")
+
+        model = await server.api.call("POST", "api/kernels", {"name": "python3"}, expect=201)
+        client = await ChannelsClient.connect(server.url, model["id"], token=SERVER_TOKEN)
+        self.addCleanup(client.close)
+        result = await client.execute("for i in range(200):\n    print(i, flush=True)", timeout=30)
+        self.assertEqual(result["stdout"], "".join(f"{i}\n" for i in range(200)))
+        self.assertGreater(await held(), 0)
+        for _ in range(60):
+            if await held() == 0:
+                break
+            await deferLater(reactor, 0.25)
+        self.assertEqual(await held(), 0)
+        result = await client.execute("print('still connected')", timeout=20)
+        self.assertEqual(result["stdout"], "still connected\n")
         await server.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)

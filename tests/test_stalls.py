@@ -28,7 +28,7 @@ def _decode_json_slowly_for_the_test() -> None:
 
 
 class StallWatchTests(TestCase):
-    timeout = 30
+    timeout = 60
 
     def watching(self, threshold: float) -> tuple[StallWatch, list[dict[str, Any]]]:
         watch = StallWatch(reactor, threshold)
@@ -74,8 +74,18 @@ class StallWatchTests(TestCase):
             while time.thread_time() < end:
                 pass
 
-        await deferLater(reactor, 0, spin)
-        await eventually(lambda: watch.reports, "the stall report", timeout=30)
+        # The watch thread must get the GIL during the stall to see it; on a
+        # machine whose CPUs are all busy (the test suite's other worker and
+        # its kernels) a 0.6 s stall once passed unseen, so the reactor is
+        # stalled again, up to five times, until one is reported.
+        for _ in range(5):
+            await deferLater(reactor, 0, spin)
+            try:
+                await eventually(lambda: watch.reports, "the stall report", timeout=4)
+                break
+            except AssertionError:
+                continue
+        self.assertTrue(watch.reports, "none of five stalls of 0.6 s was reported")
         stalls = [e for e in events if "reactor was blocked" in e.get("log_format", "")]
         self.assertGreaterEqual(stalls[0]["cpu_seconds"], 0.55)
         self.assertIn("spin", stalls[0]["stack"])

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from egateway.api.cors import CorsPolicy
+from egateway.api.ws_acks import ACK_DELAY, Acknowledgements
 from egateway.api.ws_limits import client_limit, fit
 from egateway.api.ws_writer import FrameWriter
 from egateway.api.authenticators.interface import presented_token
@@ -252,6 +253,10 @@ class ChannelsProtocol(WebSocketServerProtocol):
                 self.sendClose(CLOSE_REVOKED, str(e)[:120])
                 return
             self.factory.connections.setdefault(self.kernel.id, set()).add(self)
+            if self.factory.ack_delay > 0 and self.session.resumable and self.session.limits.entries > 0:
+                self._acks = Acknowledgements(
+                    self.factory.clock, self.factory.ack_delay, self._ack_ping, self._acknowledged
+                )
             self.factory.relay.opened["v1" if self.v1 else "legacy"] += 1
             if not self.kernel.live:
                 self._ready_check = self.factory.clock.callLater(
@@ -268,6 +273,8 @@ class ChannelsProtocol(WebSocketServerProtocol):
             self.sendClose(CLOSE_INTERNAL_ERROR, "internal error")
 
     _ready_check: Any = None
+    _acks: Acknowledgements | None = None
+    _auto_pings_before_ack = 0
 
     def dataReceived(self, data: bytes) -> None:
         """
@@ -336,6 +343,8 @@ class ChannelsProtocol(WebSocketServerProtocol):
             tally[0] += 1
             tally[1] += length
             self._send_frame(chunks, length, binary)
+            if seq and self._acks is not None:
+                self._acks.delivered(seq)
         except WireError as e:
             _log.warn(
                 "kernel {kernel_id}: could not relay a {channel} message: {error}",
@@ -395,6 +404,48 @@ class ChannelsProtocol(WebSocketServerProtocol):
             return
         super().sendData(data, sync, chopsize)
 
+    # -- acknowledgements (egateway.api.ws_acks) -------------------------------
+
+    def _ack_ping(self, payload: bytes) -> bool:
+        """
+        Ping to acknowledge what was written so far, unless a message is
+        being streamed (the ping would go between its fragments) or
+        Autobahn's keep-alive ping awaits its pong (a client may answer only
+        the later of two pings, and Autobahn drops a connection whose
+        keep-alive pong does not come).
+        """
+        writer = self._writer
+        if (writer is not None and writer.streaming) or self.autoPingPending:
+            return False
+        self._auto_pings_before_ack = self.autoPingPendingSeq
+        self.sendPing(payload)
+        return True
+
+    def _acknowledged(self, upto: int) -> None:
+        if self.session is not None:
+            self.session.acknowledge(self, upto)
+
+    def processControlFrame(self) -> bool:
+        """
+        Take the pong of an acknowledgement ping before Autobahn, which
+        would warn of a pong it did not ask for.
+        """
+        acks = self._acks
+        if acks is not None and acks.pending is not None and self.current_frame.opcode == 10:
+            if acks.pong(b"".join(self.control_frame_data)):
+                self.control_frame_data = None
+                return True
+        return super().processControlFrame()
+
+    def onAutoPong(self, ping_sent: int, ping_seq: int, pong_received: int, pong_rtt: int, payload: bytes) -> None:
+        """
+        A keep-alive ping sent after the acknowledgement ping was answered,
+        so the client read the acknowledgement ping too.
+        """
+        acks = self._acks
+        if acks is not None and ping_seq > self._auto_pings_before_ack:
+            acks.settled()
+
     def kernel_gone(self, reason: str) -> None:
         self.session = None
         if self.state == self.STATE_OPEN:
@@ -431,6 +482,8 @@ class ChannelsProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self._ready_check is not None and self._ready_check.active():
             self._ready_check.cancel()
+        if self._acks is not None:
+            self._acks.stop()
         if self.channel_request is not None:
             kernel = self.channel_request.kernel
             open_here = self.factory.connections.get(kernel.id)
@@ -463,17 +516,22 @@ class ChannelsEndpoint:
         kernel_info_timeout: float = 60.0,
         clock: Any = None,
         client_message_limit: int = 0,
+        ack_delay: float = ACK_DELAY,
     ) -> None:
         """
         @param client_message_limit: the largest message sent to any client
             in one WebSocket message; 0: Tornado's limit for Tornado
             clients, none for others (L{egateway.api.ws_limits}).
+        @param ack_delay: seconds from a message to the ping whose pong
+            lets its session stop holding it (L{egateway.api.ws_acks}); 0:
+            no such pings.
         """
         self._cors = cors
         self._client_message_limit = client_message_limit
         factory = WebSocketServerFactory(server=None)
         factory.protocol = ChannelsProtocol
         factory.kernel_info_timeout = kernel_info_timeout
+        factory.ack_delay = ack_delay
         factory.relay = self.relay = RelayCounts()
         if clock is None:
             from twisted.internet import reactor as clock

@@ -94,6 +94,14 @@ class ServerConfig:
         env=("EG_WS_PING_INTERVAL_SECS",),
         minimum=0,
     )
+    ws_ack_delay: float = setting(
+        5.0,
+        "Seconds from a message sent to a WebSocket client to the ping whose pong says the client has it, "
+        "after which its session stops holding it for a resume (0 disables: a connected session then holds "
+        "its last 256 messages).",
+        env=("EG_WS_ACK_DELAY_SECS",),
+        minimum=0,
+    )
     max_request_body: int = setting(
         1 << 20,
         "Largest accepted REST request body in bytes.",

@@ -51,14 +51,15 @@ Client messages held while a kernel (re)starts, sent once it is ready.
 CONNECTED_ENTRIES = 256
 CONNECTED_BYTES = 4 << 20
 """
-While its client is connected, a session's journal keeps only the newest
-messages within these bounds (and within its L{JournalLimits}): what may
-still be in flight when the connection drops (in the transport's and the
-kernel's socket buffers), which C{resume_after} replays.  Everything older
-reached the client's TCP stack long before, so holding it (up to 20,000
-messages or 64 MiB per session, for as long as the client stays) only cost
-memory per kernel.  Once the client is gone the full limits apply again, to
-what arrives meanwhile.
+While its client is connected, a session's journal keeps only what the
+client has not acknowledged (L{KernelSession.acknowledge}: a pong, see
+L{egateway.api.ws_acks}), and at most the newest messages within these
+bounds (and within its L{JournalLimits}), for a client that answers no
+pings: what may still be in flight when the connection drops, which
+C{resume_after} replays.  Holding more (up to 20,000 messages or 64 MiB per
+session, for as long as the client stays) only cost memory per kernel.
+Once the client is gone the full limits apply again, to what arrives
+meanwhile.
 """
 
 
@@ -271,6 +272,22 @@ class KernelSession:
         self._journal_bytes -= trimmed
         limits.held.grew(size - trimmed)
         return sink is not None
+
+    def acknowledge(self, client: KernelClient, upto: int) -> None:
+        """
+        C{client} has read every message up to number C{upto}: stop holding
+        them (a client resuming after one of them gets what follows; one
+        naming an earlier number is told what it lost).
+        """
+        if client is not self.client:
+            return
+        upto = min(upto, self.sent)
+        journal, freed = self.journal, 0
+        while journal and journal[0][0] <= upto:
+            freed += journal.popleft()[4]
+        if freed:
+            self._journal_bytes -= freed
+            self.limits.held.shrank(freed)
 
     # -- client side -------------------------------------------------------
 
