@@ -10,7 +10,7 @@ import json
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from egateway.api.ws_acks import ACK_DELAY, ACK_PREFIX, Acknowledgements
+from egateway.api.ws_acks import ACK_BYTES, ACK_DELAY, ACK_PREFIX, ACK_SOON, Acknowledgements
 from egateway.api.ws_writer import FrameWriter
 from tests.test_websocket_memory import TEXT, MemoryCase, Wire, client_frame, fragmented_server_frames, server_frames
 
@@ -35,14 +35,14 @@ class AcknowledgementsTests(SynchronousTestCase):
         The ping goes C{delay} seconds after the first message unanswered,
         for every message written by then; its pong acknowledges them.
         """
-        self.acks.delivered(1)
+        self.acks.delivered(1, 100)
         self.clock.advance(4)
-        self.acks.delivered(2)
-        self.acks.delivered(3)
+        self.acks.delivered(2, 100)
+        self.acks.delivered(3, 100)
         self.assertEqual(self.pings, [])
         self.clock.advance(1)
         self.assertEqual(self.pings, [ACK_PREFIX + b"3"])
-        self.acks.delivered(4)
+        self.acks.delivered(4, 100)
         self.clock.advance(30)
         self.assertEqual(self.pings, [ACK_PREFIX + b"3"], "one ping in flight at a time")
         self.assertFalse(self.acks.pong(ACK_PREFIX + b"4"))
@@ -56,11 +56,11 @@ class AcknowledgementsTests(SynchronousTestCase):
         Once everything written is acknowledged, no ping until the next
         message; numbers not above the last one delivered change nothing.
         """
-        self.acks.delivered(2)
+        self.acks.delivered(2, 100)
         self.clock.advance(5)
         self.acks.pong(self.pings[-1])
-        self.acks.delivered(2)
-        self.acks.delivered(1)
+        self.acks.delivered(2, 100)
+        self.acks.delivered(1, 100)
         self.clock.advance(60)
         self.assertEqual(len(self.pings), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -71,19 +71,45 @@ class AcknowledgementsTests(SynchronousTestCase):
         the delay, and the ping then covers what was written meanwhile.
         """
         self.may_ping = False
-        self.acks.delivered(1)
+        self.acks.delivered(1, 100)
         self.clock.advance(5)
-        self.acks.delivered(2)
+        self.acks.delivered(2, 100)
         self.may_ping = True
         self.clock.advance(5)
         self.assertEqual(self.pings, [ACK_PREFIX + b"2"])
+
+    def test_busy_connection_pinged_sooner(self) -> None:
+        """
+        Once L{ACK_BYTES} were sent since the last ping, the next one goes
+        at most L{ACK_SOON} later (never sooner, however much is sent), and
+        again after the pong if as much was sent meanwhile.
+        """
+        self.acks.delivered(1, 100)
+        self.clock.advance(1)
+        for seq in range(2, 40):
+            self.acks.delivered(seq, ACK_BYTES // 4)
+        self.clock.advance(ACK_SOON - 0.01)
+        self.assertEqual(self.pings, [])
+        self.clock.advance(0.01)
+        self.assertEqual(self.pings, [ACK_PREFIX + b"39"])
+        for seq in range(40, 45):
+            self.acks.delivered(seq, ACK_BYTES // 4)
+        self.acks.pong(self.pings[-1])
+        self.clock.advance(ACK_SOON)
+        self.assertEqual(self.pings[-1], ACK_PREFIX + b"44")
+        self.acks.pong(self.pings[-1])
+        self.acks.delivered(45, 100)
+        self.clock.advance(ACK_DELAY - 0.01)
+        self.assertEqual(len(self.pings), 2, "a quiet connection waits the whole delay")
+        self.clock.advance(0.01)
+        self.assertEqual(self.pings[-1], ACK_PREFIX + b"45")
 
     def test_settled_by_a_later_ping(self) -> None:
         """
         A pong for a later ping (a client may answer only the last of two)
         settles the one in flight.
         """
-        self.acks.delivered(7)
+        self.acks.delivered(7, 100)
         self.clock.advance(5)
         self.acks.settled()
         self.assertEqual(self.acked, [7])
@@ -96,9 +122,9 @@ class AcknowledgementsTests(SynchronousTestCase):
         Stopped, it forgets the ping in flight (its pong acknowledges
         nothing) and has no timer left.
         """
-        self.acks.delivered(1)
+        self.acks.delivered(1, 100)
         self.clock.advance(5)
-        self.acks.delivered(2)
+        self.acks.delivered(2, 100)
         self.acks.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertFalse(self.acks.pong(self.pings[-1]))

@@ -344,7 +344,7 @@ class ChannelsProtocol(WebSocketServerProtocol):
             tally[1] += length
             self._send_frame(chunks, length, binary)
             if seq and self._acks is not None:
-                self._acks.delivered(seq)
+                self._acks.delivered(seq, length)
         except WireError as e:
             _log.warn(
                 "kernel {kernel_id}: could not relay a {channel} message: {error}",
