@@ -247,6 +247,16 @@ class LagProbe:
         }
 
 
+def metric_value(metrics_text: str, name: str) -> float | None:
+    """
+    The value of the unlabelled sample C{name} on a C{/metrics} page.
+    """
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
 def lag_histogram(metrics_text: str) -> dict[str, float]:
     """
     The gateway's own C{egateway_reactor_lag_seconds} histogram (cumulative
@@ -313,6 +323,15 @@ class ScaleRun:
     def _snapshot(self) -> dict[str, Any]:
         pid = self.gateway.pid
         return {"rss_mib": (rss_kib(pid) or 0) / 1024, "fds": fd_count(pid), "cpu_s": cpu_seconds(pid)}
+
+    async def _journal_held_mib(self) -> float | None:
+        """
+        What the gateway's journals and iopub rings hold
+        (C{egateway_journal_held_bytes}), in MiB.
+        """
+        text = (await self._api("GET", "/metrics", 200)).body.decode()
+        value = metric_value(text, "egateway_journal_held_bytes")
+        return None if value is None else value / (1 << 20)
 
     async def _api(self, method: str, path: str, status: Any, body: Any = None, timeout: float = 120) -> Any:
         return await httpclient.expect(method, self.base + path, status, body=body, token=self.gateway.token,
@@ -460,7 +479,7 @@ class ScaleRun:
         if self.farm is not None:
             fig["lag_ticks"] = await self._lag_phase(self.args.quiet_seconds, load=False, ticks=True)
         fig["lag_load"] = await self._lag_phase(self.args.load_seconds, load=True, ticks=True)
-        fig["after_load"] = self._snapshot()
+        fig["after_load"] = {**self._snapshot(), "journal_held_mib": await self._journal_held_mib()}
         fig["list"] = await self._list_times()
 
         await self._restart()
@@ -740,6 +759,11 @@ def render(results: dict[str, Any]) -> str:
                     lines.append(f"  reactor stalls of {results['meta']['stall_warning']:g} s or more (the gateway's stall watch): "
                                  f"{st['count']}, longest {st['longest_s']:.2f} s, {st['waiting']} of them mostly "
                                  "waiting for a CPU")
+        if "after_load" in fig:
+            after = fig["after_load"]
+            held = after.get("journal_held_mib")
+            lines.append(f"after the load: RSS {after['rss_mib']:.1f} MiB, journals and iopub rings holding "
+                         + (f"{held:.1f} MiB" if held is not None else "(not scraped)"))
         if "list" in fig:
             lst = fig["list"]
             lines.append(f"GET /api/kernels: median {lst['median_ms']:.0f} ms, max {lst['max_ms']:.0f} ms "

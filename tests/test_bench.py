@@ -308,6 +308,8 @@ class ScaleBenchSmokeTests(QuickRun, TestCase):
             for phase in ("lag_quiet", "lag_ticks", "lag_load"):
                 self.assertTrue(_positive(figure[phase]["probe"]["p99_ms"]), (store, figure[phase]))
             self.assertTrue(_positive(figure["lag_load"]["executes_per_s"]), (store, figure))
+            self.assertTrue(_positive(figure["after_load"]["rss_mib"]), (store, figure))
+            self.assertGreaterEqual(figure["after_load"]["journal_held_mib"], 0, (store, figure))
             self.assertGreater(figure["lag_ticks"]["iopub_per_idle_client_per_s"], 0, (store, figure))
             self.assertEqual(figure["list"]["kernels"], results["meta"]["kernels"], (store, figure))
             self.assertTrue(_positive(figure["restart"]["all_served_s"]), (store, figure))

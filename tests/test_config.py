@@ -211,8 +211,8 @@ class LeafTests(SynchronousTestCase):
         use, and its values' meanings are checked by their layers.
         """
         import json
-        import subprocess
-        import sys
+
+        from tests.support.snippets import run_snippet
 
         script = (
             "import json, sys\n"
@@ -222,13 +222,5 @@ class LeafTests(SynchronousTestCase):
             "describe(config); help_text(); reference_markdown()\n"
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('egateway.'))))\n"
         )
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        output = subprocess.run(
-            [sys.executable, "-c", script],
-            env={**os.environ, "PYTHONPATH": root},
-            capture_output=True,
-            check=True,
-            timeout=60,
-        ).stdout
-        loaded = json.loads(output)
+        loaded = json.loads(run_snippet(script).stdout)
         self.assertEqual([m for m in loaded if not m.startswith("egateway.config")], [])

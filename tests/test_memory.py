@@ -6,8 +6,6 @@ Returning freed memory to the system once kernels are restored
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 from types import SimpleNamespace
 
@@ -17,6 +15,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from egateway.ops import memory
+from tests.support.snippets import run_snippet
 
 MIB = 1 << 20
 
@@ -37,15 +36,7 @@ class ReleaseTests(SynchronousTestCase):
             "del blocks[::2]\n"
             "print(*memory.release_freed_memory_blocking())\n"
         )
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        done = subprocess.run(
-            [sys.executable, "-c", script],
-            capture_output=True,
-            timeout=60,
-            env={**os.environ, "PYTHONPATH": root},
-            check=True,
-        )
-        before, after = (int(value) for value in done.stdout.split())
+        before, after = (int(value) for value in run_snippet(script).stdout.split())
         self.assertLess(after, before - 40 * MIB)
 
     def test_logged(self) -> None:

@@ -112,8 +112,7 @@ class ProcessTests(SynchronousTestCase):
         without impersonation among them); run in a child process, so this
         test runner stays as it was.
         """
-        import subprocess
-        import sys
+        from tests.support.snippets import run_snippet
 
         script = (
             "import ctypes\n"
@@ -123,11 +122,7 @@ class ProcessTests(SynchronousTestCase):
             "done = protect_process()\n"
             "print(before, done, libc.prctl(3, 0, 0, 0, 0))\n"
         )
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        result = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-            env={**os.environ, "PYTHONPATH": root},
-        )
+        result = run_snippet(script, check=False)
         self.assertEqual(result.stdout.split(), ["1", "True", "0"], result.stderr)
 
 
