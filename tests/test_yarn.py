@@ -205,12 +205,14 @@ class YarnKernelTests(YarnGatewayTestCase):
         """
         fillers = [await self.start(env={"KERNEL_DRIVER_MEMORY": "1600m"}) for _ in range(2)]
         before = {app["id"] for app in self.yarn.applications()}
+        # The timeout leaves spark-submit (a JVM) time to submit on a loaded
+        # machine: once, during a full test run, it had not within 25 s.
         code, body = await self.gateway.request(
-            "POST", "api/kernels", {"name": "yarn", "env": {"KERNEL_LAUNCH_TIMEOUT": "25"}}
+            "POST", "api/kernels", {"name": "yarn", "env": {"KERNEL_LAUNCH_TIMEOUT": "45"}}
         )
         self.assertGreaterEqual(code, 500, body)
         message = body["message"]
-        self.assertIn("timed out after 25 s", message)
+        self.assertIn("timed out after 45 s", message)
         self.assertIn("ACCEPTED", message)
         self.assertIn("queue default (FIFO scheduler)", message)
         self.assertIn("0 MB free of 4096 MB", message)
