@@ -121,7 +121,18 @@ class DashboardInBrowser(TestCase):
 
         def shut_down() -> str:
             page.click(f"tr[data-kernel='{kid}'] button:text-is('Shut down')", timeout=WAIT_MS)
-            page.wait_for_selector(f"tr[data-kernel='{kid}']", state="detached", timeout=WAIT_MS)
+            try:
+                page.wait_for_selector(f"tr[data-kernel='{kid}']", state="detached", timeout=WAIT_MS)
+            except Exception as e:
+                # Once, in a full CI run, the row stayed "running": say
+                # whether the shutdown call answered and the stream was live.
+                path = os.path.join(workdir, "stuck.png")
+                page.screenshot(path=path, full_page=True)
+                raise AssertionError(
+                    f"the kernel's row stayed; message {page.inner_text('#message')!r}, event stream "
+                    f"{page.inner_text('#live')!r}, screenshot {path}; the gateway's log ends:\n"
+                    f"{gateway.process.log_tail(6000)}"
+                ) from e
             page.wait_for_selector("#no-kernels:not([hidden])", timeout=WAIT_MS)
             page.screenshot(path=os.path.join(workdir, "after.png"), full_page=True)
             return page.inner_text("#message")
