@@ -315,7 +315,7 @@ class AcknowledgedThroughJupyterServerTests(TestCase):
         gateway = await start_gateway(
             self,
             token=GATEWAY_TOKEN,
-            flags={"ws-ack-delay": "3"},
+            flags={"ws-ack-delay": "10"},
             env={"EG_METRICS_TOKEN": METRICS_TOKEN},
             reactor=reactor,
         )
@@ -331,8 +331,10 @@ class AcknowledgedThroughJupyterServerTests(TestCase):
         self.addCleanup(client.close)
         result = await client.execute("for i in range(200):\n    print(i, flush=True)", timeout=30)
         self.assertEqual(result["stdout"], "".join(f"{i}\n" for i in range(200)))
+        # Within the 10 s from the first message (the notebook server's
+        # kernel_info) to the first ping, the cell's output is still held.
         self.assertGreater(await held(), 0)
-        for _ in range(60):
+        for _ in range(120):
             if await held() == 0:
                 break
             await deferLater(reactor, 0.25)
