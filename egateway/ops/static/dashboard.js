@@ -95,15 +95,16 @@
     };
   }
 
-  function kernelRow(model) {
-    const id = model.id;
-    const short = id.slice(0, 8);
-    const ended = ["shutting_down", "gone", "failed"].includes(model.state);
-    const path = "api/admin/kernels/" + id + "/";
-    return el(
-      "tr",
-      { "data-kernel": id, "data-state": model.state },
-      el("td", { title: id }, el("code", {}, short)),
+  // Each kernel keeps its row (and its buttons) while it is listed: rows are
+  // updated in place, never rebuilt.  A row rebuilt by an event that arrives
+  // between the mouse's press and release (any kernel's change re-renders the
+  // table) would take the button away under the pointer, and the browser
+  // sends no click at all.
+  const rows = new Map();
+
+  function kernelCells(model) {
+    return [
+      el("td", { title: model.id }, el("code", {}, model.id.slice(0, 8))),
       el("td", {}, model.owner || model.username || ""),
       el("td", {}, model.name),
       el("td", {}, model.launcher || ""),
@@ -114,24 +115,58 @@
       el("td", {}, model.connections ?? ""),
       el("td", {}, model.restarts ?? 0),
       el("td", { class: "reason" }, phases(model)),
+    ];
+  }
+
+  function kernelRow(model) {
+    // Its cells are filled by refreshRow.
+    const short = model.id.slice(0, 8);
+    const path = "api/admin/kernels/" + model.id + "/";
+    const row = el("tr", { "data-kernel": model.id });
+    row.append(
+      ...kernelCells(model).map(() => el("td")),
       el(
         "td",
         {},
         el(
           "div",
           { class: "actions" },
-            el("button", { type: "button", disabled: ended ? "" : null, onclick: act("Interrupt " + short, path + "interrupt") }, "Interrupt"),
+          el("button", { type: "button", "data-action": "interrupt", onclick: act("Interrupt " + short, path + "interrupt") }, "Interrupt"),
           el("button", { type: "button", onclick: act("Restart " + short, path + "restart") }, "Restart"),
           el("button", { type: "button", class: "danger", onclick: act("Shut down " + short, path + "shutdown") }, "Shut down"),
         ),
       ),
     );
+    return row;
+  }
+
+  function refreshRow(row, model) {
+    kernelCells(model).forEach((cell, index) => row.cells[index].replaceWith(cell));
+    row.dataset.state = model.state;
+    row.querySelector("button[data-action='interrupt']").disabled = ["shutting_down", "gone", "failed"].includes(model.state);
   }
 
   function renderKernels() {
     const body = $("#kernels tbody");
-    const rows = [...kernels.values()].sort((a, b) => (a.started < b.started ? -1 : 1)).map(kernelRow);
-    body.replaceChildren(...rows);
+    for (const [id, row] of rows) {
+      if (!kernels.has(id)) {
+        row.remove();
+        rows.delete(id);
+      }
+    }
+    let previous = null;
+    for (const model of [...kernels.values()].sort((a, b) => (a.started < b.started ? -1 : 1))) {
+      let row = rows.get(model.id);
+      if (row === undefined) {
+        row = kernelRow(model);
+        rows.set(model.id, row);
+      }
+      refreshRow(row, model);
+      // Moved only when out of place (a kernel listed for the first time).
+      const expected = previous === null ? body.firstElementChild : previous.nextElementSibling;
+      if (row !== expected) body.insertBefore(row, expected);
+      previous = row;
+    }
     $("#no-kernels").hidden = kernels.size > 0;
     $("#kernel-count").textContent = "(" + kernels.size + ")";
   }
