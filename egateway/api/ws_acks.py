@@ -64,6 +64,9 @@ class Acknowledgements:
         has read.
     """
 
+    __slots__ = ("_clock", "_delay", "_ping", "_acknowledged", "_delivered", "_upto", "_since_ping", "_soon",
+                 "_call", "pending")
+
     def __init__(
         self,
         clock: Any,

@@ -122,6 +122,10 @@ class _Socket(ZmqConnection):
         self._closed = False
         self._curve_serverkey = curve_serverkey
         super().__init__(factory, None, identity)
+        # txzmq's own send queue, which our send never uses (it keeps what
+        # ZMQ cannot take yet in _unsent, made only then): an empty deque
+        # takes 760 bytes, 2.2 MB for the three sockets of 1,000 kernels.
+        self.queue = None
         self.configure()
         self.addEndpoints([ZmqEndpoint(ZmqEndpointType.connect, url)])
 
