@@ -104,6 +104,15 @@ class AcknowledgementsTests(SynchronousTestCase):
         self.clock.advance(0.01)
         self.assertEqual(self.pings[-1], ACK_PREFIX + b"45")
 
+    def test_one_large_message_pinged_soon(self) -> None:
+        """
+        A single message of L{ACK_BYTES} or more (a large output) is pinged
+        for L{ACK_SOON} after it, not the whole delay.
+        """
+        self.acks.delivered(1, ACK_BYTES)
+        self.clock.advance(ACK_SOON)
+        self.assertEqual(self.pings, [ACK_PREFIX + b"1"])
+
     def test_settled_by_a_later_ping(self) -> None:
         """
         A pong for a later ping (a client may answer only the last of two)

@@ -101,7 +101,7 @@ class Acknowledgements:
                 return
             call = self._call
             if call is None:
-                self._call = self._clock.callLater(self._delay, self._send)
+                self._call = self._clock.callLater(self._next_delay(), self._send)
             elif self._since_ping >= ACK_BYTES and call.getTime() - self._clock.seconds() > self._soon:
                 call.reset(self._soon)
 
