@@ -253,7 +253,7 @@ class ChannelsProtocol(WebSocketServerProtocol):
                 self.sendClose(CLOSE_REVOKED, str(e)[:120])
                 return
             self.factory.connections.setdefault(self.kernel.id, set()).add(self)
-            if self.factory.ack_delay > 0 and self.session.resumable and self.session.limits.entries > 0:
+            if self.factory.ack_delay > 0 and self.session.journaling:
                 self._acks = Acknowledgements(
                     self.factory.clock, self.factory.ack_delay, self._ack_ping, self._acknowledged
                 )

@@ -164,10 +164,13 @@ def send_some(sock: Any, pieces: deque[memoryview]) -> int | None:
     return sent
 
 
-_NO_FRAGMENT: deque[memoryview] = deque()
+_NOT_STREAMED: deque[Any] = deque()
 """
-The fragment queue of a writer that has not streamed yet: empty, and never
-written to (a writer gets its own when it starts streaming).
+The fragment and waiting queues of a writer that has not streamed yet:
+empty, and never added to, since both are filled only while a message is
+streamed; a writer gets its own when it starts streaming (most connections
+never do, and an empty deque takes 760 bytes: two per connection add up
+to 1.5 MB at 1,000 kernels).
 """
 
 
@@ -190,13 +193,10 @@ class FrameWriter:
     def __init__(self, transport: Any, is_open: Callable[[], bool]) -> None:
         self._transport = transport
         self._is_open = is_open
-        # The two queues are made when a message is first streamed: most
-        # connections never stream one, and an empty deque takes 760 bytes
-        # (one per connection adds up to 1.5 MB at 1,000 kernels).
-        self._waiting: deque[tuple[Sequence[Any], int, bool]] | None = None
+        self._waiting: deque[tuple[Sequence[Any], int, bool]] = _NOT_STREAMED
         self._stream: Iterator[list[Any]] | None = None
         self._direct = False
-        self._fragment: deque[memoryview] = _NO_FRAGMENT
+        self._fragment: deque[memoryview] = _NOT_STREAMED
         self._control: list[bytes] = []
         self._paused = False
         self._previous: tuple[Any, bool] | None = None
@@ -210,8 +210,6 @@ class FrameWriter:
         Send one message whose payload is the concatenation of C{chunks}.
         """
         if self._stream is not None:
-            if self._waiting is None:
-                self._waiting = deque()
             self._waiting.append((chunks, length, binary))
             return
         if length >= STREAM_SIZE and self._start(fragment_pieces(chunks, length, binary)):
@@ -251,8 +249,8 @@ class FrameWriter:
             self._previous = (producer, bool(getattr(transport, "streamingProducer", True)))
             transport.unregisterProducer()
         self._stream = stream
-        if self._fragment is _NO_FRAGMENT:
-            self._fragment = deque()
+        if self._fragment is _NOT_STREAMED:
+            self._fragment, self._waiting = deque(), deque()
         self._direct = _direct(transport)
         self._paused = False
         transport.registerProducer(self, True)
@@ -354,14 +352,11 @@ class FrameWriter:
         previous, self._previous = self._previous, None
         if previous is not None and getattr(transport, "producer", None) is None and getattr(transport, "connected", True):
             transport.registerProducer(*previous)
-        waiting = self._waiting
-        if waiting is None:
-            return
         if not send_waiting:
-            waiting.clear()
+            self._waiting.clear()
             return
-        while waiting and self._stream is None:
-            self.send(*waiting.popleft())
+        while self._waiting and self._stream is None:
+            self.send(*self._waiting.popleft())
 
     # -- IPushProducer (registered only while streaming) ---------------
 
@@ -384,5 +379,4 @@ class FrameWriter:
         self._fragment.clear()
         self._control.clear()
         self._previous = None
-        if self._waiting is not None:
-            self._waiting.clear()
+        self._waiting.clear()

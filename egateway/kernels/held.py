@@ -57,7 +57,8 @@ class HeldMessages:
     What every holder of one gateway holds, and the bound on it.
 
     Holders report what they add, net of what they drop by their own
-    bounds (L{grew}), and what they let go when closed (L{shrank}); the
+    bounds (L{grew}), and what they let go otherwise (L{shrank}: messages
+    a connected client acknowledged, everything when closed); the
     running total those make is checked against the bound on every
     L{grew}, and recomputed from the holders whenever it is over, so that a
     holder dropped without a last report (a kernel forgotten with its ring)

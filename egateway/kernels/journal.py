@@ -168,6 +168,13 @@ class KernelSession:
         limits.held.add(self)
 
     @property
+    def journaling(self) -> bool:
+        """
+        Whether messages sent to this session are journaled for a resume.
+        """
+        return self.resumable and self.limits.entries > 0
+
+    @property
     def held_bytes(self) -> int:
         return self._journal_bytes
 
@@ -220,7 +227,7 @@ class KernelSession:
         """
         self.seq += 1
         seq = self.seq
-        if self.resumable and self.limits.entries > 0 and self._record(seq, channel, message):
+        if self.journaling and self._record(seq, channel, message):
             if self._uncommitted is None:
                 self._uncommitted = deque()
             self._uncommitted.append((seq, channel, message))

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.support.daemon import REPO_ROOT
 
 
 def run_snippet(script: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
