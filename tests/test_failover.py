@@ -279,8 +279,9 @@ class WriteAheadTests(Base):
 class RingTests(SynchronousTestCase):
     def test_after(self) -> None:
         """
-        The ring gives what it received after a message, found by id; an
-        unknown id gives everything it holds, said not found.
+        The ring gives what it received after the newest of the given
+        messages it holds, found by id; none held gives
+        everything it holds, said not found.
         """
         ring = IopubRing(JournalLimits(entries=3))
         messages = [output(n) for n in range(5)]
@@ -291,8 +292,11 @@ class RingTests(SynchronousTestCase):
         def parts(answer: tuple[list[Message], bool]) -> tuple[list[tuple[bytes, ...]], bool]:
             return [m.parts for m in answer[0]], answer[1]
 
-        self.assertEqual(parts(ring.after(messages[3].msg_id)), ([messages[4].parts], True))
-        self.assertEqual(parts(ring.after(messages[0].msg_id)), ([m.parts for m in messages[2:]], False))
+        self.assertEqual(parts(ring.after([messages[3].msg_id])), ([messages[4].parts], True))
+        self.assertEqual(parts(ring.after([messages[0].msg_id])), ([m.parts for m in messages[2:]], False))
+        self.assertEqual(
+            parts(ring.after([messages[2].msg_id, output(9).msg_id])), ([m.parts for m in messages[3:]], True)
+        )
 
     def test_identity(self) -> None:
         """
@@ -346,6 +350,24 @@ class TakeOverTests(Base):
         client = self.take_over(300)
         self.assertEqual(self.texts(client), ["10\n", "11\n", "12\n"])
         self.assertEqual(numbered(client), [301, 302, 303])
+
+    def test_last_journaled_message_not_in_the_ring(self) -> None:
+        """
+        The journal's last kernel message may be one this gateway's ring
+        never took: a status about this gateway's own readiness probe,
+        which it keeps to the probe while the old gateway journaled it as
+        any status.  The ring continues after the newest journaled message
+        it does hold, and the client gets nothing twice.
+        """
+        messages = [output(n) for n in range(7)]
+        probe_status = Message.build("status", {"execution_state": "idle"}, "kernel")
+        self.store.journal = [(n + 1, encode_entry("iopub", messages[n])) for n in range(5)]
+        self.store.journal.append((6, encode_entry("iopub", probe_status)))
+        for message in messages:
+            self.kernel.iopub_ring.append(message)
+        client = self.take_over(6)
+        self.assertEqual(self.texts(client), ["5\n", "6\n"])
+        self.assertEqual(numbered(client), [7, 8])
 
     def test_gap_while_busy_is_told(self) -> None:
         """

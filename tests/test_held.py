@@ -79,7 +79,7 @@ class HeldMessagesTests(SynchronousTestCase):
         self.assertEqual(len(quiet), 5)
         self.assertLessEqual(limits.held.total, 100 * KIB)
         self.assertEqual(limits.held.total, quiet.held_bytes + loud.held_bytes)
-        kept, found = loud.after(messages[-40].msg_id)
+        kept, found = loud.after([messages[-40].msg_id])
         self.assertTrue(found)
         self.assertEqual([m.msg_id for m in kept], [m.msg_id for m in messages[-39:]])
         self.assertEqual(limits.held.shed, 300 - len(loud))

@@ -86,7 +86,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from egateway.kernels.held import HeldMessages
 from egateway.wire.protocol import Message, WireError
@@ -225,17 +225,26 @@ class IopubRing:
             dropped += 1
         return dropped
 
-    def after(self, msg_id: str | None) -> tuple[list[Message], bool]:
+    def after(self, journaled: Sequence[str]) -> tuple[list[Message], bool]:
         """
-        The messages received after the one with C{msg_id}, and whether it
-        was found; when it was not (received before this ring began, or
-        never), every message held.
+        What this ring received after the newest it holds of the
+        C{journaled} messages (the ids of the kernel iopub messages a
+        session's journal holds), and whether it holds one.  When it holds
+        none (they came before this ring began, or never reached it), every
+        message held.
+
+        Not only the journal's last one: it may be a message this ring
+        never took, such as a status about this gateway's own readiness
+        probe (private to the probe here, a plain status to the gateway
+        that journaled it), and taking "not found" then for "the ring
+        began after the journal" would replay everything the client
+        already had.
         """
         held = list(self._messages)
+        ids = set(journaled)
         start, found = 0, False
-        if msg_id is not None:
-            for index in range(len(held) - 1, -1, -1):
-                if held[index][0] == msg_id:
-                    start, found = index + 1, True
-                    break
+        for index in range(len(held) - 1, -1, -1):
+            if held[index][0] in ids:
+                start, found = index + 1, True
+                break
         return [Message(parts, buffers) for _, parts, buffers, _ in held[start:]], found

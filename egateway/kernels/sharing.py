@@ -346,15 +346,14 @@ class SharedKernels(Service):
             except ValueError:
                 continue
             entries.append((seq, channel, message))
-        cursor = next(
-            (m for _, c, m in reversed(entries) if is_kernel_iopub(kernel.id, c, m)), None
-        )
+        journaled = [m for _, c, m in entries if is_kernel_iopub(kernel.id, c, m)]
+        cursor = journaled[-1] if journaled else None
         if here is not None:
             kernel.hand_over(here)  # a copy from before the client moved away
         unseen = [entry for entry in entries if entry[0] > known]
         session = kernel.adopt_session(session_id, unseen, known, user)
         ring = kernel.iopub_ring
-        missed, found = ring.after(cursor.msg_id if cursor else None) if ring is not None else ([], False)
+        missed, found = ring.after([m.msg_id for m in journaled]) if ring is not None else ([], False)
         if not found and cursor is not None and _was_busy(cursor):
             session.note_gap(
                 "[egateway] this session moved to another gateway: output the kernel sent while no "
