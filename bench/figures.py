@@ -37,7 +37,7 @@ class Sizes:
     roundtrips: int = 1000
     pipelined: int = 2000
     stream_chunks: int = 2000
-    repeats: int = 3
+    repeats: int = 9
     concurrent: int = 50
     concurrent_rounds: int = 2
 

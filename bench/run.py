@@ -31,6 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
+from bench import client_memory  # noqa: E402
 from bench import figures as fig  # noqa: E402
 from bench import httpclient  # noqa: E402
 from bench.gateway import GatewayProcess, owned_markers, processes_mentioning, sweep  # noqa: E402
@@ -165,6 +166,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default="on",
         help="CurveZMQ on the kernel channels of both sides (default on: the gateway's kernel_encryption "
         "auto, jupyter_client's transport_encryption auto; off: off and disabled)",
+    )
+    parser.add_argument(
+        "--client-malloc",
+        choices=client_memory.CHOICES,
+        default="default",
+        help="how this process (both clients) takes memory from glibc: default, or keep what it frees "
+        "(no trimming, no fresh mapping per 20 MB block), so that a stream figure does not hinge on "
+        "where each client's peak falls against glibc's thresholds; the gateway and the kernels are "
+        "never changed (see bench/client_memory.py)",
     )
     parser.add_argument(
         "--profile-gateway",
@@ -455,9 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     workdir = work_directory(args, "egateway-bench-")
     meta = run_meta(args, workdir, asdict(args.sizes))
+    client_memory.apply(args.client_malloc)
     meta.update(
         kernelspec=args.kernelspec,
         curve=args.curve,
+        client_malloc=args.client_malloc,
         gateway=args.gateway_url or "private twistd -n egateway",
         launch_timeout=None if args.gateway_url else args.launch_timeout,
     )
@@ -501,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     heading = (
         f"egateway {results['meta'].get('gateway_version', '?')} benchmark: protocol {args.protocol}, "
         f"CurveZMQ {args.curve}, "
+        f"{'client malloc keep, ' if args.client_malloc == 'keep' else ''}"
         f"kernelspec {args.kernelspec}, {os.cpu_count()} CPUs{', quick' if args.quick else ''}"
     )
     checks = summarise(results["figures"])

@@ -178,10 +178,14 @@ class BenchSmokeTests(QuickRun, TestCase):
     async def test_v1_protocol(self) -> None:
         """
         The round trip and stream figures also work over the v1 binary
-        subprotocol, with no output lost.
+        subprotocol, with no output lost, also with the clients' allocator
+        keeping what it frees (which the run records).
         """
-        code, results, output = await self._bench("--protocol", "v1", "--only", "roundtrip,stream")
+        code, results, output = await self._bench(
+            "--protocol", "v1", "--only", "roundtrip,stream", "--client-malloc", "keep"
+        )
         self.assertEqual(code, 0, output)
+        self.assertEqual(results["meta"]["client_malloc"], "keep")
         figures = results["figures"]
         self.assertEqual(set(figures), {"roundtrip", "stream_one_write", "stream_flushed_writes"})
         self._check_pair(figures["roundtrip"], "p50_ms")
@@ -515,3 +519,47 @@ class StormTimingTests(SynchronousTestCase):
         self.assertAlmostEqual(result["last_ready_s"], 4.25)
         self.assertAlmostEqual(result["median_ready_s"], 2.75)
         self.assertEqual(result["last_own_elapsed_s_runs"], [0.25])
+
+
+_FAULTS_PER_MESSAGE = """
+import json, resource, sys
+from bench import client_memory
+client_memory.apply(sys.argv[1])
+payload = b'{"text":"' + b"x" * 20_000_000 + b'"}'
+
+def one_message():
+    # What the v1 client holds at its peak: the frame, the content sliced
+    # out of it, the decoded text and the parsed string.
+    frame = payload + b" "
+    content = frame[:-1]
+    parsed = json.loads(content)
+    del frame, content, parsed
+
+one_message()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    one_message()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+class ClientMallocTests(SynchronousTestCase):
+    """
+    C{--client-malloc keep} (bench/client_memory.py), in fresh interpreters:
+    the allocator state it changes is the whole process's.
+    """
+
+    def faults(self, choice: str) -> int:
+        from tests.support.snippets import run_snippet
+
+        return int(run_snippet(_FAULTS_PER_MESSAGE.replace("sys.argv[1]", repr(choice))).stdout)
+
+    def test_keep_stops_faulting_in_every_message(self) -> None:
+        """
+        With glibc's defaults, parsing one 20 MB message after another as
+        the v1 client does faults fresh pages in for every message; with
+        C{keep}, the memory of the previous message is used again.
+        """
+        default, keep = self.faults("default"), self.faults("keep")
+        self.assertGreater(default, 3 * 10_000, (default, keep))
+        self.assertLess(keep, 1_000, (default, keep))
