@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from bench import client_memory  # noqa: E402
+from bench import allocator  # noqa: E402
 from bench import figures as fig  # noqa: E402
 from bench import httpclient  # noqa: E402
 from bench.gateway import GatewayProcess, owned_markers, processes_mentioning, sweep  # noqa: E402
@@ -168,13 +168,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "auto, jupyter_client's transport_encryption auto; off: off and disabled)",
     )
     parser.add_argument(
-        "--client-malloc",
-        choices=client_memory.CHOICES,
+        "--malloc",
+        choices=allocator.CHOICES,
         default="default",
-        help="how this process (both clients) takes memory from glibc: default, or keep what it frees "
-        "(no trimming, no fresh mapping per 20 MB block), so that a stream figure does not hinge on "
-        "where each client's peak falls against glibc's thresholds; the gateway and the kernels are "
-        "never changed (see bench/client_memory.py)",
+        help="how both clients (this process) and both sides' kernels take memory from glibc: default, or "
+        "keep what they free (no trimming, no fresh mapping per 20 MB block), so that a large-output "
+        "figure does not hinge on where each process's peak falls against glibc's thresholds; the "
+        "gateway is never changed (see bench/allocator.py)",
     )
     parser.add_argument(
         "--profile-gateway",
@@ -465,11 +465,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     workdir = work_directory(args, "egateway-bench-")
     meta = run_meta(args, workdir, asdict(args.sizes))
-    client_memory.apply(args.client_malloc)
+    try:
+        args.kernelspec = allocator.apply(args.malloc, args.kernelspec, workdir)
+    except Exception as e:
+        print(f"bench/run.py: --malloc {args.malloc}: {e}", file=sys.stderr)
+        return 2
     meta.update(
         kernelspec=args.kernelspec,
         curve=args.curve,
-        client_malloc=args.client_malloc,
+        malloc=args.malloc,
         gateway=args.gateway_url or "private twistd -n egateway",
         launch_timeout=None if args.gateway_url else args.launch_timeout,
     )
@@ -513,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     heading = (
         f"egateway {results['meta'].get('gateway_version', '?')} benchmark: protocol {args.protocol}, "
         f"CurveZMQ {args.curve}, "
-        f"{'client malloc keep, ' if args.client_malloc == 'keep' else ''}"
+        f"{'malloc keep (clients, kernels), ' if args.malloc == 'keep' else ''}"
         f"kernelspec {args.kernelspec}, {os.cpu_count()} CPUs{', quick' if args.quick else ''}"
     )
     checks = summarise(results["figures"])

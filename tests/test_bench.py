@@ -178,14 +178,15 @@ class BenchSmokeTests(QuickRun, TestCase):
     async def test_v1_protocol(self) -> None:
         """
         The round trip and stream figures also work over the v1 binary
-        subprotocol, with no output lost, also with the clients' allocator
-        keeping what it frees (which the run records).
+        subprotocol, with no output lost, also with the clients' and the
+        kernels' allocators keeping what they free (which the run records).
         """
         code, results, output = await self._bench(
-            "--protocol", "v1", "--only", "roundtrip,stream", "--client-malloc", "keep"
+            "--protocol", "v1", "--only", "roundtrip,stream", "--malloc", "keep"
         )
         self.assertEqual(code, 0, output)
-        self.assertEqual(results["meta"]["client_malloc"], "keep")
+        self.assertEqual(results["meta"]["malloc"], "keep")
+        self.assertEqual(results["meta"]["kernelspec"], "python3-malloc-keep")
         figures = results["figures"]
         self.assertEqual(set(figures), {"roundtrip", "stream_one_write", "stream_flushed_writes"})
         self._check_pair(figures["roundtrip"], "p50_ms")
@@ -523,8 +524,9 @@ class StormTimingTests(SynchronousTestCase):
 
 _FAULTS_PER_MESSAGE = """
 import json, resource, sys
-from bench import client_memory
-client_memory.apply(sys.argv[1])
+from bench import allocator
+if sys.argv[1] == "keep":
+    allocator.keep_freed_memory()
 payload = b'{"text":"' + b"x" * 20_000_000 + b'"}'
 
 def one_message():
@@ -543,13 +545,13 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-class ClientMallocTests(SynchronousTestCase):
+class AllocatorTests(SynchronousTestCase):
     """
-    C{--client-malloc keep} (bench/client_memory.py), in fresh interpreters:
-    the allocator state it changes is the whole process's.
+    C{--malloc keep} (bench/allocator.py).
     """
 
     def faults(self, choice: str) -> int:
+        # A fresh interpreter: the allocator state is the whole process's.
         from tests.support.snippets import run_snippet
 
         return int(run_snippet(_FAULTS_PER_MESSAGE.replace("sys.argv[1]", repr(choice))).stdout)
@@ -557,9 +559,29 @@ class ClientMallocTests(SynchronousTestCase):
     def test_keep_stops_faulting_in_every_message(self) -> None:
         """
         With glibc's defaults, parsing one 20 MB message after another as
-        the v1 client does faults fresh pages in for every message; with
-        C{keep}, the memory of the previous message is used again.
+        the v1 client does faults fresh pages in for every message; keeping
+        freed memory, the memory of the previous message is used again.
         """
         default, keep = self.faults("default"), self.faults("keep")
         self.assertGreater(default, 3 * 10_000, (default, keep))
         self.assertLess(keep, 1_000, (default, keep))
+
+    def test_kernelspec_copy(self) -> None:
+        """
+        The kernels get the same settings through a copy of the kernelspec
+        (its files too), which jupyter_client finds first on the path
+        returned.
+        """
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        from bench import allocator
+
+        workdir = self.mktemp()
+        os.makedirs(workdir)
+        name, data_dir = allocator.kernelspec_keeping_memory("python3", workdir)
+        original = KernelSpecManager().get_kernel_spec("python3")
+        self.patch(os, "environ", {**os.environ, "JUPYTER_PATH": data_dir})
+        spec = KernelSpecManager().get_kernel_spec(name)
+        self.assertEqual(spec.argv, original.argv)
+        self.assertEqual({k: spec.env[k] for k in allocator.KEEP_ENV}, allocator.KEEP_ENV)
+        self.assertEqual(sorted(os.listdir(spec.resource_dir)), sorted(os.listdir(original.resource_dir)))
