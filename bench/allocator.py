@@ -16,7 +16,7 @@ one 20 MB message over loopback (a throwaway script, one process per
 client, median of 10 messages): the v1 client took 93 to 112 ms from the
 request to the parsed content and 21,000 minor page faults (80 MB zeroed by
 the kernel), the legacy client 41 to 47 ms and none; keeping freed memory,
-the v1 client 35 to 40 ms and none.  Each side's kernel pays the same way
+the v1 client 35 to 46 ms and none.  Each side's kernel pays the same way
 for building and signing the output, in whatever state its heap happens to
 be, which is most of why the same code's 20 MB figure moves by 0.2 from one
 run to the next.
