@@ -203,6 +203,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parse_figure_args(parser, argv, FIGURES)
     if args.gateway_url and not args.gateway_url.startswith(("http://", "https://")):
         parser.error("--gateway-url must start with http:// or https://")
+    if args.gateway_url and args.malloc == "keep":
+        parser.error("--malloc keep needs the private gateway: another gateway cannot see the kernelspec copy")
     return args
 
 

@@ -194,6 +194,17 @@ class BenchSmokeTests(QuickRun, TestCase):
             self.assertEqual(figures[case]["gateway"]["lost"], 0, figures[case])
             self.assertTrue(figures[case]["gateway"]["bytes_ok"], figures[case])
 
+    async def test_malloc_keep_needs_the_private_gateway(self) -> None:
+        """
+        C{--malloc keep} starts both sides from a kernelspec copy only the
+        benchmark's own gateway can see: with C{--gateway-url} it is refused
+        before anything starts.
+        """
+        code, results, output = await self._bench("--gateway-url", "http://127.0.0.1:9/", "--malloc", "keep")
+        self.assertEqual(code, 2)
+        self.assertIn("--malloc keep needs the private gateway", output)
+        self.assertEqual(results, {})
+
     async def test_unknown_figure_is_refused(self) -> None:
         """
         A misspelt figure name stops the benchmark before it starts anything.
