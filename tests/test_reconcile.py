@@ -534,6 +534,53 @@ class LocalScanTests(TestCase):
         self.assertEqual(kernel.log_file, os.path.join(runtime, f"kernel-{mine}.log"))
 
 
+class PidAliveTests(SynchronousTestCase):
+    """
+    L{egateway.clusters.local._pid_alive} over a fake C{/proc}: what waits
+    for a reaped kernel to be gone asks it.
+    """
+
+    def check(self, state: str, flags: int, cmdline: bytes, marker: str = "/run/kernel-a.json") -> bool:
+        from egateway.clusters.local import _pid_alive
+
+        proc = self.mktemp()
+        os.makedirs(os.path.join(proc, "42"))
+        with open(os.path.join(proc, "42", "stat"), "w") as f:
+            f.write(f"42 (python (x)) {state} 1 42 42 0 -1 {flags} 0 0 0 0 5 3 0 0 20 0 3 0\n")
+        with open(os.path.join(proc, "42", "cmdline"), "wb") as f:
+            f.write(cmdline)
+        return _pid_alive(42, marker, proc)
+
+    def test_exiting_process_counts_until_it_is_a_zombie(self) -> None:
+        """
+        A kernel that is exiting shows an empty command line once its
+        memory is gone, while it still closes its sockets: alive until it
+        is a zombie.  Before, it counted as gone then, and a reconcile
+        pass said it had reaped a kernel still running (a CI failure of
+        C{test_orphan_reaped_known_kernel_untouched}).
+        """
+        running = b"python\0-m\0ipykernel_launcher\0-f\0/run/kernel-a.json\0"
+        self.assertTrue(self.check("S", 0x400000, running))
+        self.assertTrue(self.check("R", 0x400000 | 0x4, b""))
+        self.assertTrue(self.check("D", 0x4, b""))
+        self.assertFalse(self.check("Z", 0x4, b""))
+        self.assertFalse(self.check("Z", 0x400000, running))
+
+    def test_another_process_under_the_pid(self) -> None:
+        """
+        A recycled pid (another command line), or a process without a
+        command line that is not exiting (a kernel thread), is not ours.
+        """
+        self.assertFalse(self.check("S", 0x400000, b"sshd\0"))
+        self.assertFalse(self.check("I", 0x208040, b""))
+        self.assertTrue(self.check("S", 0x400000, b"sshd\0", marker=""))
+
+    def test_no_such_process(self) -> None:
+        from egateway.clusters.local import _pid_alive
+
+        self.assertFalse(_pid_alive(42, "", self.mktemp()))
+
+
 # -- real gateways -----------------------------------------------------------------
 
 

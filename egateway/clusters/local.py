@@ -179,23 +179,35 @@ def cleartext_reason(spec: Any, policy: str) -> str:
     return ""
 
 
-def _pid_alive(pid: int, marker: str) -> bool:
+PF_EXITING = 0x4
+"""
+The flag of C{/proc/PID/stat} (its ninth field) of a process that is
+exiting (Linux's C{include/linux/sched.h}).
+"""
+
+
+def _pid_alive(pid: int, marker: str, proc: str = "/proc") -> bool:
     """
     Is C{pid} alive and still the process we started (its command line
     mentions C{marker})?  Guards against a recycled pid.
+
+    A process that is exiting has released its memory, and so shows an
+    empty command line, well before it is a zombie: it still holds its
+    files and sockets (the kernel closes them next, which takes a while
+    for a kernel's dozen sockets on a busy machine) and still counts as
+    alive, so that a caller waiting for it to be gone waits for that.
     """
     try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open(f"{proc}/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
-    except OSError:
-        return False
-    if marker and marker.encode() not in cmdline:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state != b"Z"
-    except (OSError, IndexError):
+        if fields[0] == b"Z":
+            return False
+        if marker and marker.encode() not in cmdline:
+            return not cmdline and bool(int(fields[6]) & PF_EXITING)
+        return True
+    except (OSError, IndexError, ValueError):
         return False
 
 
