@@ -198,10 +198,13 @@ def _pid_alive(pid: int, marker: str, proc: str = "/proc") -> bool:
     alive, so that a caller waiting for it to be gone waits for that.
     """
     try:
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+        # The command line first: once it reads empty the process has begun
+        # exiting, so the flags read after it say so (read before it, they
+        # could predate the exit and the empty command line follow).
         with open(f"{proc}/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
+        with open(f"{proc}/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
         if fields[0] == b"Z":
             return False
         if marker and marker.encode() not in cmdline:
