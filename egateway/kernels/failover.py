@@ -28,9 +28,11 @@ Four pieces, and why each:
      every gateway attached to a kernel keeps the last messages of its
      iopub (L{IopubRing}, bounded like a session journal), in the kernel's
      own order, which PUB/SUB gives every subscriber alike.  Taking a
-     session over, the new gateway finds the last kernel iopub message the
-     journal holds by its C{msg_id} (kernels make them unique; positions
-     would differ between gateways that attached at different times) and
+     session over, the new gateway finds the newest of the kernel iopub
+     messages the journal holds that its ring holds too, by C{msg_id}
+     (kernels make them unique; positions would differ between gateways
+     that attached at different times; and the journal's very last one
+     may be a status the ring never took, see L{IopubRing.after}), and
      continues with what its ring holds after it: the messages the old
      gateway received but never wrote, and those the kernel sent while no
      gateway held the session, each once.
