@@ -186,6 +186,19 @@ exiting (Linux's C{include/linux/sched.h}).
 """
 
 
+def _stat_fields(path: str) -> list[bytes]:
+    """
+    The fields of a C{/proc/PID/stat} after the command name: the state
+    first, then the parent, the process group...  The name is cut at the
+    last parenthesis, since it may hold spaces and parentheses itself.
+
+    @raise OSError: no such process.
+    @raise IndexError: not a stat file.
+    """
+    with open(path, "rb") as f:
+        return f.read().rsplit(b")", 1)[1].split()
+
+
 def _pid_alive(pid: int, marker: str, proc: str = "/proc") -> bool:
     """
     Is C{pid} alive and still the process we started (its command line
@@ -203,8 +216,7 @@ def _pid_alive(pid: int, marker: str, proc: str = "/proc") -> bool:
         # could predate the exit and the empty command line follow).
         with open(f"{proc}/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
-        with open(f"{proc}/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+        fields = _stat_fields(f"{proc}/{pid}/stat")
         if fields[0] == b"Z":
             return False
         if marker and marker.encode() not in cmdline:
@@ -288,8 +300,7 @@ def find_local_kernels_blocking(
                 environ = f.read().split(b"\0")
             if tag not in environ:
                 continue
-            with open(os.path.join(proc, name, "stat"), "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
+            fields = _stat_fields(os.path.join(proc, name, "stat"))
             if fields[0] == b"Z":
                 continue
             pgid = int(fields[2])
