@@ -534,9 +534,9 @@ class StormTimingTests(SynchronousTestCase):
 
 
 _FAULTS_PER_MESSAGE = """
-import json, resource, sys
+import json, resource
 from bench import allocator
-if sys.argv[1] == "keep":
+if CHOICE == "keep":
     allocator.keep_freed_memory()
 payload = b'{"text":"' + b"x" * 20_000_000 + b'"}'
 
@@ -565,7 +565,7 @@ class AllocatorTests(SynchronousTestCase):
         # A fresh interpreter: the allocator state is the whole process's.
         from tests.support.snippets import run_snippet
 
-        return int(run_snippet(_FAULTS_PER_MESSAGE.replace("sys.argv[1]", repr(choice))).stdout)
+        return int(run_snippet(f"CHOICE = {choice!r}\n" + _FAULTS_PER_MESSAGE).stdout)
 
     def test_keep_stops_faulting_in_every_message(self) -> None:
         """
