@@ -62,6 +62,10 @@ def ask_kernel_info_blocking(info: ConnectionInfo, use_curve: bool, timeout: flo
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.linger = 0
+    # A DEALER whose connection failed its handshake (a clear-text client of
+    # a CurveZMQ kernel) has no peer, and its send would block for ever,
+    # holding the test's thread pool: a CI run hung there.
+    sock.sndtimeo = int(timeout * 1000)
     try:
         if use_curve:
             assert info.curve_publickey is not None
@@ -71,7 +75,10 @@ def ask_kernel_info_blocking(info: ConnectionInfo, use_curve: bool, timeout: flo
             sock.curve_secretkey = secret
         sock.connect(info.url("shell"))
         signer = Signer(info.key, info.signature_scheme)
-        sock.send_multipart(join_frames(Message.build("kernel_info_request", {}, uuid.uuid4().hex), signer))
+        try:
+            sock.send_multipart(join_frames(Message.build("kernel_info_request", {}, uuid.uuid4().hex), signer))
+        except zmq.Again:
+            return None
         if not sock.poll(timeout * 1000):
             return None
         _, message = split_frames(sock.recv_multipart(), signer)
