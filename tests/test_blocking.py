@@ -185,6 +185,27 @@ class SSHFilesTests(SynchronousTestCase):
         self.assertTrue(failure.check(CancelledError))
 
 
+    def test_closed_pool_opens_nothing(self) -> None:
+        """
+        A connection whose TCP connect completes after the pool was closed
+        is dropped at once (close() could not see it), and a closed pool
+        opens no new connection.
+        """
+        reactor = MemoryReactorClock()
+        pool = self.pool("off", reactor)
+        connecting = pool.connection("127.0.0.1")
+        self.runner.run_all()
+        pool.close()
+        factory = reactor.tcpClients[0][2]
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 22))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertIn("stopping", str(self.failureResultOf(connecting, SSHError).value))
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("stopping", str(self.failureResultOf(pool.connection("127.0.0.1"), SSHError).value))
+        self.assertEqual(len(reactor.tcpClients), 1)
+
+
 class KernelspecResourceTests(SynchronousTestCase):
     def setUp(self) -> None:
         from twisted.python.threadpool import ThreadPool

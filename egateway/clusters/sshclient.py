@@ -292,6 +292,7 @@ class SSHPool:
         self._connecting: dict[tuple[str, str], OneShotObserver[_Connection]] = {}
         self._transports: dict[tuple[str, str], _Transport] = {}
         self._keys: list[keys.Key] | None = None
+        self._closed = False
 
     async def private_keys(self) -> list[keys.Key]:
         if self._keys is None:
@@ -364,6 +365,8 @@ class SSHPool:
         @raise SSHError: unreachable, refused, timed out, bad host key or
             authentication failure (L{SSHAuthError}).
         """
+        if self._closed:
+            return defer.fail(SSHError(f"ssh to {host}: the gateway is stopping"))
         key = (host, user or self.settings.user)
         existing = self._connections.get(key)
         if existing is not None:
@@ -403,6 +406,11 @@ class SSHPool:
             raise
         except Exception as e:
             raise SSHError(f"cannot connect to {host}:{self.settings.port}: {e}") from None
+        if self._closed:
+            # Closed while this connection was being made: close() could not
+            # see it, so nothing else would ever close it.
+            proto.transport.abortConnection()
+            raise SSHError(f"ssh to {host}: the gateway is stopping")
         self._transports[(host, user)] = proto
         ready.addTimeout(timeout, self._reactor)
         try:
@@ -460,8 +468,10 @@ class SSHPool:
 
     def close(self) -> None:
         """
-        Close every connection.
+        Close every connection, and refuse to open any more (one being made
+        now is dropped as soon as it is made).
         """
+        self._closed = True
         for proto in list(self._transports.values()):
             proto.transport.loseConnection()
         self._transports.clear()
