@@ -8,15 +8,16 @@ pages in for the next: glibc serves a block at least as large as its
 C{mmap} threshold (raised to the size of the last such block freed) with a
 fresh mapping, and trims the top of its heap once more than twice that
 threshold lies free there.  Which process pays depends on how many such
-blocks it holds at once, not on what it received: the v1 WebSocket client
-slices the content out of the frame (as JupyterLab's and jupyter_server's
-v1 parsers do), so it holds four 20 MB blocks at its peak where the legacy
-one holds three, and crosses the trim threshold every message.  Measured on
-one 20 MB message over loopback (a throwaway script, one process per
-client, median of 10 messages): the v1 client took 93 to 112 ms from the
-request to the parsed content and 21,000 minor page faults (80 MB zeroed by
-the kernel), the legacy client 41 to 47 ms and none; keeping freed memory,
-the v1 client 35 to 46 ms and none.  Each side's kernel pays the same way
+blocks it holds at once, not on what it received: a v1 WebSocket client
+that slices the content out of the frame (as JupyterLab's and
+jupyter_server's v1 parsers do, and the benchmark's client did until it
+decoded each part from a view of the frame) holds four 20 MB blocks at its
+peak where the legacy one holds three, and crosses the trim threshold every
+message.  Measured on one 20 MB message over loopback (a throwaway script,
+one process per client, median of 10 messages): that v1 client took 93 to
+112 ms from the request to the parsed content and 21,000 minor page faults
+(80 MB zeroed by the kernel), the legacy client 41 to 47 ms and none;
+keeping freed memory, the v1 client 35 to 46 ms and none.  Each side's kernel pays the same way
 for building and signing the output, in whatever state its heap happens to
 be, which is most of why the same code's 20 MB figure moves by 0.2 from one
 run to the next.
