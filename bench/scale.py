@@ -483,7 +483,10 @@ class ScaleRun:
         fig["list"] = await self._list_times()
 
         await self._restart()
-        fig["restored"] = self._snapshot()
+        # With a shared store the restored gateway's iopub rings refill at
+        # once (each kernel's statuses), up to journal_total_bytes: how much
+        # of the RSS they are.
+        fig["restored"] = {**self._snapshot(), "journal_held_mib": await self._journal_held_mib()}
         await self._shutdown_all()
 
     async def _lag_phase(self, seconds: float, load: bool, ticks: bool = False) -> dict[str, Any]:
@@ -718,6 +721,11 @@ def targets(store: dict[str, Any]) -> list[tuple[str, Any, str, bool | None]]:
     return rows
 
 
+def _held(snapshot: dict[str, Any]) -> str:
+    held = snapshot.get("journal_held_mib")
+    return ", journals and iopub rings holding " + (f"{held:.1f} MiB" if held is not None else "(not scraped)")
+
+
 def render(results: dict[str, Any]) -> str:
     lines = [f"NOTE: {results['meta']['kernels_are']}"]
     for store, fig in results["figures"].items():
@@ -761,9 +769,7 @@ def render(results: dict[str, Any]) -> str:
                                  "waiting for a CPU")
         if "after_load" in fig:
             after = fig["after_load"]
-            held = after.get("journal_held_mib")
-            lines.append(f"after the load: RSS {after['rss_mib']:.1f} MiB, journals and iopub rings holding "
-                         + (f"{held:.1f} MiB" if held is not None else "(not scraped)"))
+            lines.append(f"after the load: RSS {after['rss_mib']:.1f} MiB" + _held(after))
         if "list" in fig:
             lst = fig["list"]
             lines.append(f"GET /api/kernels: median {lst['median_ms']:.0f} ms, max {lst['max_ms']:.0f} ms "
@@ -772,7 +778,7 @@ def render(results: dict[str, Any]) -> str:
             r = fig["restart"]
             lines.append(f"restart: stop {fig['stop_s']:.1f} s; /api answers {r['api_answers_s']:.1f} s, all running "
                          f"{r['all_listed_running_s']:.1f} s, all served {r['all_served_s']:.1f} s after start; "
-                         f"RSS then {fig['restored']['rss_mib']:.1f} MiB")
+                         f"RSS then {fig['restored']['rss_mib']:.1f} MiB" + _held(fig["restored"]))
         if "shutdown_all_s" in fig:
             lines.append(f"shutdown all (DELETE each): {fig['shutdown_all_s']:.1f} s")
         for name, value, target, met in targets(fig):
