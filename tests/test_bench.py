@@ -572,8 +572,9 @@ class AllocatorTests(SynchronousTestCase):
     def test_keep_stops_faulting_in_every_message(self) -> None:
         """
         With glibc's defaults, parsing one 20 MB message after another as
-        a v1 client that slices does faults fresh pages in for every message; keeping
-        freed memory, the memory of the previous message is used again.
+        a v1 client that slices the content out does faults fresh pages in
+        for every message; keeping freed memory, the memory of the previous
+        message is used again.
         """
         default, keep = self.faults("default"), self.faults("keep")
         self.assertGreater(default, 3 * 10_000, (default, keep))

@@ -184,7 +184,6 @@ class SSHFilesTests(SynchronousTestCase):
         self.assertFalse(failure.check(SSHError))
         self.assertTrue(failure.check(CancelledError))
 
-
     def test_closed_pool_opens_nothing(self) -> None:
         """
         A connection whose TCP connect completes after the pool was closed
