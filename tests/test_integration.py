@@ -121,6 +121,47 @@ class ChannelTests(GatewayTestCase):
             await ChannelsClient.connect(self.gateway.url, "0b5e3a0c-1d8e-4f55-9b9e-3f0e6c1a2b3c")
 
 
+class ClearTextChannelTests(GatewayTestCase):
+    """
+    Kernel channels in clear text, where the gateway checks every
+    message's signature.
+    """
+
+    gateway_settings = {"kernel_encryption": "off"}
+
+    async def test_large_output_checked_while_relayed(self) -> None:
+        """
+        A 3 MB output, relayed to a legacy and a v1 client while its
+        signature is checked, reaches both whole, before the cell's reply
+        and the output that follows it.
+        """
+        from egateway.wire.link import KernelLink
+
+        ahead: list[str] = []
+        check_ahead = KernelLink._check_ahead
+
+        def counted(link: KernelLink, message: Any, check: Any) -> None:
+            ahead.append(message.msg_id)
+            check_ahead(link, message, check)
+
+        self.patch(KernelLink, "_check_ahead", counted)
+        kernel = await self.gateway.start_kernel()
+        model = (await self.gateway.request("GET", f"api/kernels/{kernel['id']}"))[1]
+        self.assertFalse(model["encrypted"], model)
+        legacy = await ChannelsClient.connect(self.gateway.url, kernel["id"])
+        v1 = await ChannelsClient.connect(self.gateway.url, kernel["id"], v1=True)
+        code = "import sys; sys.stdout.write('é' + 'x' * 3_000_000 + 'end'); sys.stdout.flush(); print('after')"
+        since = len(v1.messages)
+        result = await legacy.execute(code)
+        self.assertEqual(result["stdout"], "é" + "x" * 3_000_000 + "end" + "after\n")
+        await v1.wait_for(is_status("idle"), since=since)
+        texts = [m["content"]["text"] for m in v1.messages[since:] if m.get("msg_type") == "stream"]
+        self.assertEqual(texts, ["é" + "x" * 3_000_000 + "end", "after\n"])
+        self.assertEqual(len(ahead), 1)
+        await legacy.close()
+        await v1.close()
+
+
 class LifecycleTests(GatewayTestCase):
     gateway_settings = {"shutdown_wait": 3, "terminate_wait": 3}
 

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import encode_truncate
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.interfaces import ITCPTransport
@@ -322,6 +323,11 @@ class ChannelsProtocol(WebSocketServerProtocol):
             _log.failure("forwarding a client message")
             self.sendClose(CLOSE_INTERNAL_ERROR, "internal error")
 
+    _ahead: tuple[Message, int, int] | None = None
+    """
+    The message sent ahead (L{deliver_ahead}), its number and its length.
+    """
+
     def deliver(self, channel: str, message: Message, seq: int = 0) -> None:
         """
         Send a kernel message, numbered C{seq} in this session, to this
@@ -329,22 +335,17 @@ class ChannelsProtocol(WebSocketServerProtocol):
         """
         if self.state != self.STATE_OPEN:
             return
+        if self._ahead is not None:
+            self._end_ahead(channel, message, seq)
+            return
         try:
-            if self.v1:
-                chunks, binary = v1_chunks(message, channel, seq), True
-            else:
-                chunks, binary = legacy_chunks(message, channel, seq)
-            length = sum(len(chunk) for chunk in chunks)
+            chunks, binary, length = self._encode(channel, message, seq)
             limit = self.channel_request.message_limit
             if limit is not None and length > limit:
                 self._deliver_cut(channel, message, seq, length, limit)
                 return
-            tally = self.factory.relay.to_client[channel]
-            tally[0] += 1
-            tally[1] += length
             self._send_frame(chunks, length, binary)
-            if seq and self._acks is not None:
-                self._acks.delivered(seq, length)
+            self._delivered(channel, seq, length)
         except WireError as e:
             _log.warn(
                 "kernel {kernel_id}: could not relay a {channel} message: {error}",
@@ -352,6 +353,85 @@ class ChannelsProtocol(WebSocketServerProtocol):
                 channel=channel,
                 error=str(e),
             )
+
+    def _encode(self, channel: str, message: Message, seq: int) -> tuple[list[Any], bool, int]:
+        """
+        C{message}'s payload for this client's protocol, as chunks; whether
+        it is binary; its length.
+
+        @raise WireError: a part is not what the protocol needs.
+        """
+        if self.v1:
+            chunks, binary = v1_chunks(message, channel, seq), True
+        else:
+            chunks, binary = legacy_chunks(message, channel, seq)
+        return chunks, binary, sum(len(chunk) for chunk in chunks)
+
+    def _delivered(self, channel: str, seq: int, length: int) -> None:
+        tally = self.factory.relay.to_client[channel]
+        tally[0] += 1
+        tally[1] += length
+        if seq and self._acks is not None:
+            self._acks.delivered(seq, length)
+
+    def deliver_ahead(self, channel: str, message: Message, seq: int) -> None:
+        """
+        Stream a large kernel message whose signature is being checked,
+        all but its last fragment (L{FrameWriter.send_ahead}), as
+        L{deliver} would send it numbered C{seq}; L{deliver} of it under
+        that number ends it.  Not while another message streams, nor when
+        it would be cut to this client's limit: it then goes in its turn.
+        """
+        if self.state != self.STATE_OPEN or self._ahead is not None:
+            return
+        try:
+            chunks, binary, length = self._encode(channel, message, seq)
+        except WireError:
+            return  # deliver will say so, if it comes
+        limit = self.channel_request.message_limit
+        if limit is not None and length > limit:
+            return
+        if self._writer is None:
+            self._writer = FrameWriter(self.transport, lambda: self.state == self.STATE_OPEN)
+        if self._writer.send_ahead(chunks, length, binary):
+            self._ahead = (message, seq, length)
+
+    def withdraw(self, message: Message) -> None:
+        """
+        C{message} will not be delivered (its signature failed): if part of
+        it was sent ahead, abandon it.
+        """
+        if self._ahead is not None and self._ahead[0] is message:
+            self._abandon_ahead("it did not pass the gateway's checks")
+
+    def _end_ahead(self, channel: str, message: Message, seq: int) -> None:
+        """
+        C{message} numbered C{seq} is to be delivered while a message sent
+        ahead waits for its end: write that end if it is this message
+        under the same number.  Anything else coming first (a status the
+        gateway sends, another numbering) means what was sent ahead is not
+        what this client must see next, and the only way to abandon part
+        of a WebSocket message is to close the connection; the client
+        resumes from its journal and loses nothing.
+        """
+        ahead, self._ahead = self._ahead, None
+        assert ahead is not None and self._writer is not None
+        if ahead[0] is message and ahead[1] == seq:
+            self._writer.release()
+            self._delivered(channel, seq, ahead[2])
+        else:
+            self._abandon_ahead("the gateway had to send another message first")
+
+    def _abandon_ahead(self, why: str) -> None:
+        self._ahead = None
+        if self.state != self.STATE_OPEN:
+            return
+        _log.warn(
+            "kernel {kernel_id}: closed a client's connection in the middle of a large message: {why}",
+            kernel_id=self.kernel.id,
+            why=why,
+        )
+        self.sendClose(CLOSE_INTERNAL_ERROR, "a message was abandoned midway; reconnect to resume")
 
     def _deliver_cut(self, channel: str, message: Message, seq: int, length: int, limit: int) -> None:
         """
@@ -445,6 +525,19 @@ class ChannelsProtocol(WebSocketServerProtocol):
         acks = self._acks
         if acks is not None and ping_seq > self._auto_pings_before_ack:
             acks.settled()
+
+    def sendClose(self, code: int | None = None, reason: str | None = None) -> None:
+        """
+        Close, with any code RFC 6455 lets a server send.  Autobahn's
+        C{sendClose} takes only 1000 and 3000 to 4999 (the codes it lets
+        an application choose) and raises on RFC 6455's own 1001 (going
+        away) and 1011 (internal error), which the gateway sends: a close
+        with them used to raise instead, and the client was never told.
+        """
+        if code in (CLOSE_GOING_AWAY, CLOSE_INTERNAL_ERROR):
+            self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason or "", 123), isReply=False)
+            return
+        super().sendClose(code, reason)
 
     def kernel_gone(self, reason: str) -> None:
         self.session = None

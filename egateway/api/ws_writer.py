@@ -21,6 +21,12 @@ again.  Nothing of the payload is copied in this process.  Through any
 other transport each fragment is one copy out of the payload's own buffers,
 written when the transport has drained the previous one.
 
+A message may be sent ahead (L{FrameWriter.send_ahead}): streamed but for
+its last fragment, which waits for L{FrameWriter.release}; a client does
+not see a fragmented message before its last fragment.  The gateway sends
+a large kernel output that way while it checks its signature
+(L{egateway.wire.link.KernelLink.verifies_signatures}).
+
 Messages to the same client that come meanwhile wait, in order, behind the
 streamed one; Autobahn's own frames (pings, close: L{FrameWriter.control})
 wait for the next boundary between fragments, where the RFC allows control
@@ -201,6 +207,13 @@ class FrameWriter:
         self._paused = False
         self._previous: tuple[Any, bool] | None = None
 
+    # Set on the instance only once a message is sent ahead.
+    _ahead = False
+    _last: list[Any] | None = None
+    """
+    The last fragment of a message sent ahead, until L{release}.
+    """
+
     @property
     def streaming(self) -> bool:
         return self._stream is not None
@@ -216,6 +229,33 @@ class FrameWriter:
             return
         header = frame_header(OP_BINARY if binary else OP_TEXT, length)
         self._transport.write(b"".join([header, *chunks]))
+
+    def send_ahead(self, chunks: Sequence[Any], length: int, binary: bool) -> bool:
+        """
+        Stream a large message but for its last fragment, which is written
+        only after L{release}; a close (L{control}, once the connection is
+        no longer open) abandons it.
+
+        @return: whether the message is on its way; if not (a message is
+            being streamed already, C{length} is below L{STREAM_SIZE}, or
+            the transport cannot stream), nothing was written: L{send} it
+            when it may go.
+        """
+        if self._stream is not None or length < STREAM_SIZE:
+            return False
+        self._ahead = True
+        if self._start(fragment_pieces(chunks, length, binary)):
+            return True
+        self._ahead = False
+        return False
+
+    def release(self) -> None:
+        """
+        The message sent ahead may end: write its last fragment.
+        """
+        self._ahead = False
+        if self._stream is not None and not self._paused and not self._fragment:
+            self._write_next()
 
     def control(self, data: bytes) -> None:
         """
@@ -274,9 +314,13 @@ class FrameWriter:
             if not self._is_open():
                 self._finish(send_waiting=False)
                 return
-            pieces = next(self._stream, None)
+            pieces, self._last = self._last or next(self._stream, None), None
             if pieces is None:
                 self._finish(send_waiting=True)
+                return
+            if self._ahead and pieces[0][0] & 0x80:
+                # The last fragment (FIN) of a message sent ahead: not yet.
+                self._last = pieces
                 return
             self._fragment.extend(memoryview(piece).cast("B") for piece in pieces if len(piece))
 
@@ -343,6 +387,7 @@ class FrameWriter:
 
     def _finish(self, send_waiting: bool) -> None:
         self._stream = None
+        self._ahead, self._last = False, None
         self._fragment.clear()
         self._paused = False
         transport = self._transport
@@ -376,6 +421,7 @@ class FrameWriter:
         The connection is gone: drop the rest.
         """
         self._stream = None
+        self._ahead, self._last = False, None
         self._fragment.clear()
         self._control.clear()
         self._previous = None

@@ -83,6 +83,21 @@ class KernelClient(Protocol):
         Another connection took over this session; close this one.
         """
 
+    def deliver_ahead(self, channel: str, message: Message, seq: int) -> None:
+        """
+        A large message whose signature is still being checked, to be
+        numbered C{seq} if it passes: the client may send all of it but
+        the end of its WebSocket message now.  L{deliver} of the same
+        message and number releases the end; anything else first, or
+        L{withdraw}, abandons it.
+        """
+
+    def withdraw(self, message: Message) -> None:
+        """
+        C{message}, given to L{deliver_ahead}, will not be delivered: if the
+        client holds part of it, it must drop it.
+        """
+
 
 class JournalLimits:
     """
@@ -235,6 +250,20 @@ class KernelSession:
         if self.client is not None:
             self.sent = seq
             self.client.deliver(channel, message, seq)
+
+    def deliver_ahead(self, channel: str, message: Message) -> None:
+        """
+        A large message whose signature is being checked
+        (L{Kernel.on_iopub_ahead}): a connected client to which L{deliver}
+        would hand it at once (no shared store to write it to first) may
+        start receiving it, under the number it will get.
+        """
+        if self.client is not None and not (self.journaling and self.kernel.journal_sink is not None):
+            self.client.deliver_ahead(channel, message, self.seq + 1)
+
+    def withdraw(self, message: Message) -> None:
+        if self.client is not None:
+            self.client.withdraw(message)
 
     @property
     def committed(self) -> int:

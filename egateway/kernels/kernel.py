@@ -254,6 +254,25 @@ class Kernel:
         for observer in self.on_iopub_observers:
             observer(message)
 
+    def on_iopub_ahead(self, message: Message) -> None:
+        """
+        A large iopub message whose signature is being checked: its
+        connected clients may receive all of it but the end meanwhile
+        (L{KernelLink.verifies_signatures}).  Nothing else of the kernel
+        looks at it before L{on_iopub}.
+        """
+        for session in list(self.sessions.values()):
+            session.deliver_ahead("iopub", message)
+
+    def on_iopub_checked(self, message: Message) -> None:
+        """
+        The check of a message given to L{on_iopub_ahead} is over (and the
+        message went through L{on_iopub} if it passed): a client still
+        holding part of it, undelivered, loses it.
+        """
+        for session in list(self.sessions.values()):
+            session.withdraw(message)
+
     def _track_state(self, message: Message, link: KernelLink | None) -> None:
         """
         Take the kernel's C{execution_state} from a status (not about a

@@ -231,7 +231,15 @@ class Launching:
         """
         self._check_encryption(kernel, process.connection_info)
         kernel.process = process
-        link = KernelLink(process.connection_info, self._manager.channels, self._clock, kernel.on_iopub, kernel.id)
+        link = KernelLink(
+            process.connection_info,
+            self._manager.channels,
+            self._clock,
+            kernel.on_iopub,
+            kernel.id,
+            on_iopub_ahead=kernel.on_iopub_ahead,
+            on_iopub_checked=kernel.on_iopub_checked,
+        )
         kernel.set_link(link)
         kernel.report(Phase.CONNECTED, process.connection_info.ip)
         ready = Deferred.fromCoroutine(self._wait_ready(kernel, link, deadline, may_be_busy))

@@ -25,11 +25,17 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from egateway.wire.channels import ConnectionInfo, IChannelFactory, IChannelSocket
-from egateway.wire.protocol import Message, Signer, WireError, join_frames, split_frames
+from egateway.wire.protocol import Message, SliceCheck, Signer, WireError, join_frames, split_frames, split_unchecked
 
 _log = Logger()
 
 MessageHandler = Callable[[str, Message], None]
+
+CHECK_AHEAD_SIZE = 1 << 20
+"""
+An iopub message whose signed parts take this many bytes or more has its
+signature checked while clients receive it (L{KernelLink}).
+"""
 
 CONTROL_REMEMBERED = 64
 """
@@ -45,6 +51,18 @@ class KernelLink:
     @ivar session: the session id the gateway signs its own requests with.
     """
 
+    # Set on the instance only while a large message is checked.
+    _held: deque[tuple[Callable[..., None], tuple[Any, ...]]] | None = None
+    """
+    What the kernel's sockets delivered while a large message's signature
+    was being checked, in order, to be handled after it.
+    """
+    _checking: tuple[Any, Message] | None = None
+    """
+    The next step of a large message's check (an C{IDelayedCall}) and the
+    message.
+    """
+
     def __init__(
         self,
         info: ConnectionInfo,
@@ -52,7 +70,20 @@ class KernelLink:
         clock: IReactorTime,
         on_iopub: Callable[[Message], None],
         kernel_id: str = "",
+        on_iopub_ahead: Callable[[Message], None] | None = None,
+        on_iopub_checked: Callable[[Message], None] | None = None,
     ) -> None:
+        """
+        @param on_iopub: called with each iopub message, once its signature
+            is checked (where it is checked: L{verifies_signatures}).
+        @param on_iopub_ahead: called with a large iopub message
+            (L{CHECK_AHEAD_SIZE}) as its signature check starts, for its
+            clients to receive all of it but its last fragment meanwhile;
+            C{None}: large messages are checked before anything else.
+        @param on_iopub_checked: called with that message once its check is
+            over, after C{on_iopub} if it passed: what a client still holds
+            of it, undelivered, must be withdrawn.
+        """
         self.info = info
         self.signer = Signer(info.key, info.signature_scheme)
         self.session = uuid.uuid4().hex
@@ -60,6 +91,8 @@ class KernelLink:
         self._channels = channels
         self._clock = clock
         self._on_iopub = on_iopub
+        self._on_iopub_ahead = on_iopub_ahead
+        self._on_iopub_checked = on_iopub_checked
         self._pending: dict[str, Deferred[Message]] = {}
         self._control: deque[str] = deque(maxlen=CONTROL_REMEMBERED)
         self._private: deque[str] = deque(maxlen=CONTROL_REMEMBERED)
@@ -92,13 +125,33 @@ class KernelLink:
         "off"}, ipc) every message's signature is checked, and a bad one is
         dropped.  The check is one HMAC pass over a message's four parts
         (C{hmac.update} on the views ZMQ received, no copy); for a 20 MB
-        output 12 to 35 ms on the 2-core benchmark machine, the largest
-        serial cost the gateway adds to such an output (bench/run.py,
-        curve off).  It is not overlapped with the relay: that would mean
-        streaming a message's fragments to clients (and into journals and
-        the shared store) before its signature is known, holding only the
-        last fragment back, and closing every client's connection when it
-        fails; unauthenticated bytes would leave the gateway.
+        output 12 to 35 ms on the 2-core benchmark machine, which in
+        series with the relay was the largest cost the gateway added to
+        such an output (bench/run.py, curve off).
+
+        So a large message (L{CHECK_AHEAD_SIZE}) is checked a slice per
+        reactor turn while its connected clients receive it
+        (C{on_iopub_ahead}), all of it but the last fragment of its
+        WebSocket message, which waits for the verdict
+        (L{egateway.api.ws_writer.FrameWriter.send_ahead}).  This is
+        sound:
+
+          - A WebSocket client hands a fragmented message to its
+            application only with its final fragment (RFC 6455 section
+            5.4), so no client acts on, shows or stores a byte of a
+            message before its signature is known good.
+          - Nothing in the gateway acts on it either: its header is not
+            read, and it reaches the kernel's state, its iopub ring,
+            journals, the shared store and observers only through
+            C{on_iopub}, after the check.  What the kernel's sockets
+            deliver meanwhile is held and handled after it, in order.
+          - A bad signature costs its clients their connection (the only
+            way to abandon a fragmented message is to close it); they
+            resume from their journals and lose nothing, since the message
+            was never journaled.  Only a sender on the gateway's iopub
+            connection can cause that: one on the path to the kernel, or
+            one bound to its port before it.  Either could already keep
+            every iopub message from the gateway, which is worse.
         """
         self._iopub = channels.subscriber(
             info.url("iopub"), self._iopub_frames, curve_serverkey=info.curve_publickey
@@ -147,18 +200,90 @@ class KernelLink:
         """
         return split_frames(frames, self.signer, self.verifies_signatures)[1]
 
+    def hold(self, handler: Callable[..., None], *args: Any) -> bool:
+        """
+        While a large message's signature is checked, keep the call
+        C{handler(*args)} (a message from one of the kernel's sockets) for
+        after it, in order.
+
+        @return: whether the call was kept; if not, make it now.
+        """
+        if self._held is None:
+            return False
+        self._held.append((handler, args))
+        return True
+
     def _iopub_frames(self, frames: Any) -> None:
+        if self.hold(self._iopub_frames, frames):
+            return
         try:
-            message = self.split(frames)
+            _, signature, message = split_unchecked(frames)
+            if self.verifies_signatures:
+                if self._on_iopub_ahead is not None and sum(map(len, message.parts)) >= CHECK_AHEAD_SIZE:
+                    self._check_ahead(message, self.signer.check_in_slices(signature, message.parts))
+                    return
+                if not self.signer.verify(signature, message.parts):
+                    raise WireError("invalid signature")
         except WireError as e:
-            _log.warn(
-                "kernel {kernel_id}: dropped an iopub message: {error}",
-                kernel_id=self.kernel_id,
-                error=str(e),
-            )
+            self._dropped(e)
             return
         self.iopub_seen = True
         self._on_iopub(message)
+
+    def _dropped(self, error: WireError) -> None:
+        _log.warn(
+            "kernel {kernel_id}: dropped an iopub message: {error}",
+            kernel_id=self.kernel_id,
+            error=str(error),
+        )
+
+    def _check_ahead(self, message: Message, check: SliceCheck) -> None:
+        """
+        Check C{message}'s signature a slice per reactor turn, its clients
+        receiving it meanwhile (see L{verifies_signatures}).
+        """
+        assert self._on_iopub_ahead is not None
+        self._held = deque()
+        self._checking = (self._clock.callLater(0, self._check_slice, message, check), message)
+        self._call(self._on_iopub_ahead, message)
+
+    def _check_slice(self, message: Message, check: SliceCheck) -> None:
+        verdict = check.step()
+        if verdict is None:
+            self._checking = (self._clock.callLater(0, self._check_slice, message, check), message)
+            return
+        self._checking = None
+        held, self._held = self._held, None
+        if verdict:
+            self.iopub_seen = True
+            self._call(self._on_iopub, message)
+        else:
+            self._dropped(WireError("invalid signature"))
+        if self._on_iopub_checked is not None:
+            self._call(self._on_iopub_checked, message)
+        self._handle_held(held or deque())
+
+    def _call(self, handler: Callable[..., None], *args: Any) -> None:
+        """
+        What a socket's reader does for each message: a failure is logged,
+        and the next message is still handled.
+        """
+        try:
+            handler(*args)
+        except Exception:
+            _log.failure("kernel {kernel_id}: handling a message", kernel_id=self.kernel_id)
+
+    def _handle_held(self, held: deque[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+        """
+        Handle what came during a check, in order, until one of them starts
+        another check (the rest then wait for that one).
+        """
+        while held and not self._closed:
+            if self._held is not None:
+                self._held.extend(held)
+                return
+            handler, args = held.popleft()
+            self._call(handler, *args)
 
     def _reply_frames(self, channel: str, frames: Any) -> None:
         try:
@@ -270,6 +395,14 @@ class KernelLink:
         self._iopub.close()
         for sock in self._own.values():
             sock.close()
+        checking, self._checking = self._checking, None
+        if checking is not None:
+            # Its clients are told it will not come (its verdict will not
+            # either); what was held with it is dropped with the sockets.
+            checking[0].cancel()
+            self._held = None
+            if self._on_iopub_checked is not None:
+                self._on_iopub_checked(checking[1])
         pending, self._pending = self._pending, {}
         for waiting in pending.values():
             waiting.errback(ConnectionError("kernel link closed"))
@@ -317,6 +450,8 @@ class ClientLink:
         return sock
 
     def _frames(self, channel: str, frames: Any) -> None:
+        if self.link.hold(self._frames, channel, frames):
+            return
         try:
             message = self.link.split(frames)
         except WireError as e:

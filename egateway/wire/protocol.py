@@ -21,6 +21,7 @@ import hmac
 import json
 import os
 import uuid
+from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
@@ -74,6 +75,54 @@ class Signer:
         if self._template is None:
             return True
         return hmac.compare_digest(signature, self.sign(parts))
+
+    def check_in_slices(self, signature: bytes, parts: Sequence[bytes]) -> "SliceCheck":
+        """
+        A check of C{signature} against C{parts} made a slice at a time
+        (L{SliceCheck}).
+        """
+        return SliceCheck(self._template, signature, parts)
+
+
+CHECK_SLICE = 1 << 20
+"""
+Bytes hashed per step of a L{SliceCheck}: about 0.75 ms of HMAC-SHA256 on
+the benchmark machine.
+"""
+
+
+class SliceCheck:
+    """
+    One message's signature check, one pass over its parts as L{Signer.verify}
+    makes, cut into steps of L{CHECK_SLICE} bytes.  A caller that takes one
+    step per reactor turn keeps the reactor writing to sockets meanwhile
+    (L{egateway.wire.link.KernelLink}, for large messages).
+    """
+
+    def __init__(self, template: Any, signature: bytes, parts: Sequence[bytes]) -> None:
+        self._hmac = template.copy() if template is not None else None
+        self._signature = signature
+        self._slices = deque(
+            view[start : start + CHECK_SLICE]
+            for view in (memoryview(part).cast("B") for part in parts)
+            for start in range(0, len(view), CHECK_SLICE)
+        )
+
+    def step(self) -> bool | None:
+        """
+        Hash the next slice.
+
+        @return: C{None} while slices are left; then whether the signature
+            is that of the parts (compared in constant time).
+        """
+        if self._hmac is None:
+            return True
+        if self._slices:
+            self._hmac.update(self._slices.popleft())
+            if self._slices:
+                return None
+        digest = self._hmac.hexdigest().encode("ascii")
+        return hmac.compare_digest(self._signature, digest)
 
 
 class Message:
@@ -214,17 +263,27 @@ def split_frames(
         L{egateway.wire.link.KernelLink.verifies_signatures}).
     @raise WireError: no delimiter, too few parts, or a bad signature.
     """
+    identities, signature, message = split_unchecked(frames)
+    if verify and not signer.verify(signature, message.parts):
+        raise WireError("invalid signature")
+    return identities, message
+
+
+def split_unchecked(frames: Sequence[bytes]) -> tuple[list[bytes], bytes, Message]:
+    """
+    Split ZMQ frames into routing identities, the signature, and a
+    L{Message} whose signature is not checked: for a caller that checks it
+    (L{Signer.check_in_slices}) before anything acts on the message.
+
+    @raise WireError: no delimiter, or too few parts.
+    """
     try:
         index = frames.index(DELIMITER)
     except ValueError:
         raise WireError("no <IDS|MSG> delimiter") from None
     if len(frames) < index + 6:
         raise WireError("message has fewer than 4 parts")
-    signature = frames[index + 1]
-    parts = frames[index + 2 : index + 6]
-    if verify and not signer.verify(signature, parts):
-        raise WireError("invalid signature")
-    return list(frames[:index]), Message(parts, frames[index + 6 :])
+    return list(frames[:index]), frames[index + 1], Message(frames[index + 2 : index + 6], frames[index + 6 :])
 
 
 def join_frames(

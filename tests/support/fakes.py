@@ -383,6 +383,8 @@ class RecordingClient:
         self.messages: list[tuple[str, Message]] = []
         self.seqs: list[int] = []
         self.gone: list[str] = []
+        self.ahead: list[tuple[str, Message, int]] = []
+        self.withdrawn: list[Message] = []
 
     def deliver(self, channel: str, message: Message, seq: int = 0) -> None:
         self.messages.append((channel, message))
@@ -393,6 +395,12 @@ class RecordingClient:
 
     def replaced(self) -> None:
         self.gone.append("replaced")
+
+    def deliver_ahead(self, channel: str, message: Message, seq: int) -> None:
+        self.ahead.append((channel, message, seq))
+
+    def withdraw(self, message: Message) -> None:
+        self.withdrawn.append(message)
 
     def statuses(self) -> list[dict[str, Any]]:
         return [
