@@ -316,12 +316,52 @@ class SessionAheadTests(SynchronousTestCase):
         session.client = None
         session.deliver_ahead("iopub", big_stream())
 
+    def test_not_without_a_journal(self) -> None:
+        """
+        A session that cannot be resumed hands nothing ahead: its client
+        could not get back a message abandoned midway.
+        """
+
+        class Kernel:
+            id = "k"
+            journal_sink = None
+
+        session = KernelSession("s", Kernel(), JournalLimits(), resumable=False)  # type: ignore[arg-type]
+        client = session.client = RecordingClient()  # type: ignore[assignment]
+        session.deliver_ahead("iopub", big_stream())
+        self.assertEqual(client.ahead, [])
+
 
 class _Request:
     class kernel:
         id = "k"
 
     message_limit: int | None = None
+
+
+def open_channels() -> tuple[Any, _PausingTransport]:
+    """
+    An open L{ChannelsProtocol} (legacy protocol, no session) writing to a
+    L{_PausingTransport}.
+    """
+    from autobahn.twisted.websocket import WebSocketServerFactory
+    from autobahn.websocket.protocol import TrafficStats, WebSocketServerProtocol
+
+    from egateway.api.websocket import ChannelsProtocol
+    from egateway.ops.metrics import RelayCounts
+
+    transport = _PausingTransport()
+    channels = ChannelsProtocol()
+    channels.factory = WebSocketServerFactory()
+    channels.factory.relay = RelayCounts()  # type: ignore[attr-defined]
+    for name in WebSocketServerProtocol.CONFIG_ATTRS:
+        setattr(channels, name, getattr(channels.factory, name))
+    channels.closeHandshakeTimeout = 0
+    channels.trafficStats, channels.send_queue = TrafficStats(), deque()
+    channels.transport = transport
+    channels.state = ChannelsProtocol.STATE_OPEN
+    channels.channel_request = _Request()  # type: ignore[assignment]
+    return channels, transport
 
 
 class ChannelsAheadTests(SynchronousTestCase):
@@ -332,24 +372,7 @@ class ChannelsAheadTests(SynchronousTestCase):
     """
 
     def channels(self) -> tuple[Any, _PausingTransport]:
-        from autobahn.twisted.websocket import WebSocketServerFactory
-        from autobahn.websocket.protocol import TrafficStats, WebSocketServerProtocol
-
-        from egateway.api.websocket import ChannelsProtocol
-        from egateway.ops.metrics import RelayCounts
-
-        transport = _PausingTransport()
-        channels = ChannelsProtocol()
-        channels.factory = WebSocketServerFactory()
-        channels.factory.relay = RelayCounts()  # type: ignore[attr-defined]
-        for name in WebSocketServerProtocol.CONFIG_ATTRS:
-            setattr(channels, name, getattr(channels.factory, name))
-        channels.closeHandshakeTimeout = 0
-        channels.trafficStats, channels.send_queue = TrafficStats(), deque()
-        channels.transport = transport
-        channels.state = ChannelsProtocol.STATE_OPEN
-        channels.channel_request = _Request()  # type: ignore[assignment]
-        return channels, transport
+        return open_channels()
 
     def frames(self, transport: _PausingTransport) -> list[tuple[bool, int, bytes]]:
         for _ in range(20):
@@ -424,3 +447,21 @@ class ChannelsAheadTests(SynchronousTestCase):
         channels.deliver("iopub", large, 7)
         self.assertGreater(len(self.frames(transport)), 1)
         self.assertEqual(channels.state, channels.STATE_OPEN)
+
+
+class CloseCodeTests(SynchronousTestCase):
+    def test_rfc_codes_a_server_sends(self) -> None:
+        """
+        The gateway closes with RFC 6455's 1001 (its kernel is gone) and
+        1011 (internal error), which Autobahn's own C{sendClose} refuses
+        (it raised, and the client was never told); its private codes still
+        go through Autobahn.
+        """
+        for code in (1001, 1011, 4003):
+            channels, transport = open_channels()
+            channels.sendClose(code, "why " * 50)
+            [(fin, op, payload)] = fragmented_server_frames(transport.inner.value())
+            self.assertEqual((fin, op, payload[:2]), (True, 8, code.to_bytes(2, "big")))
+            self.assertLessEqual(len(payload), 125)
+            self.assertTrue(payload[2:].startswith(b"why why"))
+            self.assertEqual(channels.state, channels.STATE_CLOSING)

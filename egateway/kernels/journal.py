@@ -254,11 +254,13 @@ class KernelSession:
     def deliver_ahead(self, channel: str, message: Message) -> None:
         """
         A large message whose signature is being checked
-        (L{Kernel.on_iopub_ahead}): a connected client to which L{deliver}
-        would hand it at once (no shared store to write it to first) may
-        start receiving it, under the number it will get.
+        (L{Kernel.on_iopub_ahead}): a connected client may start receiving
+        it, under the number it will get, if this session journals what it
+        delivers (a client whose message had to be abandoned, closing its
+        connection, resumes and loses nothing) and L{deliver} would hand it
+        over at once (no shared store to write it to first).
         """
-        if self.client is not None and not (self.journaling and self.kernel.journal_sink is not None):
+        if self.client is not None and self.journaling and self.kernel.journal_sink is None:
             self.client.deliver_ahead(channel, message, self.seq + 1)
 
     def withdraw(self, message: Message) -> None:

@@ -140,10 +140,11 @@ class KernelLink:
             application only with its final fragment (RFC 6455 section
             5.4), so no client acts on, shows or stores a byte of a
             message before its signature is known good.
-          - Nothing in the gateway acts on it either: its header is not
-            read, and it reaches the kernel's state, its iopub ring,
-            journals, the shared store and observers only through
-            C{on_iopub}, after the check.  What the kernel's sockets
+          - Nothing in the gateway acts on it either: until the check
+            only the encoders that frame it for its clients read it, and
+            it reaches the kernel's state, its iopub ring, journals, the
+            shared store and observers only through C{on_iopub}, after
+            the check.  What the kernel's sockets
             deliver meanwhile is held and handled after it, in order.
           - A bad signature costs its clients their connection (the only
             way to abandon a fragmented message is to close it); they
