@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,7 +20,7 @@ from egateway.kernels.journal import JournalLimits, KernelSession
 from egateway.wire.link import CHECK_AHEAD_SIZE, KernelLink
 from egateway.wire.protocol import CHECK_SLICE, Message, Signer, join_frames
 from egateway.wire.ws_formats import legacy_encode
-from tests.support.fakes import FakeChannels, RecordingClient
+from tests.support.fakes import FakeChannels, RecordingClient, make_manager
 from tests.test_websocket_memory import fragmented_server_frames
 from tests.test_wire_zero_copy import KEY, _PausingTransport, connection_info
 
@@ -465,3 +466,63 @@ class CloseCodeTests(SynchronousTestCase):
             self.assertLessEqual(len(payload), 125)
             self.assertTrue(payload[2:].startswith(b"why why"))
             self.assertEqual(channels.state, channels.STATE_CLOSING)
+
+
+class KernelAheadTests(SynchronousTestCase):
+    """
+    Through a launched kernel (L{egateway.kernels.launching}): its sessions
+    get a large message ahead, then delivered under the same number, or
+    withdrawn when its signature fails, which leaves no trace.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        manager, launcher, _ = make_manager(self.clock)
+        self.kernel = self.successResultOf(Deferred.fromCoroutine(manager.start_kernel(None, None)))
+        self.server = launcher.processes[0].server
+        self.client = RecordingClient()
+        self.session = self.kernel.attach(self.client, "a-session")
+
+    def publish(self, message: Message, signature: bytes | None = None) -> None:
+        frames = join_frames(message, self.server.signer)
+        if signature is not None:
+            frames[1] = signature
+        for sub in list(self.server.subscribers):
+            sub.deliver(frames)
+
+    def test_delivered_under_the_number_given_ahead(self) -> None:
+        """
+        The session's client gets the message ahead under the next number,
+        then, once checked, the same message under that number (and the
+        withdrawal that follows every check, which then finds nothing).
+        """
+        large = big_stream()
+        self.publish(large)
+        [(channel, ahead, seq)] = self.client.ahead
+        self.assertEqual((channel, ahead.msg_id, seq), ("iopub", large.msg_id, self.session.seq + 1))
+        self.assertEqual(self.client.messages, [])
+        self.clock.advance(0)
+        self.assertEqual([m.msg_id for _, m in self.client.messages], [large.msg_id])
+        self.assertEqual(self.client.seqs, [seq])
+        self.assertIs(self.client.messages[0][1], ahead)
+        self.assertEqual([m.msg_id for m in self.client.withdrawn], [large.msg_id])
+        self.assertEqual(len(self.session.journal), 1)
+
+    def test_bad_signature_leaves_no_trace(self) -> None:
+        """
+        A forged large message is withdrawn from the client, and neither
+        the client, the journal, the kernel's state nor its activity saw
+        it; the kernel's next message is delivered.
+        """
+        activity, state = self.kernel.last_activity, self.kernel.execution_state
+        self.clock.advance(5)
+        forged = Message.build("status", {"execution_state": "busy", "pad": "p" * CHECK_AHEAD_SIZE}, "kernel")
+        self.publish(forged, signature=b"0" * 64)
+        self.clock.advance(0)
+        self.assertEqual([m.msg_id for m in self.client.withdrawn], [forged.msg_id])
+        self.assertEqual(self.client.messages, [])
+        self.assertEqual(len(self.session.journal), 0)
+        self.assertEqual((self.kernel.last_activity, self.kernel.execution_state), (activity, state))
+        self.server.publish("stream", {"name": "stdout", "text": "next"})
+        self.assertEqual([m.content()["text"] for _, m in self.client.messages], ["next"])
+        self.assertEqual(self.client.seqs, [self.session.seq])
