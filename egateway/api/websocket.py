@@ -391,9 +391,7 @@ class ChannelsProtocol(WebSocketServerProtocol):
         limit = self.channel_request.message_limit
         if limit is not None and length > limit:
             return
-        if self._writer is None:
-            self._writer = FrameWriter(self.transport, lambda: self.state == self.STATE_OPEN)
-        if self._writer.send_ahead(chunks, length, binary):
+        if self._frame_writer().send_ahead(chunks, length, binary):
             self._ahead = (message, seq, length)
 
     def withdraw(self, message: Message) -> None:
@@ -465,9 +463,15 @@ class ChannelsProtocol(WebSocketServerProtocol):
         features unused here (compression, tracing), and for a large output
         it would copy the payload three times.
         """
+        (self._writer or self._frame_writer()).send(chunks, length, binary)
+
+    def _frame_writer(self) -> FrameWriter:
+        """
+        This connection's L{FrameWriter}, made on first use.
+        """
         if self._writer is None:
             self._writer = FrameWriter(self.transport, lambda: self.state == self.STATE_OPEN)
-        self._writer.send(chunks, length, binary)
+        return self._writer
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """

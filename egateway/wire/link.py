@@ -226,17 +226,13 @@ class KernelLink:
                 if not self.signer.verify(signature, message.parts):
                     raise WireError("invalid signature")
         except WireError as e:
-            self._dropped(e)
+            self._dropped(str(e))
             return
         self.iopub_seen = True
         self._on_iopub(message)
 
-    def _dropped(self, error: WireError) -> None:
-        _log.warn(
-            "kernel {kernel_id}: dropped an iopub message: {error}",
-            kernel_id=self.kernel_id,
-            error=str(error),
-        )
+    def _dropped(self, why: str) -> None:
+        _log.warn("kernel {kernel_id}: dropped an iopub message: {error}", kernel_id=self.kernel_id, error=why)
 
     def _check_ahead(self, message: Message, check: SliceCheck) -> None:
         """
@@ -255,14 +251,15 @@ class KernelLink:
             return
         self._checking = None
         held, self._held = self._held, None
+        assert held is not None  # set by _check_ahead; close() cancels this call
         if verdict:
             self.iopub_seen = True
             self._call(self._on_iopub, message)
         else:
-            self._dropped(WireError("invalid signature"))
+            self._dropped("invalid signature")
         if self._on_iopub_checked is not None:
             self._call(self._on_iopub_checked, message)
-        self._handle_held(held or deque())
+        self._handle_held(held)
 
     def _call(self, handler: Callable[..., None], *args: Any) -> None:
         """
