@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from egateway.api.ws_writer import FRAGMENT_SIZE, FrameWriter
 from egateway.kernels.journal import JournalLimits, KernelSession
 from egateway.wire.link import CHECK_AHEAD_SIZE, KernelLink
-from egateway.wire.protocol import CHECK_SLICE, Message, Signer, join_frames
+from egateway.wire.protocol import CHECK_SLICE, Message, Signer
 from egateway.wire.ws_formats import legacy_encode
 from tests.support.fakes import FakeChannels, RecordingClient, make_manager
 from tests.test_websocket_memory import fragmented_server_frames
@@ -59,16 +59,21 @@ class SliceCheckTests(SynchronousTestCase):
         self.assertFalse(verdict)
 
 
+def drained(transport: _PausingTransport) -> list[tuple[bool, int, bytes]]:
+    """
+    The frames C{transport} holds once drained until its writer is done or
+    waits (for a release): what a client would have read.
+    """
+    for _ in range(20):
+        transport.drain()
+    return fragmented_server_frames(transport.inner.value())
+
+
 class FrameWriterAheadTests(SynchronousTestCase):
     """
     L{FrameWriter.send_ahead}: all fragments but the last, which waits for
     L{FrameWriter.release}.
     """
-
-    def drained(self, transport: _PausingTransport, writer: FrameWriter) -> list[tuple[bool, int, bytes]]:
-        for _ in range(20):
-            transport.drain()
-        return fragmented_server_frames(transport.inner.value())
 
     def test_last_fragment_waits_for_release(self) -> None:
         """
@@ -81,12 +86,12 @@ class FrameWriterAheadTests(SynchronousTestCase):
         payload = b"a" * (2 * FRAGMENT_SIZE + 3)
         self.assertTrue(writer.send_ahead([memoryview(payload)], len(payload), binary=True))
         writer.send([b"next"], 4, binary=True)
-        frames = self.drained(transport, writer)
+        frames = drained(transport)
         self.assertEqual([(fin, op) for fin, op, _ in frames], [(False, 2), (False, 0)])
         self.assertTrue(writer.streaming)
         writer.control(b"\x89\x01P")
         writer.release()
-        frames = self.drained(transport, writer)
+        frames = drained(transport)
         self.assertEqual(
             [(fin, op) for fin, op, _ in frames], [(False, 2), (False, 0), (True, 9), (True, 0), (True, 2)]
         )
@@ -106,14 +111,14 @@ class FrameWriterAheadTests(SynchronousTestCase):
         payload = b"b" * (3 * FRAGMENT_SIZE)
         writer.send_ahead([payload], len(payload), binary=False)
         writer.send([b"next"], 4, binary=False)
-        self.drained(transport, writer)
+        drained(transport)
         is_open[0] = False
         writer.control(b"\x88\x02\x03\xf3")
-        frames = self.drained(transport, writer)
+        frames = drained(transport)
         self.assertEqual([(fin, op) for fin, op, _ in frames], [(False, 1), (False, 0), (True, 8)])
         self.assertFalse(writer.streaming)
         writer.release()
-        self.assertEqual(len(self.drained(transport, writer)), 3)
+        self.assertEqual(len(drained(transport)), 3)
 
     def test_declined_when_it_cannot_stream(self) -> None:
         """
@@ -127,7 +132,7 @@ class FrameWriterAheadTests(SynchronousTestCase):
         payload = b"c" * (2 * FRAGMENT_SIZE)
         writer.send([payload], len(payload), binary=True)
         self.assertFalse(writer.send_ahead([payload], len(payload), binary=True))
-        frames = self.drained(transport, writer)
+        frames = drained(transport)
         self.assertEqual([(fin, op) for fin, op, _ in frames], [(False, 2), (True, 0)])
 
 
@@ -162,11 +167,7 @@ class LinkAheadTests(SynchronousTestCase):
         return link
 
     def publish(self, link: KernelLink, message: Message, signature: bytes | None = None) -> None:
-        frames = join_frames(message, link.signer)
-        if signature is not None:
-            frames[1] = signature
-        for sub in list(self.channels.servers[link.info.url("iopub")].subscribers):
-            sub.deliver(frames)
+        self.channels.servers[link.info.url("iopub")].publish_message(message, signature)
 
     def test_checked_while_relayed(self) -> None:
         """
@@ -252,9 +253,7 @@ class LinkAheadTests(SynchronousTestCase):
         channels.serve(info)
         link = KernelLink(info, channels, self.clock, plain.append)
         self.addCleanup(link.close)
-        frames = join_frames(big_stream(), link.signer)
-        for sub in list(channels.servers[info.url("iopub")].subscribers):
-            sub.deliver(frames)
+        channels.servers[info.url("iopub")].publish_message(big_stream())
         self.assertEqual([kind for kind, _ in self.events], ["iopub", "iopub"])
         self.assertEqual(len(plain), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -375,11 +374,6 @@ class ChannelsAheadTests(SynchronousTestCase):
     def channels(self) -> tuple[Any, _PausingTransport]:
         return open_channels()
 
-    def frames(self, transport: _PausingTransport) -> list[tuple[bool, int, bytes]]:
-        for _ in range(20):
-            transport.drain()
-        return fragmented_server_frames(transport.inner.value())
-
     def test_delivered_under_the_same_number(self) -> None:
         """
         The end goes out when the message is delivered: the fragments
@@ -388,17 +382,17 @@ class ChannelsAheadTests(SynchronousTestCase):
         channels, transport = self.channels()
         large = big_stream()
         channels.deliver_ahead("iopub", large, 7)
-        self.assertEqual([fin for fin, _, _ in self.frames(transport)], [False, False])
+        self.assertEqual([fin for fin, _, _ in drained(transport)], [False, False])
         channels.deliver("iopub", large, 7)
         channels.deliver("iopub", Message.build("status", {"execution_state": "idle"}, "kernel"), 8)
-        frames = self.frames(transport)
+        frames = drained(transport)
         self.assertEqual([(fin, op) for fin, op, _ in frames], [(False, 1), (False, 0), (True, 0), (True, 1)])
         self.assertEqual(b"".join(p for _, _, p in frames[:3]), legacy_encode(large, "iopub", 7)[0])
         self.assertEqual(channels.factory.relay.to_client["iopub"], [2, len(legacy_encode(large, "iopub", 7)[0]) + len(frames[3][2])])
         self.assertEqual(channels.state, channels.STATE_OPEN)
 
     def assertAbandoned(self, channels: Any, transport: _PausingTransport) -> None:
-        frames = self.frames(transport)
+        frames = drained(transport)
         # Fragments without FIN (as many as went out before), then the close.
         self.assertEqual([(fin, op) for fin, op, _ in frames][-2:], [(False, frames[-2][1]), (True, 8)])
         self.assertNotIn(True, [fin for fin, op, _ in frames if op != 8])
@@ -433,7 +427,7 @@ class ChannelsAheadTests(SynchronousTestCase):
         channels.deliver_ahead("iopub", large, 1)
         channels.deliver("iopub", large, 1)
         channels.withdraw(large)
-        self.assertEqual([fin for fin, _, _ in self.frames(transport)], [False, False, True])
+        self.assertEqual([fin for fin, _, _ in drained(transport)], [False, False, True])
         self.assertEqual(channels.state, channels.STATE_OPEN)
 
     def test_not_ahead_when_it_would_be_cut(self) -> None:
@@ -446,7 +440,7 @@ class ChannelsAheadTests(SynchronousTestCase):
         channels.deliver_ahead("iopub", large, 7)
         self.assertEqual(transport.inner.value(), b"")
         channels.deliver("iopub", large, 7)
-        self.assertGreater(len(self.frames(transport)), 1)
+        self.assertGreater(len(drained(transport)), 1)
         self.assertEqual(channels.state, channels.STATE_OPEN)
 
 
@@ -483,13 +477,6 @@ class KernelAheadTests(SynchronousTestCase):
         self.client = RecordingClient()
         self.session = self.kernel.attach(self.client, "a-session")
 
-    def publish(self, message: Message, signature: bytes | None = None) -> None:
-        frames = join_frames(message, self.server.signer)
-        if signature is not None:
-            frames[1] = signature
-        for sub in list(self.server.subscribers):
-            sub.deliver(frames)
-
     def test_delivered_under_the_number_given_ahead(self) -> None:
         """
         The session's client gets the message ahead under the next number,
@@ -497,7 +484,7 @@ class KernelAheadTests(SynchronousTestCase):
         withdrawal that follows every check, which then finds nothing).
         """
         large = big_stream()
-        self.publish(large)
+        self.server.publish_message(large)
         [(channel, ahead, seq)] = self.client.ahead
         self.assertEqual((channel, ahead.msg_id, seq), ("iopub", large.msg_id, self.session.seq + 1))
         self.assertEqual(self.client.messages, [])
@@ -517,7 +504,7 @@ class KernelAheadTests(SynchronousTestCase):
         activity, state = self.kernel.last_activity, self.kernel.execution_state
         self.clock.advance(5)
         forged = Message.build("status", {"execution_state": "busy", "pad": "p" * CHECK_AHEAD_SIZE}, "kernel")
-        self.publish(forged, signature=b"0" * 64)
+        self.server.publish_message(forged, signature=b"0" * 64)
         self.clock.advance(0)
         self.assertEqual([m.msg_id for m in self.client.withdrawn], [forged.msg_id])
         self.assertEqual(self.client.messages, [])

@@ -26,7 +26,7 @@ from egateway.kernels.failover import HOLDING_COST
 from egateway.kernels.journal import JournalLimits, KernelSession
 from egateway.wire.channels import ConnectionInfo
 from egateway.wire.link import KernelLink
-from egateway.wire.protocol import DELIMITER, Message, Signer, WireError, join_frames, split_frames
+from egateway.wire.protocol import DELIMITER, Message, Signer, WireError, split_frames
 from egateway.wire.ws_formats import legacy_encode, v1_encode
 from egateway.wire.zmq import ZERO_COPY_SIZE, receive
 from tests.support.fakes import FakeChannels
@@ -216,12 +216,7 @@ class LinkTests(SynchronousTestCase):
 
     def publish(self, channels: FakeChannels, link: KernelLink, signature: bytes | None) -> None:
         message = Message.build("stream", {"name": "stdout", "text": "hi"}, "kernel")
-        frames = join_frames(message, link.signer)
-        if signature is not None:
-            frames[1] = signature
-        server = channels.servers[link.info.url("iopub")]
-        for sub in list(server.subscribers):
-            sub.deliver(frames)
+        channels.servers[link.info.url("iopub")].publish_message(message, signature)
 
     def test_bad_signature_refused_in_clear_text(self) -> None:
         """

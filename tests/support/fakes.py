@@ -55,8 +55,16 @@ class FakeKernelServer:
         self.on_shutdown: Any = None
 
     def publish(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None = None) -> None:
-        message = Message.build(msg_type, content, "fake-kernel", parent=parent)
+        self.publish_message(Message.build(msg_type, content, "fake-kernel", parent=parent))
+
+    def publish_message(self, message: Message, signature: bytes | None = None) -> None:
+        """
+        Publish C{message} on iopub, signed, or with C{signature} in place
+        of its signature (a forgery).
+        """
         frames = join_frames(message, self.signer)
+        if signature is not None:
+            frames[1] = signature
         for sub in list(self.subscribers):
             sub.deliver(frames)
 
