@@ -267,6 +267,19 @@ class JupyterLabInChromiumTests(TestCase):
         await self.gateway.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
         self.assertEqual(self.gateway.kernel_processes(), [])
 
+    async def test_large_output_in_clear_text(self) -> None:
+        """
+        A kernel without CurveZMQ (the gateway checks each message's
+        signature, a large one's while relaying it) writes 2 MB in one
+        go: JupyterLab shows all of it, then the next output, and goes on.
+        """
+        await self.start_servers(**{"kernel-encryption": "off"})
+        await self.drive("large_output")
+        [model] = await self.gateway.api.call("GET", "api/kernels")
+        self.assertFalse(model["encrypted"], model)
+        await self.gateway.api.call("DELETE", f"api/kernels/{model['id']}", expect=204)
+        self.assertEqual(self.gateway.kernel_processes(), [])
+
     async def _do(self, action: str) -> None:
         """
         What the driver asked for: C{kill <pid>} or C{restart-gateway}.

@@ -218,6 +218,27 @@ class Scenario:
         self.no_dialog("shutdown")
         self.shot("shut-down")
 
+    def large_output(self, url: str) -> None:
+        """
+        A 2 MB output of a kernel in clear text, whose signature the
+        gateway checks while it relays it: whole in the notebook, in order
+        with the output after it, the kernel idle, no dialog.
+        """
+        self.open(url)
+        self.say("STEP large-output")
+        code = (
+            "import sys; sys.stdout.write('<start>' + 'x' * 2_000_000 + '<end>'); "
+            "sys.stdout.flush(); print(' after')"
+        )
+        out = self.output_of(self.run_cell(code))
+        if "<start>" not in out or "<end> after" not in out or out.count("x") != 2_000_000:
+            self.shot("large-output-wrong")
+            raise AssertionError(f"the 2 MB output shows {len(out)} characters: {out[:60]!r}...{out[-60:]!r}")
+        self.expect_status("Idle")
+        self.shows("x = 6; x * 7", "42", "large-output")
+        self.no_dialog("large-output")
+        self.shot("large-output")
+
     def dead(self, url: str) -> None:
         """
         A kernel that dies past the restart limit: no "will restart
@@ -246,7 +267,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--chromium", required=True, help="Chromium executable")
     parser.add_argument("--step-timeout", type=float, default=30.0)
     parser.add_argument("--marker", default="", help="put on Chromium's command line, to find leftovers")
-    parser.add_argument("--scenario", choices=("session", "dead"), default="session")
+    parser.add_argument("--scenario", choices=("session", "dead", "large_output"), default="session")
     options = parser.parse_args(argv)
 
     def terminated(signum: int, frame: Any) -> None:
